@@ -1,0 +1,48 @@
+"""The attention backend interface and the per-step metadata every backend reads.
+
+A step's tokens are laid out decodes first (sequences with one new token), then the prefill
+chunks. Each layer's attention first writes the step's new K/V into the paged pool at
+`slot_mapping`, then reads every sequence's context through its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # first row of this chunk in the step's tokens
+    query_len: int
+    context_len: int  # tokens of context after this chunk (cached + this chunk)
+    block_table: torch.Tensor  # [num_blocks] int64 pool block ids
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat pool slot of each new token's K/V
+    num_decode_tokens: int  # rows [0, num_decode_tokens) are decodes, one per sequence
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor  # [num_decodes] int64
+    prefills: list[PrefillChunk]
+    block_size: int
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the layers run: derive what all layers share."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # this layer's pools, [num_slots, kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...

@@ -1,0 +1,104 @@
+"""Engine configuration: one dataclass, from which the CLI's engine arguments are derived."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _arg(help_text: str, **extra) -> dict:
+    return {"help": help_text, **extra}
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes an engine. Each field is also a `--kebab-case` CLI flag."""
+
+    model: str | None = field(
+        default=None, metadata=_arg("HF model directory or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    )
+    device: str = field(default="auto", metadata=_arg("cpu, cuda, cuda:N, or auto (cuda when available)"))
+    # float32 on CPU: torch's bf16 matmuls on this CPU class run ~4x slower than fp32 (BENCHMARKS.md).
+    dtype: str = field(default="auto", metadata=_arg("weights/activations: auto, float32, bfloat16, float16"))
+    kv_cache_dtype: str = field(default="auto", metadata=_arg("KV cache dtype: auto (= dtype) or a dtype"))
+    block_size: int = field(default=16, metadata=_arg("tokens per KV cache block"))
+    kv_cache_memory: int | None = field(
+        default=None, metadata=_arg("KV cache size in bytes (overrides --kv-cache-memory-fraction)")
+    )
+    kv_cache_memory_fraction: float = field(
+        default=0.2, metadata=_arg("fraction of free device memory given to the KV cache")
+    )
+    num_kv_blocks: int | None = field(default=None, metadata=_arg("exact number of KV blocks (testing)"))
+    max_num_batched_tokens: int = field(default=512, metadata=_arg("token budget per engine step"))
+    max_num_seqs: int = field(default=128, metadata=_arg("most requests running at once"))
+    max_model_len: int | None = field(
+        default=None, metadata=_arg("context length limit (default: the model's)")
+    )
+    enable_prefix_caching: bool = field(default=True, metadata=_arg("reuse KV blocks of shared prefixes"))
+    seed: int | None = field(default=0, metadata=_arg("seed of the sampler for unseeded requests"))
+    num_threads: int | None = field(default=None, metadata=_arg("CPU threads for torch (default: all)"))
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) != "auto":
+                parse_dtype(getattr(self, name))
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+    def resolved_kv_dtype(self) -> torch.dtype:
+        return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool = False) -> None:
+    """Add one flag per EngineConfig field (the model may be positional)."""
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineConfig):
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.name == "model" and positional_model:
+            group.add_argument("model", nargs="?", default=None, help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=_field_type(f), default=default, help=help_text)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    kind = str(f.type)
+    if "int" in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})

@@ -1,0 +1,77 @@
+"""LLMEngine: tokenizer + output processing in front of an in-process engine core."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from duoserve.config import EngineConfig
+from duoserve.engine.core import EngineCore
+from duoserve.engine.output_processor import OutputProcessor
+from duoserve.models.loader import load_model
+from duoserve.outputs import RequestOutput
+from duoserve.sampling_params import SamplingParams
+from duoserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer_for(loaded) -> Tokenizer:
+    if loaded.gguf_reader is not None:
+        return Tokenizer.from_gguf(loaded.gguf_reader)
+    return Tokenizer.from_hf_dir(loaded.source)
+
+
+def child_params(params: SamplingParams) -> list[SamplingParams]:
+    """One SamplingParams per sequence of an n > 1 request; seeded ones get seed + index (vLLM)."""
+    if params.n == 1:
+        return [params]
+    return [
+        dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+        for i in range(params.n)
+    ]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load_model(config.model, config.resolved_dtype())
+        self.tokenizer = load_tokenizer_for(loaded)
+        self.core = EngineCore(config, loaded)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + loaded.config.eos_token_ids))
+        self.model_name = loaded.source
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a prompt (text, or token ids). Raises ValueError for a prompt or params it cannot serve."""
+        if request_id in self.processor.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        sequences = child_params(params)
+        seq_ids = self.processor.add(request_id, text, token_ids, sequences)
+        try:
+            for seq_id, seq_params in zip(seq_ids, sequences, strict=True):
+                self.core.add_request(seq_id, token_ids, seq_params, self.eos_token_ids)
+        except ValueError:
+            self.abort(request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        for seq_id in self.processor.remove(request_id):
+            self.core.abort(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        outputs, stopped = self.processor.process(self.core.step())
+        for seq_id in stopped:
+            self.core.abort(seq_id)
+        return outputs

@@ -1,0 +1,84 @@
+"""A request's state inside the engine core."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from duoserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # eos, a stop token or (decided by the front end) a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context length
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens resolved against the context length
+    # Token ids that end the request (eos unless ignore_eos, plus params.stop_token_ids).
+    stop_token_ids: frozenset[int]
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    # KV computed so far, over prompt + output. Less than num_tokens while (re)prefilling.
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    generator: torch.Generator | None = None  # made from params.seed
+    # Per output token: ({token id: logprob} of the top ones and the sampled one, its rank).
+    logprobs: list[tuple[dict[int, float], int]] = field(default_factory=list)
+    # Per prompt token after the first, the same (params.prompt_logprobs).
+    prompt_logprobs: list[tuple[dict[int, float], int]] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> None:
+        """Finish the request if its last token ends it (the front end checks stop strings)."""
+        num_out = len(self.output_token_ids)
+        last = self.output_token_ids[-1]
+        if num_out >= self.params.min_tokens and last in self.stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            # vLLM's convention: stop_reason names a user stop token, None for eos.
+            self.stop_reason = last if last in self.params.stop_token_ids else None
+        elif num_out >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.status = RequestStatus.FINISHED_LENGTH

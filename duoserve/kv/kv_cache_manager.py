@@ -1,0 +1,115 @@
+"""Per-request block tables on top of the block pool, and prefix-cache hits.
+
+A request's block table maps its token positions to pool blocks: position p lives in block
+`block_ids[p // block_size]` at offset `p % block_size`. Blocks are allocated as tokens are
+scheduled, so a request never holds more than one partly filled block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from duoserve.kv.block_pool import ROOT_HASH, BlockPool
+
+
+@dataclass
+class BlockTable:
+    block_ids: list[int] = field(default_factory=list)
+    # Hashes of the leading full blocks already registered in the prefix cache (the chain so far).
+    block_hashes: list[int] = field(default_factory=list)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.tables: dict[str, BlockTable] = {}
+        # Prefix cache counters in tokens, as vLLM's prefix_cache_queries / prefix_cache_hits.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.tables[request_id].block_ids
+
+    def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Blocks of the longest cached prefix of token_ids, leaving at least one token to compute.
+
+        The last token is always computed again: its logits are what the request samples from.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent = ROOT_HASH
+        num_full = (len(token_ids) - 1) // self.block_size
+        for i in range(num_full):
+            chunk = token_ids[i * self.block_size : (i + 1) * self.block_size]
+            block_id = self.pool.lookup(parent, chunk)
+            if block_id is None:
+                break
+            hits.append(block_id)
+            parent = self.pool.blocks[block_id].block_hash
+        self.prefix_cache_queries += len(token_ids)
+        self.prefix_cache_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        num_computed: int,
+        num_new: int,
+        cached_blocks: list[int] = (),
+    ) -> bool:
+        """Make room for tokens [num_computed, num_computed + num_new) of a request.
+
+        `cached_blocks` (from find_cached_prefix, for a request not yet holding blocks) become the
+        head of its table. Returns False, changing nothing, when the pool cannot supply the blocks.
+        """
+        table = self.tables.get(request_id)
+        held = len(table.block_ids) if table else 0
+        num_cached_tokens = len(cached_blocks) * self.block_size
+        needed = (
+            -(-(num_cached_tokens + num_computed + num_new) // self.block_size) - held - len(cached_blocks)
+        )
+        # Cached blocks sitting free in the LRU queue are about to be taken off it.
+        reclaimed = sum(1 for b in cached_blocks if self.pool.blocks[b].ref_count == 0)
+        if needed > self.pool.num_free_blocks - reclaimed:
+            return False
+        if table is None:
+            table = self.tables[request_id] = BlockTable()
+        if cached_blocks:
+            self.pool.touch(cached_blocks)
+            table.block_ids.extend(cached_blocks)
+            table.block_hashes.extend(self.pool.blocks[b].block_hash for b in cached_blocks)
+        if needed > 0:
+            table.block_ids.extend(self.pool.allocate(needed))
+        self._cache_full_blocks(table, token_ids, num_cached_tokens + num_computed + num_new)
+        return True
+
+    def _cache_full_blocks(self, table: BlockTable, token_ids: list[int], num_tokens: int) -> None:
+        """Register the blocks that the scheduled tokens fill up.
+
+        Registering before the step runs is safe: every step writes all its new K/V into the pool
+        before any attention reads it, so a request that hits these blocks in the same step reads
+        what this one writes.
+        """
+        bs = self.block_size
+        for i in range(len(table.block_hashes), num_tokens // bs):
+            parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
+            table.block_hashes.append(
+                self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
+            )
+
+    def free(self, request_id: str) -> None:
+        """Release a request's blocks; its tail goes first in the LRU queue, so it is evicted first."""
+        table = self.tables.pop(request_id, None)
+        if table is not None:
+            self.pool.free(list(reversed(table.block_ids)))
