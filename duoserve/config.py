@@ -26,7 +26,7 @@ class EngineConfig:
     """Everything that shapes an engine. Each field is also a `--kebab-case` CLI flag."""
 
     model: str | None = field(
-        default=None, metadata=_arg("HF model directory or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+        default=None, metadata=_arg("HF model directory or .gguf file; None: SmolLM2-135M-Instruct Q4_1")
     )
     device: str = field(default="auto", metadata=_arg("cpu, cuda, cuda:N, or auto (cuda when available)"))
     # float32 on CPU: torch's bf16 matmuls on this CPU class run ~4x slower than fp32 (BENCHMARKS.md).

@@ -41,7 +41,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # this layer's pools, [num_slots, kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # K, V pools: [blocks, block_size, kv_heads, dim]
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]

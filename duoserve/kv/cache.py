@@ -43,9 +43,9 @@ class KVCache:
         self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of one layer, each viewed as flat slots: [num_blocks * block_size, kv_heads, head_dim]."""
+        """(K, V) of one layer, each [num_blocks, block_size, kv_heads, head_dim]."""
         k, v = self.data[index]
-        return k.flatten(0, 1), v.flatten(0, 1)
+        return k, v
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of these blocks in every layer: [num_layers, 2, len(block_ids), block_size, heads, dim]."""

@@ -1,0 +1,116 @@
+"""Decode-only step time at several batch sizes, split into model forward vs scheduling/Python overhead.
+
+    python benchmarks/decode_step.py --batch-sizes 1 16 64 --context 256 --steps 20
+
+Each batch is prefilled once (prompts of --context tokens), then timed over --steps pure decode steps.
+Also prints the memory-bandwidth bound of batch-1 decode: weight bytes read per step / copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from duoserve.config import EngineConfig
+from duoserve.engine.llm_engine import LLMEngine
+from duoserve.sampling_params import SamplingParams
+
+
+def copy_bandwidth(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted: 2 * size per copy)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * num_bytes * repeats / (time.perf_counter() - start)
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    model = engine.core.model
+    # Decode reads every matrix once per step; of the embedding table only one row per token.
+    tensors = [model.lm_head_t, model.norm]
+    for layer in model.layers:
+        tensors += [
+            layer.qkv,
+            layer.o_proj,
+            layer.gate_up,
+            layer.down_proj,
+            layer.input_norm,
+            layer.post_norm,
+        ]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_batch(engine: LLMEngine, batch: int, context: int, steps: int) -> dict[str, float]:
+    # Room to decode while the rest of the batch is still prefilling; aborted when timed.
+    params = SamplingParams(temperature=0, max_tokens=steps + 256, ignore_eos=True)
+    for i in range(batch):
+        # Distinct prompts: no prefix sharing between rows.
+        prompt = [(i * 7919 + j * 31) % 40000 + 100 for j in range(context)]
+        engine.add_request(f"b{batch}-{i}", prompt, params)
+    while any(
+        r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids
+        for r in engine.core.scheduler.requests.values()
+    ):
+        engine.step()
+    forward, total = [], []
+    for _ in range(steps):
+        engine.step()
+        stats = engine.core.last_step
+        assert stats.num_scheduled_tokens == batch, f"not a pure decode step: {stats}"
+        forward.append(stats.forward_seconds)
+        total.append(stats.total_seconds)
+    for i in range(batch):
+        engine.abort(f"b{batch}-{i}")
+    f, t = statistics.median(forward), statistics.median(total)
+    return {
+        "batch": batch,
+        "step_ms": t * 1e3,
+        "forward_ms": f * 1e3,
+        "overhead_pct": 100 * (t - f) / t,
+        "tok_s": batch / t,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            max_num_seqs=max(args.batch_sizes),
+            max_num_batched_tokens=2048,
+        )
+    )
+    print(f"torch threads: {torch.get_num_threads()}")
+    print("| batch | step ms | forward ms | overhead % | tok/s |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        r = run_batch(engine, batch, args.context, args.steps)
+        print(
+            f"| {r['batch']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['overhead_pct']:.1f} | "
+            f"{r['tok_s']:.1f} |"
+        )
+    bw = copy_bandwidth()
+    wb = weight_bytes(engine)
+    print(
+        f"weights read per decode step: {wb / 1e6:.0f} MB; copy bandwidth {bw / 1e9:.1f} GB/s; "
+        f"bandwidth bound for batch-1 step: {wb / bw * 1e3:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

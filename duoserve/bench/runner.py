@@ -1,0 +1,104 @@
+"""Driving the load: arrivals, a concurrency cap, conversations turn by turn, and the overall timeout.
+
+Both load shapes are one mechanism, as in vLLM: conversations arrive on a schedule (all at once for an
+infinite --request-rate) and each waits for one of --concurrency slots. Fixed concurrency is an infinite
+rate with a cap; a rate without a cap is open-loop. A conversation holds its slot across its turns, so
+with multi-turn each slot is one user who reads the answer and asks the next question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from duoserve.bench.arrivals import arrival_offsets
+from duoserve.bench.client import BenchClient, Clock
+from duoserve.bench.datasets import Conversation
+from duoserve.bench.payload import RequestOptions, build_body
+from duoserve.bench.records import RequestRecord
+
+
+@dataclass
+class LoadConfig:
+    concurrency: int | None = None  # requests (conversations) in flight at most; None: no cap
+    request_rate: float = math.inf  # conversations per second
+    burstiness: float = 1.0
+    seed: int = 0
+    timeout: float = 3600.0  # whole run; what is still running then is cancelled and recorded as failed
+    progress: bool = True
+
+
+@dataclass
+class RunOutcome:
+    records: list[RequestRecord]
+    duration: float  # seconds from the first arrival slot to the last response (or the timeout)
+    not_started: int  # requests never sent: cut off by the timeout, or later turns after a failed turn
+
+
+@dataclass
+class _Run:
+    client: BenchClient
+    opts: RequestOptions
+    clock: Clock
+    progress: tqdm
+    records: list[RequestRecord] = field(default_factory=list)
+    ids: itertools.count = field(default_factory=itertools.count)
+
+
+async def _run_conversation(conv: Conversation, run: _Run) -> None:
+    answers: list[str] = []
+    context_tokens = conv.system_len  # what this turn's request carries: all earlier turns and replies
+    for k, turn in enumerate(conv.turns):
+        context_tokens += turn.prompt_len
+        record = RequestRecord(next(run.ids), conv.conv_id, k, context_tokens, turn.output_len)
+        run.records.append(record)  # before sending, so a cancelled request is still reported
+        await run.client.stream(build_body(run.opts, conv, k, answers), record, run.clock)
+        run.progress.update(1)
+        if not record.success:
+            return  # later turns would quote an answer that does not exist
+        answers.append(record.generated_text)
+        context_tokens += record.output_tokens
+
+
+async def _arrive(
+    conv: Conversation, offset: float, run: _Run, slots: contextlib.AbstractAsyncContextManager
+) -> None:
+    await asyncio.sleep(max(0.0, offset - run.clock()))
+    async with slots:
+        await _run_conversation(conv, run)
+
+
+def _slots(concurrency: int | None) -> contextlib.AbstractAsyncContextManager:
+    if concurrency is None:
+        return contextlib.nullcontext()
+    if concurrency < 1:
+        raise ValueError("--concurrency must be >= 1")
+    return asyncio.Semaphore(concurrency)
+
+
+async def run_load(
+    convs: list[Conversation], client: BenchClient, opts: RequestOptions, load: LoadConfig
+) -> RunOutcome:
+    offsets = arrival_offsets(len(convs), load.request_rate, load.burstiness, load.seed)
+    slots = _slots(load.concurrency)
+    total = sum(len(c.turns) for c in convs)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="req", disable=not load.progress, dynamic_ncols=True) as bar:
+        run = _Run(client, opts, lambda: time.perf_counter() - start, bar)
+        tasks = [asyncio.create_task(_arrive(c, o, run, slots)) for c, o in zip(convs, offsets, strict=True)]
+        done, pending = await asyncio.wait(tasks, timeout=load.timeout) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    duration = run.clock()
+    for task in done:  # a bug in our own code must not pass as a benchmark result
+        exc = task.exception()
+        if exc is not None:
+            raise exc
+    return RunOutcome(run.records, duration, total - len(run.records))

@@ -1,0 +1,140 @@
+"""`duoserve generate | chat | bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from duoserve.bench import add_bench_parser, run_bench
+from duoserve.config import add_engine_args, engine_config_from_args
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from duoserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _build_engine(args: argparse.Namespace):
+    from duoserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(engine_config_from_args(args))
+
+
+def _stream(engine, request_id: str, prompt: str | list[int], params) -> str:
+    """Run one request, printing its text as it is generated; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    printed = 0
+    text = ""
+    while engine.has_unfinished():
+        for output in engine.step():
+            text = output.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _build_engine(args)
+    params = _sampling_params(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    for i, prompt in enumerate(prompts):
+        if args.chat:
+            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+        _stream(engine, f"cli-{i}", prompt, params)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _build_engine(args)
+    params = _sampling_params(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("duoserve chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        text = engine.tokenizer.apply_chat_template(messages)
+        reply = _stream(
+            engine, f"chat-{turn}", engine.tokenizer.encode(text, add_special_tokens=False), params
+        )
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duoserve", description="LLM inference serving.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text for prompts (offline, streamed)")
+    generate.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    add_engine_args(generate)
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat with the model")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    add_bench_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "bench":
+        return run_bench(args)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
