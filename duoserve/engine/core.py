@@ -23,6 +23,7 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
+from duoserve.platform import keep_freed_memory
 from duoserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class EngineCore:
         self.device = config.resolved_device()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         model_config: ModelConfig = loaded.config
         spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
         num_blocks = self._num_blocks(spec)

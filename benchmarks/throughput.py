@@ -1,0 +1,107 @@
+"""Offline throughput: duoserve `LLM.generate` vs transformers `generate` with static batches, same work.
+
+    python benchmarks/throughput.py --num-requests 256 --min-input 64 --max-input 512 --output-len 128
+
+Prompts are random token ids (lengths uniform in [min, max]); every request generates exactly
+--output-len tokens (ignore_eos / min_new_tokens), greedy, fp32. transformers gets static batches of
+--hf-batch-size with left padding, the way a user of `generate` batches. Prints output tokens/s of each
+and the ratio. --hf-sample N times transformers on the first N batches only and extrapolates (its
+cost per batch is steady), to keep the run short; 0 runs all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+import torch
+
+from duoserve import LLM, SamplingParams
+from duoserve.models.loader import default_model_path
+
+
+def make_prompts(num: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Ids above the special tokens SmolLM2 keeps at the start of its vocabulary.
+    return [[rng.randrange(100, vocab) for _ in range(rng.randint(low, high))] for _ in range(num)]
+
+
+def run_duoserve(prompts: list[list[int]], output_len: int, args: argparse.Namespace) -> float:
+    llm = LLM(
+        dtype="float32",
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return elapsed
+
+
+def run_transformers(prompts: list[list[int]], output_len: int, batch_size: int, sample: int) -> float:
+    import transformers
+
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    timed = batches[:sample] if sample else batches
+    elapsed = 0.0
+    for batch in timed:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        elapsed += time.perf_counter() - start
+        assert out.shape[1] == width + output_len
+    return elapsed * len(batches) / len(timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--min-input", type=int, default=64)
+    parser.add_argument("--max-input", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--hf-sample", type=int, default=0, help="time only this many HF batches (0: all)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    prompts = make_prompts(args.num_requests, args.min_input, args.max_input, 49152, args.seed)
+    total_out = args.num_requests * args.output_len
+    print(f"{args.num_requests} requests, {sum(map(len, prompts))} prompt tokens, {total_out} output tokens")
+    ours = run_duoserve(prompts, args.output_len, args)
+    print(f"duoserve LLM.generate: {ours:.1f} s, {total_out / ours:.1f} output tok/s")
+    if args.skip_hf:
+        return
+    theirs = run_transformers(prompts, args.output_len, args.hf_batch_size, args.hf_sample)
+    print(
+        f"transformers generate (static batches of {args.hf_batch_size}): {theirs:.1f} s, "
+        f"{total_out / theirs:.1f} output tok/s"
+    )
+    print(f"ratio: {theirs / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
