@@ -150,7 +150,12 @@ class OutputProcessor:
             seq.logprobs.append(self._logprobs(entry, rank, token))
             seq.cumulative_logprob += entry[token]
         previous = len(seq.text)
-        seq.text += seq.detokenizer.step(out.new_token_ids)
+        # As vLLM: the text leaves out the eos / stop token that ended the sequence, unless asked for.
+        stopped_by_token = out.finished and out.finish_reason == "stop"
+        text_ids = out.new_token_ids
+        if stopped_by_token and not seq.params.include_stop_str_in_output:
+            text_ids = text_ids[:-1]
+        seq.text += seq.detokenizer.step(text_ids)
         if out.finished:
             seq.text += seq.detokenizer.flush()
         stopped = self._check_stop_strings(seq, previous)
@@ -162,15 +167,17 @@ class OutputProcessor:
     def _check_stop_strings(seq: SequenceState, previous: int) -> bool:
         """Cut the text at the first stop string that the new text completes."""
         stops = seq.params.stop
-        if not stops or len(seq.token_ids) < seq.params.min_tokens:
+        # As vLLM and the stop token ids: no stop until more than min_tokens tokens are out.
+        if not stops or len(seq.token_ids) <= seq.params.min_tokens:
             return False
-        # A stop string ending in the new text may start up to len(stop) - 1 characters earlier.
-        search_from = max(0, previous - max(len(s) for s in stops) + 1)
-        found = [(seq.text.find(s, search_from), s) for s in stops]
+        # A stop string ending in the new text may start up to len(stop) - 1 characters earlier (its
+        # own length: with the longest one's, a short stop string lying wholly in text that was not
+        # checked, the first min_tokens tokens', would be found).
+        found = [(seq.text.find(s, max(0, previous - len(s) + 1)), s) for s in stops]
         found = [(pos, s) for pos, s in found if pos >= 0]
         if not found:
             return False
-        pos, stop = min(found)
+        pos, stop = min(found, key=lambda f: f[0])  # the earliest; on a tie, the first listed
         seq.text = seq.text[: pos + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:pos]
         seq.finish_reason, seq.stop_reason = "stop", stop
         return True

@@ -2,12 +2,14 @@
 
 A block is free when nobody references it. A free block may still hold a cached prefix (it has a
 hash): it stays findable until the pool hands it out again. Free blocks wait in one LRU queue
-(an insertion-ordered dict, so taking, touching and returning a block are all O(1)); allocation
-takes from the front, which is the least recently freed block, and only then drops its hash.
+(an OrderedDict, so taking, touching and returning a block are all O(1); a plain dict is not: taking
+its first key scans past every key deleted before it); allocation takes from the front, which is
+the least recently freed block, and only then drops its hash.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
 
     @property
@@ -54,8 +56,7 @@ class BlockPool:
             raise RuntimeError(f"asked for {count} blocks with {len(self._free)} free")
         taken = []
         for _ in range(count):
-            block_id = next(iter(self._free))
-            del self._free[block_id]
+            block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             self._uncache(block)
             block.ref_count = 1
@@ -90,14 +91,24 @@ class BlockPool:
             return None  # a hash collision: never reuse another sequence's KV
         return block_id
 
-    def cache(self, block_id: int, parent_hash: int, token_ids: Sequence[int]) -> int:
-        """Register a full block in the prefix cache; returns its hash (for the next block's chain)."""
+    def cache(self, block_id: int, parent_hash: int, token_ids: Sequence[int]) -> int | None:
+        """Register a full block in the prefix cache; returns its hash (for the next block's chain).
+
+        None when another block with other contents holds that hash (a collision): the chain must
+        stop here, since a child registered under this hash would be found after that other block.
+        """
         block_hash = hash_block(parent_hash, token_ids)
         if not self.enable_prefix_caching:
             return block_hash
         block = self.blocks[block_id]
-        if block.block_hash is not None or block_hash in self._cached:
-            return block_hash  # already cached, here or in an identical block elsewhere
+        if block.block_hash is not None:
+            return block_hash  # already cached
+        holder = self._cached.get(block_hash)
+        if holder is not None:
+            other = self.blocks[holder]
+            if other.parent_hash != parent_hash or other.token_ids != tuple(token_ids):
+                return None
+            return block_hash  # cached in an identical block elsewhere
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
         self._cached[block_hash] = block_id
         return block_hash

@@ -104,9 +104,10 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(table.block_hashes), num_tokens // bs):
             parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
-            table.block_hashes.append(
-                self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
-            )
+            block_hash = self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
+            if block_hash is None:
+                break  # a hash collision: this block and those after it stay out (retried next time)
+            table.block_hashes.append(block_hash)
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks; its tail goes first in the LRU queue, so it is evicted first."""

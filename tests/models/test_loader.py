@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +84,7 @@ def smollm2_ours() -> LoadedModel:
     return load_model(None)
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf():
-    path = _gguf_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
+# smollm2_hf (transformers' GGUF loader on the same file) is a session fixture in tests/conftest.py.
 
 
 def test_gguf_matches_transformers(smollm2_ours: LoadedModel, smollm2_hf) -> None:

@@ -1,0 +1,224 @@
+"""The token-budget scheduler: on its own with fake model steps, then through the engine for
+preemption and aborts."""
+
+from __future__ import annotations
+
+import pytest
+
+from duoserve.engine.request import Request
+from duoserve.engine.scheduler import Scheduler, SchedulerOutput
+from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.llm import LLM
+from duoserve.sampling_params import SamplingParams
+from tests.helpers import EngineRecorder, random_prompt
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+BS = 4
+_next_token = iter(range(10**9))
+
+
+def request(rid: str, num_prompt: int, max_tokens: int = 4) -> Request:
+    # Distinct token ids everywhere, so that nothing hits the prefix cache by accident.
+    prompt = [next(_next_token) for _ in range(num_prompt)]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(rid, prompt, params, max_tokens=max_tokens, stop_token_ids=frozenset())
+
+
+def make_scheduler(num_blocks=64, budget=512, max_num_seqs=128, prefix_caching=False) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, BS, prefix_caching), budget, max_num_seqs)
+
+
+def step(scheduler: Scheduler) -> SchedulerOutput:
+    """Schedule, then do what the engine core does after the forward pass (a fake token per sample)."""
+    plan = scheduler.schedule()
+    plan.sampled = [s.samples for s in plan.scheduled]  # before the update below changes the answer
+    for s in plan.scheduled:
+        samples = s.samples
+        r = s.request
+        r.num_computed_tokens += s.num_new_tokens
+        if samples:
+            r.append_token(next(_next_token))
+            r.check_stop(10**6)
+            if r.status.finished:
+                scheduler.finish(r, r.status)
+    return plan
+
+
+def chunks(plan: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled]
+
+
+def run_to_completion(scheduler: Scheduler, limit: int = 1000) -> list[SchedulerOutput]:
+    plans = []
+    while scheduler.has_unfinished():
+        plans.append(step(scheduler))
+        assert len(plans) < limit
+    return plans
+
+
+def test_token_budget_is_respected_and_used():
+    scheduler = make_scheduler(budget=8)
+    lengths, max_tokens = [5, 11, 3, 20, 1], [3, 6, 2, 4, 5]
+    requests = [request(str(i), n, m) for i, (n, m) in enumerate(zip(lengths, max_tokens, strict=True))]
+    for r in requests:
+        scheduler.add(r)
+    plans = run_to_completion(scheduler)
+    assert all(0 < p.num_tokens <= 8 for p in plans)
+    # Every prompt token and every output token but the last was computed exactly once.
+    assert sum(p.num_tokens for p in plans) == sum(lengths) + sum(max_tokens) - len(lengths)
+    assert [len(r.output_token_ids) for r in requests] == max_tokens
+    # While prompts were waiting, each step used the whole budget.
+    for plan in plans[:5]:
+        assert plan.num_tokens == 8
+    assert scheduler.kv.pool.num_free_blocks == 64
+
+
+def test_decodes_go_before_prefills():
+    scheduler = make_scheduler(budget=10)
+    a, b, c = request("a", 4, 20), request("b", 5, 20), request("c", 30, 3)
+    scheduler.add(a)
+    scheduler.add(b)
+    assert chunks(step(scheduler)) == [("a", 4), ("b", 5)]
+    scheduler.add(c)
+    # The long prompt only gets what the running decodes leave of the budget, step after step.
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 8)]
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 8)]
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 8)]
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 6)]
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 1)]
+
+
+def test_several_prompts_share_a_step():
+    """One step holds the last chunk of one prompt, a whole prompt and the first chunk of another.
+    (As in vLLM v1, admission stops where the budget runs out, so after any step at most one prompt
+    is left part-way; a prompt is only preempted part-way when the cache runs out.)"""
+    scheduler = make_scheduler(budget=10)
+    a, b, c, d = (request(x, 6, 5) for x in "abcd")
+    for r in (a, b, c, d):
+        scheduler.add(r)
+    assert chunks(step(scheduler)) == [("a", 6), ("b", 4)]
+    assert b.num_computed_tokens == 4 and not b.output_token_ids  # partly prefilled
+    # b's last chunk, a new prompt and a partial one, next to a decode.
+    plan = step(scheduler)
+    assert chunks(plan) == [("a", 1), ("b", 2), ("c", 6), ("d", 1)]
+    assert plan.sampled == [True, True, True, False]
+    assert chunks(step(scheduler)) == [("a", 1), ("b", 1), ("c", 1), ("d", 5)]
+
+
+def test_max_num_seqs_limits_running_requests():
+    scheduler = make_scheduler(budget=100, max_num_seqs=2)
+    requests = [request(str(i), 3, 4) for i in range(5)]
+    for r in requests:
+        scheduler.add(r)
+    while scheduler.has_unfinished():
+        step(scheduler)
+        assert len(scheduler.running) <= 2
+    assert all(len(r.output_token_ids) == 4 for r in requests)
+
+
+def test_preemption_takes_the_newest_and_resumes_it_first():
+    # 6 blocks of 4: three 8-token prompts fill the cache, and the first decode needs a block more.
+    scheduler = make_scheduler(num_blocks=6)
+    a, b, c = request("a", 8, 6), request("b", 8, 6), request("c", 8, 6)
+    for r in (a, b, c):
+        scheduler.add(r)
+    assert chunks(step(scheduler)) == [("a", 8), ("b", 8), ("c", 8)]
+    assert scheduler.kv.pool.num_free_blocks == 0
+    plan = step(scheduler)
+    assert plan.preempted == [c] and chunks(plan) == [("a", 1), ("b", 1)]
+    assert scheduler.num_preemptions == 1 and c.num_preemptions == 1
+    # c keeps its sampled token, loses its KV, and waits at the front of the queue.
+    assert c.num_computed_tokens == 0 and len(c.output_token_ids) == 1
+    assert list(scheduler.waiting) == [c] and c.request_id not in scheduler.kv.tables
+    plans = run_to_completion(scheduler)
+    # Resumed: the prompt and its first output token are computed again in one chunk.
+    plan = next(p for p in plans if c in (s.request for s in p.scheduled))
+    assert chunks(plan)[-1] == ("c", 9) and plan.sampled[-1]
+    assert all(len(r.output_token_ids) == 6 for r in (a, b, c))
+    assert scheduler.kv.pool.num_free_blocks == 6
+
+
+def test_a_request_that_cannot_grow_preempts_itself_and_later_finishes():
+    # One request alone: 3 blocks of 4 hold its whole 12-token context; a second one squeezes it.
+    scheduler = make_scheduler(num_blocks=3)
+    a, b = request("a", 4, 8), request("b", 4, 2)
+    scheduler.add(a)
+    scheduler.add(b)
+    plans = run_to_completion(scheduler)
+    assert scheduler.num_preemptions > 0
+    assert any(a in p.preempted for p in plans) or any(b in p.preempted for p in plans)
+    assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 2
+    assert scheduler.kv.pool.num_free_blocks == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the engine
+
+
+def _outputs(llm: LLM, prompts, params):
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("budget", [512, 6])
+def test_preempted_requests_produce_the_same_outputs(tiny_models, budget):
+    _, path = tiny_models("qwen2")
+    prompts = [random_prompt(n, seed=80 + n) for n in (9, 14, 6)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=18, ignore_eos=True, logprobs=3, prompt_logprobs=2),
+        SamplingParams(temperature=0.9, seed=11, max_tokens=18, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=1.0, seed=12, top_k=40, max_tokens=18, ignore_eos=True, prompt_logprobs=1),
+    ]
+    args = dict(block_size=4, dtype="float32", device="cpu", max_num_batched_tokens=budget)
+    roomy = LLM(model=path, num_kv_blocks=64, **args)
+    tight = LLM(model=path, num_kv_blocks=10, **args)  # 40 tokens for 3 x ~30
+    recorder = EngineRecorder(tight.engine.core)
+    expected, got = _outputs(roomy, prompts, params), _outputs(tight, prompts, params)
+    assert roomy.engine.core.scheduler.num_preemptions == 0
+    assert tight.engine.core.scheduler.num_preemptions > 0
+    assert any(step.num_preempted for step in recorder.steps)
+    for e, g in zip(expected, got, strict=True):
+        (ec,), (gc,) = e.outputs, g.outputs
+        assert gc.token_ids == ec.token_ids and gc.text == ec.text
+        if ec.logprobs is not None:
+            for e_entry, g_entry in zip(ec.logprobs, gc.logprobs, strict=True):
+                assert list(g_entry) == list(e_entry)
+                assert all(abs(g_entry[t].logprob - e_entry[t].logprob) < 1e-4 for t in e_entry)
+        if e.prompt_logprobs is not None:
+            assert len(g.prompt_logprobs) == len(e.prompt_logprobs)
+            for e_entry, g_entry in zip(e.prompt_logprobs[1:], g.prompt_logprobs[1:], strict=True):
+                assert list(g_entry) == list(e_entry)
+                assert all(abs(g_entry[t].logprob - e_entry[t].logprob) < 1e-4 for t in e_entry)
+    pool = tight.engine.core.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_aborted_requests_free_their_blocks(tiny_models):
+    _, path = tiny_models("llama_gqa")
+    llm = LLM(model=path, num_kv_blocks=32, block_size=4, dtype="float32", device="cpu", max_num_seqs=2)
+    engine, core = llm.engine, llm.engine.core
+    pool = core.kv.pool
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    engine.add_request("a", random_prompt(10, seed=1), params)
+    engine.add_request("b", random_prompt(7, seed=2), SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+    engine.add_request("c", random_prompt(5, seed=3), params)  # waits: max_num_seqs=2
+    for _ in range(3):
+        engine.step()
+    assert set(core.kv.tables) == {"a", "b#0"} and [r.request_id for r in core.scheduler.waiting] == [
+        "b#1",
+        "c",
+    ]
+    held_by_a = len(core.kv.block_ids("a"))
+    free_before = pool.num_free_blocks
+    engine.abort("a")
+    assert pool.num_free_blocks == free_before + held_by_a and "a" not in core.kv.tables
+    engine.abort("c")  # still waiting: it just leaves the queue
+    assert "c" not in core.scheduler.requests and all(r.request_id != "c" for r in core.scheduler.waiting)
+    engine.step()  # b#1 is admitted in a's place
+    assert set(core.kv.tables) == {"b#0", "b#1"}
+    engine.abort("b")  # both of its sequences
+    engine.abort("unknown")  # nothing to do
+    assert not engine.has_unfinished() and not core.kv.tables
+    assert pool.num_free_blocks == pool.num_blocks
+    assert all(b.ref_count == 0 for b in pool.blocks)
+    assert engine.step() == []

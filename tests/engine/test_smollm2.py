@@ -1,0 +1,56 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) in fp32 against transformers loaded from the
+same GGUF: per-position logits and greedy continuations of a batch of two prompts.
+
+transformers' GGUF loading dominates the time; its fixture is shared with tests/models/test_loader.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from duoserve.llm import LLM
+from duoserve.sampling_params import SamplingParams
+from tests.helpers import EngineRecorder, hf_greedy, hf_logits, rel_err
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz named "
+    "Johannes Gutenberg",
+    "Once upon a time",
+]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def engine_run(smollm2_gguf_path):
+    llm = LLM(dtype="float32", device="cpu", num_kv_blocks=16, block_size=16)
+    assert llm.engine.model_name == smollm2_gguf_path
+    recorder = EngineRecorder(llm.engine.core)
+    prompts = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return prompts, outputs, recorder
+
+
+def test_prompt_logits_match_transformers(engine_run, smollm2_hf):
+    prompts, _, recorder = engine_run
+    assert len(prompts[0]) >= 18 and len(prompts[1]) < len(prompts[0])
+    # Both prompts were prefilled together in the first step.
+    assert sorted(n for _, _, n in recorder.steps[0].chunks) == sorted(len(p) for p in prompts)
+    for request_id, prompt in zip(("0", "1"), prompts, strict=True):
+        ref = hf_logits(smollm2_hf, prompt)
+        for p in range(len(prompt)):
+            (ours,) = recorder.logits[(request_id, p)]
+            assert rel_err(ours, ref[p]) < 1e-4, (request_id, p)
+
+
+def test_batched_greedy_matches_transformers(engine_run, smollm2_hf):
+    prompts, outputs, recorder = engine_run
+    for prompt, output in zip(prompts, outputs, strict=True):
+        (completion,) = output.outputs
+        assert completion.finish_reason == "length"
+        assert completion.token_ids == hf_greedy(smollm2_hf, prompt, MAX_TOKENS)
+    # The decoded positions' logits too (the last sampled token is never fed back).
+    assert recorder.max_rel_err_vs(smollm2_hf) < 1e-4

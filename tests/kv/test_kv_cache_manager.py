@@ -1,0 +1,174 @@
+"""KVCacheManager: block tables, allocation all-or-nothing, capacity, prefix hits."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from duoserve.kv import block_pool as block_pool_module
+from duoserve.kv.kv_cache_manager import KVCacheManager
+
+BS = 4
+
+
+def tokens(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def snapshot(kv: KVCacheManager):
+    pool = kv.pool
+    return (
+        copy.deepcopy(kv.tables),
+        [(b.ref_count, b.block_hash, b.parent_hash, b.token_ids) for b in pool.blocks],
+        list(pool._free),
+        dict(pool._cached),
+    )
+
+
+def test_blocks_follow_the_tokens():
+    kv = KVCacheManager(10, BS)
+    ids = tokens(6)
+    assert kv.allocate_slots("a", ids, 0, 6)
+    assert len(kv.block_ids("a")) == 2
+    # Decoding: a new block only when a token crosses a block boundary.
+    for num_computed, expected in [(6, 2), (7, 2), (8, 3), (9, 3), (11, 3), (12, 4)]:
+        ids = tokens(num_computed + 1)
+        assert kv.allocate_slots("a", ids, num_computed, 1)
+        assert len(kv.block_ids("a")) == expected, num_computed
+    kv.free("a")
+    assert kv.pool.num_free_blocks == 10 and not kv.tables
+    kv.free("a")  # freeing twice is harmless
+
+
+def test_out_of_blocks_returns_false_and_changes_nothing():
+    kv = KVCacheManager(6, BS)
+    assert kv.allocate_slots("a", tokens(12), 0, 12)  # 3 blocks, all full and cached
+    kv.free("a")  # free but still cached
+    assert kv.allocate_slots("b", tokens(8, 100), 0, 8)  # takes 2 never-used blocks
+    assert kv.pool.num_free_blocks == 4
+    prompt = tokens(12) + [999] * 5
+    hits = kv.find_cached_prefix(prompt)
+    assert hits == [0, 1, 2]
+    before = snapshot(kv)
+    # c needs its 3 cached blocks plus 2 new ones; 4 blocks are free, but 3 of those are its hits.
+    assert not kv.allocate_slots("c", prompt, 0, 5, hits)
+    assert snapshot(kv) == before
+    # A running request that cannot grow changes nothing either.
+    assert not kv.allocate_slots("b", tokens(8, 100) + [1] * 17, 8, 17)
+    assert snapshot(kv) == before
+    # One new block is there.
+    assert kv.allocate_slots("c", prompt, 0, 4, hits)
+    assert kv.block_ids("c")[:3] == hits and kv.pool.num_free_blocks == 0
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_capacity_is_exactly_num_blocks_times_block_size(block_size):
+    num_blocks = 12
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
+    capacity = num_blocks * block_size
+    # Fill with requests of whole blocks until no token is left...
+    lengths = [block_size * n for n in (5, 4, 3)]
+    assert sum(lengths) == capacity
+    for i, n in enumerate(lengths):
+        assert kv.allocate_slots(str(i), tokens(n), 0, n)
+    assert kv.pool.num_free_blocks == 0
+    # ... and not one token more.
+    assert not kv.allocate_slots("extra", [1], 0, 1)
+    assert not kv.allocate_slots("0", tokens(lengths[0] + 1), lengths[0], 1)
+    # A single request can use the whole cache.
+    for i in range(3):
+        kv.free(str(i))
+    assert kv.allocate_slots("one", tokens(capacity), 0, capacity)
+    assert not kv.allocate_slots("one", tokens(capacity + 1), capacity, 1)
+
+
+def test_waste_is_under_one_block_per_sequence():
+    kv = KVCacheManager(64, BS)
+    lengths = [1, 3, 4, 5, 9, 16, 17, 30]
+    for i, n in enumerate(lengths):
+        # In uneven chunks, as chunked prefill and decoding grow a request.
+        done = 0
+        for chunk in (3, 1, 7, 1, 100):
+            step = min(chunk, n - done)
+            if step:
+                assert kv.allocate_slots(str(i), tokens(n, 1000 * i), done, step)
+                done += step
+    held = [len(kv.block_ids(str(i))) for i in range(len(lengths))]
+    assert held == [math.ceil(n / BS) for n in lengths]
+    assert 64 - kv.pool.num_free_blocks == sum(math.ceil(n / BS) for n in lengths)
+
+
+def test_prefix_hits_and_counters():
+    kv = KVCacheManager(16, BS)
+    first = tokens(10)
+    assert kv.find_cached_prefix(first) == []
+    assert kv.allocate_slots("a", first, 0, 10)
+    # Exactly the full blocks computed so far are cached: 2 of 4 tokens.
+    shared = first[:8]
+    hits = kv.find_cached_prefix(shared + [50, 51, 52])
+    assert hits == kv.block_ids("a")[:2]
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (10 + 11, 8)
+    # At least one token is left to compute, even when the whole prompt is cached.
+    assert kv.find_cached_prefix(shared) == hits[:1]
+    assert kv.find_cached_prefix(first[:9]) == hits
+    # A different first block breaks the chain, even if later blocks match.
+    assert kv.find_cached_prefix([99] + first[1:]) == []
+    assert kv.allocate_slots("b", shared + [50, 51, 52], 0, 3, hits)
+    assert kv.block_ids("b")[:2] == hits
+    assert [kv.pool.blocks[h].ref_count for h in hits] == [2, 2]
+    kv.free("a")
+    kv.free("b")
+    assert kv.pool.num_free_blocks == 16
+
+
+def test_free_puts_the_tail_first_in_line_for_eviction():
+    kv = KVCacheManager(4, BS)
+    assert kv.allocate_slots("a", tokens(16), 0, 16)
+    table = list(kv.block_ids("a"))
+    kv.free("a")
+    assert kv.pool.allocate(1) == [table[-1]]
+    # The head of the prefix survives longest.
+    assert kv.find_cached_prefix(tokens(16) + [1]) == table[:3]
+
+
+def test_prefix_caching_disabled():
+    kv = KVCacheManager(8, BS, enable_prefix_caching=False)
+    assert kv.allocate_slots("a", tokens(12), 0, 12)
+    assert kv.find_cached_prefix(tokens(13)) == []
+    assert kv.prefix_cache_hits == 0
+
+
+def test_hash_collisions_are_caught_by_the_tokens(monkeypatch):
+    monkeypatch.setattr(block_pool_module, "hash_block", lambda parent, token_ids: 7)
+    kv = KVCacheManager(16, BS)
+    a = tokens(12)
+    assert kv.allocate_slots("a", a, 0, 12)
+    # Every block of every sequence has the same hash: only verified tokens may hit.
+    assert kv.find_cached_prefix(tokens(12, 100) + [1]) == []
+    assert kv.find_cached_prefix(a[:4] + tokens(8, 100) + [1]) == kv.block_ids("a")[:1]
+    assert kv.prefix_cache_hits == 4
+
+
+def test_a_collision_does_not_chain_later_blocks_onto_the_wrong_parent(monkeypatch):
+    """Blocks X and Z collide. While Z holds the hash, a sequence X + Y cannot register X; its Y
+    block must not be registered under that hash either, or Z + Y would reuse KV computed after X."""
+    real_hash = block_pool_module.hash_block
+    x, y, z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+
+    def colliding(parent, token_ids):
+        if parent == block_pool_module.ROOT_HASH and list(token_ids) in (x, z):
+            return 777
+        return real_hash(parent, token_ids)
+
+    monkeypatch.setattr(block_pool_module, "hash_block", colliding)
+    kv = KVCacheManager(16, BS)
+    assert kv.allocate_slots("d", z + [0], 0, 5)
+    assert kv.allocate_slots("a", x + y + [0], 0, 9)
+    z_block = kv.block_ids("d")[0]
+    assert kv.find_cached_prefix(z + y + [0]) == [z_block]
+    assert kv.find_cached_prefix(x + y + [0]) == []
+    kv.free("d")
+    kv.free("a")
+    assert kv.find_cached_prefix(z + y + [0]) == [z_block]
