@@ -1,10 +1,10 @@
-"""Attention in torch: the reference backend, and the CPU one.
+"""Attention in plain torch: the reference backend, and the CPU one.
 
-Reads go through the block tables. Prefill chunks with earlier context gather their blocks from the
-pool (whole blocks: contiguous runs of block_size * kv_heads * head_dim values) into a transient
-buffer, not a per-request copy of the cache, and run one SDPA call each. Decodes of the whole batch
-run as one call: on CPUs the fused kernel of cpu_kernels reads the blocks in place; elsewhere (and
-as its fallback) a padded gather + SDPA does the same work.
+Reads go through the block tables: every layer gathers each sequence's context blocks from the
+pool (whole blocks, so the gather copies contiguous runs of block_size * kv_heads * head_dim
+values). The gather is a transient batch buffer, not a per-request copy of the cache; a fused
+kernel (Triton) reads the blocks in place. Decodes of the whole batch run as one padded
+attention call; each prefill chunk runs as one call.
 """
 
 from __future__ import annotations
@@ -14,32 +14,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from duoserve.attention import cpu_kernels
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 
 
 class TorchAttentionBackend:
-    def __init__(self, device: torch.device) -> None:
-        # On CPUs, decode reads the paged cache in place with a fused kernel where one can be built.
-        self._kernel = device.type == "cpu" and cpu_kernels.load() is not None
-        self._decode_meta: AttentionMetadata | None = None
+    def __init__(self) -> None:
         self._decode_blocks: torch.Tensor | None = None
         self._decode_bias: torch.Tensor | None = None
         self._prefill_masks: list[torch.Tensor | None] = []
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: the prefill masks (decode's are made on first use)."""
-        self._decode_meta = meta
-        self._decode_blocks = self._decode_bias = None  # built by the first layer that needs them
+        """Per-step work shared by all layers: the flattened block tables and the masks."""
+        if meta.num_decode_tokens:
+            tables, lens = meta.decode_block_tables, meta.decode_context_lens
+            self._decode_blocks = tables.flatten()
+            positions = torch.arange(tables.shape[1] * meta.block_size, device=lens.device)
+            bias = torch.zeros((len(lens), len(positions)), dtype=torch.float32, device=lens.device)
+            bias.masked_fill_(positions[None, :] >= lens[:, None], -math.inf)
+            self._decode_bias = bias[:, None, None, :]
         self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
-
-    def _prepare_decode_gather(self, meta: AttentionMetadata) -> None:
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        self._decode_blocks = tables.flatten()
-        positions = torch.arange(tables.shape[1] * meta.block_size, device=lens.device)
-        bias = torch.zeros((len(lens), len(positions)), dtype=torch.float32, device=lens.device)
-        bias.masked_fill_(positions[None, :] >= lens[:, None], -math.inf)
-        self._decode_bias = bias[:, None, None, :]
 
     def forward(
         self,
@@ -71,13 +64,6 @@ class TorchAttentionBackend:
     def _decode(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        meta = self._decode_meta
-        if self._kernel and q.dtype == k_pool.dtype == torch.float32:
-            return cpu_kernels.paged_decode(
-                q, k_pool, v_pool, meta.decode_block_tables, meta.decode_context_lens, scale
-            )
-        if self._decode_bias is None:
-            self._prepare_decode_gather(meta)
         num = q.shape[0]
         # [D * max_blocks, block_size, kv_heads, dim] -> [D, kv_heads, max_blocks * block_size, dim]
         keys = _gather(k_pool, self._decode_blocks).view(num, -1, *k_pool.shape[2:]).transpose(1, 2)

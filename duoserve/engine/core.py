@@ -70,7 +70,7 @@ class EngineCore:
         self.model = LlamaModel(
             model_config,
             loaded.weights,
-            TorchAttentionBackend(self.device),
+            TorchAttentionBackend(),
             self.device,
             config.resolved_dtype(),
             max_positions=self.max_model_len,
