@@ -1,4 +1,4 @@
-"""`duoserve generate | chat | bench`: the command line."""
+"""`duoserve generate | chat | serve | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
+from duoserve.server.settings import add_server_args
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +98,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from duoserve.server.launcher import serve
+    from duoserve.server.settings import settings_from_args
+
+    return serve(engine_config_from_args(args), settings_from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description="LLM inference serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
@@ -114,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    add_engine_args(serve, positional_model=True)
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     add_bench_parser(commands)
     return parser

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: an API process (FastAPI) in front of an engine core process (ZMQ)."""

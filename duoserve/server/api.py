@@ -1,0 +1,425 @@
+"""The FastAPI app: OpenAI routes, health/readiness, tokenize/detokenize and /metrics.
+
+A generation request is validated and tokenized here, admitted by the engine (only then does the
+client get a 200, so every refusal is a proper 4xx), and then streamed as Server-Sent Events or
+collected into one JSON body. A client that goes away aborts its request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from duoserve.outputs import RequestOutput
+from duoserve.sampling_params import SamplingParams
+from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected, RequestStream
+from duoserve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_body,
+)
+from duoserve.server.serving import (
+    SSE_DONE,
+    ChatChunks,
+    CompletionChunks,
+    ResponseContext,
+    StreamTracker,
+    chat_response,
+    completion_response,
+    error_event,
+    holdback_for,
+)
+from duoserve.server.settings import ServerSettings
+
+logger = logging.getLogger("duoserve.server")
+
+# A client told to come back later (429) gets this as Retry-After, in seconds.
+RETRY_AFTER_SECONDS = 1
+# What a handler answers when its client went away, which nobody reads (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
+
+
+def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> Response:
+    return json_response(error.body(), error.status, headers)
+
+
+class APIKeyMiddleware:
+    """Every route but /health needs `Authorization: Bearer <key>` (plain ASGI, so streaming is untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
+        await error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self.expected)
+        return False
+
+
+class OpenAIServer:
+    """The route handlers, over one EngineClient."""
+
+    def __init__(self, client: EngineClient, settings: ServerSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    # ---------------------------------------------------------------- generation routes
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        body: CompletionRequest = parse_body(await self._read_body(request), CompletionRequest)
+        self._check_model(body.model)
+        params = body.to_sampling_params()
+        tokenizer = self._tokenizer()
+        prompts = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in body.prompts()]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._admit(request_id, prompts, params, arrival)
+        ctx = ResponseContext(
+            request_id,
+            self.client.served_model_name,
+            include_usage=body.include_usage,
+            as_token_ids=body.return_tokens_as_token_ids,
+            num_top_logprobs=body.logprobs,
+        )
+        if body.stream:
+            return _sse_response(self._stream_completion(ctx, streams, params))
+        outputs = await self._collect(request, streams)
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return json_response(completion_response(ctx, outputs, params.n))
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        body: ChatCompletionRequest = parse_body(await self._read_body(request), ChatCompletionRequest)
+        self._check_model(body.model)
+        params = body.to_sampling_params()
+        text, prompt_ids = self._render_chat(
+            body.template_messages(), body.add_generation_prompt, body.chat_template_kwargs or {}
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._admit(request_id, [(text, prompt_ids)], params, arrival)
+        ctx = ResponseContext(
+            request_id,
+            self.client.served_model_name,
+            include_usage=body.include_usage,
+            as_token_ids=body.return_tokens_as_token_ids,
+            num_top_logprobs=params.logprobs,
+        )
+        if body.stream:
+            return _sse_response(self._stream_chat(ctx, streams[0], params))
+        outputs = await self._collect(request, streams)
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return json_response(chat_response(ctx, outputs[0]))
+
+    async def _admit(
+        self,
+        request_id: str,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams,
+        arrival: float,
+    ) -> list[RequestStream]:
+        """Queue every prompt in the engine; if one is refused, the others are withdrawn."""
+        self.client.check_available()
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(
+            *(
+                self.client.add_request(rid, text, token_ids, params, arrival)
+                for rid, (text, token_ids) in zip(ids, prompts, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for result in results:
+                if isinstance(result, RequestStream):
+                    self.client.abort(result.request_id)
+            logger.info("request %s refused: %s", request_id, failures[0])
+            raise failures[0]
+        return list(results)
+
+    async def _merge(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) of several requests as they come; leaving early aborts them all."""
+        if len(streams) == 1:
+            async for output in self.client.outputs(streams[0]):
+                yield 0, output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in self.client.outputs(stream):
+                    queue.put_nowait((index, output))
+                queue.put_nowait((index, None))
+            except Exception as err:  # handed to the consumer, which raises it
+                queue.put_nowait((index, err))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput] | None:
+        """The final outputs; None when the client disconnected first (everything is aborted then)."""
+
+        async def run() -> list[RequestOutput]:
+            finals: list[Any] = [None] * len(streams)
+            async for index, output in self._merge(streams):
+                finals[index] = output
+            return finals
+
+        work = asyncio.ensure_future(run())
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+            for stream in streams:
+                self.client.abort(stream.request_id)
+        if not work.done() or work.cancelled():
+            logger.info("client disconnected: aborted %s", ", ".join(s.request_id for s in streams))
+            return None
+        return work.result()
+
+    async def _stream_completion(
+        self, ctx: ResponseContext, streams: list[RequestStream], params: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        chunks = CompletionChunks(ctx)
+        tracker = StreamTracker(params.n, holdback_for(params.stop))
+        finals: list[Any] = [None] * len(streams)
+        try:
+            async for index, output in self._merge(streams):
+                finals[index] = output
+                for delta in tracker.deltas(index, output):
+                    for chunk in chunks.delta(delta):
+                        yield chunk
+            if ctx.include_usage:
+                yield chunks.usage(finals)
+        except Exception as err:
+            yield _stream_error(err)
+        finally:
+            for stream in streams:
+                self.client.abort(stream.request_id)
+        yield SSE_DONE
+
+    async def _stream_chat(
+        self, ctx: ResponseContext, stream: RequestStream, params: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        chunks = ChatChunks(ctx)
+        tracker = StreamTracker(params.n, holdback_for(params.stop))
+        final = None
+        try:
+            for index in range(params.n):
+                yield chunks.role(index)
+            async for _, output in self._merge([stream]):
+                final = output
+                for delta in tracker.deltas(0, output):
+                    for chunk in chunks.delta(delta):
+                        yield chunk
+            if ctx.include_usage:
+                yield chunks.usage([final])
+        except Exception as err:
+            yield _stream_error(err)
+        finally:
+            self.client.abort(stream.request_id)
+        yield SSE_DONE
+
+    # ---------------------------------------------------------------- other routes
+
+    async def models(self, request: Request) -> Response:
+        info = self.client.info
+        card = {
+            "id": self.client.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "duoserve",
+            "root": self.client.model_path,
+            "parent": None,
+            "max_model_len": info.max_model_len if info else None,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if self.client.dead is not None:
+            return error_response(APIError(503, f"the engine is not running: {self.client.dead}"))
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        try:
+            self.client.check_available()
+        except EngineUnavailable as err:
+            return error_response(APIError(503, str(err)))
+        return json_response({"status": "ready"})
+
+    async def tokenize(self, request: Request) -> Response:
+        body: TokenizeRequest = parse_body(await self._read_body(request), TokenizeRequest)
+        self._check_model(body.model)
+        if body.messages is not None:
+            messages = [m.template_message() for m in body.messages]
+            _, tokens = self._render_chat(messages, body.add_generation_prompt, {})
+        else:
+            tokens = self._tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return json_response(
+            {"count": len(tokens), "max_model_len": self.client.info.max_model_len, "tokens": tokens}
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        body: DetokenizeRequest = parse_body(await self._read_body(request), DetokenizeRequest)
+        self._check_model(body.model)
+        tokenizer = self._tokenizer()
+        vocab = self.client.info.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", "tokens")
+        return json_response({"prompt": tokenizer.decode(body.tokens)})
+
+    async def metrics(self, request: Request) -> Response:
+        metrics = self.client.metrics
+        content = metrics.render() if metrics is not None else b""
+        return Response(content, media_type=CONTENT_TYPE_LATEST)
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_request_bytes
+        too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.client.served_model_name:
+            raise APIError(
+                404,
+                f"the model `{model}` does not exist (this server serves `{self.client.served_model_name}`)",
+                "model",
+            )
+
+    def _render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, template_kwargs: dict[str, Any]
+    ) -> tuple[str, list[int]]:
+        """The prompt text of a conversation, and its token ids."""
+        tokenizer = self._tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+        except (ValueError, TypeError) as err:  # TypeError: a template tripping over chat_template_kwargs
+            raise APIError(400, f"the chat template failed on this conversation: {err}", "messages") from err
+        # The template already wrote the special tokens the model expects.
+        return text, tokenizer.encode(text, add_special_tokens=False)
+
+    def _tokenizer(self):
+        self.client.check_available()
+        return self.client.tokenizer
+
+
+def _sse_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    # no-cache and no proxy buffering, so each event reaches the client as soon as it is written.
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+
+
+def _stream_error(err: Exception) -> bytes:
+    """An error after the 200 went out: told in the stream, as OpenAI does."""
+    if isinstance(err, EngineUnavailable):
+        return error_event(503, str(err))
+    logger.exception("request failed mid-stream", exc_info=err)
+    return error_event(500, f"internal error: {type(err).__name__}: {err}")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def _error_for(exc: Exception) -> tuple[APIError, dict[str, str] | None]:
+    if isinstance(exc, APIError):
+        return exc, None
+    if isinstance(exc, RequestRejected):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 429 else None
+        return APIError(exc.status, exc.message), headers
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc)), None
+    if isinstance(exc, StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail)), None
+    logger.error("internal error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}"), None
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    error, headers = _error_for(exc)
+    return error_response(error, headers)
+
+
+def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url=None)
+    server = OpenAIServer(client, settings)
+    routes = [
+        ("/v1/completions", server.completions, "POST"),
+        ("/v1/chat/completions", server.chat_completions, "POST"),
+        ("/v1/models", server.models, "GET"),
+        ("/health", server.health, "GET"),
+        ("/ready", server.ready, "GET"),
+        ("/tokenize", server.tokenize, "POST"),
+        ("/detokenize", server.detokenize, "POST"),
+        ("/metrics", server.metrics, "GET"),
+    ]
+    for path, handler, method in routes:
+        app.add_api_route(path, handler, methods=[method])
+    for exc_type in (APIError, RequestRejected, EngineUnavailable, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, _handle_error)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    return app

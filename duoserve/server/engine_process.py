@@ -1,0 +1,215 @@
+"""The engine core process: loads the model, then runs one busy loop.
+
+Each turn drains the requests that arrived (without waiting when there is work, blocking on a poll
+when idle), runs one `EngineCore.step()` and sends what it produced. The API process never waits
+on a model step: it only ever exchanges messages with this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from duoserve.config import EngineConfig
+from duoserve.engine.core import EngineCore
+from duoserve.engine.request import Request
+from duoserve.models.loader import load_model
+from duoserve.server.engine_messages import (
+    Abort,
+    AddRequest,
+    EngineFailed,
+    EngineOutputs,
+    Ready,
+    RequestError,
+    SeqStart,
+    Shutdown,
+    message_encoder,
+    request_decoder,
+)
+
+logger = logging.getLogger(__name__)
+
+# How long an idle engine blocks waiting for a message before it checks that its parent is alive.
+IDLE_POLL_MS = 500
+# Pending outgoing messages are dropped this long after the API process went away, so exit never hangs.
+LINGER_MS = 1000
+
+
+def run_engine_process(
+    config: EngineConfig,
+    input_address: str,
+    output_address: str,
+    max_queued_requests: int | None,
+    log_level: str = "INFO",
+) -> None:
+    """Entry point of the spawned process: load the model, say Ready (or why not), run the loop."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
+    # after draining in-flight requests, and tells it with a Shutdown message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    outbox = context.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+    inbox.connect(input_address)
+    outbox.connect(output_address)
+    exit_code = 0
+    try:
+        core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+        outbox.send(message_encoder.encode(_ready(core)))
+        EngineLoop(core, inbox, outbox, max_queued_requests).run()
+    except Exception as err:  # a load failure or a dead loop: the API process learns why, then exits too
+        logger.exception("engine failed")
+        outbox.send(message_encoder.encode(EngineFailed(f"{type(err).__name__}: {err}")))
+        exit_code = 1
+    finally:
+        for sock in (inbox, outbox):
+            sock.close()
+        context.term()
+    # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
+    logging.shutdown()
+    os._exit(exit_code)
+
+
+def _ready(core: EngineCore) -> Ready:
+    return Ready(
+        max_model_len=core.max_model_len,
+        vocab_size=core.model_config.vocab_size,
+        eos_token_ids=list(core.model_config.eos_token_ids),
+        num_kv_blocks=core.kv.num_blocks,
+        block_size=core.config.block_size,
+    )
+
+
+class EngineLoop:
+    def __init__(
+        self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, max_queued_requests: int | None
+    ) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.outbox = outbox
+        self.max_queued_requests = max_queued_requests
+        self.poller = zmq.Poller()
+        self.poller.register(inbox, zmq.POLLIN)
+        self.parent_pid = os.getppid()
+        # Sequences that have not produced a token yet: their Request objects give the queue and
+        # prefill times when the first token comes (the scheduler drops finished requests).
+        self.pending_start: dict[str, Request] = {}
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            if os.getppid() != self.parent_pid:
+                # Orphaned (the API process was killed): nobody reads the outputs; a full socket would block.
+                logger.warning("the API process is gone; engine exiting")
+                break
+            batch = EngineOutputs(timestamp=0.0)
+            handled = self._drain(batch, timeout_ms=0 if self.core.has_unfinished() else IDLE_POLL_MS)
+            if self.stopping:
+                break
+            if handled:
+                # Acks go out before the step, so a request's HTTP status never waits on a model step.
+                self._send(batch)
+            if self.core.has_unfinished():
+                self._step()
+
+    # ---------------------------------------------------------------- inbound
+
+    def _drain(self, batch: EngineOutputs, timeout_ms: int) -> bool:
+        """Handle every message that is waiting (waiting up to timeout_ms for the first one)."""
+        handled = False
+        while self.poller.poll(timeout_ms):
+            timeout_ms = 0
+            try:
+                raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle(request_decoder.decode(raw.buffer), batch)
+            handled = True
+        return handled
+
+    def _handle(self, message: AddRequest | Abort | Shutdown, batch: EngineOutputs) -> None:
+        if isinstance(message, AddRequest):
+            error = self._add(message)
+            if error is None:
+                batch.accepted.append(message.request_id)
+            else:
+                batch.errors.append(error)
+        elif isinstance(message, Abort):
+            for seq_id in message.seq_ids:
+                self.core.abort(seq_id)
+                self.pending_start.pop(seq_id, None)
+        elif isinstance(message, Shutdown):
+            self.stopping = True
+
+    def _add(self, message: AddRequest) -> RequestError | None:
+        if self._queue_full(len(message.seq_ids)):
+            return RequestError(
+                message.request_id,
+                429,
+                f"the server's request queue is full ({self.max_queued_requests} queued); retry later",
+            )
+        added: list[str] = []
+        try:
+            for seq_id, params in zip(message.seq_ids, message.params, strict=True):
+                self.core.add_request(seq_id, message.prompt_token_ids, params, message.eos_token_ids)
+                added.append(seq_id)
+        except Exception as err:  # one bad request must never take the engine down
+            for seq_id in added:
+                self.core.abort(seq_id)
+            if isinstance(err, ValueError):
+                return RequestError(message.request_id, 400, str(err))
+            logger.exception("adding request %s failed", message.request_id)
+            return RequestError(message.request_id, 500, f"the engine could not add the request: {err}")
+        for seq_id in added:
+            self.pending_start[seq_id] = self.core.scheduler.requests[seq_id]
+        return None
+
+    def _queue_full(self, num_new: int) -> bool:
+        """Whether admitting num_new sequences would queue more than max_queued_requests of them.
+
+        A new request only waits if the running batch has no seat for it, so free seats
+        (max_num_seqs - running) are not counted as queue. A request finding the queue empty is always
+        admitted, so one whose n alone exceeds the bound is not refused forever.
+        """
+        if self.max_queued_requests is None:
+            return False
+        stats = self.core.stats()
+        waiting = int(stats["num_requests_waiting"])
+        free_seats = max(0, self.core.config.max_num_seqs - int(stats["num_requests_running"]))
+        return waiting > 0 and waiting + num_new - free_seats > self.max_queued_requests
+
+    # ---------------------------------------------------------------- step and outbound
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        if not outputs:
+            return
+        batch = EngineOutputs(
+            timestamp=0.0, outputs=outputs, step_tokens=self.core.last_step.num_scheduled_tokens
+        )
+        for out in outputs:
+            request = self.pending_start.get(out.request_id) if out.new_token_ids else None
+            if request is None or request.first_token_time is None:
+                continue
+            del self.pending_start[out.request_id]
+            scheduled = request.first_scheduled_time or request.arrival_time
+            batch.starts.append(
+                SeqStart(
+                    out.request_id,
+                    queue_time=scheduled - request.arrival_time,
+                    prefill_time=request.first_token_time - scheduled,
+                )
+            )
+        self._send(batch)
+
+    def _send(self, batch: EngineOutputs) -> None:
+        batch.timestamp = time.monotonic()
+        batch.stats = self.core.stats()
+        self.outbox.send(message_encoder.encode(batch), copy=False)

@@ -1,0 +1,333 @@
+"""The OpenAI wire format: request models, validation errors that name the field, and the mapping of a
+request's parameters onto SamplingParams.
+
+Validation is strict (a string is not a number, 2.0 is not an integer), unknown fields are ignored
+with a warning as vLLM does, and parameters the engine cannot honour are refused with a 400 rather
+than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from duoserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's own cap on n; it also bounds how many sequences one HTTP request can fan out to.
+MAX_N = 128
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
+
+    _TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "internal_error",
+        503: "service_unavailable",
+    }
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self._TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Parameters both endpoints share: OpenAI's, then vLLM's extras."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, value: Any) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return value
+        raise ValueError("must be a string or a list of strings")
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+        if self.model_extra:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams of this request; unset OpenAI parameters take OpenAI's defaults."""
+        values: dict[str, Any] = {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            "stop": self.stop,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "stop_token_ids": self.stop_token_ids,
+        }
+        try:
+            return SamplingParams(
+                **{k: v for k, v in values.items() if v is not None},
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+            )
+        except ValueError as err:
+            # SamplingParams names the parameter first ("top_p must be in (0, 1], got 2.0").
+            message = str(err)
+            param = message.split(" ", 1)[0]
+            raise APIError(
+                400, message, param if param in values or param in _OTHER_PARAMS else None
+            ) from err
+
+
+_OTHER_PARAMS = {"max_tokens", "min_tokens", "logprobs", "n"}
+# What Tokenizer.apply_chat_template passes to the template itself.
+_TEMPLATE_ARGUMENTS = {"messages", "tools", "add_generation_prompt"}
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value:
+            if all(isinstance(p, str) for p in value):
+                return value
+            if all(_is_token_id(t) for t in value):
+                return value
+            if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+                return value
+        raise ValueError(
+            "must be a string, a non-empty list of strings, a list of token ids (non-negative integers) "
+            "or a list of non-empty lists of token ids"
+        )
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported (it must be unset or equal to n)", "best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[str] | None = None  # content parts are reduced to their texts
+    name: str | None = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: Any) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = [
+                part.get("text") for part in value if isinstance(part, dict) and part.get("type") == "text"
+            ]
+            if len(texts) == len(value) and all(isinstance(t, str) for t in texts):
+                return texts
+            raise ValueError("only text content parts ({'type': 'text', 'text': str}) are supported")
+        raise ValueError("must be a string or a list of content parts")
+
+    def template_message(self) -> dict[str, str]:
+        """The {"role", "content"} dict a chat template expects (text parts joined)."""
+        role = "system" if self.role == "developer" else self.role
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "\n".join(self.content)
+        return {"role": role, "content": text}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # vLLM's extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        reserved = set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS
+        if reserved:
+            raise APIError(
+                400, f"chat_template_kwargs must not set {sorted(reserved)}", "chat_template_kwargs"
+            )
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise APIError(
+                400, "response_format is not supported yet (only {'type': 'text'})", "response_format"
+            )
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} are not supported", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise APIError(400, f"{name} is not supported", name)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.template_message() for m in self.messages]
+
+    def to_sampling_params(self) -> SamplingParams:
+        # max_completion_tokens replaces the deprecated max_tokens; unset, the reply may fill the context.
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs)
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+    def check_supported(self) -> None:
+        pass
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_body(raw: bytes, model: type[_Strict]) -> Any:
+    """Decode, parse and validate a request body; APIError 400 naming the problem otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {err.start})") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise APIError(400, "the request body is nested too deeply") from err
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as err:
+        raise _validation_error(err) from err
+    request.check_supported()
+    return request
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors(include_url=False)[0]
+    param = _param_name(first["loc"])
+    message = first["msg"]
+    if first["type"] == "value_error":  # our validators' messages read "must be ..."
+        message = message.removeprefix("Value error, ")
+    message = f"{param}: {message}" if param else message
+    if len(err.errors()) > 1:
+        message += f" (and {len(err.errors()) - 1} more problem(s))"
+    return APIError(400, message, param or None)
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name

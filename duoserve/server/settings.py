@@ -1,0 +1,84 @@
+"""The server's own settings (the engine's come from EngineConfig), and their command-line flags.
+
+Kept free of heavy imports so `duoserve --help` and the other subcommands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_queued_requests: int | None = 1024
+    max_request_bytes: int = 8 * 2**20
+    shutdown_timeout: float = 30.0
+    log_level: str = "INFO"
+
+
+API_KEY_ENV = "DUOSERVE_API_KEY"
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerSettings()
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=defaults.host, help=f"address to bind (default: {defaults.host})")
+    group.add_argument("--port", type=int, default=defaults.port, help=f"port (default: {defaults.port})")
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})",
+    )
+    group.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: the model argument)"
+    )
+    group.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=defaults.max_queued_requests,
+        help="most requests waiting for a seat in the running batch; past it, 429 with Retry-After "
+        f"(default: {defaults.max_queued_requests})",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=defaults.max_request_bytes,
+        help=f"largest request body accepted; larger ones get 413 (default: {defaults.max_request_bytes})",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=defaults.shutdown_timeout,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted "
+        f"(default: {defaults.shutdown_timeout})",
+    )
+    group.add_argument(
+        "--log-level",
+        default="INFO",
+        help="DEBUG, INFO (one line per request), WARNING, ERROR (default: INFO)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level.upper(),
+    )
+    for name in ("max_queued_requests", "shutdown_timeout"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(settings, name)}")
+    if settings.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {settings.max_request_bytes}")
+    return settings
