@@ -33,6 +33,7 @@ def run_duoserve(prompts: list[list[int]], output_len: int, args: argparse.Names
         dtype="float32",
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_fraction=0.5,  # room for every request's KV: no preemption in the measurement
     )
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
