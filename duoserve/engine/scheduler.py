@@ -100,6 +100,8 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request.request_id, request.all_token_ids, 0, num_new, cached):
                 break
+            if not request.wants_prompt_logprobs:
+                self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached

@@ -56,9 +56,12 @@ class KVCacheManager:
                 break
             hits.append(block_id)
             parent = self.pool.blocks[block_id].block_hash
-        self.prefix_cache_queries += len(token_ids)
-        self.prefix_cache_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (not every retry of a request waiting for blocks)."""
+        self.prefix_cache_queries += num_tokens
+        self.prefix_cache_hits += num_hit_tokens
 
     def allocate_slots(
         self,

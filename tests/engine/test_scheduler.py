@@ -222,3 +222,15 @@ def test_aborted_requests_free_their_blocks(tiny_models):
     assert pool.num_free_blocks == pool.num_blocks
     assert all(b.ref_count == 0 for b in pool.blocks)
     assert engine.step() == []
+
+
+def test_a_request_waiting_for_blocks_is_counted_once_in_the_prefix_cache_queries():
+    scheduler = make_scheduler(num_blocks=4, prefix_caching=True)
+    first, second = request("a", 12, max_tokens=3), request("b", 12, max_tokens=3)
+    scheduler.add(first)
+    scheduler.add(second)
+    step(scheduler)  # a takes 3 of the 4 blocks; b cannot be admitted until a is done
+    step(scheduler)
+    assert scheduler.kv.prefix_cache_queries == 12
+    run_to_completion(scheduler)
+    assert scheduler.kv.prefix_cache_queries == 24

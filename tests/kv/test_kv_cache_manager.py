@@ -109,7 +109,10 @@ def test_prefix_hits_and_counters():
     shared = first[:8]
     hits = kv.find_cached_prefix(shared + [50, 51, 52])
     assert hits == kv.block_ids("a")[:2]
-    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (10 + 11, 8)
+    # Lookups alone count nothing: the scheduler records the lookup of each admitted request once.
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (0, 0)
+    kv.record_prefix_lookup(11, 8)
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (11, 8)
     # At least one token is left to compute, even when the whole prompt is cached.
     assert kv.find_cached_prefix(shared) == hits[:1]
     assert kv.find_cached_prefix(first[:9]) == hits
@@ -137,7 +140,6 @@ def test_prefix_caching_disabled():
     kv = KVCacheManager(8, BS, enable_prefix_caching=False)
     assert kv.allocate_slots("a", tokens(12), 0, 12)
     assert kv.find_cached_prefix(tokens(13)) == []
-    assert kv.prefix_cache_hits == 0
 
 
 def test_hash_collisions_are_caught_by_the_tokens(monkeypatch):
@@ -148,7 +150,6 @@ def test_hash_collisions_are_caught_by_the_tokens(monkeypatch):
     # Every block of every sequence has the same hash: only verified tokens may hit.
     assert kv.find_cached_prefix(tokens(12, 100) + [1]) == []
     assert kv.find_cached_prefix(a[:4] + tokens(8, 100) + [1]) == kv.block_ids("a")[:1]
-    assert kv.prefix_cache_hits == 4
 
 
 def test_a_collision_does_not_chain_later_blocks_onto_the_wrong_parent(monkeypatch):
