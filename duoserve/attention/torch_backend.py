@@ -3,35 +3,40 @@
 Reads go through the block tables: every layer gathers each sequence's context blocks from the
 pool (whole blocks, so the gather copies contiguous runs of block_size * kv_heads * head_dim
 values). The gather is a transient batch buffer, not a per-request copy of the cache; a fused
-kernel (Triton) reads the blocks in place. Decodes of the whole batch run as one padded
-attention call; each prefill chunk runs as one call.
+kernel (Triton) reads the blocks in place. Decodes run as a few padded attention
+calls, one per group of similar context lengths; each prefill chunk runs as one call.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 
+# Decodes are grouped by context length so that padding each group to its longest context wastes
+# little: a group closes when the next (longer) context needs this many times the first one's blocks.
+_DECODE_GROUP_SPREAD = 1.25
+
+
+@dataclass
+class _DecodeGroup:
+    rows: torch.Tensor  # decode rows (0 .. num_decodes - 1) of this group
+    block_ids: torch.Tensor  # [rows * width] the rows' block tables cut to the group's widest
+    bias: torch.Tensor  # [rows, 1, 1, width * block_size]: 0 inside each context, -inf past it
+
 
 class TorchAttentionBackend:
     def __init__(self) -> None:
-        self._decode_blocks: torch.Tensor | None = None
-        self._decode_bias: torch.Tensor | None = None
+        self._decode_groups: list[_DecodeGroup] = []
         self._prefill_masks: list[torch.Tensor | None] = []
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: the flattened block tables and the masks."""
-        if meta.num_decode_tokens:
-            tables, lens = meta.decode_block_tables, meta.decode_context_lens
-            self._decode_blocks = tables.flatten()
-            positions = torch.arange(tables.shape[1] * meta.block_size, device=lens.device)
-            bias = torch.zeros((len(lens), len(positions)), dtype=torch.float32, device=lens.device)
-            bias.masked_fill_(positions[None, :] >= lens[:, None], -math.inf)
-            self._decode_bias = bias[:, None, None, :]
+        """Per-step work shared by all layers: decode groups with their masks, prefill masks."""
+        self._decode_groups = _decode_groups(meta) if meta.num_decode_tokens else []
         self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
 
     def forward(
@@ -48,9 +53,10 @@ class TorchAttentionBackend:
         k_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
         v_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
         out = torch.empty_like(q)
-        num_decodes = meta.num_decode_tokens
-        if num_decodes:
-            out[:num_decodes] = self._decode(q[:num_decodes], k_pool, v_pool, scale)
+        for group in self._decode_groups:
+            out.index_copy_(
+                0, group.rows, _decode(q.index_select(0, group.rows), k_pool, v_pool, group, scale)
+            )
         for chunk, mask in zip(meta.prefills, self._prefill_masks, strict=True):
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             if mask is None:  # no earlier context: attend to this chunk's own K/V
@@ -61,22 +67,43 @@ class TorchAttentionBackend:
             out[rows] = _attend(q[rows], keys, values, mask, scale)
         return out
 
-    def _decode(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        num = q.shape[0]
-        # [D * max_blocks, block_size, kv_heads, dim] -> [D, kv_heads, max_blocks * block_size, dim]
-        keys = _gather(k_pool, self._decode_blocks).view(num, -1, *k_pool.shape[2:]).transpose(1, 2)
-        values = _gather(v_pool, self._decode_blocks).view(num, -1, *v_pool.shape[2:]).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :],
-            keys.to(q.dtype),
-            values.to(q.dtype),
-            attn_mask=self._decode_bias.to(q.dtype),
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out[:, :, 0, :]
+
+def _decode_groups(meta: AttentionMetadata) -> list[_DecodeGroup]:
+    lens = meta.decode_context_lens
+    num_blocks = (lens + meta.block_size - 1) // meta.block_size
+    order = torch.argsort(num_blocks)
+    sorted_blocks = num_blocks[order].tolist()
+    groups, first = [], 0
+    for i in range(1, len(sorted_blocks) + 1):
+        if i == len(sorted_blocks) or sorted_blocks[i] > _DECODE_GROUP_SPREAD * sorted_blocks[first]:
+            rows = order[first:i]
+            width = sorted_blocks[i - 1]
+            positions = torch.arange(width * meta.block_size, device=lens.device)
+            bias = torch.zeros((len(rows), len(positions)), dtype=torch.float32, device=lens.device)
+            bias.masked_fill_(positions[None, :] >= lens[rows][:, None], -math.inf)
+            table = meta.decode_block_tables.index_select(0, rows)[:, :width]
+            groups.append(_DecodeGroup(rows, table.flatten(), bias[:, None, None, :]))
+            first = i
+    return groups
+
+
+def _decode(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _DecodeGroup, scale: float
+) -> torch.Tensor:
+    """One SDPA call over a decode group: q [rows, heads, dim] against its padded, gathered context."""
+    num = q.shape[0]
+    # [rows * width, block_size, kv_heads, dim] -> [rows, kv_heads, width * block_size, dim]
+    keys = _gather(k_pool, group.block_ids).view(num, -1, *k_pool.shape[2:]).transpose(1, 2)
+    values = _gather(v_pool, group.block_ids).view(num, -1, *v_pool.shape[2:]).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :],
+        keys.to(q.dtype),
+        values.to(q.dtype),
+        attn_mask=group.bias.to(q.dtype),
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[:, :, 0, :]
 
 
 def _gather(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
