@@ -17,7 +17,7 @@ from duoserve.config import EngineConfig
 from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
-from duoserve.engine.scheduler import Scheduler
+from duoserve.engine.scheduler import ScheduledRequest, Scheduler
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.models.config import ModelConfig
@@ -156,7 +156,7 @@ class EngineCore:
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
-        outputs = self._update(plan.scheduled, batch, sampled, prompt_done)
+        outputs = self._update(plan.scheduled, sampled, prompt_done)
         self.last_step = StepStats(
             num_scheduled_tokens=plan.num_tokens,
             num_preempted=len(plan.preempted),
@@ -202,7 +202,10 @@ class EngineCore:
         return done
 
     def _update(
-        self, scheduled, batch: StepBatch, sampled: dict[str, tuple[int, tuple | None]], prompt_done: set[str]
+        self,
+        scheduled: list[ScheduledRequest],
+        sampled: dict[str, tuple[int, tuple | None]],
+        prompt_done: set[str],
     ) -> list[CoreOutput]:
         outputs = []
         now = time.monotonic()
