@@ -269,12 +269,13 @@ class IncrementalDetokenizer:
         return delta
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A tokenizer from a Hugging Face model directory or a `.gguf` file."""
+def load_tokenizer(path: str, gguf_reader: GGUFReader | None = None) -> Tokenizer:
+    """A tokenizer from a Hugging Face model directory or a `.gguf` file (whose reader, when the
+    caller already opened it for the weights, is reused rather than parsed again)."""
     if os.path.isdir(path):
         return Tokenizer.from_hf_dir(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        return Tokenizer.from_gguf(GGUFReader(path))
+        return Tokenizer.from_gguf(gguf_reader or GGUFReader(path))
     raise ValueError(f"{path!r} is neither a model directory with tokenizer.json nor a .gguf file")
 
 

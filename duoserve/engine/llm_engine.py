@@ -11,15 +11,9 @@ from duoserve.engine.output_processor import OutputProcessor
 from duoserve.models.loader import load_model
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
-from duoserve.tokenizer import Tokenizer
+from duoserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer_for(loaded) -> Tokenizer:
-    if loaded.gguf_reader is not None:
-        return Tokenizer.from_gguf(loaded.gguf_reader)
-    return Tokenizer.from_hf_dir(loaded.source)
 
 
 def child_params(params: SamplingParams) -> list[SamplingParams]:
@@ -36,7 +30,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         loaded = load_model(config.model, config.resolved_dtype())
-        self.tokenizer = load_tokenizer_for(loaded)
+        self.tokenizer = load_tokenizer(loaded.source, loaded.gguf_reader)
         self.core = EngineCore(config, loaded)
         self.processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + loaded.config.eos_token_ids))
