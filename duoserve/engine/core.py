@@ -175,7 +175,7 @@ class EngineCore:
                 prompt_token_ids=s.request.prompt_token_ids,
                 output_token_ids=s.request.output_token_ids,
                 generator=s.request.generator,
-                stop_token_ids=list(s.request.stop_token_ids),
+                stop_token_ids=s.request.stop_token_ids,  # a frozenset: shared, not copied per step
             )
             for s in batch.sampling
         ]

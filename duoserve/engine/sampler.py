@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,7 @@ class SamplingRow:
     # Per-request CPU generator made from params.seed; None draws from the sampler's shared one.
     generator: torch.Generator | None
     # eos ids (unless ignore_eos) + params.stop_token_ids: masked while output < params.min_tokens.
-    stop_token_ids: list[int]
+    stop_token_ids: Collection[int]
 
 
 @dataclass
