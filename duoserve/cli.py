@@ -8,6 +8,7 @@ import sys
 
 from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
+from duoserve.disagg.launcher import add_router_parsers
 from duoserve.server.settings import add_server_args
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    add_router_parsers(commands)
     add_bench_parser(commands)
     return parser
 

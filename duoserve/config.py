@@ -102,3 +102,18 @@ def _field_type(f: dataclasses.Field) -> type:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+
+
+def engine_flags(config: EngineConfig, skip: tuple[str, ...] = ("model",)) -> list[str]:
+    """The command-line flags that rebuild `config` (those differing from the defaults)."""
+    flags = []
+    for f in fields(EngineConfig):
+        value = getattr(config, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags

@@ -14,6 +14,17 @@ import torch
 
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.config import EngineConfig
+from duoserve.disagg.kv_transfer import (
+    KVBlocks,
+    KVLayout,
+    KVMessage,
+    KVSender,
+    KVTicket,
+    KVTransferError,
+    KVTransferParams,
+    TransferStats,
+    decode_blocks,
+)
 from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
@@ -77,7 +88,13 @@ class EngineCore:
         )
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.kv_layout = KVLayout.of(spec)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # Disaggregation: the sender a prefill worker pushes KV with (set by the engine process), the
+        # decode side's requests waiting for their prompt's KV, and transfer counters.
+        self.kv_sender: KVSender | None = None
+        self.awaiting_kv: dict[str, Request] = {}
+        self.transfer_stats = TransferStats()
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed)
         self.last_step = StepStats()
@@ -103,9 +120,19 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, eos_token_ids: list[int]
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: list[int],
+        kv_transfer: KVTransferParams | None = None,
     ) -> None:
-        """Validate and queue a request; ValueError names what is wrong with it."""
+        """Validate and queue a request; ValueError names what is wrong with it.
+
+        With `kv_transfer`, the request is one half of a disaggregated one: 'send' (prefill worker:
+        compute the prompt, sample the first token, push the KV to the ticket's blocks) or 'receive'
+        (decode worker: hold blocks for the prompt, wait for its KV and first token, then decode).
+        """
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt must contain at least one token")
@@ -133,15 +160,165 @@ class EngineCore:
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             stop_token_ids=frozenset(stop_ids),
         )
-        self.scheduler.add(request)
+        if kv_transfer is None:
+            self.scheduler.add(request)
+        elif kv_transfer.role == "send":
+            self._check_ticket(kv_transfer.ticket, num_prompt)
+            request.kv_destination = kv_transfer.ticket
+            request.kv_next_block = kv_transfer.ticket.num_cached_tokens // self.config.block_size
+            request.max_tokens = 1  # the decode worker generates the rest
+            self.scheduler.add(request)
+        else:
+            self.scheduler.add_awaiting_kv(request)
+            self.awaiting_kv[request_id] = request
+
+    def _check_ticket(self, ticket: KVTicket, num_prompt: int) -> None:
+        bs = self.config.block_size
+        if ticket.layout != self.kv_layout:
+            raise ValueError(
+                f"kv_transfer: the decode worker's KV layout {ticket.layout} is not ours ({self.kv_layout})"
+            )
+        if len(ticket.block_ids) != -(-num_prompt // bs):
+            raise ValueError(
+                f"kv_transfer: {len(ticket.block_ids)} blocks cannot hold a {num_prompt}-token prompt"
+            )
+        if ticket.num_cached_tokens % bs or not 0 <= ticket.num_cached_tokens < num_prompt:
+            raise ValueError(
+                f"kv_transfer: num_cached_tokens={ticket.num_cached_tokens} is not whole blocks of the prompt"
+            )
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id)
         if request is not None:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self.awaiting_kv.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_schedulable(self) -> bool:
+        return self.scheduler.has_schedulable()
+
+    # ------------------------------------------------------------------ receiving KV (decode worker)
+
+    def issue_tickets(self, address: str) -> list[KVTicket]:
+        """Allocate the prompt's blocks for requests awaiting KV that have none yet; their tickets.
+
+        The blocks stay out of the prefix cache until their KV has arrived. A request that does not
+        fit now waits for blocks to come free (its wait counts towards the transfer timeout).
+        """
+        tickets = []
+        now = time.monotonic()
+        for request in self.awaiting_kv.values():
+            if request.kv_ticket is not None:
+                continue
+            prompt = request.prompt_token_ids
+            cached = self.kv.find_cached_prefix(prompt)
+            num_cached = len(cached) * self.kv.block_size
+            if not self.kv.allocate_slots(
+                request.request_id, prompt, 0, len(prompt) - num_cached, cached, register=False
+            ):
+                break
+            self.kv.record_prefix_lookup(len(prompt), num_cached)
+            request.num_cached_tokens = num_cached
+            request.first_scheduled_time = now
+            request.kv_ticket = KVTicket(
+                request.request_id,
+                address,
+                list(self.kv.block_ids(request.request_id)),
+                num_cached,
+                self.kv_layout,
+            )
+            tickets.append(request.kv_ticket)
+        return tickets
+
+    def receive_kv(self, message: KVMessage, payload: memoryview | None) -> CoreOutput | None:
+        """Write arrived blocks into the request's cache; on KVDone, start decoding it.
+
+        Returns an output only when the request ends here (a bad transfer aborts it). Messages for a
+        request this worker does not wait for (aborted, timed out) are dropped.
+        """
+        request = self.awaiting_kv.get(message.request_id)
+        if request is None or request.kv_ticket is None:
+            return None
+        ticket = request.kv_ticket
+        expected = len(ticket.block_ids) - ticket.num_cached_tokens // self.kv.block_size
+        try:
+            if isinstance(message, KVBlocks):
+                blocks = decode_blocks(message, payload, self.kv_layout)
+                allowed = ticket.block_ids[ticket.num_cached_tokens // self.kv.block_size :]
+                if not set(message.block_ids) <= set(allowed):
+                    raise KVTransferError(f"blocks {message.block_ids} are not the ticket's")
+                self.kv_cache.import_blocks(message.block_ids, blocks)
+                request.kv_blocks_received += len(message.block_ids)
+                self.transfer_stats.bytes += message.nbytes
+                return None
+            if message.num_blocks != expected or request.kv_blocks_received != expected:
+                raise KVTransferError(
+                    f"{request.kv_blocks_received} of {expected} blocks arrived "
+                    f"(the sender says {message.num_blocks})"
+                )
+            if not 0 <= message.first_token < self.model_config.vocab_size:
+                raise KVTransferError(f"first token {message.first_token} is out of the vocabulary")
+        except KVTransferError as err:
+            logger.warning("KV transfer of request %s failed: %s", request.request_id, err)
+            return self._abort_awaiting(request)
+        return self._start_decoding(request, message.first_token)
+
+    def _start_decoding(self, request: Request, first_token: int) -> CoreOutput | None:
+        del self.awaiting_kv[request.request_id]
+        now = time.monotonic()
+        self.transfer_stats.seconds += now - request.first_scheduled_time
+        self.transfer_stats.requests += 1
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.append_token(first_token)  # sampled by the prefill worker: not computed again here
+        request.first_token_time = now
+        request.check_stop(self.max_model_len)
+        if request.status.finished:
+            self.scheduler.finish(request, request.status)
+            return self._output(request, [], [], None)
+        self.scheduler.resume_with_kv(request)
+        return None
+
+    def expire_kv_waits(self, timeout: float) -> list[CoreOutput]:
+        """Abort requests whose KV has not all arrived `timeout` seconds after they came."""
+        now = time.monotonic()
+        expired = [r for r in self.awaiting_kv.values() if now - r.arrival_time > timeout]
+        for request in expired:
+            logger.warning(
+                "request %s: no KV from the prefill worker after %.0fs; aborted", request.request_id, timeout
+            )
+        return [self._abort_awaiting(r) for r in expired]
+
+    def _abort_awaiting(self, request: Request) -> CoreOutput:
+        self.abort(request.request_id)
+        return self._output(request, [], [], None)
+
+    # ------------------------------------------------------------------ sending KV (prefill worker)
+
+    def _send_kv(self, request: Request, first_token: int | None) -> None:
+        """Push the prompt blocks this step completed (all of them, with the first token, at the end).
+
+        A failed send aborts the request; the decode worker times out its own half.
+        """
+        ticket = request.kv_destination
+        bs = self.kv.block_size
+        num_computed = min(request.num_computed_tokens, request.num_prompt_tokens)
+        end = -(-num_computed // bs) if first_token is not None else num_computed // bs
+        start = request.kv_next_block
+        try:
+            if end > start:
+                source = self.kv.block_ids(request.request_id)[start:end]
+                self.kv_sender.send_blocks(
+                    ticket, ticket.block_ids[start:end], self.kv_cache.export_blocks(source)
+                )
+                request.kv_next_block = end
+            if first_token is not None:
+                num_sent = len(ticket.block_ids) - ticket.num_cached_tokens // bs
+                self.kv_sender.send_done(ticket, first_token, num_sent)
+        except KVTransferError as err:
+            logger.warning("request %s: %s; aborted", request.request_id, err)
+            request.status = RequestStatus.FINISHED_ABORTED
 
     # ------------------------------------------------------------------ the step
 
@@ -213,6 +390,12 @@ class EngineCore:
             request = s.request
             request.num_computed_tokens += s.num_new_tokens
             new_prompt_logprobs = request.prompt_logprobs if request.request_id in prompt_done else None
+            if request.kv_destination is not None and request.request_id not in sampled:
+                self._send_kv(request, None)
+                if request.status.finished:  # the send failed
+                    self.scheduler.finish(request, request.status)
+                    outputs.append(self._output(request, [], [], None))
+                    continue
             if request.request_id not in sampled:
                 if new_prompt_logprobs is not None:
                     outputs.append(self._output(request, [], [], new_prompt_logprobs))
@@ -226,6 +409,8 @@ class EngineCore:
                 if request.wants_prompt_logprobs and new_prompt_logprobs is None:
                     new_prompt_logprobs = request.prompt_logprobs  # 1-token prompts score nothing
             request.check_stop(self.max_model_len)
+            if request.kv_destination is not None:
+                self._send_kv(request, token)
             if request.status.finished:
                 self.scheduler.finish(request, request.status)
             outputs.append(
@@ -255,6 +440,10 @@ class EngineCore:
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_transfer_bytes": self.transfer_stats.bytes
+            + (self.kv_sender.stats.bytes if self.kv_sender else 0),
+            "kv_transfer_seconds": self.transfer_stats.seconds,
+            "kv_transfer_requests": self.transfer_stats.requests,
         }
 
 

@@ -54,8 +54,24 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def add_awaiting_kv(self, request: Request) -> None:
+        """A request whose prompt KV another worker computes: known (abortable) but not scheduled
+        until `resume_with_kv` puts it in the running batch."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+
+    def resume_with_kv(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_schedulable(self) -> bool:
+        """Whether a step would do anything (requests waiting for remote KV alone do not count)."""
+        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -42,6 +42,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        # KV events for a router's index, drained by the engine: (True: stored | False: removed, hash).
+        self.events: list[tuple[bool, int]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,6 +113,8 @@ class BlockPool:
             return block_hash  # cached in an identical block elsewhere
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
         self._cached[block_hash] = block_id
+        if self.events is not None:
+            self.events.append((True, block_hash))
         return block_hash
 
     def reset_prefix_cache(self) -> None:
@@ -121,4 +125,6 @@ class BlockPool:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) == block.block_id:
                 del self._cached[block.block_hash]
+                if self.events is not None:
+                    self.events.append((False, block.block_hash))
             block.block_hash, block.parent_hash, block.token_ids = None, ROOT_HASH, ()

@@ -70,11 +70,14 @@ class KVCacheManager:
         num_computed: int,
         num_new: int,
         cached_blocks: list[int] = (),
+        register: bool = True,
     ) -> bool:
         """Make room for tokens [num_computed, num_computed + num_new) of a request.
 
         `cached_blocks` (from find_cached_prefix, for a request not yet holding blocks) become the
         head of its table. Returns False, changing nothing, when the pool cannot supply the blocks.
+        `register=False` keeps the new blocks out of the prefix cache: their KV comes from another
+        worker later, and nobody may hit them before it has arrived (the next allocation registers them).
         """
         table = self.tables.get(request_id)
         held = len(table.block_ids) if table else 0
@@ -94,7 +97,8 @@ class KVCacheManager:
             table.block_hashes.extend(self.pool.blocks[b].block_hash for b in cached_blocks)
         if needed > 0:
             table.block_ids.extend(self.pool.allocate(needed))
-        self._cache_full_blocks(table, token_ids, num_cached_tokens + num_computed + num_new)
+        if register:
+            self._cache_full_blocks(table, token_ids, num_cached_tokens + num_computed + num_new)
         return True
 
     def _cache_full_blocks(self, table: BlockTable, token_ids: list[int], num_tokens: int) -> None:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from duoserve.disagg.worker_api import WorkerRoutes
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected, RequestStream
@@ -403,7 +404,7 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     return error_response(error, headers)
 
 
-def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+def build_app(client: EngineClient, settings: ServerSettings, worker_routes: bool = True) -> FastAPI:
     app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url=None)
     server = OpenAIServer(client, settings)
     routes = [
@@ -416,6 +417,16 @@ def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
         ("/detokenize", server.detokenize, "POST"),
         ("/metrics", server.metrics, "GET"),
     ]
+    worker = WorkerRoutes(client, settings.role)
+    routes += (
+        [("/router/workers", worker.workers, "GET")]
+        if not worker_routes
+        else [
+            ("/internal/generate", worker.generate, "POST"),
+            ("/internal/abort", worker.abort, "POST"),
+            ("/internal/info", worker.info, "GET"),
+        ]
+    )
     for path, handler, method in routes:
         app.add_api_route(path, handler, methods=[method])
     for exc_type in (APIError, RequestRejected, EngineUnavailable, StarletteHTTPException, Exception):

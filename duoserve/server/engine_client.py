@@ -88,6 +88,19 @@ class RequestStream:
 
 
 @dataclass
+class RawStream:
+    """A router's request: its queue gets EngineOutputs (its share of each batch), then None at the
+    end, or an exception if the engine went away."""
+
+    request_id: str
+    unfinished: set[str]  # its sequence ids not finished yet
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.seq_ids = list(self.unfinished)
+
+
+@dataclass
 class ModelInfo:
     """What the engine process told us about the loaded model."""
 
@@ -104,8 +117,10 @@ class EngineClient:
         served_model_name: str | None = None,
         max_queued_requests: int | None = None,
         log_level: str = "INFO",
+        kv_host: str = "127.0.0.1",
     ) -> None:
         self.config = config
+        self.kv_host = kv_host  # where the engine binds its KV receiver and KV event sockets
         try:
             self.model_path = config.model or default_model_path()
         except FileNotFoundError as err:
@@ -117,8 +132,12 @@ class EngineClient:
         self.processor: OutputProcessor | None = None
         self.metrics: ServerMetrics | None = None
         self.info: ModelInfo | None = None
+        self.engine_info: Ready | None = None
         self.eos_token_ids: list[int] = []
         self.streams: dict[str, RequestStream] = {}
+        # Requests of a router: token ids in, the engine's own outputs out (no text, no metrics here).
+        self.raw_streams: dict[str, RawStream] = {}
+        self._raw_seqs: dict[str, RawStream] = {}
         self._seqs: dict[str, tuple[RequestStream, _SeqTiming]] = {}  # core sequence id -> its request
         self.ready = False
         self.draining = False
@@ -136,7 +155,29 @@ class EngineClient:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Spawn the engine process, load the tokenizer meanwhile, and wait for the model to be loaded."""
+        """Start the engine (and load the tokenizer meanwhile); ready once the model is loaded."""
+        ready = await self._start_engine()
+        self.engine_info = ready
+        self.processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + ready.eos_token_ids))
+        self.info = ModelInfo(
+            max_model_len=ready.max_model_len,
+            vocab_size=ready.vocab_size,
+            num_kv_blocks=ready.num_kv_blocks,
+            block_size=ready.block_size,
+        )
+        self.metrics = ServerMetrics(self.served_model_name, ready.max_model_len)
+        self.ready = True
+        logger.info(
+            "engine ready: model %s, max_model_len %d, %d KV blocks of %d tokens",
+            self.served_model_name,
+            ready.max_model_len,
+            ready.num_kv_blocks,
+            ready.block_size,
+        )
+
+    async def _start_engine(self) -> Ready:
+        """Spawn the engine process and its socket tasks; returns its Ready message."""
         self._socket_dir = tempfile.mkdtemp(prefix="duoserve-")
         to_engine = f"ipc://{self._socket_dir}/requests"
         from_engine = f"ipc://{self._socket_dir}/outputs"
@@ -150,7 +191,14 @@ class EngineClient:
         # spawn, not fork: the engine must not inherit this process's event loop, threads and sockets.
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_process,
-            args=(self.config, to_engine, from_engine, self.max_queued_requests, self.log_level),
+            args=(
+                self.config,
+                to_engine,
+                from_engine,
+                self.max_queued_requests,
+                self.log_level,
+                self.kv_host,
+            ),
             name="duoserve-engine",
             daemon=True,
         )
@@ -158,29 +206,13 @@ class EngineClient:
         logger.info("engine process %d started", self._process.pid)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
         ready = await self._wait_ready()
-        self.processor = OutputProcessor(self.tokenizer)
-        self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + ready.eos_token_ids))
-        self.info = ModelInfo(
-            max_model_len=ready.max_model_len,
-            vocab_size=ready.vocab_size,
-            num_kv_blocks=ready.num_kv_blocks,
-            block_size=ready.block_size,
-        )
-        self.metrics = ServerMetrics(self.served_model_name, ready.max_model_len)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._receive_loop(), name="engine-receive"),
             loop.create_task(self._send_loop(), name="engine-send"),
             loop.create_task(self._watch_process(), name="engine-watch"),
         ]
-        self.ready = True
-        logger.info(
-            "engine ready: model %s, max_model_len %d, %d KV blocks of %d tokens",
-            self.served_model_name,
-            ready.max_model_len,
-            ready.num_kv_blocks,
-            ready.block_size,
-        )
+        return ready
 
     async def _wait_ready(self) -> Ready:
         while True:
@@ -199,10 +231,13 @@ class EngineClient:
         """Stop admitting requests and wait up to `timeout` seconds for the in-flight ones to finish."""
         self.draining = True
         deadline = time.monotonic() + timeout
-        if self.streams:
-            logger.info("draining %d in-flight request(s) (up to %.0fs)", len(self.streams), timeout)
-        while self.streams and time.monotonic() < deadline:
+        if self.streams or self.raw_streams:
+            count = len(self.streams) + len(self.raw_streams)
+            logger.info("draining %d in-flight request(s) (up to %.0fs)", count, timeout)
+        while (self.streams or self.raw_streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for request_id in list(self.raw_streams):
+            self._end_raw(request_id, EngineUnavailable("the server shut down before the request finished"))
         for request_id in list(self.streams):
             logger.warning("request %s still running at shutdown: aborted", request_id)
             self._end_stream(
@@ -213,8 +248,13 @@ class EngineClient:
         """Abort what is left, stop the engine process and release the sockets."""
         self._closing = True
         self.ready = False
+        for request_id in list(self.raw_streams):
+            self._end_raw(request_id, EngineUnavailable("the server is shutting down"))
         for request_id in list(self.streams):
             self._end_stream(request_id, EngineUnavailable("the server is shutting down"))
+        await self._stop_engine()
+
+    async def _stop_engine(self) -> None:
         if self._process is not None and self._process.is_alive() and self.info is None:
             self._process.kill()  # still loading the model: it would not read a Shutdown message yet
             await asyncio.to_thread(self._process.join, _ENGINE_STOP_SECONDS)
@@ -259,9 +299,7 @@ class EngineClient:
         seq_params = child_params(params)
         seq_ids = self.processor.add(request_id, prompt, prompt_token_ids, seq_params)
         try:
-            message = request_encoder.encode(
-                AddRequest(request_id, seq_ids, prompt_token_ids, seq_params, self.eos_token_ids)
-            )
+            self._send(AddRequest(request_id, seq_ids, prompt_token_ids, seq_params, self.eos_token_ids))
         except OverflowError as err:  # msgpack integers stop at 64 bits, and so does every engine limit
             self.processor.remove(request_id)
             raise RequestRejected(400, f"a number in the request is out of range: {err}") from err
@@ -275,7 +313,6 @@ class EngineClient:
         )
         self.streams[request_id] = stream
         self._seqs.update(zip(seq_ids, ((stream, t) for t in stream.timings), strict=True))
-        self._outgoing.put_nowait(message)
         try:
             await stream.accepted
         except RequestRejected:
@@ -352,6 +389,81 @@ class EngineClient:
     def _send(self, message: EngineRequest) -> None:
         self._outgoing.put_nowait(request_encoder.encode(message))
 
+    # ---------------------------------------------------------------- raw requests (from a router)
+
+    def add_raw(self, message: AddRequest) -> RawStream:
+        """Queue a router's request as it is; its stream gets the engine's batches for it."""
+        self.check_available()
+        if message.request_id in self.streams or message.request_id in self.raw_streams:
+            raise RequestRejected(400, f"request id {message.request_id!r} is already in use")
+        stream = RawStream(message.request_id, set(message.seq_ids))
+        self.raw_streams[message.request_id] = stream
+        self._raw_seqs.update(dict.fromkeys(message.seq_ids, stream))
+        self._send(message)
+        return stream
+
+    def abort_raw(self, request_id: str, seq_ids: list[str] | None = None) -> None:
+        """Abort some sequences of a raw request (all of them by default)."""
+        stream = self.raw_streams.get(request_id)
+        if stream is None:
+            return
+        seq_ids = [s for s in (seq_ids or stream.unfinished) if s in stream.unfinished]
+        if seq_ids:
+            self._send(Abort(seq_ids))
+            stream.unfinished.difference_update(seq_ids)
+        if not stream.unfinished:
+            self._forget_raw(request_id)
+
+    def _end_raw(self, request_id: str, error: Exception) -> None:
+        stream = self.raw_streams.get(request_id)
+        if stream is not None:
+            self.abort_raw(request_id)
+            stream.queue.put_nowait(error)
+
+    def _forget_raw(self, request_id: str) -> None:
+        stream = self.raw_streams.pop(request_id, None)
+        if stream is not None:
+            for seq_id in stream.seq_ids:
+                self._raw_seqs.pop(seq_id, None)
+
+    def _split_raw(self, batch: EngineOutputs) -> EngineOutputs:
+        """Hand each raw stream its share of the batch; returns the rest, for the API's own requests."""
+        if not self.raw_streams:
+            return batch
+        shares: dict[str, EngineOutputs] = {}
+
+        def share(stream: RawStream) -> EngineOutputs:
+            if stream.request_id not in shares:
+                shares[stream.request_id] = EngineOutputs(timestamp=batch.timestamp)
+            return shares[stream.request_id]
+
+        rest = EngineOutputs(timestamp=batch.timestamp, step_tokens=batch.step_tokens, stats=batch.stats)
+        for request_id in batch.accepted:
+            target = share(self.raw_streams[request_id]) if request_id in self.raw_streams else rest
+            target.accepted.append(request_id)
+        for error in batch.errors:
+            stream = self.raw_streams.get(error.request_id)
+            if stream is not None:
+                share(stream).errors.append(error)
+                stream.unfinished.clear()  # refused: nothing more will come
+            else:
+                rest.errors.append(error)
+        for name in ("outputs", "starts", "tickets"):
+            for item in getattr(batch, name):
+                seq_id = item.seq_id if name == "starts" else item.request_id
+                stream = self._raw_seqs.get(seq_id)
+                getattr(share(stream) if stream is not None else rest, name).append(item)
+        for request_id, part in shares.items():
+            stream = self.raw_streams[request_id]
+            for out in part.outputs:
+                if out.finished:
+                    stream.unfinished.discard(out.request_id)
+            stream.queue.put_nowait(part)
+            if not stream.unfinished:
+                stream.queue.put_nowait(None)  # the end
+                self._forget_raw(request_id)
+        return rest
+
     # ---------------------------------------------------------------- background tasks
 
     async def _send_loop(self) -> None:
@@ -382,6 +494,8 @@ class EngineClient:
         logger.error("engine died: %s", reason)
         self.dead = reason
         self.ready = False
+        for request_id in list(self.raw_streams):
+            self._end_raw(request_id, EngineUnavailable(f"the engine died: {reason}"))
         for request_id in list(self.streams):
             self._fail_stream(self.streams[request_id], EngineUnavailable(f"the engine died: {reason}"))
             self._forget(request_id)
@@ -392,7 +506,9 @@ class EngineClient:
 
     def _on_outputs(self, batch: EngineOutputs) -> None:
         metrics = self.metrics
-        metrics.set_engine_stats(batch.stats)
+        if batch.stats:
+            metrics.set_engine_stats(batch.stats)
+        batch = self._split_raw(batch)
         if batch.step_tokens:
             metrics.iteration_tokens.observe(batch.step_tokens)
         for request_id in batch.accepted:

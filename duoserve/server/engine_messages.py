@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from duoserve.disagg.kv_transfer import KVTicket, KVTransferParams
 from duoserve.engine.core import CoreOutput
 from duoserve.sampling_params import SamplingParams
 
@@ -23,6 +24,7 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     params: list[SamplingParams]
     eos_token_ids: list[int]
+    kv_transfer: KVTransferParams | None = None  # one half of a disaggregated request (n = 1)
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -46,6 +48,8 @@ class Ready(msgspec.Struct, tag=True):
     eos_token_ids: list[int]
     num_kv_blocks: int
     block_size: int
+    kv_address: str = ""  # where prefill workers push KV to this engine (tcp://host:port)
+    events_address: str = ""  # where it publishes KV events (block stored / removed), for routers
 
 
 class EngineFailed(msgspec.Struct, tag=True):
@@ -80,6 +84,7 @@ class EngineOutputs(msgspec.Struct, tag=True):
     starts: list[SeqStart] = []
     step_tokens: int = 0  # tokens the step computed (0: no step in this batch)
     stats: dict[str, float] = {}  # EngineCore.stats() after this batch
+    tickets: list[KVTicket] = []  # blocks allocated for requests whose prompt KV another worker sends
 
 
 EngineMessage = Ready | EngineFailed | EngineOutputs

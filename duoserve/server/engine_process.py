@@ -15,6 +15,8 @@ import time
 import zmq
 
 from duoserve.config import EngineConfig
+from duoserve.disagg.kv_events import KVEventPublisher
+from duoserve.disagg.kv_transfer import KVReceiver, KVSender
 from duoserve.engine.core import EngineCore
 from duoserve.engine.request import Request
 from duoserve.models.loader import load_model
@@ -37,6 +39,11 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 500
 # Pending outgoing messages are dropped this long after the API process went away, so exit never hangs.
 LINGER_MS = 1000
+# A request whose prompt KV has not all arrived this long after it came is aborted (the prefill
+# worker died or was never told); the router normally aborts it much sooner.
+KV_TRANSFER_TIMEOUT = 30.0
+# With requests waiting for KV and nothing to step, wake at least this often to check the timeout.
+KV_WAIT_POLL_MS = 100
 
 
 def run_engine_process(
@@ -45,8 +52,13 @@ def run_engine_process(
     output_address: str,
     max_queued_requests: int | None,
     log_level: str = "INFO",
+    kv_host: str = "127.0.0.1",
 ) -> None:
-    """Entry point of the spawned process: load the model, say Ready (or why not), run the loop."""
+    """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
+
+    Besides the two sockets to the API process, it binds two TCP sockets on `kv_host`: a KV receiver
+    (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
     # after draining in-flight requests, and tells it with a Shutdown message.
@@ -60,10 +72,15 @@ def run_engine_process(
     inbox.connect(input_address)
     outbox.connect(output_address)
     exit_code = 0
+    receiver = KVReceiver(context, kv_host)
+    sender = KVSender(context)
+    publisher = KVEventPublisher(context, kv_host)
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
-        outbox.send(message_encoder.encode(_ready(core)))
-        EngineLoop(core, inbox, outbox, max_queued_requests).run()
+        core.kv_sender = sender
+        core.kv.pool.events = []
+        outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))
+        EngineLoop(core, inbox, outbox, max_queued_requests, receiver, publisher).run()
     except Exception as err:  # a load failure or a dead loop: the API process learns why, then exits too
         logger.exception("engine failed")
         outbox.send(message_encoder.encode(EngineFailed(f"{type(err).__name__}: {err}")))
@@ -71,32 +88,46 @@ def run_engine_process(
     finally:
         for sock in (inbox, outbox):
             sock.close()
+        for endpoint in (receiver, sender, publisher):
+            endpoint.close()
         context.term()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
     logging.shutdown()
     os._exit(exit_code)
 
 
-def _ready(core: EngineCore) -> Ready:
+def _ready(core: EngineCore, kv_address: str, events_address: str) -> Ready:
     return Ready(
         max_model_len=core.max_model_len,
         vocab_size=core.model_config.vocab_size,
         eos_token_ids=list(core.model_config.eos_token_ids),
         num_kv_blocks=core.kv.num_blocks,
         block_size=core.config.block_size,
+        kv_address=kv_address,
+        events_address=events_address,
     )
 
 
 class EngineLoop:
     def __init__(
-        self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, max_queued_requests: int | None
+        self,
+        core: EngineCore,
+        inbox: zmq.Socket,
+        outbox: zmq.Socket,
+        max_queued_requests: int | None,
+        receiver: KVReceiver | None = None,
+        publisher: KVEventPublisher | None = None,
     ) -> None:
         self.core = core
         self.inbox = inbox
         self.outbox = outbox
         self.max_queued_requests = max_queued_requests
+        self.receiver = receiver
+        self.publisher = publisher
         self.poller = zmq.Poller()
         self.poller.register(inbox, zmq.POLLIN)
+        if receiver is not None:
+            self.poller.register(receiver.socket, zmq.POLLIN)
         self.parent_pid = os.getppid()
         # Sequences that have not produced a token yet: their Request objects give the queue and
         # prefill times when the first token comes (the scheduler drops finished requests).
@@ -110,14 +141,37 @@ class EngineLoop:
                 logger.warning("the API process is gone; engine exiting")
                 break
             batch = EngineOutputs(timestamp=0.0)
-            handled = self._drain(batch, timeout_ms=0 if self.core.has_unfinished() else IDLE_POLL_MS)
+            handled = self._drain(batch, timeout_ms=self._poll_timeout())
             if self.stopping:
                 break
+            handled = self._transfers(batch) or handled
             if handled:
                 # Acks go out before the step, so a request's HTTP status never waits on a model step.
                 self._send(batch)
-            if self.core.has_unfinished():
+            if self.core.has_schedulable():
                 self._step()
+            if self.publisher is not None:
+                self.publisher.publish(self.core.kv.pool.events)
+                self.core.kv.pool.events.clear()
+
+    def _poll_timeout(self) -> int:
+        if self.core.has_schedulable():
+            return 0
+        return KV_WAIT_POLL_MS if self.core.has_unfinished() else IDLE_POLL_MS
+
+    def _transfers(self, batch: EngineOutputs) -> bool:
+        """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
+        if self.receiver is None:
+            return False
+        for message, payload in self.receiver.receive():  # late ones (request gone) are dropped
+            output = self.core.receive_kv(message, payload)
+            if output is not None:
+                batch.outputs.append(output)
+        if not self.core.awaiting_kv:
+            return bool(batch.outputs)
+        batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))
+        batch.tickets.extend(self.core.issue_tickets(self.receiver.address))
+        return bool(batch.outputs or batch.tickets)
 
     # ---------------------------------------------------------------- inbound
 
@@ -158,7 +212,9 @@ class EngineLoop:
         added: list[str] = []
         try:
             for seq_id, params in zip(message.seq_ids, message.params, strict=True):
-                self.core.add_request(seq_id, message.prompt_token_ids, params, message.eos_token_ids)
+                self.core.add_request(
+                    seq_id, message.prompt_token_ids, params, message.eos_token_ids, message.kv_transfer
+                )
                 added.append(seq_id)
         except Exception as err:  # one bad request must never take the engine down
             for seq_id in added:

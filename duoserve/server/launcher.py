@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -54,19 +55,32 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def advertised_host(host: str) -> str:
+    """The address other hosts reach this one at (for the KV sockets): the bound one, unless wildcard."""
+    if host in ("", "0.0.0.0", "::"):
+        return socket.gethostbyname(socket.gethostname())
+    return host
+
+
 def serve(engine_config: EngineConfig, settings: ServerSettings) -> int:
-    return asyncio.run(_serve(engine_config, settings))
-
-
-async def _serve(engine_config: EngineConfig, settings: ServerSettings) -> int:
     client = EngineClient(
         engine_config,
         served_model_name=settings.served_model_name,
         max_queued_requests=settings.max_queued_requests,
         log_level=settings.log_level,
+        kv_host=advertised_host(settings.host),
     )
+    return run_server(client, settings)
+
+
+def run_server(client: EngineClient, settings: ServerSettings, worker_routes: bool = True) -> int:
+    """Serve the app over `client` (a local engine, or a router's workers) until told to stop."""
+    return asyncio.run(_serve(client, settings, worker_routes))
+
+
+async def _serve(client: EngineClient, settings: ServerSettings, worker_routes: bool) -> int:
     config = uvicorn.Config(
-        build_app(client, settings),
+        build_app(client, settings, worker_routes),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep duoserve's logging setup; uvicorn's loggers propagate to it

@@ -20,6 +20,10 @@ class ServerSettings:
     max_request_bytes: int = 8 * 2**20
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    role: str = "both"  # prefill | decode | both: what this worker does for a router
+
+
+ROLES = ("prefill", "decode", "both")
 
 
 API_KEY_ENV = "DUOSERVE_API_KEY"
@@ -59,6 +63,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         f"(default: {defaults.shutdown_timeout})",
     )
     group.add_argument(
+        "--role",
+        choices=ROLES,
+        default=defaults.role,
+        help="what this worker does behind `duoserve router`: prefill, decode or both (colocated; "
+        "the default). Every role also serves the OpenAI routes directly",
+    )
+    group.add_argument(
         "--log-level",
         default="INFO",
         help="DEBUG, INFO (one line per request), WARNING, ERROR (default: INFO)",
@@ -75,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level.upper(),
+        role=args.role,
     )
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:

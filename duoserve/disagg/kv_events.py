@@ -1,0 +1,92 @@
+"""KV events: workers publish which prefix blocks they hold; a router indexes them.
+
+A worker's block pool records every block it registers in (stored) or evicts from (removed) its
+prefix cache, by chained block hash; the engine loop publishes them after each step on a ZeroMQ PUB
+socket. The router subscribes to every worker and keeps `KVIndex`: for a new prompt it hashes the
+prompt's full blocks the same way (the hash of an int tuple is the same in every process) and counts,
+per worker, how many leading blocks that worker already holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import zmq
+
+from duoserve.kv.block_pool import ROOT_HASH, hash_block
+
+
+class KVEvents(msgspec.Struct):
+    stored: list[int] = []
+    removed: list[int] = []
+
+
+_encoder = msgspec.msgpack.Encoder()
+events_decoder = msgspec.msgpack.Decoder(KVEvents)
+
+
+class KVEventPublisher:
+    def __init__(self, context: zmq.Context, host: str) -> None:
+        self.socket = context.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+
+    def publish(self, events: list[tuple[bool, int]]) -> None:
+        if not events:
+            return
+        message = KVEvents(
+            stored=[h for stored, h in events if stored], removed=[h for stored, h in events if not stored]
+        )
+        self.socket.send(_encoder.encode(message), zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks, as a worker's prefix cache computes them."""
+    hashes, parent = [], ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+class KVIndex:
+    """Which worker holds which prefix blocks (by hash), from their KV events."""
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[str]] = {}
+        self._held: dict[str, set[int]] = {}
+
+    def apply(self, worker: str, events: KVEvents) -> None:
+        held = self._held.setdefault(worker, set())
+        for block_hash in events.stored:
+            self._holders.setdefault(block_hash, set()).add(worker)
+            held.add(block_hash)
+        for block_hash in events.removed:
+            holders = self._holders.get(block_hash)
+            if holders is not None:
+                holders.discard(worker)
+                if not holders:
+                    del self._holders[block_hash]
+            held.discard(block_hash)
+
+    def drop(self, worker: str) -> None:
+        """Forget a worker's blocks (it went away; a restarted one starts with an empty cache)."""
+        self.apply(worker, KVEvents(removed=list(self._held.pop(worker, ()))))
+        self._held.pop(worker, None)
+
+    def overlap(self, worker: str, hashes: list[int]) -> int:
+        """How many leading blocks of the prompt the worker holds."""
+        count = 0
+        for block_hash in hashes:
+            if worker not in self._holders.get(block_hash, ()):
+                break
+            count += 1
+        return count
+
+    def num_blocks(self, worker: str) -> int:
+        return len(self._held.get(worker, ()))

@@ -1,0 +1,195 @@
+"""Moving a request's KV blocks from a prefill worker to a decode worker, over ZeroMQ.
+
+The flow is decode-first, as in Dynamo: the decode worker allocates blocks for the prompt (its own
+prefix-cache hits included) and hands out a `KVTicket`; the prefill worker computes the prompt and,
+after every step, pushes the blocks that step filled straight into the ticket's blocks, so transfer
+overlaps the next chunk's compute. With the first token it sends `KVDone`, and the decode worker
+continues from that token without computing it again.
+
+Wire format: a two-frame message, a msgpack header (`KVBlocks`, never pickle) and the raw bytes of
+the blocks `[layers, 2, n, block_size, kv_heads, head_dim]`, sent zero-copy. The receiver checks the
+header's layout and byte count against its own cache before writing a byte. `KVSender` and
+`KVReceiver` are the transport interface: another one (NIXL, NCCL for GPUs) only has to move the same
+header and bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import msgspec
+import torch
+import zmq
+
+from duoserve.kv.cache import KVCacheSpec
+
+# How long a prefill worker waits for a decode worker's socket to take a message before giving up.
+SEND_TIMEOUT_MS = 2000
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """What the bytes of one block are; both ends must agree on it exactly."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str  # a torch dtype's name, e.g. "float32"
+
+    @classmethod
+    def of(cls, spec: KVCacheSpec) -> KVLayout:
+        dtype = str(spec.dtype).removeprefix("torch.")
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def nbytes(self, num_blocks: int) -> int:
+        count = 1
+        for size in self.shape(num_blocks):
+            count *= size
+        return count * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+class KVTicket(msgspec.Struct):
+    """Where a prefill worker sends one request's KV: the decode worker's address and blocks."""
+
+    request_id: str  # the sequence id on the decode worker
+    address: str  # its KVReceiver, tcp://host:port
+    block_ids: list[int]  # its blocks for the whole prompt, in order
+    num_cached_tokens: int  # leading tokens it already holds (prefix-cache hit, whole blocks): not sent
+    layout: KVLayout
+
+
+class KVTransferParams(msgspec.Struct):
+    """A request's part in disaggregation: 'receive' (decode worker) or 'send' (prefill worker)."""
+
+    role: str
+    ticket: KVTicket | None = None  # for 'send'
+
+    def __post_init__(self) -> None:
+        if self.role not in ("receive", "send"):
+            raise ValueError(f"kv_transfer.role must be 'receive' or 'send', got {self.role!r}")
+        if self.role == "send" and self.ticket is None:
+            raise ValueError("kv_transfer.role 'send' needs a ticket")
+
+
+class KVBlocks(msgspec.Struct, tag=True):
+    """Header of a frame of blocks; the next frame holds their bytes."""
+
+    request_id: str
+    block_ids: list[int]  # destination blocks on the decode worker
+    layout: KVLayout
+    nbytes: int
+
+
+class KVDone(msgspec.Struct, tag=True):
+    """The prompt's KV is all sent; the decode worker continues from `first_token`."""
+
+    request_id: str
+    first_token: int
+    num_blocks: int  # blocks sent in all, so the receiver knows none is missing
+
+
+KVMessage = KVBlocks | KVDone
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(KVMessage)
+
+
+class KVTransferError(Exception):
+    """A transfer could not be done: the request it belongs to is aborted and its blocks freed."""
+
+
+@dataclass
+class TransferStats:
+    bytes: int = 0
+    seconds: float = 0.0  # decode side: ticket issued -> KV complete, summed over requests
+    requests: int = 0
+
+
+class KVSender:
+    """The prefill worker's end: one PUSH socket per decode worker it has sent to."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        self.context = context
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.stats = TransferStats()
+
+    def send_blocks(self, ticket: KVTicket, dest_block_ids: list[int], blocks: torch.Tensor) -> None:
+        nbytes = blocks.numel() * blocks.element_size()
+        header = KVBlocks(ticket.request_id, dest_block_ids, ticket.layout, nbytes)
+        payload = blocks.contiguous().view(torch.uint8).numpy()  # the tensor's memory, not a copy
+        self._send(ticket.address, [_encoder.encode(header), payload])
+        self.stats.bytes += header.nbytes
+
+    def send_done(self, ticket: KVTicket, first_token: int, num_blocks: int) -> None:
+        self._send(ticket.address, [_encoder.encode(KVDone(ticket.request_id, first_token, num_blocks))])
+        self.stats.requests += 1
+
+    def _send(self, address: str, frames: list) -> None:
+        sock = self.sockets.get(address)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # fail (after the timeout) rather than queue for a dead peer
+            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            sock.connect(address)
+            self.sockets[address] = sock
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as err:
+            sock.close()
+            del self.sockets[address]
+            raise KVTransferError(f"cannot send KV to {address}: {err}") from err
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+
+class KVReceiver:
+    """The decode worker's end: one PULL socket every prefill worker pushes to."""
+
+    def __init__(self, context: zmq.Context, host: str) -> None:
+        self.socket = context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+
+    def receive(self) -> list[tuple[KVMessage, memoryview | None]]:
+        """Every message waiting now (without blocking): (header, bytes of the blocks or None)."""
+        messages = []
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return messages
+            try:
+                header = _decoder.decode(frames[0].buffer)
+            except msgspec.ValidationError:
+                continue  # not ours: nothing to write, nobody to tell
+            payload = frames[1].buffer if len(frames) > 1 else None
+            messages.append((header, payload))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def decode_blocks(header: KVBlocks, payload: memoryview | None, layout: KVLayout) -> torch.Tensor:
+    """The blocks of a KVBlocks message as a tensor, after checking them against our own layout."""
+    if header.layout != layout:
+        raise KVTransferError(f"KV layout {header.layout} does not match this worker's {layout}")
+    expected = layout.nbytes(len(header.block_ids))
+    if payload is None or header.nbytes != expected or len(payload) != expected:
+        got = None if payload is None else len(payload)
+        raise KVTransferError(f"KV frame of {got} bytes (header says {header.nbytes}); expected {expected}")
+    with warnings.catch_warnings():  # read-only frame: fine, the bytes are only copied into the cache
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(payload, dtype=torch.uint8)
+    return flat.view(layout.torch_dtype).view(layout.shape(len(header.block_ids)))

@@ -1,0 +1,399 @@
+"""The router: an OpenAI front (the server's own routes, streaming, errors, metrics) with no weights.
+
+It is an `EngineClient` whose engine is a set of remote workers. The front tokenizes once and does
+text, stop strings and metrics; each request, as token ids, goes to the worker(s) the routing policy
+picks, over `/internal/generate`, and their engine outputs are fed back into the front as if a local
+engine had produced them. A disaggregated request runs in two legs:
+
+1. the decode worker gets it with `kv_transfer=receive`: it accepts it (the client's 200), allocates
+   the prompt's blocks and answers with a `KVTicket`;
+2. the prefill worker gets it with `kv_transfer=send` and the ticket: it computes the prompt, pushes
+   the KV to the decode worker as it goes, and returns the first token, which goes to the client at
+   once;
+3. the decode worker, given the KV and the first token, decodes the rest, streamed from leg 1.
+
+Health checks (`/internal/info`, every second) keep each worker's state, load and KV event
+subscription; a worker that fails mid-request fails its requests promptly with a terminal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+
+from duoserve.config import EngineConfig
+from duoserve.disagg.kv_events import KVIndex, events_decoder
+from duoserve.disagg.kv_transfer import KVTransferParams
+from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
+from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
+from duoserve.server.engine_client import EngineClient, EngineUnavailable
+from duoserve.server.engine_messages import (
+    Abort,
+    AddRequest,
+    EngineOutputs,
+    EngineRequest,
+    Ready,
+    RequestError,
+    request_encoder,
+)
+from duoserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger("duoserve.router")
+# One line per health check per worker per second would drown the request log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+_SUMMED_STATS = (
+    "num_requests_running",
+    "num_requests_waiting",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "num_preemptions",
+    "kv_transfer_bytes",
+    "kv_transfer_seconds",
+    "kv_transfer_requests",
+)
+
+
+class WorkerFailed(Exception):
+    def __init__(self, worker: Worker, status: int, message: str) -> None:
+        super().__init__(f"worker {worker.url}: {message}")
+        self.worker = worker
+        self.status = status
+
+
+@dataclass
+class _Route:
+    """A request in flight through the router."""
+
+    add: AddRequest
+    task: asyncio.Task | None = None
+    accepted: bool = False
+    workers: list[Worker] = field(default_factory=list)
+    num_tokens: int = 0  # prompt + generated, counted on its decode worker's load
+
+
+class RouterClient(EngineClient):
+    def __init__(
+        self,
+        model: str | None,
+        config: RouterConfig,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        log_level: str = "INFO",
+    ) -> None:
+        super().__init__(EngineConfig(model=model), served_model_name, log_level=log_level)
+        self.router_config = config
+        self.index = KVIndex()
+        self.policy = RoutingPolicy(config, self.index)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http: httpx.AsyncClient | None = None
+        self._zmq: zmq.asyncio.Context | None = None
+        self._subscriptions: dict[str, tuple[str, asyncio.Task]] = {}  # worker url -> (address, task)
+        self._routes: dict[str, _Route] = {}
+        self._seq_routes: dict[str, _Route] = {}
+        self.num_remote_prefills = 0
+        self.num_local_prefills = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def _start_engine(self) -> Ready:
+        """Load the tokenizer and wait (retrying, never failing) until a decode worker answers."""
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=self.router_config.health_timeout))
+        self._zmq = zmq.asyncio.Context()
+        self._tasks = [asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")]
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
+        while not any(w.healthy for w in self.policy.decode):
+            await asyncio.sleep(0.2)
+        info = next(w for w in self.policy.decode if w.healthy).info
+        return Ready(
+            max_model_len=info["max_model_len"],
+            vocab_size=info["vocab_size"],
+            eos_token_ids=info["eos_token_ids"],
+            num_kv_blocks=info["num_kv_blocks"],
+            block_size=info["block_size"],
+        )
+
+    async def _stop_engine(self) -> None:
+        for route in list(self._routes.values()):
+            if route.task is not None:
+                route.task.cancel()
+        for _, task in self._subscriptions.values():
+            task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        pending = [r.task for r in self._routes.values() if r.task] + [
+            t for _, t in self._subscriptions.values()
+        ]
+        await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+        if self._zmq is not None:
+            self._zmq.term()
+
+    def check_available(self) -> None:
+        super().check_available()
+        if not any(w.healthy for w in self.policy.decode):
+            raise EngineUnavailable("no decode worker is reachable")
+
+    # ---------------------------------------------------------------- requests
+
+    def _send(self, message: EngineRequest) -> None:
+        if isinstance(message, AddRequest):
+            request_encoder.encode(message)  # an OverflowError surfaces now, as for a local engine
+            route = _Route(message)
+            self._routes[message.request_id] = route
+            self._seq_routes.update(dict.fromkeys(message.seq_ids, route))
+            route.task = asyncio.get_running_loop().create_task(self._run(route))
+        elif isinstance(message, Abort):
+            self._abort(message.seq_ids)
+
+    def _abort(self, seq_ids: list[str]) -> None:
+        routes: dict[str, list[str]] = {}
+        for seq_id in seq_ids:
+            route = self._seq_routes.get(seq_id)
+            if route is not None:
+                routes.setdefault(route.add.request_id, []).append(seq_id)
+        for request_id, seqs in routes.items():
+            route = self._routes[request_id]
+            if set(seqs) >= set(route.add.seq_ids):
+                # Closing the worker streams aborts the request there and frees its blocks.
+                if route.task is not None and route.task is not asyncio.current_task():
+                    route.task.cancel()
+            elif route.workers:  # some of n sequences (a stop string ended them): tell the decode worker
+                worker = route.workers[-1]
+                body = encode(AbortSequences(request_id, seqs))
+                asyncio.get_running_loop().create_task(self._post_abort(worker, body))
+
+    async def _post_abort(self, worker: Worker, body: bytes) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await self._http.post(f"{worker.url}/internal/abort", content=body, headers=self._headers)
+
+    async def _run(self, route: _Route) -> None:
+        add = route.add
+        try:
+            disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
+            decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
+            if decode is None:
+                raise EngineUnavailable("no decode worker is reachable")
+            route.num_tokens = len(add.prompt_token_ids)
+            decode.active_tokens += route.num_tokens
+            decode.num_requests += 1
+            route.workers.append(decode)
+            if prefill is None:
+                self.num_local_prefills += 1
+                async for batch in self._stream(decode, add):
+                    self._forward(route, batch)
+            else:
+                self.num_remote_prefills += 1
+                await self._run_disaggregated(route, decode, prefill)
+        except asyncio.CancelledError:
+            pass
+        except Exception as err:  # a worker failed or refused: the client learns at once
+            self._fail(route, err)
+        finally:
+            self._finish_route(route)
+
+    async def _run_disaggregated(self, route: _Route, decode: Worker, prefill: Worker) -> None:
+        add = route.add
+        receive = msgspec.structs.replace(add, kv_transfer=KVTransferParams("receive"))
+        decode_stream = self._stream(decode, receive)
+        try:
+            ticket = None
+            while ticket is None:
+                batch = await anext(decode_stream, None)
+                if batch is None:
+                    raise WorkerFailed(decode, 503, "the request ended before its KV blocks were allocated")
+                if batch.tickets:
+                    ticket = batch.tickets[0]
+                self._forward(route, batch)  # its acceptance (the client's 200), or its refusal
+                if batch.errors or batch.outputs:  # refused, or aborted while waiting
+                    return
+            send = msgspec.structs.replace(add, kv_transfer=KVTransferParams("send", ticket))
+            uncached = len(add.prompt_token_ids) - ticket.num_cached_tokens
+            prefill.queued_prefill_tokens += uncached
+            prefill.num_requests += 1
+            route.workers.insert(0, prefill)
+            try:
+                finished = await self._prefill_leg(route, prefill, send)
+            finally:
+                prefill.queued_prefill_tokens -= uncached
+            if finished:
+                return  # the first token ended it: closing the decode stream frees the decode side
+            async for batch in decode_stream:
+                batch.starts = []  # the prefill worker's timings were the request's
+                self._forward(route, batch)
+        finally:
+            await decode_stream.aclose()
+
+    async def _prefill_leg(self, route: _Route, prefill: Worker, send: AddRequest) -> bool:
+        """Run the prefill worker's half; True if its first token already finished the request."""
+        params = route.add.params[0]
+        room = self.info.max_model_len - len(route.add.prompt_token_ids)
+        finished = False
+        async for batch in self._stream(prefill, send):
+            if batch.errors:
+                error = batch.errors[0]
+                raise WorkerFailed(prefill, error.status, f"refused the prefill: {error.message}")
+            batch.accepted = []
+            for out in batch.outputs:
+                if out.finished and out.finish_reason == "abort":
+                    raise WorkerFailed(prefill, 503, "the prefill worker aborted the request")
+                # It stops after one token by design; only a real end (a stop token, max_tokens=1, a
+                # full context) ends the request.
+                if out.finish_reason == "length" and (params.max_tokens or room) > 1 and room > 1:
+                    out.finished, out.finish_reason = False, None
+                finished = finished or out.finished
+            self._forward(route, batch)
+        return finished
+
+    async def _stream(self, worker: Worker, add: AddRequest) -> AsyncIterator[EngineOutputs]:
+        """The worker's batches for this request, until it is done there."""
+        url = f"{worker.url}/internal/generate"
+        try:
+            async with self._http.stream("POST", url, content=encode(add), headers=self._headers) as response:
+                if response.status_code != 200:
+                    raise WorkerFailed(worker, response.status_code, _error_message(await response.aread()))
+                reader = FrameReader()
+                async for chunk in response.aiter_raw():
+                    for frame in reader.feed(chunk):
+                        if isinstance(frame, WorkerError):
+                            raise WorkerFailed(worker, frame.status, frame.message)
+                        yield frame
+        except httpx.HTTPError as err:
+            self._mark_down(worker, f"{type(err).__name__}: {err}")
+            raise WorkerFailed(worker, 503, f"connection failed ({type(err).__name__})") from err
+
+    def _forward(self, route: _Route, batch: EngineOutputs) -> None:
+        """Feed a worker's batch to the front, as if a local engine had produced it."""
+        batch.stats = {}
+        batch.tickets = []
+        if batch.accepted:
+            route.accepted = True
+        added = sum(len(out.new_token_ids) for out in batch.outputs)
+        route.num_tokens += added
+        route.workers[-1].active_tokens += added
+        self._on_outputs(batch)
+
+    def _fail(self, route: _Route, err: Exception) -> None:
+        request_id = route.add.request_id
+        status = err.status if isinstance(err, WorkerFailed) else 503
+        message = str(err)
+        logger.warning("request %s failed: %s", request_id, message)
+        if not route.accepted:
+            failed = RequestError(request_id, status if status in (400, 429) else 503, message)
+            self._on_outputs(EngineOutputs(timestamp=time.monotonic(), errors=[failed]))
+        else:
+            self._end_stream(request_id, EngineUnavailable(message))
+
+    def _finish_route(self, route: _Route) -> None:
+        self._routes.pop(route.add.request_id, None)
+        for seq_id in route.add.seq_ids:
+            self._seq_routes.pop(seq_id, None)
+        if route.workers:
+            route.workers[-1].active_tokens -= route.num_tokens
+
+    # ---------------------------------------------------------------- workers
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(w) for w in self.policy.workers))
+            self._publish_stats()
+            await asyncio.sleep(self.router_config.health_interval)
+
+    async def _check(self, worker: Worker) -> None:
+        try:
+            response = await self._http.get(
+                f"{worker.url}/internal/info",
+                headers=self._headers,
+                timeout=self.router_config.health_timeout,
+            )
+            response.raise_for_status()
+            info = response.json()
+        except (httpx.HTTPError, ValueError) as err:
+            self._mark_down(worker, f"{type(err).__name__}: {err}")
+            return
+        if (
+            worker.kind == "prefill"
+            and info.get("role") == "decode"
+            or (worker.kind == "decode" and info.get("role") == "prefill")
+        ):
+            self._mark_down(worker, f"it is a {info.get('role')} worker, named as {worker.kind}")
+            return
+        worker.info = info
+        if not worker.healthy:
+            logger.info("worker %s (%s) is up", worker.url, info.get("role"))
+            worker.healthy = True
+        self._subscribe(worker, info.get("events_address", ""))
+
+    def _mark_down(self, worker: Worker, reason: str) -> None:
+        if worker.healthy:
+            logger.warning("worker %s is down: %s", worker.url, reason)
+        worker.healthy = False
+        subscription = self._subscriptions.pop(worker.url, None)
+        if subscription is not None:
+            subscription[1].cancel()
+        self.index.drop(worker.url)
+
+    def _subscribe(self, worker: Worker, address: str) -> None:
+        current = self._subscriptions.get(worker.url)
+        if not address or (current is not None and current[0] == address):
+            return
+        if current is not None:  # the worker restarted: its cache starts empty
+            current[1].cancel()
+            self.index.drop(worker.url)
+        task = asyncio.get_running_loop().create_task(self._listen(worker.url, address))
+        self._subscriptions[worker.url] = (address, task)
+
+    async def _listen(self, worker_url: str, address: str) -> None:
+        sock = self._zmq.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(address)
+        try:
+            while True:
+                raw = await sock.recv()
+                try:
+                    self.index.apply(worker_url, events_decoder.decode(raw))
+                except msgspec.DecodeError:
+                    logger.warning("undecodable KV event from %s", worker_url)
+        finally:
+            sock.close()
+
+    def _publish_stats(self) -> None:
+        if self.metrics is None:
+            return
+        stats = [w.info.get("stats", {}) for w in self.policy.workers if w.healthy]
+        total = {key: sum(s.get(key, 0.0) for s in stats) for key in _SUMMED_STATS}
+        usages = [s.get("kv_cache_usage_perc", 0.0) for s in stats]
+        total["kv_cache_usage_perc"] = sum(usages) / len(usages) if usages else 0.0
+        self.metrics.set_engine_stats(total)
+
+    def workers_status(self) -> list[dict]:
+        return [
+            {
+                "url": w.url,
+                "kind": w.kind,
+                "healthy": w.healthy,
+                "active_tokens": w.active_tokens,
+                "queued_prefill_tokens": w.queued_prefill_tokens,
+                "num_requests": w.num_requests,
+                "cached_blocks": self.index.num_blocks(w.url),
+            }
+            for w in self.policy.workers
+        ]
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return msgspec.json.decode(body)["error"]["message"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return body.decode(errors="replace")[:200]

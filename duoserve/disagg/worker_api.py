@@ -1,0 +1,84 @@
+"""A worker's routes for routers: run token-id requests, abort them, and describe the worker.
+
+Mounted on every `duoserve serve` (the OpenAI routes stay too, so a worker can be used directly).
+Its role (prefill, decode or both) is what it tells routers in `/internal/info`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from duoserve.disagg.protocol import (
+    FRAME_MEDIA_TYPE,
+    WorkerError,
+    abort_decoder,
+    add_request_decoder,
+    encode_frame,
+)
+from duoserve.server.engine_client import EngineClient, EngineUnavailable
+from duoserve.server.protocol import APIError
+
+
+class WorkerRoutes:
+    def __init__(self, client: EngineClient, role: str) -> None:
+        self.client = client
+        self.role = role
+
+    async def generate(self, request: Request) -> Response:
+        try:
+            message = add_request_decoder.decode(await request.body())
+        except msgspec.DecodeError as err:
+            raise APIError(400, f"invalid internal request: {err}") from err
+        stream = self.client.add_raw(message)
+
+        async def frames():
+            ended = False
+            try:
+                while True:
+                    item = await stream.queue.get()
+                    if item is None:
+                        ended = True
+                        return
+                    if isinstance(item, Exception):
+                        ended = True
+                        status = 503 if isinstance(item, EngineUnavailable) else 500
+                        yield encode_frame(WorkerError(status, str(item)))
+                        return
+                    yield encode_frame(item)
+            finally:
+                if not ended:  # the router went away (or aborted by closing the stream)
+                    self.client.abort_raw(message.request_id)
+
+        return StreamingResponse(frames(), media_type=FRAME_MEDIA_TYPE)
+
+    async def abort(self, request: Request) -> Response:
+        try:
+            message = abort_decoder.decode(await request.body())
+        except msgspec.DecodeError as err:
+            raise APIError(400, f"invalid internal request: {err}") from err
+        self.client.abort_raw(message.request_id, message.seq_ids or None)
+        return Response(status_code=204)
+
+    async def info(self, request: Request) -> Response:
+        self.client.check_available()
+        ready = self.client.engine_info
+        body = {
+            "role": self.role,
+            "model": self.client.served_model_name,
+            "max_model_len": ready.max_model_len,
+            "vocab_size": ready.vocab_size,
+            "eos_token_ids": self.client.eos_token_ids,
+            "num_kv_blocks": ready.num_kv_blocks,
+            "block_size": ready.block_size,
+            "kv_address": ready.kv_address,
+            "events_address": ready.events_address,
+            "stats": self.client.metrics.engine_state.stats,
+        }
+        return Response(msgspec.json.encode(body), media_type="application/json")
+
+    async def workers(self, request: Request) -> Response:
+        """A router's workers: health, load and the prefix blocks it knows they hold."""
+        body = {"workers": self.client.workers_status()}
+        return Response(msgspec.json.encode(body), media_type="application/json")
