@@ -63,6 +63,10 @@ _SUMMED_STATS = (
 )
 
 
+# Suffix of the ids of a request retried on its decode worker after its prefill worker failed.
+_RETRY = "~local"
+
+
 class WorkerFailed(Exception):
     def __init__(self, worker: Worker, status: int, message: str) -> None:
         super().__init__(f"worker {worker.url}: {message}")
@@ -224,6 +228,19 @@ class RouterClient(EngineClient):
             route.workers.insert(0, prefill)
             try:
                 finished = await self._prefill_leg(route, prefill, send)
+            except WorkerFailed as err:
+                if route.num_tokens > len(add.prompt_token_ids):
+                    raise  # the client has its first token: too late to start over
+                # No token yet: prefill on the decode worker instead (its KV-waiting half is dropped).
+                logger.warning("request %s: %s; prefilling on %s instead", add.request_id, err, decode.url)
+                await decode_stream.aclose()
+                # New ids: the decode worker may not have dropped the first half under the old ones yet.
+                retry = msgspec.structs.replace(
+                    add, request_id=add.request_id + _RETRY, seq_ids=[s + _RETRY for s in add.seq_ids]
+                )
+                async for batch in self._stream(decode, retry):
+                    self._forward(route, _strip_retry_ids(batch))
+                return
             finally:
                 prefill.queued_prefill_tokens -= uncached
             if finished:
@@ -390,6 +407,17 @@ class RouterClient(EngineClient):
             }
             for w in self.policy.workers
         ]
+
+
+def _strip_retry_ids(batch: EngineOutputs) -> EngineOutputs:
+    batch.accepted = [r.removesuffix(_RETRY) for r in batch.accepted]
+    for error in batch.errors:
+        error.request_id = error.request_id.removesuffix(_RETRY)
+    for out in batch.outputs:
+        out.request_id = out.request_id.removesuffix(_RETRY)
+    for start in batch.starts:
+        start.seq_id = start.seq_id.removesuffix(_RETRY)
+    return batch
 
 
 def _error_message(body: bytes) -> str:

@@ -6,6 +6,8 @@ Its role (prefill, decode or both) is what it tells routers in `/internal/info`.
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -66,6 +68,7 @@ class WorkerRoutes:
         ready = self.client.engine_info
         body = {
             "role": self.role,
+            "pid": os.getpid(),
             "model": self.client.served_model_name,
             "max_model_len": ready.max_model_len,
             "vocab_size": ready.vocab_size,

@@ -102,6 +102,7 @@ class OpenAIServer:
         params = body.to_sampling_params()
         tokenizer = self._tokenizer()
         prompts = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in body.prompts()]
+        self.client.metrics.prompt_tokenizations.inc(sum(text is not None for text, _ in prompts))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._admit(request_id, prompts, params, arrival)
         ctx = ResponseContext(
@@ -126,6 +127,7 @@ class OpenAIServer:
         text, prompt_ids = self._render_chat(
             body.template_messages(), body.add_generation_prompt, body.chat_template_kwargs or {}
         )
+        self.client.metrics.prompt_tokenizations.inc()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._admit(request_id, [(text, prompt_ids)], params, arrival)
         ctx = ResponseContext(

@@ -245,8 +245,9 @@ class EngineLoop:
 
     def _step(self) -> None:
         outputs = self.core.step()
-        if not outputs:
+        if not outputs and not self.core.last_step.num_scheduled_tokens:
             return
+        # Sent even without outputs (a prefill chunk): the step's token count and stats still count.
         batch = EngineOutputs(
             timestamp=0.0, outputs=outputs, step_tokens=self.core.last_step.num_scheduled_tokens
         )

@@ -55,6 +55,11 @@ class _EngineStateCollector(Collector):
         "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
         "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
         "num_preemptions": "Cumulative number of preemption from the engine.",
+        # Disaggregation (not in vLLM): KV bytes sent (prefill worker) or received (decode worker), and
+        # on the decode side the requests whose KV arrived and their summed ticket-to-complete seconds.
+        "kv_transfer_bytes": "KV cache bytes transferred between workers.",
+        "kv_transfer_requests": "Requests whose prompt KV arrived from a prefill worker.",
+        "kv_transfer_seconds": "Seconds from KV ticket to complete KV, summed over requests.",
     }
 
     def __init__(self, labels: dict[str, str]) -> None:
@@ -108,6 +113,10 @@ class ServerMetrics:
         )
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        # Not in vLLM: shows that a router tokenizes each prompt once and its workers never do.
+        self.prompt_tokenizations = counter(
+            "prompt_tokenizations", "Number of prompts tokenized (or chat-templated) by this server."
         )
         self.request_params_n = histogram(
             "request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20]

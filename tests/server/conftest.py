@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.helpers import save_tiny_model, tiny_hf_model
-from tests.server.harness import CHAT_TEMPLATE, ServerProcess, engine_flags
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> str:
-    pytest.importorskip("transformers")  # builds the random model
-    directory = tmp_path_factory.mktemp("server-model")
-    save_tiny_model(tiny_hf_model("llama_gqa"), directory)
-    config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(config))
-    return str(directory)
+from tests.server.harness import ServerProcess, engine_flags
 
 
 @pytest.fixture(scope="module")

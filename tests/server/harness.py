@@ -47,6 +47,7 @@ class ServerProcess:
     api_key: str | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    subcommand: str = "serve"  # or "up": a router in front of its own workers
 
     @property
     def base_url(self) -> str:
@@ -61,7 +62,7 @@ class ServerProcess:
             sys.executable,
             "-m",
             "duoserve.cli",
-            "serve",
+            self.subcommand,
             self.model,
             "--port",
             str(self.port),

@@ -1,0 +1,230 @@
+"""`duoserve up` with real processes on 127.0.0.1: a router, prefill and decode workers.
+
+Greedy outputs through the disaggregated deployment equal the offline engine's token for token
+(short prompts prefilled locally, long ones over several chunks on the prefill worker, prefix hits on
+either side); the router tokenizes once, the decode worker never recomputes the first token, no KV
+block leaks when clients abort, a killed worker fails its requests promptly and rejoins, and KV-aware
+routing sends requests to the worker that holds their prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from duoserve import LLM, SamplingParams
+from tests.helpers import random_prompt, word
+from tests.server.harness import ENGINE_ARGS, ServerProcess, engine_flags
+
+# Small chunks, so a 30-token prompt takes several prefill steps (and several KV sends).
+WORKER_ARGS = {**ENGINE_ARGS, "max_num_batched_tokens": 8}
+MIN_REMOTE = 12  # prompts with fewer uncached tokens are prefilled on the decode worker
+
+
+def start_up(model_dir: str, tmp_path_factory, *args: str) -> ServerProcess:
+    log_path = tmp_path_factory.mktemp("up-log") / "up.log"
+    flags = [*engine_flags(**WORKER_ARGS), "--remote-prefill-min-tokens", str(MIN_REMOTE), *args]
+    flags.remove("--num-threads")  # `up` gives each worker its share of the cores
+    flags.remove("1")
+    return ServerProcess(model_dir, log_path, flags, subcommand="up").start()
+
+
+def workers(router: ServerProcess) -> list[dict]:
+    return httpx.get(f"{router.base_url}/router/workers", timeout=10).json()["workers"]
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def worker_metrics(url: str) -> dict[str, float]:
+    probe = ServerProcess("", None, port=int(url.rsplit(":", 1)[1]))
+    return probe.metrics()
+
+
+def text_of(ids: list[int]) -> str:
+    return " ".join(word(t) for t in ids)
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir, tmp_path_factory):
+    router = start_up(model_dir, tmp_path_factory, "--prefill", "1", "--decode", "1")
+    wait_for(lambda: all(w["healthy"] for w in workers(router)), what="both workers")
+    yield router
+    router.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return LLM(model=model_dir, **{k: v for k, v in WORKER_ARGS.items() if k != "num_threads"})
+
+
+def complete(router: ServerProcess, prompt: list[int], max_tokens: int) -> list[int]:
+    client = openai.OpenAI(base_url=f"{router.base_url}/v1", api_key="-")
+    result = client.completions.create(
+        model=router.model,
+        prompt=text_of(prompt),
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        logprobs=0,
+    )
+    return [int(t.removeprefix("token_id:")) for t in result.choices[0].logprobs.tokens]
+
+
+def test_greedy_matches_offline_for_local_and_remote_prefill(deployment, offline):
+    prompts = [random_prompt(n, seed=n) for n in (5, 13, 30, 47)]  # 5: local; the others remote
+    # Prefix hits: 28 cached tokens on both workers and 18 to compute (remote); 44 cached and 3 new (local).
+    prompts += [prompts[2] + random_prompt(16, seed=98), prompts[3] + random_prompt(3, seed=99)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in offline.generate(prompts, params, use_tqdm=False)]
+    prefill, decode = workers(deployment)
+    before = worker_metrics(decode["url"])
+    got = [complete(deployment, p, 12) for p in prompts]
+    assert got == expected
+    # The same through the decode worker on its own (a colocated server).
+    direct = ServerProcess(deployment.model, None, port=int(decode["url"].rsplit(":", 1)[1]))
+    assert [complete(direct, p, 12) for p in prompts[:2]] == expected[:2]
+    after = worker_metrics(decode["url"])
+    assert after["duoserve:kv_transfer_requests_total"] - before["duoserve:kv_transfer_requests_total"] == 4
+
+
+def test_streamed_equals_non_streamed(deployment):
+    prompt = text_of(random_prompt(30, seed=7))
+    client = openai.OpenAI(base_url=f"{deployment.base_url}/v1", api_key="-")
+    whole = client.completions.create(model=deployment.model, prompt=prompt, max_tokens=10, temperature=0)
+    stream = client.completions.create(
+        model=deployment.model, prompt=prompt, max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == whole.choices[0].text
+
+
+def test_prompt_tokenized_once_and_first_token_not_recomputed(deployment):
+    prefill, decode = workers(deployment)
+    router_before = deployment.metrics()
+    p_before, d_before = worker_metrics(prefill["url"]), worker_metrics(decode["url"])
+    prompt = random_prompt(29, seed=123)  # not cached anywhere
+    assert len(complete(deployment, prompt, 9)) == 9
+    router_after = deployment.metrics()
+    p_after, d_after = worker_metrics(prefill["url"]), worker_metrics(decode["url"])
+    key = "duoserve:prompt_tokenizations_total"
+    assert router_after[key] - router_before[key] == 1
+    assert p_after[key] == p_before[key] and d_after[key] == d_before[key]  # workers get token ids
+
+    def computed(before, after):
+        name = "duoserve:iteration_tokens_total_sum"
+        return after[name] - before[name]
+
+    assert computed(p_before, p_after) == 29  # the prompt, once, on the prefill worker
+    assert computed(d_before, d_after) == 8  # tokens 1..8 fed back; the first came from the prefill worker
+
+
+async def _abort_after(base_url: str, model: str, prompt: str, delay: float) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
+    try:
+        async with asyncio.timeout(delay):
+            stream = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=150,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            async for _ in stream:
+                pass
+    except TimeoutError:
+        pass
+    finally:
+        await client.close()
+
+
+def test_aborts_at_any_point_leak_no_blocks(deployment):
+    async def run() -> None:
+        delays = [0.005, 0.02, 0.05, 0.1, 0.2, 0.4]
+        prompts = [text_of(random_prompt(60, seed=500 + i)) for i in range(len(delays))]
+        await asyncio.gather(
+            *(
+                _abort_after(deployment.base_url, deployment.model, p, d)
+                for p, d in zip(prompts, delays, strict=True)
+            )
+        )
+
+    asyncio.run(run())
+    urls = [w["url"] for w in workers(deployment)]
+    wait_for(
+        lambda: all(worker_metrics(u)["duoserve:kv_cache_usage_perc"] == 0 for u in urls),
+        timeout=30,
+        what="both KV pools to be empty",
+    )
+    for url in urls:
+        stats = worker_metrics(url)
+        assert stats["duoserve:num_requests_running"] == stats["duoserve:num_requests_waiting"] == 0
+
+
+def _pid(url: str) -> int:
+    return httpx.get(f"{url}/internal/info", timeout=10).json()["pid"]
+
+
+def test_killed_decode_worker_fails_requests_promptly_and_rejoins(deployment):
+    decode = workers(deployment)[1]
+    client = openai.OpenAI(base_url=f"{deployment.base_url}/v1", api_key="-", max_retries=0)
+    stream = client.completions.create(
+        model=deployment.model,
+        prompt=text_of(random_prompt(8, seed=1)),
+        max_tokens=240,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))  # it is running
+    os.kill(_pid(decode["url"]), signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 5
+    wait_for(lambda: not workers(deployment)[1]["healthy"], timeout=5, what="the router to mark it down")
+    # `up` restarts it on the same port, and the router takes it back.
+    wait_for(lambda: workers(deployment)[1]["healthy"], timeout=90, what="the worker to rejoin")
+    assert len(complete(deployment, random_prompt(20, seed=2), 4)) == 4
+
+
+def test_lost_prefill_worker_falls_back_to_local_prefill(deployment, offline):
+    prefill = workers(deployment)[0]
+    os.kill(_pid(prefill["url"]), signal.SIGKILL)
+    prompt = random_prompt(40, seed=77)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = offline.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert complete(deployment, prompt, 6) == expected  # whether or not the router noticed yet
+    wait_for(lambda: workers(deployment)[0]["healthy"], timeout=90, what="the prefill worker to rejoin")
+
+
+@pytest.mark.parametrize("policy", ["kv", "round_robin"])
+def test_kv_aware_routing_follows_the_prefix(model_dir, tmp_path_factory, policy):
+    router = start_up(model_dir, tmp_path_factory, "--replicas", "2", "--policy", policy)
+    try:
+        wait_for(lambda: all(w["healthy"] for w in workers(router)), what="both replicas")
+        systems = [random_prompt(32, seed=1000 + i) for i in range(3)]  # 3 over 2 workers: round-robin mixes
+        for turn in range(4):
+            for system in systems:
+                complete(router, system + random_prompt(4, seed=turn * 10 + len(system)), 2)
+        hits = sum(worker_metrics(w["url"])["duoserve:prefix_cache_hits_total"] for w in workers(router))
+        # Each prefix is computed once and hit 3 times (32 tokens = 8 blocks of 4), if routed to its holder.
+        if policy == "kv":
+            assert hits == 3 * 3 * 32
+        else:
+            assert hits < 3 * 3 * 32
+    finally:
+        router.stop()
