@@ -1,0 +1,107 @@
+"""The router's index of worker KV (from KV events) and its policies, without processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from duoserve.disagg.kv_events import KVEvents, KVIndex, prompt_block_hashes
+from duoserve.disagg.routing import RouterConfig, RoutingPolicy
+from duoserve.kv.kv_cache_manager import KVCacheManager
+
+
+def test_prompt_hashes_are_the_worker_prefix_cache_hashes():
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    manager.pool.events = []
+    tokens = list(range(100, 118))  # 4 full blocks and 2 tokens
+    assert manager.allocate_slots("r", tokens, 0, len(tokens))
+    stored = [h for is_stored, h in manager.pool.events if is_stored]
+    assert stored == prompt_block_hashes(tokens, 4)
+    # Evicting a block for a new request publishes its removal.
+    manager.free("r")
+    manager.pool.events.clear()
+    assert manager.allocate_slots("s", list(range(64)), 0, 64)
+    assert {h for is_stored, h in manager.pool.events if not is_stored} == set(stored)
+
+
+def test_index_overlap_counts_leading_blocks_only():
+    index = KVIndex()
+    hashes = prompt_block_hashes(list(range(40)), 4)
+    index.apply("a", KVEvents(stored=hashes[:3] + hashes[4:6]))
+    assert index.overlap("a", hashes) == 3
+    index.apply("a", KVEvents(removed=[hashes[1]]))
+    assert index.overlap("a", hashes) == 1
+    assert index.overlap("b", hashes) == 0
+    index.drop("a")
+    assert index.overlap("a", hashes) == 0 and index.num_blocks("a") == 0
+
+
+def policy_with(policy: str = "kv", prefill: int = 0, decode: int = 2, **config) -> RoutingPolicy:
+    cfg = RouterConfig(
+        prefill_urls=[f"http://p{i}" for i in range(prefill)],
+        decode_urls=[f"http://d{i}" for i in range(decode)],
+        policy=policy,
+        **config,
+    )
+    routing = RoutingPolicy(cfg, KVIndex())
+    for worker in routing.workers:
+        worker.healthy = True
+    return routing
+
+
+def test_kv_policy_prefers_the_prefix_holder_unless_it_is_much_busier():
+    routing = policy_with()
+    prompt = list(range(64))  # 16 blocks of 4
+    routing.index.apply("http://d1", KVEvents(stored=prompt_block_hashes(prompt, 4)))
+    decode, _ = routing.pick(prompt + [7], 4, disaggregable=False)
+    assert decode.url == "http://d1"
+    # 16 blocks saved on d1 against 100 blocks more of running requests: d0 is cheaper.
+    routing.decode[1].active_tokens = 400
+    decode, _ = routing.pick(list(range(1000, 1064)) + prompt, 4, disaggregable=False)
+    assert decode.url == "http://d0"
+
+
+def test_round_robin_and_least_loaded():
+    routing = policy_with("round_robin", decode=3)
+    picked = [routing.pick([1, 2, 3], 4, False)[0].url for _ in range(6)]
+    assert picked == ["http://d0", "http://d1", "http://d2"] * 2
+    routing = policy_with("least_loaded", decode=3)
+    routing.decode[0].active_tokens, routing.decode[1].active_tokens = 50, 10
+    routing.decode[2].active_tokens = 30
+    assert routing.pick([1, 2, 3], 4, False)[0].url == "http://d1"
+
+
+def test_conditional_disaggregation():
+    routing = policy_with(prefill=1, decode=1, remote_prefill_min_tokens=32, max_prefill_queue_tokens=100)
+    assert routing.pick(list(range(20)), 4, True)[1] is None  # short: prefilled locally
+    assert routing.pick(list(range(200, 240)), 4, True)[1].url == "http://p0"
+    assert routing.pick(list(range(300, 340)), 4, False)[1] is None  # n > 1 or prompt logprobs
+    routing.prefill[0].queued_prefill_tokens = 101  # the prefill worker is backed up
+    assert routing.pick(list(range(400, 440)), 4, True)[1] is None
+    routing.prefill[0].queued_prefill_tokens = 0
+    routing.prefill[0].healthy = False  # a lost prefill worker: local prefill
+    assert routing.pick(list(range(500, 540)), 4, True)[1] is None
+    # The decode worker already holds most of this prompt: only 8 tokens are left to prefill.
+    prompt = list(range(600, 640))
+    routing.prefill[0].healthy = True
+    routing.index.apply("http://d0", KVEvents(stored=prompt_block_hashes(prompt, 4)[:8]))
+    assert routing.pick(prompt, 4, True)[1] is None
+
+
+def test_no_healthy_decode_worker():
+    routing = policy_with()
+    for worker in routing.decode:
+        worker.healthy = False
+    assert routing.pick([1, 2], 4, True) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(decode_urls=[]), "--decode"),
+        (dict(decode_urls=["x"], policy="random"), "--policy"),
+        (dict(decode_urls=["x"], remote_prefill_min_tokens=-1), "--remote-prefill-min-tokens"),
+    ],
+)
+def test_bad_router_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**kwargs)
