@@ -15,8 +15,10 @@ header and bytes.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
 import torch
@@ -108,8 +110,30 @@ class KVTransferError(Exception):
 @dataclass
 class TransferStats:
     bytes: int = 0
-    seconds: float = 0.0  # decode side: ticket issued -> KV complete, summed over requests
+    seconds: float = 0.0  # decode side: ticket issued -> KV complete (prefill compute included), summed
     requests: int = 0
+    # Time the engine loop itself spent on transfers: exporting + sending (prefill side), or checking +
+    # writing arrived blocks into the cache (decode side). This is what transfer takes away from compute.
+    busy_seconds: float = 0.0
+
+
+class KVSendTransport(Protocol):
+    """What the engine core needs to push KV (ZeroMQ here; NIXL or NCCL would implement the same)."""
+
+    stats: TransferStats
+
+    def send_blocks(self, ticket: KVTicket, dest_block_ids: list[int], blocks: torch.Tensor) -> None: ...
+
+    def send_done(self, ticket: KVTicket, first_token: int, num_blocks: int) -> None: ...
+
+
+class KVReceiveTransport(Protocol):
+    """What the engine loop needs to take KV in: an address for tickets, and what has arrived."""
+
+    address: str
+    socket: Any  # what the engine loop's zmq.Poller waits on: a ZeroMQ socket or a file descriptor
+
+    def receive(self) -> list[tuple[KVMessage, memoryview | None]]: ...
 
 
 class KVSender:
@@ -121,11 +145,13 @@ class KVSender:
         self.stats = TransferStats()
 
     def send_blocks(self, ticket: KVTicket, dest_block_ids: list[int], blocks: torch.Tensor) -> None:
+        start = time.perf_counter()
         nbytes = blocks.numel() * blocks.element_size()
         header = KVBlocks(ticket.request_id, dest_block_ids, ticket.layout, nbytes)
         payload = blocks.contiguous().view(torch.uint8).numpy()  # the tensor's memory, not a copy
         self._send(ticket.address, [_encoder.encode(header), payload])
         self.stats.bytes += header.nbytes
+        self.stats.busy_seconds += time.perf_counter() - start
 
     def send_done(self, ticket: KVTicket, first_token: int, num_blocks: int) -> None:
         self._send(ticket.address, [_encoder.encode(KVDone(ticket.request_id, first_token, num_blocks))])

@@ -60,6 +60,7 @@ _SUMMED_STATS = (
     "kv_transfer_bytes",
     "kv_transfer_seconds",
     "kv_transfer_requests",
+    "kv_transfer_busy_seconds",
 )
 
 

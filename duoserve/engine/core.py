@@ -18,7 +18,7 @@ from duoserve.disagg.kv_transfer import (
     KVBlocks,
     KVLayout,
     KVMessage,
-    KVSender,
+    KVSendTransport,
     KVTicket,
     KVTransferError,
     KVTransferParams,
@@ -92,7 +92,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Disaggregation: the sender a prefill worker pushes KV with (set by the engine process), the
         # decode side's requests waiting for their prompt's KV, and transfer counters.
-        self.kv_sender: KVSender | None = None
+        self.kv_sender: KVSendTransport | None = None
         self.awaiting_kv: dict[str, Request] = {}
         self.transfer_stats = TransferStats()
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
@@ -245,6 +245,7 @@ class EngineCore:
         expected = len(ticket.block_ids) - ticket.num_cached_tokens // self.kv.block_size
         try:
             if isinstance(message, KVBlocks):
+                start = time.perf_counter()
                 blocks = decode_blocks(message, payload, self.kv_layout)
                 allowed = ticket.block_ids[ticket.num_cached_tokens // self.kv.block_size :]
                 if not set(message.block_ids) <= set(allowed):
@@ -252,6 +253,7 @@ class EngineCore:
                 self.kv_cache.import_blocks(message.block_ids, blocks)
                 request.kv_blocks_received += len(message.block_ids)
                 self.transfer_stats.bytes += message.nbytes
+                self.transfer_stats.busy_seconds += time.perf_counter() - start
                 return None
             if message.num_blocks != expected or request.kv_blocks_received != expected:
                 raise KVTransferError(
@@ -444,6 +446,8 @@ class EngineCore:
             + (self.kv_sender.stats.bytes if self.kv_sender else 0),
             "kv_transfer_seconds": self.transfer_stats.seconds,
             "kv_transfer_requests": self.transfer_stats.requests,
+            "kv_transfer_busy_seconds": self.transfer_stats.busy_seconds
+            + (self.kv_sender.stats.busy_seconds if self.kv_sender else 0.0),
         }
 
 

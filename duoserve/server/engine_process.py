@@ -16,7 +16,7 @@ import zmq
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_events import KVEventPublisher
-from duoserve.disagg.kv_transfer import KVReceiver, KVSender
+from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
 from duoserve.engine.core import EngineCore
 from duoserve.engine.request import Request
 from duoserve.models.loader import load_model
@@ -115,7 +115,7 @@ class EngineLoop:
         inbox: zmq.Socket,
         outbox: zmq.Socket,
         max_queued_requests: int | None,
-        receiver: KVReceiver | None = None,
+        receiver: KVReceiveTransport | None = None,
         publisher: KVEventPublisher | None = None,
     ) -> None:
         self.core = core

@@ -60,6 +60,7 @@ class _EngineStateCollector(Collector):
         "kv_transfer_bytes": "KV cache bytes transferred between workers.",
         "kv_transfer_requests": "Requests whose prompt KV arrived from a prefill worker.",
         "kv_transfer_seconds": "Seconds from KV ticket to complete KV, summed over requests.",
+        "kv_transfer_busy_seconds": "Seconds the engine loop spent exporting/sending or importing KV.",
     }
 
     def __init__(self, labels: dict[str, str]) -> None:
