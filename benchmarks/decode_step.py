@@ -16,6 +16,7 @@ import torch
 
 from duoserve.config import EngineConfig
 from duoserve.engine.llm_engine import LLMEngine
+from duoserve.models.linear import Int8Linear, Q4Linear
 from duoserve.sampling_params import SamplingParams
 
 
@@ -31,18 +32,21 @@ def copy_bandwidth(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
 
 
 def weight_bytes(engine: LLMEngine) -> int:
+    """Bytes of weights a batch-1 decode step reads: every matrix once (its 4/8-bit codes where the model
+    keeps them), of the embedding table only one row per token."""
     model = engine.core.model
-    # Decode reads every matrix once per step; of the embedding table only one row per token.
-    tensors = [model.lm_head_t, model.norm]
+    linears = [model.lm_head]
+    tensors = [model.norm]
     for layer in model.layers:
-        tensors += [
-            layer.qkv,
-            layer.o_proj,
-            layer.gate_up,
-            layer.down_proj,
-            layer.input_norm,
-            layer.post_norm,
-        ]
+        linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj]
+        tensors += [layer.input_norm, layer.post_norm]
+    for linear in linears:
+        if isinstance(linear, Q4Linear):
+            tensors += [linear.packed, linear.scales_and_zeros]
+        elif isinstance(linear, Int8Linear):
+            tensors += [linear.codes, linear.scales]
+        else:
+            tensors.append(linear.weight)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -85,17 +89,21 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(
             model=args.model,
             dtype=args.dtype,
+            quantization=args.quantization,
+            num_threads=args.threads,
             max_num_seqs=max(args.batch_sizes),
             max_num_batched_tokens=2048,
         )
     )
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {torch.get_num_threads()}, dtype {engine.core.model.dtype}, {args.quantization=}")
     print("| batch | step ms | forward ms | overhead % | tok/s |")
     print("|---|---|---|---|---|")
     for batch in args.batch_sizes:

@@ -29,8 +29,17 @@ class EngineConfig:
         default=None, metadata=_arg("HF model directory or .gguf file; None: SmolLM2-135M-Instruct Q4_1")
     )
     device: str = field(default="auto", metadata=_arg("cpu, cuda, cuda:N, or auto (cuda when available)"))
-    # float32 on CPU: torch's bf16 matmuls on this CPU class run ~4x slower than fp32 (BENCHMARKS.md).
-    dtype: str = field(default="auto", metadata=_arg("weights/activations: auto, float32, bfloat16, float16"))
+    dtype: str = field(
+        default="auto",
+        metadata=_arg("auto (bfloat16 on CUDA and AMX CPUs, else float32), float32, bfloat16, float16"),
+    )
+    quantization: str = field(
+        default="auto",
+        metadata=_arg(
+            "auto: GGUF Q4_0/Q4_1 weights stay 4-bit for decode-sized steps where a kernel exists "
+            "(CPU, bfloat16); none: dequantized weights only"
+        ),
+    )
     kv_cache_dtype: str = field(default="auto", metadata=_arg("KV cache dtype: auto (= dtype) or a dtype"))
     block_size: int = field(default=16, metadata=_arg("tokens per KV cache block"))
     kv_cache_memory: int | None = field(
@@ -60,6 +69,8 @@ class EngineConfig:
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
+        if self.quantization not in ("auto", "none"):
+            raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -69,7 +80,11 @@ class EngineConfig:
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return parse_dtype(self.dtype)
-        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        if self.resolved_device().type == "cuda":
+            return torch.bfloat16
+        # CPUs with AMX run bfloat16 GEMMs 2-5x faster than float32; without it (e.g. AVX2-only Zen 3)
+        # torch's bfloat16 matmuls ran 5-8x slower than float32 (both measured in BENCHMARKS.md).
+        return torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
 
     def resolved_kv_dtype(self) -> torch.dtype:
         return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)

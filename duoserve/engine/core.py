@@ -85,6 +85,7 @@ class EngineCore:
             self.device,
             config.resolved_dtype(),
             max_positions=self.max_model_len,
+            quantized=loaded.quantized if config.quantization == "auto" else None,
         )
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)

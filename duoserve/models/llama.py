@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import ModelConfig
-
-# Vocabulary columns per lm_head matmul.
-_LOGITS_CHUNK = 8192
+from duoserve.models.linear import (
+    DenseLinear,
+    QuantizedWeight,
+    make_linear,
+    quantized_kernels_available,
+)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -59,19 +62,20 @@ class LlamaModel:
         device: torch.device,
         dtype: torch.dtype,
         max_positions: int,
+        quantized: dict[str, QuantizedWeight] | None = None,
     ) -> None:
+        """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist."""
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.scale = config.head_dim**-0.5
         w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
+        q = quantized if quantized and quantized_kernels_available(device, dtype) else {}
         self.embed = w["model.embed_tokens.weight"]
-        lm_head = self.embed if config.tie_word_embeddings else w.pop("lm_head.weight")
-        # Stored [hidden, vocab]: x @ W streams W row by row, which on CPUs runs several times faster
-        # than x @ W.T with the [vocab, hidden] layout for a few rows (measured in BENCHMARKS.md).
-        self.lm_head_t = lm_head.t().contiguous()
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = _linear(w, q, [head])
         self.norm = w["model.norm.weight"]
-        self.layers = [_Layer.from_weights(w, i, config) for i in range(config.num_hidden_layers)]
+        self.layers = [_Layer.from_weights(w, q, i, config) for i in range(config.num_hidden_layers)]
         # cos/sin tables for every position, computed in float32 as transformers does.
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
@@ -88,28 +92,22 @@ class LlamaModel:
         x = F.embedding(input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split(layer.qkv_sizes, dim=-1)
+            q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
             q = _rope(q.view(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
             k = _rope(k.view(-1, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
             v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
             attn = self.attention.forward(q, k, v, kv_cache.layer(index), meta, self.scale)
-            x = x + F.linear(attn.flatten(1), layer.o_proj)
+            x = x + layer.o_proj(attn.flatten(1))
             h = F.rms_norm(x, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_proj)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down_proj(F.silu(gate) * up)
         return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given hidden-state rows."""
         h = F.rms_norm(hidden, (self.config.hidden_size,), self.norm, self.config.rms_norm_eps)
-        # Column chunks keep each matmul's output in cache; one big [rows, vocab] GEMM does not.
-        chunks = [
-            h @ self.lm_head_t[:, i : i + _LOGITS_CHUNK]
-            for i in range(0, self.lm_head_t.shape[1], _LOGITS_CHUNK)
-        ]
-        return torch.cat(chunks, dim=1).float()
+        return self.lm_head(h).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,21 +117,25 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
+Linear = DenseLinear  # or one of its quantized subclasses
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights, with Q/K/V and gate/up fused into single matmuls."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Linear
     qkv_sizes: list[int]
-    o_proj: torch.Tensor
-    gate_up: torch.Tensor
-    down_proj: torch.Tensor
+    o_proj: Linear
+    gate_up: Linear
+    down_proj: Linear
 
     @classmethod
-    def from_weights(cls, w: dict[str, torch.Tensor], index: int, config: ModelConfig) -> _Layer:
+    def from_weights(
+        cls, w: dict[str, torch.Tensor], q: dict[str, QuantizedWeight], index: int, config: ModelConfig
+    ) -> _Layer:
         p = f"model.layers.{index}."
         attn, mlp = p + "self_attn.", p + "mlp."
         qkv_sizes = [
@@ -147,10 +149,24 @@ class _Layer:
         return cls(
             input_norm=w[p + "input_layernorm.weight"],
             post_norm=w[p + "post_attention_layernorm.weight"],
-            qkv=torch.cat([w[f"{attn}{n}_proj.weight"] for n in "qkv"]),
-            qkv_bias=bias,
+            qkv=_linear(w, q, [f"{attn}{n}_proj.weight" for n in "qkv"], bias),
             qkv_sizes=qkv_sizes,
-            o_proj=w[attn + "o_proj.weight"],
-            gate_up=torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
-            down_proj=w[mlp + "down_proj.weight"],
+            o_proj=_linear(w, q, [attn + "o_proj.weight"]),
+            gate_up=_linear(w, q, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+            down_proj=_linear(w, q, [mlp + "down_proj.weight"]),
         )
+
+
+def _linear(
+    w: dict[str, torch.Tensor],
+    q: dict[str, QuantizedWeight],
+    names: list[str],
+    bias: torch.Tensor | None = None,
+) -> Linear:
+    """One matmul over the named weights stacked along their outputs; quantized if all of them are,
+    in the same format."""
+    weight = torch.cat([w[n] for n in names]) if len(names) > 1 else w[names[0]]
+    parts = [q.get(n) for n in names]
+    if any(p is None or type(p) is not type(parts[0]) for p in parts):
+        return make_linear(weight, bias, None)
+    return make_linear(weight, bias, type(parts[0]).cat(parts) if len(parts) > 1 else parts[0])

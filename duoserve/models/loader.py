@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gguf
@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from duoserve.models.config import ModelConfig
+from duoserve.models.linear import QuantizedWeight, quantized_from_gguf
 
 __all__ = ["LoadedModel", "config_from_hf", "default_model_path", "load_model"]
 
@@ -69,6 +70,8 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]  # HF names, in the requested dtype
     source: str  # path loaded
     gguf_reader: gguf.GGUFReader | None  # kept so the tokenizer can be built from the same file's metadata
+    # GGUF Q4_0/Q4_1/Q8_0 matrices as stored (HF names), besides their dequantized copies in `weights`.
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -427,15 +430,23 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LoadedModel:
     _check_gguf_types(reader)
     config = _gguf_config(reader)
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
     for tensor in reader.tensors:
         if tensor.name == _GGUF_ROPE_FREQS:
             continue
-        weight = _gguf_tensor(tensor, dtype)
+        name, weight = _hf_name(tensor.name), _gguf_tensor(tensor, dtype)
+        codes = quantized_from_gguf(tensor.data, tensor.tensor_type.name, tuple(weight.shape))
         # llama.cpp permutes Q/K only for the llama architecture; qwen2 is stored in HF order.
+        heads = None
         if config.architecture == "llama" and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
-            weight = _unpermute_rope_rows(weight, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif config.architecture == "llama" and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
-            weight = _unpermute_rope_rows(weight, config.num_key_value_heads)
-        weights[_hf_name(tensor.name)] = weight
+            heads = config.num_key_value_heads
+        if heads is not None:
+            weight = _unpermute_rope_rows(weight, heads)
+            codes = codes and codes.map_rows(lambda t, heads=heads: _unpermute_rope_rows(t, heads))
+        weights[name] = weight
+        if codes is not None:
+            quantized[name] = codes
     _check_names(config, weights, path)
-    return LoadedModel(config=config, weights=weights, source=path, gguf_reader=reader)
+    return LoadedModel(config=config, weights=weights, source=path, gguf_reader=reader, quantized=quantized)
