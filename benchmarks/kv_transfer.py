@@ -1,6 +1,6 @@
 """KV transfer bandwidth: a prefill-side KVSender pushing SmolLM2-sized blocks to a KVReceiver over TCP.
 
-    python benchmarks/kv_transfer.py [--prompt-tokens 768] [--chunk-tokens 512] [--repeats 5]
+    python benchmarks/kv_transfer.py [--prompt-tokens 768] [--chunk-tokens 512] [--repeats 5] [--dtype DTYPE]
 
 Measures what the disaggregated deployment's transfer path does per request: export the blocks from a
 KV cache, send them in chunks (zero-copy frames), receive, check and import them into another cache.
@@ -33,10 +33,12 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", help="KV cache dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32 KV, 16-token blocks.
-    spec = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.float32)
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, 16-token blocks.
+    dtype = getattr(torch, args.dtype)
+    spec = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype)
     num_blocks = -(-args.prompt_tokens // spec.block_size)
     source, target = (
         KVCache(spec, num_blocks, torch.device("cpu")),
@@ -71,7 +73,10 @@ def main() -> None:
         copy_times.append(time.perf_counter() - start)
     nbytes = layout.nbytes(num_blocks)
     best, median = min(times[1:]), sorted(times[1:])[len(times[1:]) // 2]
-    print(f"KV per request: {args.prompt_tokens} tokens = {num_blocks} blocks = {nbytes / 1e6:.1f} MB (fp32)")
+    print(
+        f"KV per request: {args.prompt_tokens} tokens = {num_blocks} blocks = "
+        f"{nbytes / 1e6:.1f} MB ({args.dtype})"
+    )
     print(
         f"transfer (export + send + receive + import), median of {args.repeats}: {median * 1e3:.1f} ms "
         f"= {nbytes / median / 1e9:.2f} GB/s (best {nbytes / best / 1e9:.2f} GB/s)"

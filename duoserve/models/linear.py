@@ -8,7 +8,7 @@ the 4/8-bit kernels (BENCHMARKS.md), so a quantized linear keeps both and picks 
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -25,14 +25,17 @@ QUANTIZED_MAX_ROWS = 8
 class _RowTensors:
     """Tensors that all run along a matrix's output rows: row operations apply to each of them."""
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def map_rows(self, fn):
         """The same function (e.g. a row permutation) applied to every tensor."""
-        return type(self)(*(fn(t) for t in astuple(self)))
+        return type(self)(*(fn(t) for t in self.tensors()))
 
     @classmethod
     def cat(cls, parts: list):
         """Stack matrices along `out` (fused projections)."""
-        return cls(*(torch.cat(ts) for ts in zip(*(astuple(p) for p in parts), strict=True)))
+        return cls(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
 
 
 @dataclass
@@ -115,28 +118,35 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-class Q4Linear(DenseLinear):
+class _QuantizedLinear(DenseLinear):
+    """Dense for steps of many rows; the subclass's kernel over its codes for steps of few."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > QUANTIZED_MAX_ROWS:
+            return super().__call__(x)
+        y = self._few_rows(x.contiguous())
+        return y if self.bias is None else y + self.bias
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Q4Linear(_QuantizedLinear):
     """x @ W.T (+ bias) with W both 4-bit (for few rows) and dense (for many)."""
 
     def __init__(self, q4: Q4Weight, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight, bias)
-        dtype = weight.dtype
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 1)
         zeros = q4.mins + _ZERO_CODE * q4.scales
         # [in // 32, out, 2]: the (scale, zero) pairs the kernel reads, one group row after another.
         pairs = torch.stack([q4.scales, zeros], dim=-1).transpose(0, 1)
-        self.scales_and_zeros = pairs.contiguous().to(dtype)
+        self.scales_and_zeros = pairs.contiguous().to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > QUANTIZED_MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros
-        )
-        return y if self.bias is None else y + self.bias
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
 
 
-class Int8Linear(DenseLinear):
+class Int8Linear(_QuantizedLinear):
     """x @ W.T (+ bias) with W both int8 (for few rows) and dense (for many).
 
     torch's int8 kernel takes one scale per output row, not GGUF's one per 32 values, so Q8_0 codes are
@@ -151,12 +161,8 @@ class Int8Linear(DenseLinear):
         self.codes = torch.round(values / scales[:, None]).to(torch.int8)
         self.scales = scales.to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > QUANTIZED_MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales)
-        return y if self.bias is None else y + self.bias
-
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantized: QuantizedWeight | None):
