@@ -91,14 +91,14 @@ class LlamaModel:
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         x = F.embedding(input_ids, self.embed)
         for index, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
+            h = _rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
             q = _rope(q.view(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
             k = _rope(k.view(-1, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
             v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
             attn = self.attention.forward(q, k, v, kv_cache.layer(index), meta, self.scale)
             x = x + layer.o_proj(attn.flatten(1))
-            h = F.rms_norm(x, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
+            h = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down_proj(F.silu(gate) * up)
         return x
@@ -106,8 +106,18 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given hidden-state rows."""
-        h = F.rms_norm(hidden, (self.config.hidden_size,), self.norm, self.config.rms_norm_eps)
+        h = _rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in float32, then scale in the model's dtype.
+
+    torch's fused rms_norm on bfloat16 input loses too much in its sum of squares: SmolLM2's residual
+    stream has outlier channels, and its bfloat16 answers went wrong (greedy "What is the capital of
+    France?" gave "L'Etoile, la Marseillaise..." instead of "...Paris.").
+    """
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
