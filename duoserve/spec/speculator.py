@@ -1,0 +1,112 @@
+"""Which requests speculate, how many drafts each gets, back-off, and the spec_decode counters.
+
+Before each step the engine asks for drafts for its decoding requests; the scheduler then takes
+what fits the token budget and the KV cache, and after verification the engine reports how many
+drafts each request had accepted.
+
+Back-off, so that speculation never makes decoding slower than plain decoding:
+- per batch: with more than `speculative_max_num_seqs` requests decoding, a step is no longer bound
+  by reading the weights (the forward pass of B * (1 + k) tokens costs more than that of B), so
+  nobody speculates;
+- per request: an exponential moving average of its acceptance rate; below
+  `speculative_min_acceptance` the request pauses speculating for a few steps (doubling on each
+  consecutive failure, up to _MAX_PAUSE), then probes again with one speculative step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from duoserve.config import EngineConfig
+from duoserve.engine.request import Request
+from duoserve.spec.proposer import Proposer
+
+_MIN_PAUSE = 2
+_MAX_PAUSE = 64
+_EMA_WEIGHT = 0.5  # of the latest step's acceptance rate
+
+
+@dataclass
+class SpecStats:
+    """Cumulative counters, as vLLM's spec_decode_* metrics."""
+
+    num_drafts: int = 0  # verification steps of one request with at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [j]: how often draft j was accepted
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_drafts:
+            self.accepted_per_pos.extend([0] * (num_drafts - len(self.accepted_per_pos)))
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+
+
+@dataclass
+class _Backoff:
+    acceptance: float = 1.0  # EMA of the fraction of drafts accepted; optimistic at the start
+    pause: int = 0  # steps left without speculating
+    next_pause: int = _MIN_PAUSE
+
+
+class Speculator:
+    def __init__(self, config: EngineConfig, proposer: Proposer, max_model_len: int) -> None:
+        self.proposer = proposer
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.max_num_seqs = config.speculative_max_num_seqs
+        self.min_acceptance = config.speculative_min_acceptance
+        self.max_model_len = max_model_len
+        self.stats = SpecStats()
+        self._backoff: dict[str, _Backoff] = {}
+
+    def propose(self, running: Sequence[Request], live_request_ids: Collection[str]) -> None:
+        """Set draft_token_ids of the decoding requests that speculate this step."""
+        self._retain(live_request_ids)
+        decoding = [r for r in running if r.is_decoding]
+        if len(decoding) > self.max_num_seqs:
+            return
+        chosen, budgets = [], []
+        for request in decoding:
+            k = self._num_drafts(request)
+            if k > 0:
+                chosen.append(request)
+                budgets.append(k)
+        if chosen:
+            for request, drafts in zip(chosen, self.proposer.propose(chosen, budgets), strict=True):
+                request.draft_token_ids = drafts
+
+    def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """One verification of `num_drafts` drafts of which the first `num_accepted` were accepted."""
+        self.stats.record(num_drafts, num_accepted)
+        state = self._backoff[request.request_id]
+        state.acceptance += _EMA_WEIGHT * (num_accepted / num_drafts - state.acceptance)
+        if state.acceptance >= self.min_acceptance:
+            state.next_pause = _MIN_PAUSE
+            return
+        state.pause = state.next_pause
+        state.next_pause = min(2 * state.next_pause, _MAX_PAUSE)
+        # The probe after the pause decides alone whether the request speculates again.
+        state.acceptance = self.min_acceptance
+
+    def _num_drafts(self, request: Request) -> int:
+        """How many drafts the request may verify now: 0 when it cannot or should not speculate."""
+        if request.params.logprobs is not None:
+            return 0  # verification does not compute logprobs: this request decodes normally
+        state = self._backoff.setdefault(request.request_id, _Backoff())
+        if state.pause > 0:
+            state.pause -= 1
+            return 0
+        # Room for the drafts and the token the target adds, within max_tokens and the context.
+        room = min(
+            request.max_tokens - len(request.output_token_ids), self.max_model_len - request.num_tokens
+        )
+        return min(self.num_speculative_tokens, room - 1)
+
+    def _retain(self, live_request_ids: Collection[str]) -> None:
+        for request_id in [r for r in self._backoff if r not in live_request_ids]:
+            del self._backoff[request_id]
+        self.proposer.retain(live_request_ids)
