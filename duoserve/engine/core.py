@@ -207,6 +207,8 @@ class EngineCore:
         request = self.scheduler.requests.get(request_id)
         if request is not None:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            if self.speculator is not None:
+                self.speculator.retain(self.scheduler.requests)
         self.awaiting_kv.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
@@ -343,7 +345,7 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         start = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self.scheduler.requests)
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
@@ -354,6 +356,8 @@ class EngineCore:
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
         outputs = self._update(plan.scheduled, sampled, prompt_done)
+        if self.speculator is not None and any(out.finished for out in outputs):
+            self.speculator.retain(self.scheduler.requests)
         self.last_step = StepStats(
             num_scheduled_tokens=plan.num_tokens,
             num_preempted=len(plan.preempted),

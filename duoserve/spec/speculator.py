@@ -63,9 +63,8 @@ class Speculator:
         self.stats = SpecStats()
         self._backoff: dict[str, _Backoff] = {}
 
-    def propose(self, running: Sequence[Request], live_request_ids: Collection[str]) -> None:
+    def propose(self, running: Sequence[Request]) -> None:
         """Set draft_token_ids of the decoding requests that speculate this step."""
-        self._retain(live_request_ids)
         decoding = [r for r in running if r.is_decoding]
         if len(decoding) > self.max_num_seqs:
             return
@@ -106,7 +105,8 @@ class Speculator:
         )
         return min(self.num_speculative_tokens, room - 1)
 
-    def _retain(self, live_request_ids: Collection[str]) -> None:
+    def retain(self, live_request_ids: Collection[str]) -> None:
+        """Forget the requests that are gone (and free their draft KV)."""
         for request_id in [r for r in self._backoff if r not in live_request_ids]:
             del self._backoff[request_id]
         self.proposer.retain(live_request_ids)
