@@ -62,7 +62,7 @@ class EngineConfig:
     ngram_min: int = field(default=2, metadata=_arg("shortest n-gram that prompt lookup matches"))
     ngram_max: int = field(default=5, metadata=_arg("longest n-gram that prompt lookup matches"))
     speculative_max_num_seqs: int = field(
-        default=8,
+        default=16,
         metadata=_arg("speculate only while at most this many requests decode (larger: compute-bound)"),
     )
     speculative_min_acceptance: float = field(
