@@ -8,9 +8,11 @@ Back-off, so that speculation never makes decoding slower than plain decoding:
 - per batch: with more than `speculative_max_num_seqs` requests decoding, a step is no longer bound
   by reading the weights (the forward pass of B * (1 + k) tokens costs more than that of B), so
   nobody speculates;
-- per request: an exponential moving average of its acceptance rate; below
-  `speculative_min_acceptance` the request pauses speculating for a few steps (doubling on each
-  consecutive failure, up to _MAX_PAUSE), then probes again with one speculative step.
+- per request: its number of drafts starts at 1 and doubles, up to --num-speculative-tokens, each
+  time all of them are accepted; an exponential moving average of its acceptance rate below
+  `speculative_min_acceptance` pauses it for a few steps (doubling on each consecutive failure, up to
+  _MAX_PAUSE), after which it probes again with a single draft. So a request whose drafts keep
+  failing costs a draft model's forward pass and one verified token every few dozen steps.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SpecStats:
 @dataclass
 class _Backoff:
     acceptance: float = 1.0  # EMA of the fraction of drafts accepted; optimistic at the start
+    num_drafts: int = 1  # drafts to ask for next time
     pause: int = 0  # steps left without speculating
     next_pause: int = _MIN_PAUSE
 
@@ -83,12 +86,15 @@ class Speculator:
         self.stats.record(num_drafts, num_accepted)
         state = self._backoff[request.request_id]
         state.acceptance += _EMA_WEIGHT * (num_accepted / num_drafts - state.acceptance)
+        if num_accepted == num_drafts:
+            state.num_drafts = min(2 * state.num_drafts, self.num_speculative_tokens)
         if state.acceptance >= self.min_acceptance:
             state.next_pause = _MIN_PAUSE
             return
         state.pause = state.next_pause
         state.next_pause = min(2 * state.next_pause, _MAX_PAUSE)
-        # The probe after the pause decides alone whether the request speculates again.
+        # The probe after the pause (one draft) decides alone whether the request speculates again.
+        state.num_drafts = 1
         state.acceptance = self.min_acceptance
 
     def _num_drafts(self, request: Request) -> int:
@@ -103,7 +109,7 @@ class Speculator:
         room = min(
             request.max_tokens - len(request.output_token_ids), self.max_model_len - request.num_tokens
         )
-        return min(self.num_speculative_tokens, room - 1)
+        return min(state.num_drafts, room - 1)
 
     def retain(self, live_request_ids: Collection[str]) -> None:
         """Forget the requests that are gone (and free their draft KV)."""
