@@ -355,6 +355,8 @@ class EngineCore:
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
+        if self.speculator is not None:
+            self.speculator.observe_step(forward_seconds)
         outputs = self._update(plan.scheduled, sampled, prompt_done)
         if self.speculator is not None and any(out.finished for out in outputs):
             self.speculator.retain(self.scheduler.requests)

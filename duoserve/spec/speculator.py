@@ -9,14 +9,20 @@ Back-off, so that speculation never makes decoding slower than plain decoding:
   by reading the weights (the forward pass of B * (1 + k) tokens costs more than that of B), so
   nobody speculates;
 - per request: its number of drafts starts at 1 and doubles, up to --num-speculative-tokens, each
-  time all of them are accepted; an exponential moving average of its acceptance rate below
-  `speculative_min_acceptance` pauses it for a few steps (doubling on each consecutive failure, up to
-  _MAX_PAUSE), after which it probes again with a single draft. So a request whose drafts keep
-  failing costs a draft model's forward pass and one verified token every few dozen steps.
+  time all of them are accepted. It pauses for a few steps (doubling on each consecutive failure, up
+  to _MAX_PAUSE), then probes again with a single draft, when speculating does not pay: when the
+  moving average a of its acceptance rate is under `speculative_min_acceptance`, or when the tokens
+  a verification of k drafts is expected to emit, 1 + a + ... + a^k, do not beat its cost in plain
+  decode steps, 1 + k * c, where c is the measured time of proposing one draft token (a draft
+  model's forward pass; next to nothing for n-gram lookup) over that of the target's step. So a
+  draft model that is slow for what it gets accepted stops being used, and a request whose drafts
+  keep failing costs one proposal and one verified draft every few dozen steps. Seeded requests back
+  off on acceptance alone: their tokens (which depend on when they speculate) never depend on timing.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +33,7 @@ from duoserve.spec.proposer import Proposer
 _MIN_PAUSE = 2
 _MAX_PAUSE = 64
 _EMA_WEIGHT = 0.5  # of the latest step's acceptance rate
+_COST_EMA_WEIGHT = 0.2  # of the latest step's proposal cost
 
 
 @dataclass
@@ -65,9 +72,15 @@ class Speculator:
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         self._backoff: dict[str, _Backoff] = {}
+        # Proposal time per draft position over the target's step time (EMA), and this step's proposal.
+        self.draft_cost: float | None = None  # unknown until the first proposal is priced
+        self._proposal: tuple[float, int] | None = None  # (seconds, most drafts asked of one request)
 
     def propose(self, running: Sequence[Request]) -> None:
-        """Set draft_token_ids of the decoding requests that speculate this step."""
+        """Set draft_token_ids of the decoding requests that speculate this step (and clear the others':
+        drafts the scheduler could not take last step are stale)."""
+        for request in running:
+            request.draft_token_ids = []
         decoding = [r for r in running if r.is_decoding]
         if len(decoding) > self.max_num_seqs:
             return
@@ -78,8 +91,24 @@ class Speculator:
                 chosen.append(request)
                 budgets.append(k)
         if chosen:
-            for request, drafts in zip(chosen, self.proposer.propose(chosen, budgets), strict=True):
+            start = time.perf_counter()
+            proposals = self.proposer.propose(chosen, budgets)
+            self._proposal = (time.perf_counter() - start, max(budgets))
+            for request, drafts in zip(chosen, proposals, strict=True):
                 request.draft_token_ids = drafts
+
+    def observe_step(self, forward_seconds: float) -> None:
+        """The target's forward time of the step just run: prices this step's proposal."""
+        if self._proposal is None or forward_seconds <= 0:
+            return
+        seconds, num_positions = self._proposal
+        self._proposal = None
+        # A draft is no bigger than the target: a position costing more than a target step is the
+        # draft catching up on a prompt, not what the next positions will cost.
+        cost = min(seconds / num_positions / forward_seconds, 1.0)
+        if self.draft_cost is None:
+            self.draft_cost = cost
+        self.draft_cost += _COST_EMA_WEIGHT * (cost - self.draft_cost)
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """One verification of `num_drafts` drafts of which the first `num_accepted` were accepted."""
@@ -88,7 +117,7 @@ class Speculator:
         state.acceptance += _EMA_WEIGHT * (num_accepted / num_drafts - state.acceptance)
         if num_accepted == num_drafts:
             state.num_drafts = min(2 * state.num_drafts, self.num_speculative_tokens)
-        if state.acceptance >= self.min_acceptance:
+        if self._pays(state.acceptance, num_drafts, priced=request.params.seed is None):
             state.next_pause = _MIN_PAUSE
             return
         state.pause = state.next_pause
@@ -96,6 +125,12 @@ class Speculator:
         # The probe after the pause (one draft) decides alone whether the request speculates again.
         state.num_drafts = 1
         state.acceptance = self.min_acceptance
+
+    def _pays(self, acceptance: float, num_drafts: int, priced: bool) -> bool:
+        if acceptance < self.min_acceptance:
+            return False
+        expected_tokens = sum(acceptance**j for j in range(num_drafts + 1))
+        return not priced or expected_tokens > 1 + num_drafts * (self.draft_cost or 0.0)
 
     def _num_drafts(self, request: Request) -> int:
         """How many drafts the request may verify now: 0 when it cannot or should not speculate."""

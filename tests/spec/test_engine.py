@@ -4,6 +4,8 @@ accounting after rejections; stop conditions inside accepted drafts; per-request
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from duoserve.llm import LLM
@@ -270,3 +272,36 @@ def test_no_speculation_in_large_batches(tiny_models):
     plain = generate_ids(make_llm(path), prompts, greedy(6))
     assert generate_ids(llm, prompts, greedy(6)) == plain
     assert llm.engine.core.stats()["spec_decode_num_drafts"] == 0
+
+
+class SlowOracle(OracleProposer):
+    """Always right, but slower than the target's whole step: speculating cannot pay."""
+
+    def propose(self, requests, num_drafts):
+        time.sleep(0.02)
+        return super().propose(requests, num_drafts)
+
+
+def test_back_off_on_proposals_that_cost_more_than_they_save(tiny_models):
+    _, path = tiny_models("llama_gqa")
+    prompts = [random_prompt(8, seed=1200 + i) for i in range(2)]
+    # Two requests: unseeded (priced by time) and seeded (backs off on acceptance only).
+    params = [greedy(40), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, seed=3)]
+    plain = generate_ids(make_llm(path), prompts, params)
+    llm = make_llm(path, speculative="ngram", num_speculative_tokens=2)
+    truth = {tuple(p): out for p, out in zip(prompts, plain, strict=True)}
+    llm.engine.core.speculator.proposer = SlowOracle(
+        {k: v for k, v in truth.items()}, dict.fromkeys(truth, 2)
+    )
+    verified = {}
+    record = llm.engine.core.speculator.record
+
+    def counting_record(request, num_drafts, num_accepted):
+        verified[request.request_id] = verified.get(request.request_id, 0) + 1
+        return record(request, num_drafts, num_accepted)
+
+    llm.engine.core.speculator.record = counting_record
+    assert generate_ids(llm, prompts, params) == plain
+    unseeded, seeded = (verified.get(str(i), 0) for i in range(2))
+    assert 0 < unseeded <= 6  # paused on cost: a few probes over 40 tokens
+    assert seeded > 10  # every draft accepted, so the seeded request kept speculating
