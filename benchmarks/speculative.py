@@ -107,6 +107,7 @@ def main() -> None:
         max_num_seqs=max(args.batch_sizes),
         num_speculative_tokens=args.num_speculative_tokens,
         num_threads=args.num_threads,
+        kv_cache_memory=1 << 30,  # three engines in one process: 1 GiB of KV each is plenty here
     )
     if args.speculative_max_num_seqs is not None:
         common["speculative_max_num_seqs"] = args.speculative_max_num_seqs

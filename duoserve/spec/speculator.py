@@ -16,8 +16,12 @@ Back-off, so that speculation never makes decoding slower than plain decoding:
   decode steps, 1 + k * c, where c is the measured time of proposing one draft token (a draft
   model's forward pass; next to nothing for n-gram lookup) over that of the target's step. So a
   draft model that is slow for what it gets accepted stops being used, and a request whose drafts
-  keep failing costs one proposal and one verified draft every few dozen steps. Seeded requests back
-  off on acceptance alone: their tokens (which depend on when they speculate) never depend on timing.
+  keep failing costs one proposal and one verified draft every few dozen steps. The acceptance rate
+  of all verifications so far is a new request's prior: while speculating does not pay at it, only
+  one new request in _PROBE_EVERY speculates from the start (keeping that record current), the
+  others start with the longest pause (so a useless draft model does not even catch up on every new
+  prompt). Seeded requests back off on their own acceptance alone: their tokens (which depend
+  on when they speculate) never depend on timing or on other requests.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _MIN_PAUSE = 2
 _MAX_PAUSE = 64
 _EMA_WEIGHT = 0.5  # of the latest step's acceptance rate
 _COST_EMA_WEIGHT = 0.2  # of the latest step's proposal cost
+_PRIOR_EMA_WEIGHT = 0.2  # of the latest verification's acceptance rate, in the prior of new requests
+_PROBE_EVERY = 8
 
 
 @dataclass
@@ -72,6 +78,8 @@ class Speculator:
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         self._backoff: dict[str, _Backoff] = {}
+        self.acceptance_prior = 1.0  # EMA of the acceptance rate over every request's verifications
+        self._num_unpromising = 0  # new requests that came while the prior said speculation does not pay
         # Proposal time per draft position over the target's step time (EMA), and this step's proposal.
         self.draft_cost: float | None = None  # unknown until the first proposal is priced
         self._proposal: tuple[float, int] | None = None  # (seconds, most drafts asked of one request)
@@ -113,8 +121,10 @@ class Speculator:
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """One verification of `num_drafts` drafts of which the first `num_accepted` were accepted."""
         self.stats.record(num_drafts, num_accepted)
+        rate = num_accepted / num_drafts
+        self.acceptance_prior += _PRIOR_EMA_WEIGHT * (rate - self.acceptance_prior)
         state = self._backoff[request.request_id]
-        state.acceptance += _EMA_WEIGHT * (num_accepted / num_drafts - state.acceptance)
+        state.acceptance += _EMA_WEIGHT * (rate - state.acceptance)
         if num_accepted == num_drafts:
             state.num_drafts = min(2 * state.num_drafts, self.num_speculative_tokens)
         if self._pays(state.acceptance, num_drafts, priced=request.params.seed is None):
@@ -136,7 +146,9 @@ class Speculator:
         """How many drafts the request may verify now: 0 when it cannot or should not speculate."""
         if request.params.logprobs is not None:
             return 0  # verification does not compute logprobs: this request decodes normally
-        state = self._backoff.setdefault(request.request_id, _Backoff())
+        state = self._backoff.get(request.request_id)
+        if state is None:
+            state = self._backoff[request.request_id] = self._new_backoff(request)
         if state.pause > 0:
             state.pause -= 1
             return 0
@@ -145,6 +157,14 @@ class Speculator:
             request.max_tokens - len(request.output_token_ids), self.max_model_len - request.num_tokens
         )
         return min(state.num_drafts, room - 1)
+
+    def _new_backoff(self, request: Request) -> _Backoff:
+        if request.params.seed is not None or self._pays(self.acceptance_prior, 1, priced=True):
+            return _Backoff()
+        self._num_unpromising += 1
+        if self._num_unpromising % _PROBE_EVERY == 0:
+            return _Backoff()
+        return _Backoff(pause=_MAX_PAUSE, next_pause=_MAX_PAUSE)
 
     def retain(self, live_request_ids: Collection[str]) -> None:
         """Forget the requests that are gone (and free their draft KV)."""

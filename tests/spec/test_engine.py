@@ -262,7 +262,10 @@ def test_back_off_pauses_requests_whose_drafts_are_rejected(tiny_models):
     stats = llm.engine.core.stats()
     # Without back-off all 39 steps after the first token would verify drafts; pauses double.
     assert stats["spec_decode_num_accepted_tokens"] == 0
-    assert stats["spec_decode_num_drafts"] <= 6
+    assert 0 < stats["spec_decode_num_drafts"] <= 6
+    # The next request starts from that record: paused for the longest pause, past its 40 tokens.
+    assert generate_ids(llm, prompts, greedy(40)) == plain
+    assert llm.engine.core.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]
 
 
 def test_no_speculation_in_large_batches(tiny_models):
