@@ -17,11 +17,12 @@ Back-off, so that speculation never makes decoding slower than plain decoding:
   model's forward pass; next to nothing for n-gram lookup) over that of the target's step. So a
   draft model that is slow for what it gets accepted stops being used, and a request whose drafts
   keep failing costs one proposal and one verified draft every few dozen steps. The acceptance rate
-  of all verifications so far is a new request's prior: while speculating does not pay at it, only
-  one new request in _PROBE_EVERY speculates from the start (keeping that record current), the
-  others start with the longest pause (so a useless draft model does not even catch up on every new
-  prompt). Seeded requests back off on their own acceptance alone: their tokens (which depend
-  on when they speculate) never depend on timing or on other requests.
+  of all verifications so far is the prior of a request about to probe (a new one, or one whose
+  pause is over): while speculating does not pay at it and proposals are not cheap (a draft model's
+  catch-up on the tokens since its last probe is a prefill), only one probe in _PROBE_EVERY goes
+  ahead, keeping that record current; the others pause for the longest pause. Seeded requests back
+  off on their own acceptance alone: their tokens (which depend on when they speculate) never
+  depend on timing or on other requests.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _EMA_WEIGHT = 0.5  # of the latest step's acceptance rate
 _COST_EMA_WEIGHT = 0.2  # of the latest step's proposal cost
 _PRIOR_EMA_WEIGHT = 0.2  # of the latest verification's acceptance rate, in the prior of new requests
 _PROBE_EVERY = 8
+_CHEAP = 0.05  # proposal cost per position, in target steps, under which probing is always allowed
 
 
 @dataclass
@@ -67,6 +69,7 @@ class _Backoff:
     num_drafts: int = 1  # drafts to ask for next time
     pause: int = 0  # steps left without speculating
     next_pause: int = _MIN_PAUSE
+    probing: bool = True  # the next verification decides whether the request keeps speculating
 
 
 class Speculator:
@@ -79,7 +82,7 @@ class Speculator:
         self.stats = SpecStats()
         self._backoff: dict[str, _Backoff] = {}
         self.acceptance_prior = 1.0  # EMA of the acceptance rate over every request's verifications
-        self._num_unpromising = 0  # new requests that came while the prior said speculation does not pay
+        self._num_unpromising = 0  # probes due while the prior said speculation does not pay
         # Proposal time per draft position over the target's step time (EMA), and this step's proposal.
         self.draft_cost: float | None = None  # unknown until the first proposal is priced
         self._proposal: tuple[float, int] | None = None  # (seconds, most drafts asked of one request)
@@ -127,7 +130,8 @@ class Speculator:
         state.acceptance += _EMA_WEIGHT * (rate - state.acceptance)
         if num_accepted == num_drafts:
             state.num_drafts = min(2 * state.num_drafts, self.num_speculative_tokens)
-        if self._pays(state.acceptance, num_drafts, priced=request.params.seed is None):
+        state.probing = not self._pays(state.acceptance, num_drafts, priced=request.params.seed is None)
+        if not state.probing:
             state.next_pause = _MIN_PAUSE
             return
         state.pause = state.next_pause
@@ -146,11 +150,12 @@ class Speculator:
         """How many drafts the request may verify now: 0 when it cannot or should not speculate."""
         if request.params.logprobs is not None:
             return 0  # verification does not compute logprobs: this request decodes normally
-        state = self._backoff.get(request.request_id)
-        if state is None:
-            state = self._backoff[request.request_id] = self._new_backoff(request)
+        state = self._backoff.setdefault(request.request_id, _Backoff())
         if state.pause > 0:
             state.pause -= 1
+            return 0
+        if state.probing and not self._may_probe(request):
+            state.pause = _MAX_PAUSE
             return 0
         # Room for the drafts and the token the target adds, within max_tokens and the context.
         room = min(
@@ -158,13 +163,13 @@ class Speculator:
         )
         return min(state.num_drafts, room - 1)
 
-    def _new_backoff(self, request: Request) -> _Backoff:
-        if request.params.seed is not None or self._pays(self.acceptance_prior, 1, priced=True):
-            return _Backoff()
+    def _may_probe(self, request: Request) -> bool:
+        if request.params.seed is not None or (self.draft_cost or 0.0) < _CHEAP:
+            return True
+        if self._pays(self.acceptance_prior, 1, priced=True):
+            return True
         self._num_unpromising += 1
-        if self._num_unpromising % _PROBE_EVERY == 0:
-            return _Backoff()
-        return _Backoff(pause=_MAX_PAUSE, next_pause=_MAX_PAUSE)
+        return self._num_unpromising % _PROBE_EVERY == 0
 
     def retain(self, live_request_ids: Collection[str]) -> None:
         """Forget the requests that are gone (and free their draft KV)."""

@@ -263,9 +263,25 @@ def test_back_off_pauses_requests_whose_drafts_are_rejected(tiny_models):
     # Without back-off all 39 steps after the first token would verify drafts; pauses double.
     assert stats["spec_decode_num_accepted_tokens"] == 0
     assert 0 < stats["spec_decode_num_drafts"] <= 6
-    # The next request starts from that record: paused for the longest pause, past its 40 tokens.
+    # Cheap proposals: the next request probes on its own anyway.
     assert generate_ids(llm, prompts, greedy(40)) == plain
-    assert llm.engine.core.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]
+    assert llm.engine.core.stats()["spec_decode_num_drafts"] > stats["spec_decode_num_drafts"]
+
+
+def test_costly_useless_proposals_pause_new_requests_from_the_start(tiny_models):
+    _, path = tiny_models("llama_gqa")
+    prompts = [random_prompt(8, seed=1000)]
+    plain = generate_ids(make_llm(path), prompts, greedy(40))
+    llm = make_llm(path, speculative="ngram", num_speculative_tokens=2)
+    wrong = {tuple(prompts[0]): [(t + 1) % 300 for t in plain[0]]}
+    llm.engine.core.speculator.proposer = SlowOracle(wrong, {tuple(prompts[0]): 2})
+    assert generate_ids(llm, prompts, greedy(40)) == plain
+    num_drafts = llm.engine.core.stats()["spec_decode_num_drafts"]
+    assert 0 < num_drafts <= 6
+    # Later probes start from that record: of 8 due (one per new request), one goes ahead.
+    for _ in range(8):
+        assert generate_ids(llm, prompts, greedy(40)) == plain
+    assert llm.engine.core.stats()["spec_decode_num_drafts"] == num_drafts + 1
 
 
 def test_no_speculation_in_large_batches(tiny_models):
