@@ -17,13 +17,22 @@ pytest.importorskip("transformers")
 
 
 def test_speculative_server_matches_plain_offline_and_exports_counters(start_server, model_dir):
-    # The target as its own draft: every draft is accepted, so each step emits up to 1 + 3 tokens.
+    # The target as its own draft: every draft is accepted, so each step emits up to 1 + 3 tokens. Such a
+    # draft costs as much as it saves, so the priced back-off would stop it; a seeded request backs off on
+    # acceptance alone, and a seed does not change greedy tokens.
     server = start_server(speculative="draft", num_speculative_tokens=3)
     prompt = random_prompt(9, seed=5)
     expected = LLM(model=model_dir, **ENGINE_ARGS).generate(
         [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
     )[0]
-    body = {"model": model_dir, "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": model_dir,
+        "prompt": prompt,
+        "max_tokens": 20,
+        "temperature": 0,
+        "ignore_eos": True,
+        "seed": 1,
+    }
     url = f"{server.base_url}/v1/completions"
     response = httpx.post(url, json=body, timeout=60)
     assert response.status_code == 200, response.text

@@ -297,7 +297,7 @@ class SlowOracle(OracleProposer):
     """Always right, but slower than the target's whole step: speculating cannot pay."""
 
     def propose(self, requests, num_drafts):
-        time.sleep(0.02)
+        time.sleep(0.05)
         return super().propose(requests, num_drafts)
 
 
