@@ -4,7 +4,7 @@ Before each step the engine asks for drafts for its decoding requests; the sched
 what fits the token budget and the KV cache, and after verification the engine reports how many
 drafts each request had accepted.
 
-Back-off, so that speculation never makes decoding slower than plain decoding:
+Back-off, so that speculation does not make decoding slower than plain decoding:
 - per batch: with more than `speculative_max_num_seqs` requests decoding, a step is no longer bound
   by reading the weights (the forward pass of B * (1 + k) tokens costs more than that of B), so
   nobody speculates;
