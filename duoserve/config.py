@@ -57,6 +57,27 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_arg("reuse KV blocks of shared prefixes"))
     seed: int | None = field(default=0, metadata=_arg("seed of the sampler for unseeded requests"))
     num_threads: int | None = field(default=None, metadata=_arg("CPU threads for torch (default: all)"))
+    # Speculative decoding (duoserve/spec): proposals verified by the target in one forward pass.
+    speculative: str | None = field(
+        default=None, metadata=_arg("speculative decoding: ngram (prompt lookup) or draft (a draft model)")
+    )
+    num_speculative_tokens: int = field(default=4, metadata=_arg("most draft tokens per request per step"))
+    draft_model: str | None = field(
+        default=None, metadata=_arg("draft model (same tokenizer) for --speculative draft; None: the target")
+    )
+    draft_num_layers: int | None = field(
+        default=None, metadata=_arg("run only the draft's first N layers (a self-speculative draft)")
+    )
+    ngram_min: int = field(default=2, metadata=_arg("shortest n-gram that prompt lookup matches"))
+    ngram_max: int = field(default=5, metadata=_arg("longest n-gram that prompt lookup matches"))
+    speculative_max_num_seqs: int = field(
+        default=16,
+        metadata=_arg("speculate only while at most this many requests decode (larger: compute-bound)"),
+    )
+    speculative_min_acceptance: float = field(
+        default=0.3,
+        metadata=_arg("a request whose draft acceptance rate falls below this pauses speculating"),
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -66,11 +87,26 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+        self._check_speculative()
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
+
+    def _check_speculative(self) -> None:
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be ngram or draft, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.draft_num_layers is not None and self.draft_num_layers < 1:
+            raise ValueError(f"draft_num_layers must be >= 1, got {self.draft_num_layers}")
+        if not 0 <= self.speculative_min_acceptance <= 1:
+            raise ValueError(
+                f"speculative_min_acceptance must be in [0, 1], got {self.speculative_min_acceptance}"
+            )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -36,6 +36,10 @@ from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
 from duoserve.platform import keep_freed_memory
 from duoserve.sampling_params import SamplingParams
+from duoserve.spec.ngram import NgramProposer
+from duoserve.spec.proposer import Proposer
+from duoserve.spec.speculator import Speculator
+from duoserve.spec.verify import DraftVerification, position_rows, verify
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,11 @@ class EngineCore:
         self.transfer_stats = TransferStats()
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed)
+        self.speculator = (
+            None
+            if config.speculative is None
+            else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
+        )
         self.last_step = StepStats()
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
@@ -106,6 +115,13 @@ class EngineCore:
             num_blocks * spec.bytes_per_block / 2**20,
             self.max_model_len,
         )
+
+    def _proposer(self, loaded: LoadedModel, num_blocks: int) -> Proposer:
+        if self.config.speculative == "ngram":
+            return NgramProposer(self.config.ngram_min, self.config.ngram_max)
+        from duoserve.spec.draft import DraftProposer
+
+        return DraftProposer.build(self.config, loaded, num_blocks, self.max_model_len, self.device)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.num_kv_blocks is not None:
@@ -192,6 +208,8 @@ class EngineCore:
         request = self.scheduler.requests.get(request_id)
         if request is not None:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            if self.speculator is not None:
+                self.speculator.retain(self.scheduler.requests)
         self.awaiting_kv.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
@@ -327,6 +345,8 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         start = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
@@ -336,7 +356,11 @@ class EngineCore:
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
+        if self.speculator is not None:
+            self.speculator.observe_step(forward_seconds)
         outputs = self._update(plan.scheduled, sampled, prompt_done)
+        if self.speculator is not None and any(out.finished for out in outputs):
+            self.speculator.retain(self.scheduler.requests)
         self.last_step = StepStats(
             num_scheduled_tokens=plan.num_tokens,
             num_preempted=len(plan.preempted),
@@ -345,25 +369,47 @@ class EngineCore:
         )
         return outputs
 
-    def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, tuple[int, tuple | None]]:
+    def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, tuple[list[int], list]]:
+        """Per sampling request: its new tokens (with drafts: the accepted ones, then the target's)
+        and their logprobs (requests with drafts never ask for logprobs)."""
         if not batch.sampling:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
-        rows = [
-            SamplingRow(
-                params=s.request.params,
-                prompt_token_ids=s.request.prompt_token_ids,
-                output_token_ids=s.request.output_token_ids,
-                generator=s.request.generator,
-                stop_token_ids=s.request.stop_token_ids,  # a frozenset: shared, not copied per step
+        plain, plain_rows, drafted, drafted_rows = [], [], [], []
+        offset = 0
+        for s in batch.sampling:
+            num_rows = 1 + len(s.draft_token_ids)
+            if s.draft_token_ids:
+                drafted.append(s)
+                drafted_rows.extend(range(offset, offset + num_rows))
+            else:
+                plain.append(s)
+                plain_rows.append(offset)
+            offset += num_rows
+        sampled = self._sample_plain(plain, _rows_of(logits, plain_rows))
+        if drafted:
+            items = [
+                DraftVerification(
+                    position_rows(_sampling_row(s.request), s.draft_token_ids), s.draft_token_ids
+                )
+                for s in drafted
+            ]
+            emitted = verify(_rows_of(logits, drafted_rows), items, self.sampler.generator)
+            sampled.update(
+                (s.request.request_id, (tokens, [])) for s, tokens in zip(drafted, emitted, strict=True)
             )
-            for s in batch.sampling
-        ]
-        result = self.sampler(logits, rows)
+        return sampled
+
+    def _sample_plain(
+        self, scheduled: list[ScheduledRequest], logits: torch.Tensor
+    ) -> dict[str, tuple[list[int], list]]:
+        if not scheduled:
+            return {}
+        result = self.sampler(logits, [_sampling_row(s.request) for s in scheduled])
         return {
-            s.request.request_id: (token, None if logprobs is None else (logprobs, rank))
+            s.request.request_id: ([token], [] if logprobs is None else [(logprobs, rank)])
             for s, token, logprobs, rank in zip(
-                batch.sampling, result.token_ids, result.logprobs, result.ranks, strict=True
+                scheduled, result.token_ids, result.logprobs, result.ranks, strict=True
             )
         }
 
@@ -384,7 +430,7 @@ class EngineCore:
     def _update(
         self,
         scheduled: list[ScheduledRequest],
-        sampled: dict[str, tuple[int, tuple | None]],
+        sampled: dict[str, tuple[list[int], list]],
         prompt_done: set[str],
     ) -> list[CoreOutput]:
         outputs = []
@@ -403,23 +449,45 @@ class EngineCore:
                 if new_prompt_logprobs is not None:
                     outputs.append(self._output(request, [], [], new_prompt_logprobs))
                 continue
-            token, logprobs = sampled[request.request_id]
-            request.append_token(token)
-            if logprobs is not None:
-                request.logprobs.append(logprobs)
+            tokens, logprobs = sampled[request.request_id]
+            tokens = (
+                self._accept_drafts(s, tokens) if s.draft_token_ids else self._append_tokens(request, tokens)
+            )
+            request.logprobs.extend(logprobs)
             if request.first_token_time is None:
                 request.first_token_time = now
                 if request.wants_prompt_logprobs and new_prompt_logprobs is None:
                     new_prompt_logprobs = request.prompt_logprobs  # 1-token prompts score nothing
-            request.check_stop(self.max_model_len)
             if request.kv_destination is not None:
-                self._send_kv(request, token)
+                self._send_kv(request, tokens[-1])
             if request.status.finished:
                 self.scheduler.finish(request, request.status)
-            outputs.append(
-                self._output(request, [token], [logprobs] if logprobs else [], new_prompt_logprobs)
-            )
+            outputs.append(self._output(request, tokens, logprobs, new_prompt_logprobs))
         return outputs
+
+    def _append_tokens(self, request: Request, tokens: list[int]) -> list[int]:
+        """Append tokens one by one until one ends the request; returns those appended."""
+        for count, token in enumerate(tokens, start=1):
+            request.append_token(token)
+            request.check_stop(self.max_model_len)
+            if request.status.finished:
+                return tokens[:count]
+        return tokens
+
+    def _accept_drafts(self, s: ScheduledRequest, emitted: list[int]) -> list[int]:
+        """Append what verification emitted; keep KV only for tokens that are now the request's.
+
+        The step computed KV for the last token and every draft; that of the accepted drafts is
+        valid, the rest is rolled back (the blocks past it freed). The last emitted token, the
+        target's own, has no KV yet: computed = tokens - 1, as after any decode.
+        """
+        request = s.request
+        self.speculator.record(request, len(s.draft_token_ids), len(emitted) - 1)
+        appended = self._append_tokens(request, emitted)
+        request.num_computed_tokens = request.num_tokens - 1
+        if not request.status.finished:
+            self.kv.trim(request.request_id, request.num_computed_tokens)
+        return appended
 
     @staticmethod
     def _output(request: Request, tokens: list[int], logprobs: list, prompt_logprobs) -> CoreOutput:
@@ -436,6 +504,21 @@ class EngineCore:
         )
 
     def stats(self) -> dict[str, float]:
+        return self._engine_stats() | (self._spec_stats() if self.speculator is not None else {})
+
+    def _spec_stats(self) -> dict[str, float]:
+        spec = self.speculator.stats
+        per_pos = {
+            f"spec_decode_num_accepted_tokens_per_pos:{j}": n for j, n in enumerate(spec.accepted_per_pos)
+        }
+        return {
+            "spec_decode_num_drafts": spec.num_drafts,
+            "spec_decode_num_draft_tokens": spec.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": spec.num_accepted_tokens,
+            **per_pos,
+        }
+
+    def _engine_stats(self) -> dict[str, float]:
         return {
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
@@ -450,6 +533,23 @@ class EngineCore:
             "kv_transfer_busy_seconds": self.transfer_stats.busy_seconds
             + (self.kv_sender.stats.busy_seconds if self.kv_sender else 0.0),
         }
+
+
+def _sampling_row(request: Request) -> SamplingRow:
+    return SamplingRow(
+        params=request.params,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=request.output_token_ids,
+        generator=request.generator,
+        stop_token_ids=request.stop_token_ids,  # a frozenset: shared, not copied per step
+    )
+
+
+def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows], without a copy when that is every row."""
+    if len(rows) == logits.shape[0]:
+        return logits
+    return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
 
 
 def _free_memory(device: torch.device) -> int:

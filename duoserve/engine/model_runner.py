@@ -24,54 +24,96 @@ class StepBatch:
     positions: torch.Tensor
     meta: AttentionMetadata
     sampling: list[ScheduledRequest]  # requests that sample a token this step, in row order
-    sample_rows: torch.Tensor  # the last row of each of them
+    # The last row of each of them; with draft tokens, the 1 + k rows whose logits verify the drafts.
+    sample_rows: torch.Tensor
     prompt_logprobs: list[PromptLogprobRows]
 
 
-def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device: torch.device) -> StepBatch:
-    """Lay the step's tokens out decodes first (one token each), then prefill chunks."""
-    decodes = [s for s in scheduled if s.num_new_tokens == 1]
-    prefills = [s for s in scheduled if s.num_new_tokens > 1]
-    bs = kv.block_size
+@dataclass
+class SeqChunk:
+    """New tokens of one sequence for a forward pass, and where its KV lives."""
+
+    token_ids: list[int]
+    start: int  # position of the first one (every earlier position has KV)
+    block_ids: list[int]  # the sequence's block table, covering start + len(token_ids) positions
+
+
+@dataclass
+class BatchLayout:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    query_starts: list[int]  # first row of each chunk, in the order the chunks were given
+
+
+def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> BatchLayout:
+    """Flatten chunks into model inputs: one-token chunks (decodes) first, then the longer ones."""
+    order = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    num_decodes = len(order)
+    order += [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    bs = block_size
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    sampling: list[ScheduledRequest] = []
-    sample_rows: list[int] = []
-    chunks: list[PrefillChunk] = []
-    prompt_logprobs: list[PromptLogprobRows] = []
-    for s in decodes + prefills:
-        request, start = s.request, s.request.num_computed_tokens
-        end = start + s.num_new_tokens
-        block_ids = kv.block_ids(request.request_id)
-        query_start = len(token_ids)
-        token_ids.extend(request.all_token_ids[start:end])
-        positions.extend(range(start, end))
-        slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
-        if s.num_new_tokens > 1:
-            table = torch.tensor(block_ids, dtype=torch.long, device=device)
-            chunks.append(PrefillChunk(query_start, s.num_new_tokens, end, table))
-        if s.samples:
-            sampling.append(s)
-            sample_rows.append(len(token_ids) - 1)
-        if request.wants_prompt_logprobs:
-            rows = _prompt_logprob_rows(s, query_start, device)
-            if rows is not None:
-                prompt_logprobs.append(rows)
+    query_starts = [0] * len(chunks)
+    prefills: list[PrefillChunk] = []
+    for i in order:
+        chunk = chunks[i]
+        end = chunk.start + len(chunk.token_ids)
+        query_starts[i] = len(token_ids)
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, end))
+        slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(chunk.start, end))
+        if len(chunk.token_ids) > 1:
+            table = torch.tensor(chunk.block_ids, dtype=torch.long, device=device)
+            prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
+    decodes = [chunks[i] for i in order[:num_decodes]]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        num_decode_tokens=len(decodes),
-        decode_block_tables=_padded_tables([kv.block_ids(s.request.request_id) for s in decodes], device),
-        decode_context_lens=torch.tensor(
-            [s.request.num_computed_tokens + 1 for s in decodes], dtype=torch.long, device=device
-        ),
-        prefills=chunks,
+        num_decode_tokens=num_decodes,
+        decode_block_tables=_padded_tables([c.block_ids for c in decodes], device),
+        decode_context_lens=torch.tensor([c.start + 1 for c in decodes], dtype=torch.long, device=device),
+        prefills=prefills,
         block_size=bs,
     )
-    return StepBatch(
+    return BatchLayout(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         meta=meta,
+        query_starts=query_starts,
+    )
+
+
+def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device: torch.device) -> StepBatch:
+    """The step's model inputs, and which rows sample and score prompt tokens.
+
+    A request verifying k draft tokens is a chunk of 1 + k tokens (its last token, then the drafts)
+    that samples at all 1 + k rows.
+    """
+    chunks = []
+    for s in scheduled:
+        request, start = s.request, s.request.num_computed_tokens
+        end = start + s.num_new_tokens - len(s.draft_token_ids)
+        token_ids = request.all_token_ids[start:end] + s.draft_token_ids
+        chunks.append(SeqChunk(token_ids, start, kv.block_ids(request.request_id)))
+    layout = layout_batch(chunks, kv.block_size, device)
+    sampling: list[ScheduledRequest] = []
+    sample_rows: list[int] = []
+    prompt_logprobs: list[PromptLogprobRows] = []
+    # In row order (decodes first), as the rows' draws from the shared generator have always been.
+    for s, query_start in sorted(zip(scheduled, layout.query_starts, strict=True), key=lambda x: x[1]):
+        if s.samples:
+            sampling.append(s)
+            last = query_start + s.num_new_tokens - 1
+            sample_rows.extend(range(last - len(s.draft_token_ids), last + 1))
+        if s.request.wants_prompt_logprobs:
+            rows = _prompt_logprob_rows(s, query_start, device)
+            if rows is not None:
+                prompt_logprobs.append(rows)
+    return StepBatch(
+        input_ids=layout.input_ids,
+        positions=layout.positions,
+        meta=layout.meta,
         sampling=sampling,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
         prompt_logprobs=prompt_logprobs,

@@ -61,6 +61,9 @@ class Request:
     # Prefill side: where the prompt's KV goes, and the next block (index in the prompt) to send.
     kv_destination: KVTicket | None = None
     kv_next_block: int = 0
+    # Speculative decoding: draft tokens proposed for the next step. Tentative: they are not in
+    # all_token_ids, and the scheduler takes them (or drops them when they do not fit).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -78,6 +81,11 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None
+
+    @property
+    def is_decoding(self) -> bool:
+        """Running with every token but the last computed: the next step decodes (or verifies drafts)."""
+        return self.status == RequestStatus.RUNNING and self.num_computed_tokens == self.num_tokens - 1
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -25,7 +25,7 @@ from duoserve.sampling_params import SamplingParams
 # sorts the whole vocabulary last.
 _TOP_P_CANDIDATES = (64, 1024, 8192)
 
-# Logits per block in _argmax: big enough for few blocks, small enough for a cheap last argmax.
+# Logits per block in argmax: big enough for few blocks, small enough for a cheap last argmax.
 _ARGMAX_BLOCK = 256
 
 # Bound the float32 log-softmax buffer of compute_logprobs (prompt logprobs can span many rows).
@@ -110,9 +110,9 @@ class Sampler:
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()  # a no-op for float32: never written in place below
         if all(_is_plain_greedy(row) for row in rows):
-            token_ids = _argmax(logits)
+            token_ids = argmax(logits)
             return SampleResult(token_ids.tolist(), [None] * len(rows), [None] * len(rows))
-        processed = _apply_penalties(logits, rows)
+        processed = apply_penalties(logits, rows)
         token_ids = self._sample(processed, rows)
         logprobs, ranks = _sampled_logprobs(logits, token_ids, rows)
         return SampleResult(token_ids.tolist(), logprobs, ranks)
@@ -120,11 +120,11 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if len(greedy) == len(rows):
-            return _argmax(logits)
+            return argmax(logits)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:
             idx = _index(greedy, logits.device)
-            token_ids[idx] = _argmax(logits.index_select(0, idx))
+            token_ids[idx] = argmax(logits.index_select(0, idx))
         self._sample_random(
             logits, rows, [i for i, row in enumerate(rows) if not row.params.greedy], token_ids
         )
@@ -161,7 +161,7 @@ class Sampler:
         return u
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
+def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for [n, V], first index on ties, ~10x faster on CPU.
 
     torch's argmax walks the row serially while amax is vectorised, so take the max of each block
@@ -202,7 +202,7 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """min_tokens masking and the three penalties; returns `logits` itself when no row needs them."""
     masked = [i for i, row in enumerate(rows) if _masks_stop_tokens(row)]
     repetition = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]

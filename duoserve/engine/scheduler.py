@@ -20,12 +20,15 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # draft tokens included
+    # Speculative draft tokens scheduled after the request's last token, for the target to verify.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the request's tokens, so the step samples one more."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        end = self.request.num_tokens + len(self.draft_token_ids)
+        return self.request.num_computed_tokens + self.num_new_tokens == end
 
 
 @dataclass
@@ -80,10 +83,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            drafts = self._take_drafts(request, budget - num_new)
+            if not drafts and not self._allocate_or_preempt(request, num_new, out):
                 break  # the request preempted itself: everything after it is gone too
-            out.scheduled.append(ScheduledRequest(request, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(request, num_new + len(drafts), drafts))
+            budget -= num_new + len(drafts)
             index += 1
         if not out.preempted:
             self._admit_waiting(budget, out)
@@ -92,6 +96,21 @@ class Scheduler:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
         return out
+
+    def _take_drafts(self, request: Request, budget: int) -> list[int]:
+        """The request's draft tokens that fit the budget, with their blocks allocated; [] if none do.
+
+        Drafts never preempt anyone: without blocks for them, the request just decodes this step.
+        """
+        drafts, request.draft_token_ids = request.draft_token_ids[:budget], []
+        if not drafts or not request.is_decoding:
+            return []
+        num_new = 1 + len(drafts)
+        if not self.kv.allocate_slots(
+            request.request_id, request.all_token_ids, request.num_computed_tokens, num_new
+        ):
+            return []
+        return drafts
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for a running request, preempting the newest ones until they fit."""

@@ -73,13 +73,19 @@ class BlockPool:
                 del self._free[block_id]
             block.ref_count += 1
 
-    def free(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference on each block; blocks reaching zero join the LRU queue in this order."""
+    def free(self, block_ids: Sequence[int], reuse_first: bool = False) -> None:
+        """Drop one reference on each block; blocks reaching zero join the LRU queue in this order.
+
+        `reuse_first` puts them at the front instead, to be handed out before any cached block is
+        evicted: for blocks holding nothing worth keeping (rejected draft tokens).
+        """
         for block_id in block_ids:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                if reuse_first:
+                    self._free.move_to_end(block_id, last=False)
             elif block.ref_count < 0:
                 raise RuntimeError(f"block {block_id} freed more often than taken")
 

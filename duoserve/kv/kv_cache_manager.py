@@ -109,12 +109,27 @@ class KVCacheManager:
         what this one writes.
         """
         bs = self.block_size
-        for i in range(len(table.block_hashes), num_tokens // bs):
+        # Only positions of token_ids (the request's committed tokens) are hashed: slots scheduled past
+        # them hold speculative draft tokens, which may be rejected.
+        for i in range(len(table.block_hashes), min(num_tokens, len(token_ids)) // bs):
             parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
             block_hash = self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
             if block_hash is None:
                 break  # a hash collision: this block and those after it stay out (retried next time)
             table.block_hashes.append(block_hash)
+
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` positions (the KV of rejected draft tokens).
+
+        Those blocks were never registered in the prefix cache (see _cache_full_blocks): they go to
+        the front of the free queue, so that reusing them evicts no cached prefix.
+        """
+        table = self.tables[request_id]
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(table.block_hashes):
+            raise RuntimeError(f"trimming {request_id} to {num_tokens} tokens would drop cached blocks")
+        self.pool.free(table.block_ids[keep:], reuse_first=True)
+        del table.block_ids[keep:]
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks; its tail goes first in the LRU queue, so it is evicted first."""

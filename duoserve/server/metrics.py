@@ -61,7 +61,13 @@ class _EngineStateCollector(Collector):
         "kv_transfer_requests": "Requests whose prompt KV arrived from a prefill worker.",
         "kv_transfer_seconds": "Seconds from KV ticket to complete KV, summed over requests.",
         "kv_transfer_busy_seconds": "Seconds the engine loop spent exporting/sending or importing KV.",
+        # Speculative decoding (only with --speculative): acceptance rate = accepted / draft tokens,
+        # mean accepted length = 1 + accepted / drafts (tokens per verification step).
+        "spec_decode_num_drafts": "Number of spec decoding drafts.",
+        "spec_decode_num_draft_tokens": "Number of draft tokens.",
+        "spec_decode_num_accepted_tokens": "Number of accepted tokens.",
     }
+    _PER_POSITION = "spec_decode_num_accepted_tokens_per_pos"
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = labels
@@ -77,6 +83,13 @@ class _EngineStateCollector(Collector):
             family = CounterMetricFamily(PREFIX + key, doc, labels=names)
             family.add_metric(values, float(self.stats.get(key, 0.0)))
             yield family
+        family = CounterMetricFamily(
+            PREFIX + self._PER_POSITION, "Accepted tokens per draft position.", labels=[*names, "position"]
+        )
+        for key, value in self.stats.items():
+            if key.startswith(self._PER_POSITION + ":"):
+                family.add_metric([*values, key.rsplit(":", 1)[1]], float(value))
+        yield family
 
 
 class ServerMetrics:

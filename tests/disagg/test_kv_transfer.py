@@ -126,6 +126,25 @@ def test_disaggregated_greedy_matches_colocated(model_path, zmq_context, prompt_
         pair.close()
 
 
+def test_decode_worker_speculates_on_transferred_kv(model_path, zmq_context):
+    prompt = random_prompt(13, seed=4)
+    expected = run_colocated(model_path, prompt, max_tokens=12)
+    # The decode side's draft (the target's weights) computes the prompt itself; the target does not.
+    pair = Pair(
+        model_path, zmq_context, decode_overrides={"speculative": "draft", "num_speculative_tokens": 3}
+    )
+    try:
+        assert pair.run(prompt, max_tokens=12) == expected
+        stats = pair.decode.stats()
+        assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"] > 0
+        # Tokens 1..11 computed once each (the first not again, every draft accepted), in fewer steps.
+        assert pair.decode_tokens_computed == 11
+        assert stats["spec_decode_num_drafts"] < 11
+        assert pair.decode.kv.usage() == 0.0
+    finally:
+        pair.close()
+
+
 def test_decode_side_prefix_hit_is_not_transferred(model_path, zmq_context):
     prompt = random_prompt(21, seed=3)
     expected = run_colocated(model_path, prompt, max_tokens=6)

@@ -64,7 +64,7 @@ def test_blocked_argmax_matches_torch_argmax(vocab):
     x = random_logits(6, vocab).round()  # rounding makes ties: the first index must win
     x[3, -1] = 100.0  # the max in the tail past the last full block
     x[4, [7, vocab - 1]] = 100.0  # a tie between the head and the tail
-    assert torch.equal(sampler_module._argmax(x), x.argmax(-1))
+    assert torch.equal(sampler_module.argmax(x), x.argmax(-1))
 
 
 def test_non_contiguous_logits():
@@ -282,7 +282,7 @@ def test_penalties_follow_the_formulas():
             presence_penalty=2,
         ),
     ]
-    processed = sampler_module._apply_penalties(logits, rows)
+    processed = sampler_module.apply_penalties(logits, rows)
     torch.testing.assert_close(processed, reference_penalties(logits, rows), rtol=0, atol=1e-6)
     assert not torch.equal(processed, logits)
     torch.testing.assert_close(processed[2], logits[2], rtol=0, atol=0)
