@@ -67,7 +67,13 @@ class DraftProposer:
             num_layers = min(config.draft_num_layers, model_config.num_hidden_layers)
             model_config = dataclasses.replace(model_config, num_hidden_layers=num_layers)
         model = LlamaModel(
-            model_config, loaded.weights, TorchAttentionBackend(), device, dtype, max_positions=max_model_len
+            model_config,
+            loaded.weights,
+            TorchAttentionBackend(),
+            device,
+            dtype,
+            max_positions=max_model_len,
+            quantized=loaded.quantized if config.quantization == "auto" else None,
         )
         spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
         kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)
