@@ -74,6 +74,10 @@ class EngineConfig:
         default=16,
         metadata=_arg("speculate only while at most this many requests decode (larger: compute-bound)"),
     )
+    speculative_rate_backoff: bool = field(
+        default=True,
+        metadata=_arg("stop drafting at batch sizes where decode tok/s measured slower with drafts"),
+    )
     speculative_min_acceptance: float = field(
         default=0.3,
         metadata=_arg("a request whose draft acceptance rate falls below this pauses speculating"),

@@ -351,16 +351,18 @@ class EngineCore:
         if not plan.scheduled:
             return []
         batch = prepare_batch(plan.scheduled, self.kv, self.device)
+        pure_decode = all(s.request.is_decoding for s in plan.scheduled)
         forward_start = time.perf_counter()
         hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
-        if self.speculator is not None:
-            self.speculator.observe_step(forward_seconds)
         outputs = self._update(plan.scheduled, sampled, prompt_done)
-        if self.speculator is not None and any(out.finished for out in outputs):
-            self.speculator.retain(self.scheduler.requests)
+        if self.speculator is not None:
+            emitted = sum(len(out.new_token_ids) for out in outputs) if pure_decode else None
+            self.speculator.observe_step(forward_seconds, emitted)
+            if any(out.finished for out in outputs):
+                self.speculator.retain(self.scheduler.requests)
         self.last_step = StepStats(
             num_scheduled_tokens=plan.num_tokens,
             num_preempted=len(plan.preempted),

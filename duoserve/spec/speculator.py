@@ -7,7 +7,10 @@ drafts each request had accepted.
 Back-off, so that speculation does not make decoding slower than plain decoding:
 - per batch: with more than `speculative_max_num_seqs` requests decoding, a step is no longer bound
   by reading the weights (the forward pass of B * (1 + k) tokens costs more than that of B), so
-  nobody speculates;
+  nobody speculates. Below that, the decode tokens per second of pure decode steps are measured per
+  batch size, with and without drafts; where drafting is slower (e.g. when the verification's extra
+  rows push a 4-bit-kernel step onto the dense GEMM), unseeded requests stop speculating at that
+  batch size, re-checking once every _RECHECK_EVERY steps;
 - per request: its number of drafts starts at 1 and doubles, up to --num-speculative-tokens, each
   time all of them are accepted. It pauses for a few steps (doubling on each consecutive failure, up
   to _MAX_PAUSE), then probes again with a single draft, when speculating does not pay: when the
@@ -42,6 +45,8 @@ _COST_EMA_WEIGHT = 0.2  # of the latest step's proposal cost
 _PRIOR_EMA_WEIGHT = 0.2  # of the latest verification's acceptance rate, in the prior of new requests
 _PROBE_EVERY = 8
 _CHEAP = 0.05  # proposal cost per position, in target steps, under which probing is always allowed
+_RATE_EMA_WEIGHT = 0.3  # of the latest pure decode step's tokens per second
+_RECHECK_EVERY = 16  # steps at a batch size where drafting did not pay before it is tried again
 
 
 @dataclass
@@ -72,12 +77,43 @@ class _Backoff:
     probing: bool = True  # the next verification decides whether the request keeps speculating
 
 
+@dataclass
+class _BatchRate:
+    """Decode tokens per second of pure decode steps at one batch size (EMA), with and without drafts."""
+
+    plain: float | None = None
+    speculative: float | None = None
+    steps_since_check: int = 0
+
+    def drafting_pays(self) -> bool:
+        if self.speculative is None:
+            return True  # not measured yet: try
+        if self.plain is None:
+            return False  # measure one plain step to compare with
+        if self.speculative >= self.plain:
+            return True
+        self.steps_since_check += 1
+        if self.steps_since_check >= _RECHECK_EVERY:  # acceptance may have changed since
+            self.steps_since_check = 0
+            return True
+        return False
+
+    def observe(self, speculated: bool, rate: float) -> None:
+        old = self.speculative if speculated else self.plain
+        new = rate if old is None else old + _RATE_EMA_WEIGHT * (rate - old)
+        if speculated:
+            self.speculative = new
+        else:
+            self.plain = new
+
+
 class Speculator:
     def __init__(self, config: EngineConfig, proposer: Proposer, max_model_len: int) -> None:
         self.proposer = proposer
         self.num_speculative_tokens = config.num_speculative_tokens
         self.max_num_seqs = config.speculative_max_num_seqs
         self.min_acceptance = config.speculative_min_acceptance
+        self.rate_backoff = config.speculative_rate_backoff
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         self._backoff: dict[str, _Backoff] = {}
@@ -86,6 +122,8 @@ class Speculator:
         # Proposal time per draft position over the target's step time (EMA), and this step's proposal.
         self.draft_cost: float | None = None  # unknown until the first proposal is priced
         self._proposal: tuple[float, int] | None = None  # (seconds, most drafts asked of one request)
+        self._rates: dict[int, _BatchRate] = {}  # by number of decoding requests
+        self._step: tuple[_BatchRate, bool] | None = None  # this step's batch size, and whether it drafts
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set draft_token_ids of the decoding requests that speculate this step (and clear the others':
@@ -93,27 +131,44 @@ class Speculator:
         for request in running:
             request.draft_token_ids = []
         decoding = [r for r in running if r.is_decoding]
-        if len(decoding) > self.max_num_seqs:
+        self._step = None
+        if not decoding or len(decoding) > self.max_num_seqs:
             return
+        rate = self._rates.setdefault(len(decoding), _BatchRate())
+        batch_pays = rate.drafting_pays() if self.rate_backoff else True
         chosen, budgets = [], []
         for request in decoding:
+            # Seeded requests' tokens depend on when they speculate: never on measured times.
+            if not batch_pays and request.params.seed is None:
+                continue
             k = self._num_drafts(request)
             if k > 0:
                 chosen.append(request)
                 budgets.append(k)
+        proposals = []
         if chosen:
             start = time.perf_counter()
             proposals = self.proposer.propose(chosen, budgets)
             self._proposal = (time.perf_counter() - start, max(budgets))
             for request, drafts in zip(chosen, proposals, strict=True):
                 request.draft_token_ids = drafts
+        self._step = (rate, any(proposals))
 
-    def observe_step(self, forward_seconds: float) -> None:
-        """The target's forward time of the step just run: prices this step's proposal."""
-        if self._proposal is None or forward_seconds <= 0:
+    def observe_step(self, forward_seconds: float, num_decode_tokens: int | None) -> None:
+        """The step just run: the target's forward time prices this step's proposal; for a pure decode
+        step (`num_decode_tokens`: the tokens it emitted; None when it prefilled too), its tokens per
+        second go into its batch size's record."""
+        proposal, self._proposal = self._proposal, None
+        step, self._step = self._step, None
+        if forward_seconds <= 0:
             return
-        seconds, num_positions = self._proposal
-        self._proposal = None
+        if step is not None and num_decode_tokens is not None:
+            rate, speculated = step
+            seconds = forward_seconds + (proposal[0] if proposal else 0.0)
+            rate.observe(speculated, num_decode_tokens / seconds)
+        if proposal is None:
+            return
+        seconds, num_positions = proposal
         # A draft is no bigger than the target: a position costing more than a target step is the
         # draft catching up on a prompt, not what the next positions will cost.
         cost = min(seconds / num_positions / forward_seconds, 1.0)

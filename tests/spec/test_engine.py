@@ -16,10 +16,13 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 BASE_ARGS = dict(num_kv_blocks=128, block_size=4, max_num_batched_tokens=512, dtype="float32", device="cpu")
+# The mechanics under test must not depend on step timings: the rate back-off is tested on its own.
+SPEC_ARGS = dict(speculative_rate_backoff=False)
 
 
 def make_llm(path: str, **engine_args) -> LLM:
-    return LLM(model=path, **{**BASE_ARGS, **engine_args})
+    extra = SPEC_ARGS if "speculative" in engine_args else {}
+    return LLM(model=path, **{**BASE_ARGS, **extra, **engine_args})
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
