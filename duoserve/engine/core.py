@@ -351,7 +351,8 @@ class EngineCore:
         if not plan.scheduled:
             return []
         batch = prepare_batch(plan.scheduled, self.kv, self.device)
-        pure_decode = all(s.request.is_decoding for s in plan.scheduled)
+        # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
+        pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
         forward_start = time.perf_counter()
         hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         sampled = self._sample(batch, hidden)
