@@ -40,6 +40,13 @@ class EngineConfig:
             "(CPU, bfloat16); none: dequantized weights only"
         ),
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata=_arg(
+            "auto (cpu where its kernel builds, else torch), torch (SDPA over gathered blocks), "
+            "or cpu (paged C++ decode kernel, built on first use)"
+        ),
+    )
     kv_cache_dtype: str = field(default="auto", metadata=_arg("KV cache dtype: auto (= dtype) or a dtype"))
     block_size: int = field(default=16, metadata=_arg("tokens per KV cache block"))
     kv_cache_memory: int | None = field(
@@ -95,6 +102,8 @@ class EngineConfig:
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
+        if self.attention_backend not in ("auto", "torch", "cpu"):
+            raise ValueError(f"attention_backend must be auto, torch or cpu, got {self.attention_backend!r}")
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
 

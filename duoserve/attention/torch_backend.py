@@ -53,10 +53,8 @@ class TorchAttentionBackend:
         k_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
         v_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
         out = torch.empty_like(q)
-        for group in self._decode_groups:
-            out.index_copy_(
-                0, group.rows, _decode(q.index_select(0, group.rows), k_pool, v_pool, group, scale)
-            )
+        if meta.num_decode_tokens:
+            self._decode_into(out, q, k_pool, v_pool, meta, scale)
         for chunk, mask in zip(meta.prefills, self._prefill_masks, strict=True):
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             if mask is None:  # no earlier context: attend to this chunk's own K/V
@@ -66,6 +64,21 @@ class TorchAttentionBackend:
                 values = _gather(v_pool, chunk.block_table)[: chunk.context_len]
             out[rows] = _attend(q[rows], keys, values, mask, scale)
         return out
+
+    def _decode_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> None:
+        """Attention of the decode rows [0, num_decode_tokens) into `out`."""
+        for group in self._decode_groups:
+            out.index_copy_(
+                0, group.rows, _decode(q.index_select(0, group.rows), k_pool, v_pool, group, scale)
+            )
 
 
 def _decode_groups(meta: AttentionMetadata) -> list[_DecodeGroup]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.attention.selector import make_attention_backend
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_transfer import (
     KVBlocks,
@@ -85,7 +85,7 @@ class EngineCore:
         self.model = LlamaModel(
             model_config,
             loaded.weights,
-            TorchAttentionBackend(),
+            make_attention_backend(config.attention_backend, self.device),
             self.device,
             config.resolved_dtype(),
             max_positions=self.max_model_len,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.attention.selector import make_attention_backend
 from duoserve.config import EngineConfig
 from duoserve.engine.model_runner import SeqChunk, layout_batch
 from duoserve.engine.request import Request
@@ -69,7 +69,7 @@ class DraftProposer:
         model = LlamaModel(
             model_config,
             loaded.weights,
-            TorchAttentionBackend(),
+            make_attention_backend(config.attention_backend, device),
             device,
             dtype,
             max_positions=max_model_len,

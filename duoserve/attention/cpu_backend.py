@@ -1,0 +1,96 @@
+"""The CPU backend: decodes read K/V from the paged pool in place, in a C++ kernel built on first use.
+
+At 256 decoding sequences the torch backend spends most of a step gathering every sequence's blocks
+into a padded buffer, layer after layer, before SDPA reads them a second time (BENCHMARKS.md). The
+kernel (`csrc/paged_attention_cpu.cpp`) walks each sequence's block table instead and reads every K/V
+row once. It is compiled with torch's C++ extension builder for the host CPU (`-march=native`), once
+per machine and torch version, cached under ~/.cache/torch_extensions (about 20 s on 2 cores). Prefill
+chunks stay on the torch path: they are compute-bound, and SDPA's flash kernel does them well.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from duoserve.attention.backend import AttentionMetadata
+from duoserve.attention.torch_backend import TorchAttentionBackend, _causal_mask
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
+
+
+def _host_tag() -> str:
+    """What the built library depends on besides its source: -march=native code runs only on CPUs with
+    the same features, and the extension links against this torch."""
+    try:
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+        )
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Build (or load the cached build of) the C++ kernels; False, with a warning, where that fails."""
+    if hasattr(torch.ops, "duoserve_cpu") and hasattr(torch.ops.duoserve_cpu, "paged_decode"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("loading the CPU attention kernel (built once per machine: ~20 s the first time)")
+        load(
+            name=f"duoserve_cpu_{_host_tag()}",
+            sources=[str(_SOURCE)],
+            # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
+            # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back
+        logger.warning("the CPU attention kernel is unavailable (%s); using the torch backend", error)
+        return False
+    return True
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens."""
+    return torch.ops.duoserve_cpu.paged_decode(
+        q.contiguous(), k_pool, v_pool, block_tables.contiguous(), context_lens.contiguous(), scale
+    )
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    def prepare(self, meta: AttentionMetadata) -> None:
+        self._decode_groups = []  # the kernel needs no padded groups
+        self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
+
+    def _decode_into(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> None:
+        num = meta.num_decode_tokens
+        out[:num] = paged_decode(
+            q[:num], k_pool, v_pool, meta.decode_block_tables, meta.decode_context_lens, scale
+        )

@@ -1,0 +1,126 @@
+"""The paged C++ decode kernel against plain attention over each sequence's context, on every code
+path (the AVX-512 specialisations for head sizes 64/128 and GQA groups up to 8, the generic loops
+otherwise), and the CPU backend against the torch backend on a mixed decode + prefill step."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from duoserve.attention.backend import AttentionMetadata, PrefillChunk
+from duoserve.attention.cpu_backend import CpuAttentionBackend, cpu_kernels_available, paged_decode
+from duoserve.attention.torch_backend import TorchAttentionBackend
+from tests.attention.test_torch_backend import _reference
+
+if shutil.which("c++") is None:
+    pytest.skip("no C++ compiler: the CPU kernel cannot be built", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    assert cpu_kernels_available()  # a compiler is here: the build must work
+
+
+def _paged_case(heads, kv_heads, dim, block_size, lens, kv_dtype, q_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    width = int((lens.max() + block_size - 1) // block_size)
+    num_blocks = width * len(lens) + 3
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(kv_dtype)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(kv_dtype)
+    # Distinct, shuffled blocks per sequence; table entries past a context are padding (block 0).
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(len(lens), width, dtype=torch.long)
+    for i, n in enumerate(((lens + block_size - 1) // block_size).tolist()):
+        tables[i, :n] = perm[i * width : i * width + n]
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(q_dtype)
+    return q, k_pool, v_pool, tables, lens
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [
+        (9, 3, 64, 16),  # SmolLM2: AVX-512, group 3
+        (8, 1, 128, 16),  # AVX-512, head size 128, group 8
+        (4, 4, 64, 5),  # MHA, a block size that splits 16-token chunks
+        (2, 2, 64, 40),  # blocks of several 16-token chunks plus a remainder
+        (16, 1, 64, 16),  # group 16: generic loops
+        (6, 2, 13, 5),  # odd head size: generic loops
+    ],
+)
+@pytest.mark.parametrize(
+    ("kv_dtype", "q_dtype", "tolerance"),
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.bfloat16, 1e-2),  # the output is rounded to bfloat16
+        (torch.bfloat16, torch.float32, 1e-5),  # a bf16 KV cache under an fp32 model
+        (torch.float16, torch.float32, 1e-5),
+    ],
+)
+@pytest.mark.parametrize("num_seqs", ["few", "many"])
+def test_paged_decode_matches_per_sequence_attention(
+    heads, kv_heads, dim, block_size, kv_dtype, q_dtype, tolerance, num_seqs
+) -> None:
+    lens = [1, block_size, block_size + 1, 3 * block_size, 7 * block_size - 2, 50, 97]
+    # Few sequences: a work item per (sequence, KV head); many: per sequence with all its KV heads.
+    lens = lens if num_seqs == "few" else (lens * 6)[:40]
+    q, k_pool, v_pool, tables, lens = _paged_case(heads, kv_heads, dim, block_size, lens, kv_dtype, q_dtype)
+    out = paged_decode(q, k_pool, v_pool, tables, lens, dim**-0.5)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    ref = _reference(q.float(), k_pool.float(), v_pool.float(), tables, lens, dim**-0.5)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
+
+
+def test_large_scores_do_not_overflow() -> None:
+    """Scores far apart (the online softmax's running max must rescale, not overflow)."""
+    q, k_pool, v_pool, tables, lens = _paged_case(9, 3, 64, 16, [200, 37], torch.float32, torch.float32)
+    q = q * 30
+    out = paged_decode(q, k_pool, v_pool, tables, lens, 0.125)
+    ref = _reference(q, k_pool, v_pool, tables, lens, 0.125)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_bad_inputs_raise() -> None:
+    q, k_pool, v_pool, tables, lens = _paged_case(9, 3, 64, 16, [20], torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="int64"):
+        paged_decode(q, k_pool, v_pool, tables.int(), lens, 0.125)
+    with pytest.raises(RuntimeError, match="heads"):
+        paged_decode(q[:, :8], k_pool, v_pool, tables, lens, 0.125)
+
+
+def test_backend_step_matches_torch_backend() -> None:
+    """A step of three decodes and two prefill chunks (one with cached context) through both backends."""
+    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(1)
+    num_blocks = 40
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    decode_lens = torch.tensor([5, 33, 70])
+    decode_tables = torch.tensor([[3, 0, 0, 0, 0], [7, 8, 9, 0, 0], [10, 11, 12, 13, 14]])
+    prefills = [
+        PrefillChunk(query_start=3, query_len=6, context_len=6, block_table=torch.tensor([20])),
+        PrefillChunk(query_start=9, query_len=10, context_len=40, block_table=torch.tensor([21, 22, 23])),
+    ]
+    num_tokens = 19
+    slots = [3 * 16 + 4, 9 * 16 + 0, 14 * 16 + 5] + [20 * 16 + i for i in range(6)]
+    slots += [23 * 16 - 2 + i for i in range(2)] + [23 * 16 + i for i in range(8)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decode_tokens=3,
+        decode_block_tables=decode_tables,
+        decode_context_lens=decode_lens,
+        prefills=prefills,
+        block_size=block_size,
+    )
+    q = torch.randn(num_tokens, heads, dim, generator=gen)
+    k = torch.randn(num_tokens, kv_heads, dim, generator=gen)
+    v = torch.randn(num_tokens, kv_heads, dim, generator=gen)
+    outs = []
+    for backend in (TorchAttentionBackend(), CpuAttentionBackend()):
+        pools = (k_pool.clone(), v_pool.clone())
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, pools, meta, dim**-0.5))
+    assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-5
