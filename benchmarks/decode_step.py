@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--attention-backend", default="auto")
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(
@@ -99,24 +100,31 @@ def main() -> None:
             dtype=args.dtype,
             quantization=args.quantization,
             num_threads=args.threads,
+            attention_backend=args.attention_backend,
             max_num_seqs=max(args.batch_sizes),
             max_num_batched_tokens=2048,
         )
     )
-    print(f"torch threads: {torch.get_num_threads()}, dtype {engine.core.model.dtype}, {args.quantization=}")
-    print("| batch | step ms | forward ms | overhead % | tok/s |")
-    print("|---|---|---|---|---|")
-    for batch in args.batch_sizes:
-        r = run_batch(engine, batch, args.context, args.steps)
-        print(
-            f"| {r['batch']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['overhead_pct']:.1f} | "
-            f"{r['tok_s']:.1f} |"
-        )
+    backend = type(engine.core.model.attention).__name__
+    print(
+        f"torch threads: {torch.get_num_threads()}, dtype {engine.core.model.dtype}, {args.quantization=}, "
+        f"attention {backend}"
+    )
     bw = copy_bandwidth()
     wb = weight_bytes(engine)
+    kv_per_token = engine.core.kv_cache.spec.bytes_per_block // engine.core.config.block_size
+    print("| batch | step ms | forward ms | overhead % | tok/s | bound ms (weights + KV read) |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        r = run_batch(engine, batch, args.context, args.steps)
+        bound = (wb + batch * (args.context + 1) * kv_per_token) / bw
+        print(
+            f"| {r['batch']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['overhead_pct']:.1f} | "
+            f"{r['tok_s']:.1f} | {bound * 1e3:.1f} |"
+        )
     print(
-        f"weights read per decode step: {wb / 1e6:.0f} MB; copy bandwidth {bw / 1e9:.1f} GB/s; "
-        f"bandwidth bound for batch-1 step: {wb / bw * 1e3:.1f} ms"
+        f"weights read per decode step: {wb / 1e6:.0f} MB; KV {kv_per_token} B per token of context; copy "
+        f"bandwidth {bw / 1e9:.1f} GB/s; bandwidth bound for batch-1 step: {wb / bw * 1e3:.1f} ms"
     )
 
 
