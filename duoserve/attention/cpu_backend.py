@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,11 +40,23 @@ def _host_tag() -> str:
     return hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja`; the pip package's binary may not be on PATH (e.g. under pyenv)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (or load the cached build of) the C++ kernels; False, with a warning, where that fails."""
     if hasattr(torch.ops, "duoserve_cpu") and hasattr(torch.ops.duoserve_cpu, "paged_decode"):
         return True
+    _put_ninja_on_path()
     try:
         from torch.utils.cpp_extension import load
 
