@@ -89,6 +89,8 @@ def test_bad_inputs_raise() -> None:
         paged_decode(q, k_pool, v_pool, tables.int(), lens, 0.125)
     with pytest.raises(RuntimeError, match="heads"):
         paged_decode(q[:, :8], k_pool, v_pool, tables, lens, 0.125)
+    with pytest.raises(RuntimeError, match="context length"):
+        paged_decode(q, k_pool, v_pool, tables, lens + 100, 0.125)
 
 
 def test_backend_step_matches_torch_backend() -> None:

@@ -517,6 +517,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   const Shape s{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), block_tables.size(1)};
   TORCH_CHECK(k_pool.size(3) == s.head_dim && s.num_heads % s.num_kv_heads == 0, "paged_decode: heads");
   TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0), "paged_decode: batch");
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < context_lens.size(0); ++i)  // a length past the table would read out of bounds
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= s.max_blocks * s.block_size, "paged_decode: context length ", lens[i],
+                " outside [1, ", s.max_blocks * s.block_size, "]");
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kFloat: dispatch_kv<float>(q, k_pool, v_pool, block_tables, context_lens, scale, s, out); break;
