@@ -5,12 +5,14 @@ otherwise), and the CPU backend against the torch backend on a mixed decode + pr
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sysconfig
 
 import pytest
 import torch
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
-from duoserve.attention.cpu_backend import CpuAttentionBackend, cpu_kernels_available, paged_decode
+from duoserve.attention.cpu_backend import _SOURCE, CpuAttentionBackend, cpu_kernels_available, paged_decode
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from tests.attention.test_torch_backend import _reference
 
@@ -126,3 +128,13 @@ def test_backend_step_matches_torch_backend() -> None:
         backend.prepare(meta)
         outs.append(backend.forward(q, k, v, pools, meta, dim**-0.5))
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-5
+
+
+def test_source_compiles_without_avx512() -> None:
+    """CPUs with AVX2 only (e.g. AMD Zen 3) get the generic loops: the source must build there too."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    command = ["c++", "-std=c++17", "-fsyntax-only", "-march=x86-64-v3", "-fopenmp", *includes, str(_SOURCE)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

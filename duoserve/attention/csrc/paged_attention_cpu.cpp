@@ -98,6 +98,10 @@ struct Scratch {
   }
 };
 
+// (q row of the sequence, K pool, V pool, block table, context length, KV heads [begin, end), scale, ...)
+using AttendFn = void (*)(const void*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float,
+                          const Shape&, Scratch&, void*);
+
 template <typename q_t, typename kv_t>
 void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
                 int64_t kv_head, float scale, const Shape& s, Scratch& w, q_t* out) {
@@ -423,9 +427,6 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   }
 }
 
-// (q row of the sequence, K pool, V pool, block table, context length, KV heads [begin, end), scale, ...)
-using AttendFn = void (*)(const void*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float,
-                          const Shape&, Scratch&, void*);
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_erased(const void* q, const void* k, const void* v, const int64_t* table, int64_t len, int64_t head_begin,
@@ -472,7 +473,7 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 #if defined(__AVX512F__)
   const AttendFn fast = pick_avx512<q_t, kv_t>(s);
 #else
-  const void* fast = nullptr;
+  const AttendFn fast = nullptr;  // the generic loops only
 #endif
   // A work item is a sequence with all its KV heads (a chunk of tokens is then one contiguous span of
   // the pool, which the prefetchers stream best), or, with too few sequences to keep every thread busy,
