@@ -17,8 +17,8 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 # The offline API's token budget per step, as vLLM's CPU backend sets for its LLM class: a batch job wants
-# throughput, and bigger prefill chunks run the GEMMs more efficiently (256 SmolLM2 requests on 2 cores:
-# 498 output tok/s at 512, 574 at 2048, 597 at 4096; BENCHMARKS.md). A server keeps EngineConfig's
+# throughput, and bigger prefill chunks run the GEMMs more efficiently (issue 2's benchmark, 256 SmolLM2
+# requests on 2 cores: 471 output tok/s at 512, 624 at 4096; BENCHMARKS.md). A server keeps EngineConfig's
 # 512, which bounds how long a prefill chunk stalls everyone's next token.
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096
 

@@ -11,10 +11,12 @@ from duoserve.attention.torch_backend import TorchAttentionBackend
 
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     """auto: the paged C++ kernel on CPU where it builds, torch elsewhere (CUDA until Triton lands)."""
-    if name == "cpu" and device.type != "cpu":
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return TorchAttentionBackend()
+    if device.type != "cpu":
         raise ValueError(f"attention_backend cpu runs on the CPU, not on {device}")
-    if name == "cpu" and not cpu_kernels_available():
-        raise ValueError("attention_backend cpu: its kernel could not be built here (see the warning)")
-    if name == "cpu" or (name == "auto" and device.type == "cpu" and cpu_kernels_available()):
+    if cpu_kernels_available():
         return CpuAttentionBackend()
+    if name == "cpu":
+        raise ValueError("attention_backend cpu: its kernel could not be built here (see the warning)")
     return TorchAttentionBackend()
