@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from duoserve.attention.backend import AttentionMetadata
-from duoserve.attention.torch_backend import TorchAttentionBackend, _causal_mask
+from duoserve.attention.torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +83,25 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens."""
+    """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens, or only
+    to its last `sliding_window` of them (the table entries before those are never read)."""
     return torch.ops.duoserve_cpu.paged_decode(
-        q.contiguous(), k_pool, v_pool, block_tables.contiguous(), context_lens.contiguous(), scale
+        q.contiguous(),
+        k_pool,
+        v_pool,
+        block_tables.contiguous(),
+        context_lens.contiguous(),
+        scale,
+        sliding_window or 0,
+        logits_soft_cap or 0.0,
     )
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    def prepare(self, meta: AttentionMetadata) -> None:
-        self._decode_groups = []  # the kernel needs no padded groups
-        self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
+    """The torch backend with its decodes in the kernel (which needs no padded groups)."""
 
     def _decode_into(
         self,
@@ -103,8 +111,17 @@ class CpuAttentionBackend(TorchAttentionBackend):
         v_pool: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
     ) -> None:
         num = meta.num_decode_tokens
         out[:num] = paged_decode(
-            q[:num], k_pool, v_pool, meta.decode_block_tables, meta.decode_context_lens, scale
+            q[:num],
+            k_pool,
+            v_pool,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+            sliding_window,
+            logits_soft_cap,
         )
