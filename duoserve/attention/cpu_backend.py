@@ -28,16 +28,19 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
 
 
-def _host_tag() -> str:
-    """What the built library depends on besides its source: -march=native code runs only on CPUs with
-    the same features, and the extension links against this torch."""
+def _build_tag() -> str:
+    """What the built library depends on: -march=native code runs only on CPUs with the same features,
+    the extension links against this torch, and its source. The source is in the name so that two
+    versions of the kernel (two checkouts, an upgrade) never load each other's build from the shared
+    cache: torch's builder only notices a changed source within one process."""
     try:
         flags = next(
             (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
         )
     except OSError:
         flags = platform.processor()
-    return hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:10]
+    source = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha1(f"{flags}|{torch.__version__}|{source}".encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
@@ -62,7 +65,7 @@ def cpu_kernels_available() -> bool:
 
         logger.info("loading the CPU attention kernel (built once per machine: ~20 s the first time)")
         load(
-            name=f"duoserve_cpu_{_host_tag()}",
+            name=f"duoserve_cpu_{_build_tag()}",
             sources=[str(_SOURCE)],
             # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
             # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.

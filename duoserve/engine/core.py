@@ -30,7 +30,7 @@ from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
 from duoserve.kv.cache import KVCache, KVCacheSpec
-from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
@@ -94,7 +94,9 @@ class EngineCore:
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.kv_layout = KVLayout.of(spec)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
+        )
         # Disaggregation: the sender a prefill worker pushes KV with (set by the engine process), the
         # decode side's requests waiting for their prompt's KV, and transfer counters.
         self.kv_sender: KVSendTransport | None = None
@@ -330,6 +332,8 @@ class EngineCore:
         try:
             if end > start:
                 source = self.kv.block_ids(request.request_id)[start:end]
+                if NULL_BLOCK in source:  # the scheduler keeps a sending request's blocks: a bug if not
+                    raise KVTransferError(f"blocks {start}..{end - 1} were freed before they were sent")
                 self.kv_sender.send_blocks(
                     ticket, ticket.block_ids[start:end], self.kv_cache.export_blocks(source)
                 )

@@ -96,7 +96,9 @@ class LlamaModel:
             q = _rope(q.view(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
             k = _rope(k.view(-1, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
             v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            attn = self.attention.forward(q, k, v, kv_cache.layer(index), meta, self.scale)
+            attn = self.attention.forward(
+                q, k, v, kv_cache.layer(index), meta, self.scale, sliding_window=layer.sliding_window
+            )
             x = x + layer.o_proj(attn.flatten(1))
             h = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -141,6 +143,7 @@ class _Layer:
     o_proj: Linear
     gate_up: Linear
     down_proj: Linear
+    sliding_window: int | None  # this layer's attention window (Mistral), None = the whole context
 
     @classmethod
     def from_weights(
@@ -164,6 +167,7 @@ class _Layer:
             o_proj=_linear(w, q, [attn + "o_proj.weight"]),
             gate_up=_linear(w, q, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
             down_proj=_linear(w, q, [mlp + "down_proj.weight"]),
+            sliding_window=config.layer_sliding_window(index),
         )
 
 

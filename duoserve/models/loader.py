@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from duoserve.models.config import ModelConfig
+from duoserve.models.config import ModelConfig, sliding_window_from_hf
 from duoserve.models.linear import QuantizedWeight, quantized_from_gguf
 
 __all__ = ["LoadedModel", "config_from_hf", "default_model_path", "load_model"]
@@ -189,6 +189,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     architecture = _hf_architecture(cfg)
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rope_theta, rope_scaling = _hf_rope(cfg)
+    sliding_window, layer_types = sliding_window_from_hf(cfg, cfg.get("model_type") or architecture)
     return ModelConfig(
         architecture=architecture,
         vocab_size=cfg["vocab_size"],
@@ -209,6 +210,8 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         attention_bias=architecture == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_id_list(cfg.get("eos_token_id")),
+        sliding_window=sliding_window,
+        layer_types=layer_types,
     )
 
 
