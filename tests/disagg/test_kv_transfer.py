@@ -126,6 +126,31 @@ def test_disaggregated_greedy_matches_colocated(model_path, zmq_context, prompt_
         pair.close()
 
 
+def test_sliding_window_model_transfers_every_prompt_block(zmq_context, tmp_path):
+    """Mistral with a 7-token window: the prefill side keeps (and sends) every prompt block although most
+    slid out of the window during its chunked prefill; the decode side frees them as it decodes."""
+    from duoserve.kv.kv_cache_manager import NULL_BLOCK
+    from tests.engine.test_sliding_window import tiny_mistral
+    from tests.helpers import EngineRecorder, hf_greedy, save_tiny_model
+
+    hf = tiny_mistral()
+    path = save_tiny_model(hf, tmp_path)
+    prompt = random_prompt(23, seed=23)
+    pair = Pair(path, zmq_context, prefill_overrides={"max_num_batched_tokens": 4})
+    recorders = [EngineRecorder(pair.prefill), EngineRecorder(pair.decode)]
+    try:
+        assert pair.prefill.kv.sliding_window == 7
+        assert pair.run(prompt, max_tokens=10) == hf_greedy(hf, prompt, 10)
+        assert pair.decode.stats()["kv_transfer_bytes"] == 6 * pair.prefill.kv_cache.spec.bytes_per_block
+        prefill_tables, decode_tables = ([t for s in r.steps for t in s.tables.values()] for r in recorders)
+        assert len(prefill_tables) == 6 and not any(NULL_BLOCK in t for t in prefill_tables)
+        assert decode_tables[-1][:5] == [NULL_BLOCK] * 5
+        for core in (pair.prefill, pair.decode):
+            assert core.kv.usage() == 0.0
+    finally:
+        pair.close()
+
+
 def test_decode_worker_speculates_on_transferred_kv(model_path, zmq_context):
     prompt = random_prompt(13, seed=4)
     expected = run_colocated(model_path, prompt, max_tokens=12)

@@ -31,7 +31,7 @@ BACKENDS = [
 ]
 
 
-def _tiny(config_cls, seed: int = 0, **overrides):
+def tiny_model(config_cls, seed: int = 0, **overrides):
     config = config_cls(
         vocab_size=TINY_VOCAB,
         hidden_size=48,
@@ -56,16 +56,23 @@ def _tiny(config_cls, seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_mistral():
+    """A random 2-layer Mistral whose every layer attends through a 7-token window."""
+    return tiny_model(transformers.MistralConfig, sliding_window=WINDOW)
+
+
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
-    model = _tiny(transformers.MistralConfig, sliding_window=WINDOW)
+    model = tiny_mistral()
     return model, save_tiny_model(model, tmp_path_factory.mktemp("mistral-swa"))
 
 
 @pytest.fixture(scope="module")
 def qwen2_mixed(tmp_path_factory):
     """Layer 0 full attention, layer 1 a window of 5."""
-    model = _tiny(transformers.Qwen2Config, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    model = tiny_model(
+        transformers.Qwen2Config, use_sliding_window=True, sliding_window=5, max_window_layers=1
+    )
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
     return model, save_tiny_model(model, tmp_path_factory.mktemp("qwen2-swa"))
 
