@@ -39,7 +39,8 @@ class Harness:
     """An EngineLoop on a real core; the test plays the API process on the other end of its sockets."""
 
     def __init__(self, path: str, context: zmq.Context, receiver=None, **overrides) -> None:
-        args = {k: v for k, v in ENGINE_ARGS.items() if k != "num_threads"}
+        # The torch attention backend: the CPU kernel is not what these tests are about.
+        args = {**{k: v for k, v in ENGINE_ARGS.items() if k != "num_threads"}, "attention_backend": "torch"}
         config = EngineConfig(model=path, **{**args, **overrides})
         self.core = EngineCore(config, load_model(path, torch.float32))
         self.to_engine = context.socket(zmq.PUSH)
