@@ -13,7 +13,7 @@ from duoserve.disagg.router import RouterClient
 from duoserve.disagg.routing import RouterConfig
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import random_prompt
-from tests.server.harness import ServerProcess, engine_flags
+from tests.server.harness import ServerProcess, engine_flags, free_port
 
 DEADLINE = 60.0  # generous: each wait returns as soon as its condition holds
 # A worker counts no request metrics for a router's requests (the router does), but it counts the
@@ -142,3 +142,39 @@ def test_request_aborted_before_its_route_started(router, worker):
         await settled(client, worker)
 
     run(router, scenario)
+
+
+def test_a_prefill_worker_lost_unnoticed_falls_back_to_local_prefill(model_dir, router, worker):
+    """The router still takes the prefill worker for up (no health check since it went): the request
+    tries it, then prefills on its decode worker, and leaves nothing behind on either side."""
+    prompt = random_prompt(20, seed=5)
+
+    async def reference(client: RouterClient) -> None:
+        stream = await client.add_request("local", None, prompt, greedy(6))
+        reference.tokens = [o async for o in client.outputs(stream)][-1].outputs[0].token_ids
+
+    run(router, reference)
+    loop = asyncio.new_event_loop()
+    config = RouterConfig(
+        prefill_urls=[f"http://127.0.0.1:{free_port()}"],  # nobody listens there
+        decode_urls=[worker.base_url],
+        remote_prefill_min_tokens=4,
+        health_interval=3600,  # one health check, at start: the router never notices by itself
+    )
+    client = RouterClient(model_dir, config, log_level="WARNING")
+    loop.run_until_complete(client.start())
+    (prefill,) = client.policy.prefill
+    prefill.healthy = True  # what it believed before the worker went away
+
+    async def scenario(client: RouterClient):
+        stream = await client.add_request("fallback", None, prompt, greedy(6))
+        outputs = [o async for o in client.outputs(stream)]
+        assert outputs[-1].outputs[0].token_ids == reference.tokens
+        assert client.num_remote_prefills == 1 and not prefill.healthy  # it tried, then marked it down
+        await settled(client, worker)
+
+    try:
+        run((client, loop), scenario)
+    finally:
+        loop.run_until_complete(client.shutdown())
+        loop.close()
