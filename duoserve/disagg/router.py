@@ -158,6 +158,8 @@ class RouterClient(EngineClient):
             self._routes[message.request_id] = route
             self._seq_routes.update(dict.fromkeys(message.seq_ids, route))
             route.task = asyncio.get_running_loop().create_task(self._run(route))
+            # A callback, not a `finally` in _run: a task cancelled before it starts never runs its body.
+            route.task.add_done_callback(lambda _: self._finish_route(route))
         elif isinstance(message, Abort):
             self._abort(message.seq_ids)
 
@@ -170,8 +172,10 @@ class RouterClient(EngineClient):
         for request_id, seqs in routes.items():
             route = self._routes[request_id]
             if set(seqs) >= set(route.add.seq_ids):
-                # Closing the worker streams aborts the request there and frees its blocks.
-                if route.task is not None and route.task is not asyncio.current_task():
+                # Closing the worker streams aborts the request there and frees its blocks. From the
+                # route's own task too (a stop string found in a batch it forwards): the cancellation
+                # lands at its next await, so the worker stops rather than running to max_tokens.
+                if route.task is not None:
                     route.task.cancel()
             elif route.workers:  # some of n sequences (a stop string ended them): tell the decode worker
                 worker = route.workers[-1]
@@ -204,8 +208,6 @@ class RouterClient(EngineClient):
             pass
         except Exception as err:  # a worker failed or refused: the client learns at once
             self._fail(route, err)
-        finally:
-            self._finish_route(route)
 
     async def _run_disaggregated(self, route: _Route, decode: Worker, prefill: Worker) -> None:
         add = route.add

@@ -12,13 +12,13 @@ import os
 import signal
 import time
 
+import msgspec
 import zmq
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_events import KVEventPublisher
 from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
-from duoserve.engine.core import EngineCore
-from duoserve.engine.request import Request
+from duoserve.engine.core import CoreOutput, EngineCore
 from duoserve.models.loader import load_model
 from duoserve.server.engine_messages import (
     Abort,
@@ -32,6 +32,7 @@ from duoserve.server.engine_messages import (
     message_encoder,
     request_decoder,
 )
+from duoserve.server.metrics import UNTRUSTED_DROPPED
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,9 @@ class EngineLoop:
         if receiver is not None:
             self.poller.register(receiver.socket, zmq.POLLIN)
         self.parent_pid = os.getppid()
-        # Sequences that have not produced a token yet: their Request objects give the queue and
-        # prefill times when the first token comes (the scheduler drops finished requests).
-        self.pending_start: dict[str, Request] = {}
+        # Inbox messages dropped because they did not decode ("malformed": not msgpack; "invalid":
+        # msgpack, but no message of ours). Zero from the start, so each series exists at 0.
+        self.dropped = {"malformed": 0, "invalid": 0}
         self.stopping = False
 
     def run(self) -> None:
@@ -140,19 +141,23 @@ class EngineLoop:
                 # Orphaned (the API process was killed): nobody reads the outputs; a full socket would block.
                 logger.warning("the API process is gone; engine exiting")
                 break
-            batch = EngineOutputs(timestamp=0.0)
-            handled = self._drain(batch, timeout_ms=self._poll_timeout())
-            if self.stopping:
-                break
-            handled = self._transfers(batch) or handled
-            if handled:
-                # Acks go out before the step, so a request's HTTP status never waits on a model step.
-                self._send(batch)
-            if self.core.has_schedulable():
-                self._step()
-            if self.publisher is not None:
-                self.publisher.publish(self.core.kv.pool.events)
-                self.core.kv.pool.events.clear()
+            self.turn()
+
+    def turn(self) -> None:
+        """One turn: handle what arrived (waiting for it when idle), then step once if there is work."""
+        batch = EngineOutputs(timestamp=0.0)
+        handled = self._drain(batch, timeout_ms=self._poll_timeout())
+        if self.stopping:
+            return
+        handled = self._transfers(batch) or handled
+        if handled:
+            # Acks go out before the step, so a request's HTTP status never waits on a model step.
+            self._send(batch)
+        if self.core.has_schedulable():
+            self._step()
+        if self.publisher is not None:
+            self.publisher.publish(self.core.kv.pool.events)
+            self.core.kv.pool.events.clear()
 
     def _poll_timeout(self) -> int:
         if self.core.has_schedulable():
@@ -184,9 +189,22 @@ class EngineLoop:
                 raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._handle(request_decoder.decode(raw.buffer), batch)
-            handled = True
+            message = self._decode(raw.buffer)
+            if message is not None:
+                self._handle(message, batch)
+            handled = True  # a dropped message too: the batch's stats carry the count at once
         return handled
+
+    def _decode(self, data: memoryview) -> AddRequest | Abort | Shutdown | None:
+        """The inbox message, or None (dropped and counted) when it is not one: whatever reaches the
+        socket must never end the loop."""
+        try:
+            return request_decoder.decode(data)
+        except msgspec.DecodeError as err:  # ValidationError is a DecodeError too
+            reason = "invalid" if isinstance(err, msgspec.ValidationError) else "malformed"
+            self.dropped[reason] += 1
+            logger.warning("dropped a %s message from the API process (%d bytes): %s", reason, len(data), err)
+            return None
 
     def _handle(self, message: AddRequest | Abort | Shutdown, batch: EngineOutputs) -> None:
         if isinstance(message, AddRequest):
@@ -198,7 +216,6 @@ class EngineLoop:
         elif isinstance(message, Abort):
             for seq_id in message.seq_ids:
                 self.core.abort(seq_id)
-                self.pending_start.pop(seq_id, None)
         elif isinstance(message, Shutdown):
             self.stopping = True
 
@@ -223,8 +240,6 @@ class EngineLoop:
                 return RequestError(message.request_id, 400, str(err))
             logger.exception("adding request %s failed", message.request_id)
             return RequestError(message.request_id, 500, f"the engine could not add the request: {err}")
-        for seq_id in added:
-            self.pending_start[seq_id] = self.core.scheduler.requests[seq_id]
         return None
 
     def _queue_full(self, num_new: int) -> bool:
@@ -249,24 +264,26 @@ class EngineLoop:
             return
         # Sent even without outputs (a prefill chunk): the step's token count and stats still count.
         batch = EngineOutputs(
-            timestamp=0.0, outputs=outputs, step_tokens=self.core.last_step.num_scheduled_tokens
+            timestamp=0.0,
+            outputs=outputs,
+            starts=_starts(outputs),
+            step_tokens=self.core.last_step.num_scheduled_tokens,
         )
-        for out in outputs:
-            request = self.pending_start.get(out.request_id) if out.new_token_ids else None
-            if request is None or request.first_token_time is None:
-                continue
-            del self.pending_start[out.request_id]
-            scheduled = request.first_scheduled_time or request.arrival_time
-            batch.starts.append(
-                SeqStart(
-                    out.request_id,
-                    queue_time=scheduled - request.arrival_time,
-                    prefill_time=request.first_token_time - scheduled,
-                )
-            )
         self._send(batch)
 
     def _send(self, batch: EngineOutputs) -> None:
         batch.timestamp = time.monotonic()
-        batch.stats = self.core.stats()
+        batch.stats = self.core.stats() | self._dropped_stats()
         self.outbox.send(message_encoder.encode(batch), copy=False)
+
+    def _dropped_stats(self) -> dict[str, float]:
+        return {f"{UNTRUSTED_DROPPED}:engine_ipc:{reason}": n for reason, n in self.dropped.items()}
+
+
+def _starts(outputs: list[CoreOutput]) -> list[SeqStart]:
+    """The queue and prefill times of the sequences whose first token is in this step's outputs."""
+    return [
+        SeqStart(out.request_id, queue_time=out.queue_time, prefill_time=out.prefill_time)
+        for out in outputs
+        if out.queue_time is not None and out.prefill_time is not None
+    ]
