@@ -53,11 +53,13 @@ def run_engine_process(
     max_queued_requests: int | None,
     log_level: str = "INFO",
     kv_host: str = "127.0.0.1",
+    cluster_secret: str | None = None,
 ) -> None:
     """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
 
     Besides the two sockets to the API process, it binds two TCP sockets on `kv_host`: a KV receiver
     (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
+    What goes over them is authenticated with `cluster_secret` when there is one.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
@@ -72,11 +74,14 @@ def run_engine_process(
     inbox.connect(input_address)
     outbox.connect(output_address)
     exit_code = 0
-    receiver = KVReceiver(context, kv_host)
-    sender = KVSender(context)
-    publisher = KVEventPublisher(context, kv_host)
+    receiver = None
+    sender = KVSender(context, cluster_secret)
+    publisher = KVEventPublisher(context, kv_host, cluster_secret)
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+        # No message can carry more blocks than a whole prompt of max_model_len tokens.
+        max_blocks = min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
+        receiver = KVReceiver(context, kv_host, core.kv_layout, max_blocks, cluster_secret)
         core.kv_sender = sender
         core.kv.pool.events = []
         outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))
@@ -89,7 +94,8 @@ def run_engine_process(
         for sock in (inbox, outbox):
             sock.close()
         for endpoint in (receiver, sender, publisher):
-            endpoint.close()
+            if endpoint is not None:
+                endpoint.close()
         context.term()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
     logging.shutdown()
@@ -163,15 +169,18 @@ class EngineLoop:
         """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
         if self.receiver is None:
             return False
-        for message, payload in self.receiver.receive():  # late ones (request gone) are dropped
+        dropped = sum(self.receiver.drops.counts.values())
+        for message, payload in self.receiver.receive(self.core.expects_kv):
             output = self.core.receive_kv(message, payload)
             if output is not None:
                 batch.outputs.append(output)
+        # A dropped message is sent as stats at once, so /metrics counts it even on an idle worker.
+        dropped = sum(self.receiver.drops.counts.values()) != dropped
         if not self.core.awaiting_kv:
-            return bool(batch.outputs)
+            return bool(batch.outputs) or dropped
         batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))
         batch.tickets.extend(self.core.issue_tickets(self.receiver.address))
-        return bool(batch.outputs or batch.tickets)
+        return bool(batch.outputs or batch.tickets) or dropped
 
     # ---------------------------------------------------------------- inbound
 
@@ -269,4 +278,6 @@ class EngineLoop:
     def _send(self, batch: EngineOutputs) -> None:
         batch.timestamp = time.monotonic()
         batch.stats = self.core.stats()
+        if self.receiver is not None:
+            batch.stats.update(self.receiver.drops.stats())
         self.outbox.send(message_encoder.encode(batch), copy=False)

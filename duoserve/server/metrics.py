@@ -68,6 +68,9 @@ class _EngineStateCollector(Collector):
         "spec_decode_num_accepted_tokens": "Number of accepted tokens.",
     }
     _PER_POSITION = "spec_decode_num_accepted_tokens_per_pos"
+    # Messages from the network that a socket dropped, as `untrusted_messages_dropped:<socket>:<reason>`
+    # (duoserve.disagg.auth.DropCounts; not in vLLM).
+    _DROPPED = "untrusted_messages_dropped"
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = labels
@@ -89,6 +92,16 @@ class _EngineStateCollector(Collector):
         for key, value in self.stats.items():
             if key.startswith(self._PER_POSITION + ":"):
                 family.add_metric([*values, key.rsplit(":", 1)[1]], float(value))
+        yield family
+        family = CounterMetricFamily(
+            PREFIX + self._DROPPED,
+            "Network messages dropped: malformed, oversized, unauthenticated, replayed or foreign.",
+            labels=[*names, "socket", "reason"],
+        )
+        for key, value in self.stats.items():
+            if key.startswith(self._DROPPED + ":"):
+                _, socket, reason = key.split(":", 2)
+                family.add_metric([*values, socket, reason], float(value))
         yield family
 
 
