@@ -351,7 +351,10 @@ class RouterClient(EngineClient):
             response.raise_for_status()
             info = response.json()
         except (httpx.HTTPError, ValueError) as err:
-            self._mark_down(worker, f"{type(err).__name__}: {err}")
+            reason = f"{type(err).__name__}: {err}"
+            if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 401:
+                reason = "it refused the router's credentials (401): same --cluster-secret and --api-key?"
+            self._mark_down(worker, reason)
             return
         if (
             worker.kind == "prefill"
