@@ -14,6 +14,8 @@ engine had produced them. A disaggregated request runs in two legs:
 
 Health checks (`/internal/info`, every second) keep each worker's state, load and KV event
 subscription; a worker that fails mid-request fails its requests promptly with a terminal error.
+With a cluster secret, every `/internal/*` request carries a tag that authenticates it (the secret
+itself is never sent), and KV events that do not authenticate are dropped (`duoserve.disagg.auth`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import zmq
 import zmq.asyncio
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_events import KVIndex, events_decoder
+from duoserve.disagg.auth import DROPPED_STAT, HTTP_PURPOSE, DropCounts, Signer, http_auth_header
+from duoserve.disagg.kv_events import AUTH_PURPOSE as EVENTS_SOCKET
+from duoserve.disagg.kv_events import KVEventSubscriber, KVIndex
 from duoserve.disagg.kv_transfer import KVTransferParams
 from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
 from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
@@ -94,12 +98,16 @@ class RouterClient(EngineClient):
         served_model_name: str | None = None,
         api_key: str | None = None,
         log_level: str = "INFO",
+        cluster_secret: str | None = None,
     ) -> None:
         super().__init__(EngineConfig(model=model), served_model_name, log_level=log_level)
         self.router_config = config
         self.index = KVIndex()
         self.policy = RoutingPolicy(config, self.index)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.cluster_secret = cluster_secret
+        self._signer = Signer(cluster_secret, HTTP_PURPOSE)
+        self.event_drops = DropCounts(EVENTS_SOCKET)  # KV events refused, over all subscriptions
         self._http: httpx.AsyncClient | None = None
         self._zmq: zmq.asyncio.Context | None = None
         self._subscriptions: dict[str, tuple[str, asyncio.Task]] = {}  # worker url -> (address, task)
@@ -182,9 +190,13 @@ class RouterClient(EngineClient):
                 body = encode(AbortSequences(request_id, seqs))
                 asyncio.get_running_loop().create_task(self._post_abort(worker, body))
 
+    def _internal_headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        return {**self._headers, **http_auth_header(self._signer, method, path, body)}
+
     async def _post_abort(self, worker: Worker, body: bytes) -> None:
+        headers = self._internal_headers("POST", "/internal/abort", body)
         with contextlib.suppress(httpx.HTTPError):
-            await self._http.post(f"{worker.url}/internal/abort", content=body, headers=self._headers)
+            await self._http.post(f"{worker.url}/internal/abort", content=body, headers=headers)
 
     async def _run(self, route: _Route) -> None:
         add = route.add
@@ -278,8 +290,10 @@ class RouterClient(EngineClient):
     async def _stream(self, worker: Worker, add: AddRequest) -> AsyncIterator[EngineOutputs]:
         """The worker's batches for this request, until it is done there."""
         url = f"{worker.url}/internal/generate"
+        body = encode(add)
+        headers = self._internal_headers("POST", "/internal/generate", body)
         try:
-            async with self._http.stream("POST", url, content=encode(add), headers=self._headers) as response:
+            async with self._http.stream("POST", url, content=body, headers=headers) as response:
                 if response.status_code != 200:
                     raise WorkerFailed(worker, response.status_code, _error_message(await response.aread()))
                 reader = FrameReader()
@@ -333,13 +347,16 @@ class RouterClient(EngineClient):
         try:
             response = await self._http.get(
                 f"{worker.url}/internal/info",
-                headers=self._headers,
+                headers=self._internal_headers("GET", "/internal/info"),
                 timeout=self.router_config.health_timeout,
             )
             response.raise_for_status()
             info = response.json()
         except (httpx.HTTPError, ValueError) as err:
-            self._mark_down(worker, f"{type(err).__name__}: {err}")
+            reason = f"{type(err).__name__}: {err}"
+            if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 401:
+                reason = "it refused the router's credentials (401): same --cluster-secret and --api-key?"
+            self._mark_down(worker, reason)
             return
         if (
             worker.kind == "prefill"
@@ -374,19 +391,12 @@ class RouterClient(EngineClient):
         self._subscriptions[worker.url] = (address, task)
 
     async def _listen(self, worker_url: str, address: str) -> None:
-        sock = self._zmq.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(address)
+        subscriber = KVEventSubscriber(self._zmq, address, self.event_drops, self.cluster_secret)
         try:
             while True:
-                raw = await sock.recv()
-                try:
-                    self.index.apply(worker_url, events_decoder.decode(raw))
-                except msgspec.DecodeError:
-                    logger.warning("undecodable KV event from %s", worker_url)
+                self.index.apply(worker_url, await subscriber.receive())
         finally:
-            sock.close()
+            subscriber.close()
 
     def _publish_stats(self) -> None:
         if self.metrics is None:
@@ -395,6 +405,10 @@ class RouterClient(EngineClient):
         total = {key: sum(s.get(key, 0.0) for s in stats) for key in _SUMMED_STATS}
         usages = [s.get("kv_cache_usage_perc", 0.0) for s in stats]
         total["kv_cache_usage_perc"] = sum(usages) / len(usages) if usages else 0.0
+        # Messages the workers' KV receivers dropped, summed, and the KV events this router dropped.
+        dropped = {key for s in stats for key in s if key.startswith(DROPPED_STAT + ":")}
+        total.update({key: sum(s.get(key, 0.0) for s in stats) for key in dropped})
+        total.update(self.event_drops.stats())
         self.metrics.set_engine_stats(total)
 
     def workers_status(self) -> list[dict]:

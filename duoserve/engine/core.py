@@ -262,6 +262,11 @@ class EngineCore:
             tickets.append(request.kv_ticket)
         return tickets
 
+    def expects_kv(self, request_id: str) -> bool:
+        """Whether KV for this request may arrive now: it waits for it and has its blocks (a ticket)."""
+        request = self.awaiting_kv.get(request_id)
+        return request is not None and request.kv_ticket is not None
+
     def receive_kv(self, message: KVMessage, payload: memoryview | None) -> CoreOutput | None:
         """Write arrived blocks into the request's cache; on KVDone, start decoding it.
 

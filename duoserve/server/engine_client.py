@@ -119,9 +119,11 @@ class EngineClient:
         max_queued_requests: int | None = None,
         log_level: str = "INFO",
         kv_host: str = "127.0.0.1",
+        cluster_secret: str | None = None,
     ) -> None:
         self.config = config
         self.kv_host = kv_host  # where the engine binds its KV receiver and KV event sockets
+        self.cluster_secret = cluster_secret  # authenticates what goes over those sockets
         try:
             self.model_path = config.model or default_model_path()
         except FileNotFoundError as err:
@@ -199,6 +201,7 @@ class EngineClient:
                 self.max_queued_requests,
                 self.log_level,
                 self.kv_host,
+                self.cluster_secret,
             ),
             name="duoserve-engine",
             daemon=True,

@@ -16,6 +16,7 @@ import msgspec
 import zmq
 
 from duoserve.config import EngineConfig
+from duoserve.disagg.auth import DropCounts
 from duoserve.disagg.kv_events import KVEventPublisher
 from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
 from duoserve.engine.core import CoreOutput, EngineCore
@@ -32,7 +33,6 @@ from duoserve.server.engine_messages import (
     message_encoder,
     request_decoder,
 )
-from duoserve.server.metrics import UNTRUSTED_DROPPED
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,13 @@ def run_engine_process(
     max_queued_requests: int | None,
     log_level: str = "INFO",
     kv_host: str = "127.0.0.1",
+    cluster_secret: str | None = None,
 ) -> None:
     """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
 
     Besides the two sockets to the API process, it binds two TCP sockets on `kv_host`: a KV receiver
     (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
+    What goes over them is authenticated with `cluster_secret` when there is one.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
@@ -73,11 +75,14 @@ def run_engine_process(
     inbox.connect(input_address)
     outbox.connect(output_address)
     exit_code = 0
-    receiver = KVReceiver(context, kv_host)
-    sender = KVSender(context)
-    publisher = KVEventPublisher(context, kv_host)
+    receiver = None
+    sender = KVSender(context, cluster_secret)
+    publisher = KVEventPublisher(context, kv_host, cluster_secret)
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+        # No message can carry more blocks than a whole prompt of max_model_len tokens.
+        max_blocks = min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
+        receiver = KVReceiver(context, kv_host, core.kv_layout, max_blocks, cluster_secret)
         core.kv_sender = sender
         core.kv.pool.events = []
         outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))
@@ -90,7 +95,8 @@ def run_engine_process(
         for sock in (inbox, outbox):
             sock.close()
         for endpoint in (receiver, sender, publisher):
-            endpoint.close()
+            if endpoint is not None:
+                endpoint.close()
         context.term()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
     logging.shutdown()
@@ -132,7 +138,7 @@ class EngineLoop:
         self.parent_pid = os.getppid()
         # Inbox messages dropped because they did not decode ("malformed": not msgpack; "invalid":
         # msgpack, but no message of ours). Zero from the start, so each series exists at 0.
-        self.dropped = {"malformed": 0, "invalid": 0}
+        self.drops = DropCounts("engine_ipc")
         self.stopping = False
 
     def run(self) -> None:
@@ -168,15 +174,18 @@ class EngineLoop:
         """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
         if self.receiver is None:
             return False
-        for message, payload in self.receiver.receive():  # late ones (request gone) are dropped
+        dropped = sum(self.receiver.drops.counts.values())
+        for message, payload in self.receiver.receive(self.core.expects_kv):
             output = self.core.receive_kv(message, payload)
             if output is not None:
                 batch.outputs.append(output)
+        # A dropped message is sent as stats at once, so /metrics counts it even on an idle worker.
+        dropped = sum(self.receiver.drops.counts.values()) != dropped
         if not self.core.awaiting_kv:
-            return bool(batch.outputs)
+            return bool(batch.outputs) or dropped
         batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))
         batch.tickets.extend(self.core.issue_tickets(self.receiver.address))
-        return bool(batch.outputs or batch.tickets)
+        return bool(batch.outputs or batch.tickets) or dropped
 
     # ---------------------------------------------------------------- inbound
 
@@ -202,8 +211,7 @@ class EngineLoop:
             return request_decoder.decode(data)
         except msgspec.DecodeError as err:  # ValidationError is a DecodeError too
             reason = "invalid" if isinstance(err, msgspec.ValidationError) else "malformed"
-            self.dropped[reason] += 1
-            logger.warning("dropped a %s message from the API process (%d bytes): %s", reason, len(data), err)
+            self.drops.drop(reason, f"from the API process ({len(data)} bytes): {err}")
             return None
 
     def _handle(self, message: AddRequest | Abort | Shutdown, batch: EngineOutputs) -> None:
@@ -273,11 +281,10 @@ class EngineLoop:
 
     def _send(self, batch: EngineOutputs) -> None:
         batch.timestamp = time.monotonic()
-        batch.stats = self.core.stats() | self._dropped_stats()
+        batch.stats = self.core.stats() | self.drops.stats()
+        if self.receiver is not None:
+            batch.stats.update(self.receiver.drops.stats())
         self.outbox.send(message_encoder.encode(batch), copy=False)
-
-    def _dropped_stats(self) -> dict[str, float]:
-        return {f"{UNTRUSTED_DROPPED}:engine_ipc:{reason}": n for reason, n in self.dropped.items()}
 
 
 def _starts(outputs: list[CoreOutput]) -> list[SeqStart]:

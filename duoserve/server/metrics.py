@@ -14,11 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from duoserve.disagg.auth import DROPPED_STAT
+
 PREFIX = "duoserve:"
 FINISH_REASONS = ("stop", "length", "abort")
 # Messages a socket dropped because they did not decode into one of its messages. Engine stats carry
 # them as "untrusted_messages_dropped:<socket>:<reason>"; the API process counts its own the same way.
-UNTRUSTED_DROPPED = "untrusted_messages_dropped"
+UNTRUSTED_DROPPED = DROPPED_STAT
 
 _TTFT_BUCKETS = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -96,7 +98,7 @@ class _EngineStateCollector(Collector):
         yield family
         family = CounterMetricFamily(
             PREFIX + UNTRUSTED_DROPPED,
-            "Messages dropped by a socket because they were not one of its messages.",
+            "Network messages dropped: malformed, oversized, unauthenticated, replayed or foreign.",
             labels=[*names, "socket", "reason"],
         )
         for key, value in (self.stats | self.local).items():

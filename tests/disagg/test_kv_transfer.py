@@ -60,12 +60,18 @@ class Pair:
     """A prefill core and a decode core joined by a KV sender/receiver pair."""
 
     def __init__(
-        self, path: str, context: zmq.Context, prefill_overrides=None, decode_overrides=None
+        self,
+        path: str,
+        context: zmq.Context,
+        prefill_overrides=None,
+        decode_overrides=None,
+        secret: str | None = None,
     ) -> None:
         self.prefill = make_core(path, **(prefill_overrides or {}))
         self.decode = make_core(path, **(decode_overrides or {}))
-        self.sender = KVSender(context)
-        self.receiver = KVReceiver(context, "127.0.0.1")
+        self.sender = KVSender(context, secret)
+        max_blocks = self.decode.kv.num_blocks
+        self.receiver = KVReceiver(context, "127.0.0.1", self.decode.kv_layout, max_blocks, secret)
         self.prefill.kv_sender = self.sender
         self.decode_tokens_computed = 0
 
@@ -100,7 +106,7 @@ class Pair:
         deadline = time.monotonic() + timeout
         tokens = []
         while self.decode.awaiting_kv and time.monotonic() < deadline:
-            for message, payload in self.receiver.receive():
+            for message, payload in self.receiver.receive(self.decode.expects_kv):
                 out = self.decode.receive_kv(message, payload)
                 if out is not None:
                     tokens += out.new_token_ids
