@@ -3,6 +3,7 @@
 #
 #   benchmarks/faults.sh [OUT_DIR] [-- SERVER ARGS]   # up --prefill 1 --decode 2, SmolLM2 Q4_1
 #   UP="--prefill 2 --decode 2" benchmarks/faults.sh   # another deployment
+#   DRIVER_ARGS="--max-tokens 16" benchmarks/faults.sh  # flags of `python benchmarks/reliability.py faults -h`
 #
 # For each kill: a closed loop of CONCURRENCY (8) streams, half with long prompts (prefilled remotely),
 # WARMUP (10) seconds of it, then SIGKILL of the worker. Reports, for the requests in flight then, which
@@ -22,6 +23,8 @@ status=0
 for kind in decode prefill; do
   args=(faults --kill "$kind" --up "${UP:---prefill 1 --decode 2}" --concurrency "${CONCURRENCY:-8}"
     --warmup "${WARMUP:-10}" --log "$out/server-$kind.log" --output "$out/faults-$kind.json")
+  # shellcheck disable=SC2206
+  args+=(${DRIVER_ARGS:-})  # more flags of benchmarks/reliability.py faults, e.g. "--max-tokens 16"
   python benchmarks/reliability.py "${args[@]}" -- "$@" 2>&1 | tee "$out/faults-$kind.txt" || status=1
 done
 exit $status

@@ -8,9 +8,10 @@ Both start the server themselves (`duoserve serve`, or `duoserve up` for a deplo
 --output, and exit 1 when a criterion fails (each failure is printed). benchmarks/soak.sh and
 benchmarks/faults.sh run them with their defaults.
 
-soak: first a closed loop at `--calibrate-concurrency` measures capacity (completed requests/s), and
-warms the server up; then Poisson arrivals at `--load-factor` x capacity for `--duration` seconds, with
-`--max-queued-requests` small so that overload is answered with 429. Criteria: no 5xx; every 200 ends
+soak: the server runs with `--max-num-seqs` = `--calibrate-concurrency` (8) and `--max-queued-requests`
+(16). First a closed loop of that many streams measures capacity (completed requests/s) and warms the
+server up; then Poisson arrivals at `--load-factor` (2) x capacity for `--duration` seconds: the running
+batch is full, the queue fills, and the overflow is answered with 429. Criteria: no 5xx; every 200 ends
 its stream with a finish_reason and [DONE]; the resident memory of each server and engine process,
 sampled every `--sample-interval` s, ends within `--max-rss-drift` of its first sample (taken after
 warm-up); KV cache usage back to 0 after the load (on every worker of a deployment).
@@ -142,7 +143,9 @@ def _label(proc: psutil.Process, root: psutil.Process) -> str:
         role = cmdline[cmdline.index("--role") + 1]
         return f"{role}:{cmdline[cmdline.index('--port') + 1]}"
     parent = proc.parent()
-    return f"engine({_label(parent, root)})" if parent is not None else f"pid {proc.pid}"
+    if parent is not None and any("spawn_main" in part for part in cmdline):
+        return f"engine({_label(parent, root)})"  # multiprocessing's spawned engine process
+    return f"{proc.name()}:{proc.pid}"  # e.g. multiprocessing's resource tracker
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -349,7 +352,15 @@ async def open_loop(
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    server = Server(_server_args(args, ["--max-queued-requests", str(args.max_queued_requests)]), args.log)
+    # The running batch holds as many sequences as the calibration runs at once, so that capacity is what
+    # the calibration measures, and arrivals past it queue (then get 429) instead of widening the batch.
+    bounds = [
+        "--max-num-seqs",
+        str(args.calibrate_concurrency),
+        "--max-queued-requests",
+        str(args.max_queued_requests),
+    ]
+    server = Server(_server_args(args, bounds), args.log)
     server.start(args.ready_timeout)
     failures: list[str] = []
     try:

@@ -124,8 +124,12 @@ async def _kill_under_load(router: ServerProcess, prompts: list[list[int]], vict
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), STREAM_TIMEOUT)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), STREAM_TIMEOUT)
-    return killed_at, outcomes
+        done, hung = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT)
+        for task in hung:
+            task.cancel()
+        if hung:
+            pytest.fail(f"{len(hung)} streams neither completed nor failed {STREAM_TIMEOUT:.0f} s after it")
+    return killed_at, [t.result() for t in tasks]
 
 
 def _check_outcomes(outcomes: list[Outcome], killed_at: float, victim: str, record_property) -> list[float]:
