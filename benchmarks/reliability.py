@@ -12,9 +12,9 @@ soak: the server runs with `--max-num-seqs` = `--calibrate-concurrency` (8) and 
 (16). First a closed loop of that many streams measures capacity (completed requests/s) and warms the
 server up; then Poisson arrivals at `--load-factor` (2) x capacity for `--duration` seconds: the running
 batch is full, the queue fills, and the overflow is answered with 429. Criteria: no 5xx; every 200 ends
-its stream with a finish_reason and [DONE]; the resident memory of each server and engine process,
-sampled every `--sample-interval` s, ends within `--max-rss-drift` of its first sample (taken after
-warm-up); KV cache usage back to 0 after the load (on every worker of a deployment).
+its stream with a finish_reason (not "abort") and [DONE]; the resident memory of each server and engine
+process, sampled every `--sample-interval` s, ends within `--max-rss-drift` of its first sample (taken
+after warm-up); KV cache usage back to 0 after the load (on every worker of a deployment).
 
 faults: a deployment (`up`, 1 prefill + 2 decode workers by default) under a closed loop of streamed
 requests (long prompts, prefilled remotely, and short ones); one worker is killed with SIGKILL. Reported:
@@ -22,8 +22,9 @@ for each request in flight then, whether it completed (a lost prefill worker's r
 on their decode worker) or the seconds from the kill to its terminal error; the seconds until the router
 took the worker out and until it rejoined (`up` restarts it); what requests started after the kill
 got; the survivors' KV usage after the load. Criteria: every stream in flight ends complete or with a
-terminal error (none hangs or ends cut short silently), within `--max-error-seconds` (2 s); the worker
-rejoins; requests started after the router took it out all succeed; the survivors' KV usage returns to 0.
+terminal error (none hangs, or ends cut short silently or with finish_reason "abort"), within
+`--max-error-seconds` (2 s); the worker rejoins; requests started after the router took it out all
+succeed; the survivors' KV usage returns to 0.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class Outcome:
 
     @property
     def complete(self) -> bool:
-        return self.status == 200 and self.finish_reason is not None and self.done and self.error is None
+        """A 200 whose stream ended normally: an "abort" finish is a request cut short without an error."""
+        ended = self.finish_reason is not None and self.finish_reason != "abort"
+        return self.status == 200 and ended and self.done and self.error is None
 
     @property
     def kind(self) -> str:

@@ -94,6 +94,7 @@ class _Route:
     num_tokens: int = 0  # prompt + generated, counted on its decode worker's load
     prefill_leg: asyncio.Task | None = None  # the prefill worker's half, while it runs
     lost: WorkerFailed | None = None  # set when the router cuts the request: a worker it was on is lost
+    aborted: set[str] = field(default_factory=set)  # sequences the router asked its decode worker to abort
 
 
 class RouterClient(EngineClient):
@@ -184,6 +185,7 @@ class RouterClient(EngineClient):
                 if route.task is not None and route.task is not asyncio.current_task():
                     route.task.cancel()
             elif route.workers:  # some of n sequences (a stop string ended them): tell the decode worker
+                route.aborted.update(seqs)
                 worker = route.workers[-1]
                 body = encode(AbortSequences(request_id, seqs))
                 asyncio.get_running_loop().create_task(self._post_abort(worker, body))
@@ -327,7 +329,14 @@ class RouterClient(EngineClient):
             raise WorkerFailed(worker, 503, f"worker lost ({type(err).__name__})", lost=True) from err
 
     def _forward(self, route: _Route, batch: EngineOutputs) -> None:
-        """Feed a worker's batch to the front, as if a local engine had produced it."""
+        """Feed a worker's batch to the front, as if a local engine had produced it.
+
+        A sequence the worker aborted without being asked (its KV wait expired, its transfer failed) is
+        a failure, which the client learns as a terminal error, not a stream that ends early.
+        """
+        for out in batch.outputs:
+            if out.finished and out.finish_reason == "abort" and out.request_id not in route.aborted:
+                raise WorkerFailed(route.workers[-1], 503, "the worker aborted the request")
         batch.stats = {}
         batch.tickets = []
         if batch.accepted:
