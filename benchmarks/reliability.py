@@ -3,10 +3,10 @@
     python benchmarks/reliability.py soak   [--duration 600] [--up "--prefill 1 --decode 1"] [-- SERVER ARGS]
     python benchmarks/reliability.py faults [--kill decode|prefill] [-- SERVER ARGS]
 
-Both start the server themselves (`duoserve serve`, or `duoserve up` for a deployment), talk to it only on
-127.0.0.1, stop it (and every process it started) at the end, print a report, write it as JSON with
+Both start the server themselves (`duoserve serve`, or `duoserve up` for a deployment), talk to it only
+on 127.0.0.1, stop it (and every process it started) at the end, print a report, write it as JSON with
 --output, and exit 1 when a criterion fails (each failure is printed). benchmarks/soak.sh and
-benchmarks/faults.sh run them with their defaults.
+benchmarks/faults.sh run them with their defaults. Needs psutil (`pip install -e ".[bench]"`).
 
 soak: the server runs with `--max-num-seqs` = `--calibrate-concurrency` (8) and `--max-queued-requests`
 (16). First a closed loop of that many streams measures capacity (completed requests/s) and warms the
