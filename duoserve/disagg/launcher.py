@@ -159,6 +159,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         command += [args.model] if args.model else []
         command += ["--role", role, "--port", str(port), "--num-threads", str(threads), *worker_flags]
         command += ["--api-key", args.api_key] if args.api_key else []
+        # The queue bound is the workers' (the router queues nothing): overload gets 429 from them.
+        command += ["--max-queued-requests", str(args.max_queued_requests)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if args.cluster_secret:  # in the environment, where `ps` does not show it
             env[SECRET_ENV] = args.cluster_secret

@@ -13,7 +13,11 @@ engine had produced them. A disaggregated request runs in two legs:
 3. the decode worker, given the KV and the first token, decodes the rest, streamed from leg 1.
 
 Health checks (`/internal/info`, every second) keep each worker's state, load and KV event
-subscription; a worker that fails mid-request fails its requests promptly with a terminal error.
+subscription. A worker that is lost (its stream breaks, or a health check fails) is taken out of the
+pool at once, and every request on it is cut: one whose client has its 200 ends with a terminal error
+event, one not yet accepted is sent to another worker, and one whose prefill worker was lost before
+its first token is prefilled on its decode worker. Cutting a request closes its streams to the
+surviving workers, which abort it there and free its KV blocks.
 With a cluster secret, every `/internal/*` request carries a tag that authenticates it (the secret
 itself is never sent), and KV events that do not authenticate are dropped (`duoserve.disagg.auth`).
 """
@@ -70,13 +74,17 @@ _SUMMED_STATS = (
 
 # Suffix of the ids of a request retried on its decode worker after its prefill worker failed.
 _RETRY = "~local"
+# A request that no worker accepted yet is tried on this many decode workers before its client gets a 503:
+# a worker that died a moment ago refuses connections until the router has noticed it.
+_MAX_ATTEMPTS = 3
 
 
 class WorkerFailed(Exception):
-    def __init__(self, worker: Worker, status: int, message: str) -> None:
+    def __init__(self, worker: Worker, status: int, message: str, lost: bool = False) -> None:
         super().__init__(f"worker {worker.url}: {message}")
         self.worker = worker
         self.status = status
+        self.lost = lost  # the worker is gone (unreachable), rather than refusing this request
 
 
 @dataclass
@@ -86,8 +94,11 @@ class _Route:
     add: AddRequest
     task: asyncio.Task | None = None
     accepted: bool = False
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)  # [prefill worker while its leg runs,] decode
     num_tokens: int = 0  # prompt + generated, counted on its decode worker's load
+    prefill_leg: asyncio.Task | None = None  # the prefill worker's half, while it runs
+    lost: WorkerFailed | None = None  # set when the router cuts the request: a worker it was on is lost
+    aborted: set[str] = field(default_factory=set)  # sequences the router asked its decode worker to abort
 
 
 class RouterClient(EngineClient):
@@ -186,6 +197,7 @@ class RouterClient(EngineClient):
                 if route.task is not None:
                     route.task.cancel()
             elif route.workers:  # some of n sequences (a stop string ended them): tell the decode worker
+                route.aborted.update(seqs)
                 worker = route.workers[-1]
                 body = encode(AbortSequences(request_id, seqs))
                 asyncio.get_running_loop().create_task(self._post_abort(worker, body))
@@ -201,25 +213,39 @@ class RouterClient(EngineClient):
     async def _run(self, route: _Route) -> None:
         add = route.add
         try:
-            disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
-            decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
-            if decode is None:
-                raise EngineUnavailable("no decode worker is reachable")
-            route.num_tokens = len(add.prompt_token_ids)
-            decode.active_tokens += route.num_tokens
-            decode.num_requests += 1
-            route.workers.append(decode)
-            if prefill is None:
-                self.num_local_prefills += 1
-                async for batch in self._stream(decode, add):
-                    self._forward(route, batch)
-            else:
-                self.num_remote_prefills += 1
-                await self._run_disaggregated(route, decode, prefill)
+            for attempt in range(1, _MAX_ATTEMPTS + 1):
+                try:
+                    await self._attempt(route)
+                    return
+                except WorkerFailed as err:
+                    if route.accepted or not err.lost or attempt == _MAX_ATTEMPTS:
+                        raise
+                    # Nothing reached the client yet: the next healthy decode worker takes it.
+                    logger.warning("request %s: %s; routing it again", add.request_id, err)
+                    self._release(route)
         except asyncio.CancelledError:
-            pass
+            if route.lost is not None:  # cut by the router (a lost worker), not by its client
+                self._fail(route, route.lost)
         except Exception as err:  # a worker failed or refused: the client learns at once
             self._fail(route, err)
+
+    async def _attempt(self, route: _Route) -> None:
+        add = route.add
+        disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
+        decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
+        if decode is None:
+            raise EngineUnavailable("no decode worker is reachable")
+        route.num_tokens = len(add.prompt_token_ids)
+        decode.active_tokens += route.num_tokens
+        decode.num_requests += 1
+        route.workers.append(decode)
+        if prefill is None:
+            self.num_local_prefills += 1
+            async for batch in self._stream(decode, add):
+                self._forward(route, batch)
+        else:
+            self.num_remote_prefills += 1
+            await self._run_disaggregated(route, decode, prefill)
 
     async def _run_disaggregated(self, route: _Route, decode: Worker, prefill: Worker) -> None:
         add = route.add
@@ -241,11 +267,18 @@ class RouterClient(EngineClient):
             prefill.queued_prefill_tokens += uncached
             prefill.num_requests += 1
             route.workers.insert(0, prefill)
+            # Its own task, so that losing the prefill worker cuts this leg alone (see `_cut`).
+            leg = asyncio.get_running_loop().create_task(self._prefill_leg(route, prefill, send))
+            route.prefill_leg = leg
             try:
-                finished = await self._prefill_leg(route, prefill, send)
-            except WorkerFailed as err:
+                finished = await leg
+            except (WorkerFailed, asyncio.CancelledError) as err:
+                if isinstance(err, asyncio.CancelledError):
+                    if route.lost is None or route.lost.worker is not prefill:
+                        raise  # the client left, or the decode worker was lost
+                    err, route.lost = route.lost, None
                 if route.num_tokens > len(add.prompt_token_ids):
-                    raise  # the client has its first token: too late to start over
+                    raise err  # the client has its first token: too late to start over
                 # No token yet: prefill on the decode worker instead (its KV-waiting half is dropped).
                 logger.warning("request %s: %s; prefilling on %s instead", add.request_id, err, decode.url)
                 await decode_stream.aclose()
@@ -258,6 +291,8 @@ class RouterClient(EngineClient):
                 return
             finally:
                 prefill.queued_prefill_tokens -= uncached
+                route.workers.remove(prefill)
+                route.prefill_leg = None
             if finished:
                 return  # the first token ended it: closing the decode stream frees the decode side
             async for batch in decode_stream:
@@ -304,10 +339,17 @@ class RouterClient(EngineClient):
                         yield frame
         except httpx.HTTPError as err:
             self._mark_down(worker, f"{type(err).__name__}: {err}")
-            raise WorkerFailed(worker, 503, f"connection failed ({type(err).__name__})") from err
+            raise WorkerFailed(worker, 503, f"worker lost ({type(err).__name__})", lost=True) from err
 
     def _forward(self, route: _Route, batch: EngineOutputs) -> None:
-        """Feed a worker's batch to the front, as if a local engine had produced it."""
+        """Feed a worker's batch to the front, as if a local engine had produced it.
+
+        A sequence the worker aborted without being asked (its KV wait expired, its transfer failed) is
+        a failure, which the client learns as a terminal error, not a stream that ends early.
+        """
+        for out in batch.outputs:
+            if out.finished and out.finish_reason == "abort" and out.request_id not in route.aborted:
+                raise WorkerFailed(route.workers[-1], 503, "the worker aborted the request")
         batch.stats = {}
         batch.tickets = []
         if batch.accepted:
@@ -328,18 +370,27 @@ class RouterClient(EngineClient):
         else:
             self._end_stream(request_id, EngineUnavailable(message))
 
-    def _finish_route(self, route: _Route) -> None:
-        self._routes.pop(route.add.request_id, None)
-        for seq_id in route.add.seq_ids:
-            self._seq_routes.pop(seq_id, None)
+    def _release(self, route: _Route) -> None:
+        """Take the request off its decode worker's load (once: a retry or its end)."""
         if route.workers:
             route.workers[-1].active_tokens -= route.num_tokens
+        route.workers.clear()
+        route.num_tokens = 0
 
     # ---------------------------------------------------------------- workers
 
     async def _health_loop(self) -> None:
+        # Each worker on its own clock: one that hangs (until the check's timeout) delays no other's check.
+        watches = [self._watch(w) for w in self.policy.workers]
+        await asyncio.gather(*watches, self._publish_loop())
+
+    async def _watch(self, worker: Worker) -> None:
         while True:
-            await asyncio.gather(*(self._check(w) for w in self.policy.workers))
+            await self._check(worker)
+            await asyncio.sleep(self.router_config.health_interval)
+
+    async def _publish_loop(self) -> None:
+        while True:
             self._publish_stats()
             await asyncio.sleep(self.router_config.health_interval)
 
@@ -379,6 +430,25 @@ class RouterClient(EngineClient):
         if subscription is not None:
             subscription[1].cancel()
         self.index.drop(worker.url)
+        lost = WorkerFailed(worker, 503, f"worker lost ({reason})", lost=True)
+        for route in list(self._routes.values()):
+            self._cut(route, lost)
+
+    def _cut(self, route: _Route, lost: WorkerFailed) -> None:
+        """End the part of a request that runs on a lost worker, without waiting for its stream to break.
+
+        A killed worker's connections reset at once, but a request whose decode worker only waits for
+        KV (its prefill leg runs elsewhere) reads nothing from it, and a hung worker resets nothing.
+        The request's own task is left alone: it is the one that found the loss, and is handling it.
+        """
+        current = asyncio.current_task()
+        leg = route.prefill_leg
+        if leg is not None and route.workers[0] is lost.worker and not leg.done() and leg is not current:
+            route.lost = lost
+            leg.cancel()  # its decode worker prefills it instead, if no token went out yet
+        elif route.workers and route.workers[-1] is lost.worker and route.task not in (None, current):
+            route.lost = lost
+            route.task.cancel()
 
     def _subscribe(self, worker: Worker, address: str) -> None:
         current = self._subscriptions.get(worker.url)
