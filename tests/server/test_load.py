@@ -44,10 +44,15 @@ def idle(m: dict[str, float]) -> bool:
 
 
 def test_disconnected_clients_free_their_kv_blocks(server):
-    aborted_before = server.metrics()['duoserve:request_success_total{finished_reason="abort"}']
+    aborted = 'duoserve:request_success_total{finished_reason="abort"}'
+    aborted_before = server.metrics()[aborted]
 
     async def run() -> dict[str, float]:
-        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="-", max_retries=0) as client:
+        async with (
+            openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="-", max_retries=0) as client,
+            httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE) as http,
+        ):
+            # Two streams take both seats of the running batch...
             streams = []
             for seed in range(2):
                 stream = await client.completions.create(
@@ -63,29 +68,23 @@ def test_disconnected_clients_free_their_kv_blocks(server):
                     if received == 3:
                         break
                 streams.append(stream)
-            busy = server.metrics()
+            # ...so a non-streaming request waits in the queue until the client gives up on it.
+            body = {"model": server.model, "prompt": random_prompt(8, seed=5), "max_tokens": LONG}
+            request = asyncio.ensure_future(http.post("/v1/completions", json={**body, "ignore_eos": True}))
+            busy = await wait_for_metrics_async(
+                server,
+                lambda m: m["duoserve:num_requests_waiting"] == 1,
+                "the non-streaming request to be queued",
+            )
+            request.cancel()  # its connection closes
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
             for stream in streams:
-                await stream.close()  # the client goes away mid-stream
+                await stream.close()  # the clients go away mid-stream
             return busy
 
     busy = asyncio.run(run())
     assert busy["duoserve:num_requests_running"] == 2 and busy["duoserve:kv_cache_usage_perc"] > 0
-    wait_for_metrics(server, idle, "the streams' blocks to be freed")
-
-    # A non-streaming client that gives up while its request runs is aborted too.
-    async def leave_while_running() -> None:
-        body = {"model": server.model, "prompt": random_prompt(8, seed=5), "max_tokens": LONG}
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE) as http:
-            request = asyncio.ensure_future(http.post("/v1/completions", json={**body, "ignore_eos": True}))
-            await wait_for_metrics_async(
-                server, lambda m: m["duoserve:num_requests_running"] == 1, "the request to run"
-            )
-            request.cancel()  # the connection closes
-            with contextlib.suppress(asyncio.CancelledError):
-                await request
-
-    asyncio.run(leave_while_running())
-    aborted = 'duoserve:request_success_total{finished_reason="abort"}'
     after = wait_for_metrics(
         server, lambda m: idle(m) and m[aborted] >= aborted_before + 3, "three aborts and an idle engine"
     )
