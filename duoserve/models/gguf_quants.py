@@ -93,7 +93,7 @@ class GGUFTensor:
 def check_quantized_shape(type_name: str, shape: tuple[int, ...]) -> None:
     block = BLOCK_LAYOUT[type_name][0]
     if len(shape) != 2 or shape[1] % block:
-        raise ValueError(f"a {type_name} tensor must be a matrix with rows of whole {block}-value blocks: {shape}")
+        raise ValueError(f"a {type_name} tensor must be a matrix of whole {block}-value blocks: {shape}")
 
 
 def decode_blocks(raw: torch.Tensor, type_name: str, cols: int) -> GroupCodes:
