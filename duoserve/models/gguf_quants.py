@@ -240,3 +240,36 @@ _DECODERS = {
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random blocks, for tests and benchmarks: gguf can quantize only the legacy types, not the K-quants.
+
+# type -> ((byte offset of each fp16 field, its size for values in [-1, 1]), ...): d bounds the largest
+# |scale * code| (the min fields, negated, pull codes down to the same range), so values stay in about
+# [-1, 1] whatever the random code and sub-scale bytes are.
+_FP16_FIELDS: dict[str, tuple[tuple[int, float], ...]] = {
+    "Q4_0": ((0, 1 / 8),),
+    "Q4_1": ((0, 1 / 8), (2, -1.0)),
+    "Q5_0": ((0, 1 / 16),),
+    "Q5_1": ((0, 1 / 16), (2, -1.0)),
+    "Q8_0": ((0, 1 / 128),),
+    "IQ4_NL": ((0, 1 / 127),),
+    "Q2_K": ((80, 2 / 45), (82, 1 / 15)),
+    "Q3_K": ((108, 1 / 128),),
+    "Q4_K": ((0, 2 / (63 * 15)), (2, 1 / 63)),
+    "Q5_K": ((0, 2 / (63 * 31)), (2, 1 / 63)),
+    "Q6_K": ((208, 1 / (128 * 32)),),
+}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, generator: torch.Generator, scale: float = 1.0):
+    """uint8 [rows, bytes per row] of valid `type_name` blocks: random codes and sub-scales, fp16 scales
+    drawn so that the values lie in about [-scale, scale]."""
+    block, nbytes = BLOCK_LAYOUT[type_name]
+    n = rows * (cols // block)
+    blocks = torch.randint(0, 256, (n, nbytes), dtype=torch.uint8, generator=generator)
+    for offset, size in _FP16_FIELDS[type_name]:
+        jitter = 0.5 + torch.rand(n, 1, generator=generator)
+        blocks[:, offset : offset + 2] = (size * scale * jitter).half().view(torch.uint8)
+    return blocks.view(rows, -1)
