@@ -26,7 +26,7 @@ So the issue's ~1.2x target holds for Q4_0/Q4_1/Q4_K, Q8_0 and Q6_K (what Q4_K_M
 files are made of), not for the 5-, 3- and 2-bit types nor IQ4_NL, which torch has no kernel for at
 their width: their codes (all exact int8 values times a group scale, see gguf_quants) are requantized to
 torch's int8 layout, one scale per row: an error of at most half a step of the row's largest value
-(0.4%), the order of bfloat16's own rounding. Q4 types map exactly onto torch's int4 groups of 32
+(0.4%); on random blocks a matmul's relative error is 0.6-0.8%, against 0.25% for bfloat16 alone. Q4 types map exactly onto torch's int4 groups of 32
 (scale = d * sc, zero from the min), up to the bfloat16 rounding of scale and zero.
 """
 
@@ -218,8 +218,8 @@ class Int8Linear(_QuantizedLinear):
     """Every other GGUF type as int8 codes with one scale per output row (torch's int8 kernel).
 
     torch's int8 kernel takes one scale per output row, not GGUF's one per 16 or 32 values, so the exact
-    codes are re-quantized per row: an error of at most half a step of the row's largest value (0.4%),
-    the same order as bfloat16's rounding. Large steps multiply the codes as dense tiles and apply the
+    codes are re-quantized per row: an error of at most half a step of the row's largest value (0.4%);
+    0.6-0.8% relative error of a matmul on random blocks of every type, 3x that of bfloat16 alone. Large steps multiply the codes as dense tiles and apply the
     row scales to the GEMM's output columns.
     """
 
