@@ -71,7 +71,7 @@ def test_no_dense_copy_is_kept():
     held = sum(t.numel() * t.element_size() for t in (linear.packed, linear.scales_and_zeros))
     assert held <= 1.12 * weight.nbytes  # 5 bits per weight against the file's 4.5
     linear(torch.randn(64, 1024).bfloat16())  # a large step: tiles, not a matrix-sized buffer
-    scratch = linear_module._scratch._buffers[(torch.bfloat16, CPU)]
+    scratch = linear_module._scratch._buffers[(torch.bfloat16, CPU, "tile")]
     assert scratch.numel() <= max(linear_module.TILE_VALUES, 64 * 1024)
     q6 = make_linear([_tensor("Q6_K", 256, 1024)], None, torch.bfloat16, CPU, quantized=True)
     assert q6.codes.element_size() == 1 and q6.codes.shape == (256, 1024)
