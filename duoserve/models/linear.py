@@ -49,8 +49,9 @@ QUANTIZED_MAX_ROWS = 8
 # Values per dequantized tile (2 MiB in bfloat16): large enough for the GEMM to run at full speed on
 # hundreds of output rows, small enough to stay in cache between dequantizing and use.
 TILE_VALUES = 1 << 20
-# Rows converted at a time while building a layer: bounds the transient int32/float32 copies of loading.
-_BUILD_ROWS = 1024
+# Rows converted at a time while building a layer: bounds the transient int32/float32 copies of loading
+# (a multiple of 64, so that torch's int4 packing of each chunk is the packing of the whole).
+_BUILD_ROWS = 256
 
 
 def quantized_kernels_available(device: torch.device, dtype: torch.dtype) -> bool:

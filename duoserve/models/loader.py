@@ -1,7 +1,9 @@
 """Load Llama-family decoder weights from a Hugging Face directory or a GGUF file.
 
-Both sources end up as a `ModelConfig` plus a flat dict of torch tensors under Hugging Face parameter
-names (`model.layers.0.self_attn.q_proj.weight`, ...), so the model code only knows one layout.
+Both sources end up as a `ModelConfig` plus a flat dict of weights under Hugging Face parameter names
+(`model.layers.0.self_attn.q_proj.weight`, ...), so the model code only knows one layout. Weights are
+torch tensors, except a GGUF's block-quantized matrices, which stay the file's blocks (GGUFTensor): the
+model keeps them quantized or dequantizes them one at a time, so no dense copy of the model is made here.
 """
 
 from __future__ import annotations
