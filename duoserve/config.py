@@ -36,7 +36,7 @@ class EngineConfig:
     quantization: str = field(
         default="auto",
         metadata=_arg(
-            "auto: GGUF Q4_0/Q4_1 weights stay 4-bit for decode-sized steps where a kernel exists "
+            "auto: GGUF-quantized weights stay quantized (4 or 8-bit) where a kernel exists "
             "(CPU, bfloat16); none: dequantized weights only"
         ),
     )

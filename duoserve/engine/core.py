@@ -34,7 +34,7 @@ from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
-from duoserve.platform import keep_freed_memory
+from duoserve.platform import keep_freed_memory, release_freed_memory
 from duoserve.sampling_params import SamplingParams
 from duoserve.spec.ngram import NgramProposer
 from duoserve.spec.proposer import Proposer
@@ -115,6 +115,8 @@ class EngineCore:
             else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
         )
         self.last_step = StepStats()
+        if self.device.type == "cpu":
+            release_freed_memory()  # the transients of building the layers
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks,

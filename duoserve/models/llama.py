@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import ModelConfig
+from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
     DenseLinear,
-    QuantizedWeight,
+    Weight,
+    dense_weight,
+    make_embedding,
     make_linear,
     quantized_kernels_available,
 )
@@ -57,21 +60,26 @@ class LlamaModel:
     def __init__(
         self,
         config: ModelConfig,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, Weight],
         attention: AttentionBackend,
         device: torch.device,
         dtype: torch.dtype,
         max_positions: int,
-        quantized: dict[str, QuantizedWeight] | None = None,
+        quantized: dict[str, GGUFTensor] | None = None,
     ) -> None:
-        """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist."""
+        """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
+        subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
+        dequantized into `dtype` as its layer is built."""
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.scale = config.head_dim**-0.5
-        w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
-        q = quantized if quantized and quantized_kernels_available(device, dtype) else {}
-        self.embed = w["model.embed_tokens.weight"]
+        q = _Build(dtype, device, bool(quantized) and quantized_kernels_available(device, dtype))
+        w = {
+            n: t if q.quantized and isinstance(t, GGUFTensor) else dense_weight(t, dtype, device)
+            for n, t in weights.items()
+        }
+        self.embed = make_embedding(w["model.embed_tokens.weight"], dtype, device, q.quantized)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = _linear(w, q, [head])
         self.norm = w["model.norm.weight"]
@@ -89,7 +97,7 @@ class LlamaModel:
         cfg = self.config
         self.attention.prepare(meta)
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
@@ -146,9 +154,7 @@ class _Layer:
     sliding_window: int | None  # this layer's attention window (Mistral), None = the whole context
 
     @classmethod
-    def from_weights(
-        cls, w: dict[str, torch.Tensor], q: dict[str, QuantizedWeight], index: int, config: ModelConfig
-    ) -> _Layer:
+    def from_weights(cls, w: dict[str, Weight], q: _Build, index: int, config: ModelConfig) -> _Layer:
         p = f"model.layers.{index}."
         attn, mlp = p + "self_attn.", p + "mlp."
         qkv_sizes = [
@@ -171,16 +177,15 @@ class _Layer:
         )
 
 
-def _linear(
-    w: dict[str, torch.Tensor],
-    q: dict[str, QuantizedWeight],
-    names: list[str],
-    bias: torch.Tensor | None = None,
-) -> Linear:
-    """One matmul over the named weights stacked along their outputs; quantized if all of them are,
-    in the same format."""
-    weight = torch.cat([w[n] for n in names]) if len(names) > 1 else w[names[0]]
-    parts = [q.get(n) for n in names]
-    if any(p is None or type(p) is not type(parts[0]) for p in parts):
-        return make_linear(weight, bias, None)
-    return make_linear(weight, bias, type(parts[0]).cat(parts) if len(parts) > 1 else parts[0])
+@dataclass(frozen=True)
+class _Build:
+    """How linears are built: their dtype and device, and whether quantized weights stay quantized."""
+
+    dtype: torch.dtype
+    device: torch.device
+    quantized: bool
+
+
+def _linear(w: dict[str, Weight], q: _Build, names: list[str], bias: torch.Tensor | None = None) -> Linear:
+    """One matmul over the named weights stacked along their outputs."""
+    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized)
