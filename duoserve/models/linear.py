@@ -18,7 +18,8 @@ GROUP_SIZE = 32  # values per GGUF Q4 block, each with its own scale (and min)
 _ZERO_CODE = 8  # torch's int4 kernels dequantize as (code - 8) * scale + zero
 
 # Steps of up to this many rows read the quantized codes; larger ones run the dense GEMM. Measured on a
-# 2-core Xeon (AMX): the 4-bit kernel is 2-3x faster at 1-4 rows, and 1.7x slower at 16.
+# 2-core Xeon (AMX): the 4-bit kernel is 2-3x faster at 1-4 rows, and 1.7x slower at 16. The default
+# only: engines pass the host's own (duoserve/hardware.py measures it).
 QUANTIZED_MAX_ROWS = 8
 
 
@@ -119,10 +120,14 @@ class DenseLinear:
 
 
 class _QuantizedLinear(DenseLinear):
-    """Dense for steps of many rows; the subclass's kernel over its codes for steps of few."""
+    """Dense for steps of many rows; the subclass's kernel over its codes for steps of up to `max_rows`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> None:
+        super().__init__(weight, bias)
+        self.max_rows = max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > QUANTIZED_MAX_ROWS:
+        if x.shape[0] > self.max_rows:
             return super().__call__(x)
         y = self._few_rows(x.contiguous())
         return y if self.bias is None else y + self.bias
@@ -134,8 +139,14 @@ class _QuantizedLinear(DenseLinear):
 class Q4Linear(_QuantizedLinear):
     """x @ W.T (+ bias) with W both 4-bit (for few rows) and dense (for many)."""
 
-    def __init__(self, q4: Q4Weight, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight, bias)
+    def __init__(
+        self,
+        q4: Q4Weight,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        max_rows: int = QUANTIZED_MAX_ROWS,
+    ) -> None:
+        super().__init__(weight, bias, max_rows)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 1)
         zeros = q4.mins + _ZERO_CODE * q4.scales
         # [in // 32, out, 2]: the (scale, zero) pairs the kernel reads, one group row after another.
@@ -154,8 +165,14 @@ class Int8Linear(_QuantizedLinear):
     order as the bfloat16 rounding of the dense copy.
     """
 
-    def __init__(self, q8: Q8Weight, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight, bias)
+    def __init__(
+        self,
+        q8: Q8Weight,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        max_rows: int = QUANTIZED_MAX_ROWS,
+    ) -> None:
+        super().__init__(weight, bias, max_rows)
         values = q8.dequantize()
         scales = values.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.codes = torch.round(values / scales[:, None]).to(torch.int8)
@@ -165,10 +182,16 @@ class Int8Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantized: QuantizedWeight | None):
-    """The linear for a dense weight and, where the file stored it quantized, its codes."""
+def make_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quantized: QuantizedWeight | None,
+    max_rows: int = QUANTIZED_MAX_ROWS,
+):
+    """The linear for a dense weight and, where the file stored it quantized, its codes (read by steps
+    of up to `max_rows` rows)."""
     if isinstance(quantized, Q4Weight):
-        return Q4Linear(quantized, weight, bias)
+        return Q4Linear(quantized, weight, bias, max_rows)
     if isinstance(quantized, Q8Weight):
-        return Int8Linear(quantized, weight, bias)
+        return Int8Linear(quantized, weight, bias, max_rows)
     return DenseLinear(weight, bias)

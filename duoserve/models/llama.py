@@ -18,6 +18,7 @@ from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import ModelConfig
 from duoserve.models.linear import (
+    QUANTIZED_MAX_ROWS,
     DenseLinear,
     QuantizedWeight,
     make_linear,
@@ -63,8 +64,10 @@ class LlamaModel:
         dtype: torch.dtype,
         max_positions: int,
         quantized: dict[str, QuantizedWeight] | None = None,
+        quantized_max_rows: int = QUANTIZED_MAX_ROWS,
     ) -> None:
-        """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist."""
+        """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist, by
+        steps of up to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py)."""
         self.config = config
         self.attention = attention
         self.dtype = dtype
@@ -73,9 +76,10 @@ class LlamaModel:
         q = quantized if quantized and quantized_kernels_available(device, dtype) else {}
         self.embed = w["model.embed_tokens.weight"]
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = _linear(w, q, [head])
+        rows = quantized_max_rows
+        self.lm_head = _linear(w, q, [head], max_rows=rows)
         self.norm = w["model.norm.weight"]
-        self.layers = [_Layer.from_weights(w, q, i, config) for i in range(config.num_hidden_layers)]
+        self.layers = [_Layer.from_weights(w, q, i, config, rows) for i in range(config.num_hidden_layers)]
         # cos/sin tables for every position, computed in float32 as transformers does.
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
@@ -144,7 +148,12 @@ class _Layer:
 
     @classmethod
     def from_weights(
-        cls, w: dict[str, torch.Tensor], q: dict[str, QuantizedWeight], index: int, config: ModelConfig
+        cls,
+        w: dict[str, torch.Tensor],
+        q: dict[str, QuantizedWeight],
+        index: int,
+        config: ModelConfig,
+        max_rows: int = QUANTIZED_MAX_ROWS,
     ) -> _Layer:
         p = f"model.layers.{index}."
         attn, mlp = p + "self_attn.", p + "mlp."
@@ -159,11 +168,11 @@ class _Layer:
         return cls(
             input_norm=w[p + "input_layernorm.weight"],
             post_norm=w[p + "post_attention_layernorm.weight"],
-            qkv=_linear(w, q, [f"{attn}{n}_proj.weight" for n in "qkv"], bias),
+            qkv=_linear(w, q, [f"{attn}{n}_proj.weight" for n in "qkv"], bias, max_rows),
             qkv_sizes=qkv_sizes,
-            o_proj=_linear(w, q, [attn + "o_proj.weight"]),
-            gate_up=_linear(w, q, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
-            down_proj=_linear(w, q, [mlp + "down_proj.weight"]),
+            o_proj=_linear(w, q, [attn + "o_proj.weight"], max_rows=max_rows),
+            gate_up=_linear(w, q, [mlp + "gate_proj.weight", mlp + "up_proj.weight"], max_rows=max_rows),
+            down_proj=_linear(w, q, [mlp + "down_proj.weight"], max_rows=max_rows),
         )
 
 
@@ -172,6 +181,7 @@ def _linear(
     q: dict[str, QuantizedWeight],
     names: list[str],
     bias: torch.Tensor | None = None,
+    max_rows: int = QUANTIZED_MAX_ROWS,
 ) -> Linear:
     """One matmul over the named weights stacked along their outputs; quantized if all of them are,
     in the same format."""
@@ -179,4 +189,4 @@ def _linear(
     parts = [q.get(n) for n in names]
     if any(p is None or type(p) is not type(parts[0]) for p in parts):
         return make_linear(weight, bias, None)
-    return make_linear(weight, bias, type(parts[0]).cat(parts) if len(parts) > 1 else parts[0])
+    return make_linear(weight, bias, type(parts[0]).cat(parts) if len(parts) > 1 else parts[0], max_rows)

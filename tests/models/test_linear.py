@@ -96,3 +96,15 @@ def test_unquantized_weight_is_dense():
     assert type(linear) is DenseLinear
     x = torch.randn(2, 32)
     assert torch.equal(linear(x), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("max_rows", [0, 2, 16])
+def test_row_threshold_is_the_linears_own(max_rows):
+    """Each host passes its own threshold (duoserve/hardware.py): codes up to it, the dense GEMM above."""
+    data, reference = _quantized("Q4_1", 96, 128)
+    dense = torch.from_numpy(reference).bfloat16()
+    linear = make_linear(dense, None, quantized_from_gguf(data, "Q4_1", reference.shape), max_rows)
+    for rows in (1, 2, 3, 16, 17):
+        x = torch.randn(rows, 128).bfloat16()
+        expected = F.linear(x, dense) if rows > max_rows else linear._few_rows(x)
+        assert torch.equal(linear(x), expected), rows
