@@ -188,9 +188,7 @@ def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
     return dtype, rows, f"{reason}; 4-bit {speedup:.1f}x bf16 dense at 1 row"
 
 
-def defaults_for(
-    cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None, num_threads: int | None = None
-) -> HostDefaults:
+def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> HostDefaults:
     """The defaults for a CPU; `measure` (None: priors only) is called where the table leaves a choice."""
     rule = RULES[cpu.level]
     # The row threshold is left open wherever bfloat16 may run; the dtype only where `rule.measure`.
@@ -201,7 +199,7 @@ def defaults_for(
         cpu=cpu,
         dtype=dtype,
         quantized_max_rows=rows,
-        num_threads=num_threads or cpu.cores,
+        num_threads=cpu.cores,
         attention_isa=rule.attention_isa,
         reason=reason,
         measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
