@@ -20,8 +20,10 @@ table, first matching row wins:
 (2) Zen 4/5, Cooper Lake: on a Zen 5, bf16 ran 3-4x faster than fp32 and the 4-bit codes 3x faster
     again at 1 row (issue 10); measured per host all the same.
 (3) Skylake-X, Ice Lake: bf16 is converted in software, so neither dtype wins everywhere.
-(4) Haswell and later, Zen 1-3: bf16 GEMMs ran 3-8x slower than fp32, and the 4-bit kernel (bfloat16
-    activations) 4x slower than fp32 dense at 1 row (BENCHMARKS.md, machine B; and on a Zen 1).
+(4) Haswell and later, Zen 1-3: bf16 GEMMs ran 3-8x slower than fp32 (BENCHMARKS.md, machine B; 6x at
+    64 rows on a Zen 1). The 4-bit kernel with bf16 activations ran about as fast as fp32 dense at 1 row
+    there and up to 2x faster at 4-8 rows (a busy machine: to re-measure); using it in a float32 model
+    would round activations to bf16, so float32 stays dense, the exact path.
 (5) Neoverse V1/N2, Graviton 3: not measured by us yet.
 
 "4-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes;
@@ -30,8 +32,8 @@ attention kernel is compiled -march=native, so its ISA follows the host: the col
 fast paths (AVX-512 with or without AVX512-BF16 dot products, or the auto-vectorized generic loop) runs.
 
 The 4/8-bit kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) accept float32 activations
-too, but ran 8-20x slower with them than with bfloat16 (measured on a Zen 1: BENCHMARKS.md), so they
-are used only when the model runs in bfloat16.
+too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py`),
+so they are used only when the model runs in bfloat16.
 
 "Measured": where the capabilities leave a choice open, a short measurement at first start decides it
 (`measure_formats`: matmuls of 1-16 and 64 rows per format, weights twice the L3 cache; a few hundred
@@ -124,7 +126,7 @@ RULES: dict[str, Rule] = {
     "amx": Rule(_BF16, False, "avx512_bf16", "AMX: bf16 GEMMs 4.7x fp32 (BENCHMARKS.md)"),
     "avx512_bf16": Rule(_BF16, True, "avx512_bf16", "AVX512-BF16 without AMX: bf16 3-4x fp32 on Zen 5"),
     "avx512": Rule(_FP32, True, "avx512", "AVX-512 without BF16: bf16 converted in software"),
-    "avx2": Rule(_FP32, False, "avx2", "AVX2 only: bf16 GEMMs 3-8x, 4-bit codes 4x slower than fp32"),
+    "avx2": Rule(_FP32, False, "avx2", "AVX2 only: bf16 GEMMs 3-8x slower than fp32"),
     "neon_bf16": Rule(_FP32, True, "neon", "aarch64 BF16: not measured by us"),
     "neon": Rule(_FP32, False, "neon", "aarch64 without BF16"),
     "generic": Rule(_FP32, False, "generic", "no SIMD features known to us"),
@@ -142,7 +144,7 @@ class HostDefaults:
     cpu: CpuInfo
     dtype: torch.dtype
     # In a bfloat16 model, steps of up to this many rows read the 4/8-bit codes (0: never). float32
-    # models never do: the kernels run 10-20x slower with float32 activations.
+    # models never do: the kernels ran 15x slower with float32 activations.
     quantized_max_rows: int
     num_threads: int
     attention_isa: str  # the fast path the paged attention kernel (-march=native) compiles in
