@@ -43,7 +43,7 @@ _ZERO_CODE = 8  # torch's int4 kernels dequantize as (code - 8) * scale + zero
 
 # Steps of up to this many rows read the quantized codes; larger ones run the dense GEMM on dequantized
 # tiles. Measured on a 2-core Xeon (AMX): the 4-bit kernel is 2-3x faster at 1-4 rows, and 1.7x slower
-# at 16.
+# at 16. The default only: engines pass the host's own (duoserve/hardware.py measures it).
 QUANTIZED_MAX_ROWS = 8
 
 # Values per dequantized tile (2 MiB in bfloat16): large enough for the GEMM to run at full speed on
@@ -116,6 +116,7 @@ class _QuantizedLinear:
     in_features: int
     bias: torch.Tensor | None
     tile_align: int = 64
+    max_rows: int = QUANTIZED_MAX_ROWS  # steps of up to this many rows run the kernel on the codes
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +128,7 @@ class _QuantizedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        y = self._few_rows(x) if x.shape[0] <= QUANTIZED_MAX_ROWS else self._many_rows(x)
+        y = self._few_rows(x) if x.shape[0] <= self.max_rows else self._many_rows(x)
         return y if self.bias is None else y + self.bias
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,11 +336,13 @@ def make_linear(
     dtype: torch.dtype,
     device: torch.device,
     quantized: bool,
+    max_rows: int = QUANTIZED_MAX_ROWS,
 ):
     """One matmul over `weights` stacked along their outputs (fused Q/K/V, gate/up).
 
-    `quantized`: GGUF-quantized weights stay quantized (Int4Linear / Int8Linear); otherwise they are
-    dequantized into a dense weight of `dtype`.
+    `quantized`: GGUF-quantized weights stay quantized (Int4Linear / Int8Linear), whose kernels serve
+    steps of up to `max_rows` rows (the host's threshold); otherwise they are dequantized into a dense
+    weight of `dtype`.
     """
     if not quantized:
         dense = [dense_weight(w, dtype, device) for w in weights]
@@ -351,6 +354,8 @@ def make_linear(
         else:
             runs.append([weight])
     linears = [_make_run(run, dtype, device) for run in runs]
+    for linear in linears:
+        linear.max_rows = max_rows
     if len(linears) == 1:
         linears[0].bias = bias
         return linears[0]

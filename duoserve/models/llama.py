@@ -19,6 +19,7 @@ from duoserve.kv.cache import KVCache
 from duoserve.models.config import ModelConfig
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
+    QUANTIZED_MAX_ROWS,
     DenseLinear,
     Weight,
     dense_weight,
@@ -66,15 +67,19 @@ class LlamaModel:
         dtype: torch.dtype,
         max_positions: int,
         quantized: dict[str, GGUFTensor] | None = None,
+        quantized_max_rows: int = QUANTIZED_MAX_ROWS,
     ) -> None:
         """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
         subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
-        dequantized into `dtype` as its layer is built."""
+        dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
+        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py)."""
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.scale = config.head_dim**-0.5
-        q = _Build(dtype, device, bool(quantized) and quantized_kernels_available(device, dtype))
+        q = _Build(
+            dtype, device, bool(quantized) and quantized_kernels_available(device, dtype), quantized_max_rows
+        )
         w = {
             n: t if q.quantized and isinstance(t, GGUFTensor) else dense_weight(t, dtype, device)
             for n, t in weights.items()
@@ -184,8 +189,9 @@ class _Build:
     dtype: torch.dtype
     device: torch.device
     quantized: bool
+    max_rows: int  # quantized linears run their kernels on steps of up to this many rows
 
 
 def _linear(w: dict[str, Weight], q: _Build, names: list[str], bias: torch.Tensor | None = None) -> Linear:
     """One matmul over the named weights stacked along their outputs."""
-    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized)
+    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized, q.max_rows)

@@ -108,3 +108,13 @@ def test_quantized_embedding_gathers_exact_rows(dtype):
     assert out.dtype == dtype and torch.equal(out, weight.dequantize().to(dtype)[ids])
     dense = make_embedding(weight, dtype, CPU, quantized=False)
     assert type(dense) is DenseEmbedding and torch.equal(dense(ids), out)
+
+
+@pytest.mark.parametrize("max_rows", [0, 2, 16])
+def test_row_threshold_is_the_linears_own(max_rows):
+    """Each host passes its own threshold (duoserve/hardware.py): codes up to it, dequantized tiles above."""
+    linear = make_linear([_tensor("Q4_1", 96, 128)], None, torch.bfloat16, CPU, True, max_rows)
+    for rows in (1, 2, 3, 16, 17):
+        x = torch.randn(rows, 128).bfloat16()
+        expected = linear._many_rows(x) if rows > max_rows else linear._few_rows(x)
+        assert torch.equal(linear(x), expected), rows
