@@ -428,8 +428,8 @@ def _error_for(exc: Exception) -> tuple[APIError, dict[str, str] | None]:
         return APIError(exc.status, exc.message), headers
     if isinstance(exc, EngineUnavailable):
         return APIError(503, str(exc)), None
-    if isinstance(exc, StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)), None
+    if isinstance(exc, StarletteHTTPException):  # 404, 405 (with its Allow header)
+        return APIError(exc.status_code, str(exc.detail)), exc.headers
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}"), None
 

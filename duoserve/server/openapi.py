@@ -33,6 +33,8 @@ _ERRORS = {
     429: "Too many queued requests; retry after Retry-After seconds",
     503: "The engine is loading, draining or dead",
 }
+# One Server-Sent Event: `data` is a JSON chunk, or [DONE] at the end.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 _JSON_ERRORS = (400, 404, 408, 413, 415, 503)
 _GENERATION_ERRORS = (*_JSON_ERRORS, 429)
 
@@ -43,9 +45,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def json_body_route(model: type[BaseModel], streams: bool = False) -> dict[str, Any]:
     """add_api_route's arguments that document a route taking `model` as its JSON body."""
-    ok = {"application/json": {"schema": {}}}
+    ok: dict[str, Any] = {"application/json": {"schema": {}}}
     if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+        ok["text/event-stream"] = {"schema": _SSE_EVENT}
     description = "The response (with `stream: true`, Server-Sent Events)" if streams else "OK"
     return {
         "openapi_extra": {
