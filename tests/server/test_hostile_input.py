@@ -263,8 +263,10 @@ def test_sampling_values_at_the_edges_of_float32_do_not_kill_the_engine(http, se
 
 
 def start_request(server, stream: bool) -> socket.socket:
+    # Four sequences of LONG tokens do not fit the 64 KV blocks together: they take turns (preemption),
+    # so the request runs many times longer than the client below takes to leave.
     body = completion(
-        server, prompt=random_prompt(8, seed=3), max_tokens=LONG, ignore_eos=True, stream=stream
+        server, prompt=random_prompt(8, seed=3), max_tokens=LONG, ignore_eos=True, stream=stream, n=4
     )
     raw = json.dumps(body).encode()
     sock = connect(server)
@@ -284,11 +286,12 @@ def test_a_client_that_leaves_mid_request_aborts_it_in_the_engine(server, stream
                 chunk = sock.recv(65536)
                 assert chunk, data
                 data += chunk
-        wait_for(server, lambda m: m["duoserve:num_requests_running"] == 1, "the request running")
+        else:  # leave once the engine runs it
+            wait_for(server, lambda m: m["duoserve:num_requests_running"] > 0, "the request running")
     finally:
         sock.close()
     idle = wait_for(server, lambda m: m["duoserve:num_requests_running"] == 0, "the request aborted")
-    assert idle[ABORTED] == aborted + 1
+    assert idle[ABORTED] > aborted
     assert idle["duoserve:kv_cache_usage_perc"] == 0
 
 

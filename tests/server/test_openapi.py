@@ -109,7 +109,10 @@ def test_errors_are_documented_as_openai_error_bodies(document):
 def api_schema(server):
     # Fuzzing only: the coverage phase's boundary cases number in the hundreds whatever max_examples says
     # (the long run, benchmarks/fuzz_api.sh, has every phase).
-    config = SchemathesisConfig.from_dict({"phases": {"coverage": {"enabled": False}}})
+    # No crash cache written into the checkout either.
+    config = SchemathesisConfig.from_dict(
+        {"phases": {"coverage": {"enabled": False}}, "cache": {"enabled": False}}
+    )
     return schemathesis.openapi.from_url(
         f"{server.base_url}/openapi.json", config=config, headers=server.headers
     )
