@@ -24,20 +24,22 @@ _NAMES += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def build(loaded, dtype: torch.dtype, codes: bool) -> list[DenseLinear]:
-    """One linear per weight matrix (unfused), codes read at every row count where `codes`."""
+    """One linear per weight matrix (unfused), the codes' kernels run at every row count where `codes`."""
     names = ["model.embed_tokens.weight" if loaded.config.tie_word_embeddings else "lm_head.weight"]
     for i in range(loaded.config.num_hidden_layers):
         names += [f"model.layers.{i}.{n}.weight" for n in _NAMES]
-    quantized = loaded.quantized if codes else {}
-    return [make_linear(loaded.weights[n].to(dtype), None, quantized.get(n), max_rows=1 << 30) for n in names]
+    cpu = torch.device("cpu")
+    return [
+        make_linear([loaded.weights[n]], None, dtype, cpu, quantized=codes, max_rows=1 << 30) for n in names
+    ]
 
 
 def pass_ms(linears: list[DenseLinear], rows: int, dtype: torch.dtype, repeats: int) -> float:
-    inputs = {w: torch.randn(rows, w).to(dtype) for w in {lin.weight.shape[1] for lin in linears}}
+    inputs = {w: torch.randn(rows, w).to(dtype) for w in {lin.in_features for lin in linears}}
 
     def once() -> None:
         for linear in linears:
-            linear(inputs[linear.weight.shape[1]])
+            linear(inputs[linear.in_features])
 
     once()
     start = time.perf_counter()

@@ -21,7 +21,7 @@ def test_config_overrides_reach_the_model_and_the_startup_line(
         quantized_max_rows=3,
     )
     qkv = llm.engine.core.model.layers[0].qkv
-    assert type(qkv).__name__ == "Q4Linear" and qkv.max_rows == 3
+    assert type(qkv).__name__ == "Int4Linear" and qkv.max_rows == 3
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("host: ")]
     assert " -> dtype " in line and "attention kernel " in line
     assert line.endswith("; set by the config: dtype bfloat16, num_threads 1, quantized_max_rows 3")
