@@ -370,6 +370,13 @@ class RouterClient(EngineClient):
         else:
             self._end_stream(request_id, EngineUnavailable(message))
 
+    def _finish_route(self, route: _Route) -> None:
+        """Forget a request however it ended (its task's done callback)."""
+        self._routes.pop(route.add.request_id, None)
+        for seq_id in route.add.seq_ids:
+            self._seq_routes.pop(seq_id, None)
+        self._release(route)
+
     def _release(self, route: _Route) -> None:
         """Take the request off its decode worker's load (once: a retry or its end)."""
         if route.workers:

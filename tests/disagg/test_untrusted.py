@@ -127,7 +127,11 @@ def test_forged_kv_frames_are_dropped_counted_and_never_written(model_path, zmq_
 
         wait_for(all_dropped, what="every forged message to be dropped")
         assert accepted == []
-        assert pair.receiver.drops.counts == {**{r: len(m) for r, m in forged.items()}, "replayed": 0}
+        assert pair.receiver.drops.counts == {
+            **{r: len(m) for r, m in forged.items()},
+            "replayed": 0,
+            "invalid": 0,
+        }
         assert torch.equal(pair.decode.kv_cache.data, pool)  # not a byte written
         assert pair.decode.expects_kv(ticket.request_id)  # the request still waits for its real KV
 
