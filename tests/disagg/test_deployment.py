@@ -235,9 +235,12 @@ def test_kv_aware_routing_follows_the_prefix(model_dir, tmp_path_factory, policy
     try:
         wait_for(lambda: all(w["healthy"] for w in workers(router)), what="both replicas")
         systems = [random_prompt(32, seed=1000 + i) for i in range(3)]  # 3 over 2 workers: round-robin mixes
+        indexed = lambda: sum(w["cached_blocks"] for w in workers(router))  # noqa: E731
         for turn in range(4):
-            for system in systems:
+            for i, system in enumerate(systems):
                 complete(router, system + random_prompt(4, seed=turn * 10 + len(system)), 2)
+                if turn == 0:  # the router's index has the new prefix (8 blocks) before it is asked again
+                    wait_for(lambda n=8 * (i + 1): indexed() >= n, what="the KV events of the prefix")
         hits = sum(worker_metrics(w["url"])["duoserve:prefix_cache_hits_total"] for w in workers(router))
         # Each prefix is computed once and hit 3 times (32 tokens = 8 blocks of 4), if routed to its holder.
         if policy == "kv":
