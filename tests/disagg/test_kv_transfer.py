@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_transfer import KVBlocks, KVReceiver, KVSender, KVTransferParams
+from duoserve.disagg.kv_transfer import KVBlocks, KVDone, KVReceiver, KVSender, KVTransferParams
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
 from duoserve.sampling_params import SamplingParams
@@ -184,10 +184,19 @@ def test_corrupt_frame_aborts_the_request_and_frees_its_blocks(model_path, zmq_c
         out = pair.decode.receive_kv(bad, memoryview(b"x" * 12))
         assert out is not None and out.finish_reason == "abort"
         assert pair.decode.kv.usage() == 0.0 and not pair.decode.has_unfinished()
-        # Blocks for a request the decode side no longer waits for are dropped.
+        # Blocks for a request the decode side no longer waits for are dropped: every message the
+        # prefill side sent (up to its KVDone) arrives, and none writes or starts anything.
         while pair.prefill.has_unfinished():
             pair.prefill.step()
-        assert pair.pump(timeout=0.2) == []
+        arrived = []
+        deadline = time.monotonic() + 30  # generous: the loop ends as soon as the KVDone is in
+        while not any(isinstance(m, KVDone) for m, _ in arrived):
+            assert time.monotonic() < deadline, f"the prefill side's KVDone never came: {arrived}"
+            arrived += pair.receiver.receive()
+            time.sleep(0.001)
+        assert any(isinstance(m, KVBlocks) for m, _ in arrived)
+        assert [pair.decode.receive_kv(m, payload) for m, payload in arrived] == [None] * len(arrived)
+        assert pair.decode.kv.usage() == 0.0 and not pair.decode.has_unfinished()
         assert pair.prefill.kv.usage() == 0.0
     finally:
         pair.close()
