@@ -29,6 +29,8 @@ from tests.server.harness import ENGINE_ARGS, ServerProcess, engine_flags
 WORKER_ARGS = {**ENGINE_ARGS, "max_num_batched_tokens": 8}
 MIN_REMOTE = 12  # prompts with fewer uncached tokens are prefilled on the decode worker
 SECRET = "deployment-secret"
+# A deadline, not a measure: a restarted worker loads its model and kernel, which crawls on a busy machine.
+REJOIN_DEADLINE = 300.0
 
 
 def start_up(model_dir: str, tmp_path_factory, *args: str) -> ServerProcess:
@@ -209,7 +211,7 @@ def test_killed_decode_worker_fails_requests_promptly_and_rejoins(deployment):
     # The broken stream itself marked the worker down (before the client was told).
     assert f"worker {decode['url']} is down" in deployment.log()
     # `up` restarts it on the same port, and the router takes it back.
-    wait_for(lambda: workers(deployment)[1]["healthy"], timeout=90, what="the worker to rejoin")
+    wait_for(lambda: workers(deployment)[1]["healthy"], timeout=REJOIN_DEADLINE, what="the worker to rejoin")
     assert len(complete(deployment, random_prompt(20, seed=2), 4)) == 4
 
 
@@ -226,7 +228,11 @@ def test_lost_prefill_worker_falls_back_to_local_prefill(deployment, offline):
     # router had noticed the loss (local prefill from the start) or not (it tried the prefill worker,
     # then fell back), the outcome is the same; tests/disagg/test_router.py pins the second case down.
     assert worker_metrics(decode["url"])[computed] - before == 40 + 5
-    wait_for(lambda: workers(deployment)[0]["healthy"], timeout=90, what="the prefill worker to rejoin")
+    wait_for(
+        lambda: workers(deployment)[0]["healthy"],
+        timeout=REJOIN_DEADLINE,
+        what="the prefill worker to rejoin",
+    )
 
 
 @pytest.mark.parametrize("policy", ["kv", "round_robin"])
