@@ -15,6 +15,7 @@ from duoserve.disagg.auth import (
     http_auth_header,
     is_loopback,
     verify_http,
+    warn_if_exposed,
 )
 
 ADDRESS = "tcp://10.0.0.2:5555"
@@ -107,3 +108,11 @@ def test_http_header_never_carries_the_secret():
 def test_loopback_hosts():
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.1", "::", "worker-0.svc"))
+
+
+def test_a_warning_when_exposed_without_a_secret(caplog):
+    for host, secret in (("127.0.0.1", None), ("0.0.0.0", "s3cret"), ("0.0.0.0", None)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="duoserve.auth"):
+            warn_if_exposed(host, secret)
+        assert bool(caplog.records) == (host == "0.0.0.0" and secret is None)
