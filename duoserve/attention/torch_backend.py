@@ -47,11 +47,15 @@ class TorchAttentionBackend:
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         k_pool, v_pool = kv_cache
         _, block_size, kv_heads, dim = k_pool.shape
         k_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
         v_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
+        if sliding_window is not None or logits_soft_cap is not None:
+            return _reference_attention(q, k_pool, v_pool, meta, scale, sliding_window, logits_soft_cap)
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
             self._decode_into(out, q, k_pool, v_pool, meta, scale)
@@ -154,3 +158,42 @@ def _attend(
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)
+
+
+def _reference_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """Sliding-window and soft-capped attention in eager math, one sequence at a time (slow).
+
+    A stand-in until the attention backends implement both natively: correct (transformers' eager
+    math: scores * scale, cap * tanh(scores / cap), window i - j < sliding_window, float32 softmax),
+    not fast. The CPU backend inherits it through `forward`.
+    """
+    sequences = [
+        (row, 1, int(length), meta.decode_block_tables[row])
+        for row, length in enumerate(meta.decode_context_lens[: meta.num_decode_tokens].tolist())
+    ]
+    sequences += [(c.query_start, c.query_len, c.context_len, c.block_table) for c in meta.prefills]
+    out = torch.empty_like(q)
+    for start, length, context_len, table in sequences:
+        keys = _gather(k_pool, table)[:context_len].to(q.dtype)
+        values = _gather(v_pool, table)[:context_len].to(q.dtype)
+        groups = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + length], keys) * scale
+        if logits_soft_cap is not None:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+        query_pos = torch.arange(context_len - length, context_len, device=q.device)[:, None]
+        key_pos = torch.arange(context_len, device=q.device)[None, :]
+        hidden = key_pos > query_pos
+        if sliding_window is not None:
+            hidden |= query_pos - key_pos >= sliding_window
+        probs = torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1, dtype=torch.float32)
+        out[start : start + length] = torch.einsum("hqk,khd->qhd", probs.to(q.dtype), values)
+    return out
