@@ -119,6 +119,7 @@ class LlamaModel:
         quantized: dict[str, QuantizedWeight] | None = None,
     ) -> None:
         """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist."""
+        act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
         self.dtype = dtype
@@ -138,7 +139,6 @@ class LlamaModel:
         }
         if config.rope_local_theta is not None:
             ropes["local"] = _Rope.build(config, config.rope_local_theta, None, max_positions, device, dtype)
-        act = _activation(config.hidden_act)
         self.layers = [
             _Layer.from_weights(w, q, i, config, act, ropes, max_positions)
             for i in range(config.num_hidden_layers)

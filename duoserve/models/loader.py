@@ -557,8 +557,9 @@ def _gguf_moe_fields(reader: gguf.GGUFReader, arch: str, config: ModelConfig, te
     ]
 
 
-# llama.cpp's defaults for what Gemma GGUFs leave out: the sliding-layer pattern (every 2nd / 6th layer
-# full), Gemma 3's local RoPE base, and the 27B models' attention scale (hidden / heads, by layer count).
+# llama.cpp's defaults for what Gemma GGUFs may leave out: the sliding-layer pattern (every 2nd / 6th
+# layer full), Gemma 3's local RoPE base, and the 27B models' attention scale (hidden / heads; llama.cpp
+# recognises them by layer count).
 _GGUF_GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 _GGUF_GEMMA3_LOCAL_THETA = 10_000.0
 _GGUF_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
@@ -588,7 +589,9 @@ def _gguf_gemma_fields(reader: gguf.GGUFReader, arch: str, config: ModelConfig) 
     else:
         config.layer_types = _every_nth_full(config.num_hidden_layers, int(pattern))
     if gemma3:
-        config.rope_local_theta = _GGUF_GEMMA3_LOCAL_THETA
+        config.rope_local_theta = float(
+            _field(reader, f"{arch}.rope.freq_base_swa", _GGUF_GEMMA3_LOCAL_THETA)
+        )
 
 
 def _gguf_rope_scaling(reader: gguf.GGUFReader, arch: str, config: ModelConfig) -> dict | None:
