@@ -19,7 +19,7 @@ SUPPORTED_ARCHITECTURES = (
 # MLP activations: SwiGLU (silu) and Gemma's GeGLU (GELU, tanh approximation).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 SLIDING_ATTENTION = "sliding_attention"  # transformers' `layer_types` value for windowed layers
 

@@ -48,6 +48,8 @@ def rope_inv_freq(
         return _llama3_inv_freq(inv_freq, scaling), 1.0
     if kind == "longrope":
         return _longrope(config, theta, exponents, scaling, max_positions)
+    if kind == "yarn":
+        return _yarn(config, theta, scaling)
     return inv_freq, 1.0
 
 
@@ -80,6 +82,37 @@ def _longrope(
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq, attention_factor
+
+
+def _yarn(config: ModelConfig, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context): extrapolated high frequencies, interpolated low ones with a
+    linear ramp between, and cos/sin scaled by 0.1 ln(factor) + 1; transformers' formula and defaults."""
+    dim = config.rotary_dim
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (
+        (high + 0.001 if low == high else high) - low
+    )
+    extrapolation = 1 - torch.clamp(ramp, 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, attention_factor
 
 

@@ -241,9 +241,9 @@ def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
 
 
 def _with_original_context(cfg: dict, scaling: dict | None) -> dict | None:
-    """LongRoPE needs the pretraining context: Phi-3 keeps it at the top level, which transformers
-    prefers over the one in the scaling dict."""
-    if rope_type(scaling) != "longrope":
+    """YaRN and LongRoPE need the pretraining context: Phi-3 keeps it at the top level, which
+    transformers prefers over the one in the scaling dict."""
+    if rope_type(scaling) not in ("yarn", "longrope"):
         return scaling
     original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
     return {

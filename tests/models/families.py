@@ -38,6 +38,9 @@ def family_config(kind: str):
 
     if kind == "qwen3":  # head_dim 24 != hidden / heads
         return transformers.Qwen3Config(**_common(head_dim=24, rope_theta=1e6))
+    if kind == "qwen3_yarn":  # Qwen3's long-context recipe, scaled down
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}
+        return transformers.Qwen3Config(**_common(head_dim=16, rope_parameters=yarn))
     if kind == "qwen3_moe":  # layer 1 dense (mlp_only_layers), top-2 of 4 unnormalised
         return transformers.Qwen3MoeConfig(
             **_common(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1])
@@ -86,7 +89,7 @@ def family_config(kind: str):
     raise AssertionError(kind)
 
 
-FAMILIES = ("qwen3", "qwen3_moe", "qwen3_moe_norm", "mixtral", "gemma2", "gemma3", "phi3")
+FAMILIES = ("qwen3", "qwen3_yarn", "qwen3_moe", "qwen3_moe_norm", "mixtral", "gemma2", "gemma3", "phi3")
 
 
 def family_model(kind: str, seed: int = 0):

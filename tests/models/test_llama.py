@@ -161,5 +161,28 @@ def test_unsupported_activation_and_rope_type() -> None:
     config = ModelConfig("llama", 10, 8, 8, 1, 2, 2, 4, hidden_act="relu")
     with pytest.raises(ValueError, match="unsupported activation 'relu'; supported: silu, gelu_pytorch_tanh"):
         LlamaModel(config, {}, TorchAttentionBackend(), torch.device("cpu"), torch.float32, 8)
-    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'; supported: default, linear"):
-        rope_inv_freq(config, 1e4, {"rope_type": "yarn", "factor": 2.0}, 8)
+    with pytest.raises(
+        ValueError, match="unsupported rope scaling type 'dynamic'; supported: default, linear"
+    ):
+        rope_inv_freq(config, 1e4, {"rope_type": "dynamic", "factor": 2.0}, 8)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"beta_fast": 16, "beta_slow": 2, "truncate": False}, {"mscale": 1.0, "mscale_all_dim": 0.5}],
+)
+def test_yarn_matches_transformers_rope_function(extra: dict) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 5e5,
+        **extra,
+    }
+    hf = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=32, rope_parameters=yarn)
+    ref_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    config = ModelConfig("qwen3", 10, 64, 8, 1, 4, 4, 32, rope_theta=5e5, rope_scaling=yarn)
+    ours_freq, ours_factor = rope_inv_freq(config, 5e5, yarn, 256)
+    assert torch.equal(ours_freq, ref_freq) and ours_factor == pytest.approx(ref_factor, rel=1e-12)

@@ -603,9 +603,11 @@ def test_config_phi3_published_keys(name: str) -> None:
 def test_unsupported_rope_type_is_refused_at_load(tmp_path: Path) -> None:
     _save(_tiny_model("llama"), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'; supported: default, linear"):
+    with pytest.raises(
+        ValueError, match="unsupported rope scaling type 'dynamic'; supported: default, linear"
+    ):
         load_model(str(tmp_path))
 
 
