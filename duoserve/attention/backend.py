@@ -44,6 +44,7 @@ class AttentionBackend(Protocol):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # K, V pools: [blocks, block_size, kv_heads, dim]
         meta: AttentionMetadata,
         scale: float,
+        *,
         sliding_window: int | None = None,  # query i sees keys j with i - j < sliding_window
         logits_soft_cap: float | None = None,  # scores -> cap * tanh(scores / cap) before softmax
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]

@@ -1,8 +1,8 @@
 """The families beyond Llama (Qwen3, Qwen3-MoE, Mixtral, Gemma 2/3, Phi-3) against transformers, fp32.
 
 Through the engine: every computed position's logits (relative error < 1e-4) and greedy tokens equal
-to transformers' `generate`, across a mixed batch, chunked prefill and a prefix-cache hit; from the HF
-directory and from a GGUF written as llama.cpp writes each family.
+to transformers' `generate`, across a mixed batch, chunked prefill, a prefix-cache hit and
+preemption; from the HF directory and from a GGUF written as llama.cpp writes each family.
 """
 
 from __future__ import annotations
@@ -83,6 +83,20 @@ def test_engine_matches_transformers(kind: str, family_models) -> None:
     # Phi-3: the engine's context (256) is past the pretraining one (32), so it runs LongRoPE's long
     # factors; transformers does too for sequences longer than 32.
     check_engine(hf, path, base=LONGROPE_ORIGINAL + 1 if kind == "phi3" else 0)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gemma2"])
+def test_preemption_recomputes_and_matches(kind: str, family_models) -> None:
+    hf, path = family_models(kind)
+    # 12 blocks of 4 = 48 tokens; three requests of 10 + 16 tokens need 21 blocks together.
+    llm, recorder = make_llm(path, num_kv_blocks=12)
+    prompts = [random_prompt(10, seed=40 + i) for i in range(3)]
+    outputs = generate_ids(llm, prompts, 16)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert any(len(v) > 1 for v in recorder.logits.values())  # recomputed positions, both times right
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out == hf_greedy(hf, prompt, 16)
+    assert recorder.max_rel_err_vs(hf) < TOLERANCE
 
 
 def test_phi3_short_context_uses_short_factors(family_models) -> None:
