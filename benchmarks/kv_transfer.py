@@ -1,10 +1,13 @@
 """KV transfer bandwidth: a prefill-side KVSender pushing SmolLM2-sized blocks to a KVReceiver over TCP.
 
     python benchmarks/kv_transfer.py [--prompt-tokens 768] [--chunk-tokens 512] [--repeats 5] [--dtype DTYPE]
+        [--cluster-secret SECRET]
 
 Measures what the disaggregated deployment's transfer path does per request: export the blocks from a
 KV cache, send them in chunks (zero-copy frames), receive, check and import them into another cache.
 Reports bytes per request, time, and bandwidth, against a plain in-memory copy of the same bytes.
+With `--cluster-secret`, every message is authenticated as in a deployment that has one (HMAC-SHA256
+over the blocks on both ends): run it with and without to see what authentication costs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", help="KV cache dtype")
+    parser.add_argument("--cluster-secret", default=None, help="authenticate every message (HMAC-SHA256)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, 16-token blocks.
@@ -47,7 +51,8 @@ def main() -> None:
     source.data.normal_()
     layout = KVLayout.of(spec)
     context = zmq.Context()
-    sender, receiver = KVSender(context), KVReceiver(context, "127.0.0.1")
+    sender = KVSender(context, args.cluster_secret)
+    receiver = KVReceiver(context, "127.0.0.1", layout, num_blocks, args.cluster_secret)
     ticket = KVTicket("r", receiver.address, list(range(num_blocks)), 0, layout)
     per_chunk = args.chunk_tokens // spec.block_size
     times = []
@@ -59,7 +64,7 @@ def main() -> None:
         sender.send_done(ticket, 0, num_blocks)
         done = False
         while not done:
-            for message, payload in receiver.receive():
+            for message, payload in receiver.receive(lambda request_id: request_id == ticket.request_id):
                 if isinstance(message, KVBlocks):
                     target.import_blocks(message.block_ids, decode_blocks(message, payload, layout))
                 elif isinstance(message, KVDone):
@@ -73,9 +78,11 @@ def main() -> None:
         copy_times.append(time.perf_counter() - start)
     nbytes = layout.nbytes(num_blocks)
     best, median = min(times[1:]), sorted(times[1:])[len(times[1:]) // 2]
+    assert not any(receiver.drops.counts.values()), receiver.drops.counts
+    auth = "HMAC-SHA256 authenticated" if args.cluster_secret else "not authenticated"
     print(
         f"KV per request: {args.prompt_tokens} tokens = {num_blocks} blocks = "
-        f"{nbytes / 1e6:.1f} MB ({args.dtype})"
+        f"{nbytes / 1e6:.1f} MB ({args.dtype}, {auth})"
     )
     print(
         f"transfer (export + send + receive + import), median of {args.repeats}: {median * 1e3:.1f} ms "

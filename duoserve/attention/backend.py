@@ -3,6 +3,10 @@
 A step's tokens are laid out decodes first (sequences with one new token), then the prefill
 chunks. Each layer's attention first writes the step's new K/V into the paged pool at
 `slot_mapping`, then reads every sequence's context through its block table.
+
+Layers may differ in two ways, given per call: a sliding window (Mistral, Gemma 2/3's local layers)
+and soft-capped scores (Gemma 2). Block table entries before a sequence's window may name blocks
+that were freed (and reused by others): a backend never reads them.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         *,
-        sliding_window: int | None = None,  # query i sees keys j with i - j < sliding_window
-        logits_soft_cap: float | None = None,  # scores -> cap * tanh(scores / cap) before softmax
+        # A query at position p attends to keys at positions p - sliding_window < j <= p (transformers'
+        # sliding-window mask: the window holds the query and the sliding_window - 1 keys before it).
+        sliding_window: int | None = None,
+        # Gemma 2: scores = cap * tanh(scores / cap), scores being q.k * scale, before the softmax.
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

@@ -21,23 +21,26 @@ from pathlib import Path
 import torch
 
 from duoserve.attention.backend import AttentionMetadata
-from duoserve.attention.torch_backend import TorchAttentionBackend, _causal_mask
+from duoserve.attention.torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
 
 
-def _host_tag() -> str:
-    """What the built library depends on besides its source: -march=native code runs only on CPUs with
-    the same features, and the extension links against this torch."""
+def _build_tag() -> str:
+    """What the built library depends on: -march=native code runs only on CPUs with the same features,
+    the extension links against this torch, and its source. The source is in the name so that two
+    versions of the kernel (two checkouts, an upgrade) never load each other's build from the shared
+    cache: torch's builder only notices a changed source within one process."""
     try:
         flags = next(
             (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
         )
     except OSError:
         flags = platform.processor()
-    return hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:10]
+    source = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha1(f"{flags}|{torch.__version__}|{source}".encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
@@ -62,7 +65,7 @@ def cpu_kernels_available() -> bool:
 
         logger.info("loading the CPU attention kernel (built once per machine: ~20 s the first time)")
         load(
-            name=f"duoserve_cpu_{_host_tag()}",
+            name=f"duoserve_cpu_{_build_tag()}",
             sources=[str(_SOURCE)],
             # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
             # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
@@ -83,17 +86,25 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens."""
+    """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens, or only
+    to its last `sliding_window` of them (the table entries before those are never read)."""
     return torch.ops.duoserve_cpu.paged_decode(
-        q.contiguous(), k_pool, v_pool, block_tables.contiguous(), context_lens.contiguous(), scale
+        q.contiguous(),
+        k_pool,
+        v_pool,
+        block_tables.contiguous(),
+        context_lens.contiguous(),
+        scale,
+        sliding_window or 0,
+        logits_soft_cap or 0.0,
     )
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    def prepare(self, meta: AttentionMetadata) -> None:
-        self._decode_groups = []  # the kernel needs no padded groups
-        self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
+    """The torch backend with its decodes in the kernel (which needs no padded groups)."""
 
     def _decode_into(
         self,
@@ -103,8 +114,17 @@ class CpuAttentionBackend(TorchAttentionBackend):
         v_pool: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
     ) -> None:
         num = meta.num_decode_tokens
         out[:num] = paged_decode(
-            q[:num], k_pool, v_pool, meta.decode_block_tables, meta.decode_context_lens, scale
+            q[:num],
+            k_pool,
+            v_pool,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+            sliding_window,
+            logits_soft_cap,
         )

@@ -5,6 +5,12 @@ pool (whole blocks, so the gather copies contiguous runs of block_size * kv_head
 values). The gather is a transient batch buffer, not a per-request copy of the cache; a fused
 kernel (Triton) reads the blocks in place. Decodes run as a few padded attention
 calls, one per group of similar context lengths; each prefill chunk runs as one call.
+
+A sliding window starts each gather at the block holding the first key any of the sequence's
+queries sees, so the blocks before it (freed, maybe reused by other requests) are never read, and
+a decode reads at most window / block_size + 1 blocks however long its context. Soft-capped scores
+(Gemma 2) cannot go through SDPA: those layers run attention as plain matmuls, as transformers'
+eager attention does.
 """
 
 from __future__ import annotations
@@ -25,19 +31,32 @@ _DECODE_GROUP_SPREAD = 1.25
 @dataclass
 class _DecodeGroup:
     rows: torch.Tensor  # decode rows (0 .. num_decodes - 1) of this group
-    block_ids: torch.Tensor  # [rows * width] the rows' block tables cut to the group's widest
-    bias: torch.Tensor  # [rows, 1, 1, width * block_size]: 0 inside each context, -inf past it
+    block_ids: torch.Tensor  # [rows * width] the rows' visible blocks, padded to the group's widest
+    bias: torch.Tensor  # [rows, 1, 1, width * block_size]: 0 where a key is visible, -inf elsewhere
+
+
+@dataclass
+class _PrefillPlan:
+    """How one prefill chunk reads its keys under one layer kind (window or not)."""
+
+    # Keys from the chunk's own new K/V (it starts the sequence), else from the pool's blocks
+    # [first_block, ...) of its table.
+    own_kv: bool
+    first_block: int
+    mask: torch.Tensor | None  # additive [query_len, keys]; None: plain causal over its own K/V
 
 
 class TorchAttentionBackend:
     def __init__(self) -> None:
-        self._decode_groups: list[_DecodeGroup] = []
-        self._prefill_masks: list[torch.Tensor | None] = []
+        # Per step and per sliding window (a model has one or two layer kinds): derived on first use.
+        self._decode_groups: dict[int | None, list[_DecodeGroup]] = {}
+        self._prefill_plans: dict[int | None, list[_PrefillPlan]] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: decode groups with their masks, prefill masks."""
-        self._decode_groups = _decode_groups(meta) if meta.num_decode_tokens else []
-        self._prefill_masks = [_causal_mask(chunk) for chunk in meta.prefills]
+        """Called once per step: drop the last step's groups and masks (each layer kind derives its own
+        on first use, and the layers after it share them)."""
+        self._decode_groups.clear()
+        self._prefill_plans.clear()
 
     def forward(
         self,
@@ -51,23 +70,28 @@ class TorchAttentionBackend:
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
+        _check_variant(sliding_window, logits_soft_cap)
         k_pool, v_pool = kv_cache
         _, block_size, kv_heads, dim = k_pool.shape
         k_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
         v_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
-        if sliding_window is not None or logits_soft_cap is not None:
-            return _reference_attention(q, k_pool, v_pool, meta, scale, sliding_window, logits_soft_cap)
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
-            self._decode_into(out, q, k_pool, v_pool, meta, scale)
-        for chunk, mask in zip(meta.prefills, self._prefill_masks, strict=True):
+            self._decode_into(out, q, k_pool, v_pool, meta, scale, sliding_window, logits_soft_cap)
+        plans = self._prefill_plans.get(sliding_window)
+        if plans is None:
+            plans = [_prefill_plan(c, block_size, sliding_window) for c in meta.prefills]
+            self._prefill_plans[sliding_window] = plans
+        for chunk, plan in zip(meta.prefills, plans, strict=True):
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            if mask is None:  # no earlier context: attend to this chunk's own K/V
+            if plan.own_kv:
                 keys, values = k[rows], v[rows]
             else:
-                keys = _gather(k_pool, chunk.block_table)[: chunk.context_len]
-                values = _gather(v_pool, chunk.block_table)[: chunk.context_len]
-            out[rows] = _attend(q[rows], keys, values, mask, scale)
+                table = chunk.block_table[plan.first_block : -(-chunk.context_len // block_size)]
+                num_keys = chunk.context_len - plan.first_block * block_size
+                keys = _gather(k_pool, table)[:num_keys]
+                values = _gather(v_pool, table)[:num_keys]
+            out[rows] = _attend(q[rows], keys, values, plan.mask, scale, logits_soft_cap)
         return out
 
     def _decode_into(
@@ -78,48 +102,77 @@ class TorchAttentionBackend:
         v_pool: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
     ) -> None:
         """Attention of the decode rows [0, num_decode_tokens) into `out`."""
-        for group in self._decode_groups:
-            out.index_copy_(
-                0, group.rows, _decode(q.index_select(0, group.rows), k_pool, v_pool, group, scale)
-            )
+        groups = self._decode_groups.get(sliding_window)
+        if groups is None:
+            groups = self._decode_groups[sliding_window] = _decode_groups(meta, sliding_window)
+        for group in groups:
+            rows_q = q.index_select(0, group.rows)
+            out.index_copy_(0, group.rows, _decode(rows_q, k_pool, v_pool, group, scale, logits_soft_cap))
 
 
-def _decode_groups(meta: AttentionMetadata) -> list[_DecodeGroup]:
+def _check_variant(sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
+
+
+def _decode_groups(meta: AttentionMetadata, window: int | None) -> list[_DecodeGroup]:
+    """Decode rows grouped by how many blocks they read, with their visible blocks and masks.
+
+    A decode's query sits at position len - 1 and sees keys [first, len), first = len - window.
+    """
     lens = meta.decode_context_lens
-    num_blocks = (lens + meta.block_size - 1) // meta.block_size
+    bs = meta.block_size
+    first = torch.zeros_like(lens) if window is None else (lens - window).clamp_(min=0)
+    first_block = first // bs
+    num_blocks = (lens + bs - 1) // bs - first_block
     order = torch.argsort(num_blocks)
     sorted_blocks = num_blocks[order].tolist()
-    groups, first = [], 0
+    last_column = meta.decode_block_tables.shape[1] - 1
+    groups, start = [], 0
     for i in range(1, len(sorted_blocks) + 1):
-        if i == len(sorted_blocks) or sorted_blocks[i] > _DECODE_GROUP_SPREAD * sorted_blocks[first]:
-            rows = order[first:i]
+        if i == len(sorted_blocks) or sorted_blocks[i] > _DECODE_GROUP_SPREAD * sorted_blocks[start]:
+            rows = order[start:i]
             width = sorted_blocks[i - 1]
-            positions = torch.arange(width * meta.block_size, device=lens.device)
-            bias = torch.zeros((len(rows), len(positions)), dtype=torch.float32, device=lens.device)
-            bias.masked_fill_(positions[None, :] >= lens[rows][:, None], -math.inf)
-            table = meta.decode_block_tables.index_select(0, rows)[:, :width]
+            # Columns past a row's own blocks are padding the mask hides (clamped to stay in the table).
+            columns = (first_block[rows][:, None] + torch.arange(width, device=lens.device)).clamp_(
+                max=last_column
+            )
+            table = meta.decode_block_tables.index_select(0, rows).gather(1, columns)
+            positions = first_block[rows][:, None] * bs + torch.arange(width * bs, device=lens.device)
+            hidden = (positions >= lens[rows][:, None]) | (positions < first[rows][:, None])
+            bias = torch.zeros(hidden.shape, dtype=torch.float32, device=lens.device)
+            bias.masked_fill_(hidden, -math.inf)
             groups.append(_DecodeGroup(rows, table.flatten(), bias[:, None, None, :]))
-            first = i
+            start = i
     return groups
 
 
 def _decode(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _DecodeGroup, scale: float
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    group: _DecodeGroup,
+    scale: float,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """One SDPA call over a decode group: q [rows, heads, dim] against its padded, gathered context."""
+    """One attention call over a decode group: q [rows, heads, dim] against its padded, gathered context."""
     num = q.shape[0]
     # [rows * width, block_size, kv_heads, dim] -> [rows, kv_heads, width * block_size, dim]
     keys = _gather(k_pool, group.block_ids).view(num, -1, *k_pool.shape[2:]).transpose(1, 2)
     values = _gather(v_pool, group.block_ids).view(num, -1, *v_pool.shape[2:]).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
+    out = _sdpa(
         q[:, :, None, :],
         keys.to(q.dtype),
         values.to(q.dtype),
-        attn_mask=group.bias.to(q.dtype),
-        scale=scale,
-        enable_gqa=True,
+        group.bias.to(q.dtype),
+        scale,
+        logits_soft_cap,
     )
     return out[:, :, 0, :]
 
@@ -129,72 +182,75 @@ def _gather(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return pool.index_select(0, block_ids).flatten(0, 1)
 
 
-def _causal_mask(chunk: PrefillChunk) -> torch.Tensor | None:
-    """[query_len, context_len] additive mask of a chunk with earlier context; None when it is all new.
+def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _PrefillPlan:
+    """Which keys a chunk reads and its additive (0 / -inf) mask, like the decode bias.
 
-    Additive (0 / -inf), like the decode bias, so both paths hand SDPA the same kind of mask.
+    Queries sit at positions [context_len - query_len, context_len); a query at p sees keys
+    (p - window, p]. The first query's window start decides the first block read.
     """
-    if chunk.context_len == chunk.query_len:
-        return None
-    positions = torch.arange(chunk.context_len, device=chunk.block_table.device)
-    future = positions[None, :] > positions[chunk.context_len - chunk.query_len :, None]
-    return torch.zeros(future.shape, device=future.device).masked_fill_(future, -math.inf)
+    ctx, first_query = chunk.context_len, chunk.context_len - chunk.query_len
+    windowed = window is not None and ctx > window  # some query has keys outside its window
+    own_kv = first_query == 0
+    if own_kv and not windowed:
+        return _PrefillPlan(own_kv=True, first_block=0, mask=None)
+    first_block = 0 if own_kv or not windowed else max(0, first_query - window + 1) // block_size
+    device = chunk.block_table.device
+    keys = torch.arange(first_block * block_size, ctx, device=device)
+    queries = torch.arange(first_query, ctx, device=device)
+    hidden = keys[None, :] > queries[:, None]
+    if windowed:
+        hidden |= keys[None, :] <= queries[:, None] - window
+    mask = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, -math.inf)
+    return _PrefillPlan(own_kv=own_kv, first_block=first_block, mask=mask)
 
 
 def _attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sequence: q [T, heads, dim] over keys/values [C, kv_heads, dim].
 
     Inputs get a batch dimension: with 3-d inputs torch's CPU SDPA takes its unfused math path,
     ~20x slower than the flash kernel it uses for 4-d ones (measured in BENCHMARKS.md).
     """
-    out = F.scaled_dot_product_attention(
+    out = _sdpa(
         q.transpose(0, 1)[None],
         keys.transpose(0, 1).to(q.dtype)[None],
         values.transpose(0, 1).to(q.dtype)[None],
-        attn_mask=None if mask is None else mask.to(q.dtype),
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=True,
+        None if mask is None else mask.to(q.dtype),
+        scale,
+        logits_soft_cap,
     )
     return out[0].transpose(0, 1)
 
 
-def _reference_attention(
+def _sdpa(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    meta: AttentionMetadata,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
-    sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    """Sliding-window and soft-capped attention in eager math, one sequence at a time (slow).
+    """Attention of q [B, heads, T, dim] over keys/values [B, kv_heads, S, dim]; causal when mask is None.
 
-    A stand-in until the attention backends implement both natively: correct (transformers' eager
-    math: scores * scale, cap * tanh(scores / cap), window i - j < sliding_window, float32 softmax),
-    not fast. The CPU backend inherits it through `forward`.
+    With a soft cap, in transformers' eager order (Gemma 2): scores in the model's dtype, capped, masked,
+    softmax in float32.
     """
-    sequences = [
-        (row, 1, int(length), meta.decode_block_tables[row])
-        for row, length in enumerate(meta.decode_context_lens[: meta.num_decode_tokens].tolist())
-    ]
-    sequences += [(c.query_start, c.query_len, c.context_len, c.block_table) for c in meta.prefills]
-    out = torch.empty_like(q)
-    for start, length, context_len, table in sequences:
-        keys = _gather(k_pool, table)[:context_len].to(q.dtype)
-        values = _gather(v_pool, table)[:context_len].to(q.dtype)
-        groups = q.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start : start + length], keys) * scale
-        if logits_soft_cap is not None:
-            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
-        query_pos = torch.arange(context_len - length, context_len, device=q.device)[:, None]
-        key_pos = torch.arange(context_len, device=q.device)[None, :]
-        hidden = key_pos > query_pos
-        if sliding_window is not None:
-            hidden |= query_pos - key_pos >= sliding_window
-        probs = torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1, dtype=torch.float32)
-        out[start : start + length] = torch.einsum("hqk,khd->qhd", probs.to(q.dtype), values)
-    return out
+    if logits_soft_cap is None:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask, -math.inf)
+    probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values)

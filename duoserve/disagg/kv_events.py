@@ -5,6 +5,11 @@ prefix cache, by chained block hash; the engine loop publishes them after each s
 socket. The router subscribes to every worker and keeps `KVIndex`: for a new prompt it hashes the
 prompt's full blocks the same way (the hash of an int tuple is the same in every process) and counts,
 per worker, how many leading blocks that worker already holds.
+
+Each message is two frames, an authentication tag (`duoserve.disagg.auth`, over the events and the
+publisher's address) and the msgpack `KVEvents`. The router's `KVEventSubscriber` drops (and counts)
+any message that is oversized, malformed, unauthenticated or replayed before it reaches the index,
+so a forged event can neither crash the router nor steer its routing.
 """
 
 from __future__ import annotations
@@ -13,8 +18,17 @@ from collections.abc import Sequence
 
 import msgspec
 import zmq
+import zmq.asyncio
 
+from duoserve.disagg.auth import DropCounts, Signer, Verifier
 from duoserve.kv.block_pool import ROOT_HASH, hash_block
+
+AUTH_PURPOSE = "kv_events"
+# Largest event message a router reads (ZeroMQ disconnects a publisher that sends more, and it
+# reconnects): ~9 bytes a hash, so 400k blocks stored or evicted in one step, far past any real step.
+MAX_EVENTS_BYTES = 4 * 2**20
+# A PUB socket only ever reads subscriptions (a byte and a topic; we subscribe to everything).
+_MAX_SUBSCRIPTION_BYTES = 256
 
 
 class KVEvents(msgspec.Struct):
@@ -27,11 +41,13 @@ events_decoder = msgspec.msgpack.Decoder(KVEvents)
 
 
 class KVEventPublisher:
-    def __init__(self, context: zmq.Context, host: str) -> None:
+    def __init__(self, context: zmq.Context, host: str, secret: str | bytes | None = None) -> None:
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, _MAX_SUBSCRIPTION_BYTES)
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
+        self.signer = Signer(secret, AUTH_PURPOSE)
 
     def publish(self, events: list[tuple[bool, int]]) -> None:
         if not events:
@@ -39,7 +55,55 @@ class KVEventPublisher:
         message = KVEvents(
             stored=[h for stored, h in events if stored], removed=[h for stored, h in events if not stored]
         )
-        self.socket.send(_encoder.encode(message), zmq.NOBLOCK)
+        payload = _encoder.encode(message)
+        self.socket.send_multipart([self.signer.sign(self.address, [payload]), payload], zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class KVEventSubscriber:
+    """A router's subscription to one worker's KV events; only checked events come out of it.
+
+    `drops` is shared by all of a router's subscriptions (its owner, the router, exports it).
+    """
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        address: str,
+        drops: DropCounts,
+        secret: str | bytes | None = None,
+    ) -> None:
+        self.address = address
+        self.drops = drops
+        self.verifier = Verifier(secret, AUTH_PURPOSE)
+        self.socket = context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_EVENTS_BYTES)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(address)
+
+    async def receive(self) -> KVEvents:
+        """The next valid message (the ones before it that were not are dropped and counted)."""
+        while True:
+            frames = await self.socket.recv_multipart()
+            events, reason = self.check(frames)
+            if reason is None:
+                return events
+            self.drops.drop(reason, f"from the publisher at {self.address}")
+
+    def check(self, frames: list[bytes]) -> tuple[KVEvents | None, str | None]:
+        """The events of a message, or why it is dropped."""
+        if len(frames) != 2:
+            return None, "malformed"
+        reason = self.verifier.verify(frames[0], self.address, frames[1:])
+        if reason is not None:
+            return None, reason
+        try:
+            return events_decoder.decode(frames[1]), None
+        except msgspec.DecodeError:  # ValidationError included
+            return None, "malformed"
 
     def close(self) -> None:
         self.socket.close()

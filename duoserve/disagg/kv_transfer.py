@@ -6,17 +6,24 @@ after every step, pushes the blocks that step filled straight into the ticket's 
 overlaps the next chunk's compute. With the first token it sends `KVDone`, and the decode worker
 continues from that token without computing it again.
 
-Wire format: a two-frame message, a msgpack header (`KVBlocks`, never pickle) and the raw bytes of
-the blocks `[layers, 2, n, block_size, kv_heads, head_dim]`, sent zero-copy. The receiver checks the
-header's layout and byte count against its own cache before writing a byte. `KVSender` and
-`KVReceiver` are the transport interface: another one (NIXL, NCCL for GPUs) only has to move the same
-header and bytes.
+Wire format: a three-frame message, an authentication tag (`duoserve.disagg.auth`: HMAC-SHA256
+with the cluster secret over the other frames and the receiver's address, with a sequence number and
+a timestamp against replays), a msgpack header (`KVBlocks`, never pickle) and the raw bytes of the
+blocks `[layers, 2, n, block_size, kv_heads, head_dim]`, sent zero-copy (`KVDone` has no bytes).
+
+The receiver's port is reachable by every pod of a cluster, so it trusts nothing it reads: a message
+that is malformed, larger than any real one (ZeroMQ's MAXMSGSIZE drops the peer of an oversized
+frame), unauthenticated, replayed, or foreign (another layout, a request this worker does not wait
+for) is dropped and counted before a byte is written; the byte count must equal what the header's
+block count and our own layout imply. `KVSender` and `KVReceiver` are the transport interface:
+another one (NIXL, NCCL for GPUs) only has to move the same header and bytes.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,10 +31,14 @@ import msgspec
 import torch
 import zmq
 
+from duoserve.disagg.auth import DropCounts, Signer, Verifier
 from duoserve.kv.cache import KVCacheSpec
 
 # How long a prefill worker waits for a decode worker's socket to take a message before giving up.
 SEND_TIMEOUT_MS = 2000
+AUTH_PURPOSE = "kv_transfer"
+# Largest header a receiver decodes: a few hundred bytes plus at most 9 per block id.
+_HEADER_BASE_BYTES = 1024
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -132,17 +143,19 @@ class KVReceiveTransport(Protocol):
 
     address: str
     socket: Any  # what the engine loop's zmq.Poller waits on: a ZeroMQ socket or a file descriptor
+    drops: DropCounts  # messages it refused, by reason
 
-    def receive(self) -> list[tuple[KVMessage, memoryview | None]]: ...
+    def receive(self, expects: Callable[[str], bool]) -> list[tuple[KVMessage, memoryview | None]]: ...
 
 
 class KVSender:
     """The prefill worker's end: one PUSH socket per decode worker it has sent to."""
 
-    def __init__(self, context: zmq.Context) -> None:
+    def __init__(self, context: zmq.Context, secret: str | bytes | None = None) -> None:
         self.context = context
         self.sockets: dict[str, zmq.Socket] = {}
         self.stats = TransferStats()
+        self.signer = Signer(secret, AUTH_PURPOSE)
 
     def send_blocks(self, ticket: KVTicket, dest_block_ids: list[int], blocks: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -167,7 +180,7 @@ class KVSender:
             sock.connect(address)
             self.sockets[address] = sock
         try:
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart([self.signer.sign(address, frames), *frames], copy=False)
         except zmq.ZMQError as err:
             sock.close()
             del self.sockets[address]
@@ -180,31 +193,89 @@ class KVSender:
 
 
 class KVReceiver:
-    """The decode worker's end: one PULL socket every prefill worker pushes to."""
+    """The decode worker's end: one PULL socket every prefill worker pushes to.
 
-    def __init__(self, context: zmq.Context, host: str) -> None:
+    `layout` is this worker's, and `max_blocks` the most blocks one message can carry (a whole prompt
+    of max_model_len tokens): they bound what is read and let foreign layouts be dropped on arrival.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        host: str,
+        layout: KVLayout,
+        max_blocks: int,
+        secret: str | bytes | None = None,
+    ) -> None:
+        self.layout = layout
+        self.max_blocks = max_blocks
+        self.max_header_bytes = _HEADER_BASE_BYTES + 9 * max_blocks
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # Per frame: ZeroMQ disconnects a peer that sends a larger one, before buffering it.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max(layout.nbytes(max_blocks), self.max_header_bytes))
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
+        self.verifier = Verifier(secret, AUTH_PURPOSE)
+        self.drops = DropCounts(AUTH_PURPOSE)
 
-    def receive(self) -> list[tuple[KVMessage, memoryview | None]]:
-        """Every message waiting now (without blocking): (header, bytes of the blocks or None)."""
+    def receive(self, expects: Callable[[str], bool]) -> list[tuple[KVMessage, memoryview | None]]:
+        """Every valid message waiting now (without blocking): (header, bytes of the blocks or None).
+
+        `expects(request_id)` says whether this worker waits for that request's KV; messages for any
+        other request are dropped as foreign (late ones of an aborted request land there too).
+        """
         messages = []
         while True:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return messages
-            try:
-                header = _decoder.decode(frames[0].buffer)
-            except msgspec.ValidationError:
-                continue  # not ours: nothing to write, nobody to tell
-            payload = frames[1].buffer if len(frames) > 1 else None
-            messages.append((header, payload))
+            message, reason = self._check(frames, expects)
+            if reason is not None:
+                self.drops.drop(reason, f"from {_peer(frames[0])}")
+                continue
+            messages.append((message, frames[2].buffer if len(frames) == 3 else None))
+
+    def _check(
+        self, frames: list[zmq.Frame], expects: Callable[[str], bool]
+    ) -> tuple[KVMessage | None, str | None]:
+        """The message's header, or why it is dropped."""
+        if len(frames) not in (2, 3):
+            return None, "malformed"
+        if len(frames[1]) > self.max_header_bytes:
+            return None, "oversized"
+        reason = self.verifier.verify(frames[0].buffer, self.address, [f.buffer for f in frames[1:]])
+        if reason is not None:
+            return None, reason
+        try:
+            header = _decoder.decode(frames[1].buffer)
+        except msgspec.DecodeError:  # ValidationError included
+            return None, "malformed"
+        if len(frames) != (2 if isinstance(header, KVDone) else 3):
+            return None, "malformed"
+        if isinstance(header, KVDone):
+            return (header, None) if expects(header.request_id) else (None, "foreign")
+        if header.layout != self.layout:
+            return None, "foreign"
+        if len(header.block_ids) > self.max_blocks:
+            return None, "oversized"
+        expected = self.layout.nbytes(len(header.block_ids))
+        if not header.block_ids or header.nbytes != expected or len(frames[2]) != expected:
+            return None, "malformed"
+        if not expects(header.request_id):
+            return None, "foreign"
+        return header, None
 
     def close(self) -> None:
         self.socket.close()
+
+
+def _peer(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return "an unknown peer"
 
 
 def decode_blocks(header: KVBlocks, payload: memoryview | None, layout: KVLayout) -> torch.Tensor:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from duoserve.config import add_engine_args, engine_config_from_args, engine_flags
+from duoserve.disagg.auth import SECRET_ENV
 from duoserve.disagg.routing import POLICIES, RouterConfig
 from duoserve.server.settings import add_server_args, settings_from_args
 
@@ -109,6 +110,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         served_model_name=settings.served_model_name,
         api_key=settings.api_key,
         log_level=settings.log_level,
+        cluster_secret=settings.cluster_secret,
     )
     return run_server(client, settings, worker_routes=False)
 
@@ -157,7 +159,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         command += [args.model] if args.model else []
         command += ["--role", role, "--port", str(port), "--num-threads", str(threads), *worker_flags]
         command += ["--api-key", args.api_key] if args.api_key else []
+        # The queue bound is the workers' (the router queues nothing): overload gets 429 from them.
+        command += ["--max-queued-requests", str(args.max_queued_requests)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if args.cluster_secret:  # in the environment, where `ps` does not show it
+            env[SECRET_ENV] = args.cluster_secret
         cores = [(i * threads + c) % num_cores for c in range(threads)] if args.pin else None
         workers.append(_WorkerProcess(role, port, command, env, cores))
     for worker in workers:

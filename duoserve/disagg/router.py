@@ -13,7 +13,13 @@ engine had produced them. A disaggregated request runs in two legs:
 3. the decode worker, given the KV and the first token, decodes the rest, streamed from leg 1.
 
 Health checks (`/internal/info`, every second) keep each worker's state, load and KV event
-subscription; a worker that fails mid-request fails its requests promptly with a terminal error.
+subscription. A worker that is lost (its stream breaks, or a health check fails) is taken out of the
+pool at once, and every request on it is cut: one whose client has its 200 ends with a terminal error
+event, one not yet accepted is sent to another worker, and one whose prefill worker was lost before
+its first token is prefilled on its decode worker. Cutting a request closes its streams to the
+surviving workers, which abort it there and free its KV blocks.
+With a cluster secret, every `/internal/*` request carries a tag that authenticates it (the secret
+itself is never sent), and KV events that do not authenticate are dropped (`duoserve.disagg.auth`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import zmq
 import zmq.asyncio
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_events import KVIndex, events_decoder
+from duoserve.disagg.auth import DROPPED_STAT, HTTP_PURPOSE, DropCounts, Signer, http_auth_header
+from duoserve.disagg.kv_events import AUTH_PURPOSE as EVENTS_SOCKET
+from duoserve.disagg.kv_events import KVEventSubscriber, KVIndex
 from duoserve.disagg.kv_transfer import KVTransferParams
 from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
 from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
@@ -66,13 +74,17 @@ _SUMMED_STATS = (
 
 # Suffix of the ids of a request retried on its decode worker after its prefill worker failed.
 _RETRY = "~local"
+# A request that no worker accepted yet is tried on this many decode workers before its client gets a 503:
+# a worker that died a moment ago refuses connections until the router has noticed it.
+_MAX_ATTEMPTS = 3
 
 
 class WorkerFailed(Exception):
-    def __init__(self, worker: Worker, status: int, message: str) -> None:
+    def __init__(self, worker: Worker, status: int, message: str, lost: bool = False) -> None:
         super().__init__(f"worker {worker.url}: {message}")
         self.worker = worker
         self.status = status
+        self.lost = lost  # the worker is gone (unreachable), rather than refusing this request
 
 
 @dataclass
@@ -82,8 +94,11 @@ class _Route:
     add: AddRequest
     task: asyncio.Task | None = None
     accepted: bool = False
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)  # [prefill worker while its leg runs,] decode
     num_tokens: int = 0  # prompt + generated, counted on its decode worker's load
+    prefill_leg: asyncio.Task | None = None  # the prefill worker's half, while it runs
+    lost: WorkerFailed | None = None  # set when the router cuts the request: a worker it was on is lost
+    aborted: set[str] = field(default_factory=set)  # sequences the router asked its decode worker to abort
 
 
 class RouterClient(EngineClient):
@@ -94,12 +109,16 @@ class RouterClient(EngineClient):
         served_model_name: str | None = None,
         api_key: str | None = None,
         log_level: str = "INFO",
+        cluster_secret: str | None = None,
     ) -> None:
         super().__init__(EngineConfig(model=model), served_model_name, log_level=log_level)
         self.router_config = config
         self.index = KVIndex()
         self.policy = RoutingPolicy(config, self.index)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.cluster_secret = cluster_secret
+        self._signer = Signer(cluster_secret, HTTP_PURPOSE)
+        self.event_drops = DropCounts(EVENTS_SOCKET)  # KV events refused, over all subscriptions
         self._http: httpx.AsyncClient | None = None
         self._zmq: zmq.asyncio.Context | None = None
         self._subscriptions: dict[str, tuple[str, asyncio.Task]] = {}  # worker url -> (address, task)
@@ -158,6 +177,8 @@ class RouterClient(EngineClient):
             self._routes[message.request_id] = route
             self._seq_routes.update(dict.fromkeys(message.seq_ids, route))
             route.task = asyncio.get_running_loop().create_task(self._run(route))
+            # A callback, not a `finally` in _run: a task cancelled before it starts never runs its body.
+            route.task.add_done_callback(lambda _: self._finish_route(route))
         elif isinstance(message, Abort):
             self._abort(message.seq_ids)
 
@@ -170,42 +191,61 @@ class RouterClient(EngineClient):
         for request_id, seqs in routes.items():
             route = self._routes[request_id]
             if set(seqs) >= set(route.add.seq_ids):
-                # Closing the worker streams aborts the request there and frees its blocks.
-                if route.task is not None and route.task is not asyncio.current_task():
+                # Closing the worker streams aborts the request there and frees its blocks. From the
+                # route's own task too (a stop string found in a batch it forwards): the cancellation
+                # lands at its next await, so the worker stops rather than running to max_tokens.
+                if route.task is not None:
                     route.task.cancel()
             elif route.workers:  # some of n sequences (a stop string ended them): tell the decode worker
+                route.aborted.update(seqs)
                 worker = route.workers[-1]
                 body = encode(AbortSequences(request_id, seqs))
                 asyncio.get_running_loop().create_task(self._post_abort(worker, body))
 
+    def _internal_headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        return {**self._headers, **http_auth_header(self._signer, method, path, body)}
+
     async def _post_abort(self, worker: Worker, body: bytes) -> None:
+        headers = self._internal_headers("POST", "/internal/abort", body)
         with contextlib.suppress(httpx.HTTPError):
-            await self._http.post(f"{worker.url}/internal/abort", content=body, headers=self._headers)
+            await self._http.post(f"{worker.url}/internal/abort", content=body, headers=headers)
 
     async def _run(self, route: _Route) -> None:
         add = route.add
         try:
-            disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
-            decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
-            if decode is None:
-                raise EngineUnavailable("no decode worker is reachable")
-            route.num_tokens = len(add.prompt_token_ids)
-            decode.active_tokens += route.num_tokens
-            decode.num_requests += 1
-            route.workers.append(decode)
-            if prefill is None:
-                self.num_local_prefills += 1
-                async for batch in self._stream(decode, add):
-                    self._forward(route, batch)
-            else:
-                self.num_remote_prefills += 1
-                await self._run_disaggregated(route, decode, prefill)
+            for attempt in range(1, _MAX_ATTEMPTS + 1):
+                try:
+                    await self._attempt(route)
+                    return
+                except WorkerFailed as err:
+                    if route.accepted or not err.lost or attempt == _MAX_ATTEMPTS:
+                        raise
+                    # Nothing reached the client yet: the next healthy decode worker takes it.
+                    logger.warning("request %s: %s; routing it again", add.request_id, err)
+                    self._release(route)
         except asyncio.CancelledError:
-            pass
+            if route.lost is not None:  # cut by the router (a lost worker), not by its client
+                self._fail(route, route.lost)
         except Exception as err:  # a worker failed or refused: the client learns at once
             self._fail(route, err)
-        finally:
-            self._finish_route(route)
+
+    async def _attempt(self, route: _Route) -> None:
+        add = route.add
+        disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
+        decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
+        if decode is None:
+            raise EngineUnavailable("no decode worker is reachable")
+        route.num_tokens = len(add.prompt_token_ids)
+        decode.active_tokens += route.num_tokens
+        decode.num_requests += 1
+        route.workers.append(decode)
+        if prefill is None:
+            self.num_local_prefills += 1
+            async for batch in self._stream(decode, add):
+                self._forward(route, batch)
+        else:
+            self.num_remote_prefills += 1
+            await self._run_disaggregated(route, decode, prefill)
 
     async def _run_disaggregated(self, route: _Route, decode: Worker, prefill: Worker) -> None:
         add = route.add
@@ -227,11 +267,18 @@ class RouterClient(EngineClient):
             prefill.queued_prefill_tokens += uncached
             prefill.num_requests += 1
             route.workers.insert(0, prefill)
+            # Its own task, so that losing the prefill worker cuts this leg alone (see `_cut`).
+            leg = asyncio.get_running_loop().create_task(self._prefill_leg(route, prefill, send))
+            route.prefill_leg = leg
             try:
-                finished = await self._prefill_leg(route, prefill, send)
-            except WorkerFailed as err:
+                finished = await leg
+            except (WorkerFailed, asyncio.CancelledError) as err:
+                if isinstance(err, asyncio.CancelledError):
+                    if route.lost is None or route.lost.worker is not prefill:
+                        raise  # the client left, or the decode worker was lost
+                    err, route.lost = route.lost, None
                 if route.num_tokens > len(add.prompt_token_ids):
-                    raise  # the client has its first token: too late to start over
+                    raise err  # the client has its first token: too late to start over
                 # No token yet: prefill on the decode worker instead (its KV-waiting half is dropped).
                 logger.warning("request %s: %s; prefilling on %s instead", add.request_id, err, decode.url)
                 await decode_stream.aclose()
@@ -244,6 +291,8 @@ class RouterClient(EngineClient):
                 return
             finally:
                 prefill.queued_prefill_tokens -= uncached
+                route.workers.remove(prefill)
+                route.prefill_leg = None
             if finished:
                 return  # the first token ended it: closing the decode stream frees the decode side
             async for batch in decode_stream:
@@ -276,8 +325,10 @@ class RouterClient(EngineClient):
     async def _stream(self, worker: Worker, add: AddRequest) -> AsyncIterator[EngineOutputs]:
         """The worker's batches for this request, until it is done there."""
         url = f"{worker.url}/internal/generate"
+        body = encode(add)
+        headers = self._internal_headers("POST", "/internal/generate", body)
         try:
-            async with self._http.stream("POST", url, content=encode(add), headers=self._headers) as response:
+            async with self._http.stream("POST", url, content=body, headers=headers) as response:
                 if response.status_code != 200:
                     raise WorkerFailed(worker, response.status_code, _error_message(await response.aread()))
                 reader = FrameReader()
@@ -288,10 +339,17 @@ class RouterClient(EngineClient):
                         yield frame
         except httpx.HTTPError as err:
             self._mark_down(worker, f"{type(err).__name__}: {err}")
-            raise WorkerFailed(worker, 503, f"connection failed ({type(err).__name__})") from err
+            raise WorkerFailed(worker, 503, f"worker lost ({type(err).__name__})", lost=True) from err
 
     def _forward(self, route: _Route, batch: EngineOutputs) -> None:
-        """Feed a worker's batch to the front, as if a local engine had produced it."""
+        """Feed a worker's batch to the front, as if a local engine had produced it.
+
+        A sequence the worker aborted without being asked (its KV wait expired, its transfer failed) is
+        a failure, which the client learns as a terminal error, not a stream that ends early.
+        """
+        for out in batch.outputs:
+            if out.finished and out.finish_reason == "abort" and out.request_id not in route.aborted:
+                raise WorkerFailed(route.workers[-1], 503, "the worker aborted the request")
         batch.stats = {}
         batch.tickets = []
         if batch.accepted:
@@ -312,18 +370,27 @@ class RouterClient(EngineClient):
         else:
             self._end_stream(request_id, EngineUnavailable(message))
 
-    def _finish_route(self, route: _Route) -> None:
-        self._routes.pop(route.add.request_id, None)
-        for seq_id in route.add.seq_ids:
-            self._seq_routes.pop(seq_id, None)
+    def _release(self, route: _Route) -> None:
+        """Take the request off its decode worker's load (once: a retry or its end)."""
         if route.workers:
             route.workers[-1].active_tokens -= route.num_tokens
+        route.workers.clear()
+        route.num_tokens = 0
 
     # ---------------------------------------------------------------- workers
 
     async def _health_loop(self) -> None:
+        # Each worker on its own clock: one that hangs (until the check's timeout) delays no other's check.
+        watches = [self._watch(w) for w in self.policy.workers]
+        await asyncio.gather(*watches, self._publish_loop())
+
+    async def _watch(self, worker: Worker) -> None:
         while True:
-            await asyncio.gather(*(self._check(w) for w in self.policy.workers))
+            await self._check(worker)
+            await asyncio.sleep(self.router_config.health_interval)
+
+    async def _publish_loop(self) -> None:
+        while True:
             self._publish_stats()
             await asyncio.sleep(self.router_config.health_interval)
 
@@ -331,13 +398,16 @@ class RouterClient(EngineClient):
         try:
             response = await self._http.get(
                 f"{worker.url}/internal/info",
-                headers=self._headers,
+                headers=self._internal_headers("GET", "/internal/info"),
                 timeout=self.router_config.health_timeout,
             )
             response.raise_for_status()
             info = response.json()
         except (httpx.HTTPError, ValueError) as err:
-            self._mark_down(worker, f"{type(err).__name__}: {err}")
+            reason = f"{type(err).__name__}: {err}"
+            if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 401:
+                reason = "it refused the router's credentials (401): same --cluster-secret and --api-key?"
+            self._mark_down(worker, reason)
             return
         if (
             worker.kind == "prefill"
@@ -360,6 +430,25 @@ class RouterClient(EngineClient):
         if subscription is not None:
             subscription[1].cancel()
         self.index.drop(worker.url)
+        lost = WorkerFailed(worker, 503, f"worker lost ({reason})", lost=True)
+        for route in list(self._routes.values()):
+            self._cut(route, lost)
+
+    def _cut(self, route: _Route, lost: WorkerFailed) -> None:
+        """End the part of a request that runs on a lost worker, without waiting for its stream to break.
+
+        A killed worker's connections reset at once, but a request whose decode worker only waits for
+        KV (its prefill leg runs elsewhere) reads nothing from it, and a hung worker resets nothing.
+        The request's own task is left alone: it is the one that found the loss, and is handling it.
+        """
+        current = asyncio.current_task()
+        leg = route.prefill_leg
+        if leg is not None and route.workers[0] is lost.worker and not leg.done() and leg is not current:
+            route.lost = lost
+            leg.cancel()  # its decode worker prefills it instead, if no token went out yet
+        elif route.workers and route.workers[-1] is lost.worker and route.task not in (None, current):
+            route.lost = lost
+            route.task.cancel()
 
     def _subscribe(self, worker: Worker, address: str) -> None:
         current = self._subscriptions.get(worker.url)
@@ -372,19 +461,12 @@ class RouterClient(EngineClient):
         self._subscriptions[worker.url] = (address, task)
 
     async def _listen(self, worker_url: str, address: str) -> None:
-        sock = self._zmq.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(address)
+        subscriber = KVEventSubscriber(self._zmq, address, self.event_drops, self.cluster_secret)
         try:
             while True:
-                raw = await sock.recv()
-                try:
-                    self.index.apply(worker_url, events_decoder.decode(raw))
-                except msgspec.DecodeError:
-                    logger.warning("undecodable KV event from %s", worker_url)
+                self.index.apply(worker_url, await subscriber.receive())
         finally:
-            sock.close()
+            subscriber.close()
 
     def _publish_stats(self) -> None:
         if self.metrics is None:
@@ -393,6 +475,10 @@ class RouterClient(EngineClient):
         total = {key: sum(s.get(key, 0.0) for s in stats) for key in _SUMMED_STATS}
         usages = [s.get("kv_cache_usage_perc", 0.0) for s in stats]
         total["kv_cache_usage_perc"] = sum(usages) / len(usages) if usages else 0.0
+        # Messages the workers' KV receivers dropped, summed, and the KV events this router dropped.
+        dropped = {key for s in stats for key in s if key.startswith(DROPPED_STAT + ":")}
+        total.update({key: sum(s.get(key, 0.0) for s in stats) for key in dropped})
+        total.update(self.event_drops.stats())
         self.metrics.set_engine_stats(total)
 
     def workers_status(self) -> list[dict]:

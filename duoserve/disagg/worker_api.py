@@ -2,6 +2,10 @@
 
 Mounted on every `duoserve serve` (the OpenAI routes stay too, so a worker can be used directly).
 Its role (prefill, decode or both) is what it tells routers in `/internal/info`.
+
+With a cluster secret, every request must carry the router's tag (`X-Duoserve-Auth`, an HMAC over
+method, path and body with a sequence number and timestamp, see `duoserve.disagg.auth`): one without
+a valid tag, or one sent again, gets 401 before its body is decoded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from duoserve.disagg.auth import AUTH_HEADER, HTTP_PURPOSE, Verifier, verify_http
 from duoserve.disagg.protocol import (
     FRAME_MEDIA_TYPE,
     WorkerError,
@@ -24,13 +29,39 @@ from duoserve.server.protocol import APIError
 
 
 class WorkerRoutes:
-    def __init__(self, client: EngineClient, role: str) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        role: str,
+        cluster_secret: str | None = None,
+        max_body_bytes: int = 8 * 2**20,
+    ) -> None:
         self.client = client
         self.role = role
+        self.verifier = Verifier(cluster_secret, HTTP_PURPOSE)
+        self.max_body_bytes = max_body_bytes
+
+    async def _authenticated_body(self, request: Request) -> bytes:
+        """The request's body, once its size and its tag are checked (401 / 413 otherwise)."""
+        limit = self.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        header = request.headers.get(AUTH_HEADER)
+        reason = verify_http(self.verifier, header, request.method, request.url.path, body)
+        if reason is not None:
+            message = f"/internal/* needs a valid {AUTH_HEADER} made with the cluster secret ({reason})"
+            raise APIError(401, message)
+        return body
 
     async def generate(self, request: Request) -> Response:
+        body = await self._authenticated_body(request)
         try:
-            message = add_request_decoder.decode(await request.body())
+            message = add_request_decoder.decode(body)
         except msgspec.DecodeError as err:
             raise APIError(400, f"invalid internal request: {err}") from err
         stream = self.client.add_raw(message)
@@ -56,14 +87,16 @@ class WorkerRoutes:
         return StreamingResponse(frames(), media_type=FRAME_MEDIA_TYPE)
 
     async def abort(self, request: Request) -> Response:
+        body = await self._authenticated_body(request)
         try:
-            message = abort_decoder.decode(await request.body())
+            message = abort_decoder.decode(body)
         except msgspec.DecodeError as err:
             raise APIError(400, f"invalid internal request: {err}") from err
         self.client.abort_raw(message.request_id, message.seq_ids or None)
         return Response(status_code=204)
 
     async def info(self, request: Request) -> Response:
+        await self._authenticated_body(request)
         self.client.check_available()
         ready = self.client.engine_info
         body = {

@@ -30,7 +30,7 @@ from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
 from duoserve.kv.cache import KVCache, KVCacheSpec
-from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
@@ -57,6 +57,11 @@ class CoreOutput:
     stop_reason: int | str | None = None
     prompt_logprobs: list[tuple[dict[int, float], int]] | None = None  # once, when the prompt is scored
     num_cached_tokens: int = 0
+    # With the request's first sampled token only: seconds from its arrival to its first step, and
+    # from then to this token (vLLM's queue and prefill phases). Carried here, not looked up later,
+    # because a request may be gone from the core by the time anyone asks.
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 @dataclass
@@ -94,7 +99,9 @@ class EngineCore:
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.kv_layout = KVLayout.of(spec)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
+        )
         # Disaggregation: the sender a prefill worker pushes KV with (set by the engine process), the
         # decode side's requests waiting for their prompt's KV, and transfer counters.
         self.kv_sender: KVSendTransport | None = None
@@ -207,10 +214,14 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id)
         if request is not None:
-            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-            if self.speculator is not None:
-                self.speculator.retain(self.scheduler.requests)
-        self.awaiting_kv.pop(request_id, None)
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """The one way a request leaves the core, however it ends: every table that knows it forgets it."""
+        self.scheduler.finish(request, status)
+        self.awaiting_kv.pop(request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.retain(self.scheduler.requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -250,6 +261,11 @@ class EngineCore:
             )
             tickets.append(request.kv_ticket)
         return tickets
+
+    def expects_kv(self, request_id: str) -> bool:
+        """Whether KV for this request may arrive now: it waits for it and has its blocks (a ticket)."""
+        request = self.awaiting_kv.get(request_id)
+        return request is not None and request.kv_ticket is not None
 
     def receive_kv(self, message: KVMessage, payload: memoryview | None) -> CoreOutput | None:
         """Write arrived blocks into the request's cache; on KVDone, start decoding it.
@@ -296,7 +312,7 @@ class EngineCore:
         request.first_token_time = now
         request.check_stop(self.max_model_len)
         if request.status.finished:
-            self.scheduler.finish(request, request.status)
+            self._finish(request, request.status)
             return self._output(request, [], [], None)
         self.scheduler.resume_with_kv(request)
         return None
@@ -330,6 +346,8 @@ class EngineCore:
         try:
             if end > start:
                 source = self.kv.block_ids(request.request_id)[start:end]
+                if NULL_BLOCK in source:  # the scheduler keeps a sending request's blocks: a bug if not
+                    raise KVTransferError(f"blocks {start}..{end - 1} were freed before they were sent")
                 self.kv_sender.send_blocks(
                     ticket, ticket.block_ids[start:end], self.kv_cache.export_blocks(source)
                 )
@@ -362,8 +380,6 @@ class EngineCore:
         if self.speculator is not None:
             emitted = sum(len(out.new_token_ids) for out in outputs) if pure_decode else None
             self.speculator.observe_step(forward_seconds, emitted)
-            if any(out.finished for out in outputs):
-                self.speculator.retain(self.scheduler.requests)
         self.last_step = StepStats(
             num_scheduled_tokens=plan.num_tokens,
             num_preempted=len(plan.preempted),
@@ -445,7 +461,7 @@ class EngineCore:
             if request.kv_destination is not None and request.request_id not in sampled:
                 self._send_kv(request, None)
                 if request.status.finished:  # the send failed
-                    self.scheduler.finish(request, request.status)
+                    self._finish(request, request.status)
                     outputs.append(self._output(request, [], [], None))
                     continue
             if request.request_id not in sampled:
@@ -457,15 +473,21 @@ class EngineCore:
                 self._accept_drafts(s, tokens) if s.draft_token_ids else self._append_tokens(request, tokens)
             )
             request.logprobs.extend(logprobs)
-            if request.first_token_time is None:
+            first_token = request.first_token_time is None
+            if first_token:
                 request.first_token_time = now
                 if request.wants_prompt_logprobs and new_prompt_logprobs is None:
                     new_prompt_logprobs = request.prompt_logprobs  # 1-token prompts score nothing
             if request.kv_destination is not None:
                 self._send_kv(request, tokens[-1])
             if request.status.finished:
-                self.scheduler.finish(request, request.status)
-            outputs.append(self._output(request, tokens, logprobs, new_prompt_logprobs))
+                self._finish(request, request.status)
+            output = self._output(request, tokens, logprobs, new_prompt_logprobs)
+            if first_token:
+                scheduled = request.first_scheduled_time or request.arrival_time
+                output.queue_time = scheduled - request.arrival_time
+                output.prefill_time = now - scheduled
+            outputs.append(output)
         return outputs
 
     def _append_tokens(self, request: Request, tokens: list[int]) -> list[int]:

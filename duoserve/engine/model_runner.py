@@ -65,7 +65,7 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
         positions.extend(range(chunk.start, end))
         slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(chunk.start, end))
         if len(chunk.token_ids) > 1:
-            table = torch.tensor(chunk.block_ids, dtype=torch.long, device=device)
+            table = _table_tensor(chunk.block_ids, device)
             prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
     decodes = [chunks[i] for i in order[:num_decodes]]
     meta = AttentionMetadata(
@@ -120,9 +120,16 @@ def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device:
     )
 
 
+def _table_tensor(block_ids: list[int], device: torch.device) -> torch.Tensor:
+    """A block table as a tensor; entries freed out of a sliding window (NULL_BLOCK) become block 0, which
+    attention never reads there (no query sees those positions), like the padding past a context."""
+    return torch.tensor(block_ids, dtype=torch.long, device=device).clamp_(min=0)
+
+
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max((len(t) for t in tables), default=0)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    return padded.clamp_(min=0)  # NULL_BLOCK entries, as in _table_tensor
 
 
 def _prompt_logprob_rows(

@@ -78,6 +78,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._free_out_of_window()
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
@@ -96,6 +97,21 @@ class Scheduler:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
         return out
+
+    def _free_out_of_window(self) -> None:
+        """With a sliding window on every layer, running requests give back the blocks no query of theirs
+        sees any more, before this step allocates.
+
+        A prefill worker's request keeps its prompt blocks: they are exported to the decode worker as
+        they fill, and the request ends at its first token anyway.
+        """
+        if self.kv.sliding_window is None:
+            return
+        for request in self.running:
+            if request.kv_destination is None:
+                self.kv.free_out_of_window(
+                    request.request_id, request.all_token_ids, request.num_computed_tokens
+                )
 
     def _take_drafts(self, request: Request, budget: int) -> list[int]:
         """The request's draft tokens that fit the budget, with their blocks allocated; [] if none do.

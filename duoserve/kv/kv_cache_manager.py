@@ -3,6 +3,12 @@
 A request's block table maps its token positions to pool blocks: position p lives in block
 `block_ids[p // block_size]` at offset `p % block_size`. Blocks are allocated as tokens are
 scheduled, so a request never holds more than one partly filled block.
+
+When every layer of the model attends through a sliding window (Mistral), the blocks that slid out
+of the window are freed while the request runs (vLLM's sliding-window manager): its table keeps
+their places as NULL_BLOCK, which attention never reads, since no query of the request sees those
+positions any more. A freed block keeps its prefix-cache entry until the pool hands it out again,
+so other requests sharing the prefix can still hit it.
 """
 
 from __future__ import annotations
@@ -11,17 +17,31 @@ from dataclasses import dataclass, field
 
 from duoserve.kv.block_pool import ROOT_HASH, BlockPool
 
+# The table entry of a block freed because it slid out of the request's window.
+NULL_BLOCK = -1
+
 
 @dataclass
 class BlockTable:
     block_ids: list[int] = field(default_factory=list)
     # Hashes of the leading full blocks already registered in the prefix cache (the chain so far).
     block_hashes: list[int] = field(default_factory=list)
+    # Leading entries freed out of the sliding window (now NULL_BLOCK).
+    num_freed: int = 0
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ) -> None:
+        """`sliding_window`: the window of every layer (ModelConfig.kv_sliding_window), None when some
+        layer sees the whole context: then no block is freed before its request ends."""
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.tables: dict[str, BlockTable] = {}
@@ -37,7 +57,31 @@ class KVCacheManager:
         return self.pool.usage()
 
     def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table; entries freed out of its window are NULL_BLOCK."""
         return self.tables[request_id].block_ids
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request holds (its table's entries that were not freed)."""
+        table = self.tables[request_id]
+        return len(table.block_ids) - table.num_freed
+
+    def free_out_of_window(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Free the request's leading blocks that no query from position `num_computed` on can see.
+
+        A query at p >= num_computed sees keys at positions > p - window, so the blocks wholly before
+        num_computed - window + 1 are done with. Full blocks not in the prefix cache yet (KV imported
+        from another worker) are registered first, so that they stay findable once freed.
+        """
+        table = self.tables.get(request_id)
+        if self.sliding_window is None or table is None:
+            return
+        end = max(0, num_computed - self.sliding_window + 1) // self.block_size
+        if end <= table.num_freed:
+            return
+        self._cache_full_blocks(table, token_ids, num_computed)
+        self.pool.free(table.block_ids[table.num_freed : end])
+        table.block_ids[table.num_freed : end] = [NULL_BLOCK] * (end - table.num_freed)
+        table.num_freed = end
 
     def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Blocks of the longest cached prefix of token_ids, leaving at least one token to compute.
@@ -112,6 +156,8 @@ class KVCacheManager:
         # Only positions of token_ids (the request's committed tokens) are hashed: slots scheduled past
         # them hold speculative draft tokens, which may be rejected.
         for i in range(len(table.block_hashes), min(num_tokens, len(token_ids)) // bs):
+            if table.block_ids[i] == NULL_BLOCK:
+                break  # freed out of the window before it could be registered: the chain ends here
             parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
             block_hash = self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
             if block_hash is None:
@@ -135,4 +181,4 @@ class KVCacheManager:
         """Release a request's blocks; its tail goes first in the LRU queue, so it is evicted first."""
         table = self.tables.pop(request_id, None)
         if table is not None:
-            self.pool.free(list(reversed(table.block_ids)))
+            self.pool.free(list(reversed(table.block_ids[table.num_freed :])))

@@ -63,6 +63,10 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # The window of the sliding-window layers (None: no layer slides), and which layers those are:
+    # transformers' layer_types ("sliding_attention" / "full_attention"); None = every layer.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
 
     # --- per-family pieces -------------------------------------------------------------------------
     hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
@@ -79,11 +83,6 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default: head_dim)
     attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap) before softmax
     final_logit_softcapping: float | None = None  # Gemma 2/3: the same on the output logits
-    # Attention windows: a sliding layer's query i sees keys j with i - j < sliding_window
-    # (transformers' semantics). layer_types names each layer's kind; None means every layer slides
-    # when sliding_window is set (Mistral, Phi-3).
-    sliding_window: int | None = None
-    layer_types: list[str] | None = None
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (unscaled)
 
     # --- mixture of experts (Qwen3-MoE, Mixtral) ---------------------------------------------------
@@ -101,10 +100,91 @@ class ModelConfig:
         return self.num_experts > 0 and index not in self.dense_mlp_layers
 
     def is_sliding_layer(self, index: int) -> bool:
-        if self.sliding_window is None:
-            return False
-        return self.layer_types is None or self.layer_types[index] == SLIDING_ATTENTION
+        return self.layer_sliding_window(index) is not None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+                )
+            if unknown := set(self.layer_types) - set(_LAYER_TYPES):
+                raise ValueError(
+                    f"unsupported layer_types {sorted(unknown)}; supported: {', '.join(_LAYER_TYPES)}"
+                )
 
     def layer_sliding_window(self, index: int) -> int | None:
-        """The attention window of layer `index` in tokens; None for full attention."""
-        return self.sliding_window if self.is_sliding_layer(index) else None
+        """The window of layer `index`: a query at position p sees keys (p - window, p]; None = all keys."""
+        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def kv_sliding_window(self) -> int | None:
+        """The window every layer has, or None when some layer sees the whole context: only then can
+        the KV cache free blocks that slid out of the window (one block table serves all layers)."""
+        windows = {self.layer_sliding_window(i) for i in range(self.num_hidden_layers)}
+        return None if None in windows else max(windows)
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Model types whose layers all slide when `sliding_window` is set; transformers ignores their
+# `layer_types` (Mistral warns about it).
+_EVERY_LAYER = ("mistral", "mixtral", "phi3", "qwen3_moe")
+
+# Which layers slide when config.json has no `layer_types`, as transformers' configs derive it.
+_DEFAULT_SLIDING_LAYERS = {
+    # Qwen2/Qwen3: the layers from max_window_layers on.
+    "qwen2": lambda i, cfg: i >= cfg.get("max_window_layers", 28),
+    "qwen3": lambda i, cfg: i >= cfg.get("max_window_layers", 28),
+    # Gemma 2: even layers slide, odd ones are global.
+    "gemma2": lambda i, cfg: (i + 1) % 2 != 0,
+    # Gemma 3: every sliding_window_pattern-th layer is global (pattern 6: 5 local, then 1 global).
+    "gemma3": lambda i, cfg: (i + 1) % cfg.get("sliding_window_pattern", 6) != 0,
+    "gemma3_text": lambda i, cfg: (i + 1) % cfg.get("sliding_window_pattern", 6) != 0,
+}
+
+# transformers' default `sliding_window` where config.json has none (Mixtral and Phi-3: None).
+_DEFAULT_WINDOW = {
+    "mistral": 4096,
+    "qwen2": 4096,
+    "qwen3": 4096,
+    "qwen3_moe": 4096,
+    "gemma2": 4096,
+    "gemma3": 4096,
+    "gemma3_text": 4096,
+}
+
+# Model types whose window applies only with use_sliding_window: true (transformers sets it to None
+# otherwise).
+_GATED_BY_USE_SLIDING_WINDOW = ("qwen2", "qwen3", "qwen3_moe")
+
+
+def sliding_window_from_hf(cfg: dict, model_type: str) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) of a `config.json` dict, as transformers reads them.
+
+    Mistral, Mixtral, Phi-3: every layer, when `sliding_window` is set. Qwen2/Qwen3: only with
+    `use_sliding_window`, then the layers from `max_window_layers` on (Qwen3-MoE: every layer).
+    Gemma 2: alternating local/global; Gemma 3: `sliding_window_pattern`. Where transformers reads
+    `layer_types` from the file, it wins over these rules. Other model types (Llama) never slide.
+    """
+    if model_type not in _EVERY_LAYER and model_type not in _DEFAULT_SLIDING_LAYERS:
+        return None, None
+    if model_type.startswith("gemma3") and cfg.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) is not supported")
+    window = cfg.get("sliding_window", _DEFAULT_WINDOW.get(model_type))
+    if model_type in _GATED_BY_USE_SLIDING_WINDOW and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None or model_type in _EVERY_LAYER:
+        return (None if window is None else int(window)), None
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        rule = _DEFAULT_SLIDING_LAYERS[model_type]
+        layer_types = [
+            "sliding_attention" if rule(i, cfg) else "full_attention" for i in range(cfg["num_hidden_layers"])
+        ]
+    if "sliding_attention" not in layer_types:
+        return None, None
+    return int(window), list(layer_types)

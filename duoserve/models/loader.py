@@ -31,6 +31,7 @@ from duoserve.models.config import (
     ModelConfig,
     check_rope_scaling,
     rope_type,
+    sliding_window_from_hf,
 )
 from duoserve.models.linear import QuantizedWeight, quantized_from_gguf
 
@@ -280,6 +281,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     rope_scaling = _with_original_context(cfg, rope_scaling)
     check_rope_scaling(rope_scaling)
     rope_params = cfg.get("rope_parameters") or {}
+    sliding_window, layer_types = sliding_window_from_hf(cfg, cfg.get("model_type") or architecture)
     config = ModelConfig(
         architecture=architecture,
         vocab_size=cfg["vocab_size"],
@@ -300,6 +302,8 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         attention_bias=architecture == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_id_list(cfg.get("eos_token_id")),
+        sliding_window=sliding_window,
+        layer_types=layer_types,
         partial_rotary_factor=float(
             cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or 1.0
         ),
@@ -320,8 +324,6 @@ def _hf_family_fields(architecture: str, cfg: dict) -> dict:
         gemma3 = architecture == "gemma3_text"
         if cfg.get("use_bidirectional_attention"):
             raise ValueError("unsupported: Gemma with use_bidirectional_attention (an embedding model)")
-        pattern = 6 if gemma3 else 2
-        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", pattern))
         return dict(
             hidden_act=cfg.get("hidden_activation") or "gelu_pytorch_tanh",
             norm_plus_one=True,
@@ -332,21 +334,10 @@ def _hf_family_fields(architecture: str, cfg: dict) -> dict:
             # transformers' Gemma 3 attention does not apply attn_logit_softcapping (its configs have none).
             attn_logit_softcapping=None if gemma3 else cfg.get("attn_logit_softcapping", 50.0),
             final_logit_softcapping=cfg.get("final_logit_softcapping", None if gemma3 else 30.0),
-            sliding_window=cfg.get("sliding_window", 4096),
-            layer_types=cfg.get("layer_types") or _every_nth_full(layers, pattern),
         )
     fields: dict = dict(hidden_act=cfg.get("hidden_act", "silu"))
-    if architecture in ("qwen2", "qwen3", "qwen3_moe"):
-        fields["qk_norm"] = architecture != "qwen2"
-        if cfg.get("use_sliding_window"):
-            fields["sliding_window"] = cfg.get("sliding_window")
-            if architecture != "qwen3_moe":  # Qwen3-MoE slides every layer
-                first = cfg.get("max_window_layers", layers)
-                default = ["full_attention" if i < first else SLIDING_ATTENTION for i in range(layers)]
-                fields["layer_types"] = cfg.get("layer_types") or default
-    elif architecture in ("mistral", "mixtral", "phi3"):
-        fields["sliding_window"] = cfg.get("sliding_window")
-        fields["fused_projections"] = architecture == "phi3"
+    fields["qk_norm"] = architecture in ("qwen3", "qwen3_moe")
+    fields["fused_projections"] = architecture == "phi3"
     if architecture == "qwen3_moe":
         step, only = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
         fields.update(

@@ -419,7 +419,7 @@ def build_app(client: EngineClient, settings: ServerSettings, worker_routes: boo
         ("/detokenize", server.detokenize, "POST"),
         ("/metrics", server.metrics, "GET"),
     ]
-    worker = WorkerRoutes(client, settings.role)
+    worker = WorkerRoutes(client, settings.role, settings.cluster_secret, settings.max_request_bytes)
     routes += (
         [("/router/workers", worker.workers, "GET")]
         if not worker_routes

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -118,9 +119,11 @@ class EngineClient:
         max_queued_requests: int | None = None,
         log_level: str = "INFO",
         kv_host: str = "127.0.0.1",
+        cluster_secret: str | None = None,
     ) -> None:
         self.config = config
         self.kv_host = kv_host  # where the engine binds its KV receiver and KV event sockets
+        self.cluster_secret = cluster_secret  # authenticates what goes over those sockets
         try:
             self.model_path = config.model or default_model_path()
         except FileNotFoundError as err:
@@ -198,6 +201,7 @@ class EngineClient:
                 self.max_queued_requests,
                 self.log_level,
                 self.kv_host,
+                self.cluster_secret,
             ),
             name="duoserve-engine",
             daemon=True,
@@ -217,7 +221,7 @@ class EngineClient:
     async def _wait_ready(self) -> Ready:
         while True:
             if await self._from_engine.poll(500):
-                message = message_decoder.decode(await self._from_engine.recv())
+                message = self._decode(await self._from_engine.recv())
                 if isinstance(message, Ready):
                     return message
                 if isinstance(message, EngineFailed):
@@ -473,7 +477,7 @@ class EngineClient:
     async def _receive_loop(self) -> None:
         while True:
             raw = await self._from_engine.recv(copy=False)
-            message = message_decoder.decode(raw.buffer)
+            message = self._decode(raw.buffer)
             if isinstance(message, EngineFailed):
                 self._engine_died(message.message)
                 return
@@ -482,6 +486,18 @@ class EngineClient:
                     self._on_outputs(message)
                 except Exception:
                     logger.exception("failed to process engine outputs")
+
+    def _decode(self, data: memoryview) -> Ready | EngineFailed | EngineOutputs | None:
+        """The engine's message, or None (dropped and counted as socket "api_ipc") when it is not one:
+        a bad message must not end the task that every request's outputs come through."""
+        try:
+            return message_decoder.decode(data)
+        except msgspec.DecodeError as err:  # ValidationError is a DecodeError too
+            reason = "invalid" if isinstance(err, msgspec.ValidationError) else "malformed"
+            logger.error("dropped a %s message from the engine (%d bytes): %s", reason, len(data), err)
+            if self.metrics is not None:
+                self.metrics.untrusted_dropped("api_ipc", reason)
+            return None
 
     async def _watch_process(self) -> None:
         while self._process.is_alive() or self._closing:

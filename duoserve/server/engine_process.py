@@ -12,13 +12,14 @@ import os
 import signal
 import time
 
+import msgspec
 import zmq
 
 from duoserve.config import EngineConfig
+from duoserve.disagg.auth import DropCounts
 from duoserve.disagg.kv_events import KVEventPublisher
 from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
-from duoserve.engine.core import EngineCore
-from duoserve.engine.request import Request
+from duoserve.engine.core import CoreOutput, EngineCore
 from duoserve.models.loader import load_model
 from duoserve.server.engine_messages import (
     Abort,
@@ -53,11 +54,13 @@ def run_engine_process(
     max_queued_requests: int | None,
     log_level: str = "INFO",
     kv_host: str = "127.0.0.1",
+    cluster_secret: str | None = None,
 ) -> None:
     """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
 
     Besides the two sockets to the API process, it binds two TCP sockets on `kv_host`: a KV receiver
     (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
+    What goes over them is authenticated with `cluster_secret` when there is one.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
@@ -72,11 +75,14 @@ def run_engine_process(
     inbox.connect(input_address)
     outbox.connect(output_address)
     exit_code = 0
-    receiver = KVReceiver(context, kv_host)
-    sender = KVSender(context)
-    publisher = KVEventPublisher(context, kv_host)
+    receiver = None
+    sender = KVSender(context, cluster_secret)
+    publisher = KVEventPublisher(context, kv_host, cluster_secret)
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+        # No message can carry more blocks than a whole prompt of max_model_len tokens.
+        max_blocks = min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
+        receiver = KVReceiver(context, kv_host, core.kv_layout, max_blocks, cluster_secret)
         core.kv_sender = sender
         core.kv.pool.events = []
         outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))
@@ -89,7 +95,8 @@ def run_engine_process(
         for sock in (inbox, outbox):
             sock.close()
         for endpoint in (receiver, sender, publisher):
-            endpoint.close()
+            if endpoint is not None:
+                endpoint.close()
         context.term()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
     logging.shutdown()
@@ -129,9 +136,9 @@ class EngineLoop:
         if receiver is not None:
             self.poller.register(receiver.socket, zmq.POLLIN)
         self.parent_pid = os.getppid()
-        # Sequences that have not produced a token yet: their Request objects give the queue and
-        # prefill times when the first token comes (the scheduler drops finished requests).
-        self.pending_start: dict[str, Request] = {}
+        # Inbox messages dropped because they did not decode ("malformed": not msgpack; "invalid":
+        # msgpack, but no message of ours). Zero from the start, so each series exists at 0.
+        self.drops = DropCounts("engine_ipc")
         self.stopping = False
 
     def run(self) -> None:
@@ -140,19 +147,23 @@ class EngineLoop:
                 # Orphaned (the API process was killed): nobody reads the outputs; a full socket would block.
                 logger.warning("the API process is gone; engine exiting")
                 break
-            batch = EngineOutputs(timestamp=0.0)
-            handled = self._drain(batch, timeout_ms=self._poll_timeout())
-            if self.stopping:
-                break
-            handled = self._transfers(batch) or handled
-            if handled:
-                # Acks go out before the step, so a request's HTTP status never waits on a model step.
-                self._send(batch)
-            if self.core.has_schedulable():
-                self._step()
-            if self.publisher is not None:
-                self.publisher.publish(self.core.kv.pool.events)
-                self.core.kv.pool.events.clear()
+            self.turn()
+
+    def turn(self) -> None:
+        """One turn: handle what arrived (waiting for it when idle), then step once if there is work."""
+        batch = EngineOutputs(timestamp=0.0)
+        handled = self._drain(batch, timeout_ms=self._poll_timeout())
+        if self.stopping:
+            return
+        handled = self._transfers(batch) or handled
+        if handled:
+            # Acks go out before the step, so a request's HTTP status never waits on a model step.
+            self._send(batch)
+        if self.core.has_schedulable():
+            self._step()
+        if self.publisher is not None:
+            self.publisher.publish(self.core.kv.pool.events)
+            self.core.kv.pool.events.clear()
 
     def _poll_timeout(self) -> int:
         if self.core.has_schedulable():
@@ -163,15 +174,18 @@ class EngineLoop:
         """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
         if self.receiver is None:
             return False
-        for message, payload in self.receiver.receive():  # late ones (request gone) are dropped
+        dropped = sum(self.receiver.drops.counts.values())
+        for message, payload in self.receiver.receive(self.core.expects_kv):
             output = self.core.receive_kv(message, payload)
             if output is not None:
                 batch.outputs.append(output)
+        # A dropped message is sent as stats at once, so /metrics counts it even on an idle worker.
+        dropped = sum(self.receiver.drops.counts.values()) != dropped
         if not self.core.awaiting_kv:
-            return bool(batch.outputs)
+            return bool(batch.outputs) or dropped
         batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))
         batch.tickets.extend(self.core.issue_tickets(self.receiver.address))
-        return bool(batch.outputs or batch.tickets)
+        return bool(batch.outputs or batch.tickets) or dropped
 
     # ---------------------------------------------------------------- inbound
 
@@ -184,9 +198,21 @@ class EngineLoop:
                 raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._handle(request_decoder.decode(raw.buffer), batch)
-            handled = True
+            message = self._decode(raw.buffer)
+            if message is not None:
+                self._handle(message, batch)
+            handled = True  # a dropped message too: the batch's stats carry the count at once
         return handled
+
+    def _decode(self, data: memoryview) -> AddRequest | Abort | Shutdown | None:
+        """The inbox message, or None (dropped and counted) when it is not one: whatever reaches the
+        socket must never end the loop."""
+        try:
+            return request_decoder.decode(data)
+        except msgspec.DecodeError as err:  # ValidationError is a DecodeError too
+            reason = "invalid" if isinstance(err, msgspec.ValidationError) else "malformed"
+            self.drops.drop(reason, f"from the API process ({len(data)} bytes): {err}")
+            return None
 
     def _handle(self, message: AddRequest | Abort | Shutdown, batch: EngineOutputs) -> None:
         if isinstance(message, AddRequest):
@@ -198,7 +224,6 @@ class EngineLoop:
         elif isinstance(message, Abort):
             for seq_id in message.seq_ids:
                 self.core.abort(seq_id)
-                self.pending_start.pop(seq_id, None)
         elif isinstance(message, Shutdown):
             self.stopping = True
 
@@ -223,8 +248,6 @@ class EngineLoop:
                 return RequestError(message.request_id, 400, str(err))
             logger.exception("adding request %s failed", message.request_id)
             return RequestError(message.request_id, 500, f"the engine could not add the request: {err}")
-        for seq_id in added:
-            self.pending_start[seq_id] = self.core.scheduler.requests[seq_id]
         return None
 
     def _queue_full(self, num_new: int) -> bool:
@@ -249,24 +272,25 @@ class EngineLoop:
             return
         # Sent even without outputs (a prefill chunk): the step's token count and stats still count.
         batch = EngineOutputs(
-            timestamp=0.0, outputs=outputs, step_tokens=self.core.last_step.num_scheduled_tokens
+            timestamp=0.0,
+            outputs=outputs,
+            starts=_starts(outputs),
+            step_tokens=self.core.last_step.num_scheduled_tokens,
         )
-        for out in outputs:
-            request = self.pending_start.get(out.request_id) if out.new_token_ids else None
-            if request is None or request.first_token_time is None:
-                continue
-            del self.pending_start[out.request_id]
-            scheduled = request.first_scheduled_time or request.arrival_time
-            batch.starts.append(
-                SeqStart(
-                    out.request_id,
-                    queue_time=scheduled - request.arrival_time,
-                    prefill_time=request.first_token_time - scheduled,
-                )
-            )
         self._send(batch)
 
     def _send(self, batch: EngineOutputs) -> None:
         batch.timestamp = time.monotonic()
-        batch.stats = self.core.stats()
+        batch.stats = self.core.stats() | self.drops.stats()
+        if self.receiver is not None:
+            batch.stats.update(self.receiver.drops.stats())
         self.outbox.send(message_encoder.encode(batch), copy=False)
+
+
+def _starts(outputs: list[CoreOutput]) -> list[SeqStart]:
+    """The queue and prefill times of the sequences whose first token is in this step's outputs."""
+    return [
+        SeqStart(out.request_id, queue_time=out.queue_time, prefill_time=out.prefill_time)
+        for out in outputs
+        if out.queue_time is not None and out.prefill_time is not None
+    ]

@@ -17,6 +17,7 @@ from types import FrameType
 import uvicorn
 
 from duoserve.config import EngineConfig
+from duoserve.disagg.auth import warn_if_exposed
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient
 from duoserve.server.settings import ServerSettings
@@ -69,6 +70,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings) -> int:
         max_queued_requests=settings.max_queued_requests,
         log_level=settings.log_level,
         kv_host=advertised_host(settings.host),
+        cluster_secret=settings.cluster_secret,
     )
     return run_server(client, settings)
 
@@ -79,6 +81,7 @@ def run_server(client: EngineClient, settings: ServerSettings, worker_routes: bo
 
 
 async def _serve(client: EngineClient, settings: ServerSettings, worker_routes: bool) -> int:
+    warn_if_exposed(settings.host, settings.cluster_secret)
     config = uvicorn.Config(
         build_app(client, settings, worker_routes),
         host=settings.host,

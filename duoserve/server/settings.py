@@ -9,6 +9,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from duoserve.disagg.auth import SECRET_ENV as CLUSTER_SECRET_ENV
+
 
 @dataclass
 class ServerSettings:
@@ -21,6 +23,8 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     role: str = "both"  # prefill | decode | both: what this worker does for a router
+    # Authenticates /internal/*, KV transfer and KV events between workers and routers (an HMAC key).
+    cluster_secret: str | None = None
 
 
 ROLES = ("prefill", "decode", "both")
@@ -38,6 +42,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})",
+    )
+    group.add_argument(
+        "--cluster-secret",
+        default=os.environ.get(CLUSTER_SECRET_ENV),
+        help="shared secret of a deployment's workers and router: /internal/* routes, KV transfers and KV "
+        "events must be authenticated with it (HMAC-SHA256). Prefer the environment variable, which "
+        f"`ps` does not show (default: ${CLUSTER_SECRET_ENV}; without one nothing is authenticated)",
     )
     group.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: the model argument)"
@@ -87,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level.upper(),
         role=args.role,
+        cluster_secret=args.cluster_secret or None,
     )
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:

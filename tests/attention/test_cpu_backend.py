@@ -1,6 +1,7 @@
 """The paged C++ decode kernel against plain attention over each sequence's context, on every code
 path (the AVX-512 specialisations for head sizes 64/128 and GQA groups up to 8, the generic loops
-otherwise), and the CPU backend against the torch backend on a mixed decode + prefill step."""
+otherwise), with and without a sliding window and soft-capped scores, and the CPU backend against the
+torch backend on a mixed decode + prefill step."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.attention.cpu_backend import _SOURCE, CpuAttentionBackend, cpu_kernels_available, paged_decode
 from duoserve.attention.torch_backend import TorchAttentionBackend
-from tests.attention.test_torch_backend import _reference
+from tests.attention.test_torch_backend import WINDOWS, _reference, poisoned_case, rel_err, run_decode
 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler: the CPU kernel cannot be built", allow_module_level=True)
@@ -75,6 +76,61 @@ def test_paged_decode_matches_per_sequence_attention(
     assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [
+        (9, 3, 64, 16),  # AVX-512, group 3
+        (8, 1, 128, 5),  # AVX-512, head size 128, blocks that split 16-token chunks
+        (4, 4, 64, 5),  # AVX-512, MHA
+        (6, 2, 13, 5),  # generic loops
+        (16, 1, 64, 16),  # generic loops, head size 64
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],  # bfloat16: the output is rounded to bfloat16
+)
+@pytest.mark.parametrize("soft_cap", [None, 2.5])
+@pytest.mark.usefixtures("single_torch_thread")
+def test_paged_decode_window_and_soft_cap(
+    heads, kv_heads, dim, block_size, dtype, tolerance, soft_cap
+) -> None:
+    """Each walk starts at its window: table entries before it name a NaN block that must not be read."""
+    lens = [1, 3, block_size, block_size + 1, 21, 40, 41, 97]
+    for window in [None, *WINDOWS]:
+        case = poisoned_case(heads, kv_heads, dim, block_size, lens, window, dtype=dtype)
+        q, k_pool, v_pool, tables, lens_t = case
+        ref = _reference(
+            q.float(), k_pool.float(), v_pool.float(), tables, lens_t, dim**-0.5, window, soft_cap
+        )
+        # All sequences: a work item per sequence; the first three: per (sequence, KV head).
+        for num in (len(lens), 3):
+            out = paged_decode(
+                q[:num], k_pool, v_pool, tables[:num], lens_t[:num], dim**-0.5, window, soft_cap
+            )
+            assert rel_err(out, ref[:num]) < tolerance, (window, num)
+
+
+def test_soft_cap_squashes_large_scores() -> None:
+    """Scores far past the cap: capped, the softmax is much flatter than without."""
+    q, k_pool, v_pool, tables, lens = poisoned_case(9, 3, 64, 16, [200, 37], 50)
+    q = q * 30
+    capped = paged_decode(q, k_pool, v_pool, tables, lens, 0.125, 50, 5.0)
+    assert rel_err(capped, _reference(q, k_pool, v_pool, tables, lens, 0.125, 50, 5.0)) < 1e-5
+    plain = paged_decode(q, k_pool, v_pool, tables, lens, 0.125, 50)
+    assert (capped - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(("window", "soft_cap"), [(7, None), (None, 2.5), (20, 2.5)])
+def test_backend_decodes_with_variants_match_torch_backend(window, soft_cap) -> None:
+    q, k_pool, v_pool, tables, lens = poisoned_case(9, 3, 64, 5, [1, 7, 20, 33, 70], window)
+    outs = [
+        run_decode(backend, q, k_pool, v_pool, tables, lens, sliding_window=window, logits_soft_cap=soft_cap)
+        for backend in (TorchAttentionBackend(), CpuAttentionBackend())
+    ]
+    assert rel_err(outs[1], outs[0].double()) < 1e-5
+
+
 def test_large_scores_do_not_overflow() -> None:
     """Scores far apart (the online softmax's running max must rescale, not overflow)."""
     q, k_pool, v_pool, tables, lens = _paged_case(9, 3, 64, 16, [200, 37], torch.float32, torch.float32)
@@ -93,6 +149,8 @@ def test_bad_inputs_raise() -> None:
         paged_decode(q[:, :8], k_pool, v_pool, tables, lens, 0.125)
     with pytest.raises(RuntimeError, match="context length"):
         paged_decode(q, k_pool, v_pool, tables, lens + 100, 0.125)
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        paged_decode(q, k_pool, v_pool, tables, lens, 0.125, -1)
 
 
 def test_backend_step_matches_torch_backend() -> None:

@@ -4,7 +4,8 @@ Greedy outputs through the disaggregated deployment equal the offline engine's t
 (short prompts prefilled locally, long ones over several chunks on the prefill worker, prefix hits on
 either side); the router tokenizes once, the decode worker never recomputes the first token, no KV
 block leaks when clients abort, a killed worker fails its requests promptly and rejoins, and KV-aware
-routing sends requests to the worker that holds their prefix.
+routing sends requests to the worker that holds their prefix. The prefill/decode deployment runs
+with a cluster secret (everything between router and workers authenticated), the replicas without.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import openai
 import pytest
 
 from duoserve import LLM, SamplingParams
+from duoserve.disagg.auth import HTTP_PURPOSE, Signer, http_auth_header
 from tests.helpers import random_prompt, word
 from tests.server.harness import ENGINE_ARGS, ServerProcess, engine_flags
 
 # Small chunks, so a 30-token prompt takes several prefill steps (and several KV sends).
 WORKER_ARGS = {**ENGINE_ARGS, "max_num_batched_tokens": 8}
 MIN_REMOTE = 12  # prompts with fewer uncached tokens are prefilled on the decode worker
+SECRET = "deployment-secret"
 
 
 def start_up(model_dir: str, tmp_path_factory, *args: str) -> ServerProcess:
@@ -59,7 +62,9 @@ def text_of(ids: list[int]) -> str:
 
 @pytest.fixture(scope="module")
 def deployment(model_dir, tmp_path_factory):
-    router = start_up(model_dir, tmp_path_factory, "--prefill", "1", "--decode", "1")
+    router = start_up(
+        model_dir, tmp_path_factory, "--prefill", "1", "--decode", "1", "--cluster-secret", SECRET
+    )
     wait_for(lambda: all(w["healthy"] for w in workers(router)), what="both workers")
     yield router
     router.stop()
@@ -98,6 +103,10 @@ def test_greedy_matches_offline_for_local_and_remote_prefill(deployment, offline
     assert [complete(direct, p, 12) for p in prompts[:2]] == expected[:2]
     after = worker_metrics(decode["url"])
     assert after["duoserve:kv_transfer_requests_total"] - before["duoserve:kv_transfer_requests_total"] == 4
+    # Authenticated with the cluster secret, every KV message and event got through.
+    for stats in (after, deployment.metrics()):
+        drops = {k: v for k, v in stats.items() if k.startswith("duoserve:untrusted_messages_dropped")}
+        assert drops and not any(drops.values()), drops
 
 
 def test_streamed_equals_non_streamed(deployment):
@@ -174,7 +183,8 @@ def test_aborts_at_any_point_leak_no_blocks(deployment):
 
 
 def _pid(url: str) -> int:
-    return httpx.get(f"{url}/internal/info", timeout=10).json()["pid"]
+    headers = http_auth_header(Signer(SECRET, HTTP_PURPOSE), "GET", "/internal/info", b"")
+    return httpx.get(f"{url}/internal/info", headers=headers, timeout=10).json()["pid"]
 
 
 def test_killed_decode_worker_fails_requests_promptly_and_rejoins(deployment):

@@ -60,12 +60,18 @@ class Pair:
     """A prefill core and a decode core joined by a KV sender/receiver pair."""
 
     def __init__(
-        self, path: str, context: zmq.Context, prefill_overrides=None, decode_overrides=None
+        self,
+        path: str,
+        context: zmq.Context,
+        prefill_overrides=None,
+        decode_overrides=None,
+        secret: str | None = None,
     ) -> None:
         self.prefill = make_core(path, **(prefill_overrides or {}))
         self.decode = make_core(path, **(decode_overrides or {}))
-        self.sender = KVSender(context)
-        self.receiver = KVReceiver(context, "127.0.0.1")
+        self.sender = KVSender(context, secret)
+        max_blocks = self.decode.kv.num_blocks
+        self.receiver = KVReceiver(context, "127.0.0.1", self.decode.kv_layout, max_blocks, secret)
         self.prefill.kv_sender = self.sender
         self.decode_tokens_computed = 0
 
@@ -100,7 +106,7 @@ class Pair:
         deadline = time.monotonic() + timeout
         tokens = []
         while self.decode.awaiting_kv and time.monotonic() < deadline:
-            for message, payload in self.receiver.receive():
+            for message, payload in self.receiver.receive(self.decode.expects_kv):
                 out = self.decode.receive_kv(message, payload)
                 if out is not None:
                     tokens += out.new_token_ids
@@ -122,6 +128,31 @@ def test_disaggregated_greedy_matches_colocated(model_path, zmq_context, prompt_
         assert pair.decode.stats()["kv_transfer_bytes"] > 0
         for core in (pair.prefill, pair.decode):
             assert core.kv.usage() == 0.0  # nothing leaked on either side
+    finally:
+        pair.close()
+
+
+def test_sliding_window_model_transfers_every_prompt_block(zmq_context, tmp_path):
+    """Mistral with a 7-token window: the prefill side keeps (and sends) every prompt block although most
+    slid out of the window during its chunked prefill; the decode side frees them as it decodes."""
+    from duoserve.kv.kv_cache_manager import NULL_BLOCK
+    from tests.engine.test_sliding_window import tiny_mistral
+    from tests.helpers import EngineRecorder, hf_greedy, save_tiny_model
+
+    hf = tiny_mistral()
+    path = save_tiny_model(hf, tmp_path)
+    prompt = random_prompt(23, seed=23)
+    pair = Pair(path, zmq_context, prefill_overrides={"max_num_batched_tokens": 4})
+    recorders = [EngineRecorder(pair.prefill), EngineRecorder(pair.decode)]
+    try:
+        assert pair.prefill.kv.sliding_window == 7
+        assert pair.run(prompt, max_tokens=10) == hf_greedy(hf, prompt, 10)
+        assert pair.decode.stats()["kv_transfer_bytes"] == 6 * pair.prefill.kv_cache.spec.bytes_per_block
+        prefill_tables, decode_tables = ([t for s in r.steps for t in s.tables.values()] for r in recorders)
+        assert len(prefill_tables) == 6 and not any(NULL_BLOCK in t for t in prefill_tables)
+        assert decode_tables[-1][:5] == [NULL_BLOCK] * 5
+        for core in (pair.prefill, pair.decode):
+            assert core.kv.usage() == 0.0
     finally:
         pair.close()
 

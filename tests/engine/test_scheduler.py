@@ -7,7 +7,7 @@ import pytest
 
 from duoserve.engine.request import Request
 from duoserve.engine.scheduler import Scheduler, SchedulerOutput
-from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.llm import LLM
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import EngineRecorder, random_prompt
@@ -234,3 +234,20 @@ def test_a_request_waiting_for_blocks_is_counted_once_in_the_prefix_cache_querie
     assert scheduler.kv.prefix_cache_queries == 12
     run_to_completion(scheduler)
     assert scheduler.kv.prefix_cache_queries == 24
+
+
+def test_sliding_window_frees_blocks_but_not_those_of_a_request_sending_its_kv():
+    """All layers slide: running requests give back the blocks out of their window at each schedule,
+    except a prefill worker's request, whose blocks are exported to the decode worker as they fill."""
+    kv = KVCacheManager(64, BS, sliding_window=4)
+    scheduler = Scheduler(kv, 512, 128)
+    plain, sending = request("plain", 20, max_tokens=10), request("send", 20, max_tokens=10)
+    sending.kv_destination = object()  # only its presence matters to the scheduler
+    scheduler.add(plain)
+    scheduler.add(sending)
+    for _ in range(5):  # a prefill of 20 tokens, then 4 decodes: 23 tokens computed at the last schedule
+        step(scheduler)
+    # Queries from position 23 on see positions > 19: blocks 0-4 are freed, block 5 holds 20-23.
+    assert kv.block_ids("plain") == [NULL_BLOCK] * 5 + [kv.block_ids("plain")[5]]
+    assert kv.num_held_blocks("plain") == 1
+    assert NULL_BLOCK not in kv.block_ids("send") and kv.num_held_blocks("send") == 6

@@ -1,4 +1,5 @@
-"""KVCacheManager: block tables, allocation all-or-nothing, capacity, prefix hits."""
+"""KVCacheManager: block tables, allocation all-or-nothing, capacity, prefix hits, and blocks freed as they
+slide out of a sliding window."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from duoserve.kv import block_pool as block_pool_module
-from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 
 BS = 4
 
@@ -173,3 +174,73 @@ def test_a_collision_does_not_chain_later_blocks_onto_the_wrong_parent(monkeypat
     kv.free("d")
     kv.free("a")
     assert kv.find_cached_prefix(z + y + [0]) == [z_block]
+
+
+@pytest.mark.parametrize(("window", "block_size"), [(7, 4), (8, 4), (1, 4), (20, 5), (3, 16)])
+def test_blocks_that_slid_out_of_the_window_are_freed(window, block_size):
+    """After N computed tokens, queries from position N on see positions > N - window: the blocks wholly
+    before N - window + 1 are freed, and only those."""
+    kv = KVCacheManager(64, block_size, sliding_window=window)
+    ids = tokens(200)
+    assert kv.allocate_slots("a", ids, 0, 10)
+    for num_computed in range(10, 200):
+        kv.free_out_of_window("a", ids, num_computed)
+        assert kv.allocate_slots("a", ids, num_computed, 1)
+        table = kv.block_ids("a")
+        first_needed = max(0, num_computed - window + 1) // block_size
+        assert table[:first_needed] == [NULL_BLOCK] * first_needed
+        assert NULL_BLOCK not in table[first_needed:]
+        assert kv.num_held_blocks("a") == len(table) - first_needed == 64 - kv.pool.num_free_blocks
+        assert kv.num_held_blocks("a") <= -(-(window - 1 + block_size - 1) // block_size) + 1
+    kv.free("a")
+    assert kv.pool.num_free_blocks == 64 and all(b.ref_count == 0 for b in kv.pool.blocks)
+
+
+def test_without_a_window_nothing_is_freed():
+    kv = KVCacheManager(16, BS)
+    assert kv.allocate_slots("a", tokens(40), 0, 40)
+    kv.free_out_of_window("a", tokens(40), 40)
+    assert NULL_BLOCK not in kv.block_ids("a") and kv.num_held_blocks("a") == 10
+
+
+def test_freed_blocks_stay_in_the_prefix_cache():
+    """A block freed out of one request's window can still serve another request's prefix."""
+    kv = KVCacheManager(16, BS, sliding_window=5)
+    a = tokens(30)
+    assert kv.allocate_slots("a", a, 0, 30)
+    kv.free_out_of_window("a", a, 30)
+    assert kv.block_ids("a")[:6] == [NULL_BLOCK] * 6  # positions < 26 are out of every window
+    hits = kv.find_cached_prefix(tokens(26) + [999])
+    assert len(hits) == 6
+    assert kv.allocate_slots("b", tokens(26) + [999], 0, 3, hits)
+    assert kv.block_ids("b")[:6] == hits
+    kv.free("a")
+    kv.free("b")
+    assert kv.pool.num_free_blocks == 16
+
+
+def test_blocks_are_registered_before_they_are_freed():
+    """Blocks allocated unregistered (their KV came from another worker) enter the prefix cache when they
+    slide out, so they stay findable; a block freed unregistered ends the request's hash chain."""
+    kv = KVCacheManager(16, BS, sliding_window=4)
+    prompt = tokens(20)
+    assert kv.allocate_slots("a", prompt, 0, 20, register=False)
+    assert kv.find_cached_prefix(prompt + [1]) == []
+    kv.free_out_of_window("a", prompt, 20)  # the KV has arrived: 20 tokens computed
+    assert kv.block_ids("a")[:4] == [NULL_BLOCK] * 4
+    assert len(kv.find_cached_prefix(prompt + [1])) == 5
+
+
+def test_a_block_freed_before_its_registration_ends_the_chain(monkeypatch):
+    """Under a hash collision a block is not registered (and its successors wait); once it is freed, the
+    successors are never registered under it."""
+    monkeypatch.setattr(block_pool_module, "hash_block", lambda parent, token_ids: 1234)
+    kv = KVCacheManager(16, BS, sliding_window=4)
+    assert kv.allocate_slots("x", tokens(4, 500), 0, 4)  # holds hash 1234
+    ids = tokens(24)
+    assert kv.allocate_slots("a", ids, 0, 24)  # its first block collides: nothing registered
+    assert kv.tables["a"].block_hashes == []
+    kv.free_out_of_window("a", ids, 24)
+    assert kv.block_ids("a")[0] == NULL_BLOCK
+    assert kv.allocate_slots("a", ids + [1, 2, 3, 4], 24, 4)  # registration stops at the freed block
+    assert kv.tables["a"].block_hashes == []

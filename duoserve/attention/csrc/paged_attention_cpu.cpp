@@ -6,6 +6,11 @@
 // AVX-512 kernels (head sizes 64 and 128, GQA groups up to 8: most models) are described where they
 // are defined; other shapes take a generic path of plain loops for gcc's auto-vectoriser with an online
 // softmax. exp is a polynomial everywhere: libm's scalar expf would dominate the kernel.
+//
+// Two variants, both off by default and costing nothing when off: a sliding window (a query at position p
+// sees keys at positions > p - window, as transformers' sliding-window mask: each walk starts at the
+// first in-window token, so the blocks before it, possibly freed and reused, are never read) and Gemma 2's
+// logit soft-capping (scores = cap * tanh(scores / cap) before the softmax).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -65,6 +70,17 @@ struct Shape {
   int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
 };
 
+// The attention variant: window 0 = none (every token of the context), soft_cap 0 = none.
+struct Variant {
+  int64_t window;
+  float soft_cap;
+  // The first context position a query at position context_len - 1 sees.
+  int64_t first(int64_t context_len) const { return window > 0 ? std::max<int64_t>(0, context_len - window) : 0; }
+};
+
+// cap * tanh(x / cap), scalar (the generic path).
+inline float soft_cap_scalar(float x, float cap) { return cap * std::tanh(x / cap); }
+
 // A buffer of floats aligned for zmm loads and stores (std::vector's allocator only aligns to 16).
 class AlignedFloats {
  public:
@@ -100,11 +116,11 @@ struct Scratch {
 
 // (q row of the sequence, K pool, V pool, block table, context length, KV heads [begin, end), scale, ...)
 using AttendFn = void (*)(const void*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float,
-                          const Shape&, Scratch&, void*);
+                          const Variant&, const Shape&, Scratch&, void*);
 
 template <typename q_t, typename kv_t>
 void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
-                int64_t kv_head, float scale, const Shape& s, Scratch& w, q_t* out) {
+                int64_t kv_head, float scale, const Variant& var, const Shape& s, Scratch& w, q_t* out) {
   const int64_t group = s.num_heads / s.num_kv_heads, dim = s.head_dim, bs = s.block_size;
   const int64_t token_stride = s.num_kv_heads * dim;  // between consecutive tokens of a block
   float* __restrict qf = w.q.data();
@@ -119,38 +135,43 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
     w.running_max[g] = -std::numeric_limits<float>::infinity();
     w.running_sum[g] = 0.0f;
   }
-  const int64_t num_blocks = (context_len + bs - 1) / bs;
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t n = std::min(bs, context_len - b * bs);
+  // Tokens [lo, hi) of each block from the one holding the first visible token on.
+  const int64_t first = var.first(context_len);
+  const int64_t first_block = first / bs, num_blocks = (context_len + bs - 1) / bs;
+  for (int64_t b = first_block; b < num_blocks; ++b) {
+    const int64_t lo = b == first_block ? first % bs : 0;
+    const int64_t hi = std::min(bs, context_len - b * bs);
     const int64_t offset = (table[b] * bs * s.num_kv_heads + kv_head) * dim;
     const kv_t* k = k_pool + offset;
     const kv_t* v = v_pool + offset;
-    for (int64_t t = 0; t < n; ++t)
+    for (int64_t t = lo; t < hi; ++t)
       for (int64_t d = 0; d < dim; ++d) kt[d * bs + t] = widen(k[t * token_stride + d]);
-    for (int64_t t = 0; t < n; ++t)
+    for (int64_t t = lo; t < hi; ++t)
       for (int64_t d = 0; d < dim; ++d) vf[t * dim + d] = widen(v[t * token_stride + d]);
     for (int64_t g = 0; g < group; ++g) {
       float* __restrict sc = scores + g * bs;
       const float* __restrict qg = qf + g * dim;
-      for (int64_t t = 0; t < n; ++t) sc[t] = 0.0f;
+      for (int64_t t = lo; t < hi; ++t) sc[t] = 0.0f;
       for (int64_t d = 0; d < dim; ++d) {
         const float qd = qg[d];
         const float* __restrict kd = kt + d * bs;
-        for (int64_t t = 0; t < n; ++t) sc[t] += qd * kd[t];
+        for (int64_t t = lo; t < hi; ++t) sc[t] += qd * kd[t];
       }
-      float block_max = sc[0];
-      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, sc[t]);
+      if (var.soft_cap > 0.0f)
+        for (int64_t t = lo; t < hi; ++t) sc[t] = soft_cap_scalar(sc[t], var.soft_cap);
+      float block_max = sc[lo];
+      for (int64_t t = lo + 1; t < hi; ++t) block_max = std::max(block_max, sc[t]);
       const float new_max = std::max(w.running_max[g], block_max);
       // The first block has no running state: its correction factor is 0 (exp(-inf)).
-      const float correction = b == 0 ? 0.0f : exp_nonpositive(w.running_max[g] - new_max);
-      for (int64_t t = 0; t < n; ++t) sc[t] = exp_nonpositive(sc[t] - new_max);  // vectorised apart
+      const float correction = b == first_block ? 0.0f : exp_nonpositive(w.running_max[g] - new_max);
+      for (int64_t t = lo; t < hi; ++t) sc[t] = exp_nonpositive(sc[t] - new_max);  // vectorised apart
       float block_sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) block_sum += sc[t];
+      for (int64_t t = lo; t < hi; ++t) block_sum += sc[t];
       w.running_sum[g] = w.running_sum[g] * correction + block_sum;
       w.running_max[g] = new_max;
       float* __restrict a = acc + g * dim;
       for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = lo; t < hi; ++t) {
         const float p = sc[t];
         const float* __restrict vt = vf + t * dim;
         for (int64_t d = 0; d < dim; ++d) a[d] += p * vt[d];
@@ -195,6 +216,27 @@ inline __m512 exp_nonpositive16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// cap * tanh(x / cap), 16 lanes: tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|), except where |y| < 0.25,
+// where 1 - e would lose digits: there tanh's Taylor series to degree 9 (relative error < 1e-8); the sign
+// is y's.
+inline __m512 soft_cap16(__m512 x, float cap) {
+  const __m512 y = _mm512_div_ps(x, _mm512_set1_ps(cap));  // a division, as torch's scores / cap
+  const __m512 a = _mm512_abs_ps(y);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp_nonpositive16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+  const __m512 by_exp = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 a2 = _mm512_mul_ps(a, a);
+  __m512 p = _mm512_set1_ps(62.0f / 2835.0f);
+  p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(-17.0f / 315.0f));
+  p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(2.0f / 15.0f));
+  p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(-1.0f / 3.0f));
+  p = _mm512_fmadd_ps(p, a2, one);
+  const __m512 small = _mm512_mul_ps(p, a);
+  const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ), by_exp, small);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
 }
 
 // The pool is far bigger than the caches and a sequence's blocks are scattered in it: each chunk of 16
@@ -258,6 +300,8 @@ inline __m512 hsum16(const __m512* v) {
 // exactly into fp32 lanes: K rows need no widening, and V rows of two tokens interleave into
 // (v_t[d], v_t+1[d]) pairs weighted by (p_t, p_t+1), the probabilities rounded to bf16 for that product
 // as a bf16 GEMM of softmax(QK) and V rounds them. Other dtypes widen K/V rows to fp32.
+// With a sliding window, the passes cover the context from the first visible token (`first`) on; the
+// scores are stored from there ([h * padded + position - first]).
 template <typename q_t, typename kv_t>
 constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
@@ -268,12 +312,14 @@ constexpr bool kDotBf16 =
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
-                   int64_t head_begin, int64_t head_end, float scale, const Shape& s, Scratch& w, q_t* out) {
+                   int64_t head_begin, int64_t head_end, float scale, const Variant& var, const Shape& s, Scratch& w,
+                   q_t* out) {
   constexpr int64_t dim = 16 * kVecs;
   constexpr bool bf16 = kDotBf16<q_t, kv_t>;
   constexpr int kQVecs = bf16 ? kVecs / 2 : kVecs;  // zmm per query row: 32 bf16 or 16 fp32 values each
   const int64_t bs = s.block_size, token_stride = s.num_kv_heads * dim;
-  const int64_t padded = (context_len + 31) / 32 * 32;
+  const int64_t first = var.first(context_len), span = context_len - first;
+  const int64_t padded = (span + 31) / 32 * 32;
   const int64_t num_heads = head_end - head_begin;
   // Per (KV head, query head of its group) h: scores then probabilities at [h * padded], the query
   // (scaled, unless bf16: then the scores are) and the output accumulator at [h * kVecs].
@@ -302,7 +348,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   __m512* running_max = reinterpret_cast<__m512*>(w.max_v.data());
   for (int64_t h = 0; h < num_heads * kGroup; ++h)
     running_max[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t start = 0; start < context_len;) {
+  for (int64_t start = first; start < context_len;) {
     int64_t n;
     const kv_t* chunk = k_pool + chunk_at(start, n);
     prefetch_rows(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
@@ -342,7 +388,8 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         const int64_t h = kv * kGroup + g;
         __m512 sc = hsum16(dots[g]);
         if constexpr (bf16) sc = _mm512_mul_ps(sc, _mm512_set1_ps(scale));
-        _mm512_mask_storeu_ps(scores + h * padded + start, live, sc);
+        if (var.soft_cap > 0.0f) sc = soft_cap16(sc, var.soft_cap);
+        _mm512_mask_storeu_ps(scores + h * padded + start - first, live, sc);
         running_max[h] = _mm512_mask_max_ps(running_max[h], live, running_max[h], sc);
       }
     }
@@ -355,7 +402,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(running_max[h]));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < padded; i += 16) {
-      const int64_t left = context_len - i;
+      const int64_t left = span - i;
       const __mmask16 live = static_cast<__mmask16>(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1);
       const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(sc + i), max)));
       sum = _mm512_add_ps(sum, p);
@@ -370,7 +417,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     inv_sum[h] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // 3. Weighted V rows; a KV head's group accumulates in registers over a chunk.
-  for (int64_t start = 0; start < context_len;) {
+  for (int64_t start = first; start < context_len;) {
     int64_t n;
     const kv_t* chunk = v_pool + chunk_at(start, n);
     prefetch_rows(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
@@ -393,7 +440,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
           }
           for (int g = 0; g < kGroup; ++g) {
             // (p_t, p_t+1) as bf16; p_t+1 of the chunk's odd last token multiplies a zero row.
-            const uint16_t* pg = probs_bf16 + (kv * kGroup + g) * padded + start;
+            const uint16_t* pg = probs_bf16 + (kv * kGroup + g) * padded + start - first;
             uint32_t pp = pg[t];
             if (t + 1 < n) pp |= static_cast<uint32_t>(pg[t + 1]) << 16;
             const __m512i weights = _mm512_set1_epi32(static_cast<int32_t>(pp));
@@ -406,7 +453,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
           __m512 vr[kVecs];
           for (int j = 0; j < kVecs; ++j) vr[j] = load16(v + t * token_stride + 16 * j);
           for (int g = 0; g < kGroup; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[(kv * kGroup + g) * padded + start + t]);
+            const __m512 p = _mm512_set1_ps(scores[(kv * kGroup + g) * padded + start - first + t]);
             for (int j = 0; j < kVecs; ++j) a[g][j] = _mm512_fmadd_ps(p, vr[j], a[g][j]);
           }
         }
@@ -430,9 +477,9 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_erased(const void* q, const void* k, const void* v, const int64_t* table, int64_t len, int64_t head_begin,
-                   int64_t head_end, float scale, const Shape& s, Scratch& w, void* out) {
+                   int64_t head_end, float scale, const Variant& var, const Shape& s, Scratch& w, void* out) {
   attend_avx512<kVecs, kGroup>(static_cast<const q_t*>(q), static_cast<const kv_t*>(k), static_cast<const kv_t*>(v),
-                               table, len, head_begin, head_end, scale, s, w, static_cast<q_t*>(out));
+                               table, len, head_begin, head_end, scale, var, s, w, static_cast<q_t*>(out));
 }
 
 template <int kVecs, typename q_t, typename kv_t>
@@ -462,7 +509,7 @@ AttendFn pick_avx512(const Shape& s) {
 
 template <typename q_t, typename kv_t>
 void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
-         const at::Tensor& lens, double scale, const Shape& s, at::Tensor& out) {
+         const at::Tensor& lens, double scale, const Variant& var, const Shape& s, at::Tensor& out) {
   const q_t* q_ptr = q.data_ptr<q_t>();
   const kv_t* k_ptr = k_pool.data_ptr<kv_t>();
   const kv_t* v_ptr = v_pool.data_ptr<kv_t>();
@@ -490,9 +537,9 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
       const int64_t* table = table_ptr + seq * s.max_blocks;
       q_t* out_row = out_ptr + seq * row;
       if (fast != nullptr) {
-        fast(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, head + heads_per_item, sc, s, scratch, out_row);
+        fast(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, head + heads_per_item, sc, var, s, scratch, out_row);
       } else {
-        attend_one<q_t, kv_t>(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, sc, s, scratch, out_row);
+        attend_one<q_t, kv_t>(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, sc, var, s, scratch, out_row);
       }
     }
   });
@@ -500,19 +547,22 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 
 template <typename q_t>
 void dispatch_kv(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
-                 const at::Tensor& lens, double scale, const Shape& s, at::Tensor& out) {
+                 const at::Tensor& lens, double scale, const Variant& var, const Shape& s, at::Tensor& out) {
   switch (k_pool.scalar_type()) {
-    case at::kFloat: return run<q_t, float>(q, k_pool, v_pool, tables, lens, scale, s, out);
-    case at::kBFloat16: return run<q_t, at::BFloat16>(q, k_pool, v_pool, tables, lens, scale, s, out);
-    case at::kHalf: return run<q_t, at::Half>(q, k_pool, v_pool, tables, lens, scale, s, out);
+    case at::kFloat: return run<q_t, float>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
+    case at::kBFloat16: return run<q_t, at::BFloat16>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
+    case at::kHalf: return run<q_t, at::Half>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
     default: TORCH_CHECK(false, "paged_decode: unsupported KV dtype ", k_pool.scalar_type());
   }
 }
 
 // q [num_seqs, num_heads, head_dim]; pools [num_blocks, block_size, num_kv_heads, head_dim];
-// block_tables [num_seqs, max_blocks] int64; context_lens [num_seqs] int64 (each >= 1).
+// block_tables [num_seqs, max_blocks] int64; context_lens [num_seqs] int64 (each >= 1); sliding_window 0 or
+// the window (entries of a table before its sequence's window are never read: they may be stale);
+// logits_soft_cap 0 or the cap.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                        int64_t sliding_window, double logits_soft_cap) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "paged_decode: shapes");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode: layout");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "paged_decode: K and V dtypes differ");
@@ -526,11 +576,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   for (int64_t i = 0; i < context_lens.size(0); ++i)  // a length past the table would read out of bounds
     TORCH_CHECK(lens[i] >= 1 && lens[i] <= s.max_blocks * s.block_size, "paged_decode: context length ", lens[i],
                 " outside [1, ", s.max_blocks * s.block_size, "]");
+  TORCH_CHECK(sliding_window >= 0 && logits_soft_cap >= 0.0, "paged_decode: sliding_window ", sliding_window,
+              " and logits_soft_cap ", logits_soft_cap, " must be >= 0 (0: none)");
+  const Variant var{sliding_window, static_cast<float>(logits_soft_cap)};
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_kv<float>(q, k_pool, v_pool, block_tables, context_lens, scale, s, out); break;
+    case at::kFloat: dispatch_kv<float>(q, k_pool, v_pool, block_tables, context_lens, scale, var, s, out); break;
     case at::kBFloat16:
-      dispatch_kv<at::BFloat16>(q, k_pool, v_pool, block_tables, context_lens, scale, s, out);
+      dispatch_kv<at::BFloat16>(q, k_pool, v_pool, block_tables, context_lens, scale, var, s, out);
       break;
     default: TORCH_CHECK(false, "paged_decode: unsupported query dtype ", q.scalar_type());
   }
@@ -540,6 +593,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
 }  // namespace
 
 TORCH_LIBRARY(duoserve_cpu, m) {
-  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, float scale, "
+        "int sliding_window=0, float logits_soft_cap=0.0) -> Tensor",
         &paged_decode);
 }
