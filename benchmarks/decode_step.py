@@ -16,7 +16,6 @@ import torch
 
 from duoserve.config import EngineConfig
 from duoserve.engine.llm_engine import LLMEngine
-from duoserve.models.linear import Int8Linear, Q4Linear
 from duoserve.sampling_params import SamplingParams
 
 
@@ -40,14 +39,7 @@ def weight_bytes(engine: LLMEngine) -> int:
     for layer in model.layers:
         linears += layer.linears()
         tensors += layer.norms()
-    for linear in linears:
-        if isinstance(linear, Q4Linear):
-            tensors += [linear.packed, linear.scales_and_zeros]
-        elif isinstance(linear, Int8Linear):
-            tensors += [linear.codes, linear.scales]
-        else:
-            tensors.append(linear.weight)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(linear.nbytes for linear in linears)
 
 
 def run_batch(engine: LLMEngine, batch: int, context: int, steps: int) -> dict[str, float]:

@@ -31,15 +31,15 @@ def linears(model: LlamaModel) -> list:
 def pass_ms(model: LlamaModel, rows: int, repeats: int) -> float:
     inputs = {}
     for linear in linears(model):
-        width = linear.weight.shape[1]
+        width = linear.in_features
         inputs.setdefault(width, torch.randn(rows, width).to(model.dtype))
     for _ in range(2):
         for linear in linears(model):
-            linear(inputs[linear.weight.shape[1]])
+            linear(inputs[linear.in_features])
     start = time.perf_counter()
     for _ in range(repeats):
         for linear in linears(model):
-            linear(inputs[linear.weight.shape[1]])
+            linear(inputs[linear.in_features])
     return (time.perf_counter() - start) / repeats * 1e3
 
 

@@ -1,4 +1,4 @@
-"""`duoserve generate | chat | serve | bench`: the command line."""
+"""`duoserve generate | chat | serve | bench | env`: the command line."""
 
 from __future__ import annotations
 
@@ -106,6 +106,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(engine_config_from_args(args), settings_from_args(args))
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from duoserve.env import env_report
+
+    print(env_report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description="LLM inference serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
@@ -128,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve, positional_model=True)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    env = commands.add_parser(
+        "env", help="this host's defaults (dtype, kernels, threads) and why, with versions: for bug reports"
+    )
+    env.set_defaults(func=cmd_env)
 
     add_router_parsers(commands)
     add_bench_parser(commands)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from duoserve.hardware import host_defaults
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,13 +33,23 @@ class EngineConfig:
     device: str = field(default="auto", metadata=_arg("cpu, cuda, cuda:N, or auto (cuda when available)"))
     dtype: str = field(
         default="auto",
-        metadata=_arg("auto (bfloat16 on CUDA and AMX CPUs, else float32), float32, bfloat16, float16"),
+        metadata=_arg(
+            "auto (bfloat16 on CUDA; on CPU what the host runs fastest: `duoserve env` says which and "
+            "why), float32, bfloat16, float16"
+        ),
     )
     quantization: str = field(
         default="auto",
         metadata=_arg(
-            "auto: GGUF Q4_0/Q4_1 weights stay 4-bit for decode-sized steps where a kernel exists "
+            "auto: GGUF-quantized weights stay quantized (4 or 8-bit) where a kernel exists "
             "(CPU, bfloat16); none: dequantized weights only"
+        ),
+    )
+    quantized_max_rows: int | None = field(
+        default=None,
+        metadata=_arg(
+            "steps of up to this many rows read the 4/8-bit codes, larger ones the dense copy "
+            "(default: per host, measured once; 0: never)"
         ),
     )
     attention_backend: str = field(
@@ -63,7 +75,10 @@ class EngineConfig:
     )
     enable_prefix_caching: bool = field(default=True, metadata=_arg("reuse KV blocks of shared prefixes"))
     seed: int | None = field(default=0, metadata=_arg("seed of the sampler for unseeded requests"))
-    num_threads: int | None = field(default=None, metadata=_arg("CPU threads for torch (default: all)"))
+    num_threads: int | None = field(
+        default=None,
+        metadata=_arg("CPU threads for torch (default: the physical cores this process may use)"),
+    )
     # Speculative decoding (duoserve/spec): proposals verified by the target in one forward pass.
     speculative: str | None = field(
         default=None, metadata=_arg("speculative decoding: ngram (prompt lookup) or draft (a draft model)")
@@ -104,6 +119,8 @@ class EngineConfig:
                 parse_dtype(getattr(self, name))
         if self.attention_backend not in ("auto", "torch", "cpu"):
             raise ValueError(f"attention_backend must be auto, torch or cpu, got {self.attention_backend!r}")
+        if self.quantized_max_rows is not None and self.quantized_max_rows < 0:
+            raise ValueError(f"quantized_max_rows must be >= 0, got {self.quantized_max_rows}")
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
 
@@ -131,9 +148,15 @@ class EngineConfig:
             return parse_dtype(self.dtype)
         if self.resolved_device().type == "cuda":
             return torch.bfloat16
-        # CPUs with AMX run bfloat16 GEMMs 2-5x faster than float32; without it (e.g. AVX2-only Zen 3)
-        # torch's bfloat16 matmuls ran 5-8x slower than float32 (both measured in BENCHMARKS.md).
-        return torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
+        # bfloat16 runs 2-5x faster than float32 on some CPUs and 3-8x slower on others: the host's
+        # capabilities (and where they leave it open, a measurement) decide. See duoserve/hardware.py.
+        return host_defaults().dtype
+
+    def resolved_quantized_max_rows(self) -> int:
+        """Rows up to which quantized linears read their codes (they run only in bfloat16 on CPU)."""
+        if self.quantized_max_rows is not None:
+            return self.quantized_max_rows
+        return host_defaults().quantized_max_rows if self.resolved_device().type == "cpu" else 0
 
     def resolved_kv_dtype(self) -> torch.dtype:
         return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)

@@ -10,12 +10,15 @@ chunks stay on the torch path: they are compute-bound, and SDPA's flash kernel d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,22 +64,43 @@ def cpu_kernels_available() -> bool:
         return True
     _put_ninja_on_path()
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         logger.info("loading the CPU attention kernel (built once per machine: ~20 s the first time)")
-        load(
-            name=f"duoserve_cpu_{_build_tag()}",
-            sources=[str(_SOURCE)],
-            # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
-            # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        name = f"duoserve_cpu_{_build_tag()}"
+        with exclusive_build(Path(_get_build_directory(name, verbose=False))):
+            load(
+                name=name,
+                sources=[str(_SOURCE)],
+                # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
+                # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
     except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back
         logger.warning("the CPU attention kernel is unavailable (%s); using the torch backend", error)
         return False
     return True
+
+
+@contextlib.contextmanager
+def exclusive_build(directory: Path) -> Iterator[None]:
+    """Hold the build directory for this process, clearing a lock file that a killed build left.
+
+    torch's builder guards a build with a lock *file*: a build killed midway (a stopped server, a CI
+    timeout) leaves it behind, and every later start then waits on it forever. An flock is released by
+    the kernel when its holder dies, so under it no other duoserve process is building here, and a
+    torch lock file found then is stale.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "duoserve.flock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            logger.warning("removing a stale kernel build lock (a build was killed): %s", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def paged_decode(

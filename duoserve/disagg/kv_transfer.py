@@ -39,6 +39,9 @@ SEND_TIMEOUT_MS = 2000
 AUTH_PURPOSE = "kv_transfer"
 # Largest header a receiver decodes: a few hundred bytes plus at most 9 per block id.
 _HEADER_BASE_BYTES = 1024
+# Messages one `receive` reads at most: a flood (garbage included) cannot keep the engine loop from
+# stepping; the rest wait for the next turn of the loop, which then polls without blocking.
+MAX_MESSAGES_PER_RECEIVE = 256
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -226,16 +229,17 @@ class KVReceiver:
         other request are dropped as foreign (late ones of an aborted request land there too).
         """
         messages = []
-        while True:
+        for _ in range(MAX_MESSAGES_PER_RECEIVE):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return messages
+                break
             message, reason = self._check(frames, expects)
             if reason is not None:
                 self.drops.drop(reason, f"from {_peer(frames[0])}")
                 continue
             messages.append((message, frames[2].buffer if len(frames) == 3 else None))
+        return messages
 
     def _check(
         self, frames: list[zmq.Frame], expects: Callable[[str], bool]

@@ -29,12 +29,13 @@ from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
+from duoserve.hardware import host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
-from duoserve.platform import keep_freed_memory
+from duoserve.platform import keep_freed_memory, release_freed_memory
 from duoserve.sampling_params import SamplingParams
 from duoserve.spec.ngram import NgramProposer
 from duoserve.spec.proposer import Proposer
@@ -76,10 +77,10 @@ class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.device = config.resolved_device()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         if self.device.type == "cpu":
+            self._use_host_threads(config.num_threads)
             keep_freed_memory()
+            logger.info("%s%s", host_defaults().describe(), _overrides(config))
         model_config: ModelConfig = loaded.config
         spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
         num_blocks = self._num_blocks(spec)
@@ -87,6 +88,7 @@ class EngineCore:
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size
         )
+        quantized_max_rows = config.resolved_quantized_max_rows()
         self.model = LlamaModel(
             model_config,
             loaded.weights,
@@ -94,7 +96,8 @@ class EngineCore:
             self.device,
             config.resolved_dtype(),
             max_positions=self.max_model_len,
-            quantized=loaded.quantized if config.quantization == "auto" else None,
+            quantized=loaded.quantized if config.quantization == "auto" and quantized_max_rows else None,
+            quantized_max_rows=quantized_max_rows,
         )
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)
@@ -115,6 +118,8 @@ class EngineCore:
             else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
         )
         self.last_step = StepStats()
+        if self.device.type == "cpu":
+            release_freed_memory()  # the transients of building the layers
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks,
@@ -122,6 +127,16 @@ class EngineCore:
             num_blocks * spec.bytes_per_block / 2**20,
             self.max_model_len,
         )
+
+    @staticmethod
+    def _use_host_threads(num_threads: int | None) -> None:
+        """The configured thread count, else at most the cores this process may use: torch's default
+        counts the machine's cores, not a container's CPU quota (never raised: a caller that chose
+        fewer threads, e.g. tests of tiny models, keeps them)."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        elif torch.get_num_threads() > host_defaults().num_threads:
+            torch.set_num_threads(host_defaults().num_threads)
 
     def _proposer(self, loaded: LoadedModel, num_blocks: int) -> Proposer:
         if self.config.speculative == "ngram":
@@ -575,6 +590,17 @@ def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if len(rows) == logits.shape[0]:
         return logits
     return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+
+
+def _overrides(config: EngineConfig) -> str:
+    """The config's choices that replace the host's defaults, for the startup log line."""
+    chosen = {
+        "dtype": config.dtype if config.dtype != "auto" else None,
+        "num_threads": config.num_threads,
+        "quantized_max_rows": config.quantized_max_rows,
+    }
+    text = ", ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
+    return f"; set by the config: {text}" if text else ""
 
 
 def _free_memory(device: torch.device) -> int:

@@ -28,6 +28,10 @@ _TOP_P_CANDIDATES = (64, 1024, 8192)
 # Logits per block in argmax: big enough for few blocks, small enough for a cheap last argmax.
 _ARGMAX_BLOCK = 256
 
+# The largest logit a penalty may leave: divided by a temperature just above the greedy threshold (1e-5),
+# it stays finite in float32 (max 3.4e38).
+_MAX_LOGIT = 1e30
+
 # Bound the float32 log-softmax buffer of compute_logprobs (prompt logprobs can span many rows).
 _LOGPROB_CHUNK_ELEMENTS = 1 << 24
 
@@ -219,7 +223,23 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         _apply_repetition_penalty(out, rows, repetition)
     if additive:
         _apply_additive_penalties(out, rows, additive)
+    _keep_samplable(out, logits)
     return out
+
+
+def _keep_samplable(processed: torch.Tensor, raw: torch.Tensor) -> None:
+    """Keep penalised logits drawable, whatever the request's values.
+
+    A repetition_penalty that rounds to 0 or overflows in float32 (1e-320, 1e-40) makes seen tokens +inf
+    or NaN, and min_tokens with every token a stop id masks a whole row to -inf; either way the CDF is
+    NaN and the draw an index past the vocabulary, which would kill the engine. +inf becomes a logit
+    that still survives division by the smallest temperature (so such tokens share the mass equally, the
+    limit of a vanishing penalty), NaN is masked, and a row left with nothing to draw keeps its raw logits.
+    """
+    processed.nan_to_num_(nan=-math.inf, posinf=_MAX_LOGIT, neginf=-math.inf).clamp_(max=_MAX_LOGIT)
+    empty = torch.isneginf(processed).all(dim=-1)
+    if empty.any():
+        processed[empty] = raw[empty]
 
 
 def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # Architectures (HF `model_type` names) whose weights map onto duoserve.models.llama.LlamaModel.
@@ -114,6 +115,18 @@ class ModelConfig:
                 raise ValueError(
                     f"unsupported layer_types {sorted(unknown)}; supported: {', '.join(_LAYER_TYPES)}"
                 )
+
+    def first_layers(self, num_layers: int) -> ModelConfig:
+        """The same model cut to its first `num_layers` layers (a self-speculative draft), with every
+        per-layer list cut with it."""
+        if not 1 <= num_layers <= self.num_hidden_layers:
+            raise ValueError(f"num_layers must be in [1, {self.num_hidden_layers}], got {num_layers}")
+        return dataclasses.replace(
+            self,
+            num_hidden_layers=num_layers,
+            layer_types=None if self.layer_types is None else self.layer_types[:num_layers],
+            dense_mlp_layers=[i for i in self.dense_mlp_layers if i < num_layers],
+        )
 
     def layer_sliding_window(self, index: int) -> int | None:
         """The window of layer `index`: a query at position p sees keys (p - window, p]; None = all keys."""

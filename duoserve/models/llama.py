@@ -24,9 +24,13 @@ import torch.nn.functional as F
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
+from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
+    QUANTIZED_MAX_ROWS,
     DenseLinear,
-    QuantizedWeight,
+    Weight,
+    dense_weight,
+    make_embedding,
     make_linear,
     quantized_kernels_available,
 )
@@ -144,29 +148,39 @@ class LlamaModel:
     def __init__(
         self,
         config: ModelConfig,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, Weight],
         attention: AttentionBackend,
         device: torch.device,
         dtype: torch.dtype,
         max_positions: int,
-        quantized: dict[str, QuantizedWeight] | None = None,
+        quantized: dict[str, GGUFTensor] | None = None,
+        quantized_max_rows: int = QUANTIZED_MAX_ROWS,
     ) -> None:
-        """`quantized`: the codes of weights the file stored quantized, used where fast kernels exist."""
+        """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
+        subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
+        dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
+        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py). Norms, routers and
+        routed experts are always dense."""
         act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
-        w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
-        q = quantized if quantized and quantized_kernels_available(device, dtype) else {}
-        self.embed = w["model.embed_tokens.weight"]
+        q = _Build(
+            dtype, device, bool(quantized) and quantized_kernels_available(device, dtype), quantized_max_rows
+        )
+        w = {
+            n: t if q.quantized and isinstance(t, GGUFTensor) else dense_weight(t, dtype, device)
+            for n, t in weights.items()
+        }
+        self.embed = make_embedding(w["model.embed_tokens.weight"], dtype, device, q.quantized)
         # transformers multiplies by the scale rounded to the model dtype (Gemma's bfloat16 sqrt(2304)).
         self.embedding_scale = (
             None if config.embedding_scale is None else torch.tensor(config.embedding_scale, dtype=dtype)
         )
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = _linear(w, q, [head])
-        self.norm = RMSNorm.of(w["model.norm.weight"], config)
+        self.norm = RMSNorm.of(_dense(w, q, "model.norm.weight"), config)
         ropes = {
             "full": _Rope.build(config, config.rope_theta, config.rope_scaling, max_positions, device, dtype)
         }
@@ -183,7 +197,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] before the final norm."""
         self.attention.prepare(meta)
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         if self.embedding_scale is not None:
             x = x * self.embedding_scale
         rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: cos/sin of `positions`
@@ -315,8 +329,8 @@ class _Layer:
     @classmethod
     def from_weights(
         cls,
-        w: dict[str, torch.Tensor],
-        q: dict[str, QuantizedWeight],
+        w: dict[str, Weight],
+        q: _Build,
         index: int,
         config: ModelConfig,
         act: Callable[[torch.Tensor], torch.Tensor],
@@ -339,7 +353,7 @@ class _Layer:
         sliding = config.is_sliding_layer(index)
 
         def norm(name: str) -> RMSNorm:
-            return RMSNorm.of(w[p + name + ".weight"], config)
+            return RMSNorm.of(_dense(w, q, p + name + ".weight"), config)
 
         return cls(
             input_norm=norm("input_layernorm"),
@@ -363,8 +377,8 @@ class _Layer:
 
 
 def _mlp(
-    w: dict[str, torch.Tensor],
-    q: dict[str, QuantizedWeight],
+    w: dict[str, Weight],
+    q: _Build,
     prefix: str,
     index: int,
     config: ModelConfig,
@@ -372,9 +386,9 @@ def _mlp(
 ) -> _DenseMLP | MoE:
     if config.is_moe_layer(index):
         return MoE(
-            router=w[prefix + "gate.weight"],
-            gate_up=w[prefix + "experts.gate_up_proj"],
-            down=w[prefix + "experts.down_proj"],
+            router=_dense(w, q, prefix + "gate.weight"),
+            gate_up=_dense(w, q, prefix + "experts.gate_up_proj"),
+            down=_dense(w, q, prefix + "experts.down_proj"),
             top_k=config.num_experts_per_tok,
             renormalize=config.norm_topk_prob,
             act=act,
@@ -394,16 +408,21 @@ def _maybe(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-def _linear(
-    w: dict[str, torch.Tensor],
-    q: dict[str, QuantizedWeight],
-    names: list[str],
-    bias: torch.Tensor | None = None,
-) -> Linear:
-    """One matmul over the named weights stacked along their outputs; quantized if all of them are,
-    in the same format."""
-    weight = torch.cat([w[n] for n in names]) if len(names) > 1 else w[names[0]]
-    parts = [q.get(n) for n in names]
-    if any(p is None or type(p) is not type(parts[0]) for p in parts):
-        return make_linear(weight, bias, None)
-    return make_linear(weight, bias, type(parts[0]).cat(parts) if len(parts) > 1 else parts[0])
+@dataclass(frozen=True)
+class _Build:
+    """How linears are built: their dtype and device, and whether quantized weights stay quantized."""
+
+    dtype: torch.dtype
+    device: torch.device
+    quantized: bool
+    max_rows: int  # quantized linears run their kernels on steps of up to this many rows
+
+
+def _dense(w: dict[str, Weight], q: _Build, name: str) -> torch.Tensor:
+    """Norms, routers and routed experts run dense whatever the file stores (see moe.py)."""
+    return dense_weight(w[name], q.dtype, q.device)
+
+
+def _linear(w: dict[str, Weight], q: _Build, names: list[str], bias: torch.Tensor | None = None) -> Linear:
+    """One matmul over the named weights stacked along their outputs."""
+    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized, q.max_rows)

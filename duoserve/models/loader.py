@@ -1,9 +1,12 @@
 """Load decoder weights (the families of `config.SUPPORTED_ARCHITECTURES`) from a Hugging Face
 directory or a GGUF file.
 
-Both sources end up as a `ModelConfig` plus a flat dict of torch tensors under Hugging Face parameter
-names (`model.layers.0.self_attn.q_proj.weight`, ...), so the model code only knows one layout. Routed
-experts use transformers' in-memory layout, one stacked tensor per layer and kind
+Both sources end up as a `ModelConfig` plus a flat dict of weights under Hugging Face parameter names
+(`model.layers.0.self_attn.q_proj.weight`, ...), so the model code only knows one layout. Weights are
+torch tensors, except a GGUF's block-quantized matrices, which stay the file's blocks (GGUFTensor): the
+model keeps them quantized or dequantizes them one at a time, so no dense copy of the model is made here.
+Routed experts are the exception: they run dense (duoserve.models.moe), so a GGUF's are dequantized here.
+They use transformers' in-memory layout, one stacked tensor per layer and kind
 (`model.layers.0.mlp.experts.gate_up_proj` [experts, 2 * moe_intermediate, hidden],
 `...experts.down_proj` [experts, hidden, moe_intermediate], router `...mlp.gate.weight`), whether the
 file has one tensor per expert (HF checkpoints) or stacked ones (llama.cpp's `ffn_*_exps`).
@@ -11,13 +14,15 @@ file has one tensor per expert (HF checkpoints) or stacked ones (llama.cpp's `ff
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gguf
@@ -33,7 +38,7 @@ from duoserve.models.config import (
     rope_type,
     sliding_window_from_hf,
 )
-from duoserve.models.linear import QuantizedWeight, quantized_from_gguf
+from duoserve.models.gguf_quants import BLOCK_LAYOUT, QUANTIZED_TYPES, GGUFTensor, check_quantized_shape
 
 __all__ = ["LoadedModel", "config_from_hf", "default_model_path", "load_model"]
 
@@ -61,8 +66,9 @@ _GGUF_ARCHITECTURES = {
     "phi3": "phi3",
 }
 _GEMMA = ("gemma2", "gemma3_text")
-# Tensor types gguf.quants dequantizes in numpy at a reasonable speed; K-quants etc. are refused.
-_GGUF_DEQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Tensor types read as dense tensors; the block-quantized ones (gguf_quants) stay as the file stores them.
+_GGUF_DENSE_TYPES = ("F32", "F16", "BF16")
+_GGUF_SUPPORTED_TYPES = _GGUF_DENSE_TYPES + QUANTIZED_TYPES
 
 # Tensors some older HF checkpoints carry that are recomputed at runtime, not weights.
 _HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -111,11 +117,23 @@ _LLAMA3_ORIGINAL_CONTEXT = 8192
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names, in the requested dtype
+    # HF names -> dense tensors in the requested dtype, or, for a GGUF's block-quantized matrices, the
+    # file's blocks (GGUFTensor): no dense copy is made while loading; the model decides what to keep.
+    weights: dict[str, torch.Tensor | GGUFTensor]
     source: str  # path loaded
     gguf_reader: gguf.GGUFReader | None  # kept so the tokenizer can be built from the same file's metadata
-    # GGUF Q4_0/Q4_1/Q8_0 matrices as stored (HF names), besides their dequantized copies in `weights`.
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> dict[str, GGUFTensor]:
+        """The weights the file stores block-quantized."""
+        return {name: w for name, w in self.weights.items() if isinstance(w, GGUFTensor)}
+
+    def dense_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every weight as a dense tensor of `dtype` (quantized ones dequantized exactly as gguf does)."""
+        return {
+            name: w.dequantize().to(dtype) if isinstance(w, GGUFTensor) else w.to(dtype)
+            for name, w in self.weights.items()
+        }
 
 
 def default_model_path() -> str:
@@ -673,10 +691,12 @@ def _llama3_scaling_from_factors(
 
 
 def _check_gguf_types(reader: gguf.GGUFReader) -> None:
-    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(_GGUF_DEQUANTIZABLE))
+    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(_GGUF_SUPPORTED_TYPES))
     if bad:
+        users = [t.name for t in reader.tensors if t.tensor_type.name in bad]
         raise ValueError(
-            f"unsupported GGUF tensor type(s) {', '.join(bad)}; supported: {', '.join(_GGUF_DEQUANTIZABLE)}"
+            f"unsupported GGUF tensor type(s) {', '.join(bad)} (e.g. {users[0]}); "
+            f"supported: {', '.join(_GGUF_SUPPORTED_TYPES)}"
         )
 
 
@@ -696,7 +716,18 @@ def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:
     return f"model.layers.{layer}.{layer_names[part]}.{kind}"
 
 
-def _gguf_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+def _gguf_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor | GGUFTensor:
+    """An owned copy of one reader tensor: dense in `dtype`, or a quantized matrix's blocks as stored."""
+    type_name = tensor.tensor_type.name
+    if type_name in BLOCK_LAYOUT:
+        shape = (int(np.prod(tensor.shape[1:])), int(tensor.shape[0]))  # ggml lists the row length first
+        check_quantized_shape(type_name, shape)
+        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(shape[0], -1))
+        return GGUFTensor(raw, type_name, shape[1])
+    return _gguf_dense(tensor, dtype)
+
+
+def _gguf_dense(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize one reader tensor into an owned torch tensor of `dtype` (numpy shape == torch shape)."""
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     if np.may_share_memory(array, tensor.data):
@@ -705,43 +736,60 @@ def _gguf_tensor(tensor: gguf.ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(array).to(dtype)
 
 
+def _release_pages(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> None:
+    """Drop the file's pages under a tensor already copied from this process's mapping.
+
+    The reader maps the whole file; each page read while copying would otherwise stay counted in the
+    process's resident memory as long as the reader lives (the tokenizer keeps it), doubling it. The
+    pages stay in the page cache, so reading them again (metadata, a neighbour's edge) costs no I/O.
+    """
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(tensor.data_offset + tensor.n_bytes, len(mapping))
+    # Where madvise is refused (not Linux), only the resident-memory accounting differs.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def _load_gguf(path: str, dtype: torch.dtype) -> LoadedModel:
     reader = gguf.GGUFReader(path)
     _check_gguf_types(reader)
     config = _gguf_config(reader)
     arch = _gguf_architecture(reader)
     layer_names = _gguf_layer_names(config.architecture)
-    weights: dict[str, torch.Tensor] = {}
-    quantized: dict[str, QuantizedWeight] = {}
+    weights: dict[str, torch.Tensor | GGUFTensor] = {}
     experts: dict[tuple[int, str], torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name == _GGUF_ROPE_FREQS or tensor.name in _GGUF_LONGROPE:
             continue
         if match := _GGUF_EXPERT_RE.fullmatch(tensor.name):
-            # Experts run dense (duoserve.models.moe): no codes are kept for them.
-            experts[int(match.group(1)), match.group(2)] = _gguf_tensor(tensor, dtype)
+            # Experts run dense (duoserve.models.moe): a 3-D stack, dequantized whatever its type.
+            experts[int(match.group(1)), match.group(2)] = _gguf_dense(tensor, dtype)
+            _release_pages(reader, tensor)
             continue
         name = _hf_name(tensor.name, layer_names)
         if config.norm_plus_one and name.endswith("norm.weight"):
             # llama.cpp's converter stores Gemma's norms as 1 + w; the model adds the 1 itself.
-            weights[name] = (_gguf_tensor(tensor, torch.float32) - 1).to(dtype)
+            weights[name] = (_gguf_dense(tensor, torch.float32) - 1).to(dtype)
+            _release_pages(reader, tensor)
             continue
         weight = _gguf_tensor(tensor, dtype)
-        codes = None
-        if weight.dim() == 2:
-            codes = quantized_from_gguf(tensor.data, tensor.tensor_type.name, tuple(weight.shape))
-        # llama.cpp permutes Q/K only for its llama architecture (Llama, Mistral, Mixtral).
+        _release_pages(reader, tensor)
+        # llama.cpp permutes Q/K only for its llama architecture (Llama, Mistral, Mixtral); the others
+        # are stored in HF order.
         heads = None
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             heads = config.num_attention_heads
         elif arch == "llama" and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
             heads = config.num_key_value_heads
         if heads is not None:
-            weight = _unpermute_rope_rows(weight, heads)
-            codes = codes and codes.map_rows(lambda t, heads=heads: _unpermute_rope_rows(t, heads))
+            if isinstance(weight, GGUFTensor):  # whole rows of blocks move, as the values would
+                weight = weight.map_rows(lambda t, heads=heads: _unpermute_rope_rows(t, heads))
+            else:
+                weight = _unpermute_rope_rows(weight, heads)
         weights[name] = weight
-        if codes is not None:
-            quantized[name] = codes
     for (layer, kind), tensor in sorted(experts.items()):
         prefix = f"model.layers.{layer}.mlp.experts."
         if kind == "down":
@@ -749,4 +797,4 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LoadedModel:
         elif kind == "gate" and (layer, "up") in experts:
             weights[prefix + "gate_up_proj"] = torch.cat([tensor, experts[layer, "up"]], dim=1)
     _check_names(config, weights, path)
-    return LoadedModel(config=config, weights=weights, source=path, gguf_reader=reader, quantized=quantized)
+    return LoadedModel(config=config, weights=weights, source=path, gguf_reader=reader)

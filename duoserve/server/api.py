@@ -20,12 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from duoserve.disagg.worker_api import WorkerRoutes
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected, RequestStream
+from duoserve.server.openapi import error_responses, install_openapi, json_body_route
 from duoserve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -53,6 +55,12 @@ logger = logging.getLogger("duoserve.server")
 RETRY_AFTER_SECONDS = 1
 # What a handler answers when its client went away, which nobody reads (nginx's "client closed request").
 CLIENT_CLOSED_REQUEST = 499
+
+
+class PrometheusResponse(Response):
+    """For /openapi.json: /metrics answers Prometheus' text format."""
+
+    media_type = CONTENT_TYPE_LATEST
 
 
 def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -325,18 +333,31 @@ class OpenAIServer:
     # ---------------------------------------------------------------- helpers
 
     async def _read_body(self, request: Request) -> bytes:
+        """The JSON body, read up to --max-request-bytes and within --request-read-timeout."""
+        _check_json_content_type(request.headers.get("content-type"))
         limit = self.settings.max_request_bytes
         too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_big
+                    chunks.append(chunk)
+            except ClientDisconnect as err:  # nobody reads the answer; not a 500 in the log
+                raise APIError(CLIENT_CLOSED_REQUEST, "the client disconnected while sending") from err
+            return b"".join(chunks)
+
+        timeout = self.settings.request_read_timeout
+        try:
+            return await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError as err:  # not TimeoutError: Python 3.10's asyncio has its own
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s") from err
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.client.served_model_name:
@@ -379,6 +400,18 @@ def _stream_error(err: Exception) -> bytes:
     return error_event(500, f"internal error: {type(err).__name__}: {err}")
 
 
+def _check_json_content_type(value: str | None) -> None:
+    """As FastAPI (and so vLLM) does for a typed body: JSON when declared so or not declared at all."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise APIError(
+        415, f"the request body must be JSON: send 'Content-Type: application/json', not {value[:80]!r}"
+    )
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -395,8 +428,8 @@ def _error_for(exc: Exception) -> tuple[APIError, dict[str, str] | None]:
         return APIError(exc.status, exc.message), headers
     if isinstance(exc, EngineUnavailable):
         return APIError(503, str(exc)), None
-    if isinstance(exc, StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)), None
+    if isinstance(exc, StarletteHTTPException):  # 404, 405 (with its Allow header)
+        return APIError(exc.status_code, str(exc.detail)), exc.headers
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}"), None
 
@@ -407,30 +440,44 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(client: EngineClient, settings: ServerSettings, worker_routes: bool = True) -> FastAPI:
-    app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url=None)
+    # No /docs: Swagger UI would load its scripts from a CDN.
+    app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     server = OpenAIServer(client, settings)
-    routes = [
-        ("/v1/completions", server.completions, "POST"),
-        ("/v1/chat/completions", server.chat_completions, "POST"),
-        ("/v1/models", server.models, "GET"),
-        ("/health", server.health, "GET"),
-        ("/ready", server.ready, "GET"),
-        ("/tokenize", server.tokenize, "POST"),
-        ("/detokenize", server.detokenize, "POST"),
-        ("/metrics", server.metrics, "GET"),
+    json_only = {"responses": {200: {"description": "OK", "content": {"application/json": {}}}}}
+    routes: list[tuple[str, Any, str, dict[str, Any]]] = [
+        ("/v1/completions", server.completions, "POST", json_body_route(CompletionRequest, streams=True)),
+        (
+            "/v1/chat/completions",
+            server.chat_completions,
+            "POST",
+            json_body_route(ChatCompletionRequest, streams=True),
+        ),
+        ("/v1/models", server.models, "GET", json_only),
+        ("/health", server.health, "GET", {"response_class": Response, "responses": error_responses(503)}),
+        ("/ready", server.ready, "GET", {"responses": error_responses(503)}),
+        ("/tokenize", server.tokenize, "POST", json_body_route(TokenizeRequest)),
+        ("/detokenize", server.detokenize, "POST", json_body_route(DetokenizeRequest)),
+        ("/metrics", server.metrics, "GET", {"response_class": PrometheusResponse}),
     ]
     worker = WorkerRoutes(client, settings.role, settings.cluster_secret, settings.max_request_bytes)
+    # A worker's routes for its router are not part of the public API: left out of /openapi.json.
+    internal = {"include_in_schema": False}
     routes += (
-        [("/router/workers", worker.workers, "GET")]
+        [("/router/workers", worker.workers, "GET", json_only)]
         if not worker_routes
         else [
-            ("/internal/generate", worker.generate, "POST"),
-            ("/internal/abort", worker.abort, "POST"),
-            ("/internal/info", worker.info, "GET"),
+            ("/internal/generate", worker.generate, "POST", internal),
+            ("/internal/abort", worker.abort, "POST", internal),
+            ("/internal/info", worker.info, "GET", internal),
         ]
     )
-    for path, handler, method in routes:
-        app.add_api_route(path, handler, methods=[method])
+    for path, handler, method, doc in routes:
+        app.add_api_route(path, handler, methods=[method], **doc)
+    install_openapi(
+        app,
+        [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+        bool(settings.api_key),
+    )
     for exc_type in (APIError, RequestRejected, EngineUnavailable, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
     if settings.api_key:

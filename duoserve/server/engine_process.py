@@ -174,13 +174,13 @@ class EngineLoop:
         """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
         if self.receiver is None:
             return False
-        dropped = sum(self.receiver.drops.counts.values())
+        drops_before = sum(self.receiver.drops.counts.values())
         for message, payload in self.receiver.receive(self.core.expects_kv):
             output = self.core.receive_kv(message, payload)
             if output is not None:
                 batch.outputs.append(output)
         # A dropped message is sent as stats at once, so /metrics counts it even on an idle worker.
-        dropped = sum(self.receiver.drops.counts.values()) != dropped
+        dropped = sum(self.receiver.drops.counts.values()) != drops_before
         if not self.core.awaiting_kv:
             return bool(batch.outputs) or dropped
         batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))

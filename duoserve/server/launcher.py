@@ -20,6 +20,7 @@ from duoserve.config import EngineConfig
 from duoserve.disagg.auth import warn_if_exposed
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient
+from duoserve.server.http_protocol import with_header_timeout
 from duoserve.server.settings import ServerSettings
 
 logger = logging.getLogger("duoserve.server")
@@ -91,6 +92,7 @@ async def _serve(client: EngineClient, settings: ServerSettings, worker_routes: 
         access_log=False,  # the engine client logs one line per request instead
         lifespan="off",
         timeout_graceful_shutdown=5,
+        http=with_header_timeout(settings.request_read_timeout),
     )
     server = _DrainingServer(config, client, settings.shutdown_timeout)
     failure: list[BaseException] = []

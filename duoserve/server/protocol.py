@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,18 +43,49 @@ class APIError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self._TYPES.get(self.status, "invalid_request_error"),
-                "param": self.param,
-                "code": self.status,
-            }
-        }
+        error_type = self._TYPES.get(self.status, "invalid_request_error")
+        info = ErrorInfo(message=self.message, type=error_type, param=self.param, code=self.status)
+        return ErrorResponse(error=info).model_dump()
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error body (what /openapi.json documents for each 4xx/5xx)."""
+
+    error: ErrorInfo
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+
+# What the plain validators below accept, spelled as types only so that /openapi.json shows it: the
+# validators themselves give the errors their messages ("must be a string or a list of strings").
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | _TokenIds
+    | Annotated[list[_TokenIds], Field(min_length=1)]
+)
+StopInput = str | list[str] | None
+
+
+class TextContentPart(BaseModel):
+    """A chat content part; only text parts are accepted (described here, checked in ChatMessage)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+ContentInput = str | list[TextContentPart] | None
 
 
 class StreamOptions(_Strict):
@@ -87,7 +119,7 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
 
-    @field_validator("stop", mode="plain")
+    @field_validator("stop", mode="plain", json_schema_input_type=StopInput)
     @classmethod
     def _stop(cls, value: Any) -> str | list[str] | None:
         if value is None or isinstance(value, str):
@@ -155,7 +187,7 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    @field_validator("prompt", mode="plain")
+    @field_validator("prompt", mode="plain", json_schema_input_type=PromptInput)
     @classmethod
     def _prompt(cls, value: Any) -> str | list[str] | list[int] | list[list[int]]:
         if isinstance(value, str):
@@ -197,7 +229,7 @@ class ChatMessage(_Strict):
     content: str | list[str] | None = None  # content parts are reduced to their texts
     name: str | None = None
 
-    @field_validator("content", mode="plain")
+    @field_validator("content", mode="plain", json_schema_input_type=ContentInput)
     @classmethod
     def _content(cls, value: Any) -> str | list[str] | None:
         if value is None or isinstance(value, str):
@@ -298,19 +330,50 @@ def parse_body(raw: bytes, model: type[_Strict]) -> Any:
     except UnicodeDecodeError as err:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {err.start})") from err
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as err:
         raise APIError(400, f"the request body is not valid JSON: {err}") from err
     except RecursionError as err:
         raise APIError(400, "the request body is nested too deeply") from err
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _LONE_SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+        # JSON allows "\ud800", Unicode does not: the tokenizer and msgpack would fail on it (a 500).
+        raise APIError(400, "the request body has a string with a lone UTF-16 surrogate (\\ud800-\\udfff)")
     try:
         request = model.model_validate(data)
     except ValidationError as err:
         raise _validation_error(err) from err
     request.check_supported()
     return request
+
+
+# A \uXXXX escape of a surrogate: only then can a decoded string hold a lone one (a cheap pre-check).
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether a string or key anywhere in the decoded body is not valid Unicode (no recursion: the body
+    may be nested as deeply as json.loads allows)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN, Infinity and -Infinity; RFC 8259 (and every other client) does not.
+    raise APIError(400, f"the request body is not valid JSON: {constant} is not a JSON number")
 
 
 def _validation_error(err: ValidationError) -> APIError:

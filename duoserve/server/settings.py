@@ -20,6 +20,9 @@ class ServerSettings:
     served_model_name: str | None = None
     max_queued_requests: int | None = 1024
     max_request_bytes: int = 8 * 2**20
+    # Seconds a client gets to send a request's headers, then as much again for its body (nginx gives 60
+    # to each); past it, 408 and the connection is closed: slowloris clients cannot pile up.
+    request_read_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     role: str = "both"  # prefill | decode | both: what this worker does for a router
@@ -67,6 +70,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help=f"largest request body accepted; larger ones get 413 (default: {defaults.max_request_bytes})",
     )
     group.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=defaults.request_read_timeout,
+        help="seconds a client gets to send a request's headers, and then its body; past either, 408 and "
+        f"the connection is closed (default: {defaults.request_read_timeout})",
+    )
+    group.add_argument(
         "--shutdown-timeout",
         type=float,
         default=defaults.shutdown_timeout,
@@ -95,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         served_model_name=args.served_model_name,
         max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes,
+        request_read_timeout=args.request_read_timeout,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level.upper(),
         role=args.role,
@@ -103,6 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(settings, name)}")
+    if settings.request_read_timeout <= 0:
+        raise ValueError(f"--request-read-timeout must be > 0, got {settings.request_read_timeout}")
     if settings.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {settings.max_request_bytes}")
     return settings

@@ -12,7 +12,6 @@ first N layers of the draft (a self-speculative draft: cheaper, and no second mo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -65,7 +64,7 @@ class DraftProposer:
         model_config = loaded.config
         if config.draft_num_layers is not None:
             num_layers = min(config.draft_num_layers, model_config.num_hidden_layers)
-            model_config = dataclasses.replace(model_config, num_hidden_layers=num_layers)
+            model_config = model_config.first_layers(num_layers)
         model = LlamaModel(
             model_config,
             loaded.weights,
@@ -74,6 +73,7 @@ class DraftProposer:
             dtype,
             max_positions=max_model_len,
             quantized=loaded.quantized if config.quantization == "auto" else None,
+            quantized_max_rows=config.resolved_quantized_max_rows(),
         )
         spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
         kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)

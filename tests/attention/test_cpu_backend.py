@@ -196,3 +196,39 @@ def test_source_compiles_without_avx512() -> None:
     command = ["c++", "-std=c++17", "-fsyntax-only", "-march=x86-64-v3", "-fopenmp", *includes, str(_SOURCE)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_killed_build_leaves_no_lock_that_blocks_the_next_start(tmp_path):
+    """torch's lock file of a build killed midway is cleared; a live holder of the build still excludes."""
+    import multiprocessing
+
+    from duoserve.attention.cpu_backend import exclusive_build
+
+    (tmp_path / "lock").write_text("")  # what a killed torch build leaves behind
+    with exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        # While this process holds the directory, another one cannot take it.
+        probe = multiprocessing.get_context("fork").Process(
+            target=_try_flock, args=(str(tmp_path / "duoserve.flock"),)
+        )
+        probe.start()
+        probe.join()
+        assert probe.exitcode == 1
+    probe = multiprocessing.get_context("fork").Process(
+        target=_try_flock, args=(str(tmp_path / "duoserve.flock"),)
+    )
+    probe.start()
+    probe.join()
+    assert probe.exitcode == 0  # released with the context
+
+
+def _try_flock(path: str) -> None:
+    import fcntl
+    import os
+
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os._exit(1)
+    os._exit(0)

@@ -302,6 +302,28 @@ def test_penalties_reject_out_of_vocab_tokens():
         Sampler()(random_logits(1), [row(prompt=[V], repetition_penalty=1.2)])
 
 
+@pytest.mark.parametrize("repetition_penalty", [1e-320, 1e-40, 1e-30, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 2e-5, 1.0])
+def test_extreme_penalties_never_draw_outside_the_vocabulary(repetition_penalty, temperature):
+    # In float32 these penalties round to 0 or inf, or overflow the logits they divide: +inf and NaN logits.
+    logits = random_logits(1)
+    seen = [int(t) for t in logits[0].topk(3).indices] + [int(logits[0].argmin())]
+    params = {"repetition_penalty": repetition_penalty, "temperature": temperature}
+    tokens = draw_many(logits[0], 200, prompt=seen, **params)
+    assert all(0 <= t < V for t in tokens)
+    if repetition_penalty < 1:  # the seen tokens with a positive logit outweigh everything else
+        assert set(tokens) <= {t for t in seen if logits[0, t] > 0}
+
+
+def test_a_row_with_every_token_masked_still_draws_a_token():
+    # min_tokens with every id a stop id masks the whole row: it falls back to the raw logits.
+    logits = random_logits(2)
+    rows = [row(min_tokens=2, stop_token_ids=list(range(V))), row(temperature=0.0, min_tokens=2)]
+    result = Sampler(seed=0)(logits, rows)
+    assert 0 <= result.token_ids[0] < V
+    assert result.token_ids[1] == int(logits[1].argmax())
+
+
 def test_min_tokens_masks_stop_ids_until_reached():
     logits = torch.zeros(1, V)
     logits[0, 7] = 10.0  # eos

@@ -84,7 +84,7 @@ def test_bfloat16_stays_close_to_float32_transformers(smollm2_hf, float32_answer
     llm = LLM(dtype="bfloat16", device="cpu", num_kv_blocks=16, block_size=16, quantization=quantization)
     model = llm.engine.core.model
     quantized = (type(model.layers[0].qkv).__name__, type(model.lm_head).__name__)
-    assert quantized == (("Q4Linear", "Int8Linear") if quantization == "auto" else ("DenseLinear",) * 2)
+    assert quantized == (("Int4Linear", "Int8Linear") if quantization == "auto" else ("DenseLinear",) * 2)
     recorder = EngineRecorder(llm.engine.core)
     prompts = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)

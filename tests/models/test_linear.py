@@ -1,98 +1,120 @@
-"""GGUF codes read without dequantizing, and the 4/8-bit linears against the dense matmul."""
+"""The quantized linears and embedding against float32 math on gguf's dequantized weights."""
 
 from __future__ import annotations
 
-import gguf
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from duoserve.models import linear as linear_module
+from duoserve.models.gguf_quants import INT4_TYPES, QUANTIZED_TYPES, GGUFTensor, random_blocks
 from duoserve.models.linear import (
     QUANTIZED_MAX_ROWS,
+    DenseEmbedding,
     DenseLinear,
+    Int4Linear,
     Int8Linear,
-    Q4Linear,
-    Q4Weight,
-    Q8Weight,
+    QuantizedEmbedding,
+    StackedLinear,
+    make_embedding,
     make_linear,
-    quantized_from_gguf,
 )
 from tests.helpers import rel_err
 
-TYPES = ("Q4_0", "Q4_1", "Q8_0")
+CPU = torch.device("cpu")
 
 
-def _quantized(type_name: str, rows: int, cols: int, seed: int = 0):
-    """(raw GGUF blocks, gguf's own dequantization) of a random matrix."""
-    x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    qtype = gguf.GGMLQuantizationType[type_name]
-    data = gguf.quants.quantize(x, qtype)
-    return data, gguf.quants.dequantize(data, qtype)
+def _tensor(type_name: str, rows: int, cols: int, seed: int = 0) -> GGUFTensor:
+    return GGUFTensor(
+        random_blocks(type_name, rows, cols, torch.Generator().manual_seed(seed)), type_name, cols
+    )
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_codes_dequantize_exactly_like_gguf(type_name):
-    data, reference = _quantized(type_name, 48, 96)
-    weight = quantized_from_gguf(data, type_name, reference.shape)
-    assert isinstance(weight, Q8Weight if type_name == "Q8_0" else Q4Weight)
-    assert torch.equal(weight.dequantize(), torch.from_numpy(reference))
+def _expected(x: torch.Tensor, weights: list[GGUFTensor], bias: torch.Tensor | None) -> torch.Tensor:
+    dense = torch.cat([w.dequantize() for w in weights])
+    return x.float() @ dense.T + (0 if bias is None else bias.float())
 
 
-def test_other_types_have_no_codes():
-    assert quantized_from_gguf(np.zeros((2, 32), np.float32), "F32", (2, 32)) is None
+def test_torch_int4_layout_is_recognised():
+    """The tiled path unpacks torch's int4 layout; on x86 (AVX2 or AVX-512) it must be a known one."""
+    assert linear_module._INT4_BLOCK in (32, 64)
 
 
-def test_real_file_codes_match_gguf(smollm2_gguf_path):
-    reader = gguf.GGUFReader(smollm2_gguf_path)
-    seen = set()
-    for tensor in reader.tensors:
-        name = tensor.tensor_type.name
-        if name in seen or name not in TYPES:
-            continue
-        reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        weight = quantized_from_gguf(tensor.data, name, reference.shape)
-        assert torch.equal(weight.dequantize(), torch.from_numpy(reference)), tensor.name
-        seen.add(name)
-    assert seen == {"Q4_1", "Q8_0"}
-
-
-@pytest.mark.parametrize("type_name", TYPES)
-def test_row_operations_act_on_every_tensor(type_name):
-    parts = [quantized_from_gguf(*_pair(type_name, rows, seed)) for seed, rows in enumerate((16, 32))]
-    fused = type(parts[0]).cat(parts)
-    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
-    flipped = fused.map_rows(lambda t: t.flip(0))
-    assert torch.equal(flipped.dequantize(), fused.dequantize().flip(0))
-
-
-def _pair(type_name: str, rows: int, seed: int):
-    data, reference = _quantized(type_name, rows, 64, seed)
-    return data, type_name, reference.shape
-
-
-@pytest.mark.parametrize(("type_name", "cls"), [("Q4_0", Q4Linear), ("Q4_1", Q4Linear), ("Q8_0", Int8Linear)])
+@pytest.mark.parametrize("type_name", QUANTIZED_TYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_quantized_linear_matches_dense(type_name, cls, with_bias):
-    data, reference = _quantized(type_name, 96, 128)
-    dense = torch.from_numpy(reference)
-    bias = torch.randn(96).bfloat16() if with_bias else None
-    linear = make_linear(dense.bfloat16(), bias, quantized_from_gguf(data, type_name, reference.shape))
-    assert type(linear) is cls
+def test_quantized_linear_matches_float32_matmul(type_name, with_bias, monkeypatch):
+    # Small tiles and build chunks so that several of each are exercised on a small matrix.
+    monkeypatch.setattr(linear_module, "TILE_VALUES", 64 * 512)
+    monkeypatch.setattr(linear_module, "_BUILD_ROWS", 64)
+    weight = _tensor(type_name, 192, 512)
+    bias = torch.randn(192).bfloat16() if with_bias else None
+    linear = make_linear([weight], bias, torch.bfloat16, CPU, quantized=True)
+    assert type(linear) is (Int4Linear if type_name in INT4_TYPES else Int8Linear)
+    # The codes as the kernels see them: exact codes, scales rounded to bfloat16 (or re-quantized per row).
+    assert rel_err(linear.dequantize(), weight.dequantize()) < 1e-2
     for rows in (1, 3, QUANTIZED_MAX_ROWS, QUANTIZED_MAX_ROWS + 1, 40):
-        x = torch.randn(rows, 128).bfloat16()
-        expected = x.float() @ dense.T + (0 if bias is None else bias.float())
+        x = torch.randn(rows, 512).bfloat16()
         out = linear(x)
-        assert out.shape == (rows, 96) and out.dtype == torch.bfloat16
-        # The kernels keep bfloat16 activations, and int8 re-quantizes Q8_0 per row: about 1% either way.
-        assert rel_err(out, expected) < 2e-2, rows
-        if rows > QUANTIZED_MAX_ROWS:  # large steps run the dense GEMM itself
-            assert torch.equal(out, F.linear(x, dense.bfloat16(), bias))
+        assert out.shape == (rows, 192) and out.dtype == torch.bfloat16
+        # bfloat16 activations and scales, and int8's per-row re-quantization: about 1% either way.
+        assert rel_err(out, _expected(x, [weight], bias)) < 2e-2, rows
+        if rows > QUANTIZED_MAX_ROWS:  # the tiled GEMM multiplies exactly the matrix the kernels hold
+            reference = F.linear(x.float(), linear.dequantize().float()) + (
+                0 if bias is None else bias.float()
+            )
+            assert rel_err(out, reference) < 1e-2, rows
 
 
-def test_unquantized_weight_is_dense():
-    weight = torch.randn(8, 32)
-    linear = make_linear(weight, None, None)
+def test_no_dense_copy_is_kept():
+    weight = _tensor("Q4_K", 256, 1024)
+    linear = make_linear([weight], None, torch.bfloat16, CPU, quantized=True)
+    held = sum(t.numel() * t.element_size() for t in (linear.packed, linear.scales_and_zeros))
+    assert held <= 1.12 * weight.nbytes  # 5 bits per weight against the file's 4.5
+    linear(torch.randn(64, 1024).bfloat16())  # a large step: tiles, not a matrix-sized buffer
+    scratch = linear_module._scratch._buffers[(torch.bfloat16, CPU, "tile")]
+    assert scratch.numel() <= max(linear_module.TILE_VALUES, 64 * 1024)
+    q6 = make_linear([_tensor("Q6_K", 256, 1024)], None, torch.bfloat16, CPU, quantized=True)
+    assert q6.codes.element_size() == 1 and q6.codes.shape == (256, 1024)
+
+
+def test_fused_parts_of_different_types():
+    """Q4_K_M files store Q/K in Q4_K and V in Q6_K: the fused QKV keeps each part in its own format."""
+    parts = [_tensor("Q4_K", 128, 256, 1), _tensor("Q4_0", 64, 256, 2), _tensor("Q6_K", 64, 256, 3)]
+    bias = torch.randn(256).bfloat16()
+    linear = make_linear(parts, bias, torch.bfloat16, CPU, quantized=True)
+    assert type(linear) is StackedLinear
+    assert [type(p) for p in linear.parts] == [Int4Linear, Int8Linear]
+    for rows in (2, 33):
+        x = torch.randn(rows, 256).bfloat16()
+        assert rel_err(linear(x), _expected(x, parts, bias)) < 2e-2
+
+
+def test_dense_when_not_quantized():
+    parts = [_tensor("Q5_K", 32, 256, 1), torch.randn(16, 256)]
+    linear = make_linear(parts, None, torch.float32, CPU, quantized=False)
     assert type(linear) is DenseLinear
-    x = torch.randn(2, 32)
-    assert torch.equal(linear(x), F.linear(x, weight))
+    assert torch.equal(linear.weight, torch.cat([parts[0].dequantize(), parts[1]]))
+    x = torch.randn(3, 256)
+    assert torch.equal(linear(x), F.linear(x, linear.weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_embedding_gathers_exact_rows(dtype):
+    weight = _tensor("Q4_K", 40, 256)
+    embedding = make_embedding(weight, dtype, CPU, quantized=True)
+    assert type(embedding) is QuantizedEmbedding
+    ids = torch.tensor([3, 39, 3, 0, 17])
+    out = embedding(ids)
+    assert out.dtype == dtype and torch.equal(out, weight.dequantize().to(dtype)[ids])
+    dense = make_embedding(weight, dtype, CPU, quantized=False)
+    assert type(dense) is DenseEmbedding and torch.equal(dense(ids), out)
+
+
+@pytest.mark.parametrize("max_rows", [0, 2, 16])
+def test_row_threshold_is_the_linears_own(max_rows):
+    """Each host passes its own threshold (duoserve/hardware.py): codes up to it, dequantized tiles above."""
+    linear = make_linear([_tensor("Q4_1", 96, 128)], None, torch.bfloat16, CPU, True, max_rows)
+    for rows in (1, 2, 3, 16, 17):
+        x = torch.randn(rows, 128).bfloat16()
+        expected = linear._many_rows(x) if rows > max_rows else linear._few_rows(x)
+        assert torch.equal(linear(x), expected), rows

@@ -14,8 +14,10 @@ from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.llm import LLM
 from duoserve.models.config import ModelConfig
+from duoserve.models.linear import Int8Linear
 from duoserve.models.llama import LlamaModel, rope_inv_freq
 from duoserve.models.loader import load_model
+from duoserve.models.moe import MoE
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import EngineRecorder, hf_greedy, random_prompt, save_tiny_model
 from tests.models.families import FAMILIES, LONGROPE_ORIGINAL, family_model, write_family_gguf
@@ -130,10 +132,24 @@ def test_quantized_gguf_runs_dense_experts(family_models, tmp_path) -> None:
     loaded = load_model(str(path), torch.bfloat16)
     assert "model.layers.0.self_attn.q_proj.weight" in loaded.quantized
     assert not any("experts" in name for name in loaded.quantized)
-    assert loaded.weights["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 80, 64)
+    experts = loaded.weights["model.layers.0.mlp.experts.gate_up_proj"]
+    assert isinstance(experts, torch.Tensor) and experts.shape == (4, 80, 64)
     model = LlamaModel(
-        loaded.config, loaded.weights, TorchAttentionBackend(), torch.device("cpu"), torch.bfloat16, 64
+        loaded.config,
+        loaded.weights,
+        TorchAttentionBackend(),
+        torch.device("cpu"),
+        torch.bfloat16,
+        64,
+        quantized=loaded.quantized,
     )
+    assert any(isinstance(layer.mlp, MoE) for layer in model.layers)
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            mlp = layer.mlp
+            assert all(isinstance(t, torch.Tensor) for t in (mlp.router, mlp.gate_up, mlp.down))
+        assert all(isinstance(linear, Int8Linear) for linear in layer.linears())
+        assert all(isinstance(norm, torch.Tensor) for norm in layer.norms())
     prompt = random_prompt(9, seed=8)
     logits = _forward_logits(model, prompt)
     ref = hf(torch.tensor([prompt])).logits[0].detach()

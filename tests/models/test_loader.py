@@ -12,6 +12,7 @@ import torch
 
 from duoserve.models import loader
 from duoserve.models.config import ModelConfig
+from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.loader import LoadedModel, config_from_hf, default_model_path, load_model
 from tests.models.families import FAMILIES, family_model, write_family_gguf
 
@@ -72,6 +73,8 @@ def _assert_weights_match(ours: LoadedModel, state_dict: dict[str, torch.Tensor]
         assert expected.pop("lm_head.weight") is not None
     assert set(ours.weights) == set(expected)
     for name, weight in ours.weights.items():
+        if isinstance(weight, GGUFTensor):  # kept as the file's blocks: dequantized exactly, in float32
+            weight = weight.dequantize().to(expected[name].dtype)
         assert weight.dtype == expected[name].dtype, name
         assert torch.equal(weight, expected[name]), name
 
@@ -100,7 +103,8 @@ def test_gguf_weights_do_not_alias_the_file(smollm2_ours: LoadedModel) -> None:
     mapping = smollm2_ours.gguf_reader.data
     start, end = mapping.ctypes.data, mapping.ctypes.data + mapping.nbytes
     for name, weight in smollm2_ours.weights.items():
-        assert not start <= weight.data_ptr() < end, name
+        tensor = weight.raw if isinstance(weight, GGUFTensor) else weight
+        assert not start <= tensor.data_ptr() < end, name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,12 +403,15 @@ def _write_bare_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray,
 
 
 def test_unsupported_gguf_tensor_type(tmp_path: Path) -> None:
-    # Raw Q5_K bytes are enough: tensor types are checked before anything is dequantized.
-    q5_k = gguf.GGMLQuantizationType.Q5_K
-    block_bytes = gguf.GGML_QUANT_SIZES[q5_k][1]
-    tensors = {"token_embd.weight": (np.zeros((4, block_bytes), np.uint8), q5_k)}
-    with pytest.raises(ValueError, match="unsupported GGUF tensor type.*Q5_K"):
-        load_model(str(_write_bare_gguf(tmp_path / "q5k.gguf", "llama", tensors)))
+    # Raw IQ2_XXS bytes are enough: tensor types are checked before anything is decoded.
+    iq2 = gguf.GGMLQuantizationType.IQ2_XXS
+    block_bytes = gguf.GGML_QUANT_SIZES[iq2][1]
+    tensors = {"token_embd.weight": (np.zeros((4, block_bytes), np.uint8), iq2)}
+    path = _write_bare_gguf(tmp_path / "iq2.gguf", "llama", tensors)
+    with pytest.raises(ValueError, match="unsupported GGUF tensor type.*IQ2_XXS.*token_embd") as error:
+        load_model(str(path))
+    for supported in ("F16", "Q4_0", "Q4_K", "Q6_K", "Q2_K", "IQ4_NL"):
+        assert supported in str(error.value)
 
 
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tests.helpers import random_prompt
 from tests.server.harness import engine_flags, free_port
 
 LONG = 240  # tokens: with the 8-token prompts, nearly the whole 256-token context
+DEADLINE = 60.0  # generous: a wait returns as soon as its condition holds
 
 
 def stream_body(model: str, **extra) -> dict:
@@ -32,21 +33,25 @@ def stream_body(model: str, **extra) -> dict:
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_cleanly(start_server):
-    server = start_server("--shutdown-timeout", "60", num_kv_blocks=256)
-    body = stream_body(server.model, n=4)  # four sequences: long enough to still be running while we look
+    # One seat in the running batch: the four sequences run one after another, 4 x 240 decode steps.
+    server = start_server("--shutdown-timeout", "60", num_kv_blocks=256, max_num_seqs=1)
+    body = stream_body(server.model, n=4)
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         first = next(lines)
         assert first.startswith("data: ")
         server.terminate()
         # Draining: not ready any more, no new request admitted, but the one in flight goes on.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + DEADLINE
         while httpx.get(f"{server.base_url}/ready").status_code != 503:
             assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
             time.sleep(0.01)
+        in_flight = server.metrics()
         refused = httpx.post(
             f"{server.base_url}/v1/completions", json={"model": server.model, "prompt": "w5"}
         )
+        # The refusal came while the request was still in flight (its last sequence not even started).
+        assert in_flight["duoserve:num_requests_waiting"] >= 1
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         events = [line.removeprefix("data: ") for line in [first, *lines] if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

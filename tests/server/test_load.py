@@ -4,6 +4,7 @@ gets 429s while every admitted request completes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -13,7 +14,8 @@ import pytest
 from tests.helpers import random_prompt
 
 LONG = 240  # tokens: with the 8-token prompts, nearly the whole 256-token context
-FLOOD_TOKENS = 128  # long enough that the first admitted requests still run when the last ones arrive
+FLOOD_TOKENS = 16
+DEADLINE = 60.0  # generous: each wait returns as soon as its condition holds
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,19 @@ def server(start_server):
     return start_server("--max-queued-requests", "2", max_num_seqs=2, num_kv_blocks=128)
 
 
-def wait_for_metrics(server, condition, timeout: float = 15.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
+def wait_for_metrics(server, condition, what: str) -> dict[str, float]:
+    deadline = time.monotonic() + DEADLINE
     while True:
         metrics = server.metrics()
-        if condition(metrics) or time.monotonic() > deadline:
+        if condition(metrics):
             return metrics
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {metrics}"
         time.sleep(0.05)
+
+
+async def wait_for_metrics_async(server, condition, what: str) -> dict[str, float]:
+    """The same from a coroutine: the event loop keeps running the requests meanwhile."""
+    return await asyncio.to_thread(wait_for_metrics, server, condition, what)
 
 
 def idle(m: dict[str, float]) -> bool:
@@ -36,10 +44,15 @@ def idle(m: dict[str, float]) -> bool:
 
 
 def test_disconnected_clients_free_their_kv_blocks(server):
-    aborted_before = server.metrics()['duoserve:request_success_total{finished_reason="abort"}']
+    aborted = 'duoserve:request_success_total{finished_reason="abort"}'
+    aborted_before = server.metrics()[aborted]
 
     async def run() -> dict[str, float]:
-        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="-", max_retries=0) as client:
+        async with (
+            openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="-", max_retries=0) as client,
+            httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE) as http,
+        ):
+            # Two streams take both seats of the running batch...
             streams = []
             for seed in range(2):
                 stream = await client.completions.create(
@@ -55,56 +68,61 @@ def test_disconnected_clients_free_their_kv_blocks(server):
                     if received == 3:
                         break
                 streams.append(stream)
-            busy = server.metrics()
+            # ...so a non-streaming request waits in the queue until the client gives up on it.
+            body = {"model": server.model, "prompt": random_prompt(8, seed=5), "max_tokens": LONG}
+            request = asyncio.ensure_future(http.post("/v1/completions", json={**body, "ignore_eos": True}))
+            busy = await wait_for_metrics_async(
+                server,
+                lambda m: m["duoserve:num_requests_waiting"] == 1,
+                "the non-streaming request to be queued",
+            )
+            request.cancel()  # its connection closes
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
             for stream in streams:
-                await stream.close()  # the client goes away mid-stream
+                await stream.close()  # the clients go away mid-stream
             return busy
 
     busy = asyncio.run(run())
     assert busy["duoserve:num_requests_running"] == 2 and busy["duoserve:kv_cache_usage_perc"] > 0
-    # A non-streaming client that gives up (read timeout) is aborted too.
-    body = {"model": server.model, "prompt": random_prompt(8, seed=5), "max_tokens": LONG, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.05))
-
     after = wait_for_metrics(
-        server,
-        lambda m: (
-            idle(m) and m['duoserve:request_success_total{finished_reason="abort"}'] >= aborted_before + 3
-        ),
+        server, lambda m: idle(m) and m[aborted] >= aborted_before + 3, "three aborts and an idle engine"
     )
-    assert idle(after)
-    assert after['duoserve:request_success_total{finished_reason="abort"}'] == aborted_before + 3
+    assert after[aborted] == aborted_before + 3
     assert server.log().count("finish_reason=abort") == 3
 
 
 def test_a_flood_past_the_queue_gets_429_and_every_admitted_request_completes(server):
-    async def one(http: httpx.AsyncClient, i: int) -> httpx.Response:
-        body = {
-            "model": server.model,
-            "prompt": random_prompt(6, seed=100 + i),
-            "max_tokens": FLOOD_TOKENS,
-            "ignore_eos": True,
-        }
-        return await http.post("/v1/completions", json=body)
+    def body(i: int, max_tokens: int) -> dict:
+        prompt = random_prompt(6, seed=100 + i)
+        return {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
 
-    async def flood() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(16)))
+    async def flood() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE) as http:
+            # Four long requests take the two seats and the two queue places...
+            admitted = [
+                asyncio.ensure_future(http.post("/v1/completions", json=body(i, LONG))) for i in range(4)
+            ]
+            await wait_for_metrics_async(
+                server,
+                lambda m: m["duoserve:num_requests_running"] == 2 and m["duoserve:num_requests_waiting"] == 2,
+                "two running and two queued requests",
+            )
+            # ...so while they run, every other request is refused.
+            flood = [http.post("/v1/completions", json=body(i, FLOOD_TOKENS)) for i in range(4, 16)]
+            refused = await asyncio.gather(*flood)
+            return list(await asyncio.gather(*admitted)), refused
 
-    responses = asyncio.run(flood())
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 429}, statuses
-    refused = [r for r in responses if r.status_code == 429]
-    admitted = [r for r in responses if r.status_code == 200]
-    assert refused and len(admitted) >= 2, statuses
+    admitted, refused = asyncio.run(flood())
+    assert [r.status_code for r in refused] == [429] * 12
     for r in refused:
         assert int(r.headers["Retry-After"]) >= 1
         assert (
             r.json()["error"]["type"] == "rate_limit_error"
             and "queue is full" in r.json()["error"]["message"]
         )
+    assert [r.status_code for r in admitted] == [200] * 4
     for r in admitted:
         (choice,) = r.json()["choices"]
-        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == FLOOD_TOKENS
-    assert idle(wait_for_metrics(server, idle))
+        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == LONG
+    wait_for_metrics(server, idle, "an idle engine")

@@ -1,0 +1,412 @@
+"""What this host's CPU can do, and the engine defaults that follow from it.
+
+duoserve was first tuned on one CPU, and a rule made there ("bfloat16 only with AMX") left 3-4x on the
+table on another (issue 10). So every CPU default is derived here from the CPU's capabilities, by one
+table, first matching row wins:
+
+| best capability (level)           | dtype                    | 4-bit codes up to  | attention kernel |
+|-----------------------------------|--------------------------|--------------------|------------------|
+| AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8) | avx512_bf16      |
+| AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured           | avx512_bf16      |
+| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured           | avx512           |
+| AVX2 + FMA (avx2)                 | float32 (4)              | - (prior 8)        | avx2             |
+| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured           | neon             |
+| aarch64 NEON (neon)               | float32                  | - (prior 8)        | neon             |
+| anything else (generic)           | float32                  | - (prior 8)        | generic          |
+| a CUDA device                     | bfloat16                 | never (CPU only)   | torch            |
+
+(1) Sapphire Rapids and later: oneDNN's AMX bf16 GEMMs ran 4.7x fp32 at prefill sizes, and the 4-bit
+    kernel 3x dense at 1 row (BENCHMARKS.md, machine A).
+(2) Zen 4/5, Cooper Lake: on a Zen 5, bf16 ran 3-4x faster than fp32 and the 4-bit codes 3x faster
+    again at 1 row (issue 10); measured per host all the same.
+(3) Skylake-X, Ice Lake: bf16 is converted in software, so neither dtype wins everywhere.
+(4) Haswell and later, Zen 1-3: bf16 GEMMs ran 3-8x slower than fp32 (BENCHMARKS.md, machine B; 6x at
+    64 rows on a Zen 1). The 4-bit kernel with bf16 activations ran about as fast as fp32 dense at 1 row
+    there and up to 2x faster at 4-8 rows (a busy machine: to re-measure); using it in a float32 model
+    would round activations to bf16, so float32 stays dense, the exact path.
+(5) Neoverse V1/N2, Graviton 3: not measured by us yet.
+
+"4-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes;
+"-": the default dtype is float32, so they are unused, and the prior serves an explicit bfloat16. The
+attention kernel is compiled -march=native, so its ISA follows the host: the column says which of its
+fast paths (AVX-512 with or without AVX512-BF16 dot products, or the auto-vectorized generic loop) runs.
+
+The 4/8-bit kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) accept float32 activations
+too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py`),
+so they are used only when the model runs in bfloat16.
+
+"Measured": where the capabilities leave a choice open, a short measurement at first start decides it
+(`measure_formats`: matmuls of 1-16 and 64 rows per format, weights twice the L3 cache; a few hundred
+ms where it runs, 1.3 s on a busy 2-core Zen 1 where it need not), cached on disk per CPU (its flags)
+and torch version, like the attention kernel's build.
+The decision from the timings (`decide`) is a pure function: dtype = the one whose product of decode
+time (1 row, its fastest kernel) and prefill time (64 rows, dense) is smaller; the row threshold = the
+most rows up to which the 4-bit codes beat the dense bfloat16 GEMM at every measured size.
+`DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The features the table reads, as Linux's /proc/cpuinfo names them (x86 "flags", aarch64 "Features").
+X86_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "f16c")
+ARM_FEATURES = ("asimd", "bf16", "sve", "i8mm")
+
+# The row threshold's prior where no measurement ran: measured on a 2-core Xeon with AMX, where the
+# 4-bit kernel was 2-3x faster than dense at 1-4 rows and 1.7x slower at 16 (BENCHMARKS.md).
+PRIOR_QUANTIZED_MAX_ROWS = 8
+DECODE_ROWS = (1, 4, 8, 16)  # candidate row thresholds, timed for dense bfloat16 and the 4-bit codes
+PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The host's CPU as far as the defaults care."""
+
+    arch: str  # platform.machine(): x86_64, aarch64, ...
+    model: str
+    features: frozenset[str]  # of X86_FEATURES / ARM_FEATURES
+    torch_capability: str  # the ISA torch's own kernels dispatch to (torch.backends.cpu)
+    cores: int  # physical cores this process may use (affinity, cgroup quota)
+    l3_bytes: int = 32 << 20
+
+    @property
+    def level(self) -> str:
+        """The table's row: the best capability the CPU has."""
+        f = self.features
+        if self.arch in ("x86_64", "AMD64", "i686"):
+            for level, needs in (
+                ("amx", {"amx_bf16", "amx_tile"}),
+                ("avx512_bf16", {"avx512_bf16", "avx512f"}),
+                ("avx512", {"avx512f"}),
+                ("avx2", {"avx2", "fma"}),
+            ):
+                if needs <= f:
+                    return level
+        if self.arch in ("aarch64", "arm64"):
+            return "neon_bf16" if {"asimd", "bf16"} <= f else "neon" if "asimd" in f else "generic"
+        return "generic"
+
+    def summary(self) -> str:
+        """e.g. 'AMD EPYC (x86_64: avx2,fma,f16c; no avx512/amx)'."""
+        names = [n for n in (*X86_FEATURES, *ARM_FEATURES) if n in self.features]
+        missing = [n for n in ("avx512", "amx") if not any(f.startswith(n) for f in self.features)]
+        tail = f"; no {'/'.join(missing)}" if missing and self.arch == "x86_64" else ""
+        return f"{self.model} ({self.arch}: {','.join(names) or 'no SIMD features'}{tail})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table: the dtype (or its prior, if `measure`), and why."""
+
+    dtype: torch.dtype
+    measure: bool  # capabilities leave the dtype open: time both at first start
+    attention_isa: str
+    reason: str
+
+
+_BF16, _FP32 = torch.bfloat16, torch.float32
+RULES: dict[str, Rule] = {
+    "amx": Rule(_BF16, False, "avx512_bf16", "AMX: bf16 GEMMs 4.7x fp32 (BENCHMARKS.md)"),
+    "avx512_bf16": Rule(_BF16, True, "avx512_bf16", "AVX512-BF16 without AMX: bf16 3-4x fp32 on Zen 5"),
+    "avx512": Rule(_FP32, True, "avx512", "AVX-512 without BF16: bf16 converted in software"),
+    "avx2": Rule(_FP32, False, "avx2", "AVX2 only: bf16 GEMMs 3-8x slower than fp32"),
+    "neon_bf16": Rule(_FP32, True, "neon", "aarch64 BF16: not measured by us"),
+    "neon": Rule(_FP32, False, "neon", "aarch64 without BF16"),
+    "generic": Rule(_FP32, False, "generic", "no SIMD features known to us"),
+}
+
+# Seconds per call of a matmul, keyed (format, rows); format is float32, bfloat16 or q4 (4-bit codes
+# with bfloat16 activations).
+Timings = Mapping[tuple[str, int], float]
+
+
+@dataclass(frozen=True)
+class HostDefaults:
+    """What an engine on this host runs unless told otherwise."""
+
+    cpu: CpuInfo
+    dtype: torch.dtype
+    # In a bfloat16 model, steps of up to this many rows read the 4/8-bit codes (0: never). float32
+    # models never do: the kernels ran 15x slower with float32 activations.
+    quantized_max_rows: int
+    num_threads: int
+    attention_isa: str  # the fast path the paged attention kernel (-march=native) compiles in
+    reason: str
+    measured_on: str | None = None  # the date of the measurement that decided, if one did
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The startup log line (and `duoserve env`'s first line)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.dtype != _BF16:
+            codes = "no 4/8-bit decode kernels (they need bfloat16)"
+        elif self.quantized_max_rows:
+            codes = f"4/8-bit decode kernels up to {self.quantized_max_rows} rows"
+        else:
+            codes = "no 4/8-bit decode kernels (slower than dense here)"
+        why = self.reason if self.measured_on is None else f"measured {self.measured_on}: {self.reason}"
+        return (
+            f"host: {self.cpu.summary()}, {self.num_threads} threads -> dtype {dtype}, {codes}, "
+            f"attention kernel {self.attention_isa} ({why})"
+        )
+
+
+def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
+    """dtype, bfloat16's quantized row threshold and the reason, for a table row given the timings
+    (None: the priors). The threshold is for bfloat16 models, whatever the default dtype: an explicit
+    `--dtype bfloat16` uses it too."""
+    if timings is None:
+        return rule.dtype, PRIOR_QUANTIZED_MAX_ROWS, rule.reason
+    dtype, reason = rule.dtype, rule.reason
+    if rule.measure:
+        fp32 = timings["float32", 1] * timings["float32", PREFILL_ROWS]
+        bf16 = min(timings["bfloat16", 1], timings["q4", 1]) * timings["bfloat16", PREFILL_ROWS]
+        dtype = _BF16 if bf16 < fp32 else _FP32
+        faster = "bf16" if dtype == _BF16 else "fp32"
+        reason = f"{faster} {math.sqrt(max(fp32, bf16) / min(fp32, bf16)):.1f}x faster (decode x prefill)"
+    rows = 0
+    for r in DECODE_ROWS:
+        if timings["q4", r] >= timings["bfloat16", r]:
+            break
+        rows = r
+    speedup = timings["bfloat16", 1] / timings["q4", 1]
+    return dtype, rows, f"{reason}; 4-bit {speedup:.1f}x bf16 dense at 1 row"
+
+
+def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> HostDefaults:
+    """The defaults for a CPU; `measure` (None: priors only) is called where the table leaves a choice."""
+    rule = RULES[cpu.level]
+    # The row threshold is left open wherever bfloat16 may run; the dtype only where `rule.measure`.
+    open_choice = rule.measure or rule.dtype == _BF16
+    timings = measure(cpu) if measure is not None and open_choice else None
+    dtype, rows, reason = decide(rule, timings)
+    return HostDefaults(
+        cpu=cpu,
+        dtype=dtype,
+        quantized_max_rows=rows,
+        num_threads=cpu.cores,
+        attention_isa=rule.attention_isa,
+        reason=reason,
+        measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
+        timings={f"{fmt}@{rows}": t for (fmt, rows), t in (timings or {}).items()},
+    )
+
+
+# ---------------------------------------------------------------------------------------- detection
+
+
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _features(arch: str, cpuinfo: Mapping[str, str], amx_permitted: bool) -> frozenset[str]:
+    """The table's features among /proc/cpuinfo's; torch's own probes where that lists none (no /proc).
+    AMX also needs the kernel's permission (arch_prctl), which torch's probe asks for."""
+    listed = set((cpuinfo.get("flags") or cpuinfo.get("Features") or "").split())
+    found = {f for f in (*X86_FEATURES, *ARM_FEATURES) if f in listed}
+    if arch == "x86_64" and not listed:
+        probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported"}
+        probes["avx512_bf16"] = "_is_avx512_bf16_supported"
+        found |= {f for f, name in probes.items() if getattr(torch.cpu, name, lambda: False)()}
+        if "avx2" in found:
+            found |= {"fma", "f16c"}  # every AVX2 CPU has them
+        if amx_permitted:
+            found |= {"amx_bf16", "amx_tile"}
+    if not amx_permitted:
+        found -= {"amx_bf16", "amx_tile"}
+    return frozenset(found)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs the cgroup's quota allows (v2 cpu.max, or v1 cfs quota/period), rounded up; None: no limit."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            parts = (root / quota_file).read_text().split()
+            if period_file is not None:
+                parts.append((root / period_file).read_text().strip())
+        except OSError:
+            continue
+        if len(parts) < 2 or parts[0] in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(parts[0]) / int(parts[1])))
+    return None
+
+
+def usable_cores() -> int:
+    """Physical cores of the CPUs this process may run on, capped by the cgroup's quota.
+
+    GEMMs gain nothing from a core's second hyperthread, and a container limited to 2 CPUs of a
+    64-core host must not start 64 threads that the quota then stalls.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(("?", str(cpu)))
+    count = len(cores) or os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(count, limit) if limit else count
+
+
+def _l3_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 32 << 20
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+@functools.cache
+def detect_cpu() -> CpuInfo:
+    arch = platform.machine()
+    info = _cpuinfo_fields()
+    model = info.get("model name") or info.get("CPU part") or platform.processor() or arch
+    return CpuInfo(
+        arch=arch,
+        model=model,
+        features=_features(arch, info, torch.cpu._is_amx_tile_supported()),
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+        cores=usable_cores(),
+        l3_bytes=_l3_bytes(),
+    )
+
+
+# -------------------------------------------------------------------------------------- measurement
+
+
+def cache_dir() -> Path:
+    """DUOSERVE_CACHE_DIR, else $XDG_CACHE_HOME/duoserve, else ~/.cache/duoserve."""
+    if os.environ.get("DUOSERVE_CACHE_DIR"):
+        return Path(os.environ["DUOSERVE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "duoserve"
+
+
+def host_tag(cpu: CpuInfo) -> str:
+    """What a measurement depends on: the CPU's features and model, and torch's kernels."""
+    key = f"{cpu.arch}|{cpu.model}|{sorted(cpu.features)}|{cpu.cores}|{torch.__version__}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _cache_path(cpu: CpuInfo) -> Path:
+    return cache_dir() / f"host-{host_tag(cpu)}.json"
+
+
+def _cached_date(cpu: CpuInfo) -> str | None:
+    try:
+        return json.loads(_cache_path(cpu).read_text())["date"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int = 2, budget: float = 0.03) -> float:
+    """The fastest of a few calls after a warm-up: the machine's speed, not its neighbours' load. A call
+    slower than `budget` is repeated once only: it is slow enough to lose whatever the noise."""
+    start = time.perf_counter()
+    fn()
+    best = time.perf_counter() - start
+    for _ in range(repeats if best < budget else 1):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
+    """Time F.linear in float32 and bfloat16 and the 4-bit kernel, at DECODE_ROWS and PREFILL_ROWS.
+
+    Decode-sized steps read the weights once, so their matrix (about twice the L3 cache in bfloat16,
+    4-64 M values) must come from memory as a model's would; prefill-sized ones are arithmetic-bound
+    and use a 1 M-value slice of it, which keeps the slowest format (bf16 without hardware support)
+    to a few tens of ms.
+    """
+    width = 2048
+    out = max(2048, min(32768, cpu.l3_bytes // width))  # bf16 bytes = 2 x L3
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randn(256, width, generator=generator)
+    weights = {"float32": block.repeat(out // 256, 1)}
+    weights["bfloat16"] = weights["float32"].bfloat16()
+    codes = torch.randint(0, 16, (out, width), dtype=torch.int32, generator=generator)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales = torch.full((width // 32, out, 2), 0.01, dtype=torch.bfloat16)
+
+    def matmul(fmt: str, x: torch.Tensor, rows_of_w: int) -> Callable[[], object]:
+        if fmt == "q4":
+            return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales)
+        w = weights[fmt][:rows_of_w]
+        return lambda: torch.nn.functional.linear(x, w)
+
+    timings: dict[tuple[str, int], float] = {}
+    with torch.inference_mode():
+        for fmt in ("float32", "bfloat16", "q4"):
+            dtype = _FP32 if fmt == "float32" else _BF16
+            for rows in DECODE_ROWS if fmt != "float32" else (1,):
+                x = torch.randn(rows, width, generator=generator).to(dtype)
+                timings[fmt, rows] = _best_seconds(matmul(fmt, x, out))
+            if fmt != "q4":
+                x = torch.randn(PREFILL_ROWS, width, generator=generator).to(dtype)
+                # Per row of the full matrix, so that it compares with the decode timings' matrix.
+                timings[fmt, PREFILL_ROWS] = _best_seconds(matmul(fmt, x, 512)) * out / 512
+    return timings
+
+
+def cached_measurement(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] = measure_formats) -> Timings:
+    """`measure(cpu)`, from the disk cache when this CPU and torch were measured before."""
+    path = _cache_path(cpu)
+    try:
+        stored = json.loads(path.read_text())["timings"]
+        return {(key.split("@")[0], int(key.split("@")[1])): float(t) for key, t in stored.items()}
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    logger.info("measuring this CPU's matmul formats once (cached in %s)", path)
+    timings = measure(cpu)
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu.summary(),
+        "torch": torch.__version__,
+        "timings": {f"{fmt}@{rows}": t for (fmt, rows), t in timings.items()},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    except OSError as error:  # a read-only home: measure again next time
+        logger.warning("could not cache the CPU measurement in %s (%s)", path, error)
+    return timings
+
+
+@functools.cache
+def host_defaults() -> HostDefaults:
+    """This host's defaults (measured once per CPU and torch version where the table says so)."""
+    measure = None if os.environ.get("DUOSERVE_HOST_MEASURE") == "0" else cached_measurement
+    return defaults_for(detect_cpu(), measure)

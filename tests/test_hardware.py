@@ -1,0 +1,207 @@
+"""Host capabilities -> defaults, as a table; the measurement injected, so no outcome depends on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from duoserve import hardware
+from duoserve.hardware import (
+    DECODE_ROWS,
+    PREFILL_ROWS,
+    PRIOR_QUANTIZED_MAX_ROWS,
+    RULES,
+    CpuInfo,
+    cached_measurement,
+    cgroup_cpu_limit,
+    decide,
+    defaults_for,
+    detect_cpu,
+    measure_formats,
+)
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+# Real CPUs' feature sets (of those the table reads), from their /proc/cpuinfo.
+THIS_ZEN1 = ("x86_64", {"avx2", "fma", "f16c"})  # the AMD EPYC (family 23 model 1) these tests ran on
+SAPPHIRE_RAPIDS = ("x86_64", {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "f16c"})
+ZEN5 = ("x86_64", {"avx512_bf16", "avx512f", "avx2", "fma", "f16c"})
+SKYLAKE_X = ("x86_64", {"avx512f", "avx2", "fma", "f16c"})
+GRAVITON3 = ("aarch64", {"asimd", "bf16", "sve", "i8mm"})
+GRAVITON2 = ("aarch64", {"asimd"})
+SANDY_BRIDGE = ("x86_64", set())  # AVX without AVX2: nothing the table reads
+RISCV = ("riscv64", set())
+
+
+def cpu(arch: str, features: set[str], cores: int = 2) -> CpuInfo:
+    return CpuInfo(arch, "test CPU", frozenset(features), "DEFAULT", cores, l3_bytes=1 << 20)
+
+
+# capability set -> (table row, default dtype, attention kernel), with the priors (no measurement).
+TABLE = [
+    (SAPPHIRE_RAPIDS, "amx", BF16, "avx512_bf16"),
+    (ZEN5, "avx512_bf16", BF16, "avx512_bf16"),
+    (SKYLAKE_X, "avx512", FP32, "avx512"),
+    (THIS_ZEN1, "avx2", FP32, "avx2"),
+    (GRAVITON3, "neon_bf16", FP32, "neon"),
+    (GRAVITON2, "neon", FP32, "neon"),
+    (SANDY_BRIDGE, "generic", FP32, "generic"),
+    (RISCV, "generic", FP32, "generic"),
+]
+
+
+@pytest.mark.parametrize(("caps", "level", "dtype", "isa"), TABLE)
+def test_priors_follow_the_table(caps, level, dtype, isa):
+    host = defaults_for(cpu(*caps, cores=3), measure=None)
+    assert cpu(*caps).level == level
+    assert (host.dtype, host.attention_isa, host.num_threads) == (dtype, isa, 3)
+    assert host.quantized_max_rows == PRIOR_QUANTIZED_MAX_ROWS and host.measured_on is None
+
+
+def test_amx_needs_the_tile_flag_too():
+    assert cpu("x86_64", SAPPHIRE_RAPIDS[1] - {"amx_tile"}).level == "avx512_bf16"
+
+
+def timings(fp32: tuple, bf16: tuple, q4: tuple) -> dict:
+    """fp32: (1 row, 64 rows); bf16: (1, 4, 8, 16 rows), then 64 rows; q4: (1, 4, 8, 16 rows)."""
+    out = {("float32", 1): fp32[0], ("float32", PREFILL_ROWS): fp32[1], ("bfloat16", PREFILL_ROWS): bf16[4]}
+    for i, rows in enumerate(DECODE_ROWS):
+        out["bfloat16", rows], out["q4", rows] = bf16[i], q4[i]
+    return out
+
+
+ZEN5_LIKE = timings((33.9, 400), (12.6, 13, 14, 15, 200), (4.0, 6, 12, 20))
+
+# timings -> (dtype, row threshold) where the table leaves the dtype open.
+DECISIONS = [
+    # Issue 10's Zen 5: bf16 2.7x fp32 at 1 row and 2x at prefill, the codes 3x bf16 up to 8 rows.
+    (ZEN5_LIKE, BF16, 8),
+    # bf16 in software: faster than fp32 at 1 row with the codes, 6x slower at prefill -> fp32.
+    (timings((20, 100), (25, 26, 27, 28, 600), (10, 11, 12, 13)), FP32, 16),
+    # bf16 as fast as fp32 dense, the codes twice as fast at 1 row only -> bf16, codes for 1 row.
+    (timings((10, 100), (10, 10, 10, 10, 100), (5, 11, 12, 13)), BF16, 1),
+    # the codes never faster: threshold 0, the dense copy runs every step.
+    (timings((10, 100), (5, 5, 5, 5, 50), (6, 6, 6, 6)), BF16, 0),
+    # a noisy loss at 4 rows ends the range, whatever 8 and 16 say.
+    (timings((10, 100), (10, 10, 10, 10, 50), (4, 20, 5, 6)), BF16, 1),
+]
+
+
+@pytest.mark.parametrize(("measured", "dtype", "rows"), DECISIONS)
+@pytest.mark.parametrize("level", ["avx512_bf16", "avx512", "neon_bf16"])
+def test_measurement_decides_where_the_table_leaves_it_open(measured, dtype, rows, level):
+    chosen, max_rows, reason = decide(RULES[level], measured)
+    assert (chosen, max_rows) == (dtype, rows)
+    assert ("bf16" if dtype == BF16 else "fp32") + " " in reason
+
+
+def test_measurement_does_not_overrule_a_settled_dtype():
+    slow_bf16 = timings((1, 10), (50, 50, 50, 50, 90), (60, 60, 60, 60))
+    assert decide(RULES["amx"], slow_bf16)[:2] == (BF16, 0)  # AMX: bf16, but the codes lose here
+    assert decide(RULES["avx2"], ZEN5_LIKE)[:2] == (FP32, 8)  # the threshold serves --dtype bfloat16
+
+
+@pytest.mark.parametrize(
+    ("caps", "measured"), [(SAPPHIRE_RAPIDS, 1), (ZEN5, 1), (SKYLAKE_X, 1), (THIS_ZEN1, 0)]
+)
+def test_measures_only_where_the_table_leaves_a_choice(caps, measured):
+    calls = []
+
+    def measure(info):
+        calls.append(info)
+        return ZEN5_LIKE
+
+    host = defaults_for(cpu(*caps), measure)
+    assert len(calls) == measured
+    assert (host.measured_on is not None) == bool(measured)
+    assert bool(host.timings) == bool(measured)
+
+
+def test_this_machines_capabilities_describe_line():
+    host = defaults_for(CpuInfo("x86_64", "AMD EPYC", frozenset(THIS_ZEN1[1]), "AVX2", 2), measure=None)
+    assert host.describe() == (
+        "host: AMD EPYC (x86_64: avx2,fma,f16c; no avx512/amx), 2 threads -> dtype float32, "
+        "no 4/8-bit decode kernels (they need bfloat16), attention kernel avx2 "
+        f"({RULES['avx2'].reason})"
+    )
+
+
+def test_describe_says_what_was_measured():
+    host = defaults_for(cpu(*ZEN5), lambda info: ZEN5_LIKE)
+    line = host.describe()
+    assert "dtype bfloat16, 4/8-bit decode kernels up to 8 rows, attention kernel avx512_bf16" in line
+    assert "(measured 20" in line and "bf16 " in line
+
+
+CPUINFO = [
+    ({"flags": "fpu sse avx f16c fma avx2 bmi2 sha_ni"}, "x86_64", True, {"avx2", "fma", "f16c"}),
+    (
+        {"flags": "avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile"},
+        "x86_64",
+        False,
+        {"avx2", "fma", "avx512f", "avx512_bf16"},
+    ),
+    ({"Features": "fp asimd evtstrm aes sve bf16 i8mm"}, "aarch64", False, {"asimd", "sve", "bf16", "i8mm"}),
+]
+
+
+@pytest.mark.parametrize(("fields", "arch", "amx_permitted", "expected"), CPUINFO)
+def test_features_from_proc_cpuinfo(fields, arch, amx_permitted, expected):
+    assert hardware._features(arch, fields, amx_permitted) == frozenset(expected)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == expected
+
+
+def test_measurement_is_cached_per_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUOSERVE_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def measure(info):
+        calls.append(info)
+        return ZEN5_LIKE
+
+    first = cached_measurement(cpu(*ZEN5), measure)
+    assert cached_measurement(cpu(*ZEN5), measure) == first and len(calls) == 1
+    (stored,) = tmp_path.glob("host-*.json")
+    assert json.loads(stored.read_text())["timings"]["q4@1"] == 4.0
+    cached_measurement(cpu(*SKYLAKE_X), measure)  # another CPU: measured anew
+    assert len(calls) == 2
+
+
+def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("DUOSERVE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware.cache_dir() == tmp_path / "duoserve"
+
+
+def test_this_host_is_detected():
+    info = detect_cpu()
+    assert info.level in RULES and info.cores >= 1 and info.l3_bytes > 0
+    assert info.torch_capability == torch.backends.cpu.get_cpu_capability()
+
+
+def test_measurement_times_every_format_and_size(single_torch_thread):
+    """Runs the real measurement on a small matrix; only its shape is checked, never its outcome."""
+    measured = measure_formats(cpu(*THIS_ZEN1))
+    expected = {("float32", 1), ("float32", PREFILL_ROWS), ("bfloat16", PREFILL_ROWS)}
+    expected |= {(fmt, rows) for fmt in ("bfloat16", "q4") for rows in DECODE_ROWS}
+    assert set(measured) == expected and all(t > 0 for t in measured.values())
+    decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
