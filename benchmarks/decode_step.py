@@ -35,10 +35,10 @@ def weight_bytes(engine: LLMEngine) -> int:
     keeps them), of the embedding table only one row per token."""
     model = engine.core.model
     linears = [model.lm_head]
-    tensors = [model.norm]
+    tensors = [model.norm.weight]
     for layer in model.layers:
-        linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj]
-        tensors += [layer.input_norm, layer.post_norm]
+        linears += layer.linears()
+        tensors += layer.norms()
     return sum(t.numel() * t.element_size() for t in tensors) + sum(linear.nbytes for linear in linears)
 
 

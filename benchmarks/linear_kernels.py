@@ -24,7 +24,7 @@ from duoserve.models.loader import load_model
 def linears(model: LlamaModel) -> list:
     out = [model.lm_head]
     for layer in model.layers:
-        out += [layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj]
+        out += layer.linears()
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from duoserve.config import EngineConfig
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
+from duoserve.models.moe import MoE
 from duoserve.sampling_params import SamplingParams
 
 
@@ -34,12 +35,11 @@ def rss_bytes() -> int:
 def weight_bytes(core: EngineCore) -> int:
     """Bytes of every weight the model holds (codes and scales where quantized)."""
     model = core.model
-    linears = [model.lm_head] + [
-        linear
-        for layer in model.layers
-        for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
-    ]
-    tensors = [model.norm] + [t for layer in model.layers for t in (layer.input_norm, layer.post_norm)]
+    linears = [model.lm_head] + [linear for layer in model.layers for linear in layer.linears()]
+    tensors = [model.norm.weight] + [t for layer in model.layers for t in layer.norms()]
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):  # routed experts are plain dense tensors
+            tensors += [layer.mlp.router, layer.mlp.gate_up, layer.mlp.down]
     embed = getattr(model.embed.weight, "raw", model.embed.weight)  # a GGUFTensor's blocks, or dense
     shared = model.config.tie_word_embeddings and not hasattr(model.embed.weight, "raw")
     total = sum(linear.nbytes for linear in linears) + sum(t.numel() * t.element_size() for t in tensors)

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-# Architectures whose weights map onto duoserve.models.llama.LlamaModel.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Architectures (HF `model_type` names) whose weights map onto duoserve.models.llama.LlamaModel.
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+)
+# MLP activations: SwiGLU (silu) and Gemma's GeGLU (GELU, tanh approximation).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+SLIDING_ATTENTION = "sliding_attention"  # transformers' `layer_types` value for windowed layers
+
+
+def rope_type(scaling: dict | None) -> str:
+    """The HF rope type of a rope_scaling dict ('su' is LongRoPE's old name in Phi-3 configs)."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+    return "longrope" if kind == "su" else kind
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    if (kind := rope_type(scaling)) not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
 
 
 @dataclass
 class ModelConfig:
-    """Llama-family decoder-only transformer hyper-parameters (HF `config.json` names)."""
+    """Decoder-only transformer hyper-parameters (HF `config.json` names where one exists).
+
+    One decoder covers every family; the fields below the Llama ones say which per-family pieces a
+    layer has (norm kind, q/k norms, sandwich norms, MLP kind, scales, caps, windows).
+    """
 
     architecture: str  # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
@@ -35,6 +69,40 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
 
+    # --- per-family pieces -------------------------------------------------------------------------
+    hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
+    # RoPE rotates the first head_dim * partial_rotary_factor dims of each head (Phi-4-mini: 0.75).
+    partial_rotary_factor: float = 1.0
+    # Gemma: RMSNorm scales by (1 + weight), computed in float32 (weights are stored as HF has them).
+    norm_plus_one: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each head of q and k, before RoPE
+    # Gemma 2/3: the attention output is normed before the residual add, and the MLP sits between
+    # pre_feedforward_layernorm and post_feedforward_layernorm.
+    sandwich_norms: bool = False
+    fused_projections: bool = False  # Phi-3 checkpoints store qkv_proj and gate_up_proj fused
+    embedding_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size), in the model dtype
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default: head_dim)
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap) before softmax
+    final_logit_softcapping: float | None = None  # Gemma 2/3: the same on the output logits
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (unscaled)
+
+    # --- mixture of experts (Qwen3-MoE, Mixtral) ---------------------------------------------------
+    num_experts: int = 0  # 0: every layer has a dense MLP
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    dense_mlp_layers: list[int] = field(default_factory=list)  # layers of an MoE model with a dense MLP
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.num_experts > 0 and index not in self.dense_mlp_layers
+
+    def is_sliding_layer(self, index: int) -> bool:
+        return self.layer_sliding_window(index) is not None
+
     def __post_init__(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1, got {self.sliding_window}")
@@ -47,6 +115,18 @@ class ModelConfig:
                 raise ValueError(
                     f"unsupported layer_types {sorted(unknown)}; supported: {', '.join(_LAYER_TYPES)}"
                 )
+
+    def first_layers(self, num_layers: int) -> ModelConfig:
+        """The same model cut to its first `num_layers` layers (a self-speculative draft), with every
+        per-layer list cut with it."""
+        if not 1 <= num_layers <= self.num_hidden_layers:
+            raise ValueError(f"num_layers must be in [1, {self.num_hidden_layers}], got {num_layers}")
+        return dataclasses.replace(
+            self,
+            num_hidden_layers=num_layers,
+            layer_types=None if self.layer_types is None else self.layer_types[:num_layers],
+            dense_mlp_layers=[i for i in self.dense_mlp_layers if i < num_layers],
+        )
 
     def layer_sliding_window(self, index: int) -> int | None:
         """The window of layer `index`: a query at position p sees keys (p - window, p]; None = all keys."""

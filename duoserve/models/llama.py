@@ -1,14 +1,21 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) in plain torch, over a flat token batch.
+"""One decoder for the Llama family and its relatives, in plain torch, over a flat token batch.
+
+Llama 2/3, Mistral, Qwen2, SmolLM2, and with per-family pieces chosen from the ModelConfig: Qwen3
+(q/k norms), Qwen3-MoE and Mixtral (routed experts, `moe.py`), Gemma 2/3 ((1 + w) norms, sandwich
+norms, GeGLU, scaled embeddings, soft-capping, sliding layers with their own RoPE base) and Phi-3
+(fused checkpoints, LongRoPE, partial rotary).
 
 Every step is one flat batch of tokens from many sequences (no padding, no batch dimension):
 positions say where each token sits in its sequence, the attention metadata says which
 sequence it belongs to. Projections are fused (QKV, gate+up) so each layer runs few, large
-matmuls; RMSNorm, RoPE and SwiGLU follow transformers' math so logits match it in fp32.
+matmuls; norms, RoPE and the MLPs follow transformers' math so logits match it in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +23,7 @@ import torch.nn.functional as F
 
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
-from duoserve.models.config import ModelConfig
+from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
     QUANTIZED_MAX_ROWS,
@@ -27,23 +34,27 @@ from duoserve.models.linear import (
     make_linear,
     quantized_kernels_available,
 )
+from duoserve.models.moe import MoE
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies [head_dim / 2], with Llama-3 or linear scaling (as transformers)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return inv_freq
+def rope_inv_freq(
+    config: ModelConfig, theta: float, scaling: dict | None, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """(inverse RoPE frequencies [rotary_dim / 2], attention factor on cos/sin), as transformers."""
+    check_rope_scaling(scaling)
+    dim = config.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (theta**exponents)
+    kind = rope_type(scaling)
     if kind == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    if kind == "longrope":
+        return _longrope(config, theta, exponents, scaling, max_positions)
+    if kind == "yarn":
+        return _yarn(config, theta, scaling)
+    return inv_freq, 1.0
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -55,6 +66,82 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smoothed = (1 - smooth) / factor * scaled + smooth * scaled
     is_medium = ~(wavelen < original / high) & ~(wavelen > original / low)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _longrope(
+    config: ModelConfig, theta: float, exponents: torch.Tensor, scaling: dict, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: per-frequency divisors, short ones within the pretraining context, long beyond.
+
+    transformers picks the set per forward call from the longest sequence in it, so a cached key
+    would keep the set it was computed with while later ones switch. A paged cache needs one set per
+    engine: as vLLM and llama.cpp do, the long factors are used when the engine's context
+    (max_positions) exceeds original_max_position_embeddings. Logits equal transformers' for every
+    sequence whose length falls on the same side of that boundary as the engine's context.
+    """
+    original = scaling["original_max_position_embeddings"]
+    factors = scaling["long_factor"] if max_positions > original else scaling["short_factor"]
+    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq, attention_factor
+
+
+def _yarn(config: ModelConfig, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context): extrapolated high frequencies, interpolated low ones with a
+    linear ramp between, and cos/sin scaled by 0.1 ln(factor) + 1; transformers' formula and defaults."""
+    dim = config.rotary_dim
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (
+        (high + 0.001 if low == high else high) - low
+    )
+    extrapolation = 1 - torch.clamp(ramp, 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "silu":
+        return F.silu
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(F.gelu, approximate="tanh")
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+
+
+@dataclass
+class _Rope:
+    cos: torch.Tensor  # [max_positions, rotary_dim]
+    sin: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, config: ModelConfig, theta: float, scaling: dict | None, max_positions: int, device, dtype
+    ) -> _Rope:
+        """cos/sin tables for every position, computed in float32 as transformers does."""
+        inv_freq, attention_factor = rope_inv_freq(config, theta, scaling, max_positions)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1).to(device)
+        return cls((emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype))
 
 
 class LlamaModel:
@@ -72,11 +159,13 @@ class LlamaModel:
         """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
         subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
         dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
-        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py)."""
+        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py). Norms, routers and
+        routed experts are always dense."""
+        act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
         self.dtype = dtype
-        self.scale = config.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         q = _Build(
             dtype, device, bool(quantized) and quantized_kernels_available(device, dtype), quantized_max_rows
         )
@@ -85,59 +174,84 @@ class LlamaModel:
             for n, t in weights.items()
         }
         self.embed = make_embedding(w["model.embed_tokens.weight"], dtype, device, q.quantized)
+        # transformers multiplies by the scale rounded to the model dtype (Gemma's bfloat16 sqrt(2304)).
+        self.embedding_scale = (
+            None if config.embedding_scale is None else torch.tensor(config.embedding_scale, dtype=dtype)
+        )
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = _linear(w, q, [head])
-        self.norm = w["model.norm.weight"]
-        self.layers = [_Layer.from_weights(w, q, i, config) for i in range(config.num_hidden_layers)]
-        # cos/sin tables for every position, computed in float32 as transformers does.
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
-        emb = torch.cat((freqs, freqs), dim=-1).to(device)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.norm = RMSNorm.of(_dense(w, q, "model.norm.weight"), config)
+        ropes = {
+            "full": _Rope.build(config, config.rope_theta, config.rope_scaling, max_positions, device, dtype)
+        }
+        if config.rope_local_theta is not None:
+            ropes["local"] = _Rope.build(config, config.rope_local_theta, None, max_positions, device, dtype)
+        self.layers = [
+            _Layer.from_weights(w, q, i, config, act, ropes, max_positions)
+            for i in range(config.num_hidden_layers)
+        ]
 
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] before the final norm."""
-        cfg = self.config
         self.attention.prepare(meta)
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         x = self.embed(input_ids)
+        if self.embedding_scale is not None:
+            x = x * self.embedding_scale
+        rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: cos/sin of `positions`
         for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
-            q = _rope(q.view(-1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-            k = _rope(k.view(-1, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
-            v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-            attn = self.attention.forward(
-                q, k, v, kv_cache.layer(index), meta, self.scale, sliding_window=layer.sliding_window
-            )
-            x = x + layer.o_proj(attn.flatten(1))
-            h = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down_proj(F.silu(gate) * up)
+            key = id(layer.rope)
+            if key not in rotations:
+                rotations[key] = (
+                    layer.rope.cos[positions][:, None, :],
+                    layer.rope.sin[positions][:, None, :],
+                )
+            x = layer(x, *rotations[key], self.attention, kv_cache.layer(index), meta, self.scale)
         return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given hidden-state rows."""
-        h = _rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()
+        logits = self.lm_head(self.norm(hidden)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in float32, then scale in the model's dtype.
+@dataclass
+class RMSNorm:
+    """transformers' RMSNorm: normalise in float32; Llama scales in the model's dtype, Gemma scales by
+    (1 + w) in float32 (`weight` then holds 1 + w, in float32).
 
     torch's fused rms_norm on bfloat16 input loses too much in its sum of squares: SmolLM2's residual
     stream has outlier channels, and its bfloat16 answers went wrong (greedy "What is the capital of
     France?" gave "L'Etoile, la Marseillaise..." instead of "...Paris.").
     """
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+    weight: torch.Tensor
+    eps: float
+    plus_one: bool
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, config: ModelConfig) -> RMSNorm:
+        if config.norm_plus_one:
+            return cls(1.0 + weight.float(), config.rms_norm_eps, True)
+        return cls(weight, config.rms_norm_eps, False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.plus_one:
+            return (normed * self.weight).to(x.dtype)
+        return normed.to(x.dtype) * self.weight
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half RoPE: x [T, heads, dim], cos/sin [T, 1, dim]."""
-    half = x.shape[-1] // 2
+    """transformers' rotate_half RoPE on the first r dims: x [T, heads, dim], cos/sin [T, 1, r]."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary: the remaining dims pass through
+        return torch.cat((_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+    half = rotary // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
@@ -146,40 +260,152 @@ Linear = DenseLinear  # or one of its quantized subclasses
 
 
 @dataclass
+class _DenseMLP:
+    gate_up: Linear  # gate rows, then up rows
+    down_proj: Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+@dataclass
 class _Layer:
     """One decoder layer's weights, with Q/K/V and gate/up fused into single matmuls."""
 
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    input_norm: RMSNorm
     qkv: Linear
     qkv_sizes: list[int]
+    q_norm: RMSNorm | None  # per head, before RoPE (Qwen3, Gemma 3)
+    k_norm: RMSNorm | None
     o_proj: Linear
-    gate_up: Linear
-    down_proj: Linear
-    sliding_window: int | None  # this layer's attention window (Mistral), None = the whole context
+    attn_out_norm: RMSNorm | None  # Gemma: on the attention output, before the residual add
+    mlp_norm: RMSNorm  # before the MLP (Llama's post_attention_layernorm, Gemma's pre_feedforward)
+    mlp: _DenseMLP | MoE
+    mlp_out_norm: RMSNorm | None  # Gemma: on the MLP output, before the residual add
+    rope: _Rope
+    heads: tuple[int, int, int]  # (query heads, kv heads, head_dim)
+    sliding_window: int | None  # None: full attention
+    logits_soft_cap: float | None
+
+    def __call__(
+        self, x, cos, sin, attention: AttentionBackend, kv_cache, meta, scale: float
+    ) -> torch.Tensor:
+        num_heads, num_kv_heads, head_dim = self.heads
+        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv_sizes, dim=-1)
+        q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        attn = attention.forward(
+            _rope(q, cos, sin),
+            _rope(k, cos, sin),
+            v.view(-1, num_kv_heads, head_dim),
+            kv_cache,
+            meta,
+            scale,
+            sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
+        )
+        x = x + _maybe(self.attn_out_norm, self.o_proj(attn.flatten(1)))
+        return x + _maybe(self.mlp_out_norm, self.mlp(self.mlp_norm(x)))
+
+    def linears(self) -> list[Linear]:
+        """The dense or quantized matmuls of the layer (routed experts are plain tensors)."""
+        mlp = [self.mlp.gate_up, self.mlp.down_proj] if isinstance(self.mlp, _DenseMLP) else []
+        return [self.qkv, self.o_proj, *mlp]
+
+    def norms(self) -> list[torch.Tensor]:
+        norms = (
+            self.input_norm,
+            self.q_norm,
+            self.k_norm,
+            self.attn_out_norm,
+            self.mlp_norm,
+            self.mlp_out_norm,
+        )
+        return [n.weight for n in norms if n is not None]
 
     @classmethod
-    def from_weights(cls, w: dict[str, Weight], q: _Build, index: int, config: ModelConfig) -> _Layer:
+    def from_weights(
+        cls,
+        w: dict[str, Weight],
+        q: _Build,
+        index: int,
+        config: ModelConfig,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        ropes: dict[str, _Rope],
+        max_positions: int,
+    ) -> _Layer:
         p = f"model.layers.{index}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        qkv_sizes = [
-            config.num_attention_heads * config.head_dim,
-            config.num_key_value_heads * config.head_dim,
-            config.num_key_value_heads * config.head_dim,
-        ]
+        attn = p + "self_attn."
+        q_size = config.num_attention_heads * config.head_dim
+        kv_size = config.num_key_value_heads * config.head_dim
         bias = None
         if config.attention_bias:
             bias = torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"])
-        return cls(
-            input_norm=w[p + "input_layernorm.weight"],
-            post_norm=w[p + "post_attention_layernorm.weight"],
-            qkv=_linear(w, q, [f"{attn}{n}_proj.weight" for n in "qkv"], bias),
-            qkv_sizes=qkv_sizes,
-            o_proj=_linear(w, q, [attn + "o_proj.weight"]),
-            gate_up=_linear(w, q, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
-            down_proj=_linear(w, q, [mlp + "down_proj.weight"]),
-            sliding_window=config.layer_sliding_window(index),
+        qkv_names = (
+            [attn + "qkv_proj.weight"]
+            if config.fused_projections
+            else [f"{attn}{n}_proj.weight" for n in "qkv"]
         )
+        window = config.layer_sliding_window(index)
+        sliding = config.is_sliding_layer(index)
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm.of(_dense(w, q, p + name + ".weight"), config)
+
+        return cls(
+            input_norm=norm("input_layernorm"),
+            qkv=_linear(w, q, qkv_names, bias),
+            qkv_sizes=[q_size, kv_size, kv_size],
+            q_norm=norm("self_attn.q_norm") if config.qk_norm else None,
+            k_norm=norm("self_attn.k_norm") if config.qk_norm else None,
+            o_proj=_linear(w, q, [attn + "o_proj.weight"]),
+            attn_out_norm=norm("post_attention_layernorm") if config.sandwich_norms else None,
+            mlp_norm=norm(
+                "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+            ),
+            mlp=_mlp(w, q, p + "mlp.", index, config, act),
+            mlp_out_norm=norm("post_feedforward_layernorm") if config.sandwich_norms else None,
+            rope=ropes["local"] if sliding and "local" in ropes else ropes["full"],
+            heads=(config.num_attention_heads, config.num_key_value_heads, config.head_dim),
+            # A window as long as the model's context never hides a key: run those layers as full ones.
+            sliding_window=window if window is not None and window < max_positions else None,
+            logits_soft_cap=config.attn_logit_softcapping,
+        )
+
+
+def _mlp(
+    w: dict[str, Weight],
+    q: _Build,
+    prefix: str,
+    index: int,
+    config: ModelConfig,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> _DenseMLP | MoE:
+    if config.is_moe_layer(index):
+        return MoE(
+            router=_dense(w, q, prefix + "gate.weight"),
+            gate_up=_dense(w, q, prefix + "experts.gate_up_proj"),
+            down=_dense(w, q, prefix + "experts.down_proj"),
+            top_k=config.num_experts_per_tok,
+            renormalize=config.norm_topk_prob,
+            act=act,
+        )
+    gate_up = (
+        [prefix + "gate_up_proj.weight"]
+        if config.fused_projections
+        else [
+            prefix + "gate_proj.weight",
+            prefix + "up_proj.weight",
+        ]
+    )
+    return _DenseMLP(_linear(w, q, gate_up), _linear(w, q, [prefix + "down_proj.weight"]), act)
+
+
+def _maybe(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
 
 
 @dataclass(frozen=True)
@@ -190,6 +416,11 @@ class _Build:
     device: torch.device
     quantized: bool
     max_rows: int  # quantized linears run their kernels on steps of up to this many rows
+
+
+def _dense(w: dict[str, Weight], q: _Build, name: str) -> torch.Tensor:
+    """Norms, routers and routed experts run dense whatever the file stores (see moe.py)."""
+    return dense_weight(w[name], q.dtype, q.device)
 
 
 def _linear(w: dict[str, Weight], q: _Build, names: list[str], bias: torch.Tensor | None = None) -> Linear:

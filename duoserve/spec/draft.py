@@ -12,7 +12,6 @@ first N layers of the draft (a self-speculative draft: cheaper, and no second mo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -65,7 +64,7 @@ class DraftProposer:
         model_config = loaded.config
         if config.draft_num_layers is not None:
             num_layers = min(config.draft_num_layers, model_config.num_hidden_layers)
-            model_config = dataclasses.replace(model_config, num_hidden_layers=num_layers)
+            model_config = model_config.first_layers(num_layers)
         model = LlamaModel(
             model_config,
             loaded.weights,

@@ -87,3 +87,30 @@ def test_bad_windows_are_refused() -> None:
         ModelConfig("mistral", 300, 48, 100, 2, 6, 3, 8, sliding_window=4, layer_types=["sliding_attention"])
     with pytest.raises(ValueError, match="chunked_attention"):
         ModelConfig("mistral", 300, 48, 100, 1, 6, 3, 8, sliding_window=4, layer_types=["chunked_attention"])
+
+
+def test_first_layers_cuts_every_per_layer_list() -> None:
+    """A self-speculative draft keeps the first layers: their types and dense-MLP indices go with them."""
+    config = ModelConfig(
+        architecture="qwen3_moe",
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        dense_mlp_layers=[1, 3],
+        **{k: v for k, v in SIZES.items() if k not in ("num_attention_heads", "num_key_value_heads")},
+    )
+    draft = config.first_layers(3)
+    assert draft.num_hidden_layers == 3
+    assert draft.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert draft.dense_mlp_layers == [1]
+    assert [draft.layer_sliding_window(i) for i in range(3)] == [16, None, 16]
+    assert config.num_hidden_layers == 4 and len(config.layer_types) == 4  # the target's is untouched
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="num_layers"):
+            config.first_layers(bad)

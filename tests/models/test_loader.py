@@ -14,6 +14,7 @@ from duoserve.models import loader
 from duoserve.models.config import ModelConfig
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.loader import LoadedModel, config_from_hf, default_model_path, load_model
+from tests.models.families import FAMILIES, family_model, write_family_gguf
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -445,3 +446,193 @@ def test_config_from_hf_model_type_only() -> None:
     assert config_from_hf(cfg).architecture == "qwen2"
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         config_from_hf({**cfg, "model_type": "gpt2"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The families beyond Llama: HF directories, GGUF files, and configs as published checkpoints have them
+
+
+def _family_fields(config: ModelConfig) -> tuple:
+    return (
+        config.architecture,
+        config.head_dim,
+        config.layer_types if config.sliding_window else None,
+        config.sliding_window,
+        config.num_experts,
+        config.num_experts_per_tok,
+        config.dense_mlp_layers,
+        config.qk_norm,
+        config.tie_word_embeddings,
+    )
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_family_hf_dir_matches_transformers(kind: str, tmp_path: Path) -> None:
+    model = family_model(kind)
+    _save(model, tmp_path)
+    ours = load_model(str(tmp_path))
+    hf = model.config
+    assert ours.config.architecture == hf.model_type
+    assert ours.config.head_dim == _head_dim(hf)
+    if kind.startswith("gemma"):
+        assert ours.config.layer_types == hf.layer_types
+        assert ours.config.sliding_window == hf.sliding_window
+        assert ours.config.query_pre_attn_scalar == hf.query_pre_attn_scalar
+        assert ours.config.final_logit_softcapping == hf.final_logit_softcapping
+    # Per-expert checkpoint tensors are stacked into transformers' own layout.
+    _assert_weights_match(ours, model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe_norm", "mixtral", "gemma2", "gemma3", "phi3"])
+def test_family_gguf_matches_hf(kind: str, tmp_path: Path) -> None:
+    model = family_model(kind)
+    from_gguf = load_model(str(write_family_gguf(tmp_path / "f.gguf", kind, model)))
+    _save(model, tmp_path / "hf")
+    from_hf = load_model(str(tmp_path / "hf"))
+    assert _family_fields(from_gguf.config) == _family_fields(from_hf.config)
+    for name in (
+        "rope_theta",
+        "rope_local_theta",
+        "partial_rotary_factor",
+        "norm_plus_one",
+        "embedding_scale",
+    ):
+        assert getattr(from_gguf.config, name) == pytest.approx(getattr(from_hf.config, name)), name
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        assert getattr(from_gguf.config, name) == pytest.approx(getattr(from_hf.config, name), rel=1e-6), name
+    assert from_gguf.weights.keys() == from_hf.weights.keys()
+    for name, weight in from_hf.weights.items():
+        # Gemma's norms went through llama.cpp's 1 + w and back: equal to float32 rounding.
+        torch.testing.assert_close(from_gguf.weights[name], weight, rtol=1e-6, atol=1e-6, msg=name)
+
+
+_QWEN3_MOE_PUBLISHED = {  # Qwen3-30B-A3B's keys, smaller
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 2,
+    "mlp_only_layers": [0],
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+    "sliding_window": None,
+}
+
+
+def test_config_qwen3_moe_published_keys() -> None:
+    config = config_from_hf(_QWEN3_MOE_PUBLISHED)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (16, 4, 32)
+    assert config.norm_topk_prob and config.qk_norm and config.head_dim == 32
+    # transformers: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+    assert config.dense_mlp_layers == [0, 2]
+    renamed = {k: v for k, v in _QWEN3_MOE_PUBLISHED.items() if k != "num_experts"}
+    assert config_from_hf({**renamed, "num_local_experts": 16}).num_experts == 16
+
+
+def _gemma3_published(**overrides) -> dict:
+    return {  # gemma-3-1b-it's keys, smaller
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 7,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "rope_theta": 1000000,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "hidden_activation": "gelu_pytorch_tanh",
+        **overrides,
+    }
+
+
+def test_config_gemma3_published_keys() -> None:
+    raw = _gemma3_published(rope_scaling={"factor": 8.0, "rope_type": "linear"})
+    config = config_from_hf(raw)
+    reference = transformers.Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    assert config.layer_types == reference.layer_types  # every 6th layer global
+    assert config.rope_theta == reference.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert config.rope_local_theta == reference.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert config.rope_scaling == {"factor": 8.0, "rope_type": "linear"}
+    assert config.tie_word_embeddings and config.qk_norm and config.norm_plus_one and config.sandwich_norms
+    assert config.embedding_scale == 8.0 and config.attn_logit_softcapping is None
+
+
+def test_config_gemma2_defaults_as_transformers() -> None:
+    raw = {k: v for k, v in _gemma3_published().items() if "rope" not in k and "softcapping" not in k}
+    raw.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2", sliding_window=4096)
+    del raw["sliding_window_pattern"]
+    config = config_from_hf(raw)
+    reference = transformers.Gemma2Config(**{k: v for k, v in raw.items() if k != "architectures"})
+    assert config.layer_types == reference.layer_types
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (50.0, 30.0)
+    assert config.rope_local_theta is None and not config.qk_norm
+
+
+@pytest.mark.parametrize("name", ["longrope", "su"])
+def test_config_phi3_published_keys(name: str) -> None:
+    config = config_from_hf(
+        {
+            "architectures": ["Phi3ForCausalLM"],
+            "vocab_size": 100,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": name, "long_factor": [2.0] * 8, "short_factor": [1.0] * 8},
+            "sliding_window": 262144,
+        }
+    )
+    assert config.fused_projections and config.rotary_dim == 16
+    assert config.rope_scaling["original_max_position_embeddings"] == 4096
+    assert config.layer_sliding_window(1) == 262144
+
+
+def test_unsupported_rope_type_is_refused_at_load(tmp_path: Path) -> None:
+    _save(_tiny_model("llama"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="unsupported rope scaling type 'dynamic'; supported: default, linear"
+    ):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_family_variants() -> None:
+    with pytest.raises(ValueError, match="unsupported architecture 'Gemma3ForConditionalGeneration'.*Gemma3"):
+        config_from_hf(_gemma3_published(architectures=["Gemma3ForConditionalGeneration"]))
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        config_from_hf(_gemma3_published(use_bidirectional_attention=True))
+    with pytest.raises(ValueError, match="unsupported activation 'gelu'"):
+        config_from_hf(_gemma3_published(hidden_activation="gelu"))
+
+
+def test_missing_expert_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _save(family_model("mixtral"), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing 1 expert tensor.*experts.3.w2"):
+        load_model(str(tmp_path))

@@ -158,7 +158,7 @@ def test_bfloat16_on_the_codes_stays_close(loaded, hf_model, prompt):
     assert type(model.embed) is QuantizedEmbedding
     assert type(layer0.qkv) is StackedLinear  # Q4_K Q/K (int4) + Q6_K V (int8)
     assert [type(p) for p in layer0.qkv.parts] == [Int4Linear, Int8Linear]
-    assert type(layer0.gate_up) is Int4Linear and type(layer1.down_proj) is Int8Linear
+    assert type(layer0.mlp.gate_up) is Int4Linear and type(layer1.mlp.down_proj) is Int8Linear
     ours = _logits(model, prompt)
     with torch.no_grad():
         reference = hf_model(torch.tensor([prompt])).logits[0]

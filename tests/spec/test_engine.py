@@ -222,6 +222,22 @@ def test_draft_model_greedy_identical(tiny_models, draft_args):
     assert not draft_kv.tables and draft_kv.pool.num_free_blocks == draft_kv.num_blocks
 
 
+def test_draft_layers_of_a_model_with_sliding_layers(tmp_path):
+    """Gemma 2's layers alternate sliding and full attention (config layer_types): a one-layer draft
+    keeps layer 0's type, and speculation leaves greedy outputs as they were."""
+    from tests.helpers import save_tiny_model
+    from tests.models.families import family_model
+
+    path = save_tiny_model(family_model("gemma2"), tmp_path)
+    prompts = [random_prompt(n, seed=650 + n) for n in (4, 11)]
+    params = [greedy(n) for n in (12, 9)]
+    plain = generate_ids(make_llm(path), prompts, params)
+    llm = make_llm(path, speculative="draft", num_speculative_tokens=3, draft_num_layers=1)
+    assert llm.engine.core.speculator.proposer.model.config.layer_types == ["sliding_attention"]
+    assert generate_ids(llm, prompts, params) == plain
+    assert llm.engine.core.stats()["spec_decode_num_draft_tokens"] > 0
+
+
 def test_draft_model_from_another_checkpoint(tiny_models):
     _, path = tiny_models("llama_gqa")
     _, other = tiny_models("llama_mha_tied")  # same vocabulary, other weights
