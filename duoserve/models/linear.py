@@ -75,7 +75,10 @@ class _Scratch:
         key = (dtype, device, role)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor even when first needed under inference mode (the engine's forward): an
+            # inference tensor could not be written by a later call made outside it.
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel].view(shape)
 

@@ -118,3 +118,14 @@ def test_row_threshold_is_the_linears_own(max_rows):
         x = torch.randn(rows, 128).bfloat16()
         expected = linear._many_rows(x) if rows > max_rows else linear._few_rows(x)
         assert torch.equal(linear(x), expected), rows
+
+
+def test_tiles_first_made_under_inference_mode_serve_calls_outside_it():
+    """The scratch buffer is shared by every linear: one the engine's forward (inference mode) made
+    first must still serve a call made outside inference mode."""
+    linear = make_linear([_tensor("Q4_K", 96, 256)], None, torch.float32, CPU, True, 0)
+    x = torch.randn(3, 256)
+    linear_module._scratch._buffers.clear()
+    with torch.inference_mode():
+        inside = linear(x)
+    assert torch.equal(linear(x), inside)
