@@ -112,7 +112,7 @@ def test_failed_turn_ends_its_conversation(server: FakeServer) -> None:
 def test_overall_timeout_cancels_and_reports(server: FakeServer) -> None:
     server.ttft, server.gap = 0.0, 0.1
     out = run(server, convs(3, output_len=50), concurrency=1, timeout=0.3)
-    assert out.duration < 2.0
+    assert out.duration < 50 * server.gap  # cut before the first stream could end by itself
     assert len(out.records) == 1 and out.not_started == 2
     (r,) = out.records
     assert r.error == "cancelled: benchmark timeout" and 1 <= len(r.chunk_times) < 50
