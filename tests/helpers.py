@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 
 # Word-level vocabulary of the tiny models: 3 specials, then "w3" ... "w{V-1}".
@@ -209,3 +211,17 @@ class EngineRecorder:
 
     def positions_of(self, request_id: str) -> list[int]:
         return sorted(p for rid, p in self.logits if rid == request_id)
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """Poll until `condition()` is truthy and return its value: a test waits for the state it needs.
+
+    The timeout is a deadline, never a measure: reaching it fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(interval)

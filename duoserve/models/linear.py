@@ -356,22 +356,20 @@ def make_linear(
             runs[-1].append(weight)
         else:
             runs.append([weight])
-    linears = [_make_run(run, dtype, device) for run in runs]
-    for linear in linears:
-        linear.max_rows = max_rows
+    linears = [_make_run(run, dtype, device, max_rows) for run in runs]
     if len(linears) == 1:
         linears[0].bias = bias
         return linears[0]
     return StackedLinear(linears, bias)
 
 
-def _make_run(weights: list[Weight], dtype: torch.dtype, device: torch.device):
+def _make_run(weights: list[Weight], dtype: torch.dtype, device: torch.device, max_rows: int):
     family = _family(weights[0])
-    if family == "int4":
-        return Int4Linear(weights, dtype, None)
-    if family == "int8":
-        return Int8Linear(weights, dtype, None)
-    return make_linear(weights, None, dtype, device, quantized=False)
+    if family == "dense":
+        return make_linear(weights, None, dtype, device, quantized=False)
+    linear = (Int4Linear if family == "int4" else Int8Linear)(weights, dtype, None)
+    linear.max_rows = max_rows
+    return linear
 
 
 class DenseEmbedding:

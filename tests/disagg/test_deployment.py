@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import httpx
 import openai
@@ -22,7 +21,7 @@ import pytest
 
 from duoserve import LLM, SamplingParams
 from duoserve.disagg.auth import HTTP_PURPOSE, Signer, http_auth_header
-from tests.helpers import random_prompt, word
+from tests.helpers import random_prompt, wait_for, word
 from tests.server.harness import ENGINE_ARGS, ServerProcess, engine_flags
 
 # Small chunks, so a 30-token prompt takes several prefill steps (and several KV sends).
@@ -43,15 +42,6 @@ def start_up(model_dir: str, tmp_path_factory, *args: str) -> ServerProcess:
 
 def workers(router: ServerProcess) -> list[dict]:
     return httpx.get(f"{router.base_url}/router/workers", timeout=10).json()["workers"]
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def worker_metrics(url: str) -> dict[str, float]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.disagg.test_deployment import MIN_REMOTE, WORKER_ARGS, complete, text_of, wait_for, worker_metrics
-from tests.helpers import random_prompt
+from tests.disagg.test_deployment import MIN_REMOTE, WORKER_ARGS, complete, text_of, worker_metrics
+from tests.helpers import random_prompt, wait_for
 from tests.server.harness import ServerProcess, engine_flags
 
 # Room for every request in flight at once (the tiny model's context is 256 tokens = 64 blocks of 4).

@@ -30,13 +30,6 @@ def model_path(tiny_models) -> str:
     return tiny_models("llama_gqa")[1]
 
 
-@pytest.fixture
-def zmq_context():
-    context = zmq.Context()
-    yield context
-    context.term()
-
-
 def make_core(path: str, **overrides) -> EngineCore:
     config = EngineConfig(model=path, **{**ARGS, **overrides})
     return EngineCore(config, load_model(path, torch.float32))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 
 import httpx
 import msgspec
@@ -28,7 +27,7 @@ from duoserve.disagg.kv_transfer import KVBlocks, KVDone, KVTicket, KVTransferPa
 from duoserve.disagg.protocol import FrameReader, encode
 from duoserve.server.engine_messages import AddRequest
 from tests.disagg.test_kv_transfer import Pair, greedy, run_colocated
-from tests.helpers import random_prompt
+from tests.helpers import random_prompt, wait_for
 from tests.server.harness import ServerProcess, engine_flags
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -40,22 +39,6 @@ _msgpack = msgspec.msgpack.Encoder()
 @pytest.fixture(scope="module")
 def model_path(tiny_models) -> str:
     return tiny_models("llama_gqa")[1]
-
-
-@pytest.fixture
-def zmq_context():
-    context = zmq.Context()
-    yield context
-    context.term()
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def signed(frames: list[bytes], address: str, secret: str | None = SECRET, purpose: str = KV_PURPOSE):

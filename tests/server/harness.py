@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import wait_for
+
 # The tiny models' word tokenizer has no chat template: this one spells each role as a word of its vocabulary.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ {'system': 'w3', 'user': 'w4', 'assistant': 'w5'}[m['role']] }} "
@@ -121,3 +123,19 @@ class ServerProcess:
                 )
                 samples[key] = sample.value
         return samples
+
+
+def wait_for_metrics(server: ServerProcess, condition, what: str, timeout: float = 60.0) -> dict[str, float]:
+    """Poll /metrics until `condition(metrics)` holds (the state the test needs, not a fixed time) and
+    return those metrics; the timeout is a deadline that fails the test."""
+    seen: dict[str, float] = {}
+
+    def check() -> dict[str, float] | None:
+        seen.clear()
+        seen.update(server.metrics())
+        return dict(seen) if condition(seen) else None
+
+    try:
+        return wait_for(check, timeout, what)
+    except pytest.fail.Exception:
+        pytest.fail(f"timed out waiting for {what}: {seen}")

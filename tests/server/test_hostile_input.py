@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers import random_prompt
+from tests.server.harness import wait_for_metrics
 
 MAX_BODY = 65536
 READ_TIMEOUT = 3  # --request-read-timeout: short, so that the slow clients below are cut off soon
@@ -78,17 +79,6 @@ def assert_error(status: int, body: dict, expected: int, *words: str) -> None:
 
 def completion(server, **body) -> dict:
     return {"model": server.model, "prompt": "w5 w6", "max_tokens": 3, **body}
-
-
-def wait_for(server, condition, what: str) -> dict[str, float]:
-    """Poll /metrics until `condition` holds (the state the test needs, not a fixed time)."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        metrics = server.metrics()
-        if condition(metrics):
-            return metrics
-        assert time.monotonic() < deadline, f"{what}: still not so after {DEADLINE}s: {metrics}"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- slow clients
@@ -276,7 +266,7 @@ def start_request(server, stream: bool) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_leaves_mid_request_aborts_it_in_the_engine(server, stream):
-    wait_for(server, lambda m: m["duoserve:num_requests_running"] == 0, "idle before the test")
+    wait_for_metrics(server, lambda m: m["duoserve:num_requests_running"] == 0, "idle before the test")
     aborted = server.metrics()[ABORTED]
     sock = start_request(server, stream)
     try:
@@ -287,10 +277,10 @@ def test_a_client_that_leaves_mid_request_aborts_it_in_the_engine(server, stream
                 assert chunk, data
                 data += chunk
         else:  # leave once the engine runs it
-            wait_for(server, lambda m: m["duoserve:num_requests_running"] > 0, "the request running")
+            wait_for_metrics(server, lambda m: m["duoserve:num_requests_running"] > 0, "the request running")
     finally:
         sock.close()
-    idle = wait_for(server, lambda m: m["duoserve:num_requests_running"] == 0, "the request aborted")
+    idle = wait_for_metrics(server, lambda m: m["duoserve:num_requests_running"] == 0, "the request aborted")
     assert idle[ABORTED] > aborted
     assert idle["duoserve:kv_cache_usage_perc"] == 0
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.helpers import random_prompt
+from tests.server.harness import wait_for_metrics
 
 LONG = 240  # tokens: with the 8-token prompts, nearly the whole 256-token context
 FLOOD_TOKENS = 16
@@ -22,16 +22,6 @@ DEADLINE = 60.0  # generous: each wait returns as soon as its condition holds
 def server(start_server):
     # Two seats in the running batch and two in the queue: the fifth concurrent request is refused.
     return start_server("--max-queued-requests", "2", max_num_seqs=2, num_kv_blocks=128)
-
-
-def wait_for_metrics(server, condition, what: str) -> dict[str, float]:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        metrics = server.metrics()
-        if condition(metrics):
-            return metrics
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {metrics}"
-        time.sleep(0.05)
 
 
 async def wait_for_metrics_async(server, condition, what: str) -> dict[str, float]:
