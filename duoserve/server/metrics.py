@@ -14,13 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# Messages a socket dropped (duoserve.disagg.auth.DropCounts): engine stats carry them as
+# "untrusted_messages_dropped:<socket>:<reason>"; the API process counts its own the same way.
 from duoserve.disagg.auth import DROPPED_STAT
 
 PREFIX = "duoserve:"
 FINISH_REASONS = ("stop", "length", "abort")
-# Messages a socket dropped because they did not decode into one of its messages. Engine stats carry
-# them as "untrusted_messages_dropped:<socket>:<reason>"; the API process counts its own the same way.
-UNTRUSTED_DROPPED = DROPPED_STAT
 
 _TTFT_BUCKETS = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -97,12 +96,12 @@ class _EngineStateCollector(Collector):
                 family.add_metric([*values, key.rsplit(":", 1)[1]], float(value))
         yield family
         family = CounterMetricFamily(
-            PREFIX + UNTRUSTED_DROPPED,
+            PREFIX + DROPPED_STAT,
             "Network messages dropped: malformed, oversized, unauthenticated, replayed or foreign.",
             labels=[*names, "socket", "reason"],
         )
         for key, value in (self.stats | self.local).items():
-            if key.startswith(UNTRUSTED_DROPPED + ":"):
+            if key.startswith(DROPPED_STAT + ":"):
                 _, socket, reason = key.split(":", 2)
                 family.add_metric([*values, socket, reason], float(value))
         yield family
@@ -199,7 +198,7 @@ class ServerMetrics:
 
     def untrusted_dropped(self, socket: str, reason: str) -> None:
         """Count a message this process dropped from `socket` (the engine counts its own in its stats)."""
-        key = f"{UNTRUSTED_DROPPED}:{socket}:{reason}"
+        key = f"{DROPPED_STAT}:{socket}:{reason}"
         self.engine_state.local[key] = self.engine_state.local.get(key, 0.0) + 1
 
     def observe_itl(self, seconds: float) -> None:
