@@ -506,6 +506,19 @@ def test_components_render_and_validate(tmp_path, scaledobject_schema):
         assert scaled["spec"]["minReplicaCount"] == 1
 
 
+def test_cuda_component_gives_each_worker_a_gpu(tmp_path):
+    objects = kustomize_with(tmp_path, "disaggregated", ["cuda"])
+    for obj in objects:
+        if "keda.sh" not in obj["apiVersion"]:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[0], strict=True)
+    for worker in workers(objects):
+        container = main_container(worker)
+        assert "--device=cuda" in container["args"]
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in main_container(router(objects))["resources"]["limits"]
+
+
 def test_scaledobjects_scale_each_role_on_its_own_signal(rendered):
     overlay, objects = rendered
     queries = {
