@@ -121,7 +121,13 @@ curl -s "${auth[@]}" localhost:8000/metrics | grep -E '^duoserve:router_(ready_w
 step "scale: a second worker of the decoding role joins once Ready"
 decode=decode
 [[ "$overlay" == colocated ]] && decode=worker
-kubectl -n "$namespace" scale "deployment/duoserve-$decode" --replicas 2
+if [[ -n "${WITH_KEDA:-}" ]]; then  # KEDA owns the replicas: pin them through it
+  kubectl -n "$namespace" annotate --overwrite "scaledobject/duoserve-$decode" \
+    autoscaling.keda.sh/paused-replicas=2
+  sleep 5
+else
+  kubectl -n "$namespace" scale "deployment/duoserve-$decode" --replicas 2
+fi
 kubectl -n "$namespace" rollout status "deployment/duoserve-$decode" --timeout 600s
 sleep 3  # the router's EndpointSlice watch
 curl -s "${auth[@]}" localhost:8000/metrics | grep -E '^duoserve:router_ready_workers'

@@ -378,6 +378,8 @@ def test_selectors_are_consistent(rendered):
     targets = [s["spec"]["scaleTargetRef"] for s in of_kind(objects, "ScaledObject")]
     assert sorted(t["name"] for t in targets) == sorted(d["metadata"]["name"] for d in workers(objects))
     assert all(t["kind"] == "Deployment" and t["apiVersion"] == "apps/v1" for t in targets)
+    # An applied `replicas` would reset the autoscaler's count on every `kubectl apply`.
+    assert all("replicas" not in d["spec"] for d in workers(objects))
 
 
 def test_router_discovers_through_the_kubernetes_api_with_read_only_rbac(rendered):
