@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.test_kubernetes import KUBE, KUBERNETES_VERSIONS, env_of, main_container, of_kind, workers
+from tests.deploy.manifests import KUBE, KUBERNETES_VERSIONS, env_of, main_container, of_kind, workers
 
 SCRIPT = KUBE / "kind-walkthrough.sh"
 
