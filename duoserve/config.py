@@ -42,14 +42,14 @@ class EngineConfig:
         default="auto",
         metadata=_arg(
             "auto: GGUF-quantized weights stay quantized (4 or 8-bit) where a kernel exists "
-            "(CPU, bfloat16); none: dequantized weights only"
+            "(CPU: bfloat16 or float32); none: dequantized weights only"
         ),
     )
     quantized_max_rows: int | None = field(
         default=None,
         metadata=_arg(
-            "steps of up to this many rows read the 4/8-bit codes, larger ones the dense copy "
-            "(default: per host, measured once; 0: never)"
+            "steps of up to this many rows read the 4/8-bit codes, larger ones dequantized tiles "
+            "(default: per host and dtype, measured once; 0: never, the weights are dequantized at load)"
         ),
     )
     attention_backend: str = field(
@@ -153,10 +153,13 @@ class EngineConfig:
         return host_defaults().dtype
 
     def resolved_quantized_max_rows(self) -> int:
-        """Rows up to which quantized linears read their codes (they run only in bfloat16 on CPU)."""
+        """Rows up to which quantized linears read their codes (CPU only: bfloat16 with torch's kernels,
+        float32 with duoserve's); the host's threshold for the model's dtype unless given."""
         if self.quantized_max_rows is not None:
             return self.quantized_max_rows
-        return host_defaults().quantized_max_rows if self.resolved_device().type == "cpu" else 0
+        if self.resolved_device().type != "cpu":
+            return 0
+        return host_defaults().quantized_max_rows_for(self.resolved_dtype())
 
     def resolved_kv_dtype(self) -> torch.dtype:
         return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)

@@ -71,6 +71,10 @@ ARM_FEATURES = ("asimd", "bf16", "sve", "i8mm")
 # The row threshold's prior where no measurement ran: measured on a 2-core Xeon with AMX, where the
 # 4-bit kernel was 2-3x faster than dense at 1-4 rows and 1.7x slower at 16 (BENCHMARKS.md).
 PRIOR_QUANTIZED_MAX_ROWS = 8
+# In float32 models, steps of up to this many rows read the codes with duoserve's kernels; larger ones
+# run the dense GEMM on dequantized tiles. On a 2-core Zen 1 the kernels beat the float32 GEMM at every
+# size up to 32 rows (1 row: 2.2x; 32 rows: 1.3x; BENCHMARKS.md), and tiles + GEMM win from 64.
+PRIOR_FLOAT32_QUANTIZED_MAX_ROWS = 32
 DECODE_ROWS = (1, 4, 8, 16)  # candidate row thresholds, timed for dense bfloat16 and the 4-bit codes
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
 
@@ -143,20 +147,29 @@ class HostDefaults:
 
     cpu: CpuInfo
     dtype: torch.dtype
-    # In a bfloat16 model, steps of up to this many rows read the 4/8-bit codes (0: never). float32
-    # models never do: the kernels ran 15x slower with float32 activations.
+    # In a bfloat16 model, steps of up to this many rows read the 4/8-bit codes with torch's kernels
+    # (0: never); in a float32 model, up to float32_quantized_max_rows with duoserve's.
     quantized_max_rows: int
     num_threads: int
     attention_isa: str  # the fast path the paged attention kernel (-march=native) compiles in
     reason: str
     measured_on: str | None = None  # the date of the measurement that decided, if one did
     timings: Mapping[str, float] = field(default_factory=dict)
+    float32_quantized_max_rows: int = PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
+
+    def quantized_max_rows_for(self, dtype: torch.dtype) -> int:
+        """Rows up to which a model of `dtype` reads its 4/8-bit codes (0: never)."""
+        if dtype == _FP32:
+            return self.float32_quantized_max_rows
+        return self.quantized_max_rows if dtype == _BF16 else 0
 
     def describe(self) -> str:
         """The startup log line (and `duoserve env`'s first line)."""
         dtype = str(self.dtype).removeprefix("torch.")
-        if self.dtype != _BF16:
-            codes = "no 4/8-bit decode kernels (they need bfloat16)"
+        if self.dtype == _FP32:
+            codes = f"4/8-bit codes up to {self.float32_quantized_max_rows} rows (duoserve's float32 kernels)"
+        elif self.dtype != _BF16:
+            codes = "no 4/8-bit decode kernels"
         elif self.quantized_max_rows:
             codes = f"4/8-bit decode kernels up to {self.quantized_max_rows} rows"
         else:

@@ -12,7 +12,7 @@ from duoserve.hardware import CpuInfo, HostDefaults
 
 def _host(dtype: torch.dtype, rows: int) -> HostDefaults:
     cpu = CpuInfo("x86_64", "test CPU", frozenset(), "DEFAULT", 2)
-    return HostDefaults(cpu, dtype, rows, 2, "generic", "test")
+    return HostDefaults(cpu, dtype, rows, 2, "generic", "test", float32_quantized_max_rows=rows + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -21,7 +21,8 @@ def test_cpu_defaults_are_the_hosts(monkeypatch, dtype):
     config = EngineConfig(device="cpu")
     assert config.resolved_dtype() == dtype
     assert config.resolved_kv_dtype() == config.resolved_dtype()
-    assert config.resolved_quantized_max_rows() == 4
+    # Each dtype has its own threshold: torch's kernels in bfloat16, duoserve's in float32.
+    assert config.resolved_quantized_max_rows() == (4 if dtype == torch.bfloat16 else 5)
     assert EngineConfig(device="cpu", quantized_max_rows=0).resolved_quantized_max_rows() == 0
 
 

@@ -123,7 +123,7 @@ def test_this_machines_capabilities_describe_line():
     host = defaults_for(CpuInfo("x86_64", "AMD EPYC", frozenset(THIS_ZEN1[1]), "AVX2", 2), measure=None)
     assert host.describe() == (
         "host: AMD EPYC (x86_64: avx2,fma,f16c; no avx512/amx), 2 threads -> dtype float32, "
-        "no 4/8-bit decode kernels (they need bfloat16), attention kernel avx2 "
+        "4/8-bit codes up to 32 rows (duoserve's float32 kernels), attention kernel avx2 "
         f"({RULES['avx2'].reason})"
     )
 

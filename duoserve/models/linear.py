@@ -55,8 +55,16 @@ _BUILD_ROWS = 256
 
 
 def quantized_kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's CPU int4/int8 kernels are fast for bfloat16 activations only (float32: 10-100x slower)."""
-    return device.type == "cpu" and dtype == torch.bfloat16
+    """On CPU, bfloat16 models read the codes with torch's int4/int8 kernels (fast for bfloat16 activations
+    only: 10-100x slower with float32 ones), float32 models with duoserve's (`cpu_quant_linear`), where
+    they build."""
+    if device.type != "cpu":
+        return False
+    if dtype == torch.float32:
+        from duoserve.cpu_kernels import cpu_kernels_available
+
+        return cpu_kernels_available()
+    return dtype == torch.bfloat16
 
 
 class _Scratch:
@@ -367,7 +375,13 @@ def _make_run(weights: list[Weight], dtype: torch.dtype, device: torch.device, m
     family = _family(weights[0])
     if family == "dense":
         return make_linear(weights, None, dtype, device, quantized=False)
-    linear = (Int4Linear if family == "int4" else Int8Linear)(weights, dtype, None)
+    if dtype == torch.float32:
+        # Imported here: cpu_quant_linear builds on this module's _QuantizedLinear.
+        from duoserve.models.cpu_quant_linear import CpuQ4Linear, CpuQ8Linear
+
+        linear = (CpuQ4Linear if family == "int4" else CpuQ8Linear)(weights, None)
+    else:
+        linear = (Int4Linear if family == "int4" else Int8Linear)(weights, dtype, None)
     linear.max_rows = max_rows
     return linear
 

@@ -1,0 +1,110 @@
+"""duoserve's C++ CPU kernels: one library, compiled for this host on first use and cached.
+
+Two sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
+(`attention/csrc/paged_attention_cpu.cpp`) and the matmuls over 4/8-bit weight codes with float32
+activations (`models/csrc/quantized_matmul_cpu.cpp`). They are compiled with torch's C++ extension
+builder for the host CPU (`-march=native`), once per machine, torch version and source, cached under
+~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists, callers fall
+back to torch's own ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).parent
+SOURCES = (
+    _PACKAGE / "attention" / "csrc" / "paged_attention_cpu.cpp",
+    _PACKAGE / "models" / "csrc" / "quantized_matmul_cpu.cpp",
+)
+_OPS = ("paged_decode", "q4_matmul", "q8_matmul")
+
+
+def _build_tag() -> str:
+    """What the built library depends on: -march=native code runs only on CPUs with the same features,
+    the extension links against this torch, and its sources. The sources are in the name so that two
+    versions of the kernels (two checkouts, an upgrade) never load each other's build from the shared
+    cache: torch's builder only notices a changed source within one process."""
+    try:
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+        )
+    except OSError:
+        flags = platform.processor()
+    sources = hashlib.sha1(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()
+    return hashlib.sha1(f"{flags}|{torch.__version__}|{sources}".encode()).hexdigest()[:10]
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja`; the pip package's binary may not be on PATH (e.g. under pyenv)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _loaded() -> bool:
+    namespace = getattr(torch.ops, "duoserve_cpu", None)
+    return namespace is not None and all(hasattr(namespace, op) for op in _OPS)
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Build (or load the cached build of) the C++ kernels; False, with a warning, where that fails."""
+    if _loaded():
+        return True
+    _put_ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        logger.info("loading duoserve's CPU kernels (built once per machine: ~40 s the first time)")
+        name = f"duoserve_cpu_{_build_tag()}"
+        with exclusive_build(Path(_get_build_directory(name, verbose=False))):
+            load(
+                name=name,
+                sources=[str(path) for path in SOURCES],
+                # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
+                # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
+    except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back
+        logger.warning("duoserve's CPU kernels are unavailable (%s); using torch's ops", error)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_build(directory: Path) -> Iterator[None]:
+    """Hold the build directory for this process, clearing a lock file that a killed build left.
+
+    torch's builder guards a build with a lock *file*: a build killed midway (a stopped server, a CI
+    timeout) leaves it behind, and every later start then waits on it forever. An flock is released by
+    the kernel when its holder dies, so under it no other duoserve process is building here, and a
+    torch lock file found then is stale.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "duoserve.flock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            logger.warning("removing a stale kernel build lock (a build was killed): %s", stale)
+            stale.unlink(missing_ok=True)
+        yield
