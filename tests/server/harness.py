@@ -59,7 +59,8 @@ class ServerProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def start(self) -> ServerProcess:
+    def start(self, wait: bool = True) -> ServerProcess:
+        """Start it and (unless `wait` is false) wait until it is ready."""
         command = [
             sys.executable,
             "-m",
@@ -75,7 +76,8 @@ class ServerProcess:
             command += ["--api-key", self.api_key]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
         return self
 
     def _wait_ready(self) -> None:
