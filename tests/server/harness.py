@@ -50,10 +50,11 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     subcommand: str = "serve"  # or "up": a router in front of its own workers
+    host: str = "127.0.0.1"  # any of 127.0.0.0/8: workers of one port on several loopback addresses
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -67,6 +68,8 @@ class ServerProcess:
             "duoserve.cli",
             self.subcommand,
             self.model,
+            "--host",
+            self.host,
             "--port",
             str(self.port),
             *self.args,
