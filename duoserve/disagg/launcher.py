@@ -99,7 +99,7 @@ def _router_config(args: argparse.Namespace, prefill: list[str], decode: list[st
         max_prefill_queue_tokens=args.max_prefill_queue_tokens,
         health_interval=args.health_interval,
         discover=getattr(args, "discover", []),  # `up` knows its workers
-        discover_interval=getattr(args, "discover_interval", 5.0),
+        discover_interval=getattr(args, "discover_interval", RouterConfig.discover_interval),
         k8s_namespace=getattr(args, "k8s_namespace", None),
         k8s_api_url=getattr(args, "k8s_api_url", None),
     )

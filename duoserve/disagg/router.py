@@ -199,9 +199,12 @@ class RouterClient(EngineClient):
             self._zmq.term()
 
     def check_available(self) -> None:
+        """Available once a decode (or colocated) worker is ready. Prefill workers are not needed: without
+        a ready one, decode workers prefill prompts themselves (slower for long prompts, never refused)."""
+        stopping = self.dead is not None or self.draining or self._closing  # the base class says why
+        if not stopping and not any(w.ready for w in self.policy.decode):
+            raise EngineUnavailable("no decode (or colocated) worker is ready")
         super().check_available()
-        if not any(w.ready for w in self.policy.decode):
-            raise EngineUnavailable("no decode worker is ready")
 
     # ---------------------------------------------------------------- requests
 
@@ -426,10 +429,17 @@ class RouterClient(EngineClient):
     # ---------------------------------------------------------------- workers
 
     async def _follow(self, index: int, source: DiscoverySource) -> None:
-        """Keep the pool in step with one discovery source's snapshots."""
-        async for endpoints in source.watch():
-            self._listings[index] = {e.url: e for e in endpoints}
-            self._reconcile()
+        """Keep the pool in step with one discovery source's snapshots (a source that ends, as the static
+        one does, keeps its last one; one that fails is started again, its workers kept meanwhile)."""
+        while True:
+            try:
+                async for endpoints in source.watch():
+                    self._listings[index] = {e.url: e for e in endpoints}
+                    self._reconcile()
+                return
+            except Exception:
+                logger.exception("discovery source %d failed; starting it again", index)
+            await asyncio.sleep(self.router_config.discover_interval)
 
     def _reconcile(self) -> None:
         """Add the listed workers that are new, update whether each is listed ready, and forget the
