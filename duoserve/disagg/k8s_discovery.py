@@ -8,8 +8,8 @@ as client-go's informers do:
 - ADDED / MODIFIED replace a slice's endpoints, DELETED drops them, BOOKMARK only moves the
   resourceVersion on; every change yields a new snapshot of all the workers;
 - 410 Gone (as a status, or as an ERROR event: the resourceVersion is too old) lists again;
-- a watch the server ends (its timeout) is started again from the last resourceVersion; errors back off
-  exponentially (0.2 s to 30 s).
+- a watch the server ends (after `timeoutSeconds`, 290 s) is started again from the last
+  resourceVersion; errors back off exponentially (0.2 s to 30 s).
 
 Each endpoint is a worker at `http://<its first address>:<the slice's port named "http">`. An endpoint
 is ready unless its `conditions.ready` is false or it is terminating (a nil `ready` means ready, as the
@@ -42,6 +42,10 @@ API_URL_ENV = K8S_API_URL_ENV
 SERVICEACCOUNT_DIR_ENV = "DUOSERVE_K8S_SERVICEACCOUNT_DIR"
 PORT_NAME = "http"
 _MIN_BACKOFF, _MAX_BACKOFF = 0.2, 30.0
+# The API server ends each watch after this (client-go asks for 5-10 min): a connection that died
+# without a reset cannot leave the router blind for longer than the read timeout that backs it up.
+WATCH_SECONDS = 290
+_READ_TIMEOUT = WATCH_SECONDS + 40.0
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,9 @@ class K8sSource:
         verify: ssl.SSLContext | bool = True
         if self.config.ca_path is not None:
             verify = ssl.create_default_context(cafile=self.config.ca_path)
-        # No read timeout: a watch is silent for as long as nothing changes (bookmarks come every minute).
+        # A watch is silent for as long as nothing changes: the read timeout outlasts the watch itself.
         return httpx.AsyncClient(
-            base_url=self.config.api_url, verify=verify, timeout=httpx.Timeout(10.0, read=None)
+            base_url=self.config.api_url, verify=verify, timeout=httpx.Timeout(10.0, read=_READ_TIMEOUT)
         )
 
     def snapshot(self) -> list[Endpoint]:
@@ -191,6 +195,7 @@ class K8sSource:
             "watch": "1",
             "allowWatchBookmarks": "true",
             "resourceVersion": self.resource_version,
+            "timeoutSeconds": str(WATCH_SECONDS),
         }
         async with http.stream(
             "GET", self.config.slices_path, params=params, headers=self._headers()
