@@ -26,7 +26,7 @@ from tests.helpers import random_prompt, wait_for, word
 from tests.server.harness import ServerProcess, engine_flags, free_port
 
 SLICE = "decode-h7x2k"  # the EndpointSlice of the Service labelled duoserve.io/role=both
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 STREAM_TIMEOUT = 60.0
 WORKER_ARGS = engine_flags(attention_backend="torch", num_kv_blocks=256)
 
