@@ -8,6 +8,7 @@ import sys
 
 from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
+from duoserve.disagg.endpoints import add_kv_endpoint_args, kv_endpoints_from_args
 from duoserve.disagg.launcher import add_router_parsers
 from duoserve.server.settings import add_server_args
 
@@ -103,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from duoserve.server.launcher import serve
     from duoserve.server.settings import settings_from_args
 
-    return serve(engine_config_from_args(args), settings_from_args(args))
+    return serve(engine_config_from_args(args), settings_from_args(args), kv_endpoints_from_args(args))
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     add_engine_args(serve, positional_model=True)
     add_server_args(serve)
+    add_kv_endpoint_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     env = commands.add_parser(

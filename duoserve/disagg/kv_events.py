@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from duoserve.disagg.auth import DropCounts, Signer, Verifier
+from duoserve.disagg.endpoints import bind_tcp
 from duoserve.kv.block_pool import ROOT_HASH, hash_block
 
 AUTH_PURPOSE = "kv_events"
@@ -42,12 +43,19 @@ events_decoder = msgspec.msgpack.Decoder(KVEvents)
 
 
 class KVEventPublisher:
-    def __init__(self, context: zmq.Context, host: str, secret: str | bytes | None = None) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        host: str,
+        secret: str | bytes | None = None,
+        port: int = 0,
+        advertise_host: str | None = None,
+    ) -> None:
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, _MAX_SUBSCRIPTION_BYTES)
-        port = self.socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        # Bound on `host`, named (for subscribers and tags) by `advertise_host`: duoserve.disagg.endpoints.
+        self.address = bind_tcp(self.socket, host, port, advertise_host or host)
         self.signer = Signer(secret, AUTH_PURPOSE)
 
     def publish(self, events: list[tuple[bool, int]]) -> None:

@@ -32,6 +32,7 @@ import torch
 import zmq
 
 from duoserve.disagg.auth import DropCounts, Signer, Verifier
+from duoserve.disagg.endpoints import bind_tcp
 from duoserve.kv.cache import KVCacheSpec
 
 # How long a prefill worker waits for a decode worker's socket to take a message before giving up.
@@ -209,7 +210,11 @@ class KVReceiver:
         layout: KVLayout,
         max_blocks: int,
         secret: str | bytes | None = None,
+        port: int = 0,
+        advertise_host: str | None = None,
     ) -> None:
+        """Binds on `host` (all interfaces for a wildcard) at `port` (0: a free one); its `address`, which
+        tickets carry and tags are made over, names `advertise_host` (default: `host`)."""
         self.layout = layout
         self.max_blocks = max_blocks
         self.max_header_bytes = _HEADER_BASE_BYTES + 9 * max_blocks
@@ -217,8 +222,7 @@ class KVReceiver:
         self.socket.setsockopt(zmq.LINGER, 0)
         # Per frame: ZeroMQ disconnects a peer that sends a larger one, before buffering it.
         self.socket.setsockopt(zmq.MAXMSGSIZE, max(layout.nbytes(max_blocks), self.max_header_bytes))
-        port = self.socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = bind_tcp(self.socket, host, port, advertise_host or host)
         self.verifier = Verifier(secret, AUTH_PURPOSE)
         self.drops = DropCounts(AUTH_PURPOSE)
 

@@ -1,5 +1,8 @@
 """`duoserve router` and `duoserve up`: the router on its own, or a whole local deployment.
 
+`router` takes its workers as URLs (`--prefill URL --decode URL`) and/or finds them
+(`--discover k8s`, `--discover dns:NAME[:PORT]`: duoserve.disagg.discovery).
+
 `up` starts N prefill, M decode and K colocated workers as `duoserve serve` processes on free ports
 (each with its share of the CPU cores, optionally pinned to them), restarts any that dies, and runs
 the router in its own process in front of them. Ctrl-C or SIGTERM stops all of it.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from duoserve.config import add_engine_args, engine_config_from_args, engine_flags
 from duoserve.disagg.auth import SECRET_ENV
+from duoserve.disagg.discovery import DEFAULT_PORT, K8S_API_URL_ENV
 from duoserve.disagg.routing import POLICIES, RouterConfig
 from duoserve.server.settings import add_server_args, settings_from_args
 
@@ -55,6 +59,37 @@ def _add_routing_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_discovery_args(parser: argparse.ArgumentParser) -> None:
+    defaults = RouterConfig(decode_urls=["-"])
+    group = parser.add_argument_group("discovery")
+    group.add_argument(
+        "--discover",
+        action="append",
+        default=[],
+        metavar="{k8s,dns:NAME[:PORT]}",
+        help="find workers: k8s watches the EndpointSlices of the Services labelled duoserve.io/role "
+        "(prefill|decode|both) in the namespace; dns:NAME re-resolves a headless Service's records "
+        f"(port default {DEFAULT_PORT}; each worker says its role). Repeatable; adds to --prefill/--decode",
+    )
+    group.add_argument(
+        "--discover-interval",
+        type=float,
+        default=defaults.discover_interval,
+        help=f"seconds between DNS lookups (default: {defaults.discover_interval:g})",
+    )
+    group.add_argument(
+        "--k8s-namespace",
+        default=None,
+        help="namespace whose EndpointSlices --discover k8s watches (default: the pod's own)",
+    )
+    group.add_argument(
+        "--k8s-api-url",
+        default=None,
+        help=f"the Kubernetes API server (default: ${K8S_API_URL_ENV}, else the in-cluster one; "
+        "e.g. http://127.0.0.1:8001 through kubectl proxy)",
+    )
+
+
 def _router_config(args: argparse.Namespace, prefill: list[str], decode: list[str]) -> RouterConfig:
     return RouterConfig(
         prefill_urls=prefill,
@@ -63,6 +98,10 @@ def _router_config(args: argparse.Namespace, prefill: list[str], decode: list[st
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
         max_prefill_queue_tokens=args.max_prefill_queue_tokens,
         health_interval=args.health_interval,
+        discover=getattr(args, "discover", []),  # `up` knows its workers
+        discover_interval=getattr(args, "discover_interval", RouterConfig.discover_interval),
+        k8s_namespace=getattr(args, "k8s_namespace", None),
+        k8s_api_url=getattr(args, "k8s_api_url", None),
     )
 
 
@@ -79,6 +118,7 @@ def add_router_parsers(commands) -> None:
         "--decode", action="append", default=[], metavar="URL", help="a decode (or colocated) worker"
     )
     _add_routing_args(router)
+    _add_discovery_args(router)
     add_server_args(router)
     router.set_defaults(func=cmd_router)
 

@@ -12,11 +12,20 @@ engine had produced them. A disaggregated request runs in two legs:
    once;
 3. the decode worker, given the KV and the first token, decodes the rest, streamed from leg 1.
 
-Health checks (`/internal/info`, every second) keep each worker's state, load and KV event
-subscription. A worker that is lost (its stream breaks, or a health check fails) is taken out of the
-pool at once, and every request on it is cut: one whose client has its 200 ends with a terminal error
-event, one not yet accepted is sent to another worker, and one whose prefill worker was lost before
-its first token is prefilled on its decode worker. Cutting a request closes its streams to the
+Its workers come from discovery sources (duoserve.disagg.discovery: static URLs, DNS, the Kubernetes
+API), composed in, each yielding the current set of workers; the router adds those that appear and
+forgets those that go (requests already on them run on). A worker gets new requests only while it is
+ready: its source lists it as ready and its last health check passed. The router is itself ready
+(/health, /v1/models 200) once it has a ready decode (or colocated) worker: prefill workers are
+optional, since without one a decode worker prefills the prompt itself.
+
+Health checks (`/internal/info`, every second, answered 200 exactly when the worker's /health is)
+keep each worker's state, load and KV event subscription. A worker that answers 503 (loading, or
+draining after SIGTERM) gets no new request, and its requests run on; a request it refused so is
+sent to another worker. A worker that is lost (its stream breaks, or a health check cannot reach it)
+is taken out at once, and every request on it is cut: one whose client has its 200 ends with a
+terminal error event, one not yet accepted is sent to another worker, and one whose prefill worker
+was lost before its first token is prefilled on its decode worker. Cutting a request closes its streams to the
 surviving workers, which abort it there and free its KV blocks.
 With a cluster secret, every `/internal/*` request carries a tag that authenticates it (the secret
 itself is never sent), and KV events that do not authenticate are dropped (`duoserve.disagg.auth`).
@@ -38,10 +47,14 @@ import zmq.asyncio
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.auth import DROPPED_STAT, HTTP_PURPOSE, DropCounts, Signer, http_auth_header
+from duoserve.disagg.discovery import DiscoverySource, Endpoint, StaticSource, parse_discover
+from duoserve.disagg.dns_discovery import DnsSource
+from duoserve.disagg.k8s_discovery import K8sSource, k8s_config
 from duoserve.disagg.kv_events import AUTH_PURPOSE as EVENTS_SOCKET
 from duoserve.disagg.kv_events import KVEventSubscriber, KVIndex
 from duoserve.disagg.kv_transfer import KVTransferParams
 from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
+from duoserve.disagg.router_metrics import RouterCollector
 from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.server.engine_client import EngineClient, EngineUnavailable
 from duoserve.server.engine_messages import (
@@ -80,11 +93,18 @@ _MAX_ATTEMPTS = 3
 
 
 class WorkerFailed(Exception):
-    def __init__(self, worker: Worker, status: int, message: str, lost: bool = False) -> None:
+    def __init__(
+        self, worker: Worker, status: int, message: str, lost: bool = False, unready: bool = False
+    ) -> None:
         super().__init__(f"worker {worker.url}: {message}")
         self.worker = worker
         self.status = status
         self.lost = lost  # the worker is gone (unreachable), rather than refusing this request
+        self.unready = unready  # it refused with 503 (loading, draining): another worker may take it
+
+    @property
+    def retryable(self) -> bool:
+        return self.lost or self.unready
 
 
 @dataclass
@@ -110,11 +130,16 @@ class RouterClient(EngineClient):
         api_key: str | None = None,
         log_level: str = "INFO",
         cluster_secret: str | None = None,
+        sources: list[DiscoverySource] | None = None,
     ) -> None:
+        """`sources`: where workers come from (default: the config's URLs and --discover specs)."""
         super().__init__(EngineConfig(model=model), served_model_name, log_level=log_level)
         self.router_config = config
         self.index = KVIndex()
         self.policy = RoutingPolicy(config, self.index)
+        self.sources = sources if sources is not None else build_sources(config)
+        self._listings: dict[int, dict[str, Endpoint]] = {}  # source index -> its last snapshot, by url
+        self._watches: dict[str, asyncio.Task] = {}  # worker url -> its health-check task
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.cluster_secret = cluster_secret
         self._signer = Signer(cluster_secret, HTTP_PURPOSE)
@@ -129,15 +154,25 @@ class RouterClient(EngineClient):
 
     # ---------------------------------------------------------------- lifecycle
 
+    async def start(self) -> None:
+        await super().start()
+        labels = {"model_name": self.served_model_name, "engine": "0"}
+        self.metrics.registry.register(RouterCollector(self.policy, labels))
+
     async def _start_engine(self) -> Ready:
-        """Load the tokenizer and wait (retrying, never failing) until a decode worker answers."""
+        """Load the tokenizer and wait (retrying, never failing) until a decode worker is ready."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=self.router_config.health_timeout))
         self._zmq = zmq.asyncio.Context()
-        self._tasks = [asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")]
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._publish_loop(), name="router-stats")]
+        self._tasks += [
+            loop.create_task(self._follow(i, source), name=f"router-discovery-{i}")
+            for i, source in enumerate(self.sources)
+        ]
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
-        while not any(w.healthy for w in self.policy.decode):
+        while not any(w.ready for w in self.policy.decode):
             await asyncio.sleep(0.2)
-        info = next(w for w in self.policy.decode if w.healthy).info
+        info = next(w for w in self.policy.decode if w.ready).info
         return Ready(
             max_model_len=info["max_model_len"],
             vocab_size=info["vocab_size"],
@@ -152,21 +187,24 @@ class RouterClient(EngineClient):
                 route.task.cancel()
         for _, task in self._subscriptions.values():
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._watches.values()]:
             task.cancel()
         pending = [r.task for r in self._routes.values() if r.task] + [
             t for _, t in self._subscriptions.values()
         ]
-        await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*pending, *self._tasks, *self._watches.values(), return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
         if self._zmq is not None:
             self._zmq.term()
 
     def check_available(self) -> None:
+        """Available once a decode (or colocated) worker is ready. Prefill workers are not needed: without
+        a ready one, decode workers prefill prompts themselves (slower for long prompts, never refused)."""
+        stopping = self.dead is not None or self.draining or self._closing  # the base class says why
+        if not stopping and not any(w.ready for w in self.policy.decode):
+            raise EngineUnavailable("no decode (or colocated) worker is ready")
         super().check_available()
-        if not any(w.healthy for w in self.policy.decode):
-            raise EngineUnavailable("no decode worker is reachable")
 
     # ---------------------------------------------------------------- requests
 
@@ -218,7 +256,7 @@ class RouterClient(EngineClient):
                     await self._attempt(route)
                     return
                 except WorkerFailed as err:
-                    if route.accepted or not err.lost or attempt == _MAX_ATTEMPTS:
+                    if route.accepted or not err.retryable or attempt == _MAX_ATTEMPTS:
                         raise
                     # Nothing reached the client yet: the next healthy decode worker takes it.
                     logger.warning("request %s: %s; routing it again", add.request_id, err)
@@ -234,7 +272,7 @@ class RouterClient(EngineClient):
         disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
         decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
         if decode is None:
-            raise EngineUnavailable("no decode worker is reachable")
+            raise EngineUnavailable("no decode worker is ready")
         route.num_tokens = len(add.prompt_token_ids)
         decode.active_tokens += route.num_tokens
         decode.num_requests += 1
@@ -329,6 +367,10 @@ class RouterClient(EngineClient):
         headers = self._internal_headers("POST", "/internal/generate", body)
         try:
             async with self._http.stream("POST", url, content=body, headers=headers) as response:
+                if response.status_code == 503:  # loading or draining: routed before a health check saw it
+                    message = _error_message(await response.aread())
+                    self._mark_unready(worker, message)
+                    raise WorkerFailed(worker, 503, message, unready=True)
                 if response.status_code != 200:
                     raise WorkerFailed(worker, response.status_code, _error_message(await response.aread()))
                 reader = FrameReader()
@@ -386,12 +428,56 @@ class RouterClient(EngineClient):
 
     # ---------------------------------------------------------------- workers
 
-    async def _health_loop(self) -> None:
-        # Each worker on its own clock: one that hangs (until the check's timeout) delays no other's check.
-        watches = [self._watch(w) for w in self.policy.workers]
-        await asyncio.gather(*watches, self._publish_loop())
+    async def _follow(self, index: int, source: DiscoverySource) -> None:
+        """Keep the pool in step with one discovery source's snapshots (a source that ends, as the static
+        one does, keeps its last one; one that fails is started again, its workers kept meanwhile)."""
+        while True:
+            try:
+                async for endpoints in source.watch():
+                    self._listings[index] = {e.url: e for e in endpoints}
+                    self._reconcile()
+                return
+            except Exception:
+                logger.exception("discovery source %d failed; starting it again", index)
+            await asyncio.sleep(self.router_config.discover_interval)
+
+    def _reconcile(self) -> None:
+        """Add the listed workers that are new, update whether each is listed ready, and forget the
+        workers no source lists any more (once every source has said what it lists)."""
+        listed: dict[str, Endpoint] = {}
+        for listing in self._listings.values():
+            for url, endpoint in listing.items():
+                if url not in listed or endpoint.ready:  # listed by two sources: ready if either says so
+                    listed[url] = endpoint
+        for url, endpoint in listed.items():
+            worker = self.policy.pool.get(url)
+            if worker is None:
+                worker = self.policy.add(url, _KINDS.get(endpoint.role))
+                logger.info("worker %s (%s) discovered", url, endpoint.role or "role to be learned")
+            if worker.listed != endpoint.ready:
+                logger.info("worker %s is listed as %s", url, "ready" if endpoint.ready else "not ready")
+                worker.listed = endpoint.ready
+            if url not in self._watches:
+                self._watches[url] = asyncio.get_running_loop().create_task(self._watch(worker))
+        if len(self._listings) < len(self.sources):
+            return
+        for url in [u for u in self.policy.pool if u not in listed]:
+            self._forget_worker(url)
+
+    def _forget_worker(self, url: str) -> None:
+        """A worker no source lists any more: no new request; those on it run on (cut if it is lost)."""
+        self.policy.remove(url)
+        logger.info("worker %s is gone from discovery", url)
+        watch = self._watches.pop(url, None)
+        if watch is not None:
+            watch.cancel()
+        subscription = self._subscriptions.pop(url, None)
+        if subscription is not None:
+            subscription[1].cancel()
+        self.index.drop(url)
 
     async def _watch(self, worker: Worker) -> None:
+        # Each worker on its own clock: one that hangs (until the check's timeout) delays no other's check.
         while True:
             await self._check(worker)
             await asyncio.sleep(self.router_config.health_interval)
@@ -412,10 +498,17 @@ class RouterClient(EngineClient):
             info = response.json()
         except (httpx.HTTPError, ValueError) as err:
             reason = f"{type(err).__name__}: {err}"
+            if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 503:
+                self._mark_unready(worker, _error_message(err.response.content))  # loading or draining
+                return
             if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 401:
                 reason = "it refused the router's credentials (401): same --cluster-secret and --api-key?"
             self._mark_down(worker, reason)
             return
+        if self.policy.pool.get(worker.url) is not worker:
+            return  # discovery forgot it while it was being checked
+        if worker.kind is None:  # found by DNS: its role is what it says
+            worker.kind = _KINDS.get(info.get("role"), "decode")
         if (
             worker.kind == "prefill"
             and info.get("role") == "decode"
@@ -429,14 +522,21 @@ class RouterClient(EngineClient):
             worker.healthy = True
         self._subscribe(worker, info.get("events_address", ""))
 
+    def _mark_unready(self, worker: Worker, reason: str) -> None:
+        """It answers, but serves nothing new (loading, draining): no new requests; those on it run on."""
+        if worker.healthy:
+            logger.warning("worker %s is not ready: %s", worker.url, reason)
+        worker.healthy = False
+
     def _mark_down(self, worker: Worker, reason: str) -> None:
         if worker.healthy:
             logger.warning("worker %s is down: %s", worker.url, reason)
         worker.healthy = False
-        subscription = self._subscriptions.pop(worker.url, None)
-        if subscription is not None:
-            subscription[1].cancel()
-        self.index.drop(worker.url)
+        if self.policy.pool.get(worker.url) is worker:  # not one that discovery already forgot
+            subscription = self._subscriptions.pop(worker.url, None)
+            if subscription is not None:
+                subscription[1].cancel()
+            self.index.drop(worker.url)
         lost = WorkerFailed(worker, 503, f"worker lost ({reason})", lost=True)
         for route in list(self._routes.values()):
             self._cut(route, lost)
@@ -493,6 +593,9 @@ class RouterClient(EngineClient):
             {
                 "url": w.url,
                 "kind": w.kind,
+                "role": w.role,
+                "ready": w.ready,
+                "listed": w.listed,
                 "healthy": w.healthy,
                 "active_tokens": w.active_tokens,
                 "queued_prefill_tokens": w.queued_prefill_tokens,
@@ -501,6 +604,24 @@ class RouterClient(EngineClient):
             }
             for w in self.policy.workers
         ]
+
+
+# A worker's role -> the pool it serves in: a colocated worker takes decode requests (and prefills them).
+_KINDS = {"prefill": "prefill", "decode": "decode", "both": "decode"}
+
+
+def build_sources(config: RouterConfig) -> list[DiscoverySource]:
+    """The config's static URLs, and a source per --discover spec."""
+    sources: list[DiscoverySource] = []
+    if config.prefill_urls or config.decode_urls:
+        sources.append(StaticSource(config.prefill_urls, config.decode_urls))
+    for spec in config.discover:
+        kind, name, port = parse_discover(spec)
+        if kind == "dns":
+            sources.append(DnsSource(name, port, config.discover_interval))
+        else:
+            sources.append(K8sSource(k8s_config(config.k8s_namespace, config.k8s_api_url)))
+    return sources
 
 
 def _strip_retry_ids(batch: EngineOutputs) -> EngineOutputs:

@@ -1,5 +1,9 @@
 """Which worker gets a request: the workers a router knows, and the policies that pick among them.
 
+The pool changes while requests flow (discovery adds and removes workers: duoserve.disagg.discovery);
+a worker is picked only when it is `ready`: its discovery source lists it as ready and its last health
+check passed.
+
 KV-aware (Dynamo's cost function): cost(worker) = blocks to prefill after the prefix it already holds
 + blocks of the requests it is running now; the cheapest wins. Round-robin and least-loaded remain
 as options. Conditional disaggregation: a request is prefilled on a prefill worker only when its
@@ -13,6 +17,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from duoserve.disagg.discovery import parse_discover
 from duoserve.disagg.kv_events import KVEvents, KVIndex, prompt_block_hashes
 
 POLICIES = ("kv", "round_robin", "least_loaded")
@@ -29,10 +34,20 @@ class RouterConfig:
     max_prefill_queue_tokens: int = 8192
     health_interval: float = 1.0
     health_timeout: float = 2.0
+    discover: list[str] = field(default_factory=list)  # k8s | dns:NAME[:PORT], besides the URLs
+    discover_interval: float = 5.0  # seconds between DNS lookups
+    k8s_namespace: str | None = None  # default: the pod's (its service account's)
+    k8s_api_url: str | None = None  # default: the in-cluster API server
 
     def __post_init__(self) -> None:
-        if not self.decode_urls:
-            raise ValueError("--decode: the router needs at least one decode (or colocated) worker")
+        if not self.decode_urls and not self.discover:
+            raise ValueError(
+                "--decode or --discover: the router needs decode (or colocated) workers or a way to find them"
+            )
+        for spec in self.discover:
+            parse_discover(spec)
+        if self.discover_interval <= 0:
+            raise ValueError("--discover-interval must be > 0")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("remote_prefill_min_tokens", "max_prefill_queue_tokens"):
@@ -47,8 +62,10 @@ class RouterConfig:
 @dataclass
 class Worker:
     url: str
-    kind: str  # "prefill" | "decode"
-    healthy: bool = False
+    # "prefill" | "decode" (decode or colocated); None until its /internal/info says (a DNS-found worker).
+    kind: str | None
+    listed: bool = True  # its discovery source says it is ready (not starting, not terminating)
+    healthy: bool = False  # its last health check passed: /internal/info answered 200
     info: dict[str, Any] = field(default_factory=dict)  # its /internal/info
     active_tokens: int = 0  # prompt + generated tokens of the requests in flight on it (decode load)
     queued_prefill_tokens: int = 0  # prompt tokens sent to it for prefill and not done yet
@@ -57,30 +74,63 @@ class Worker:
     def __str__(self) -> str:
         return self.url
 
+    @property
+    def ready(self) -> bool:
+        """New requests may go to it: both its source and its health check say so."""
+        return self.listed and self.healthy
+
+    @property
+    def role(self) -> str | None:
+        """prefill | decode | both, as the worker says (or as its source said, before it answered)."""
+        return self.info.get("role") or self.kind
+
 
 class RoutingPolicy:
     def __init__(self, config: RouterConfig, index: KVIndex) -> None:
         self.config = config
         self.index = index
-        self.prefill = [Worker(url, "prefill") for url in config.prefill_urls]
-        self.decode = [Worker(url, "decode") for url in config.decode_urls]
+        # url -> worker; written by the router as its discovery sources change (and at start, from the URLs).
+        self.pool: dict[str, Worker] = {}
+        for kind, urls in (("prefill", config.prefill_urls), ("decode", config.decode_urls)):
+            for url in urls:
+                self.pool[url] = Worker(url, kind)
         self._turn = itertools.count()
 
     @property
     def workers(self) -> list[Worker]:
-        return self.prefill + self.decode
+        """All of them: prefill, then decode, then those whose role is not known yet."""
+        return self.prefill + self.decode + [w for w in self.pool.values() if w.kind is None]
+
+    def add(self, url: str, kind: str | None) -> Worker:
+        worker = self.pool[url] = Worker(url, kind)
+        return worker
+
+    def remove(self, url: str) -> Worker | None:
+        """Take a worker out of the pool; requests already on it keep their reference to it."""
+        worker = self.pool.pop(url, None)
+        if worker is not None:
+            worker.listed = False
+        return worker
+
+    @property
+    def prefill(self) -> list[Worker]:
+        return [w for w in self.pool.values() if w.kind == "prefill"]
+
+    @property
+    def decode(self) -> list[Worker]:
+        return [w for w in self.pool.values() if w.kind == "decode"]
 
     def pick(
         self, prompt: list[int], block_size: int, disaggregable: bool
     ) -> tuple[Worker | None, Worker | None]:
         """(decode worker or None if none is up, prefill worker or None for local prefill)."""
         hashes = prompt_block_hashes(prompt, block_size)
-        decode = self._choose([w for w in self.decode if w.healthy], hashes, block_size, _decode_load)
+        decode = self._choose([w for w in self.decode if w.ready], hashes, block_size, _decode_load)
         if decode is None:
             return None, None
         prefill = None
         uncached = len(prompt) - self.index.overlap(decode.url, hashes) * block_size
-        prefills = [w for w in self.prefill if w.healthy]
+        prefills = [w for w in self.prefill if w.ready]
         if disaggregable and prefills and uncached >= self.config.remote_prefill_min_tokens:
             prefill = self._choose(prefills, hashes, block_size, _prefill_load)
             if prefill.queued_prefill_tokens > self.config.max_prefill_queue_tokens:

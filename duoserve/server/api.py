@@ -1,5 +1,12 @@
 """The FastAPI app: OpenAI routes, health/readiness, tokenize/detokenize and /metrics.
 
+Probes, as clients and Kubernetes expect them: `/health` (and its alias `/ready`) and `/v1/models`
+answer 200 only when a request would be served: the model is loaded (for a router: it has a ready
+decode-capable worker) and the server is not draining; otherwise 503 with the reason, so a client that
+waited for a 200 never then gets a 503 for loading. `/livez` answers 200 whenever the event loop does,
+loading and draining included: the liveness probe, which must not restart a server that is only busy
+loading or finishing its requests.
+
 A generation request is validated and tokenized here, admitted by the engine (only then does the
 client get a 200, so every refusal is a proper 4xx), and then streamed as Server-Sent Events or
 collected into one JSON body. A client that goes away aborts its request at once.
@@ -27,7 +34,7 @@ from duoserve.disagg.worker_api import WorkerRoutes
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected, RequestStream
-from duoserve.server.openapi import error_responses, install_openapi, json_body_route
+from duoserve.server.openapi import UNAUTHENTICATED_PATHS, error_responses, install_openapi, json_body_route
 from duoserve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -74,14 +81,14 @@ def error_response(error: APIError, headers: dict[str, str] | None = None) -> Re
 
 
 class APIKeyMiddleware:
-    """Every route but /health needs `Authorization: Bearer <key>` (plain ASGI, so streaming is untouched)."""
+    """Every route but the probes needs `Authorization: Bearer <key>` (plain ASGI: streaming is untouched)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         error = APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
@@ -279,6 +286,7 @@ class OpenAIServer:
     # ---------------------------------------------------------------- other routes
 
     async def models(self, request: Request) -> Response:
+        self.client.check_available()  # 503 while loading or draining: a 200 here means "send requests"
         info = self.client.info
         card = {
             "id": self.client.served_model_name,
@@ -292,8 +300,15 @@ class OpenAIServer:
         return json_response({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
-        if self.client.dead is not None:
-            return error_response(APIError(503, f"the engine is not running: {self.client.dead}"))
+        """Readiness: 200 once a request would be served, 503 (why, as an OpenAI error) until then."""
+        try:
+            self.client.check_available()
+        except EngineUnavailable as err:
+            return error_response(APIError(503, str(err)))
+        return Response(status_code=200)
+
+    async def livez(self, request: Request) -> Response:
+        """Liveness: the event loop answers (also while loading or draining)."""
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
@@ -452,8 +467,14 @@ def build_app(client: EngineClient, settings: ServerSettings, worker_routes: boo
             "POST",
             json_body_route(ChatCompletionRequest, streams=True),
         ),
-        ("/v1/models", server.models, "GET", json_only),
+        (
+            "/v1/models",
+            server.models,
+            "GET",
+            {"responses": {**json_only["responses"], **error_responses(503)}},
+        ),
         ("/health", server.health, "GET", {"response_class": Response, "responses": error_responses(503)}),
+        ("/livez", server.livez, "GET", {"response_class": Response}),
         ("/ready", server.ready, "GET", {"responses": error_responses(503)}),
         ("/tokenize", server.tokenize, "POST", json_body_route(TokenizeRequest)),
         ("/detokenize", server.detokenize, "POST", json_body_route(DetokenizeRequest)),

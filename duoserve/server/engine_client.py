@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from duoserve.config import EngineConfig
+from duoserve.disagg.endpoints import LOOPBACK, KVEndpoints
 from duoserve.engine.core import CoreOutput
 from duoserve.engine.llm_engine import child_params
 from duoserve.engine.output_processor import OutputProcessor
@@ -118,11 +119,11 @@ class EngineClient:
         served_model_name: str | None = None,
         max_queued_requests: int | None = None,
         log_level: str = "INFO",
-        kv_host: str = "127.0.0.1",
+        kv: KVEndpoints = LOOPBACK,
         cluster_secret: str | None = None,
     ) -> None:
         self.config = config
-        self.kv_host = kv_host  # where the engine binds its KV receiver and KV event sockets
+        self.kv = kv  # where the engine binds its KV receiver and KV event sockets, and their address
         self.cluster_secret = cluster_secret  # authenticates what goes over those sockets
         try:
             self.model_path = config.model or default_model_path()
@@ -200,7 +201,7 @@ class EngineClient:
                 from_engine,
                 self.max_queued_requests,
                 self.log_level,
-                self.kv_host,
+                self.kv,
                 self.cluster_secret,
             ),
             name="duoserve-engine",

@@ -17,6 +17,7 @@ import zmq
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.auth import DropCounts
+from duoserve.disagg.endpoints import LOOPBACK, KVEndpoints
 from duoserve.disagg.kv_events import KVEventPublisher
 from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
 from duoserve.engine.core import CoreOutput, EngineCore
@@ -53,12 +54,12 @@ def run_engine_process(
     output_address: str,
     max_queued_requests: int | None,
     log_level: str = "INFO",
-    kv_host: str = "127.0.0.1",
+    kv: KVEndpoints = LOOPBACK,
     cluster_secret: str | None = None,
 ) -> None:
     """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
 
-    Besides the two sockets to the API process, it binds two TCP sockets on `kv_host`: a KV receiver
+    Besides the two sockets to the API process, it binds two TCP sockets as `kv` says: a KV receiver
     (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
     What goes over them is authenticated with `cluster_secret` when there is one.
     """
@@ -77,12 +78,14 @@ def run_engine_process(
     exit_code = 0
     receiver = None
     sender = KVSender(context, cluster_secret)
-    publisher = KVEventPublisher(context, kv_host, cluster_secret)
+    publisher = KVEventPublisher(context, kv.bind_host, cluster_secret, kv.events_port, kv.advertise_host)
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
         # No message can carry more blocks than a whole prompt of max_model_len tokens.
         max_blocks = min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
-        receiver = KVReceiver(context, kv_host, core.kv_layout, max_blocks, cluster_secret)
+        receiver = KVReceiver(
+            context, kv.bind_host, core.kv_layout, max_blocks, cluster_secret, kv.kv_port, kv.advertise_host
+        )
         core.kv_sender = sender
         core.kv.pool.events = []
         outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))

@@ -1,9 +1,11 @@
-"""`duoserve serve`: the API process. Starts uvicorn at once (so /health answers while the model loads),
-spawns the engine process, and shuts down gracefully on SIGTERM or Ctrl-C.
+"""`duoserve serve`: the API process. Starts uvicorn at once (so /livez answers, and /health says 503
+"loading", while the model loads), spawns the engine process, and shuts down gracefully on SIGTERM or
+Ctrl-C.
 
-Graceful shutdown: the first signal stops admitting (503 on /ready and on new requests) and lets
-in-flight requests finish for up to --shutdown-timeout seconds; then the server stops, the engine
-process is told to exit, and the process exits 0. A second signal stops at once.
+Graceful shutdown: the first signal stops admitting at once (503 on /health, /ready, /v1/models and new
+requests, so readiness probes and routers stop sending) and lets in-flight requests finish for up to
+--shutdown-timeout seconds; then the server stops, the engine process is told to exit, and the process
+exits 0. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from types import FrameType
 
 import uvicorn
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.auth import warn_if_exposed
+from duoserve.disagg.endpoints import KVEndpoints, advertised_host
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient
 from duoserve.server.http_protocol import with_header_timeout
@@ -57,20 +59,16 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def advertised_host(host: str) -> str:
-    """The address other hosts reach this one at (for the KV sockets): the bound one, unless wildcard."""
-    if host in ("", "0.0.0.0", "::"):
-        return socket.gethostbyname(socket.gethostname())
-    return host
-
-
-def serve(engine_config: EngineConfig, settings: ServerSettings) -> int:
+def serve(engine_config: EngineConfig, settings: ServerSettings, kv: KVEndpoints | None = None) -> int:
+    """`kv`: where the KV sockets bind and what address they are given out as (default: --host's)."""
+    if kv is None:
+        kv = KVEndpoints(bind_host=settings.host, advertise_host=advertised_host(settings.host))
     client = EngineClient(
         engine_config,
         served_model_name=settings.served_model_name,
         max_queued_requests=settings.max_queued_requests,
         log_level=settings.log_level,
-        kv_host=advertised_host(settings.host),
+        kv=kv,
         cluster_secret=settings.cluster_secret,
     )
     return run_server(client, settings)

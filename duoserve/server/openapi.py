@@ -20,6 +20,8 @@ from pydantic.json_schema import models_json_schema
 from duoserve.server.protocol import ErrorResponse
 
 _REF = "#/components/schemas/{model}"
+# The probes answer without the API key: a kubelet or a load balancer has none.
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/livez"})
 _BEARER = "bearerAuth"
 
 # What each refusal means, for every route that can answer it.
@@ -90,14 +92,14 @@ def _version() -> str:
 
 
 def _require_bearer(schema: dict[str, Any]) -> None:
-    """With --api-key, every operation but /health takes the key and may answer 401."""
+    """With --api-key, every operation but the probes takes the key and may answer 401."""
     schema["components"]["securitySchemes"] = {_BEARER: {"type": "http", "scheme": "bearer"}}
     unauthorized = {
         "description": _ERRORS[401],
         "content": {"application/json": {"schema": {"$ref": _REF.format(model=ErrorResponse.__name__)}}},
     }
     for path, operations in schema["paths"].items():
-        if path == "/health":
+        if path in UNAUTHENTICATED_PATHS:
             continue
         for operation in operations.values():
             operation["security"] = [{_BEARER: []}]

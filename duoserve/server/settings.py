@@ -44,7 +44,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})",
+        help=f"require 'Authorization: Bearer KEY' on every route but the probes /health and /livez "
+        f"(default: ${API_KEY_ENV})",
     )
     group.add_argument(
         "--cluster-secret",

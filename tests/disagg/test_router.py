@@ -9,9 +9,11 @@ import time
 
 import pytest
 
+from duoserve.disagg.dns_discovery import DnsSource
 from duoserve.disagg.router import RouterClient
 from duoserve.disagg.routing import RouterConfig
 from duoserve.sampling_params import SamplingParams
+from duoserve.server.engine_client import EngineUnavailable
 from tests.helpers import random_prompt
 from tests.server.harness import ServerProcess, engine_flags, free_port
 
@@ -172,6 +174,41 @@ def test_a_prefill_worker_lost_unnoticed_falls_back_to_local_prefill(model_dir, 
         assert outputs[-1].outputs[0].token_ids == reference.tokens
         assert client.num_remote_prefills == 1 and not prefill.healthy  # it tried, then marked it down
         await settled(client, worker)
+
+    try:
+        run((client, loop), scenario)
+    finally:
+        loop.run_until_complete(client.shutdown())
+        loop.close()
+
+
+def test_dns_discovery_learns_the_role_and_forgets_a_worker_whose_record_goes(model_dir, worker):
+    """`--discover dns:NAME`: the worker is found by its record (the resolver is injected), its role
+    learned from its /internal/info; routed to once ready, and forgotten when its record goes."""
+    records = ["127.0.0.1"]
+
+    async def resolve(name: str) -> list[str]:
+        assert name == "workers.duoserve.svc"
+        return list(records)
+
+    source = DnsSource("workers.duoserve.svc", worker.port, interval=0.05, resolve=resolve)
+    config = RouterConfig(discover=[f"dns:workers.duoserve.svc:{worker.port}"], health_interval=0.2)
+    loop = asyncio.new_event_loop()
+    client = RouterClient(model_dir, config, log_level="WARNING", sources=[source])
+    loop.run_until_complete(client.start())
+
+    async def scenario(client: RouterClient):
+        (found,) = client.policy.workers
+        assert found.url == worker.base_url and found.kind == "decode" and found.role == "both"
+        outputs = await generate(client, "found", greedy(3), seed=6)
+        assert len(outputs[-1].outputs[0].token_ids) == 3
+        await settled(client, worker)
+        records.clear()  # the pod is gone from the headless Service
+        await wait_until(lambda: not client.policy.workers, "the worker to be forgotten")
+        with pytest.raises(EngineUnavailable, match="no decode"):
+            client.check_available()
+        records.append("127.0.0.1")  # back: checked again before it is routed to
+        await wait_until(lambda: client.policy.workers and client.policy.workers[0].ready, "it to rejoin")
 
     try:
         run((client, loop), scenario)

@@ -50,22 +50,26 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     subcommand: str = "serve"  # or "up": a router in front of its own workers
+    host: str = "127.0.0.1"  # any of 127.0.0.0/8: workers of one port on several loopback addresses
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def start(self) -> ServerProcess:
+    def start(self, wait: bool = True) -> ServerProcess:
+        """Start it and (unless `wait` is false) wait until it is ready."""
         command = [
             sys.executable,
             "-m",
             "duoserve.cli",
             self.subcommand,
             self.model,
+            "--host",
+            self.host,
             "--port",
             str(self.port),
             *self.args,
@@ -75,7 +79,8 @@ class ServerProcess:
             command += ["--api-key", self.api_key]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
         return self
 
     def _wait_ready(self) -> None:

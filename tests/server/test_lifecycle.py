@@ -41,11 +41,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(start_server):
         first = next(lines)
         assert first.startswith("data: ")
         server.terminate()
-        # Draining: not ready any more, no new request admitted, but the one in flight goes on.
+        # Draining: not ready any more (readiness probes and routers stop sending), no new request
+        # admitted, but the one in flight goes on, and the process is alive.
         deadline = time.monotonic() + DEADLINE
-        while httpx.get(f"{server.base_url}/ready").status_code != 503:
-            assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
+        while httpx.get(f"{server.base_url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 after SIGTERM"
             time.sleep(0.01)
+        assert httpx.get(f"{server.base_url}/ready").status_code == 503
+        assert httpx.get(f"{server.base_url}/livez").status_code == 200
         in_flight = server.metrics()
         refused = httpx.post(
             f"{server.base_url}/v1/completions", json={"model": server.model, "prompt": "w5"}

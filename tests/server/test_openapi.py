@@ -34,6 +34,7 @@ PUBLIC_ROUTES = {
     "/v1/chat/completions": "post",
     "/v1/models": "get",
     "/health": "get",
+    "/livez": "get",
     "/ready": "get",
     "/tokenize": "post",
     "/detokenize": "post",
@@ -100,8 +101,9 @@ def test_errors_are_documented_as_openai_error_bodies(document):
         assert responses[status]["content"]["application/json"]["schema"] == error_ref
     assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert document["components"]["schemas"]["ErrorInfo"]["required"] == ["message", "type", "param", "code"]
-    # With --api-key every operation but /health asks for the bearer token.
+    # With --api-key every operation but the probes asks for the bearer token.
     assert "security" not in document["paths"]["/health"]["get"]
+    assert "security" not in document["paths"]["/livez"]["get"]
     assert document["paths"]["/metrics"]["get"]["security"] == [{"bearerAuth": []}]
 
 
