@@ -50,7 +50,7 @@ class Scheduler:
         max_num_seqs: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`clock` stamps first_scheduled_time; the planner's simulator (duoserve/plan) passes its virtual one."""
+        """`clock` stamps first_scheduled_time (the planner's simulator, duoserve/plan, passes its own)."""
         self.kv = kv
         self.clock = clock
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -96,7 +96,8 @@ class Profile:
         if not isinstance(data, dict) or data.get("kind") != PROFILE_KIND:
             raise ValueError("not a duoserve plan profile (make one with `duoserve plan profile -o FILE`)")
         if data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"profile version {data.get('version')!r}; this duoserve reads {PROFILE_VERSION}")
+            version = data.get("version")
+            raise ValueError(f"profile version {version!r}; this duoserve reads version {PROFILE_VERSION}")
         try:
             limits = WorkerLimits(**data["limits"])
             transfer = KVTransferModel(**data.get("kv_transfer", {}))

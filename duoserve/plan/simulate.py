@@ -435,6 +435,7 @@ class Simulation:
                 decode.post(lambda: decode.drop_awaiting(request.request_id))
             self._turn_done(flight.conv, flight.turn, flight.prompt, record)
 
+
 def simulate(
     profile: Profile,
     deployment: Deployment,
