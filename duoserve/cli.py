@@ -1,4 +1,4 @@
-"""`duoserve generate | chat | serve | bench | env`: the command line."""
+"""`duoserve generate | chat | serve | bench | plan | env`: the command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
 from duoserve.disagg.launcher import add_router_parsers
+from duoserve.plan.cli import add_plan_parser
 from duoserve.server.settings import add_server_args
 
 
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_router_parsers(commands)
     add_bench_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 
