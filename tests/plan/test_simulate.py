@@ -101,3 +101,31 @@ def test_the_simulator_takes_the_real_schedulers_steps(tiny_models, single_torch
     assert max(prefill_steps.values()) > 1
     assert all(r.success and r.output_tokens == r.max_tokens for r in records)
     assert worker.kv.pool.num_free_blocks == worker.kv.pool.num_blocks
+
+
+def test_disaggregated_requests_prefill_remotely_unless_short(fixed_profile):
+    """The router's own threshold: prompts of 64+ uncached tokens are prefilled on the prefill worker,
+    whose first token is the client's; shorter ones on their decode worker. Every block comes back."""
+    long_prompt, short_prompt = random_prompt(300, seed=1), random_prompt(20, seed=2)
+    workload = Workload(
+        [
+            SimConversation(0, 0.0, [SimTurn(long_prompt, 6)]),
+            SimConversation(1, 0.001, [SimTurn(short_prompt, 6)]),
+            SimConversation(2, 0.002, [SimTurn(long_prompt[:200] + random_prompt(100, seed=3), 1)]),
+        ]
+    )
+    records, _, sim = simulate(fixed_profile, Deployment(1, 1), workload, record_steps=True)
+    prefill, decode = sim.workers["sim://prefill-0"], sim.workers["sim://decode-0"]
+    prefilled = {rid for step in prefill.steps for rid, _ in step.scheduled}
+    assert prefilled == {"0", "2"}
+    decode_chunks = [(rid, n) for step in decode.steps for rid, n in step.scheduled]
+    assert ("1", 20) in decode_chunks and all(n == 1 for rid, n in decode_chunks if rid != "1")
+    assert all(r.success for r in records) and [r.output_tokens for r in records] == [6, 6, 1]
+    # The first token came from the prefill worker's step, before any decode step of that request.
+    first_decode = min(s.start + s.seconds for s in decode.steps if any(rid == "0" for rid, _ in s.scheduled))
+    assert records[0].ttft + records[0].send_time < first_decode
+    # The third prompt shares 12 blocks with the first, which the prefill worker still caches.
+    assert prefill.kv.prefix_cache_hits == 192
+    for worker in (prefill, decode):
+        assert worker.kv.pool.num_free_blocks == worker.kv.pool.num_blocks
+        assert not worker.scheduler.requests
