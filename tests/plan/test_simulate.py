@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from duoserve.plan.deployment import Deployment
 from duoserve.plan.profile import KVTransferModel, Profile, WorkerLimits
 from duoserve.plan.simulate import simulate
 from duoserve.plan.step_model import StepModel, step_shape
-from duoserve.plan.workload import SimConversation, SimTurn, Workload
+from duoserve.plan.workload import SimConversation, SimTurn, Workload, add_workload_args, workload_from_args
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import random_prompt
 
@@ -129,3 +130,20 @@ def test_disaggregated_requests_prefill_remotely_unless_short(fixed_profile):
     for worker in (prefill, decode):
         assert worker.kv.pool.num_free_blocks == worker.kv.pool.num_blocks
         assert not worker.scheduler.requests
+
+
+def test_the_routers_kv_aware_policy_keeps_shared_prefixes_together(fixed_profile):
+    """With the router's own policy in the loop, KV-aware routing sends each system prompt back to the
+    worker that holds it (its KVIndex fed by the simulated pools' events) while the load is light;
+    round-robin scatters them."""
+    parser = argparse.ArgumentParser()
+    add_workload_args(parser)
+    flags = ["--dataset", "shared-prefix", "--num-prompts", "24", "--prefix-repetition-num-prefixes", "2"]
+    flags += ["--prefix-repetition-output-len", "4", "--request-rate", "1"]
+    workload = workload_from_args(parser.parse_args(flags))
+
+    def hits(policy: str) -> int:
+        _, _, sim = simulate(fixed_profile, Deployment(0, 2), workload, router={"policy": policy})
+        return sum(w.kv.prefix_cache_hits for w in sim.workers.values())
+
+    assert hits("kv") > hits("round_robin")
