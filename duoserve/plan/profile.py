@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from duoserve.plan.step_model import FEATURES, StepModel, StepShape, fit_step_model
+from duoserve.plan.step_model import FEATURES, StepModel, StepShape, fit_step_model, step_shape
 
 PROFILE_KIND = "duoserve-plan-profile"
 PROFILE_VERSION = 1
@@ -164,8 +164,6 @@ class StepTimer:
         schedule = core.scheduler.schedule
 
         def recording_schedule():
-            from duoserve.plan.step_model import step_shape
-
             out = schedule()
             self._last = step_shape(out.scheduled)
             return out

@@ -50,12 +50,6 @@ class Workload:
     def num_requests(self) -> int:
         return sum(len(c.turns) for c in self.conversations)
 
-    def mean_rate(self) -> float:
-        """Conversations per second over the arrival span (inf when they all arrive at once)."""
-        arrivals = [c.arrival for c in self.conversations]
-        span = max(arrivals) - min(arrivals) if arrivals else 0.0
-        return (len(arrivals) - 1) / span if span > 0 else math.inf
-
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
     """Bench's workload flags (and --trace) as a workload; ValueError for bad values."""
