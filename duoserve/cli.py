@@ -1,4 +1,4 @@
-"""`duoserve generate | chat | serve | bench | env`: the command line."""
+"""`duoserve generate | chat | serve | bench | plan | env`: the command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
 from duoserve.disagg.endpoints import add_kv_endpoint_args, kv_endpoints_from_args
 from duoserve.disagg.launcher import add_router_parsers
+from duoserve.plan.cli import add_plan_parser
 from duoserve.server.settings import add_server_args
 
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_router_parsers(commands)
     add_bench_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 

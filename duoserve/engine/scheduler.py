@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from duoserve.engine.request import Request, RequestStatus
@@ -42,8 +43,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` stamps first_scheduled_time (the planner's simulator, duoserve/plan, passes its own)."""
         self.kv = kv
+        self.clock = clock
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -92,7 +101,7 @@ class Scheduler:
             index += 1
         if not out.preempted:
             self._admit_waiting(budget, out)
-        now = time.monotonic()
+        now = self.clock()
         for s in out.scheduled:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now

@@ -1,0 +1,241 @@
+"""The planner's predictions against measured runs: `duoserve plan simulate` against `duoserve bench`.
+
+    python benchmarks/planner_accuracy.py [--out DIR] [--num-prompts 40] [--input-len 128] [--output-len 32]
+        [--rates R1,R2,R3] [--profile-args "..."] [--model PATH] [--only serve|up-1p1d]
+
+For each deployment, `duoserve serve` (1 worker, all cores) and `duoserve up --prefill 1 --decode 1`
+(1 pinned core each), it profiles a worker with the deployment's thread count (`duoserve plan profile`),
+then, at three request rates (by default 0.3x, 0.9x and 1.3x the capacity the planner predicts: low,
+near capacity, over) and two arrival processes at the same mean rate (Poisson, and gamma with CV 3,
+i.e. --burstiness 1/9), runs `duoserve bench` against the live deployment and `duoserve plan simulate`
+with the same flags, and prints a markdown table of p50/p99 TTFT and ITL, predicted against measured,
+with their ratio. The goal (issue 13): p50 within 20%, p99 within 35%.
+
+Every result file (bench's JSON, measured and predicted) is kept in --out, so `duoserve bench plot
+DIR/*.json` draws predicted against measured. A full run takes about 10-12 minutes on 2 cores (SmolLM2
+prefills ~400 tokens/s there, in float32): hence short prompts and few requests per point; the profile
+grid (--profile-args) covers the shapes this workload makes rather than the default's long contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+PORT = 8310
+BURSTS = (("poisson", 1.0), ("gamma-cv3", 1 / 9))
+METRICS = (("p50 TTFT", "p50_ttft_ms", 0.20), ("p99 TTFT", "p99_ttft_ms", 0.35))
+METRICS += (("p50 ITL", "p50_itl_ms", 0.20), ("p99 ITL", "p99_itl_ms", 0.35))
+
+
+def run(cmd: list[str], log: str | None = None) -> None:
+    print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    with open(log, "w") if log else open(os.devnull, "w") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def duoserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "duoserve.cli", *args]
+
+
+def wait_ready(proc: subprocess.Popen, deadline: float = 600.0) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def workload_flags(args: argparse.Namespace, rate: float, burstiness: float, seed: int = 0) -> list[str]:
+    return [
+        "--dataset", "random", "--prompt-format", "token-ids", "--ignore-eos",
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--num-prompts", str(args.num_prompts), "--request-rate", f"{rate:.4g}",
+        "--burstiness", f"{burstiness:.6g}", "--seed", str(seed),
+    ]  # fmt: skip
+
+
+def predicted_capacity(profile: str, deployment: str, args: argparse.Namespace, out: str) -> float:
+    """Requests per second the planner predicts the deployment sustains (all requests at once)."""
+    path = os.path.join(out, f"capacity-{deployment.replace(':', '-')}.json")
+    flags = workload_flags(args, float("inf"), 1.0)
+    run(
+        duoserve(
+            "plan", "simulate", "--profile", profile, "--deployment", deployment, *flags, "--output", path
+        )
+    )
+    return load_summary(path)["request_throughput"]
+
+
+def load_summary(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)["summary"]
+
+
+def bench_point(args, profile, deployment, label, rate, burstiness, out) -> dict:
+    flags = workload_flags(args, rate, burstiness)
+    measured = os.path.join(out, f"{label}-measured.json")
+    predicted = os.path.join(out, f"{label}-predicted.json")
+    run(
+        duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm", "--label",
+                 f"measured {deployment}", *flags, "--output", measured),
+        os.path.join(out, f"{label}-bench.txt"),
+    )  # fmt: skip
+    run(
+        duoserve(
+            "plan",
+            "simulate",
+            "--profile",
+            profile,
+            "--deployment",
+            deployment,
+            *flags,
+            "--output",
+            predicted,
+        )
+    )
+    return {
+        "measured": json.load(open(measured))["summary"],
+        "predicted": json.load(open(predicted))["summary"],
+    }
+
+
+def deployments(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[str]]]:
+    """(name, simulated deployment, server command, profile engine args)."""
+    model = [args.model] if args.model else []
+    cores = os.cpu_count() or 1
+    serve = duoserve("serve", *model, "--port", str(PORT), "--log-level", "WARNING")
+    up = duoserve(
+        "up", *model, "--prefill", "1", "--decode", "1", "--port", str(PORT), "--log-level", "WARNING",
+        *(["--threads-per-worker", "1", "--pin"] if cores >= 2 else []),
+    )  # fmt: skip
+    # `up` gives each worker cores / workers threads; `serve` takes all the cores.
+    return [
+        ("serve", "colocated:1", serve, []),
+        ("up-1p1d", "disagg:1x1", up, ["--num-threads", "1"] if cores >= 2 else []),
+    ]
+
+
+def ratio_cell(predicted: float | None, measured: float | None, goal: float) -> str:
+    if predicted is None or measured is None or measured <= 0:
+        return "-"
+    ratio = predicted / measured
+    mark = "" if abs(ratio - 1) <= goal else " ✗"
+    return f"{predicted:.0f} / {measured:.0f} ({ratio:.2f}{mark})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench_results/planner_accuracy")
+    parser.add_argument("--num-prompts", type=int, default=40)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--rates", help="three request rates (default: 0.3, 0.9, 1.3 x predicted capacity)")
+    parser.add_argument(
+        "--profile-args",
+        default="--decode-batches 1,4,16,32 --context-lens 64,256 --prefill-lens 16,128,256 "
+        "--chunked-prompt-len 512 --transfer-tokens 128,512",
+        help="`duoserve plan profile` grid flags",
+    )
+    parser.add_argument("--model", help="model path (default: duoserve's default model)")
+    parser.add_argument("--only", choices=("serve", "up-1p1d"), help="run one deployment")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    rows = []
+    for name, deployment, server_cmd, profile_flags in deployments(args):
+        if not args.only or name == args.only:
+            rows += measure_deployment(args, name, deployment, server_cmd, profile_flags)
+    print(report(rows, args, started))
+    return 0
+
+
+def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> list:
+    profile = os.path.join(args.out, f"profile-{name}.json")
+    model = [args.model] if args.model else []
+    run(
+        duoserve("plan", "profile", *model, *profile_flags, *shlex.split(args.profile_args), "-o", profile),
+        os.path.join(args.out, f"profile-{name}.txt"),
+    )
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",")]
+    else:
+        capacity = predicted_capacity(profile, deployment, args, args.out)
+        rates = [round(capacity * f, 3) for f in (0.3, 0.9, 1.3)]
+    rows = []
+    print("+ " + shlex.join(server_cmd), file=sys.stderr, flush=True)
+    with open(os.path.join(args.out, f"{name}-server.log"), "w") as log:
+        proc = subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(proc)
+            time.sleep(3)  # every worker healthy in the router
+            warm = workload_flags(args, float("inf"), 1.0, seed=99)
+            warm[warm.index("--num-prompts") + 1] = "4"
+            run(duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm", *warm))
+            for level, rate in zip(("low", "near", "over"), rates, strict=True):
+                for burst_name, burstiness in BURSTS:
+                    label = f"{name}-{level}-{burst_name}"
+                    point = bench_point(args, profile, deployment, label, rate, burstiness, args.out)
+                    rows.append((name, level, rate, burst_name, point))
+        finally:
+            stop(proc)
+    return rows
+
+
+def report(rows, args, started: datetime) -> str:
+    from duoserve.hardware import host_defaults
+
+    cpu = host_defaults().cpu
+    lines = [
+        "## Planner accuracy: predicted / measured (ms), ratio",
+        "",
+        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- CPU: {cpu.model}, {cpu.cores} cores ({platform.machine()}); date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- workload: random, {args.num_prompts} prompts of {args.input_len} tokens, "
+        f"{args.output_len} output tokens (ignore_eos); goal: p50 within 20%, p99 within 35% (✗: a miss)",
+        "",
+        "| deployment | load | rate req/s | arrivals | " + " | ".join(m for m, _, _ in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    hits = total = 0
+    for name, level, rate, burst, point in rows:
+        cells = []
+        for _, key, goal in METRICS:
+            p, m = point["predicted"].get(key), point["measured"].get(key)
+            cells.append(ratio_cell(p, m, goal))
+            if p is not None and m:
+                total += 1
+                hits += abs(p / m - 1) <= goal
+        lines.append(f"| {name} | {level} | {rate:g} | {burst} | " + " | ".join(cells) + " |")
+    lines += ["", f"{hits} of {total} within the goal."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
