@@ -36,7 +36,7 @@ _INT8_MAX = 127
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [rows, cols / 2] from codes 0-15 [rows, cols]: in each group, byte i = value i | value i+16 << 4."""
+    """uint8 [rows, cols / 2] from codes 0-15 [rows, cols]: in a group, byte i = value i | value i+16 << 4."""
     groups = codes.to(torch.uint8).view(codes.shape[0], -1, GROUP)
     return (groups[..., :16] | (groups[..., 16:] << 4)).reshape(codes.shape[0], -1)
 
