@@ -30,7 +30,7 @@ SOURCES = (
     _PACKAGE / "attention" / "csrc" / "paged_attention_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "quantized_matmul_cpu.cpp",
 )
-_OPS = ("paged_decode", "q4_matmul", "q8_matmul")
+_OPS = ("paged_decode", "q4_matmul", "q8_matmul", "rms_norm")
 
 
 def _build_tag() -> str:

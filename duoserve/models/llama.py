@@ -219,6 +219,14 @@ class LlamaModel:
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+@functools.cache
+def _fused_rms_norm() -> bool:
+    """duoserve's one-op RMSNorm (CPU kernels) for float32 CPU models: torch's is 6 small ops."""
+    from duoserve.cpu_kernels import cpu_kernels_available
+
+    return cpu_kernels_available()
+
+
 @dataclass
 class RMSNorm:
     """transformers' RMSNorm: normalise in float32; Llama scales in the model's dtype, Gemma scales by
@@ -240,6 +248,10 @@ class RMSNorm:
         return cls(weight, config.rms_norm_eps, False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == self.weight.dtype == torch.float32 and _fused_rms_norm():
+            return torch.ops.duoserve_cpu.rms_norm(
+                x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps
+            ).view(x.shape)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.plus_one:
             return (normed * self.weight).to(x.dtype)
