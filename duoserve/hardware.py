@@ -4,16 +4,16 @@ duoserve was first tuned on one CPU, and a rule made there ("bfloat16 only with 
 table on another (issue 10). So every CPU default is derived here from the CPU's capabilities, by one
 table, first matching row wins:
 
-| best capability (level)           | dtype                    | 4-bit codes up to  | attention kernel |
-|-----------------------------------|--------------------------|--------------------|------------------|
-| AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8) | avx512_bf16      |
-| AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured           | avx512_bf16      |
-| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured           | avx512           |
-| AVX2 + FMA (avx2)                 | float32 (4)              | - (prior 8)        | avx2             |
-| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured           | neon             |
-| aarch64 NEON (neon)               | float32                  | - (prior 8)        | neon             |
-| anything else (generic)           | float32                  | - (prior 8)        | generic          |
-| a CUDA device                     | bfloat16                 | never (CPU only)   | torch            |
+| best capability (level)           | dtype                    | 4/8-bit codes up to      | attention kernel |
+|-----------------------------------|--------------------------|--------------------------|------------------|
+| AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16      |
+| AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16      |
+| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured; fp32: 32 (6)   | avx512           |
+| AVX2 + FMA (avx2)                 | float32 (4)              | fp32: 32 (6)             | avx2             |
+| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured; fp32: 32 (6)   | neon             |
+| aarch64 NEON (neon)               | float32                  | fp32: 32 (6)             | neon             |
+| anything else (generic)           | float32                  | fp32: 32 (6)             | generic          |
+| a CUDA device                     | bfloat16                 | never (CPU only)         | torch            |
 
 (1) Sapphire Rapids and later: oneDNN's AMX bf16 GEMMs ran 4.7x fp32 at prefill sizes, and the 4-bit
     kernel 3x dense at 1 row (BENCHMARKS.md, machine A).
@@ -23,13 +23,16 @@ table, first matching row wins:
 (4) Haswell and later, Zen 1-3: bf16 GEMMs ran 3-8x slower than fp32 (BENCHMARKS.md, machine B; 6x at
     64 rows on a Zen 1). The 4-bit kernel with bf16 activations ran about as fast as fp32 dense at 1 row
     there and up to 2x faster at 4-8 rows (a busy machine: to re-measure); using it in a float32 model
-    would round activations to bf16, so float32 stays dense, the exact path.
+    would round activations to bf16, so float32 models use duoserve's kernels instead (6).
 (5) Neoverse V1/N2, Graviton 3: not measured by us yet.
+(6) float32 models read the codes with duoserve's own kernels (models/cpu_quant_linear.py), AVX2 where
+    the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
+    rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C).
 
-"4-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes;
-"-": the default dtype is float32, so they are unused, and the prior serves an explicit bfloat16. The
-attention kernel is compiled -march=native, so its ISA follows the host: the column says which of its
-fast paths (AVX-512 with or without AVX512-BF16 dot products, or the auto-vectorized generic loop) runs.
+"4/8-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes
+with torch's kernels; "fp32:" the same in a float32 model, with duoserve's. The attention kernel is
+compiled -march=native, so its ISA follows the host: the column says which of its fast paths (AVX-512
+with or without AVX512-BF16 dot products, AVX2, or the auto-vectorized generic loop) runs.
 
 The 4/8-bit kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) accept float32 activations
 too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py`),
