@@ -274,6 +274,26 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
+def cgroup_memory_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the cgroup may still allocate (v2 memory.max - memory.current, or v1's limit - usage); None
+    where no limit is set. In a container /proc/meminfo shows the node's memory, not the pod's limit: a
+    KV cache sized from it alone got the pod OOM-killed."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        # v1 writes "no limit" as a huge number (PAGE_COUNTER_MAX pages), v2 as "max".
+        if limit_text == "max" or int(limit_text) >= 1 << 60:
+            return None
+        return max(0, int(limit_text) - usage)
+    return None
+
+
 def usable_cores() -> int:
     """Physical cores of the CPUs this process may run on, capped by the cgroup's quota.
 

@@ -16,6 +16,7 @@ from duoserve.hardware import (
     CpuInfo,
     cached_measurement,
     cgroup_cpu_limit,
+    cgroup_memory_available,
     decide,
     defaults_for,
     detect_cpu,
@@ -205,3 +206,22 @@ def test_measurement_times_every_format_and_size(single_torch_thread):
     expected |= {(fmt, rows) for fmt in ("bfloat16", "q4") for rows in DECODE_ROWS}
     assert set(measured) == expected and all(t > 0 for t in measured.values())
     decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "max\n", "memory.current": "1000\n"}, None),
+        ({"memory.max": "8589934592\n", "memory.current": "1073741824\n"}, 7 << 30),
+        ({"memory.max": "1000\n", "memory.current": "5000\n"}, 0),
+        ({"memory/memory.limit_in_bytes": "4294967296\n", "memory/memory.usage_in_bytes": "0\n"}, 4 << 30),
+        ({"memory/memory.limit_in_bytes": f"{(1 << 63) - 4096}", "memory/memory.usage_in_bytes": "1"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_memory(tmp_path, files, expected):
+    """A pod's memory limit bounds the KV cache's default size (/proc/meminfo shows the node's)."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory_available(tmp_path) == expected

@@ -29,7 +29,7 @@ from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
-from duoserve.hardware import host_defaults
+from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from duoserve.models.config import ModelConfig
@@ -610,5 +610,7 @@ def _free_memory(device: torch.device) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                host = int(line.split()[1]) * 1024
+                container = cgroup_memory_available()  # a pod's limit, which /proc/meminfo ignores
+                return host if container is None else min(host, container)
     raise RuntimeError("cannot read available memory from /proc/meminfo")

@@ -74,6 +74,14 @@ class CpuQ4Linear(_QuantizedLinear):
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.duoserve_cpu.q4_matmul(x, self.codes, self.scale_min)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""
+        packed = self.codes[ids].view(len(ids), -1, GROUP // 2)
+        codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [n, groups, 32]
+        scale_min = self.scale_min[ids].float()
+        out = codes * scale_min[:, 0, :, None] + scale_min[:, 1, :, None]
+        return out.view(len(ids), self.in_features)
+
     def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> None:
         torch.ops.duoserve_cpu.q4_dequantize(self.codes, self.scale_min, start, end, out)
 
@@ -101,6 +109,11 @@ class CpuQ8Linear(_QuantizedLinear):
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.duoserve_cpu.q8_matmul(x, self.codes, self.scales)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""
+        codes = self.codes[ids].view(len(ids), -1, GROUP).float()
+        return (codes * self.scales[ids].float()[..., None]).view(len(ids), self.in_features)
 
     def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> None:
         torch.ops.duoserve_cpu.q8_dequantize(self.codes, self.scales, start, end, out)

@@ -180,6 +180,9 @@ class LlamaModel:
         )
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = _linear(w, q, [head])
+        if config.tie_word_embeddings and hasattr(self.lm_head, "rows"):
+            # One copy of a tied table: lookups decode the lm_head's codes (SmolLM2: 30 MB less).
+            self.embed = RowsOf(self.lm_head)
         self.norm = RMSNorm.of(_dense(w, q, "model.norm.weight"), config)
         ropes = {
             "full": _Rope.build(config, config.rope_theta, config.rope_scaling, max_positions, device, dtype)
@@ -217,6 +220,17 @@ class LlamaModel:
         logits = self.lm_head(self.norm(hidden)).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class RowsOf:
+    """An embedding read from a quantized linear's codes (`linear.rows(ids)`): a tied table held once."""
+
+    def __init__(self, linear) -> None:
+        self.linear = linear
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.linear.rows(unique)[inverse]
 
 
 @functools.cache

@@ -73,3 +73,11 @@ def test_bad_shapes_are_refused():
         torch.ops.duoserve_cpu.q4_matmul(torch.randn(1, 128), linear.codes, linear.scale_min)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.duoserve_cpu.q4_matmul(torch.randn(1, 256).double(), linear.codes, linear.scale_min)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q8_0", "Q6_K"])
+def test_rows_are_the_held_weights_rows(type_name):
+    """A tied embedding reads its lookups from the lm_head's codes: the same values the matmul uses."""
+    linear = make_linear([_tensor(type_name, 64, 256, seed=5)], None, torch.float32, CPU, quantized=True)
+    ids = torch.tensor([3, 0, 63, 3])
+    assert torch.equal(linear.rows(ids), linear.dequantize()[ids])
