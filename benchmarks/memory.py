@@ -1,7 +1,7 @@
 """Resident memory of a loaded model against its file's size, the KV cache counted apart.
 
     python benchmarks/make_gguf.py /tmp/llama-1b-q4_k.gguf
-    python benchmarks/memory.py /tmp/llama-1b-q4_k.gguf [--dtype bfloat16] [--prefill 512]
+    python benchmarks/memory.py /tmp/llama-1b-q4_k.gguf [--dtype auto|float32|bfloat16] [--prefill 512]
 
 Builds the engine core (loader, model, KV cache; no tokenizer, so random GGUFs work) and reads the
 process's resident memory (VmRSS in /proc/self/status) before loading and after. The KV cache's bytes
@@ -40,9 +40,11 @@ def weight_bytes(core: EngineCore) -> int:
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):  # routed experts are plain dense tensors
             tensors += [layer.mlp.router, layer.mlp.gate_up, layer.mlp.down]
+    total = sum(linear.nbytes for linear in linears) + sum(t.numel() * t.element_size() for t in tensors)
+    if not hasattr(model.embed, "weight"):  # lookups read the tied lm_head's codes (RowsOf): held once
+        return total
     embed = getattr(model.embed.weight, "raw", model.embed.weight)  # a GGUFTensor's blocks, or dense
     shared = model.config.tie_word_embeddings and not hasattr(model.embed.weight, "raw")
-    total = sum(linear.nbytes for linear in linears) + sum(t.numel() * t.element_size() for t in tensors)
     return total + (0 if shared else embed.numel() * embed.element_size())
 
 
@@ -51,7 +53,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: the host's default (duoserve env)")
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--num-kv-blocks", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=0, help="then run one prompt of this many tokens")
