@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from duoserve.bench.arrivals import arrival_offsets
-from duoserve.bench.datasets import DatasetConfig, load_dataset
+from duoserve.bench.cli import dataset_config
+from duoserve.bench.datasets import load_dataset
 from duoserve.bench.report import load_result
 from duoserve.bench.tokens import WordEstimator
 
@@ -60,22 +61,9 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError("--concurrency must be >= 1")
     ids = args.dataset in ("random", "shared-prefix")
-    cfg = DatasetConfig(
-        name=args.dataset,
-        num_prompts=args.num_prompts,
-        seed=args.seed,
-        dataset_path=args.dataset_path,
-        prompt_format="token-ids" if ids else "text",
-        random_input_len=args.random_input_len,
-        random_output_len=args.random_output_len,
-        random_range_ratio=args.random_range_ratio,
-        sharegpt_output_len=args.sharegpt_output_len,
-        prefix_num_prefixes=args.prefix_repetition_num_prefixes,
-        prefix_len=args.prefix_repetition_prefix_len,
-        prefix_suffix_len=args.prefix_repetition_suffix_len,
-        prefix_output_len=args.prefix_repetition_output_len,
-        multi_turn_turns=args.multi_turn_turns,
-    )
+    # bench's own flags -> DatasetConfig; the simulator has no tokenizer, so text datasets stay text.
+    fmt = "token-ids" if ids else "text"
+    cfg = dataset_config(argparse.Namespace(**{**vars(args), "prompt_format": fmt}))
     counter = WordEstimator()
     convs = load_dataset(cfg, counter)
     offsets = arrival_offsets(len(convs), args.request_rate, args.burstiness, args.seed)
