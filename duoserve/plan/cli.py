@@ -176,7 +176,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(
         f"step seconds = {m.intercept:.4g} + {m.prefill_tokens:.3g}*prefill_tokens + "
         f"{m.decode_seqs:.3g}*decode_seqs + {m.decode_context:.3g}*decode_context + "
-        f"{m.prefill_attention:.3g}*prefill_attention  (R^2 {fit['r2']:.3f} over {fit['num_samples']} steps, "
+        f"{m.prefill_attention:.3g}*prefill_attention + {m.tiled:.3g}*tiled  "
+        f"(R^2 {fit['r2']:.3f} over {fit['num_samples']} steps, "
         f"rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
     )
     t = profile.kv_transfer

@@ -63,6 +63,7 @@ class WorkerLimits:
     max_num_seqs: int
     enable_prefix_caching: bool = True
     sliding_window: int | None = None  # every layer's window (blocks slide out while a request runs)
+    quantized_max_rows: int = 0  # larger steps multiply dequantized weight tiles (0: dense weights)
 
 
 @dataclass
@@ -149,6 +150,15 @@ def write_profile(path: str, profile: Profile) -> None:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
+def quantized_rows(core) -> int:
+    """The engine's quantized row threshold where its weights are quantized (0: dense weights)."""
+    from duoserve.models.linear import _QuantizedLinear
+
+    linears = [core.model.lm_head] + [linear for layer in core.model.layers for linear in layer.linears()]
+    parts = [p for linear in linears for p in getattr(linear, "parts", [linear])]
+    return max((p.max_rows for p in parts if isinstance(p, _QuantizedLinear)), default=0)
+
+
 class StepTimer:
     """Times `core.step()` and records the shape of what the core's scheduler scheduled for it.
 
@@ -165,7 +175,7 @@ class StepTimer:
 
         def recording_schedule():
             out = schedule()
-            self._last = step_shape(out.scheduled)
+            self._last = step_shape(out.scheduled, quantized_rows(core))
             return out
 
         core.scheduler.schedule = recording_schedule
@@ -362,6 +372,7 @@ def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = l
             max_num_seqs=config.max_num_seqs,
             enable_prefix_caching=config.enable_prefix_caching,
             sliding_window=core.kv.sliding_window,
+            quantized_max_rows=quantized_rows(core),
         ),
         kv_transfer=transfer,
         engine_args=engine_args,

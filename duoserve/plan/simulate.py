@@ -151,7 +151,8 @@ class SimWorker:
         if self.scheduler.has_schedulable():
             plan = self.scheduler.schedule()
             if plan.scheduled:
-                seconds = self.profile.step_model.seconds(step_shape(plan.scheduled))
+                shape = step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
+                seconds = self.profile.step_model.seconds(shape)
                 if self.record_steps:
                     self.steps.append(
                         StepRecord(

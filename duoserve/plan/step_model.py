@@ -6,6 +6,12 @@ whole context from the paged cache, a prefill chunk attends over its own tokens 
 them (quadratic in the chunk). So
 
     seconds = intercept + prefill_tokens * a + decode_seqs * b + decode_context * c + prefill_attention * d
+              + tiled * e
+
+where `tiled` is 1 for a step of more rows than the worker's quantized threshold: such a step dequantizes
+every weight tile once (a fixed cost whatever its rows) before the GEMM, while smaller steps read the
+4/8-bit codes. Without it the fit spread that cost over prefill tokens and attention, and simulated
+prefill chunks cost several times their real time on a float32 AVX2 worker (BENCHMARKS.md).
 
 with every coefficient >= 0, fitted by least squares over steps measured on the real engine
 (`duoserve plan profile`). The features are computed from the scheduler's own output, so the profiler
@@ -28,6 +34,7 @@ class StepShape:
     decode_seqs: int = 0  # requests decoding one token
     decode_context: int = 0  # tokens of KV the decodes read (sum of their context lengths)
     prefill_attention: float = 0.0  # query x key pairs of the prefill chunks, in thousands
+    tiled: int = 0  # 1: more rows than the quantized threshold (weights dequantized in tiles this step)
 
     def features(self) -> list[float]:
         return [float(getattr(self, f.name)) for f in fields(self)]
@@ -36,8 +43,9 @@ class StepShape:
 FEATURES = tuple(f.name for f in fields(StepShape))
 
 
-def step_shape(scheduled: Sequence[ScheduledRequest]) -> StepShape:
-    """The shape of a step, from the scheduler's output before the step updates any request."""
+def step_shape(scheduled: Sequence[ScheduledRequest], quantized_max_rows: int = 0) -> StepShape:
+    """The shape of a step, from the scheduler's output before the step updates any request;
+    `quantized_max_rows`: the worker's threshold (0: its weights are dense, no step is tiled)."""
     prefill = decodes = context = 0
     attention = 0.0
     for s in scheduled:
@@ -50,7 +58,8 @@ def step_shape(scheduled: Sequence[ScheduledRequest]) -> StepShape:
             n = s.num_new_tokens
             prefill += n
             attention += n * (start + (n + 1) / 2) / 1000.0
-    return StepShape(prefill, decodes, context, attention)
+    tiled = int(0 < quantized_max_rows < prefill + decodes)
+    return StepShape(prefill, decodes, context, attention, tiled)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class StepModel:
     decode_seqs: float = 0.0
     decode_context: float = 0.0
     prefill_attention: float = 0.0
+    tiled: float = 0.0
 
     def seconds(self, shape: StepShape) -> float:
         return self.intercept + sum(
@@ -74,6 +84,7 @@ class StepModel:
     @classmethod
     def from_json(cls, data: dict) -> StepModel:
         names = ("intercept", *FEATURES)
+        data = {"tiled": 0.0} | data  # profiles made before the feature existed
         missing = [n for n in names if not isinstance(data.get(n), (int, float))]
         if missing:
             raise ValueError(f"the step model lacks numeric {', '.join(missing)}")
