@@ -98,8 +98,10 @@ def load_summary(path: str) -> dict:
         return json.load(f)["summary"]
 
 
-def bench_point(args, profile, deployment, label, rate, burstiness, out) -> dict:
-    flags = workload_flags(args, rate, burstiness)
+def bench_point(args, profile, deployment, label, rate, burstiness, out, seed: int) -> dict:
+    # A seed per point: the same prompts sent again to the running server would hit its prefix cache,
+    # which the simulation (an empty cache per point) does not have.
+    flags = workload_flags(args, rate, burstiness, seed=seed)
     measured = os.path.join(out, f"{label}-measured.json")
     predicted = os.path.join(out, f"{label}-predicted.json")
     run(
@@ -201,7 +203,8 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
             for level, rate in zip(("low", "near", "over"), rates, strict=True):
                 for burst_name, burstiness in BURSTS:
                     label = f"{name}-{level}-{burst_name}"
-                    point = bench_point(args, profile, deployment, label, rate, burstiness, args.out)
+                    seed = len(rows) + 1  # distinct per point (the warm-up uses 99)
+                    point = bench_point(args, profile, deployment, label, rate, burstiness, args.out, seed)
                     rows.append((name, level, rate, burst_name, point))
         finally:
             stop(proc)
