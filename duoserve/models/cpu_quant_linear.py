@@ -41,8 +41,8 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (groups[..., :16] | (groups[..., 16:] << 4)).reshape(codes.shape[0], -1)
 
 
-class CpuQ4Linear(_QuantizedLinear):
-    """Q4_0 / Q4_1 / Q4_K: 4-bit codes with an fp16 scale and min per group of 32 (w = scale * q + min)."""
+class _CpuQuantizedLinear(_QuantizedLinear):
+    """What both formats share: the shape, and building the codes a bounded number of rows at a time."""
 
     def __init__(self, parts: Sequence[GGUFTensor], bias: torch.Tensor | None) -> None:
         self.in_features = parts[0].cols
@@ -50,23 +50,38 @@ class CpuQ4Linear(_QuantizedLinear):
         self.bias = bias
         self._dtype = torch.float32
         self.max_rows = QUANTIZED_MAX_ROWS
-        groups = self.in_features // GROUP
-        self.codes = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
-        # [out, 2, groups]: a row's scales, then its mins, as the kernel reads them.
-        self.scale_min = torch.empty(self.out_features, 2, groups, dtype=torch.float16)
+        self._allocate()
         row = 0
         for part, start, end in _row_chunks(parts):
-            decoded = part.decode(slice(start, end))
-            if decoded.group_size != GROUP:
-                raise ValueError(f"{part.type_name} has groups of {decoded.group_size}, not {GROUP}")
-            codes, mins = decoded.codes.to(torch.int32), decoded.mins
-            if mins is None:  # Q4_0: codes -8..7 with no min; store q + 8 with min = -8 * scale
-                codes, mins = codes + 8, -8 * decoded.scales
-            rows = slice(row, row + end - start)
-            self.codes[rows] = _pack_nibbles(codes)
-            self.scale_min[rows, 0] = decoded.scales.half()
-            self.scale_min[rows, 1] = mins.half()
+            self._hold_rows(part, slice(start, end), slice(row, row + end - start))
             row += end - start
+
+    def _allocate(self) -> None:
+        raise NotImplementedError
+
+    def _hold_rows(self, part: GGUFTensor, source: slice, rows: slice) -> None:
+        """Rows `source` of `part`, held as rows `rows` of this linear."""
+        raise NotImplementedError
+
+
+class CpuQ4Linear(_CpuQuantizedLinear):
+    """Q4_0 / Q4_1 / Q4_K: 4-bit codes with an fp16 scale and min per group of 32 (w = scale * q + min)."""
+
+    def _allocate(self) -> None:
+        self.codes = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+        # [out, 2, groups]: a row's scales, then its mins, as the kernel reads them.
+        self.scale_min = torch.empty(self.out_features, 2, self.in_features // GROUP, dtype=torch.float16)
+
+    def _hold_rows(self, part: GGUFTensor, source: slice, rows: slice) -> None:
+        decoded = part.decode(source)
+        if decoded.group_size != GROUP:
+            raise ValueError(f"{part.type_name} has groups of {decoded.group_size}, not {GROUP}")
+        codes, mins = decoded.codes.to(torch.int32), decoded.mins
+        if mins is None:  # Q4_0: codes -8..7 with no min; store q + 8 with min = -8 * scale
+            codes, mins = codes + 8, -8 * decoded.scales
+        self.codes[rows] = _pack_nibbles(codes)
+        self.scale_min[rows, 0] = decoded.scales.half()
+        self.scale_min[rows, 1] = mins.half()
 
     def _held(self) -> list[torch.Tensor]:
         return [self.codes, self.scale_min]
@@ -86,23 +101,15 @@ class CpuQ4Linear(_QuantizedLinear):
         torch.ops.duoserve_cpu.q4_dequantize(self.codes, self.scale_min, start, end, out)
 
 
-class CpuQ8Linear(_QuantizedLinear):
+class CpuQ8Linear(_CpuQuantizedLinear):
     """Every other GGUF type: int8 codes with an fp16 scale per group of 32 (w = scale * q)."""
 
-    def __init__(self, parts: Sequence[GGUFTensor], bias: torch.Tensor | None) -> None:
-        self.in_features = parts[0].cols
-        self.out_features = sum(p.shape[0] for p in parts)
-        self.bias = bias
-        self._dtype = torch.float32
-        self.max_rows = QUANTIZED_MAX_ROWS
+    def _allocate(self) -> None:
         self.codes = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         self.scales = torch.empty(self.out_features, self.in_features // GROUP, dtype=torch.float16)
-        row = 0
-        for part, start, end in _row_chunks(parts):
-            codes, scales = _int8_groups(part, slice(start, end))
-            self.codes[row : row + end - start] = codes
-            self.scales[row : row + end - start] = scales
-            row += end - start
+
+    def _hold_rows(self, part: GGUFTensor, source: slice, rows: slice) -> None:
+        self.codes[rows], self.scales[rows] = _int8_groups(part, source)
 
     def _held(self) -> list[torch.Tensor]:
         return [self.codes, self.scales]
