@@ -12,16 +12,15 @@ the only failures are those of requests already streaming from the killed worker
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from tests.disagg.fake_k8s import FakeKubernetes, endpoint_slice
+from tests.disagg.test_faults import Outcome, read_stream
 from tests.helpers import random_prompt, wait_for, word
 from tests.server.harness import ServerProcess, engine_flags, free_port
 
@@ -29,14 +28,6 @@ SLICE = "decode-h7x2k"  # the EndpointSlice of the Service labelled duoserve.io/
 MAX_TOKENS = 16
 STREAM_TIMEOUT = 60.0
 WORKER_ARGS = engine_flags(attention_backend="torch", num_kv_blocks=256)
-
-
-@dataclass
-class Outcome:
-    status: int = 0
-    tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 class Flow:
@@ -78,20 +69,7 @@ class Flow:
             json={**body, "ignore_eos": True, "stream": True},
         ) as response:
             outcome.status = response.status_code
-            if response.status_code != 200:
-                outcome.error = (await response.aread()).decode(errors="replace")
-                return outcome
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data: ")
-                if not line.startswith("data: ") or data == "[DONE]":
-                    continue
-                event = json.loads(data)
-                if "error" in event:
-                    outcome.error = event["error"]["message"]
-                    continue
-                choice = event["choices"][0]
-                outcome.tokens += len((choice["logprobs"] or {}).get("tokens") or [])
-                outcome.finish_reason = choice["finish_reason"] or outcome.finish_reason
+            await read_stream(response, outcome)
         return outcome
 
 

@@ -74,6 +74,24 @@ class Outcome:
         return self.status >= 500 or self.error is not None
 
 
+async def read_stream(response: httpx.Response, outcome: Outcome) -> None:
+    """A streamed completion's tokens, finish reason and error (or a refusal's body) into `outcome`."""
+    if response.status_code != 200:
+        outcome.error = (await response.aread()).decode(errors="replace")
+        return
+    async for line in response.aiter_lines():
+        data = line.removeprefix("data: ")
+        if not line.startswith("data: ") or data == "[DONE]":
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            outcome.error = event["error"]["message"]
+            continue
+        choice = event["choices"][0]
+        outcome.tokens += len((choice["logprobs"] or {}).get("tokens") or [])
+        outcome.finish_reason = choice["finish_reason"] or outcome.finish_reason
+
+
 async def _stream(
     client: httpx.AsyncClient, router: ServerProcess, prompt: list[int], accepted: asyncio.Event
 ):
@@ -92,20 +110,7 @@ async def _stream(
         async with client.stream("POST", f"{router.base_url}/v1/completions", json=body) as response:
             outcome.status = response.status_code
             accepted.set()
-            if response.status_code != 200:
-                outcome.error = (await response.aread()).decode(errors="replace")
-                return outcome
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data: ")
-                if not line.startswith("data: ") or data == "[DONE]":
-                    continue
-                event = json.loads(data)
-                if "error" in event:
-                    outcome.error = event["error"]["message"]
-                    continue
-                choice = event["choices"][0]
-                outcome.tokens += len((choice["logprobs"] or {}).get("tokens") or [])
-                outcome.finish_reason = choice["finish_reason"] or outcome.finish_reason
+            await read_stream(response, outcome)
         return outcome
     finally:
         outcome.ended_at = time.monotonic()
