@@ -107,6 +107,17 @@ class KVCacheManager:
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hit_tokens
 
+    def allocate_for_import(self, request_id: str, prompt: list[int]) -> int | None:
+        """Blocks for a whole prompt whose KV another worker computes: its cached prefix reused, the rest
+        new and kept out of the prefix cache until the KV has arrived. Returns the cached tokens, or
+        None (nothing changed) when the pool cannot supply the blocks now."""
+        cached = self.find_cached_prefix(prompt)
+        num_cached = len(cached) * self.block_size
+        if not self.allocate_slots(request_id, prompt, 0, len(prompt) - num_cached, cached, register=False):
+            return None
+        self.record_prefix_lookup(len(prompt), num_cached)
+        return num_cached
+
     def allocate_slots(
         self,
         request_id: str,

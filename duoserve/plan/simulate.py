@@ -220,14 +220,9 @@ class SimWorker:
         for request in self.awaiting_kv.values():
             if request.kv_ticket is not None:
                 continue
-            prompt = request.prompt_token_ids
-            cached = self.kv.find_cached_prefix(prompt)
-            num_cached = len(cached) * self.kv.block_size
-            if not self.kv.allocate_slots(
-                request.request_id, prompt, 0, len(prompt) - num_cached, cached, register=False
-            ):
+            num_cached = self.kv.allocate_for_import(request.request_id, request.prompt_token_ids)
+            if num_cached is None:
                 break
-            self.kv.record_prefix_lookup(len(prompt), num_cached)
             request.num_cached_tokens = num_cached
             request.first_scheduled_time = self.clock.now
             request.kv_ticket = SimTicket(self, request.request_id, num_cached)
