@@ -172,10 +172,11 @@ class StepTimer:
         self.seconds: list[float] = []
         self._last: StepShape | None = None
         schedule = core.scheduler.schedule
+        max_rows = quantized_rows(core)
 
         def recording_schedule():
             out = schedule()
-            self._last = step_shape(out.scheduled, quantized_rows(core))
+            self._last = step_shape(out.scheduled, max_rows)
             return out
 
         core.scheduler.schedule = recording_schedule
