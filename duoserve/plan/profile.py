@@ -308,9 +308,18 @@ def measure_kv_transfer(core, token_counts: tuple[int, ...], repeats: int) -> tu
     """
     import zmq
 
-    from duoserve.disagg.kv_transfer import KVBlocks, KVDone, KVReceiver, KVSender, KVTicket, decode_blocks
+    from duoserve.disagg.kv_transfer import (
+        KVBlocks,
+        KVDone,
+        KVLayout,
+        KVReceiver,
+        KVSender,
+        KVTicket,
+        decode_blocks,
+    )
 
-    cache, layout, bs = core.kv_cache, core.kv_layout, core.config.block_size
+    cache, bs = core.kv_cache, core.config.block_size
+    layout = KVLayout.of(cache.spec)
     counts = [n for n in token_counts if 2 * -(-n // bs) <= cache.num_blocks]
     if not counts:
         return KVTransferModel(), []
