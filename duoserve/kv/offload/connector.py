@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duoserve.kv.block_pool import ROOT_HASH, hash_block
+from duoserve.kv.block_pool import ROOT_HASH, BlockPool, hash_block
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.connector import ConnectorEvents, EvictedBlock
 from duoserve.kv.layout import KVLayout
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Buckets of kv_offload_load_seconds (request waiting for its load: from blocks allocated to KV in place).
+# Blocks copied off the device at a time at shutdown (a whole GPU cache at once could need as much again).
+PERSIST_CHUNK_BLOCKS = 256
 LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -284,8 +286,22 @@ class OffloadConnector:
             stats[f"kv_offload_load_seconds_sum:{name}"] = histogram.sum
         return stats
 
-    def close(self) -> None:
-        """Finish the queued disk writes (a restart finds them) and release the directory."""
+    def close(self, pool: BlockPool | None = None) -> None:
+        """At shutdown. With the engine's `pool`, the blocks it still caches (never evicted: often the
+        most used prefixes) and those in host RAM are written to disk first, so that a restart finds
+        them; then the queued writes finish (up to CLOSE_TIMEOUT_S each wait) and the directory is
+        released. A crash skips this: a restart then finds what was evicted before it."""
+        if pool is not None and self.kv_cache is not None:
+            self.store.poll()
+            self._save_evicted(self.kv_cache)
+            cached = [b for b in pool.blocks if b.block_hash is not None]
+            for start in range(0, len(cached), PERSIST_CHUNK_BLOCKS):
+                chunk = cached[start : start + PERSIST_CHUNK_BLOCKS]
+                keys = [BlockKey(b.block_hash, b.parent_hash, tuple(b.token_ids)) for b in chunk]
+                blocks = self.kv_cache.export_blocks([b.block_id for b in chunk]).permute(2, 0, 1, 3, 4, 5)
+                self.store.persist(keys, blocks.contiguous())
+        if pool is not None:
+            self.store.persist_held()
         self.store.close()
 
 

@@ -1,11 +1,14 @@
 """Whether loading a prefix from a tier beats computing it again, by speeds this worker measures.
 
-Loading a block costs its bytes over the tier's read speed: bytes per second from a load's start to
-its blocks written into the cache, queueing and per-file costs included, so it is what a waiting
-request sees. Computing it again costs its tokens over the prefill speed: tokens per second of the
-forward passes of steps of at least MIN_PREFILL_SAMPLE_TOKENS tokens (smaller ones are decode steps,
-whose tokens cost far more each), unless the engine gives a speed. A request's run of held blocks is
-cut where the rest would not pay: the loaded prefix is the one that saves the most time.
+Loading a block costs its bytes over the tier's read speed: bytes per second of the reading itself
+(open, read and check on the I/O thread, then the copy into the cache; per-file costs included, the
+wait in the I/O queue not, as a busy queue says nothing about the medium). Computing it again costs its
+tokens over the prefill speed: tokens per second of the forward passes of steps of at least
+MIN_PREFILL_SAMPLE_TOKENS tokens (smaller ones are decode steps, whose tokens cost far more each),
+unless the engine gives a speed. A request's run of held blocks is cut where the rest would not pay:
+the loaded prefix is the one that saves the most time. A decision to compute is only ever revised by a
+new measurement, so after PROBE_EVERY runs declined in a row one is loaded anyway (a measurement taken
+on a busy moment must not turn the tier off for good).
 
 Priors, until a worker has measured its own (the first measurement replaces them):
   - disk 1 GB/s: a datacenter NVMe drive reads 2-7 GB/s sequentially, one file per block costs an
@@ -23,6 +26,7 @@ PRIOR_BYTES_PER_SECOND = {"cpu": 8e9, "disk": 1e9}
 PRIOR_PREFILL_TOKENS_PER_SECOND = 4000.0
 MIN_PREFILL_SAMPLE_TOKENS = 64
 SMOOTHING = 0.3  # the weight of a new measurement in the moving average
+PROBE_EVERY = 16
 
 
 class LoadCostModel:
@@ -38,6 +42,7 @@ class LoadCostModel:
         self.prefill_tokens_per_second = prefill_tokens_per_second or PRIOR_PREFILL_TOKENS_PER_SECOND
         self.bytes_per_second = dict(PRIOR_BYTES_PER_SECOND)
         self.measured: set[str] = set()  # "prefill" and the tiers measured so far
+        self._declined_in_a_row = 0
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -66,4 +71,11 @@ class LoadCostModel:
             saved += recompute - self.block_bytes / self.bytes_per_second[tier]
             if saved > best_saved:
                 best, best_saved = count, saved
-        return best
+        if best or not tiers:
+            self._declined_in_a_row = 0
+            return best
+        self._declined_in_a_row += 1
+        if self._declined_in_a_row < PROBE_EVERY:
+            return 0
+        self._declined_in_a_row = 0
+        return len(tiers)  # a probe: measured again

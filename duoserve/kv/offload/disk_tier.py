@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,7 @@ class _Entry:
 
 class DiskTier:
     name = "disk"
+    durable = True
 
     def __init__(
         self,
@@ -104,6 +105,11 @@ class DiskTier:
     def used_bytes(self) -> int:
         return len(self._entries) * self.file_bytes
 
+    @property
+    def backlogged(self) -> bool:
+        """Whether a block put now would be skipped for the writes already waiting."""
+        return self._pending_bytes + self.payload_bytes > self.max_pending_bytes
+
     def path(self, block_hash: int) -> str:
         return os.path.join(self.directory, f"{block_hash & _HASH_MASK:016x}{SUFFIX}")
 
@@ -127,12 +133,16 @@ class DiskTier:
     def num_pinned(self) -> int:
         return sum(e.pins for e in self._entries.values())
 
+    def copies(self) -> Iterator[tuple[BlockKey, torch.Tensor]]:
+        """Nothing to copy at shutdown: its blocks outlive the process."""
+        return iter(())
+
     def put(self, key: BlockKey, block: torch.Tensor) -> list[tuple[BlockKey, torch.Tensor]]:
         if key.block_hash in self._entries:
             if self.holds(key):
                 self.touch(key)
             return []
-        if not self.enabled or self._pending_bytes + self.payload_bytes > self.max_pending_bytes:
+        if not self.enabled or self.backlogged:
             self.counters.stores_skipped += 1
             return []
         if not self._make_room():
@@ -194,24 +204,25 @@ class DiskTier:
         fingerprint, layout = self.fingerprint, self.layout
 
         def job() -> tuple[list[torch.Tensor | RecordError], float]:
+            start = time.perf_counter()
             results = [
                 pending if pending is not None else _read_file(path, fingerprint, key, layout)
                 for key, pending, path in sources
             ]
-            return results, time.perf_counter()
+            return results, time.perf_counter() - start
 
         def done(outcome: tuple | None, error: BaseException | None) -> None:
             if error is not None:  # the job itself failed, not a file: turn the tier off rather than retry
                 self._fail("reading from", self.directory, error)
-                on_done((None, "unreadable", time.perf_counter()))
+                on_done((None, "unreadable", 0.0))
                 return
-            results, finished = outcome
+            results, seconds = outcome
             reason = None
             for (key, _, _), result in zip(sources, results, strict=True):
                 if isinstance(result, RecordError):
                     self._drop_bad(key, result)
                     reason = reason or result.reason
-            on_done((None, reason, finished) if reason else (results, None, finished))
+            on_done((None, reason, seconds) if reason else (results, None, seconds))
 
         self.io.submit(job, done, urgent=True)
 

@@ -11,9 +11,8 @@ LRU: a block stored or served moves to the back; the front one goes first, and g
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,8 @@ class _Slot:
 
 class HostTier:
     name = "cpu"
+    durable = False
+    backlogged = False  # copies into the slab are done at once
 
     def __init__(self, max_bytes: int, layout: KVLayout, pin_memory: bool = False) -> None:
         self.block_bytes = layout.nbytes(1)
@@ -80,7 +81,7 @@ class HostTier:
 
     def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> None:
         """The slots themselves, no copy: the caller has pinned them, and copies them into the cache."""
-        on_done(([self.slab[self._slots[k.block_hash].index] for k in keys], None, time.perf_counter()))
+        on_done(([self.slab[self._slots[k.block_hash].index] for k in keys], None, 0.0))
 
     def pin(self, key: BlockKey) -> _Slot:
         slot = self._slots[key.block_hash]
@@ -92,6 +93,11 @@ class HostTier:
 
     def num_pinned(self) -> int:
         return sum(s.pins for s in self._slots.values())
+
+    def copies(self) -> Iterator[tuple[BlockKey, torch.Tensor]]:
+        """A copy of each block held, one at a time, least recently used first (kept at shutdown)."""
+        for slot in list(self._slots.values()):
+            yield slot.key, self.slab[slot.index].clone()
 
     def close(self) -> None:
         pass

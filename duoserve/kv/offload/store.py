@@ -4,7 +4,9 @@ the next; a lookup asks them in order. Loads pin their blocks in whichever tier 
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +31,7 @@ class PendingLoad:
     error: str | None = None  # why it failed (a drop reason), once a read failed
     handles: list[tuple[Tier, object]] = field(default_factory=list)  # pins to release
     num_waiting: int = 0  # tier reads not back yet
-    read_seconds: float = 0.0  # from start to the last read back (the I/O queue included)
+    read_seconds: float = 0.0  # the tiers' reading itself (the wait in the I/O queue left out)
 
     @property
     def done(self) -> bool:
@@ -66,6 +68,26 @@ class TieredStore:
         for spilled_key, spilled in self.tiers[index].put(key, block):
             if index + 1 < len(self.tiers):
                 self._put(index + 1, spilled_key, spilled)
+
+    def persist(self, keys: list[BlockKey], blocks: torch.Tensor) -> None:
+        """Write blocks into the durable tier (disk), waiting for its writes when they back up: at
+        shutdown, so that a restart finds them. Without a durable tier, nothing to do."""
+        self._persist(zip(keys, blocks, strict=True))
+
+    def persist_held(self) -> None:
+        """persist() what the other tiers (host RAM) hold, one copy at a time."""
+        self._persist(itertools.chain(*(t.copies() for t in self.tiers if not t.durable)))
+
+    def _persist(self, pairs: Iterable[tuple[BlockKey, torch.Tensor]]) -> None:
+        durable = next((t for t in self.tiers if t.durable), None)
+        if durable is None:
+            return
+        for key, block in pairs:
+            if durable.holds(key):
+                continue
+            if durable.backlogged and not self.wait(CLOSE_TIMEOUT_S):
+                return
+            durable.put(key, block)
 
     def start_load(self, keys: list[BlockKey], tiers: list[Tier]) -> PendingLoad:
         """Pin the blocks where they are and start reading them; poll() completes the reads."""
@@ -104,9 +126,9 @@ class TieredStore:
 
 
 def _arrived(load: PendingLoad, positions: list[int], result: LoadResult) -> None:
-    blocks, error, finished = result
+    blocks, error, seconds = result
     load.num_waiting -= 1
-    load.read_seconds = max(load.read_seconds, finished - load.started)
+    load.read_seconds += seconds
     if error is not None:
         load.error = load.error or error
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -11,7 +11,7 @@ import torch
 from duoserve.kv.offload.record import BlockKey
 
 # What a tier read gives its `on_done`: the blocks in order, or why they cannot be served (a drop reason),
-# and when the read finished (time.perf_counter; the engine loop may pick it up later).
+# and the seconds the reading itself took (I/O and checks; not the wait in the I/O queue).
 LoadResult = tuple[list[torch.Tensor] | None, str | None, float]
 
 
@@ -30,6 +30,7 @@ class TierCounters:
 
 class Tier(Protocol):
     name: str  # the `tier` label of its metrics: "cpu" or "disk"
+    durable: bool  # whether what it holds outlives the process (a restart finds it)
     enabled: bool  # False once it failed at run time (it then holds and takes nothing)
     used_bytes: int
     max_bytes: int
@@ -58,6 +59,16 @@ class Tier(Protocol):
         ...
 
     def unpin(self, handle: object) -> None: ...
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether a block put now would be skipped for the writes already waiting."""
+        ...
+
+    def copies(self) -> Iterator[tuple[BlockKey, torch.Tensor]]:
+        """A copy of each block held (the non-durable tiers\' blocks are written to a durable one at
+        shutdown)."""
+        ...
 
     def num_pinned(self) -> int:
         """Pins held (0 once every load is done with: what tests check for leaks)."""

@@ -14,6 +14,7 @@ import torch
 
 from duoserve.config import EngineConfig
 from duoserve.engine.request import Request
+from duoserve.kv.block_pool import ROOT_HASH, BlockPool
 from duoserve.kv.cache import KVCache
 from duoserve.kv.connector import ConnectorEvents, EvictedBlock
 from duoserve.kv.offload.connector import OffloadConnector
@@ -26,6 +27,7 @@ from tests.kv.offload.conftest import FINGERPRINT, LAYOUT, SPEC, WAIT_S, chain
 
 NUM_BLOCKS = 16
 PROMPT = list(range(40, 53))  # 13 tokens: 3 full blocks of 4, and a last token to compute
+OTHER = list(range(70, 79))  # 2 full blocks and a last token
 
 
 def make_request(request_id: str, tokens: list[int], **params) -> Request:
@@ -216,19 +218,26 @@ def test_blocks_already_held_are_not_stored_again(make_connector, cache):
     assert {k: v for k, v in connector.stats().items() if k.startswith("kv_offload_stores:")} == stores
 
 
-def test_a_restarted_worker_loads_what_the_last_one_stored(make_connector, cache):
-    first = make_connector(ram_blocks=8)  # with a RAM tier: it is lost at exit, the disk keeps a copy
+def test_a_restarted_worker_loads_what_the_last_one_kept(make_connector, cache):
+    first = make_connector(ram_blocks=8)  # with a RAM tier, the evicted blocks are in RAM until shutdown
     held = evict(first, cache, PROMPT, [0, 1, 2])
-    first.close()
+    # Two blocks of another prompt are still cached on the device at shutdown (never evicted).
+    pool = BlockPool(NUM_BLOCKS)
+    device_ids = pool.allocate(6)[4:]
+    parent = ROOT_HASH
+    for i, block_id in enumerate(device_ids):
+        parent = pool.cache(block_id, parent, OTHER[4 * i : 4 * i + 4])
+    device_held = cache.data[:, :, device_ids].clone()
+    first.close(pool)  # what the engine does at a graceful shutdown
     restarted = make_connector()
-    request = make_request("b", PROMPT)
-    if any(t.name == "cpu" for t in first.store.tiers):
-        assert restarted.get_num_new_matched_tokens(request, 0) == (0, False)  # RAM blocks never spilled
-        return
-    assert restarted.get_num_new_matched_tokens(request, 0) == (12, True)
-    restarted.update_state_after_alloc(request, [7, 8, 9, 10], 12)
-    assert next_events(restarted).finished_loading == {"b": []}
-    assert torch.equal(cache.data[:, :, [7, 8, 9]], held)
+    for request_id, tokens, expected in (("b", PROMPT, held), ("c", OTHER, device_held)):
+        request = make_request(request_id, tokens)
+        num_tokens, _ = restarted.get_num_new_matched_tokens(request, 0)
+        assert num_tokens == expected.shape[2] * SPEC.block_size
+        targets = list(range(12, 12 + expected.shape[2]))
+        restarted.update_state_after_alloc(request, [*targets, 15], num_tokens)
+        assert next_events(restarted).finished_loading == {request_id: []}
+        assert torch.equal(cache.data[:, :, targets], expected)
 
 
 def test_a_disk_failing_at_run_time_turns_the_tier_off_and_requests_compute(make_connector, cache, caplog):

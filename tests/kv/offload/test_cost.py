@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duoserve.kv.offload.cost import MIN_PREFILL_SAMPLE_TOKENS, LoadCostModel
+from duoserve.kv.offload.cost import MIN_PREFILL_SAMPLE_TOKENS, PROBE_EVERY, LoadCostModel
 
 BLOCK_TOKENS, BLOCK_BYTES = 16, 1_000_000
 
@@ -41,3 +41,14 @@ def test_small_steps_and_a_given_speed_are_not_measured():
     assert given.prefill_tokens_per_second == 50.0
     with pytest.raises(ValueError, match="prefill_tokens_per_second"):
         LoadCostModel(BLOCK_TOKENS, BLOCK_BYTES, prefill_tokens_per_second=0)
+
+
+def test_a_declined_tier_is_probed_now_and_then():
+    cost = LoadCostModel(BLOCK_TOKENS, BLOCK_BYTES, prefill_tokens_per_second=16000)
+    cost.observe_load("disk", BLOCK_BYTES, 1.0)  # measured on a bad moment: 1 MB/s
+    decisions = [cost.blocks_worth_loading(["disk", "disk"]) for _ in range(2 * PROBE_EVERY)]
+    assert decisions.count(2) == 2 and decisions[PROBE_EVERY - 1] == 2 and set(decisions) == {0, 2}
+    cost.observe_load("disk", BLOCK_BYTES, 0.0001)  # the probe measures 10 GB/s: loads pay again
+    cost.observe_load("disk", BLOCK_BYTES, 0.0001)
+    cost.observe_load("disk", BLOCK_BYTES, 0.0001)
+    assert cost.blocks_worth_loading(["disk"]) == 1

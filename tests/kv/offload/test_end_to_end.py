@@ -28,7 +28,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 def make_llm(path: str, **engine_args) -> LLM:
-    args = dict(num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, dtype="float32", device="cpu")
+    # The torch attention backend: no C++ kernel to build (minutes on a busy 2-core machine).
+    args = dict(
+        num_kv_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        dtype="float32",
+        device="cpu",
+        attention_backend="torch",
+    )
     return LLM(model=path, **{**args, **engine_args})
 
 
@@ -77,11 +84,13 @@ def test_outputs_identical_under_eviction_pressure_and_after_a_restart(tiny_mode
     assert stats["kv_offload_stores:disk"] > 0 and stats["kv_offload_hits:disk"] > 0
     assert stats.get("kv_offload_dropped:disk:corrupt", 0) == 0
     assert_nothing_held(llm, connector)
-    connector.close()
+    connector.close(llm.engine.core.kv.pool)  # a graceful shutdown: what the device caches is kept too
 
     restarted = make_llm(path, kv_offload_dir=str(tmp_path / "kv"))
     connector = offload_of(restarted)
     assert run(restarted, order[-3:]) == expected[-3:]
-    assert restarted.engine.core.stats()["kv_offload_hits:disk"] > 0  # warm from the first run's files
+    # Warm from the first run's files: every returning prompt's whole history, device hits being none.
+    stats = restarted.engine.core.stats()
+    assert stats["kv_offload_hits:disk"] + stats["kv_offload_loads_declined"] == 3 * ((39 - 1) // BLOCK_SIZE)
     assert_nothing_held(restarted, connector)
     connector.close()

@@ -33,3 +33,20 @@ def test_ram_evictions_spill_to_disk_and_loads_read_both(make_disk, io):
     store.release(load)
     assert host.num_pinned() == 0 and disk.num_pinned() == 0
     store.close(WAIT_S)
+
+
+def test_persist_writes_to_disk_what_would_not_outlive_the_process(make_disk, io):
+    host = HostTier(3 * LAYOUT.nbytes(1), LAYOUT)
+    disk = make_disk(max_bytes=10**6)
+    disk.max_pending_bytes = 2 * disk.payload_bytes  # writes back up at once: persist waits for them
+    store = TieredStore([host, disk], io)
+    store.store(KEYS[:3], BLOCKS[:3])  # all in RAM
+    store.persist(KEYS[3:], BLOCKS[3:])  # as if still on the device
+    store.persist_held()
+    assert store.wait(WAIT_S)
+    assert (
+        all(disk.holds(k) for k in KEYS) and disk.counters.stores == 5 and disk.counters.stores_skipped == 0
+    )
+    load = store.start_load(KEYS, [disk] * 5)
+    assert store.wait(WAIT_S) and all(torch.equal(a, b) for a, b in zip(load.blocks, BLOCKS, strict=True))
+    store.release(load)
