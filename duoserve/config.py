@@ -104,6 +104,22 @@ class EngineConfig:
         default=0.3,
         metadata=_arg("a request whose draft acceptance rate falls below this pauses speculating"),
     )
+    # KV offload (duoserve/kv/offload): prefix blocks evicted from the KV cache go to more tiers, and back.
+    kv_offload_dir: str | None = field(
+        default=None,
+        metadata=_arg(
+            "directory of a disk tier keeping prefix blocks evicted from the KV cache (and found again "
+            "after a restart); each worker needs its own"
+        ),
+    )
+    kv_offload_max_bytes: int | None = field(
+        default=None,
+        metadata=_arg("byte limit of the disk tier (default: half its filesystem's free space at start)"),
+    )
+    kv_offload_cpu_bytes: int = field(
+        default=0,
+        metadata=_arg("bytes of pinned host RAM keeping blocks evicted from a GPU's KV cache (0: none)"),
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -114,6 +130,7 @@ class EngineConfig:
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
         self._check_speculative()
+        self._check_kv_offload()
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
@@ -137,6 +154,19 @@ class EngineConfig:
             raise ValueError(
                 f"speculative_min_acceptance must be in [0, 1], got {self.speculative_min_acceptance}"
             )
+
+    def _check_kv_offload(self) -> None:
+        if self.kv_offload_dir == "":
+            raise ValueError("kv_offload_dir must be a directory, got an empty string")
+        if self.kv_offload_max_bytes is not None:
+            if self.kv_offload_dir is None:
+                raise ValueError("kv_offload_max_bytes limits the disk tier: it needs kv_offload_dir")
+            if self.kv_offload_max_bytes < 1:
+                raise ValueError(f"kv_offload_max_bytes must be >= 1, got {self.kv_offload_max_bytes}")
+        if self.kv_offload_cpu_bytes < 0:
+            raise ValueError(f"kv_offload_cpu_bytes must be >= 0, got {self.kv_offload_cpu_bytes}")
+        if (self.kv_offload_dir or self.kv_offload_cpu_bytes) and not self.enable_prefix_caching:
+            raise ValueError("KV offload keeps prefix-cache blocks: it needs enable_prefix_caching")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

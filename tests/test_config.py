@@ -37,3 +37,37 @@ BAD = [("quantization", "int3"), ("dtype", "float8"), ("block_size", 0), ("quant
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_kv_offload_flags():
+    for bad in (dict(kv_offload_max_bytes=10**6), dict(kv_offload_dir="/tmp/kv", kv_offload_max_bytes=0)):
+        with pytest.raises(ValueError, match="kv_offload_max_bytes"):
+            EngineConfig(**bad)
+    with pytest.raises(ValueError, match="kv_offload_cpu_bytes"):
+        EngineConfig(kv_offload_cpu_bytes=-1)
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        EngineConfig(kv_offload_dir="/tmp/kv", enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="kv_offload_dir"):
+        EngineConfig(kv_offload_dir="")
+    EngineConfig(kv_offload_dir="/tmp/kv", kv_offload_max_bytes=10**9, kv_offload_cpu_bytes=10**9)
+
+
+def test_kv_offload_command_line_flags():
+    from duoserve.cli import build_parser
+    from duoserve.config import engine_config_from_args
+
+    argv = [
+        "generate",
+        "--kv-offload-dir",
+        "/tmp/kv",
+        "--kv-offload-max-bytes",
+        "1000",
+        "--kv-offload-cpu-bytes",
+        "5",
+    ]
+    config = engine_config_from_args(build_parser().parse_args(argv))
+    assert (config.kv_offload_dir, config.kv_offload_max_bytes, config.kv_offload_cpu_bytes) == (
+        "/tmp/kv",
+        1000,
+        5,
+    )

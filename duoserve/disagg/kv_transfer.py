@@ -33,7 +33,7 @@ import zmq
 
 from duoserve.disagg.auth import DropCounts, Signer, Verifier
 from duoserve.disagg.endpoints import bind_tcp
-from duoserve.kv.cache import KVCacheSpec
+from duoserve.kv.layout import KVLayout  # defined with the KV cache; imported from here too
 
 # How long a prefill worker waits for a decode worker's socket to take a message before giving up.
 SEND_TIMEOUT_MS = 2000
@@ -43,34 +43,6 @@ _HEADER_BASE_BYTES = 1024
 # Messages one `receive` reads at most: a flood (garbage included) cannot keep the engine loop from
 # stepping; the rest wait for the next turn of the loop, which then polls without blocking.
 MAX_MESSAGES_PER_RECEIVE = 256
-
-
-class KVLayout(msgspec.Struct, frozen=True):
-    """What the bytes of one block are; both ends must agree on it exactly."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str  # a torch dtype's name, e.g. "float32"
-
-    @classmethod
-    def of(cls, spec: KVCacheSpec) -> KVLayout:
-        dtype = str(spec.dtype).removeprefix("torch.")
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, dtype)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    def shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    def nbytes(self, num_blocks: int) -> int:
-        count = 1
-        for size in self.shape(num_blocks):
-            count *= size
-        return count * torch.empty((), dtype=self.torch_dtype).element_size()
 
 
 class KVTicket(msgspec.Struct):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Messages a socket dropped (duoserve.disagg.auth.DropCounts): engine stats carry them as
 # "untrusted_messages_dropped:<socket>:<reason>"; the API process counts its own the same way.
@@ -105,6 +106,73 @@ class _EngineStateCollector(Collector):
                 _, socket, reason = key.split(":", 2)
                 family.add_metric([*values, socket, reason], float(value))
         yield family
+        yield from _kv_offload_families(self.stats, names, values)
+
+
+# ---- KV offload tiers (duoserve/kv/offload; not in vLLM). Stats keys "<name>:<tier>[:<reason>]"; the
+# load-latency histogram as "kv_offload_load_seconds_bucket:<tier>:<le>" and "..._sum:<tier>".
+_OFFLOAD_COUNTERS = {
+    "kv_offload_stores": "KV blocks stored into an offload tier.",
+    "kv_offload_store_bytes": "Bytes of KV blocks stored into an offload tier.",
+    "kv_offload_stores_skipped": "KV blocks a tier could not take (all pinned, writes backed up, or off).",
+    "kv_offload_hits": "KV blocks loaded from an offload tier into the KV cache.",
+    "kv_offload_load_bytes": "Bytes of KV blocks loaded from an offload tier into the KV cache.",
+}
+_OFFLOAD_GAUGES = {
+    "kv_offload_used_bytes": "Bytes of KV blocks an offload tier holds.",
+    "kv_offload_max_bytes": "Byte limit of an offload tier.",
+    "kv_offload_enabled": "1 while an offload tier works; 0 once it failed at run time (until restart).",
+    "kv_offload_read_bytes_per_second": "Measured speed of loads from an offload tier (the cost model's).",
+}
+_OFFLOAD_UNLABELED = {
+    "kv_offload_loads_declined": ("counter", "KV blocks a tier held that were computed again, as cheaper."),
+    "kv_offload_load_failures": (
+        "counter",
+        "Loads from an offload tier that failed; their requests computed.",
+    ),
+    "kv_offload_prefill_tokens_per_second": ("gauge", "Prefill speed the offload cost model compares with."),
+}
+
+
+def _kv_offload_families(stats: dict[str, float], names: list[str], values: list[str]) -> Iterator:
+    """The offload tiers' metrics, one series per tier; none when the engine has no offload tier."""
+    if not any(key.startswith("kv_offload_") for key in stats):
+        return
+    for key, (kind, doc) in _OFFLOAD_UNLABELED.items():
+        family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+            PREFIX + key, doc, labels=names
+        )
+        family.add_metric(values, float(stats.get(key, 0.0)))
+        yield family
+    for table, kind in ((_OFFLOAD_COUNTERS, CounterMetricFamily), (_OFFLOAD_GAUGES, GaugeMetricFamily)):
+        for name, doc in table.items():
+            family = kind(PREFIX + name, doc, labels=[*names, "tier"])
+            for key, value in stats.items():
+                if key.startswith(name + ":"):
+                    family.add_metric([*values, key.split(":", 1)[1]], float(value))
+            yield family
+    dropped = CounterMetricFamily(
+        PREFIX + "kv_offload_dropped",
+        "KV blocks found torn, corrupt, foreign or holding other tokens, dropped and never served.",
+        labels=[*names, "tier", "reason"],
+    )
+    for key, value in stats.items():
+        if key.startswith("kv_offload_dropped:"):
+            _, tier, reason = key.split(":", 2)
+            dropped.add_metric([*values, tier, reason], float(value))
+    yield dropped
+    latency = HistogramMetricFamily(
+        PREFIX + "kv_offload_load_seconds",
+        "Seconds a request waited for its KV blocks to load from an offload tier (the deepest it read).",
+        labels=[*names, "tier"],
+    )
+    for key, total in stats.items():
+        if key.startswith("kv_offload_load_seconds_sum:"):
+            tier = key.split(":", 1)[1]
+            prefix = f"kv_offload_load_seconds_bucket:{tier}:"
+            buckets = sorted((float(k[len(prefix) :]), v) for k, v in stats.items() if k.startswith(prefix))
+            latency.add_metric([*values, tier], [(floatToGoString(le), n) for le, n in buckets], total)
+    yield latency
 
 
 class ServerMetrics:

@@ -1,0 +1,316 @@
+"""OffloadConnector: prefix blocks evicted from the KV cache go to the tiers, and come back from them.
+
+The KVConnector hooks (duoserve/kv/connector.py), in the order one engine step calls them:
+
+    get_finished()                 loads whose blocks are in the cache now -> their requests may run
+    schedule():
+      get_num_new_matched_tokens   consecutive blocks after the device's prefix hit that a tier holds,
+                                   cut to what is cheaper to load than to compute (cost.py)
+      update_state_after_alloc     the request has its blocks: pin the tier copies, start reading
+      on_blocks_evicted            cached blocks the pool handed out again: remember them
+    start_load_kv(kv_cache)        copy the evicted blocks out (before the forward overwrites them) and
+                                   store them; write finished loads into their requests' blocks
+    forward
+    save_kv(kv_cache, scheduled)   time the forward pass: the prefill speed the cost model compares with
+
+A load always arrives asynchronously (the request waits in the scheduler): host-RAM blocks are copied
+in at the next start_load_kv, disk blocks once the I/O thread has read and checked them. A load that
+fails (a corrupt, torn or vanished file) is reported in `load_failed` and its request computes the
+blocks; a request that ends while loading just drops the load (its reads land in host buffers, never
+in its blocks, so the scheduler may free them at once: request_finished always returns False).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from duoserve.kv.block_pool import ROOT_HASH, BlockPool, hash_block
+from duoserve.kv.cache import KVCache, KVCacheSpec
+from duoserve.kv.connector import ConnectorEvents, EvictedBlock
+from duoserve.kv.layout import KVLayout
+from duoserve.kv.offload.cost import LoadCostModel
+from duoserve.kv.offload.disk_tier import DiskTier
+from duoserve.kv.offload.fingerprint import KVFingerprint
+from duoserve.kv.offload.host_tier import HostTier
+from duoserve.kv.offload.io_worker import IOWorker
+from duoserve.kv.offload.record import BlockKey
+from duoserve.kv.offload.store import PendingLoad, TieredStore
+from duoserve.kv.offload.tier import Tier
+
+if TYPE_CHECKING:
+    from duoserve.config import EngineConfig
+    from duoserve.engine.request import Request
+    from duoserve.engine.scheduler import ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+# Buckets of kv_offload_load_seconds (request waiting for its load: from blocks allocated to KV in place).
+# Blocks copied off the device at a time at shutdown (a whole GPU cache at once could need as much again).
+PERSIST_CHUNK_BLOCKS = 256
+LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class _Match:
+    """What get_num_new_matched_tokens found for a request, used when its blocks are allocated."""
+
+    first_block: int  # index in the request of the first block to load (after the device's hit)
+    keys: list[BlockKey]
+    tiers: list[Tier]
+
+
+@dataclass
+class _Load:
+    pending: PendingLoad
+    block_ids: list[int]  # the request's blocks the load writes
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+
+class OffloadConnector:
+    def __init__(
+        self,
+        store: TieredStore,
+        spec: KVCacheSpec,
+        kv_cache: KVCache | None = None,
+        prefill_tokens_per_second: float | None = None,
+    ) -> None:
+        """`kv_cache`: the engine's; with it, loads the I/O thread finished are written in at
+        get_finished(), so their requests run one step sooner than at the next start_load_kv."""
+        self.store = store
+        self.block_size = spec.block_size
+        self.kv_cache = kv_cache
+        self.cost = LoadCostModel(spec.block_size, spec.bytes_per_block, prefill_tokens_per_second)
+        self._matches: dict[str, _Match] = {}
+        self._declined: dict[str, int] = {}  # request -> held blocks it computes instead, until admitted
+        self._loads: dict[str, _Load] = {}
+        self._evicted: list[EvictedBlock] = []
+        self._events = ConnectorEvents()
+        self._forward_start: float | None = None
+        self._load_seconds = {tier.name: _Histogram(LOAD_SECONDS_BUCKETS) for tier in store.tiers}
+        self.num_loads_declined = 0  # blocks a tier held that were computed instead (cheaper)
+        self.num_loads_failed = 0
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, spec: KVCacheSpec, kv_cache: KVCache, model_source: str
+    ) -> OffloadConnector | None:
+        """The connector the engine's flags ask for (None without --kv-offload-dir/--kv-offload-cpu-bytes).
+
+        ValueError (at start) for a directory that cannot be written or is in use."""
+        if not config.kv_offload_dir and not config.kv_offload_cpu_bytes:
+            return None
+        layout = KVLayout.of(spec)
+        tiers: list[Tier] = []
+        if config.kv_offload_cpu_bytes:
+            pin = kv_cache.data.device.type == "cuda"
+            tiers.append(HostTier(config.kv_offload_cpu_bytes, layout, pin_memory=pin))
+        io = None
+        if config.kv_offload_dir:
+            numerics = f"{config.resolved_dtype()} quantization={config.quantization}"
+            fingerprint = KVFingerprint.of(model_source, layout, numerics)
+            io = IOWorker()
+            try:
+                tiers.append(
+                    DiskTier(config.kv_offload_dir, fingerprint, layout, io, config.kv_offload_max_bytes)
+                )
+            except ValueError:
+                io.close(0.0)
+                raise
+        return cls(TieredStore(tiers, io), spec, kv_cache)
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        self._matches.pop(request.request_id, None)
+        self._declined.pop(request.request_id, None)
+        bs = self.block_size
+        num_full = (request.num_tokens - 1) // bs  # the last token is always computed: it is sampled from
+        first = num_computed_tokens // bs
+        if request.wants_prompt_logprobs or num_computed_tokens % bs or first >= num_full:
+            return 0, False
+        keys, tiers = [], []
+        for key in _chain(request.all_token_ids, bs, num_full)[first:]:
+            tier = self.store.holder(key)
+            if tier is None:
+                break
+            keys.append(key)
+            tiers.append(tier)
+        count = self.cost.blocks_worth_loading([t.name for t in tiers])
+        self._declined[request.request_id] = len(keys) - count  # counted once admitted (asked each retry)
+        if count == 0:
+            return 0, False
+        self._matches[request.request_id] = _Match(first, keys[:count], tiers[:count])
+        return count * bs, True
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        match = self._matches.pop(request.request_id, None)
+        self.num_loads_declined += self._declined.pop(request.request_id, 0)
+        count = num_external_tokens // self.block_size
+        if match is None or count == 0:
+            return
+        keys, tiers = match.keys[:count], match.tiers[:count]
+        targets = list(block_ids[match.first_block : match.first_block + count])
+        self._loads[request.request_id] = _Load(self.store.start_load(keys, tiers), targets)
+
+    def on_blocks_evicted(self, blocks: list[EvictedBlock]) -> None:
+        self._evicted.extend(blocks)
+
+    def request_finished(self, request: Request) -> bool:
+        self._matches.pop(request.request_id, None)
+        self._declined.pop(request.request_id, None)
+        load = self._loads.pop(request.request_id, None)
+        if load is not None:
+            self.store.release(load.pending)  # reads in flight land in their own buffers, then are dropped
+        self._events.finished_loading.pop(request.request_id, None)
+        self._events.load_failed.discard(request.request_id)
+        return False
+
+    # ------------------------------------------------------------------ worker side
+
+    def start_load_kv(self, kv_cache: KVCache) -> None:
+        self.kv_cache = kv_cache
+        self.store.poll()
+        self._save_evicted(kv_cache)
+        self._apply_loads(kv_cache)
+        self._forward_start = time.perf_counter()
+
+    def save_kv(self, kv_cache: KVCache, scheduled: list[ScheduledRequest]) -> None:
+        if self._forward_start is not None:
+            seconds = time.perf_counter() - self._forward_start
+            self.cost.observe_step(sum(s.num_new_tokens for s in scheduled), seconds)
+            self._forward_start = None
+
+    def get_finished(self) -> ConnectorEvents:
+        if self.kv_cache is not None:
+            self.store.poll()
+            self._save_evicted(self.kv_cache)  # before any load writes into a block evicted meanwhile
+            self._apply_loads(self.kv_cache)
+        events, self._events = self._events, ConnectorEvents()
+        return events
+
+    def _save_evicted(self, kv_cache: KVCache) -> None:
+        """Copy the evicted blocks that no tier holds yet out of the cache, into the tiers."""
+        fresh: dict[int, tuple[int, BlockKey]] = {}
+        for block in self._evicted:
+            key = BlockKey(block.block_hash, block.parent_hash, tuple(block.token_ids))
+            holder = self.store.holder(key)
+            if holder is not None:
+                holder.touch(key)
+            else:
+                fresh[block.block_hash] = (block.block_id, key)
+        self._evicted.clear()
+        if not fresh:
+            return
+        block_ids = [block_id for block_id, _ in fresh.values()]
+        # [layers, 2, n, ...] -> [n, layers, 2, ...]: each block contiguous, one copy on the device
+        blocks = kv_cache.export_blocks(block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+        self.store.store([key for _, key in fresh.values()], blocks)
+
+    def _apply_loads(self, kv_cache: KVCache) -> None:
+        for request_id, load in list(self._loads.items()):
+            if not load.pending.done:
+                continue
+            del self._loads[request_id]
+            self._finish_load(request_id, load, kv_cache)
+
+    def _finish_load(self, request_id: str, load: _Load, kv_cache: KVCache) -> None:
+        pending = load.pending
+        try:
+            if pending.error is not None:
+                logger.warning(
+                    "KV offload: request %s computes its prefix again (%s)", request_id, pending.error
+                )
+                self.num_loads_failed += 1
+                self._events.load_failed.add(request_id)
+                return
+            start = time.perf_counter()
+            device = kv_cache.data.device  # each block to the device first: from pinned RAM, asynchronously
+            blocks = [block.to(device, non_blocking=True) for block in pending.blocks]
+            kv_cache.import_blocks(load.block_ids, torch.stack(blocks, dim=2))
+            seconds = pending.read_seconds + time.perf_counter() - start
+        finally:
+            self.store.release(pending)
+        for tier in pending.tiers:
+            tier.counters.hits += 1
+            tier.counters.load_bytes += pending.blocks[0].numel() * pending.blocks[0].element_size()
+        self.cost.observe_load(pending.tier.name, pending.nbytes, seconds)
+        self._load_seconds[pending.tier.name].observe(time.perf_counter() - pending.started)
+        self._events.finished_loading[request_id] = []
+
+    # ------------------------------------------------------------------ metrics
+
+    def stats(self) -> dict[str, float]:
+        """Per tier (the `tier` label): see duoserve/server/metrics.py for the Prometheus names."""
+        stats: dict[str, float] = {
+            "kv_offload_loads_declined": self.num_loads_declined,
+            "kv_offload_load_failures": self.num_loads_failed,
+            "kv_offload_prefill_tokens_per_second": self.cost.prefill_tokens_per_second,
+        }
+        for tier in self.store.tiers:
+            c, name = tier.counters, tier.name
+            stats |= {
+                f"kv_offload_stores:{name}": c.stores,
+                f"kv_offload_store_bytes:{name}": c.store_bytes,
+                f"kv_offload_stores_skipped:{name}": c.stores_skipped,
+                f"kv_offload_hits:{name}": c.hits,
+                f"kv_offload_load_bytes:{name}": c.load_bytes,
+                f"kv_offload_used_bytes:{name}": tier.used_bytes,
+                f"kv_offload_max_bytes:{name}": tier.max_bytes,
+                f"kv_offload_enabled:{name}": float(tier.enabled),
+                f"kv_offload_read_bytes_per_second:{name}": self.cost.bytes_per_second[name],
+            }
+            stats |= {f"kv_offload_dropped:{name}:{reason}": n for reason, n in c.dropped.items()}
+            histogram = self._load_seconds[name]
+            cumulative = 0
+            for bound, count in zip((*histogram.buckets, float("inf")), histogram.counts, strict=True):
+                cumulative += count
+                stats[f"kv_offload_load_seconds_bucket:{name}:{bound}"] = cumulative
+            stats[f"kv_offload_load_seconds_sum:{name}"] = histogram.sum
+        return stats
+
+    def close(self, pool: BlockPool | None = None) -> None:
+        """At shutdown. With the engine's `pool`, the blocks it still caches (never evicted: often the
+        most used prefixes) and those in host RAM are written to disk first, so that a restart finds
+        them; then the queued writes finish (up to CLOSE_TIMEOUT_S each wait) and the directory is
+        released. A crash skips this: a restart then finds what was evicted before it."""
+        if pool is not None and self.kv_cache is not None:
+            self.store.poll()
+            self._save_evicted(self.kv_cache)
+            cached = [b for b in pool.blocks if b.block_hash is not None]
+            for start in range(0, len(cached), PERSIST_CHUNK_BLOCKS):
+                chunk = cached[start : start + PERSIST_CHUNK_BLOCKS]
+                keys = [BlockKey(b.block_hash, b.parent_hash, tuple(b.token_ids)) for b in chunk]
+                blocks = self.kv_cache.export_blocks([b.block_id for b in chunk]).permute(2, 0, 1, 3, 4, 5)
+                self.store.persist(keys, blocks.contiguous())
+        if pool is not None:
+            self.store.persist_held()
+        self.store.close()
+
+
+def _chain(token_ids: list[int], block_size: int, num_blocks: int) -> list[BlockKey]:
+    """The keys of the first `num_blocks` full blocks: the pool's chained hashes (block_pool.hash_block)."""
+    keys, parent = [], ROOT_HASH
+    for i in range(num_blocks):
+        tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        block_hash = hash_block(parent, tokens)
+        keys.append(BlockKey(block_hash, parent, tokens))
+        parent = block_hash
+    return keys
