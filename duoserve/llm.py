@@ -32,6 +32,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Shut the engine down gracefully: with --kv-offload-dir, the prefixes its KV cache still holds
+        are written to disk first, so the next LLM over the same directory starts warm. Also on leaving
+        `with LLM(...) as llm:`."""
+        self.engine.core.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -23,6 +23,7 @@ from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.connector import KVConnector, MultiConnector
 from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.offload.connector import OffloadConnector
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
@@ -86,7 +87,10 @@ class EngineCore:
             num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
         )
         # Always a MultiConnector (of none, one or several): one object whose optional hooks all exist.
-        self.connector = MultiConnector([make_connector(self)] if make_connector else [])
+        # P/D transfer first: a decode worker's prompt comes whole from its prefill worker.
+        connectors = [make_connector(self)] if make_connector else []
+        offload = OffloadConnector.from_config(config, spec, self.kv_cache, loaded.source)
+        self.connector = MultiConnector([*connectors, *([offload] if offload else [])])
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_batched_tokens,
@@ -197,6 +201,11 @@ class EngineCore:
         """Requests ended: the speculator's per-request state goes with them (the scheduler's is gone)."""
         if self.speculator is not None:
             self.speculator.retain(self.scheduler.requests)
+
+    def close(self) -> None:
+        """At a graceful shutdown: connectors that keep KV save it (the offload tier writes the prefixes
+        the pool still caches to disk, so a restart finds them too)."""
+        self.connector.close(self.kv.pool)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from duoserve.engine.request import Request
     from duoserve.engine.scheduler import ScheduledRequest
+    from duoserve.kv.block_pool import BlockPool
     from duoserve.kv.cache import KVCache
 
 
@@ -164,6 +165,13 @@ class MultiConnector:
         for connector in self.connectors:
             events.merge(connector.get_finished())
         return events
+
+    def close(self, pool: BlockPool) -> None:
+        """At shutdown, each connector that keeps KV (`close(pool)`, optional) saves what it must."""
+        for connector in self.connectors:
+            close = getattr(connector, "close", None)
+            if close is not None:
+                close(pool)
 
     def stats(self) -> dict[str, float]:
         merged: dict[str, float] = {}

@@ -101,6 +101,7 @@ def run_engine_process(
         outbox.send(message_encoder.encode(_ready(core, receivers[0].address, publisher.address)))
         loop = EngineLoop(core, inbox, outbox, max_queued_requests, receivers[0], publisher)
         loop.run()
+        core.close()  # drained: the offload tier keeps what the cache holds for the next start
     except Exception as err:  # a load failure or a dead loop: the API process learns why, then exits too
         logger.exception("engine failed")
         outbox.send(message_encoder.encode(EngineFailed(f"{type(err).__name__}: {err}")))
