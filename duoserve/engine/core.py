@@ -32,6 +32,8 @@ from duoserve.engine.scheduler import ScheduledRequest, Scheduler
 from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
+from duoserve.lora.manager import LoRAManager, lora_manager_for
+from duoserve.lora.request import LoRARequest
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
@@ -100,6 +102,11 @@ class EngineCore:
             quantized_max_rows=quantized_max_rows,
         )
         self.model_config = model_config
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            self.lora = lora_manager_for(self.model, model_config, config.max_loras, config.max_lora_rank)
+            for lora_request in config.lora_requests():
+                self.lora.load(lora_request)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.kv_layout = KVLayout.of(spec)
         self.kv = KVCacheManager(
@@ -110,7 +117,9 @@ class EngineCore:
         self.kv_sender: KVSendTransport | None = None
         self.awaiting_kv: dict[str, Request] = {}
         self.transfer_stats = TransferStats()
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, max_loras=config.max_loras
+        )
         self.sampler = Sampler(config.seed)
         self.speculator = (
             None
@@ -165,8 +174,10 @@ class EngineCore:
         params: SamplingParams,
         eos_token_ids: list[int],
         kv_transfer: KVTransferParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Validate and queue a request; ValueError names what is wrong with it.
+        """Validate and queue a request; ValueError names what is wrong with it. `lora_request`: the
+        adapter it runs with (loaded on first use).
 
         With `kv_transfer`, the request is one half of a disaggregated one: 'send' (prefill worker:
         compute the prompt, sample the first token, push the KV to the ticket's blocks) or 'receive'
@@ -198,6 +209,7 @@ class EngineCore:
             params=params,
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             stop_token_ids=frozenset(stop_ids),
+            lora=self._adapter(lora_request),
         )
         if kv_transfer is None:
             self.scheduler.add(request)
@@ -210,6 +222,24 @@ class EngineCore:
         else:
             self.scheduler.add_awaiting_kv(request)
             self.awaiting_kv[request_id] = request
+
+    def _adapter(self, lora_request: LoRARequest | None):
+        if lora_request is None:
+            return None
+        return self._loras().resolve(lora_request)
+
+    def _loras(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with --enable-lora")
+        return self.lora
+
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter at run time (ValueError: not enabled, name taken, or it does not fit)."""
+        self._loras().load(lora_request)
+
+    def unload_lora(self, name: str) -> bool:
+        """Unload an adapter (requests using it finish with it); False if none has that name."""
+        return self._loras().unload(name)
 
     def _check_ticket(self, ticket: KVTicket, num_prompt: int) -> None:
         bs = self.config.block_size
@@ -257,7 +287,9 @@ class EngineCore:
         for request in self.awaiting_kv.values():
             if request.kv_ticket is not None:
                 continue
-            num_cached = self.kv.allocate_for_import(request.request_id, request.prompt_token_ids)
+            num_cached = self.kv.allocate_for_import(
+                request.request_id, request.prompt_token_ids, request.block_root
+            )
             if num_cached is None:
                 break
             request.num_cached_tokens = num_cached
@@ -378,11 +410,16 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        batch = prepare_batch(plan.scheduled, self.kv, self.device)
+        lora_slots = None
+        if self.lora is not None:
+            lora_slots = self.lora.assign([s.request.lora for s in plan.scheduled if s.request.lora])
+        batch = prepare_batch(plan.scheduled, self.kv, self.device, lora_slots)
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
         forward_start = time.perf_counter()
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        hidden = self.model.forward(
+            batch.input_ids, batch.positions, self.kv_cache, batch.meta, batch.lora_slots
+        )
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start

@@ -49,12 +49,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         clock: Callable[[], float] = time.monotonic,
+        max_loras: int = 0,
     ) -> None:
-        """`clock` stamps first_scheduled_time (the planner's simulator, duoserve/plan, passes its own)."""
+        """`clock` stamps first_scheduled_time (the planner's simulator, duoserve/plan, passes its own).
+        `max_loras`: most LoRA adapters among the running requests (so in any one step), as vLLM's."""
         self.kv = kv
         self.clock = clock
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_loras = max_loras
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -150,16 +153,27 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        loras = {id(r.lora) for r in self.running if r.lora is not None}
+        skipped: list[Request] = []  # waiting on an adapter slot: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.lora is not None and id(request.lora) not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             # Requests asking for prompt logprobs compute every prompt position themselves.
             cached = (
-                [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.all_token_ids)
+                []
+                if request.wants_prompt_logprobs
+                else self.kv.find_cached_prefix(request.all_token_ids, request.block_root)
             )
             num_cached = len(cached) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request.request_id, request.all_token_ids, 0, num_new, cached):
+            if not self.kv.allocate_slots(
+                request.request_id, request.all_token_ids, 0, num_new, cached, root_hash=request.block_root
+            ):
                 break
+            if request.lora is not None:
+                loras.add(id(request.lora))
             if not request.wants_prompt_logprobs:
                 self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             if request.num_preemptions == 0:
@@ -170,6 +184,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
 
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop the KV, requeue first; the tokens so far are kept."""

@@ -28,6 +28,7 @@ class BlockTable:
     block_hashes: list[int] = field(default_factory=list)
     # Leading entries freed out of the sliding window (now NULL_BLOCK).
     num_freed: int = 0
+    root_hash: int = ROOT_HASH  # parent of the first block: one per LoRA adapter (Request.block_root)
 
 
 class KVCacheManager:
@@ -83,15 +84,16 @@ class KVCacheManager:
         table.block_ids[table.num_freed : end] = [NULL_BLOCK] * (end - table.num_freed)
         table.num_freed = end
 
-    def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
+    def find_cached_prefix(self, token_ids: list[int], root_hash: int = ROOT_HASH) -> list[int]:
         """Blocks of the longest cached prefix of token_ids, leaving at least one token to compute.
 
         The last token is always computed again: its logits are what the request samples from.
+        `root_hash`: the chain's root, the request's adapter's (Request.block_root).
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = ROOT_HASH
+        parent = root_hash
         num_full = (len(token_ids) - 1) // self.block_size
         for i in range(num_full):
             chunk = token_ids[i * self.block_size : (i + 1) * self.block_size]
@@ -107,13 +109,18 @@ class KVCacheManager:
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hit_tokens
 
-    def allocate_for_import(self, request_id: str, prompt: list[int]) -> int | None:
+    def allocate_for_import(
+        self, request_id: str, prompt: list[int], root_hash: int = ROOT_HASH
+    ) -> int | None:
         """Blocks for a whole prompt whose KV another worker computes: its cached prefix reused, the rest
         new and kept out of the prefix cache until the KV has arrived. Returns the cached tokens, or
         None (nothing changed) when the pool cannot supply the blocks now."""
-        cached = self.find_cached_prefix(prompt)
+        cached = self.find_cached_prefix(prompt, root_hash)
         num_cached = len(cached) * self.block_size
-        if not self.allocate_slots(request_id, prompt, 0, len(prompt) - num_cached, cached, register=False):
+        allocated = self.allocate_slots(
+            request_id, prompt, 0, len(prompt) - num_cached, cached, register=False, root_hash=root_hash
+        )
+        if not allocated:
             return None
         self.record_prefix_lookup(len(prompt), num_cached)
         return num_cached
@@ -126,6 +133,7 @@ class KVCacheManager:
         num_new: int,
         cached_blocks: list[int] = (),
         register: bool = True,
+        root_hash: int = ROOT_HASH,
     ) -> bool:
         """Make room for tokens [num_computed, num_computed + num_new) of a request.
 
@@ -133,6 +141,7 @@ class KVCacheManager:
         head of its table. Returns False, changing nothing, when the pool cannot supply the blocks.
         `register=False` keeps the new blocks out of the prefix cache: their KV comes from another
         worker later, and nobody may hit them before it has arrived (the next allocation registers them).
+        `root_hash` roots the chain of a request new to the cache (Request.block_root).
         """
         table = self.tables.get(request_id)
         held = len(table.block_ids) if table else 0
@@ -145,7 +154,7 @@ class KVCacheManager:
         if needed > self.pool.num_free_blocks - reclaimed:
             return False
         if table is None:
-            table = self.tables[request_id] = BlockTable()
+            table = self.tables[request_id] = BlockTable(root_hash=root_hash)
         if cached_blocks:
             self.pool.touch(cached_blocks)
             table.block_ids.extend(cached_blocks)
@@ -169,7 +178,7 @@ class KVCacheManager:
         for i in range(len(table.block_hashes), min(num_tokens, len(token_ids)) // bs):
             if table.block_ids[i] == NULL_BLOCK:
                 break  # freed out of the window before it could be registered: the chain ends here
-            parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
+            parent = table.block_hashes[-1] if table.block_hashes else table.root_hash
             block_hash = self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
             if block_hash is None:
                 break  # a hash collision: this block and those after it stay out (retried next time)
