@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the host's)")
     args = parser.parse_args()
 
     llm = LLM(
@@ -63,6 +64,7 @@ def main() -> None:
         enable_lora=True,
         max_loras=4,
         max_lora_rank=args.rank,
+        num_threads=args.num_threads,
         enable_prefix_caching=False,  # every run prefills its prompts: runs compare like with like
     )
     config = llm.engine.core.model_config

@@ -1,20 +1,20 @@
 """Batched LoRA: the adapters of one step's batch applied together, one computation per linear.
 
 Each LoRA-capable linear of the model (fused Q/K/V, o, fused gate/up, down) holds `max_loras` slots of
-stacked weights: A [max_loras, parts * max_rank, in] and B [max_loras, parts * max_rank, out], where a
-fused linear's parts (q, k, v) each own `max_rank` rows of A and the matching rows of B, which are zero
-outside that part's output columns (a block-diagonal B: one expand covers all parts). An adapter of a
-smaller rank, or without some part, leaves zeros: they add nothing. B is stored with its rank dimension
-first, so that a step's slots are one contiguous [slots * rank, out] matrix for a single GEMM, and
-`scaling` is folded into it at load.
+stacked weights: A [max_loras, parts * max_rank, in], a fused linear's parts (q, k, v) each owning
+`max_rank` rows, and per part B [max_loras, max_rank, out_part]. An adapter of a smaller rank, or
+without some part, leaves zeros: they add nothing. B is stored with its rank dimension first, so that
+a step's slots are one contiguous [slots * rank, out_part] matrix for a single GEMM, and `scaling` is
+folded into it at load. (One block-diagonal B for all parts would make the expand a single GEMM, but
+reads and holds `parts` times the B weights: 1.5x the LoRA bytes of a decode step, which reads them all.)
 
 A step's tokens carry the slot of their request's adapter (`LoRAMapping`, from the model runner); its
 LoRA tokens are multiplied by the A of every slot in use in one GEMM (shrink), masked to their own
-slot's rows, and by the B of every slot in one more (expand), added to the base output in place:
-y[t] += B[s_t] A[s_t] x[t]. Two GEMMs per linear per step whatever the number of adapters and requests
-(punica's SGMV computes only each token's own slot; on CPU two dense GEMMs over a few slots are
-simpler and the extra work is `slots * rank` columns, small beside the base projection). A batch of the
-base model only skips all of it.
+slot's rows, and by each part's B of every slot (expand), added to the base output in place:
+y[t] += B[s_t] A[s_t] x[t]. One shrink and one expand per part, per linear and step, whatever the number
+of adapters and requests (punica's SGMV computes only each token's own slot; on CPU dense GEMMs over a
+few slots are simpler, and a decode step's cost is reading each slot's weights once either way). A
+batch of the base model only skips all of it.
 """
 
 from __future__ import annotations
@@ -68,36 +68,38 @@ class LoRASlots:
     ) -> None:
         self.part_sizes = part_sizes
         self.max_rank = max_rank
-        out = sum(part_sizes)
-        width = len(part_sizes) * max_rank
-        self.a = torch.zeros(max_loras, width, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(max_loras, width, out, dtype=dtype, device=device)
+        # A of every part stacked (one shrink GEMM); B per part, rank first (one expand GEMM each).
+        self.a = torch.zeros(max_loras, len(part_sizes) * max_rank, in_features, dtype=dtype, device=device)
+        self.b = [torch.zeros(max_loras, max_rank, size, dtype=dtype, device=device) for size in part_sizes]
 
     def set(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Write an adapter into `slot`: per part, (A [r, in], scaled B [out_part, r]) or None."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        column = 0
-        for index, (size, weights) in enumerate(zip(self.part_sizes, parts, strict=True)):
+        self.clear(slot)
+        for index, weights in enumerate(parts):
             if weights is not None:
                 a, b = weights
                 row = index * self.max_rank
                 self.a[slot, row : row + a.shape[0]] = a
-                self.b[slot, row : row + a.shape[0], column : column + size] = b.t()
-            column += size
+                self.b[index][slot, : a.shape[0]] = b.t()
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        for b in self.b:
+            b[slot].zero_()
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:
         """y plus the LoRA outputs of x's rows, each through its own slot's adapter."""
-        n = mapping.num_slots
-        width = self.a.shape[1]
+        n, rank, parts = mapping.num_slots, self.max_rank, len(self.b)
         xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
-        shrunk = torch.nn.functional.linear(xs, self.a[:n].view(n * width, -1))  # [rows, n * width]
-        shrunk = (shrunk.view(-1, n, width) * mapping.mask[:, :, None]).view(-1, n * width)
-        delta = shrunk @ self.b[:n].view(n * width, -1)
+        shrunk = torch.nn.functional.linear(xs, self.a[:n].view(n * parts * rank, -1))
+        shrunk = shrunk.view(-1, n, parts, rank)
+        if n > 1:  # with one slot, every selected row is that slot's
+            shrunk = shrunk * mapping.mask[:, :, None, None]
+        deltas = [
+            shrunk[:, :, index].reshape(-1, n * rank) @ b[:n].view(n * rank, -1)
+            for index, b in enumerate(self.b)
+        ]
+        delta = deltas[0] if parts == 1 else torch.cat(deltas, dim=1)
         if mapping.rows is None:
             return y.add_(delta)
         return y.index_add_(0, mapping.rows, delta)
