@@ -392,6 +392,7 @@ class OpenAIServer:
             return None
         lora = self.client.lora_adapters().get(model)
         if lora is None:
+            self.client.check_available()  # while loading, 503: its adapters are not known yet
             served = ", ".join(
                 f"`{name}`" for name in [self.client.served_model_name, *self.client.lora_adapters()]
             )
