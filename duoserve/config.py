@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from duoserve.hardware import host_defaults
+from duoserve.lora.request import LoRARequest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,7 +122,17 @@ class EngineConfig:
         metadata=_arg("bytes of pinned host RAM keeping blocks evicted from a GPU's KV cache (0: none)"),
     )
 
+    # LoRA adapters (duoserve/lora): PEFT safetensors adapters served beside the base model.
+    enable_lora: bool = field(default=False, metadata=_arg("serve LoRA adapters (PEFT safetensors)"))
+    lora_modules: list[str] = field(
+        default_factory=list,
+        metadata=_arg("an adapter to load at start, as name=path (repeatable; needs --enable-lora)"),
+    )
+    max_loras: int = field(default=1, metadata=_arg("most LoRA adapters in one batch"))
+    max_lora_rank: int = field(default=16, metadata=_arg("largest LoRA rank served"))
+
     def __post_init__(self) -> None:
+        self._check_lora()
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +151,26 @@ class EngineConfig:
             raise ValueError(f"quantized_max_rows must be >= 0, got {self.quantized_max_rows}")
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
+
+    def _check_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+        self.lora_requests()  # each entry parses
+
+    def lora_requests(self) -> list[LoRARequest]:
+        """The adapters of --lora-modules (name=path), with ids 1, 2, ... in order (vLLM's)."""
+        requests = []
+        for index, entry in enumerate(self.lora_modules, start=1):
+            name, sep, path = entry.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules entries are name=path, got {entry!r}")
+            if any(r.lora_name == name for r in requests):
+                raise ValueError(f"lora_modules names the adapter {name!r} twice")
+            requests.append(LoRARequest(name, index, path))
+        return requests
 
     def _check_speculative(self) -> None:
         if self.speculative not in (None, "ngram", "draft"):
@@ -199,7 +230,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool =
     """Add one flag per EngineConfig field (the model may be positional)."""
     group = parser.add_argument_group("engine")
     for f in fields(EngineConfig):
-        default = f.default
+        default = _default(f)
         help_text = f"{f.metadata['help']} (default: {default})"
         if f.name == "model" and positional_model:
             group.add_argument("model", nargs="?", default=None, help=help_text)
@@ -207,8 +238,14 @@ def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool =
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif str(f.type).startswith("list"):  # repeatable
+            group.add_argument(flag, action="append", default=None, help=help_text)
         else:
             group.add_argument(flag, type=_field_type(f), default=default, help=help_text)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -221,7 +258,9 @@ def _field_type(f: dataclasses.Field) -> type:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
+    values["lora_modules"] = values["lora_modules"] or []  # an append flag given no times is None
+    return EngineConfig(**values)
 
 
 def engine_flags(config: EngineConfig, skip: tuple[str, ...] = ("model",)) -> list[str]:
@@ -229,11 +268,13 @@ def engine_flags(config: EngineConfig, skip: tuple[str, ...] = ("model",)) -> li
     flags = []
     for f in fields(EngineConfig):
         value = getattr(config, f.name)
-        if f.name in skip or value == f.default:
+        if f.name in skip or value == _default(f):
             continue
         flag = f.name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):
+            flags += [part for item in value for part in (f"--{flag}", str(item))]
         else:
             flags += [f"--{flag}", str(value)]
     return flags

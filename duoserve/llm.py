@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from duoserve.config import EngineConfig
 from duoserve.engine.llm_engine import LLMEngine
+from duoserve.lora.request import LoRARequest
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
 
@@ -49,12 +50,17 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt: a string, a list of token ids, or {"prompt": ...} /
-        {"prompt_token_ids": [...]}. Returns the outputs in the prompts' order."""
+        {"prompt_token_ids": [...]}. `lora_request`: the LoRA adapter of every prompt, or one per prompt
+        (None: the base model), as vLLM's. Returns the outputs in the prompts' order."""
         prompt_list = _as_prompt_list(prompts)
         params = _params_per_prompt(sampling_params, len(prompt_list))
-        return self._run([(_prompt_of(p), sp) for p, sp in zip(prompt_list, params, strict=True)], use_tqdm)
+        loras = _loras_per_prompt(lora_request, len(prompt_list))
+        return self._run(
+            [(_prompt_of(p), sp) for p, sp in zip(prompt_list, params, strict=True)], use_tqdm, loras
+        )
 
     def chat(
         self,
@@ -63,6 +69,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to conversations (one list of {"role", "content"} messages, or several)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -75,16 +82,20 @@ class LLM:
             # The template already wrote any special tokens the model expects.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
         params = _params_per_prompt(sampling_params, len(prompts))
-        return self._run(list(zip(prompts, params, strict=True)), use_tqdm)
+        loras = _loras_per_prompt(lora_request, len(prompts))
+        return self._run(list(zip(prompts, params, strict=True)), use_tqdm, loras)
 
     def _run(
-        self, requests: list[tuple[str | list[int], SamplingParams]], use_tqdm: bool
+        self,
+        requests: list[tuple[str | list[int], SamplingParams]],
+        use_tqdm: bool,
+        loras: list[LoRARequest | None],
     ) -> list[RequestOutput]:
         ids = []
         try:
-            for prompt, params in requests:
+            for (prompt, params), lora in zip(requests, loras, strict=True):
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, lora)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:
@@ -132,3 +143,17 @@ def _params_per_prompt(
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
     return params
+
+
+def _loras_per_prompt(
+    lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int
+) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count:
+        raise ValueError(f"got {len(loras)} lora_requests for {count} prompts")
+    for lora in loras:
+        if lora is not None and not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest or None, got {type(lora).__name__}")
+    return loras

@@ -119,9 +119,11 @@ class KVEventSubscriber:
         self.socket.close()
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt's full blocks, as a worker's prefix cache computes them."""
-    hashes, parent = [], ROOT_HASH
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, root_hash: int = ROOT_HASH) -> list[int]:
+    """Chained hashes of the prompt's full blocks, as a worker's prefix cache computes them: from the
+    root of the request's LoRA adapter (duoserve.lora.request.prefix_root_hash; ROOT_HASH: the base model),
+    so the index never counts another adapter's blocks as a hit."""
+    hashes, parent = [], root_hash
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)

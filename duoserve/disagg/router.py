@@ -56,7 +56,9 @@ from duoserve.disagg.kv_transfer import KVTransferParams
 from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
 from duoserve.disagg.router_metrics import RouterCollector
 from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
-from duoserve.server.engine_client import EngineClient, EngineUnavailable
+from duoserve.kv.block_pool import ROOT_HASH
+from duoserve.lora.request import LoRARequest, prefix_root_hash
+from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected
 from duoserve.server.engine_messages import (
     Abort,
     AddRequest,
@@ -206,6 +208,28 @@ class RouterClient(EngineClient):
             raise EngineUnavailable("no decode (or colocated) worker is ready")
         super().check_available()
 
+    # ---------------------------------------------------------------- LoRA adapters
+
+    def lora_adapters(self) -> dict[str, LoRARequest]:
+        """The adapters the ready decode workers serve (from their /internal/info): a request naming one
+        is routed with it, and its KV blocks are hashed on that adapter's chain."""
+        adapters: dict[str, LoRARequest] = {}
+        for worker in self.policy.decode:
+            if worker.ready:
+                for entry in worker.info.get("lora_modules") or []:
+                    try:
+                        lora = msgspec.convert(entry, LoRARequest)
+                    except msgspec.ValidationError:
+                        continue
+                    adapters.setdefault(lora.lora_name, lora)
+        return adapters
+
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        raise RequestRejected(400, "a router loads no adapters: load them on its workers")
+
+    async def unload_lora(self, name: str) -> None:
+        raise RequestRejected(400, "a router unloads no adapters: unload them on its workers")
+
     # ---------------------------------------------------------------- requests
 
     def _send(self, message: EngineRequest) -> None:
@@ -270,7 +294,8 @@ class RouterClient(EngineClient):
     async def _attempt(self, route: _Route) -> None:
         add = route.add
         disaggregable = len(add.seq_ids) == 1 and add.params[0].prompt_logprobs is None
-        decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable)
+        root = prefix_root_hash(add.lora_request, ROOT_HASH)  # the chain its adapter's blocks are hashed on
+        decode, prefill = self.policy.pick(add.prompt_token_ids, self.info.block_size, disaggregable, root)
         if decode is None:
             raise EngineUnavailable("no decode worker is ready")
         route.num_tokens = len(add.prompt_token_ids)

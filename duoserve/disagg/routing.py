@@ -19,6 +19,7 @@ from typing import Any
 
 from duoserve.disagg.discovery import parse_discover
 from duoserve.disagg.kv_events import KVEvents, KVIndex, prompt_block_hashes
+from duoserve.kv.block_pool import ROOT_HASH
 
 POLICIES = ("kv", "round_robin", "least_loaded")
 
@@ -121,10 +122,11 @@ class RoutingPolicy:
         return [w for w in self.pool.values() if w.kind == "decode"]
 
     def pick(
-        self, prompt: list[int], block_size: int, disaggregable: bool
+        self, prompt: list[int], block_size: int, disaggregable: bool, root_hash: int = ROOT_HASH
     ) -> tuple[Worker | None, Worker | None]:
-        """(decode worker or None if none is up, prefill worker or None for local prefill)."""
-        hashes = prompt_block_hashes(prompt, block_size)
+        """(decode worker or None if none is up, prefill worker or None for local prefill). `root_hash`:
+        the root of the prompt's block chain, its LoRA adapter's (the base model's by default)."""
+        hashes = prompt_block_hashes(prompt, block_size, root_hash)
         decode = self._choose([w for w in self.decode if w.ready], hashes, block_size, _decode_load)
         if decode is None:
             return None, None

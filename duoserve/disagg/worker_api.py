@@ -110,6 +110,7 @@ class WorkerRoutes:
             "block_size": ready.block_size,
             "kv_address": ready.kv_address,
             "events_address": ready.events_address,
+            "lora_modules": [msgspec.to_builtins(lora) for lora in self.client.lora_adapters().values()],
             "stats": self.client.metrics.engine_state.stats,
         }
         return Response(msgspec.json.encode(body), media_type="application/json")

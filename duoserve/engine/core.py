@@ -24,6 +24,8 @@ from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.connector import KVConnector, MultiConnector
 from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.kv.offload.connector import OffloadConnector
+from duoserve.lora.manager import LoRAManager, lora_manager_for
+from duoserve.lora.request import LoRARequest
 from duoserve.models.config import ModelConfig
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
@@ -82,6 +84,11 @@ class EngineCore:
             quantized_max_rows=quantized_max_rows,
         )
         self.model_config = model_config
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            self.lora = lora_manager_for(self.model, model_config, config.max_loras, config.max_lora_rank)
+            for lora_request in config.lora_requests():
+                self.lora.load(lora_request)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.kv = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
@@ -97,6 +104,7 @@ class EngineCore:
             config.max_num_seqs,
             self.max_model_len,
             connector=self.connector,
+            max_loras=config.max_loras,
         )
         self.sampler = Sampler(config.seed)
         self.speculator = (
@@ -152,8 +160,10 @@ class EngineCore:
         params: SamplingParams,
         eos_token_ids: list[int],
         kv_transfer_params: object | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Validate and queue a request; ValueError names what is wrong with it.
+        """Validate and queue a request; ValueError names what is wrong with it. `lora_request`: the
+        adapter it runs with (loaded on first use).
 
         `kv_transfer_params` are for the KV connector alone (P/D: which half of a disaggregated
         request this is), which may refuse them or limit the tokens generated here.
@@ -185,11 +195,30 @@ class EngineCore:
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             stop_token_ids=frozenset(stop_ids),
             kv_transfer_params=kv_transfer_params,
+            lora=self._adapter(lora_request),
         )
         limit = self.connector.check_request(request)
         if limit is not None:
             request.max_tokens = min(request.max_tokens, limit)
         self.scheduler.add(request)
+
+    def _adapter(self, lora_request: LoRARequest | None):
+        if lora_request is None:
+            return None
+        return self._loras().resolve(lora_request)
+
+    def _loras(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with --enable-lora")
+        return self.lora
+
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter at run time (ValueError: not enabled, name taken, or it does not fit)."""
+        self._loras().load(lora_request)
+
+    def unload_lora(self, name: str) -> bool:
+        """Unload an adapter (requests using it finish with it); False if none has that name."""
+        return self._loras().unload(name)
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id)
@@ -226,7 +255,7 @@ class EngineCore:
         self.connector.start_load_kv(self.kv_cache)
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
-        batch = prepare_batch(plan.scheduled, self.kv, self.device) if plan.scheduled else None
+        batch = self._prepare(plan)
         forward_start = time.perf_counter()
         sampled, prompt_logprobs = self._forward(batch)
         forward_seconds = time.perf_counter() - forward_start
@@ -245,13 +274,24 @@ class EngineCore:
         )
         return outputs
 
+    def _prepare(self, plan: SchedulerOutput) -> StepBatch | None:
+        """The step's tensors (None: nothing is scheduled), every token with its request's LoRA slot."""
+        if not plan.scheduled:
+            return None
+        lora_slots = None
+        if self.lora is not None:
+            lora_slots = self.lora.assign([s.request.lora for s in plan.scheduled if s.request.lora])
+        return prepare_batch(plan.scheduled, self.kv, self.device, lora_slots)
+
     def _forward(
         self, batch: StepBatch | None
     ) -> tuple[dict[str, tuple[list[int], list[TokenLogprobs]]], dict[str, list[TokenLogprobs]]]:
         """The model on the step's batch: sampled tokens and this step's prompt logprobs, by request."""
         if batch is None:
             return {}, {}
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        hidden = self.model.forward(
+            batch.input_ids, batch.positions, self.kv_cache, batch.meta, batch.lora_slots
+        )
         return self._sample(batch, hidden), self._score_prompts(batch, hidden)
 
     def _observe_speculation(

@@ -8,6 +8,7 @@ import logging
 from duoserve.config import EngineConfig
 from duoserve.engine.core import EngineCore
 from duoserve.engine.output_processor import OutputProcessor
+from duoserve.lora.request import LoRARequest
 from duoserve.models.loader import load_model
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
@@ -40,8 +41,15 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a prompt (text, or token ids). Raises ValueError for a prompt or params it cannot serve."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
+        """Queue a prompt (text, or token ids), on the base model or a LoRA adapter. Raises ValueError for
+        a prompt, params or adapter it cannot serve."""
         if request_id in self.processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -52,7 +60,9 @@ class LLMEngine:
         seq_ids = self.processor.add(request_id, text, token_ids, sequences)
         try:
             for seq_id, seq_params in zip(seq_ids, sequences, strict=True):
-                self.core.add_request(seq_id, token_ids, seq_params, self.eos_token_ids)
+                self.core.add_request(
+                    seq_id, token_ids, seq_params, self.eos_token_ids, lora_request=lora_request
+                )
         except ValueError:
             self.abort(request_id)
             raise

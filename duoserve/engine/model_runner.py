@@ -27,6 +27,7 @@ class StepBatch:
     # The last row of each of them; with draft tokens, the 1 + k rows whose logits verify the drafts.
     sample_rows: torch.Tensor
     prompt_logprobs: list[PromptLogprobRows]
+    lora_slots: list[int] | None = None  # per token, its adapter's LoRA slot (-1: none); None: no adapter
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SeqChunk:
     token_ids: list[int]
     start: int  # position of the first one (every earlier position has KV)
     block_ids: list[int]  # the sequence's block table, covering start + len(token_ids) positions
+    lora_slot: int = -1  # the LoRA slot of the sequence's adapter (-1: the base model)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class BatchLayout:
     positions: torch.Tensor
     meta: AttentionMetadata
     query_starts: list[int]  # first row of each chunk, in the order the chunks were given
+    lora_slots: list[int] | None = None  # per token (-1: none); None when no chunk has an adapter
 
 
 def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> BatchLayout:
@@ -55,6 +58,7 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
+    lora_slots: list[int] = []
     query_starts = [0] * len(chunks)
     prefills: list[PrefillChunk] = []
     for i in order:
@@ -64,6 +68,7 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start, end))
         slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(chunk.start, end))
+        lora_slots.extend([chunk.lora_slot] * len(chunk.token_ids))
         if len(chunk.token_ids) > 1:
             table = _table_tensor(chunk.block_ids, device)
             prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
@@ -81,11 +86,20 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         meta=meta,
         query_starts=query_starts,
+        lora_slots=lora_slots if any(c.lora_slot >= 0 for c in chunks) else None,
     )
 
 
-def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device: torch.device) -> StepBatch:
+def prepare_batch(
+    scheduled: list[ScheduledRequest],
+    kv: KVCacheManager,
+    device: torch.device,
+    lora_slots: dict[int, int] | None = None,
+) -> StepBatch:
     """The step's model inputs, and which rows sample and score prompt tokens.
+
+    `lora_slots`: the LoRA slot of each adapter of the step, by id(adapter) (LoRAManager.assign); each
+    token of a request with an adapter gets its slot, the others -1.
 
     A request verifying k draft tokens is a chunk of 1 + k tokens (its last token, then the drafts)
     that samples at all 1 + k rows.
@@ -95,7 +109,8 @@ def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device:
         request, start = s.request, s.request.num_computed_tokens
         end = start + s.num_new_tokens - len(s.draft_token_ids)
         token_ids = request.all_token_ids[start:end] + s.draft_token_ids
-        chunks.append(SeqChunk(token_ids, start, kv.block_ids(request.request_id)))
+        slot = -1 if request.lora is None else lora_slots[id(request.lora)]
+        chunks.append(SeqChunk(token_ids, start, kv.block_ids(request.request_id), slot))
     layout = layout_batch(chunks, kv.block_size, device)
     sampling: list[ScheduledRequest] = []
     sample_rows: list[int] = []
@@ -117,6 +132,7 @@ def prepare_batch(scheduled: list[ScheduledRequest], kv: KVCacheManager, device:
         sampling=sampling,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
         prompt_logprobs=prompt_logprobs,
+        lora_slots=layout.lora_slots,
     )
 
 

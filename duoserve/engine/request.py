@@ -5,11 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from duoserve.kv.block_pool import ROOT_HASH
+from duoserve.lora.request import prefix_root_hash
 from duoserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from duoserve.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -59,9 +64,12 @@ class Request:
     # Speculative decoding: draft tokens proposed for the next step. Tentative: they are not in
     # all_token_ids, and the scheduler takes them (or drops them when they do not fit).
     draft_token_ids: list[int] = field(default_factory=list)
+    lora: LoRAAdapter | None = None  # the adapter it runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        # Parent hash of its first KV block: blocks computed with different adapters never match.
+        self.block_root = prefix_root_hash(self.lora.request if self.lora else None, ROOT_HASH)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

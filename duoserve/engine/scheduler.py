@@ -89,15 +89,18 @@ class Scheduler:
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
         connector: KVConnector | None = None,
+        max_loras: int = 0,
     ) -> None:
         """`clock` stamps first_scheduled_time and first_token_time (the planner's simulator,
-        duoserve/plan, passes its own); `connector` supplies and takes KV (none: nothing does)."""
+        duoserve/plan, passes its own); `connector` supplies and takes KV (none: nothing does);
+        `max_loras`: most LoRA adapters among the running requests (so in any one step), as vLLM's."""
         self.kv = kv
         self.clock = clock
         self.connector: KVConnector = connector if connector is not None else MultiConnector()
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
+        self.max_loras = max_loras
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: dict[str, _Load] = {}  # WAITING_FOR_KV, holding blocks and a seat
@@ -191,10 +194,17 @@ class Scheduler:
         After the device's prefix hit, the connector may supply more tokens: at once (written before
         the forward, so the rest is computed in this step) or asynchronously (the request then
         takes a seat and its blocks, but no budget, and waits in `loading`). As in vLLM, admission
-        stops when the budget is spent, loads included.
+        stops when the budget is spent, loads included. A request whose LoRA adapter would make more
+        than `max_loras` among the admitted ones waits, keeping its place in the queue.
         """
+        admitted = [*self.running, *(load.request for load in self.loading.values())]
+        loras = {id(r.lora) for r in admitted if r.lora is not None}
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.lora is not None and id(request.lora) not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             cached, num_external, load_async = self._match(request)
             num_cached = len(cached) * self.kv.block_size
             num_new = 0 if load_async else min(request.num_tokens - num_cached - num_external, budget)
@@ -202,14 +212,23 @@ class Scheduler:
                 break  # a connector that supplied every token at once: nothing left to compute
             # Blocks a load fills stay out of the prefix cache until their KV is there.
             if not self.kv.allocate_slots(
-                request.request_id, request.all_token_ids, num_external, num_new, cached, not load_async
+                request.request_id,
+                request.all_token_ids,
+                num_external,
+                num_new,
+                cached,
+                not load_async,
+                root_hash=request.block_root,
             ):
                 break
+            if request.lora is not None:
+                loras.add(id(request.lora))
             self.waiting.popleft()
             self._admit(request, num_cached, num_external, load_async)
             if not load_async:
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
 
     def _match(self, request: Request) -> tuple[list[int], int, bool]:
         """The request's prefix-cache hit (blocks), the tokens after it the connector supplies, and
@@ -217,7 +236,7 @@ class Scheduler:
         position themselves."""
         if request.wants_prompt_logprobs:
             return [], 0, False
-        cached = self.kv.find_cached_prefix(request.all_token_ids)
+        cached = self.kv.find_cached_prefix(request.all_token_ids, request.block_root)
         num_external, load_async = self.connector.get_num_new_matched_tokens(
             request, len(cached) * self.kv.block_size
         )

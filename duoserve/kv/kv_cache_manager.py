@@ -28,6 +28,7 @@ class BlockTable:
     block_hashes: list[int] = field(default_factory=list)
     # Leading entries freed out of the sliding window (now NULL_BLOCK).
     num_freed: int = 0
+    root_hash: int = ROOT_HASH  # parent of the first block: one per LoRA adapter (Request.block_root)
 
 
 class KVCacheManager:
@@ -83,15 +84,16 @@ class KVCacheManager:
         table.block_ids[table.num_freed : end] = [NULL_BLOCK] * (end - table.num_freed)
         table.num_freed = end
 
-    def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
+    def find_cached_prefix(self, token_ids: list[int], root_hash: int = ROOT_HASH) -> list[int]:
         """Blocks of the longest cached prefix of token_ids, leaving at least one token to compute.
 
         The last token is always computed again: its logits are what the request samples from.
+        `root_hash`: the chain's root, the request's adapter's (Request.block_root).
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = ROOT_HASH
+        parent = root_hash
         num_full = (len(token_ids) - 1) // self.block_size
         for i in range(num_full):
             chunk = token_ids[i * self.block_size : (i + 1) * self.block_size]
@@ -115,6 +117,7 @@ class KVCacheManager:
         num_new: int,
         cached_blocks: list[int] = (),
         register: bool = True,
+        root_hash: int = ROOT_HASH,
     ) -> bool:
         """Make room for tokens [num_computed, num_computed + num_new) of a request.
 
@@ -123,6 +126,7 @@ class KVCacheManager:
         `register=False` keeps the new blocks out of the prefix cache: their KV comes from a KV connector
         later (another worker, an offload tier), and nobody may hit them before it has arrived (the next
         allocation registers them).
+        `root_hash` roots the chain of a request new to the cache (Request.block_root).
         """
         table = self.tables.get(request_id)
         held = len(table.block_ids) if table else 0
@@ -135,7 +139,7 @@ class KVCacheManager:
         if needed > self.pool.num_free_blocks - reclaimed:
             return False
         if table is None:
-            table = self.tables[request_id] = BlockTable()
+            table = self.tables[request_id] = BlockTable(root_hash=root_hash)
         if cached_blocks:
             self.pool.touch(cached_blocks)
             table.block_ids.extend(cached_blocks)
@@ -159,7 +163,7 @@ class KVCacheManager:
         for i in range(len(table.block_hashes), min(num_tokens, len(token_ids)) // bs):
             if table.block_ids[i] == NULL_BLOCK:
                 break  # freed out of the window before it could be registered: the chain ends here
-            parent = table.block_hashes[-1] if table.block_hashes else ROOT_HASH
+            parent = table.block_hashes[-1] if table.block_hashes else table.root_hash
             block_hash = self.pool.cache(table.block_ids[i], parent, token_ids[i * bs : (i + 1) * bs])
             if block_hash is None:
                 break  # a hash collision: this block and those after it stay out (retried next time)

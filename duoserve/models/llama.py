@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
+from duoserve.lora.layers import LoRALinear, LoRAMapping, LoRASlots, LoRAState
 from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
@@ -193,12 +194,40 @@ class LlamaModel:
             _Layer.from_weights(w, q, i, config, act, ropes, max_positions)
             for i in range(config.num_hidden_layers)
         ]
+        self.device = device
+        self.lora_state: LoRAState | None = None  # set by add_lora_slots
+
+    def add_lora_slots(self, max_loras: int, max_rank: int) -> list[dict[str, LoRASlots]]:
+        """Give every layer's projections `max_loras` LoRA slots of rank `max_rank` (duoserve/lora);
+        returns them per layer, by fused linear (qkv, o, gate_up, down; no MLP ones in MoE layers)."""
+        self.lora_state = LoRAState()
+        return [
+            layer.add_lora(max_loras, max_rank, self.lora_state, self.dtype, self.device)
+            for layer in self.layers
+        ]
 
     @torch.inference_mode()
     def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        lora_slots: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] before the final norm. `lora_slots`: each token's LoRA slot
+        (-1: none), for a model with add_lora_slots."""
+        if lora_slots is None or self.lora_state is None:
+            return self._forward(input_ids, positions, kv_cache, meta)
+        self.lora_state.mapping = LoRAMapping.of(lora_slots, self.dtype, self.device)
+        try:
+            return self._forward(input_ids, positions, kv_cache, meta)
+        finally:
+            self.lora_state.mapping = None
+
+    def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] before the final norm."""
         self.attention.prepare(meta)
         x = self.embed(input_ids)
         if self.embedding_scale is not None:
@@ -337,9 +366,31 @@ class _Layer:
         return x + _maybe(self.mlp_out_norm, self.mlp(self.mlp_norm(x)))
 
     def linears(self) -> list[Linear]:
-        """The dense or quantized matmuls of the layer (routed experts are plain tensors)."""
+        """The dense or quantized matmuls of the layer (routed experts are plain tensors; LoRA slots
+        left out)."""
         mlp = [self.mlp.gate_up, self.mlp.down_proj] if isinstance(self.mlp, _DenseMLP) else []
-        return [self.qkv, self.o_proj, *mlp]
+        return [m.base if isinstance(m, LoRALinear) else m for m in (self.qkv, self.o_proj, *mlp)]
+
+    def add_lora(
+        self, max_loras: int, max_rank: int, state: LoRAState, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, LoRASlots]:
+        """Wrap the projections in LoRALinears over new slots; the slots by fused linear."""
+        num_heads, num_kv_heads, head_dim = self.heads
+        hidden = self.qkv.in_features
+
+        def slots(in_features: int, parts: list[int]) -> LoRASlots:
+            return LoRASlots(in_features, parts, max_loras, max_rank, dtype, device)
+
+        sites = {"qkv": slots(hidden, list(self.qkv_sizes)), "o": slots(num_heads * head_dim, [hidden])}
+        self.qkv = LoRALinear(self.qkv, sites["qkv"], state)
+        self.o_proj = LoRALinear(self.o_proj, sites["o"], state)
+        if isinstance(self.mlp, _DenseMLP):
+            inter = self.mlp.down_proj.in_features
+            sites["gate_up"] = slots(hidden, [inter, inter])
+            sites["down"] = slots(inter, [hidden])
+            self.mlp.gate_up = LoRALinear(self.mlp.gate_up, sites["gate_up"], state)
+            self.mlp.down_proj = LoRALinear(self.mlp.down_proj, sites["down"], state)
+        return sites
 
     def norms(self) -> list[torch.Tensor]:
         norms = (

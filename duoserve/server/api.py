@@ -31,9 +31,16 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from duoserve.disagg.worker_api import WorkerRoutes
+from duoserve.lora.request import LoRARequest
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected, RequestStream
+from duoserve.server.lora_routes import (
+    LoadLoRAAdapterRequest,
+    LoRARoutes,
+    UnloadLoRAAdapterRequest,
+    model_cards,
+)
 from duoserve.server.openapi import UNAUTHENTICATED_PATHS, error_responses, install_openapi, json_body_route
 from duoserve.server.protocol import (
     APIError,
@@ -54,7 +61,7 @@ from duoserve.server.serving import (
     error_event,
     holdback_for,
 )
-from duoserve.server.settings import ServerSettings
+from duoserve.server.settings import ServerSettings, runtime_lora_from_env
 
 logger = logging.getLogger("duoserve.server")
 
@@ -113,16 +120,16 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         body: CompletionRequest = parse_body(await self._read_body(request), CompletionRequest)
-        self._check_model(body.model)
+        lora = self._lora_for(body.model)
         params = body.to_sampling_params()
         tokenizer = self._tokenizer()
         prompts = [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in body.prompts()]
         self.client.metrics.prompt_tokenizations.inc(sum(text is not None for text, _ in prompts))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._admit(request_id, prompts, params, arrival)
+        streams = await self._admit(request_id, prompts, params, arrival, lora)
         ctx = ResponseContext(
             request_id,
-            self.client.served_model_name,
+            lora.lora_name if lora else self.client.served_model_name,
             include_usage=body.include_usage,
             as_token_ids=body.return_tokens_as_token_ids,
             num_top_logprobs=body.logprobs,
@@ -137,17 +144,17 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         body: ChatCompletionRequest = parse_body(await self._read_body(request), ChatCompletionRequest)
-        self._check_model(body.model)
+        lora = self._lora_for(body.model)
         params = body.to_sampling_params()
         text, prompt_ids = self._render_chat(
             body.template_messages(), body.add_generation_prompt, body.chat_template_kwargs or {}
         )
         self.client.metrics.prompt_tokenizations.inc()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._admit(request_id, [(text, prompt_ids)], params, arrival)
+        streams = await self._admit(request_id, [(text, prompt_ids)], params, arrival, lora)
         ctx = ResponseContext(
             request_id,
-            self.client.served_model_name,
+            lora.lora_name if lora else self.client.served_model_name,
             include_usage=body.include_usage,
             as_token_ids=body.return_tokens_as_token_ids,
             num_top_logprobs=params.logprobs,
@@ -165,13 +172,15 @@ class OpenAIServer:
         prompts: list[tuple[str | None, list[int]]],
         params: SamplingParams,
         arrival: float,
+        lora: LoRARequest | None = None,
     ) -> list[RequestStream]:
-        """Queue every prompt in the engine; if one is refused, the others are withdrawn."""
+        """Queue every prompt in the engine (on `lora`, or the base model); if one is refused, the others
+        are withdrawn."""
         self.client.check_available()
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *(
-                self.client.add_request(rid, text, token_ids, params, arrival)
+                self.client.add_request(rid, text, token_ids, params, arrival, lora)
                 for rid, (text, token_ids) in zip(ids, prompts, strict=True)
             ),
             return_exceptions=True,
@@ -297,7 +306,7 @@ class OpenAIServer:
             "parent": None,
             "max_model_len": info.max_model_len if info else None,
         }
-        return json_response({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [card, *model_cards(self.client, card)]})
 
     async def health(self, request: Request) -> Response:
         """Readiness: 200 once a request would be served, 503 (why, as an OpenAI error) until then."""
@@ -375,12 +384,20 @@ class OpenAIServer:
             raise APIError(408, f"the request body did not arrive within {timeout:g} s") from err
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.client.served_model_name:
-            raise APIError(
-                404,
-                f"the model `{model}` does not exist (this server serves `{self.client.served_model_name}`)",
-                "model",
+        self._lora_for(model)
+
+    def _lora_for(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for an unknown name."""
+        if model is None or model == self.client.served_model_name:
+            return None
+        lora = self.client.lora_adapters().get(model)
+        if lora is None:
+            self.client.check_available()  # while loading, 503: its adapters are not known yet
+            served = ", ".join(
+                f"`{name}`" for name in [self.client.served_model_name, *self.client.lora_adapters()]
             )
+            raise APIError(404, f"the model `{model}` does not exist (this server serves {served})", "model")
+        return lora
 
     def _render_chat(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, template_kwargs: dict[str, Any]
@@ -480,6 +497,14 @@ def build_app(client: EngineClient, settings: ServerSettings, worker_routes: boo
         ("/detokenize", server.detokenize, "POST", json_body_route(DetokenizeRequest)),
         ("/metrics", server.metrics, "GET", {"response_class": PrometheusResponse}),
     ]
+    body_models = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+    if settings.allow_runtime_lora_updating or runtime_lora_from_env():
+        loras = LoRARoutes(client, server._read_body)
+        routes += [
+            ("/v1/load_lora_adapter", loras.load, "POST", json_body_route(LoadLoRAAdapterRequest)),
+            ("/v1/unload_lora_adapter", loras.unload, "POST", json_body_route(UnloadLoRAAdapterRequest)),
+        ]
+        body_models += [LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest]
     worker = WorkerRoutes(client, settings.role, settings.cluster_secret, settings.max_request_bytes)
     # A worker's routes for its router are not part of the public API: left out of /openapi.json.
     internal = {"include_in_schema": False}
@@ -494,11 +519,7 @@ def build_app(client: EngineClient, settings: ServerSettings, worker_routes: boo
     )
     for path, handler, method, doc in routes:
         app.add_api_route(path, handler, methods=[method], **doc)
-    install_openapi(
-        app,
-        [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
-        bool(settings.api_key),
-    )
+    install_openapi(app, body_models, bool(settings.api_key))
     for exc_type in (APIError, RequestRejected, EngineUnavailable, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
     if settings.api_key:

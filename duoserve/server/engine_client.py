@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from duoserve.disagg.endpoints import LOOPBACK, KVEndpoints
 from duoserve.engine.core import CoreOutput
 from duoserve.engine.llm_engine import child_params
 from duoserve.engine.output_processor import OutputProcessor
+from duoserve.lora.request import LoRARequest
 from duoserve.models.loader import default_model_path
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
@@ -36,8 +38,10 @@ from duoserve.server.engine_messages import (
     EngineFailed,
     EngineOutputs,
     EngineRequest,
+    LoadLoRA,
     Ready,
     Shutdown,
+    UnloadLoRA,
     message_decoder,
     request_encoder,
 )
@@ -139,6 +143,10 @@ class EngineClient:
         self.engine_info: Ready | None = None
         self.eos_token_ids: list[int] = []
         self.streams: dict[str, RequestStream] = {}
+        # LoRA adapters by name (from the engine at start, then runtime loads), and the runtime
+        # loads/unloads waiting for the engine's answer.
+        self.loras: dict[str, LoRARequest] = {}
+        self._lora_updates: dict[str, asyncio.Future] = {}
         # Requests of a router: token ids in, the engine's own outputs out (no text, no metrics here).
         self.raw_streams: dict[str, RawStream] = {}
         self._raw_seqs: dict[str, RawStream] = {}
@@ -164,6 +172,7 @@ class EngineClient:
         self.engine_info = ready
         self.processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + ready.eos_token_ids))
+        self.loras = {lora.lora_name: lora for lora in ready.lora_modules}
         self.info = ModelInfo(
             max_model_len=ready.max_model_len,
             vocab_size=ready.vocab_size,
@@ -298,13 +307,23 @@ class EngineClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Send a request to the engine and wait until it is accepted (RequestRejected if not)."""
         self.check_available()
         seq_params = child_params(params)
         seq_ids = self.processor.add(request_id, prompt, prompt_token_ids, seq_params)
         try:
-            self._send(AddRequest(request_id, seq_ids, prompt_token_ids, seq_params, self.eos_token_ids))
+            self._send(
+                AddRequest(
+                    request_id,
+                    seq_ids,
+                    prompt_token_ids,
+                    seq_params,
+                    self.eos_token_ids,
+                    lora_request=lora_request,
+                )
+            )
         except OverflowError as err:  # msgpack integers stop at 64 bits, and so does every engine limit
             self.processor.remove(request_id)
             raise RequestRejected(400, f"a number in the request is out of range: {err}") from err
@@ -332,6 +351,38 @@ class EngineClient:
         if params.max_tokens is not None:
             self.metrics.request_params_max_tokens.observe(params.max_tokens)
         return stream
+
+    # ---------------------------------------------------------------- LoRA adapters
+
+    def lora_adapters(self) -> dict[str, LoRARequest]:
+        """The adapters a request's `model` may name."""
+        return self.loras
+
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Load an adapter in the engine (RequestRejected: 400 if it cannot be loaded)."""
+        if name in self.loras or name == self.served_model_name:
+            raise RequestRejected(400, f"the LoRA adapter {name!r} has already been loaded")
+        lora = LoRARequest(name, max((r.lora_int_id for r in self.loras.values()), default=0) + 1, path)
+        await self._update_loras(LoadLoRA(f"lora-load-{uuid.uuid4().hex}", lora))
+        self.loras[name] = lora
+        return lora
+
+    async def unload_lora(self, name: str) -> None:
+        """Unload an adapter (RequestRejected: 404 if none has that name); requests using it finish."""
+        if name not in self.loras:
+            raise RequestRejected(404, f"the LoRA adapter {name!r} cannot be found")
+        await self._update_loras(UnloadLoRA(f"lora-unload-{uuid.uuid4().hex}", name))
+        self.loras.pop(name, None)
+
+    async def _update_loras(self, message: LoadLoRA | UnloadLoRA) -> None:
+        self.check_available()
+        future = asyncio.get_running_loop().create_future()
+        self._lora_updates[message.request_id] = future
+        self._send(message)
+        try:
+            await future
+        finally:
+            self._lora_updates.pop(message.request_id, None)
 
     async def outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
         """The request's outputs until it finishes; leaving early (client gone) aborts it."""
@@ -516,6 +567,9 @@ class EngineClient:
         for request_id in list(self.streams):
             self._fail_stream(self.streams[request_id], EngineUnavailable(f"the engine died: {reason}"))
             self._forget(request_id)
+        for update in self._lora_updates.values():
+            if not update.done():
+                update.set_exception(EngineUnavailable(f"the engine died: {reason}"))
         if self.on_engine_death is not None:
             self.on_engine_death(reason)
 
@@ -532,10 +586,16 @@ class EngineClient:
             stream = self.streams.get(request_id)
             if stream is not None and not stream.accepted.done():
                 stream.accepted.set_result(None)
+            update = self._lora_updates.get(request_id)
+            if update is not None and not update.done():
+                update.set_result(None)
         for error in batch.errors:
             stream = self.streams.get(error.request_id)
             if stream is not None and not stream.accepted.done():
                 stream.accepted.set_exception(RequestRejected(error.status, error.message))
+            update = self._lora_updates.get(error.request_id)
+            if update is not None and not update.done():
+                update.set_exception(RequestRejected(error.status, error.message))
         self._record_starts(batch)
         # A sequence a stop string ended runs on in the engine until our abort lands: drop its late tokens.
         outputs = [out for out in batch.outputs if self._live(out.request_id)]

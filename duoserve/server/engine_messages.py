@@ -11,6 +11,7 @@ import msgspec
 
 from duoserve.disagg.kv_transfer import KVTicket, KVTransferParams
 from duoserve.engine.core import CoreOutput
+from duoserve.lora.request import LoRARequest
 from duoserve.sampling_params import SamplingParams
 
 # ------------------------------------------------------------------ API process -> engine process
@@ -25,17 +26,30 @@ class AddRequest(msgspec.Struct, tag=True):
     params: list[SamplingParams]
     eos_token_ids: list[int]
     kv_transfer: KVTransferParams | None = None  # one half of a disaggregated request (n = 1)
+    lora_request: LoRARequest | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 class Abort(msgspec.Struct, tag=True):
     seq_ids: list[str]
 
 
+class LoadLoRA(msgspec.Struct, tag=True):
+    """Load an adapter at run time; acknowledged (accepted or a RequestError) under `request_id`."""
+
+    request_id: str
+    lora_request: LoRARequest
+
+
+class UnloadLoRA(msgspec.Struct, tag=True):
+    request_id: str
+    lora_name: str
+
+
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-EngineRequest = AddRequest | Abort | Shutdown
+EngineRequest = AddRequest | Abort | LoadLoRA | UnloadLoRA | Shutdown
 
 # ------------------------------------------------------------------ engine process -> API process
 
@@ -50,6 +64,7 @@ class Ready(msgspec.Struct, tag=True):
     block_size: int
     kv_address: str = ""  # where prefill workers push KV to this engine (tcp://host:port)
     events_address: str = ""  # where it publishes KV events (block stored / removed), for routers
+    lora_modules: list[LoRARequest] = []  # the adapters loaded at start (--lora-modules)
 
 
 class EngineFailed(msgspec.Struct, tag=True):

@@ -29,10 +29,13 @@ from duoserve.server.engine_messages import (
     AddRequest,
     EngineFailed,
     EngineOutputs,
+    EngineRequest,
+    LoadLoRA,
     Ready,
     RequestError,
     SeqStart,
     Shutdown,
+    UnloadLoRA,
     message_encoder,
     request_decoder,
 )
@@ -131,6 +134,7 @@ def _ready(core: EngineCore, kv_address: str, events_address: str) -> Ready:
         block_size=core.config.block_size,
         kv_address=kv_address,
         events_address=events_address,
+        lora_modules=core.config.lora_requests() if core.lora is not None else [],
     )
 
 
@@ -208,7 +212,7 @@ class EngineLoop:
             handled = True  # a dropped message too: the batch's stats carry the count at once
         return handled
 
-    def _decode(self, data: memoryview) -> AddRequest | Abort | Shutdown | None:
+    def _decode(self, data: memoryview) -> EngineRequest | None:
         """The inbox message, or None (dropped and counted) when it is not one: whatever reaches the
         socket must never end the loop."""
         try:
@@ -218,7 +222,7 @@ class EngineLoop:
             self.drops.drop(reason, f"from the API process ({len(data)} bytes): {err}")
             return None
 
-    def _handle(self, message: AddRequest | Abort | Shutdown, batch: EngineOutputs) -> None:
+    def _handle(self, message: EngineRequest, batch: EngineOutputs) -> None:
         if isinstance(message, AddRequest):
             error = self._add(message)
             if error is None:
@@ -228,6 +232,12 @@ class EngineLoop:
         elif isinstance(message, Abort):
             for seq_id in message.seq_ids:
                 self.core.abort(seq_id)
+        elif isinstance(message, (LoadLoRA, UnloadLoRA)):
+            error = self._update_loras(message)
+            if error is None:
+                batch.accepted.append(message.request_id)
+            else:
+                batch.errors.append(error)
         elif isinstance(message, Shutdown):
             self.stopping = True
 
@@ -242,7 +252,12 @@ class EngineLoop:
         try:
             for seq_id, params in zip(message.seq_ids, message.params, strict=True):
                 self.core.add_request(
-                    seq_id, message.prompt_token_ids, params, message.eos_token_ids, message.kv_transfer
+                    seq_id,
+                    message.prompt_token_ids,
+                    params,
+                    message.eos_token_ids,
+                    message.kv_transfer,
+                    message.lora_request,
                 )
                 added.append(seq_id)
         except Exception as err:  # one bad request must never take the engine down
@@ -252,6 +267,19 @@ class EngineLoop:
                 return RequestError(message.request_id, 400, str(err))
             logger.exception("adding request %s failed", message.request_id)
             return RequestError(message.request_id, 500, f"the engine could not add the request: {err}")
+        return None
+
+    def _update_loras(self, message: LoadLoRA | UnloadLoRA) -> RequestError | None:
+        """Load or unload an adapter: 400 when it cannot be loaded, 404 when there is none to unload."""
+        try:
+            if isinstance(message, LoadLoRA):
+                self.core.load_lora(message.lora_request)
+            elif not self.core.unload_lora(message.lora_name):
+                return RequestError(
+                    message.request_id, 404, f"the LoRA adapter {message.lora_name!r} is not loaded"
+                )
+        except ValueError as err:
+            return RequestError(message.request_id, 400, str(err))
         return None
 
     def _queue_full(self, num_new: int) -> bool:

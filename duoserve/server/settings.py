@@ -28,12 +28,20 @@ class ServerSettings:
     role: str = "both"  # prefill | decode | both: what this worker does for a router
     # Authenticates /internal/*, KV transfer and KV events between workers and routers (an HMAC key).
     cluster_secret: str | None = None
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    allow_runtime_lora_updating: bool = False
 
 
 ROLES = ("prefill", "decode", "both")
 
 
 API_KEY_ENV = "DUOSERVE_API_KEY"
+RUNTIME_LORA_ENV = "DUOSERVE_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_lora_from_env() -> bool:
+    """vLLM's convention: the env variable set to true (or 1) opens the runtime LoRA routes."""
+    return os.environ.get(RUNTIME_LORA_ENV, "").strip().lower() in ("true", "1")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +100,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "the default). Every role also serves the OpenAI routes directly",
     )
     group.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help=f"serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or set {RUNTIME_LORA_ENV}=true)",
+    )
+    group.add_argument(
         "--log-level",
         default="INFO",
         help="DEBUG, INFO (one line per request), WARNING, ERROR (default: INFO)",
@@ -111,6 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         log_level=args.log_level.upper(),
         role=args.role,
         cluster_secret=args.cluster_secret or None,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating or runtime_lora_from_env(),
     )
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:

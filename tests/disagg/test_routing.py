@@ -105,3 +105,25 @@ def test_no_healthy_decode_worker():
 def test_bad_router_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RouterConfig(**kwargs)
+
+
+def test_adapter_blocks_are_hashed_on_the_adapter_chain_by_workers_and_router():
+    """A worker's KV events for a LoRA request's blocks are its adapter's chain; the router hashes the
+    prompt on the same chain, and never counts the base model's (or another adapter's) blocks as hits."""
+    from duoserve.kv.block_pool import ROOT_HASH
+    from duoserve.lora.request import LoRARequest, prefix_root_hash
+
+    root = prefix_root_hash(LoRARequest("a", 1, "/adapters/a"), ROOT_HASH)
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    manager.pool.events = []
+    prompt = list(range(100, 117))
+    assert manager.allocate_slots("r", prompt, 0, len(prompt), root_hash=root)
+    stored = [h for is_stored, h in manager.pool.events if is_stored]
+    assert stored == prompt_block_hashes(prompt, 4, root)
+    assert not set(stored) & set(prompt_block_hashes(prompt, 4))
+    routing = policy_with()
+    routing.index.apply("http://d1", KVEvents(stored=stored))
+    assert routing.pick(prompt, 4, disaggregable=False, root_hash=root)[0].url == "http://d1"
+    routing = policy_with()
+    routing.index.apply("http://d1", KVEvents(stored=stored))
+    assert routing.index.overlap("http://d1", prompt_block_hashes(prompt, 4)) == 0

@@ -244,3 +244,18 @@ def test_a_block_freed_before_its_registration_ends_the_chain(monkeypatch):
     assert kv.block_ids("a")[0] == NULL_BLOCK
     assert kv.allocate_slots("a", ids + [1, 2, 3, 4], 24, 4)  # registration stops at the freed block
     assert kv.tables["a"].block_hashes == []
+
+
+def test_blocks_of_another_root_never_match():
+    """A LoRA adapter's requests chain their blocks from the adapter's root: same tokens, no hit."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    prompt = tokens(13)
+    assert kv.allocate_slots("base", prompt, 0, len(prompt))
+    assert kv.allocate_slots("lora", prompt, 0, len(prompt), root_hash=12345)
+    kv.free("base")
+    kv.free("lora")
+    assert len(kv.find_cached_prefix(prompt)) == 3
+    assert len(kv.find_cached_prefix(prompt, root_hash=12345)) == 3
+    assert kv.find_cached_prefix(prompt, root_hash=999) == []
+    base, lora = kv.find_cached_prefix(prompt), kv.find_cached_prefix(prompt, root_hash=12345)
+    assert not set(base) & set(lora)

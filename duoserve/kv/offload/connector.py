@@ -145,7 +145,7 @@ class OffloadConnector:
         if request.wants_prompt_logprobs or num_computed_tokens % bs or first >= num_full:
             return 0, False
         keys, tiers = [], []
-        for key in _chain(request.all_token_ids, bs, num_full)[first:]:
+        for key in _chain(request.all_token_ids, bs, num_full, request.block_root)[first:]:
             tier = self.store.holder(key)
             if tier is None:
                 break
@@ -305,9 +305,10 @@ class OffloadConnector:
         self.store.close()
 
 
-def _chain(token_ids: list[int], block_size: int, num_blocks: int) -> list[BlockKey]:
-    """The keys of the first `num_blocks` full blocks: the pool's chained hashes (block_pool.hash_block)."""
-    keys, parent = [], ROOT_HASH
+def _chain(token_ids: list[int], block_size: int, num_blocks: int, root: int = ROOT_HASH) -> list[BlockKey]:
+    """The keys of the first `num_blocks` full blocks: the pool's chained hashes (block_pool.hash_block),
+    from the request's root (a LoRA adapter's own, so no adapter ever loads another's KV)."""
+    keys, parent = [], root
     for i in range(num_blocks):
         tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
         block_hash = hash_block(parent, tokens)
