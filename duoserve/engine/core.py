@@ -29,6 +29,7 @@ from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
+from duoserve.engine.structured import GrammarMasks, StructuredOutputs
 from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import NULL_BLOCK, KVCacheManager
@@ -112,6 +113,9 @@ class EngineCore:
         self.transfer_stats = TransferStats()
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed)
+        self.structured = StructuredOutputs(
+            loaded.source, model_config.vocab_size, model_config.eos_token_ids
+        )
         self.speculator = (
             None
             if config.speculative is None
@@ -178,6 +182,11 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(
+                f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary [0, {vocab})"
+            )
+        self.structured.check(params)  # the first constrained request builds the tokenizer's tables
         if num_prompt >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {num_prompt} tokens; this engine's context holds at most "
@@ -382,8 +391,9 @@ class EngineCore:
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
         forward_start = time.perf_counter()
+        masks = self.structured.start(batch.sampling)  # computed while the forward runs
         hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
-        sampled = self._sample(batch, hidden)
+        sampled = self._sample(batch, hidden, masks)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
         outputs = self._update(plan.scheduled, sampled, prompt_done)
@@ -398,12 +408,16 @@ class EngineCore:
         )
         return outputs
 
-    def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, tuple[list[int], list]]:
+    def _sample(
+        self, batch: StepBatch, hidden: torch.Tensor, masks: GrammarMasks | None
+    ) -> dict[str, tuple[list[int], list]]:
         """Per sampling request: its new tokens (with drafts: the accepted ones, then the target's)
         and their logprobs (requests with drafts never ask for logprobs)."""
         if not batch.sampling:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+        if masks is not None:  # structured outputs: what the grammars forbid is -inf before any sampling
+            logits = masks.apply(logits)
         plain, plain_rows, drafted, drafted_rows = [], [], [], []
         offset = 0
         for s in batch.sampling:

@@ -13,6 +13,7 @@ from duoserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from duoserve.disagg.kv_transfer import KVTicket
+    from duoserve.engine.structured import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -64,6 +65,8 @@ class Request:
     # Speculative decoding: draft tokens proposed for the next step. Tentative: they are not in
     # all_token_ids, and the scheduler takes them (or drops them when they do not fit).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Structured outputs: the matcher that follows the output (written by duoserve.engine.structured).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
