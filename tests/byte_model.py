@@ -1,6 +1,8 @@
-"""A tiny random model whose tokenizer can spell any text: byte-level BPE over 256 byte tokens, a few
-merges of JSON's common pairs, and the Hermes tool-call tags as added tokens. The word-level tokenizer of
-tests/helpers.py has no `{` or `"`, so structured outputs and tool calls are tested on this one."""
+"""A tiny random model whose tokenizer can spell any text: byte-level BPE over 256 byte tokens and a few
+merges of JSON's common pairs. The word-level tokenizer of tests/helpers.py has no `{` or `"`, so
+structured outputs and tool calls are tested on this one. (The Hermes tags are spelled in bytes, not
+added tokens: llguidance's forced-token mask offers an added token whose text a grammar forces, then
+refuses it when consumed.)"""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from tests.helpers import tiny_hf_model
 
 BYTE_VOCAB = 300
 SPECIALS = ("<unk>", "<s>", "</s>")
-TOOL_TAGS = ("<tool_call>", "</tool_call>")
 EOS = 2
 # Pairs merged into one token (in the GPT-2 byte alphabet: Ġ is a space), most useful first.
 _MERGES = [
@@ -61,12 +62,11 @@ def save_byte_tokenizer(directory: Path) -> None:
         vocab[char] = len(vocab)
     for a, b in _MERGES:
         vocab.setdefault(a + b, len(vocab))
-    assert len(vocab) + len(TOOL_TAGS) <= BYTE_VOCAB
+    assert len(vocab) <= BYTE_VOCAB
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_MERGES))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TAGS])
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))

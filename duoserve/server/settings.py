@@ -28,9 +28,14 @@ class ServerSettings:
     role: str = "both"  # prefill | decode | both: what this worker does for a router
     # Authenticates /internal/*, KV transfer and KV events between workers and routers (an HMAC key).
     cluster_secret: str | None = None
+    # Tool calling (vLLM's flags): how replies are read for calls, and whether tool_choice "auto" is served.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 ROLES = ("prefill", "decode", "both")
+# duoserve.server.tool_calls.TOOL_CALL_PARSERS, spelled here to keep this module free of heavy imports.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
 
 API_KEY_ENV = "DUOSERVE_API_KEY"
@@ -92,6 +97,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "the default). Every role also serves the OpenAI routes directly",
     )
     group.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from a chat reply: hermes (<tool_call> JSON blocks: Hermes, Qwen 2.5 "
+        "and 3) or llama3_json (Llama 3.x JSON calls)",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='serve tool_choice "auto" (the default when a request has tools): the model decides whether to '
+        "call, and --tool-call-parser reads its calls",
+    )
+    group.add_argument(
         "--log-level",
         default="INFO",
         help="DEBUG, INFO (one line per request), WARNING, ERROR (default: INFO)",
@@ -111,7 +129,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         log_level=args.log_level.upper(),
         role=args.role,
         cluster_secret=args.cluster_secret or None,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
+    if settings.enable_auto_tool_choice and settings.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(settings, name)}")
