@@ -70,14 +70,19 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to conversations (one list of {"role", "content"} messages, or several)."""
+        """Generate replies to conversations (one list of {"role", "content"} messages, or several);
+        `tools` (OpenAI's format) go to the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.engine.tokenizer
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                **(chat_template_kwargs or {}),
             )
             # The template already wrote any special tokens the model expects.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))

@@ -6,9 +6,13 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 too.
 MAX_LOGPROBS = 20
+
+# OpenAI bounds each logit_bias value so.
+MAX_LOGIT_BIAS = 100.0
 
 # Below this temperature a request samples greedily (dividing by ~0 would overflow the logits).
 _GREEDY_EPS = 1e-5
@@ -61,6 +65,80 @@ def _as_token_id_list(name: str, value: object) -> list[int]:
     return [_as_int(name, v, minimum=0) for v in value]
 
 
+def _as_logit_bias(value: object) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {value!r}")
+    bias = {}
+    for token, amount in value.items():
+        if isinstance(token, str) and token.isdigit():  # OpenAI sends the ids as JSON object keys
+            token = int(token)
+        token_id = _as_int("logit_bias", token, minimum=0)
+        amount = _as_float("logit_bias", amount)
+        if not -MAX_LOGIT_BIAS <= amount <= MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {amount} "
+                f"for token {token_id}"
+            )
+        bias[token_id] = amount
+    return bias or None
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, vLLM's `structured_outputs`: exactly one of json (a JSON schema, as a
+    dict or its text), regex, choice (the output is one of these strings), grammar (Lark, as llguidance
+    reads it, or GBNF/EBNF with `::=` rules) and json_object (any JSON object).
+
+    `__post_init__` checks the constraint compiles (duoserve.grammar; no tokenizer needed), so a bad
+    schema, regex or grammar is a ValueError naming the problem before any engine sees it.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's options: JSON without whitespace between tokens; objects without unlisted properties.
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        from duoserve.grammar import CONSTRAINT_KINDS, build_grammar
+
+        given = [kind for kind in CONSTRAINT_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of "
+                f"{', '.join(CONSTRAINT_KINDS)}; got {', '.join(given) if given else 'none'}"
+            )
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice) if isinstance(self.choice, (list, tuple)) else self.choice
+        build_grammar(self)  # ValueError naming the problem; cached, so the engine's call is free
+
+    @property
+    def kind(self) -> str:
+        from duoserve.grammar import CONSTRAINT_KINDS
+
+        return next(kind for kind in CONSTRAINT_KINDS if getattr(self, kind) not in (None, False))
+
+
+def _as_structured_outputs(value: object) -> StructuredOutputsParams | None:
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if isinstance(value, dict):
+        try:
+            return StructuredOutputsParams(**value)
+        except TypeError as err:  # an unknown key
+            raise ValueError(f"structured_outputs: {err}") from err
+    raise ValueError(f"structured_outputs must be a StructuredOutputsParams or a dict, got {value!r}")
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request (vLLM-compatible).
@@ -88,6 +166,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
+    structured_outputs: StructuredOutputsParams | None = None  # a dict is read as one
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n, minimum=1)
@@ -109,6 +189,8 @@ class SamplingParams:
         )
         self.stop = _as_stop_list(self.stop)
         self.stop_token_ids = _as_token_id_list("stop_token_ids", self.stop_token_ids)
+        self.logit_bias = _as_logit_bias(self.logit_bias)
+        self.structured_outputs = _as_structured_outputs(self.structured_outputs)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -106,6 +106,11 @@ class Tokenizer:
         self._compiled: dict[str, jinja2.Template] = {}
 
     @property
+    def backend(self) -> _Backend:
+        """The `tokenizers.Tokenizer` underneath (what grammar engines build their token tables from)."""
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 

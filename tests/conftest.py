@@ -69,3 +69,12 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def byte_model_dir(tmp_path_factory) -> str:
+    """A tiny random model with a byte-level tokenizer (tests/byte_model.py): it can spell JSON."""
+    pytest.importorskip("transformers")
+    from tests.byte_model import save_byte_model
+
+    return save_byte_model(tmp_path_factory.mktemp("byte-model"))

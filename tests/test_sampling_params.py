@@ -109,3 +109,17 @@ def test_clone_and_replace_are_independent_and_validated():
     assert dataclasses.replace(p, temperature=0.5).temperature == 0.5
     with pytest.raises(ValueError, match="top_p"):
         dataclasses.replace(p, top_p=2.0)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{-1: 1.0}, {"x": 1.0}, {5: 100.5}, {5: -101}, {5: float("nan")}, {5: "1"}, [5, 1.0], {1.5: 1.0}],
+)
+def test_invalid_logit_bias_is_refused(value):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=value)
+
+
+def test_logit_bias_takes_openai_string_keys():
+    assert SamplingParams(logit_bias={"5": 100, 7: -100.0}).logit_bias == {5: 100.0, 7: -100.0}
+    assert SamplingParams(logit_bias={}).logit_bias is None

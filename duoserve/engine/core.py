@@ -19,6 +19,7 @@ from duoserve.engine.model_runner import StepBatch, prepare_batch
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
+from duoserve.engine.structured import GrammarMasks, StructuredOutputs
 from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.connector import KVConnector, MultiConnector
@@ -107,6 +108,9 @@ class EngineCore:
             max_loras=config.max_loras,
         )
         self.sampler = Sampler(config.seed)
+        self.structured = StructuredOutputs(
+            loaded.source, model_config.vocab_size, model_config.eos_token_ids
+        )
         self.speculator = (
             None
             if config.speculative is None
@@ -174,6 +178,11 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(
+                f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary [0, {vocab})"
+            )
+        self.structured.check(params)  # the first constrained request builds the tokenizer's tables
         if num_prompt >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {num_prompt} tokens; this engine's context holds at most "
@@ -289,10 +298,11 @@ class EngineCore:
         """The model on the step's batch: sampled tokens and this step's prompt logprobs, by request."""
         if batch is None:
             return {}, {}
+        masks = self.structured.start(batch.sampling)  # computed while the forward runs
         hidden = self.model.forward(
             batch.input_ids, batch.positions, self.kv_cache, batch.meta, batch.lora_slots
         )
-        return self._sample(batch, hidden), self._score_prompts(batch, hidden)
+        return self._sample(batch, hidden, masks), self._score_prompts(batch, hidden)
 
     def _observe_speculation(
         self,
@@ -310,12 +320,16 @@ class EngineCore:
         emitted = sum(len(out.new_token_ids) for out in outputs) if pure_decode else None
         self.speculator.observe_step(forward_seconds, emitted)
 
-    def _sample(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, tuple[list[int], list]]:
+    def _sample(
+        self, batch: StepBatch, hidden: torch.Tensor, masks: GrammarMasks | None
+    ) -> dict[str, tuple[list[int], list]]:
         """Per sampling request: its new tokens (with drafts: the accepted ones, then the target's)
         and their logprobs (requests with drafts never ask for logprobs)."""
         if not batch.sampling:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+        if masks is not None:  # structured outputs: what the grammars forbid is -inf before any sampling
+            logits = masks.apply(logits)
         plain, plain_rows, drafted, drafted_rows = [], [], [], []
         offset = 0
         for s in batch.sampling:

@@ -14,6 +14,7 @@ from duoserve.lora.request import prefix_root_hash
 from duoserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from duoserve.engine.structured import GrammarState
     from duoserve.lora.adapter import LoRAAdapter
 
 
@@ -65,6 +66,8 @@ class Request:
     # all_token_ids, and the scheduler takes them (or drops them when they do not fit).
     draft_token_ids: list[int] = field(default_factory=list)
     lora: LoRAAdapter | None = None  # the adapter it runs with (None: the base model)
+    # Structured outputs: the matcher that follows the output (written by duoserve.engine.structured).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

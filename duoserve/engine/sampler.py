@@ -1,7 +1,8 @@
 """Batched token sampling from logits, with vLLM v1 semantics.
 
-Per step and row: min_tokens stop masking -> repetition penalty -> presence/frequency penalties ->
-greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample. Logprobs are of the raw logits.
+Per step and row: min_tokens stop masking -> logit_bias -> repetition penalty -> presence/frequency
+penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample. Logprobs are of the raw
+logits (after a structured-output mask, which the engine applies before this).
 
 Sampling is inverse-CDF with one uniform draw per row per step, taken from the row's own generator
 when it has one: a seeded request then gets the same tokens whatever else shares its batch. (The
@@ -194,6 +195,7 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
         and not _masks_stop_tokens(row)
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
+        and not p.logit_bias
         and p.frequency_penalty == 0.0
     )
 
@@ -207,18 +209,22 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """min_tokens masking and the three penalties; returns `logits` itself when no row needs them."""
+    """min_tokens masking, logit_bias and the three penalties; returns `logits` itself when no row needs
+    them."""
     masked = [i for i, row in enumerate(rows) if _masks_stop_tokens(row)]
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
     repetition = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     additive = [
         i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty
     ]
-    if not (masked or repetition or additive):
+    if not (masked or biased or repetition or additive):
         return logits
     # Contiguous, whatever the input's strides: the penalties index its flat view.
     out = logits.clone(memory_format=torch.contiguous_format)
     if masked:
         _mask_stop_tokens(out, rows, masked)
+    if biased:
+        _apply_logit_bias(out, rows, biased)
     if repetition:
         _apply_repetition_penalty(out, rows, repetition)
     if additive:
@@ -248,6 +254,15 @@ def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], row_ids: li
     pairs = [(i, t) for i in row_ids for t in rows[i].stop_token_ids if t < vocab]
     if pairs:
         logits[tuple(torch.tensor(pairs, device=logits.device).T)] = -math.inf
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:
+    """OpenAI's logit_bias: each listed token's logit += its bias (ids are checked against the vocabulary
+    when the request is added)."""
+    token_lists = [list(rows[i].params.logit_bias) for i in row_ids]
+    keys = _flat_keys(logits, row_ids, token_lists)
+    bias = [b for i in row_ids for b in rows[i].params.logit_bias.values()]
+    logits.view(-1)[keys] += torch.tensor(bias, device=logits.device)
 
 
 def _flat_keys(logits: torch.Tensor, row_ids: list[int], token_lists: list[list[int]]) -> torch.Tensor:

@@ -62,6 +62,7 @@ from duoserve.server.serving import (
     holdback_for,
 )
 from duoserve.server.settings import ServerSettings, runtime_lora_from_env
+from duoserve.server.tool_calls import ToolCalling
 
 logger = logging.getLogger("duoserve.server")
 
@@ -145,9 +146,13 @@ class OpenAIServer:
         arrival = time.monotonic()
         body: ChatCompletionRequest = parse_body(await self._read_body(request), ChatCompletionRequest)
         lora = self._lora_for(body.model)
+        tools = ToolCalling.of(body, self.settings.tool_call_parser, self.settings.enable_auto_tool_choice)
         params = body.to_sampling_params()
         text, prompt_ids = self._render_chat(
-            body.template_messages(), body.add_generation_prompt, body.chat_template_kwargs or {}
+            body.template_messages(),
+            body.add_generation_prompt,
+            body.chat_template_kwargs or {},
+            body.template_tools(),
         )
         self.client.metrics.prompt_tokenizations.inc()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -160,11 +165,11 @@ class OpenAIServer:
             num_top_logprobs=params.logprobs,
         )
         if body.stream:
-            return _sse_response(self._stream_chat(ctx, streams[0], params))
+            return _sse_response(self._stream_chat(ctx, streams[0], params, tools))
         outputs = await self._collect(request, streams)
         if outputs is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return json_response(chat_response(ctx, outputs[0]))
+        return json_response(chat_response(ctx, outputs[0], tools))
 
     async def _admit(
         self,
@@ -271,9 +276,9 @@ class OpenAIServer:
         yield SSE_DONE
 
     async def _stream_chat(
-        self, ctx: ResponseContext, stream: RequestStream, params: SamplingParams
+        self, ctx: ResponseContext, stream: RequestStream, params: SamplingParams, tools: ToolCalling | None
     ) -> AsyncIterator[bytes]:
-        chunks = ChatChunks(ctx)
+        chunks = ChatChunks(ctx, tools)
         tracker = StreamTracker(params.n, holdback_for(params.stop))
         final = None
         try:
@@ -400,13 +405,17 @@ class OpenAIServer:
         return lora
 
     def _render_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, template_kwargs: dict[str, Any]
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str, list[int]]:
-        """The prompt text of a conversation, and its token ids."""
+        """The prompt text of a conversation (the template receives the tools), and its token ids."""
         tokenizer = self._tokenizer()
         try:
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+                messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
             )
         except (ValueError, TypeError) as err:  # TypeError: a template tripping over chat_template_kwargs
             raise APIError(400, f"the chat template failed on this conversation: {err}", "messages") from err

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from duoserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -118,6 +118,7 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar or json_object
 
     @field_validator("stop", mode="plain", json_schema_input_type=StopInput)
     @classmethod
@@ -129,8 +130,6 @@ class _SamplingRequest(_Strict):
         raise ValueError("must be a string or a list of strings")
 
     def check_supported(self) -> None:
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
         if self.model_extra:
@@ -140,8 +139,18 @@ class _SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams of this request; unset OpenAI parameters take OpenAI's defaults."""
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured_outputs: dict[str, Any] | None = None,
+        source: str = "structured_outputs",
+    ) -> SamplingParams:
+        """SamplingParams of this request; unset OpenAI parameters take OpenAI's defaults.
+
+        `structured_outputs`: the constraint, when the request has one; `source` names the request field it
+        came from, for errors (chat requests also make one from response_format or tool_choice).
+        """
         values: dict[str, Any] = {
             "n": self.n,
             "temperature": self.temperature,
@@ -154,6 +163,10 @@ class _SamplingRequest(_Strict):
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "stop_token_ids": self.stop_token_ids,
+            "logit_bias": self.logit_bias,
+            "structured_outputs": self.structured_outputs
+            if structured_outputs is None
+            else structured_outputs,
         }
         try:
             return SamplingParams(
@@ -166,12 +179,14 @@ class _SamplingRequest(_Strict):
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValueError as err:
-            # SamplingParams names the parameter first ("top_p must be in (0, 1], got 2.0").
+            # SamplingParams names the parameter first ("top_p must be in (0, 1], got 2.0",
+            # "structured_outputs.json is invalid: ...").
             message = str(err)
-            param = message.split(" ", 1)[0]
-            raise APIError(
-                400, message, param if param in values or param in _OTHER_PARAMS else None
-            ) from err
+            param = message.split(" ", 1)[0].rstrip(":").split(".", 1)[0]
+            if param == "structured_outputs" and source != param:
+                param, message = source, f"{source}: {message}"
+            known = param in values or param in _OTHER_PARAMS or param == source
+            raise APIError(400, message, param if known else None) from err
 
 
 _OTHER_PARAMS = {"max_tokens", "min_tokens", "logprobs", "n"}
@@ -224,10 +239,33 @@ class CompletionRequest(_SamplingRequest):
         return self.sampling_params(self.max_tokens, self.logprobs)
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class AssistantToolCall(_Strict):
+    """A call an earlier assistant turn made, as the client sends the conversation back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[str] | None = None  # content parts are reduced to their texts
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a message with role 'tool' needs the tool_call_id it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @field_validator("content", mode="plain", json_schema_input_type=ContentInput)
     @classmethod
@@ -243,8 +281,10 @@ class ChatMessage(_Strict):
             raise ValueError("only text content parts ({'type': 'text', 'text': str}) are supported")
         raise ValueError("must be a string or a list of content parts")
 
-    def template_message(self) -> dict[str, str]:
-        """The {"role", "content"} dict a chat template expects (text parts joined)."""
+    def template_message(self) -> dict[str, Any]:
+        """The {"role", "content", ...} dict a chat template expects (text parts joined; a call's
+        arguments as an object, which is what templates that print them with `tojson` expect, as vLLM
+        passes them)."""
         role = "system" if self.role == "developer" else self.role
         if self.content is None:
             text = ""
@@ -252,7 +292,79 @@ class ChatMessage(_Strict):
             text = self.content
         else:
             text = "\n".join(self.content)
-        return {"role": role, "content": text}
+        message: dict[str, Any] = {"role": role, "content": text}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return text
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema", "response_format")
+        # strict or not, the grammar makes the output follow the schema (as vLLM does).
+        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {"type": "object"}
+        return {"json": schema}
+
+
+# An arguments object that is not described: any JSON object.
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -260,9 +372,11 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    # Unset: "auto" when there are tools, else "none" (OpenAI's default).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     # vLLM's extras
@@ -276,27 +390,84 @@ class ChatCompletionRequest(_SamplingRequest):
             raise APIError(
                 400, f"chat_template_kwargs must not set {sorted(reserved)}", "chat_template_kwargs"
             )
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise APIError(
-                400, "response_format is not supported yet (only {'type': 'text'})", "response_format"
-            )
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} are not supported", name)
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise APIError(400, f"{name} is not supported", name)
+        if self.functions:
+            raise APIError(400, "functions are not supported: use tools", "functions")
+        if self.function_call not in (None, "none"):
+            raise APIError(400, "function_call is not supported: use tool_choice", "function_call")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {tool.function.name for tool in self.tools}:
+                raise APIError(
+                    400, f"tool_choice names the function {name!r}, which tools does not list", "tool_choice"
+                )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
 
-    def template_messages(self) -> list[dict[str, str]]:
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template receives them (OpenAI's format, as transformers passes it)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools]
 
     def to_sampling_params(self) -> SamplingParams:
         # max_completion_tokens replaces the deprecated max_tokens; unset, the reply may fill the context.
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs)
+        structured, source = self._constraint()
+        return self.sampling_params(max_tokens, logprobs, structured, source)
+
+    def _constraint(self) -> tuple[dict[str, Any] | None, str]:
+        """The output's constraint and the field it comes from: structured_outputs, response_format, or a
+        tool_choice that forces calls (their arguments then always parse and follow the parameters)."""
+        sources = {
+            "structured_outputs": self.structured_outputs,
+            "response_format": self.response_format.structured_outputs() if self.response_format else None,
+            "tool_choice": self._tool_constraint(),
+        }
+        given = [(name, value) for name, value in sources.items() if value is not None]
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given)
+            raise APIError(400, f"{names} each constrain the output: give only one", given[1][0])
+        if not given:
+            return None, "structured_outputs"
+        name, value = given[0]
+        return value, name
+
+    def _tool_constraint(self) -> dict[str, Any] | None:
+        choice = self.effective_tool_choice
+        if isinstance(choice, NamedToolChoice):
+            (tool,) = [t for t in self.tools if t.function.name == choice.function.name]
+            return {"json": tool.function.parameters or _ANY_OBJECT}
+        if choice != "required":
+            return None
+        # vLLM's shape for required calls: a JSON array of {"name", "parameters"} objects.
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.function.name]},
+                    "parameters": tool.function.parameters or _ANY_OBJECT,
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for tool in self.tools
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return {"json": schema}
 
 
 class TokenizeRequest(_Strict):

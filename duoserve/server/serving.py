@@ -4,6 +4,8 @@ Outputs are cumulative (each carries a choice's whole text so far), so a stream 
 how much text and how many tokens it already sent and emits only the rest. While a choice runs, the
 last len(longest stop string) - 1 characters are held back: they could be the start of a stop string
 that must never reach the client. The detokenizer already holds back incomplete UTF-8 characters.
+With tools, a chat reply's text goes through a reader (duoserve.server.tool_calls) that turns it into
+content and `tool_calls` deltas.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import msgspec
 
 from duoserve.outputs import CompletionOutput, Logprob, RequestOutput
+from duoserve.server.tool_calls import CallDelta, ToolCalling, ToolReader
 
 # JSON has no -Infinity; vLLM clamps logprobs the same way.
 _MIN_LOGPROB = -9999.0
@@ -196,18 +199,24 @@ def completion_response(ctx: ResponseContext, outputs: list[RequestOutput], n: i
     }
 
 
-def chat_response(ctx: ResponseContext, output: RequestOutput) -> dict[str, Any]:
+def chat_response(
+    ctx: ResponseContext, output: RequestOutput, tools: ToolCalling | None = None
+) -> dict[str, Any]:
+    """The chat body; with `tools`, each reply is read for tool calls."""
     choices = []
     for c in output.outputs:
         logprobs = None
         if ctx.num_top_logprobs is not None and c.logprobs is not None:
             logprobs = chat_logprobs(c.token_ids, c.logprobs, ctx.num_top_logprobs, ctx.as_token_ids)
+        message, finish_reason = {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
+        if tools is not None:
+            message, finish_reason = tools.message(c.text, c.finish_reason)
         choices.append(
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             }
         )
@@ -281,8 +290,11 @@ class CompletionChunks:
 class ChatChunks:
     """`chat.completion.chunk`s: a role chunk per choice, content deltas, then the finish chunk."""
 
-    def __init__(self, ctx: ResponseContext) -> None:
+    def __init__(self, ctx: ResponseContext, tools: ToolCalling | None = None) -> None:
         self.ctx = ctx
+        self.tools = tools
+        self._readers: dict[int, ToolReader] = {}  # per choice, with tools
+        self._called: set[int] = set()  # choices that called a tool
 
     def role(self, index: int) -> bytes:
         choice = {
@@ -300,24 +312,43 @@ class ChatChunks:
             logprobs = chat_logprobs(
                 d.token_ids, d.logprobs, self.ctx.num_top_logprobs, self.ctx.as_token_ids
             )
-        if d.text or logprobs:
-            choice = {
-                "index": d.index,
-                "delta": {"content": d.text},
-                "logprobs": logprobs,
-                "finish_reason": None,
-            }
+        for delta in self._deltas(d):
+            choice = {"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+            chunks.append(sse(_chunk(self.ctx, "chat.completion.chunk", [choice])))
+            logprobs = None  # sent once, with the first delta of these tokens
+        if logprobs:
+            choice = {"index": d.index, "delta": {"content": ""}, "logprobs": logprobs, "finish_reason": None}
             chunks.append(sse(_chunk(self.ctx, "chat.completion.chunk", [choice])))
         if d.finish_reason is not None:
+            finish_reason = d.finish_reason
+            if self.tools is not None:
+                finish_reason = self.tools.finish_reason(finish_reason, d.index in self._called)
             choice = {
                 "index": d.index,
                 "delta": {},
                 "logprobs": None,
-                "finish_reason": d.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": d.stop_reason,
             }
             chunks.append(sse(_chunk(self.ctx, "chat.completion.chunk", [choice])))
         return chunks
+
+    def _deltas(self, d: Delta) -> list[dict[str, Any]]:
+        """The `delta` objects of a choice's new text: content, or with tools, content and tool_calls."""
+        if self.tools is None:
+            return [{"content": d.text}] if d.text else []
+        reader = self._readers.get(d.index)
+        if reader is None:
+            reader = self._readers[d.index] = self.tools.reader()
+        events = reader.feed(d.text) + (reader.finish() if d.finish_reason is not None else [])
+        deltas = []
+        for event in events:
+            if isinstance(event, CallDelta):
+                self._called.add(d.index)
+                deltas.append({"tool_calls": [event.as_dict()]})
+            else:
+                deltas.append({"content": event})
+        return deltas
 
     def usage(self, outputs: list[RequestOutput]) -> bytes:
         chunk = _chunk(self.ctx, "chat.completion.chunk", [])

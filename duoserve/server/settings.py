@@ -30,9 +30,14 @@ class ServerSettings:
     cluster_secret: str | None = None
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING).
     allow_runtime_lora_updating: bool = False
+    # Tool calling (vLLM's flags): how replies are read for calls, and whether tool_choice "auto" is served.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 ROLES = ("prefill", "decode", "both")
+# duoserve.server.tool_calls.TOOL_CALL_PARSERS, spelled here to keep this module free of heavy imports.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
 
 API_KEY_ENV = "DUOSERVE_API_KEY"
@@ -105,6 +110,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help=f"serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or set {RUNTIME_LORA_ENV}=true)",
     )
     group.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from a chat reply: hermes (<tool_call> JSON blocks: Hermes, Qwen 2.5 "
+        "and 3) or llama3_json (Llama 3.x JSON calls)",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='serve tool_choice "auto" (the default when a request has tools): the model decides whether to '
+        "call, and --tool-call-parser reads its calls",
+    )
+    group.add_argument(
         "--log-level",
         default="INFO",
         help="DEBUG, INFO (one line per request), WARNING, ERROR (default: INFO)",
@@ -125,7 +143,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         role=args.role,
         cluster_secret=args.cluster_secret or None,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating or runtime_lora_from_env(),
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
+    if settings.enable_auto_tool_choice and settings.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     for name in ("max_queued_requests", "shutdown_timeout"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(settings, name)}")

@@ -73,7 +73,7 @@ def test_oversized_body_is_413(http, server):
         ("/v1/completions", {"echo": True}, "echo", ["not supported"]),
         ("/v1/completions", {"suffix": "w9"}, "suffix", ["not supported"]),
         ("/v1/completions", {"best_of": 3}, "best_of", ["not supported"]),
-        ("/v1/completions", {"logit_bias": {"5": 1.0}}, "logit_bias", ["not supported"]),
+        ("/v1/completions", {"logit_bias": {"five": 1.0}}, "logit_bias", ["integer"]),
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", ["stream"]),
         ("/v1/completions", {"seed": 2**70}, "seed", ["less than or equal"]),
         ("/v1/completions", {"max_tokens": 2**70}, None, ["out of range"]),
@@ -85,10 +85,20 @@ def test_oversized_body_is_413(http, server):
             "chat_template_kwargs",
             ["messages"],
         ),
-        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", []),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "function", "content": "x"}]},
+            "messages[0].role",
+            [],
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content", []),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", ["not"]),
-        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools", ["not supported"]),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema"}},
+            "response_format",
+            ["json_schema"],
+        ),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools[0].function", ["required"]),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", ["logprobs"]),
     ],
 )
@@ -128,7 +138,7 @@ def test_openai_sdk_sees_the_errors(server):
         client.chat.completions.create(
             model=server.model,
             messages=[{"role": "user", "content": "w5"}],
-            response_format={"type": "json_object"},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}},
         )
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="w5")

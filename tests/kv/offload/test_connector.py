@@ -125,6 +125,17 @@ def test_after_a_device_hit_only_the_rest_is_loaded(make_connector, cache):
     assert connector.get_num_new_matched_tokens(request, 12) == (0, False)
 
 
+def test_blocks_of_another_chain_root_never_match(make_connector, cache):
+    """A LoRA adapter's blocks chain from its own root (Request.block_root): the base model's offloaded
+    blocks of the same tokens are not its KV, and never load into its blocks."""
+    connector = make_connector()
+    evict(connector, cache, PROMPT, [0, 1, 2])
+    adapted = make_request("a", PROMPT)
+    adapted.block_root = 12345
+    assert connector.get_num_new_matched_tokens(adapted, 0) == (0, False)
+    assert connector.get_num_new_matched_tokens(make_request("b", PROMPT), 0) == (12, True)
+
+
 def test_the_prompts_last_token_is_always_computed(make_connector, cache):
     connector = make_connector()
     evict(connector, cache, PROMPT, [0, 1, 2])

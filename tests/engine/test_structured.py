@@ -1,0 +1,207 @@
+"""Structured outputs and logit_bias in the engine, through LLM.generate on a tiny random byte-level model:
+every output follows its constraint, over many seeds, with n > 1, with speculative decoding (whose
+drafts the grammar refuses are rejected) and across a prefill/decode split."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jsonschema
+import pytest
+import torch
+import zmq
+
+from duoserve.config import EngineConfig
+from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
+from duoserve.engine.core import EngineCore
+from duoserve.llm import LLM
+from duoserve.models.loader import load_model
+from duoserve.sampling_params import SamplingParams
+from tests.byte_model import EOS, byte_prompt
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+# The torch attention backend: no C++ kernel to build (the grammar path is under test, not attention).
+ARGS = dict(num_kv_blocks=256, block_size=8, dtype="float32", device="cpu", attention_backend="torch")
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": -50, "maximum": 50},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 3},
+    },
+    "required": ["name", "n", "ok"],
+    "additionalProperties": False,
+}
+# Compact JSON: a random model would otherwise pad with whitespace until max_tokens.
+JSON = {"json": SCHEMA, "disable_any_whitespace": True}
+
+
+@pytest.fixture(scope="module")
+def llm(byte_model_dir) -> LLM:
+    return LLM(model=byte_model_dir, **ARGS)
+
+
+def texts(llm: LLM, prompts, params: SamplingParams) -> list[tuple[str, str]]:
+    """(text, finish_reason) of every sequence."""
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [(c.text, c.finish_reason) for o in outputs for c in o.outputs]
+
+
+def test_json_schema_outputs_validate_over_many_seeds(llm):
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=120, structured_outputs=JSON)
+    results = texts(llm, [byte_prompt(seed) for seed in range(8)], params)
+    assert len(results) == 32
+    finished = [text for text, reason in results if reason == "stop"]
+    assert len(finished) >= 24, results  # cut by max_tokens only rarely
+    for text in finished:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(finished)) > 10  # sampled, not one forced string
+
+
+@pytest.mark.parametrize(
+    ("constraint", "check"),
+    [
+        ({"regex": r"[a-c]{2,5}-\d\d"}, lambda t: re.fullmatch(r"[a-c]{2,5}-\d\d", t)),
+        ({"choice": ["alpha", "beta", 'ga"mma']}, lambda t: t in ("alpha", "beta", 'ga"mma')),
+        (
+            {"grammar": 'start: "(" item ("," item)* ")"\nitem: /[0-9]/'},
+            lambda t: re.fullmatch(r"\(\d(,\d)*\)", t),
+        ),
+        ({"grammar": 'root ::= "<" [xy]+ ">"'}, lambda t: re.fullmatch(r"<[xy]+>", t)),
+        ({"json_object": True, "disable_any_whitespace": True}, lambda t: isinstance(json.loads(t), dict)),
+    ],
+    ids=["regex", "choice", "lark", "gbnf", "json_object"],
+)
+def test_regex_choice_grammar_and_json_object(llm, constraint, check):
+    params = SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=60, structured_outputs=constraint)
+    results = texts(llm, [byte_prompt(1), byte_prompt(2)], params)
+    finished = [text for text, reason in results if reason == "stop"]
+    # Any JSON object has unbounded strings, which a random model often runs to max_tokens.
+    assert len(finished) >= (3 if "json_object" in constraint else 10), results
+    for text in finished:
+        assert check(text), text
+
+
+def test_max_tokens_cuts_the_structure_with_length(llm):
+    params = SamplingParams(temperature=0, max_tokens=3, structured_outputs=JSON)
+    ((text, reason),) = texts(llm, [byte_prompt(5)], params)
+    assert reason == "length" and text.startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_a_constrained_row_does_not_depend_on_its_batch(llm):
+    """Greedy under a choice constraint gives one of the choices, the same alone or beside an
+    unconstrained request (which the mask leaves alone: it runs to max_tokens)."""
+    params = SamplingParams(
+        temperature=0, max_tokens=20, structured_outputs={"choice": ["abc", "abd", "xyz"]}
+    )
+    alone = texts(llm, [byte_prompt(9)], params)
+    mixed = llm.generate(
+        [byte_prompt(9), byte_prompt(10)],
+        [params, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)],
+        use_tqdm=False,
+    )
+    assert alone[0][0] in ("abc", "abd", "xyz") and alone[0][1] == "stop"
+    assert (mixed[0].outputs[0].text, mixed[0].outputs[0].finish_reason) == alone[0]
+    assert len(mixed[1].outputs[0].token_ids) == 20
+
+
+def test_no_masks_for_unconstrained_steps(llm):
+    core = llm.engine.core
+    calls = []
+    original = core.structured._masks
+    core.structured._masks = lambda jobs: calls.append(len(jobs)) or original(jobs)
+    try:
+        texts(llm, [byte_prompt(1)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert calls == []
+        texts(llm, [byte_prompt(1)], SamplingParams(temperature=0, max_tokens=4, structured_outputs=JSON))
+        assert calls and all(n == 1 for n in calls)
+    finally:
+        core.structured._masks = original
+
+
+def test_logit_bias(llm):
+    prompt = byte_prompt(4)
+    free = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
+    first = free[0].outputs[0].token_ids[0]
+    forced = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={65: 100})
+    assert llm.generate([prompt], forced, use_tqdm=False)[0].outputs[0].token_ids == [65] * 8
+    banned = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={first: -100})
+    assert first not in llm.generate([prompt], banned, use_tqdm=False)[0].outputs[0].token_ids
+    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True, logit_bias={66: 100})
+    assert llm.generate([prompt], sampled, use_tqdm=False)[0].outputs[0].token_ids == [66] * 8
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate([prompt], SamplingParams(logit_bias={10**6: 1}), use_tqdm=False)
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculative_decoding_keeps_the_constraint(byte_model_dir, llm, speculative):
+    """Drafts come from the prompt (ngram) or from the model without the grammar (draft): those the
+    grammar refuses are rejected, so greedy outputs equal plain constrained decoding's."""
+    spec = LLM(
+        model=byte_model_dir,
+        **ARGS,
+        speculative=speculative,
+        num_speculative_tokens=4,
+        speculative_rate_backoff=False,
+    )
+    example = '{"name":"ab","n":1,"ok":true}'
+    prompts = [f"{example} {example} {byte_prompt(seed, 4)} " for seed in range(4)]
+    greedy = SamplingParams(temperature=0, max_tokens=60, structured_outputs=JSON)
+    expected = texts(llm, prompts, greedy)
+    assert texts(spec, prompts, greedy) == expected
+    stats = spec.engine.core.stats()
+    assert stats["spec_decode_num_draft_tokens"] > stats["spec_decode_num_accepted_tokens"]  # some refused
+    if speculative == "ngram":  # the example's keys and punctuation are drafted, and forced
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+    sampled = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=80, structured_outputs=JSON)
+    for text, reason in texts(spec, prompts, sampled):
+        if reason == "stop":
+            jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_disaggregated_first_token_is_constrained(byte_model_dir, llm):
+    """The prefill core samples the first token under the grammar; the decode core's matcher starts
+    from it. Greedy: the same text as one core."""
+    params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=JSON)
+    prompt = llm.get_tokenizer().encode(byte_prompt(11))
+    ((expected, _),) = texts(llm, [prompt], params)
+    cores = [
+        EngineCore(EngineConfig(model=byte_model_dir, **ARGS), load_model(byte_model_dir, torch.float32))
+    ]
+    cores.append(
+        EngineCore(EngineConfig(model=byte_model_dir, **ARGS), load_model(byte_model_dir, torch.float32))
+    )
+    prefill, decode = cores
+    context = zmq.Context()
+    sender = KVSender(context, None)
+    receiver = KVReceiver(context, "127.0.0.1", decode.kv_layout, decode.kv.num_blocks, None)
+    prefill.kv_sender = sender
+    try:
+        decode.add_request("r", prompt, params, [EOS], KVTransferParams("receive"))
+        (ticket,) = decode.issue_tickets(receiver.address)
+        prefill.add_request("r", prompt, params, [EOS], KVTransferParams("send", ticket))
+        tokens = []
+        while prefill.has_unfinished():
+            tokens += [t for out in prefill.step() for t in out.new_token_ids]
+        deadline = time.monotonic() + 30
+        while decode.awaiting_kv and time.monotonic() < deadline:
+            for message, payload in receiver.receive(decode.expects_kv):
+                decode.receive_kv(message, payload)
+            time.sleep(0.001)
+        while decode.has_unfinished():
+            tokens += [t for out in decode.step() for t in out.new_token_ids]
+    finally:
+        sender.close()
+        receiver.close()
+        context.term()
+    assert llm.get_tokenizer().decode(tokens) == expected
+    jsonschema.validate(json.loads(expected), SCHEMA)
