@@ -37,7 +37,10 @@ def _build_tag() -> str:
     """What the built library depends on: -march=native code runs only on CPUs with the same features,
     the extension links against this torch, and its sources. The sources are in the name so that two
     versions of the kernels (two checkouts, an upgrade) never load each other's build from the shared
-    cache: torch's builder only notices a changed source within one process."""
+    cache: torch's builder only notices a changed source within one process. So is the package's
+    directory: torch's build file records the sources' absolute paths, and two checkouts of the same
+    sources sharing one build directory rebuilt it for each other on every start (minutes, each waiting
+    on the other's lock, with several git worktrees on one machine)."""
     try:
         flags = next(
             (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
@@ -45,7 +48,7 @@ def _build_tag() -> str:
     except OSError:
         flags = platform.processor()
     sources = hashlib.sha1(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()
-    return hashlib.sha1(f"{flags}|{torch.__version__}|{sources}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{flags}|{torch.__version__}|{sources}|{_PACKAGE}".encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
