@@ -40,7 +40,7 @@ def test_profile_of_a_tiny_model(tiny_models, single_torch_thread, tmp_path):
     assert any(s.decode_seqs == 4 and s.prefill_tokens == 0 for s in shapes)
     assert any(s.decode_seqs == 4 and s.prefill_tokens == 32 for s in shapes)
     assert any(s.prefill_tokens == 48 and s.prefill_attention > 48 * 48 / 1000 for s in shapes)
-    assert profile.fit["num_samples"] == len(profile.samples) >= 10
+    assert profile.fit["num_samples"] + profile.fit["num_dropped"] == len(profile.samples) >= 10
     assert profile.step_model.seconds(StepShape(decode_seqs=1, decode_context=16)) > 0
     assert profile.limits.num_kv_blocks == 64 and profile.limits.max_model_len == 256
     assert profile.kv_transfer.seconds(64) > 0
