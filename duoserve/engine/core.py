@@ -25,7 +25,7 @@ from duoserve.disagg.kv_transfer import (
     TransferStats,
     decode_blocks,
 )
-from duoserve.engine.model_runner import StepBatch, prepare_batch
+from duoserve.engine.model_runner import StepBatch, make_decode_graphs, prepare_batch, run_model
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import ScheduledRequest, Scheduler
@@ -101,6 +101,8 @@ class EngineCore:
         )
         self.model_config = model_config
         self.kv_cache = KVCache(spec, num_blocks, self.device)
+        # CUDA graphs of decode steps where the device and the model allow them (None: all steps eager).
+        self.decode_graphs = make_decode_graphs(self.model, self.kv_cache, config, self.max_model_len)
         self.kv_layout = KVLayout.of(spec)
         self.kv = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
@@ -382,7 +384,7 @@ class EngineCore:
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
         forward_start = time.perf_counter()
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
         sampled = self._sample(batch, hidden)
         prompt_done = self._score_prompts(batch, hidden)
         forward_seconds = time.perf_counter() - forward_start
