@@ -56,7 +56,9 @@ def tiles_for(device: torch.device) -> Tiles:
     operation costs the same at any tile size, so there few, large tiles are fastest."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return Tiles(decode_block_n=32, prefill_rows=64, prefill_block_n=64, target_programs=4 * sms)
+        return Tiles(
+            decode_block_n=32, prefill_rows=64, prefill_block_n=64, target_programs=4 * sms, store_tokens=4
+        )
     return Tiles(decode_block_n=64, prefill_rows=64, prefill_block_n=64, target_programs=4, store_tokens=64)
 
 
@@ -277,7 +279,9 @@ def _paged_attention_kernel(
         # Partials of a decode row: [num_decodes, num_heads, NUM_SPLITS, BLOCK_D] and its base-2 lse.
         part = (seq * num_heads + head) * NUM_SPLITS + split
         tl.store(part_out_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=q_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_valid)
+        # An empty split (past a short context) has lse -inf: it weighs nothing in the reduction.
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_valid)
 
 
 @triton.jit
