@@ -103,12 +103,19 @@ def bench_point(args, profile, deployment, label, rate, burstiness, out, seed: i
     # which the simulation (an empty cache per point) does not have.
     flags = workload_flags(args, rate, burstiness, seed=seed)
     measured = os.path.join(out, f"{label}-measured.json")
-    predicted = os.path.join(out, f"{label}-predicted.json")
     run(
         duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm", "--label",
                  f"measured {deployment}", *flags, "--output", measured),
         os.path.join(out, f"{label}-bench.txt"),
     )  # fmt: skip
+    return simulate_point(args, profile, deployment, label, rate, burstiness, out, seed)
+
+
+def simulate_point(args, profile, deployment, label, rate, burstiness, out, seed: int) -> dict:
+    """The prediction for a point, next to its measured result file (already in `out`)."""
+    flags = workload_flags(args, rate, burstiness, seed=seed)
+    measured = os.path.join(out, f"{label}-measured.json")
+    predicted = os.path.join(out, f"{label}-predicted.json")
     run(
         duoserve(
             "plan",
@@ -167,15 +174,42 @@ def main() -> int:
     )
     parser.add_argument("--model", help="model path (default: duoserve's default model)")
     parser.add_argument("--only", choices=("serve", "up-1p1d"), help="run one deployment")
+    parser.add_argument(
+        "--resimulate",
+        action="store_true",
+        help="measure nothing: predict again every point whose measured file --out holds, with the "
+        "profiles there (after a change to the planner)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     started = datetime.now(timezone.utc)
     rows = []
     for name, deployment, server_cmd, profile_flags in deployments(args):
-        if not args.only or name == args.only:
+        if args.only and name != args.only:
+            continue
+        if args.resimulate:
+            rows += resimulate_deployment(args, name, deployment)
+        else:
             rows += measure_deployment(args, name, deployment, server_cmd, profile_flags)
     print(report(rows, args, started))
     return 0
+
+
+def resimulate_deployment(args, name, deployment) -> list:
+    profile = os.path.join(args.out, f"profile-{name}.json")
+    rows = []
+    for level in ("low", "near", "over"):
+        for burst_name, _ in BURSTS:
+            label = f"{name}-{level}-{burst_name}"
+            measured = os.path.join(args.out, f"{label}-measured.json")
+            if not os.path.exists(measured):
+                continue
+            with open(measured) as f:
+                config = json.load(f)["config"]
+            rate, burstiness, seed = config["request_rate"], config["burstiness"], config["seed"]
+            point = simulate_point(args, profile, deployment, label, rate, burstiness, args.out, seed)
+            rows.append((name, level, rate, burst_name, point))
+    return rows
 
 
 def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> list:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,12 @@ def test_tokenizer_files_are_what_the_engine_reads(tiny):
     assert (Path(path) / "tokenizer.json").is_file()
     tokenizer = llm.get_tokenizer()
     assert tokenizer.encode("w5 w17") == [5, 17] and tokenizer.eos_token_id == EOS
+
+
+def test_the_offline_engine_imports_no_transport():
+    """Disaggregation lives behind a KV connector that the engine process builds: `from duoserve import
+    LLM` loads no ZeroMQ."""
+    code = "from duoserve import LLM; import sys; assert 'zmq' not in sys.modules, 'zmq was imported'"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -5,20 +5,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from duoserve.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from duoserve.disagg.kv_transfer import KVTicket
-
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    WAITING_FOR_KV = "waiting_for_kv"  # a decode worker's request whose prompt KV comes from a prefill worker
+    # Holding its blocks while a KV connector fills them (a P/D transfer, an offload tier's load).
+    WAITING_FOR_KV = "waiting_for_kv"
     FINISHED_STOPPED = "stop"  # eos, a stop token or (decided by the front end) a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"
@@ -55,12 +53,9 @@ class Request:
     prompt_logprobs: list[tuple[dict[int, float], int]] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # Disaggregation. Decode side: the ticket handed out for the prompt's KV, and the blocks arrived.
-    kv_ticket: KVTicket | None = None
-    kv_blocks_received: int = 0
-    # Prefill side: where the prompt's KV goes, and the next block (index in the prompt) to send.
-    kv_destination: KVTicket | None = None
-    kv_next_block: int = 0
+    # What a KV connector needs to know of this request (P/D: duoserve.disagg.kv_transfer's
+    # KVTransferParams), opaque to the engine: only connectors read it.
+    kv_transfer_params: Any = None
     # Speculative decoding: draft tokens proposed for the next step. Tentative: they are not in
     # all_token_ids, and the scheduler takes them (or drops them when they do not fit).
     draft_token_ids: list[int] = field(default_factory=list)

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from duoserve.kv.connector import EvictedBlock
+
 # The hash of the (empty) parent of a sequence's first block.
 ROOT_HASH = 0
 
@@ -44,6 +46,8 @@ class BlockPool:
         self._cached: dict[int, int] = {}  # block hash -> block id
         # KV events for a router's index, drained by the engine: (True: stored | False: removed, hash).
         self.events: list[tuple[bool, int]] | None = None
+        # Cached blocks handed out again since the last take_evicted(), for KV connectors (offload).
+        self._evicted: list[EvictedBlock] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -60,10 +64,20 @@ class BlockPool:
         for _ in range(count):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._evicted.append(
+                    EvictedBlock(block_id, block.block_hash, block.parent_hash, block.token_ids)
+                )
             self._uncache(block)
             block.ref_count = 1
             taken.append(block_id)
         return taken
+
+    def take_evicted(self) -> list[EvictedBlock]:
+        """The cached blocks evicted (handed out again) since the last call; their KV is intact until a
+        forward pass writes into them, so a connector can still copy them out."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on cached blocks found by `lookup` (they may be free or in use)."""

@@ -107,17 +107,6 @@ class KVCacheManager:
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hit_tokens
 
-    def allocate_for_import(self, request_id: str, prompt: list[int]) -> int | None:
-        """Blocks for a whole prompt whose KV another worker computes: its cached prefix reused, the rest
-        new and kept out of the prefix cache until the KV has arrived. Returns the cached tokens, or
-        None (nothing changed) when the pool cannot supply the blocks now."""
-        cached = self.find_cached_prefix(prompt)
-        num_cached = len(cached) * self.block_size
-        if not self.allocate_slots(request_id, prompt, 0, len(prompt) - num_cached, cached, register=False):
-            return None
-        self.record_prefix_lookup(len(prompt), num_cached)
-        return num_cached
-
     def allocate_slots(
         self,
         request_id: str,
@@ -131,8 +120,9 @@ class KVCacheManager:
 
         `cached_blocks` (from find_cached_prefix, for a request not yet holding blocks) become the
         head of its table. Returns False, changing nothing, when the pool cannot supply the blocks.
-        `register=False` keeps the new blocks out of the prefix cache: their KV comes from another
-        worker later, and nobody may hit them before it has arrived (the next allocation registers them).
+        `register=False` keeps the new blocks out of the prefix cache: their KV comes from a KV connector
+        later (another worker, an offload tier), and nobody may hit them before it has arrived (the next
+        allocation registers them).
         """
         table = self.tables.get(request_id)
         held = len(table.block_ids) if table else 0

@@ -38,7 +38,8 @@ def _add_profile_parser(sub: Any) -> None:
         "profile",
         help="measure a worker's step time by step shape, and the KV transfer time",
         description="Run the engine (with these engine arguments) on synthetic steps of chosen shapes, "
-        "fit step time = a + b*prefill_tokens + c*decode_seqs + d*decode_context + e*prefill_attention, "
+        "fit step time = a + b*kernel_rows + c*tiled_rows + d*decode_context + e*prefill_attention + "
+        "f*tiled (duoserve/plan/step_model.py), "
         "and time the KV transfer of disaggregation. Takes about a minute with the default model.",
     )
     add_engine_args(p, positional_model=True)
@@ -157,6 +158,7 @@ def _router(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from duoserve.config import engine_config_from_args
     from duoserve.plan.profile import Grid, run_profile, write_profile
+    from duoserve.plan.step_model import FEATURES
 
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -173,12 +175,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     write_profile(args.output, profile)
     m, fit = profile.step_model, profile.fit
+    terms = " + ".join(f"{getattr(m, name):.3g}*{name}" for name in FEATURES)
     print(
-        f"step seconds = {m.intercept:.4g} + {m.prefill_tokens:.3g}*prefill_tokens + "
-        f"{m.decode_seqs:.3g}*decode_seqs + {m.decode_context:.3g}*decode_context + "
-        f"{m.prefill_attention:.3g}*prefill_attention + {m.tiled:.3g}*tiled  "
-        f"(R^2 {fit['r2']:.3f} over {fit['num_samples']} steps, "
-        f"rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
+        f"step seconds = {m.intercept:.4g} + {terms}  (R^2 {fit['r2']:.3f} over {fit['num_samples']} "
+        f"steps, {fit['num_dropped']} dropped as noise; rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
     )
     t = profile.kv_transfer
     print(f"KV transfer seconds = {t.fixed_seconds:.3g} + {t.seconds_per_token:.3g}*tokens")

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from duoserve.plan.step_model import FEATURES, StepModel, StepShape, fit_step_model, step_shape
+from duoserve.plan.step_model import FEATURES, Fit, StepModel, StepShape, fit_step_model, step_shape
 
 PROFILE_KIND = "duoserve-plan-profile"
-PROFILE_VERSION = 1
+# 2: the step model's features became kernel_rows/tiled_rows (step_model.py). A version-1 profile's
+# measured steps are the same (the StepShape fields), so it is refitted from them when read.
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Profile:
     host: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, float] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)
-    samples: list[list[float]] = field(default_factory=list)  # [*features, seconds] per measured step
+    samples: list[list[float]] = field(default_factory=list)  # [*StepShape fields, seconds] per measured step
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +91,7 @@ class Profile:
             "fit": self.fit,
             "grid": self.grid,
             "features": list(FEATURES),
+            "sample_fields": [f.name for f in dataclasses.fields(StepShape)] + ["seconds"],
             "samples": self.samples,
         }
 
@@ -96,6 +99,8 @@ class Profile:
     def from_json(cls, data: Any) -> Profile:
         if not isinstance(data, dict) or data.get("kind") != PROFILE_KIND:
             raise ValueError("not a duoserve plan profile (make one with `duoserve plan profile -o FILE`)")
+        if data.get("version") == 1 and data.get("samples"):
+            data = _refitted(data)
         if data.get("version") != PROFILE_VERSION:
             version = data.get("version")
             raise ValueError(f"profile version {version!r}; this duoserve reads version {PROFILE_VERSION}")
@@ -120,6 +125,26 @@ class Profile:
             grid=data.get("grid", {}),
             samples=data.get("samples", []),
         )
+
+
+def fit_summary(fit: Fit) -> dict[str, float]:
+    return {
+        "r2": fit.r2,
+        "rmse_seconds": fit.rmse,
+        "num_samples": fit.num_samples,
+        "num_dropped": fit.num_dropped,
+    }
+
+
+def _refitted(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 profile as version 2: today's step model fitted to its measured steps."""
+    try:
+        shapes = [StepShape(*row[:-1]) for row in data["samples"]]
+        seconds = [float(row[-1]) for row in data["samples"]]
+        fit = fit_step_model(shapes, seconds)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the version-1 profile's samples cannot be refitted: {err}") from err
+    return data | {"version": PROFILE_VERSION, "step_model": fit.model.to_json(), "fit": fit_summary(fit)}
 
 
 def load_profile(path: str) -> Profile:
@@ -283,9 +308,18 @@ def measure_kv_transfer(core, token_counts: tuple[int, ...], repeats: int) -> tu
     """
     import zmq
 
-    from duoserve.disagg.kv_transfer import KVBlocks, KVDone, KVReceiver, KVSender, KVTicket, decode_blocks
+    from duoserve.disagg.kv_transfer import (
+        KVBlocks,
+        KVDone,
+        KVLayout,
+        KVReceiver,
+        KVSender,
+        KVTicket,
+        decode_blocks,
+    )
 
-    cache, layout, bs = core.kv_cache, core.kv_layout, core.config.block_size
+    cache, bs = core.kv_cache, core.config.block_size
+    layout = KVLayout.of(cache.spec)
     counts = [n for n in token_counts if 2 * -(-n // bs) <= cache.num_blocks]
     if not counts:
         return KVTransferModel(), []
@@ -378,7 +412,7 @@ def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = l
         kv_transfer=transfer,
         engine_args=engine_args,
         host=host_info(core),
-        fit={"r2": fit.r2, "rmse_seconds": fit.rmse, "num_samples": fit.num_samples},
+        fit=fit_summary(fit),
         grid=dataclasses.asdict(grid) | {"transfer_samples": transfer_samples},
-        samples=[[*s.features(), t] for s, t in zip(timer.shapes, timer.seconds, strict=True)],
+        samples=[[*s.values(), t] for s, t in zip(timer.shapes, timer.seconds, strict=True)],
     )

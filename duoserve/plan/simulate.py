@@ -10,14 +10,16 @@ picks workers from a `KVIndex` fed by the simulated pools' KV events, with the r
 kept as the router keeps them. So the simulation cannot drift from the scheduler or the routing: it
 runs them.
 
-The few lines of glue between the scheduler and the model (`EngineCore._update`, `issue_tickets`,
-`_start_decoding`) are mirrored in `SimWorker`; the step sequence test (tests/plan) checks them
-against the real engine.
+The scheduler's own `update` applies each step's results, and disaggregation goes through a KV
+connector as in the engine (`SimPDConnector`: duoserve/disagg/pd_connector.py's timing without the
+bytes), so no glue between the scheduler and the model is re-implemented here; the step sequence test
+(tests/plan) checks the simulated steps against the real engine's.
 
 Disaggregated requests go as in the router: the decode worker takes the request and allocates its
-prompt's blocks at its next turn (the ticket), the prefill worker computes the prompt and samples the
-first token (which goes to the client), the KV arrives at the decode worker the profile's transfer
-time after each chunk, and the decode worker starts decoding at its next turn after the last block.
+prompt's blocks when its scheduler admits it (the ticket), the prefill worker computes the prompt and
+samples the first token (which goes to the client), the KV arrives at the decode worker the profile's
+transfer time after each chunk, and the decode worker starts decoding at its next turn after the last
+block.
 Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on loopback),
 the engine loop's own bookkeeping between steps (in the profiled step time only as far as
 `EngineCore.step` includes it), speculative decoding, and requests refused for a full queue.
@@ -30,7 +32,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duoserve.bench.metrics import summarize
 from duoserve.bench.records import RequestRecord
@@ -38,7 +40,8 @@ from duoserve.bench.report import result_document
 from duoserve.disagg.kv_events import KVEvents, KVIndex
 from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.engine.request import Request, RequestStatus
-from duoserve.engine.scheduler import ScheduledRequest, Scheduler
+from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput
+from duoserve.kv.connector import ConnectorEvents, EvictedBlock, KVConnector
 from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.plan.deployment import Deployment
 from duoserve.plan.objectives import Objectives
@@ -46,6 +49,9 @@ from duoserve.plan.profile import Profile
 from duoserve.plan.step_model import step_shape
 from duoserve.plan.workload import SimConversation, Workload
 from duoserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from duoserve.kv.cache import KVCache
 
 # The token every simulated step samples: not an end-of-sequence id of common vocabularies (requests
 # ignore eos anyway; a fixed id keeps the prefix cache's hashes of generated blocks deterministic).
@@ -82,6 +88,93 @@ class SimTicket:
 
 
 @dataclass
+class SimTransfer:
+    """A simulated request's kv_transfer_params (KVTransferParams without the transport)."""
+
+    role: str  # 'receive' (decode worker) | 'send' (prefill worker)
+    ticket: SimTicket | None = None  # for 'send'
+
+
+def _role(request: Request) -> str | None:
+    params = request.kv_transfer_params
+    return params.role if isinstance(params, SimTransfer) else None
+
+
+class SimPDConnector(KVConnector):
+    """The P/D connectors (duoserve/disagg/pd_connector.py) on the virtual clock: the same decisions,
+    when KV would land instead of its bytes.
+
+    Decode side: a receive's whole prompt comes asynchronously; its ticket goes to the router before
+    the step runs, and its KV and first token land when the prefill worker's last chunk has arrived
+    (`kv_arrived`, a message to this worker). Prefill side: a send stops at its first token; each
+    chunk's KV leaves when its step ends and lands a transfer time later.
+    """
+
+    def __init__(self, worker: SimWorker) -> None:
+        self.worker = worker
+        self._receiving: set[str] = set()  # requests holding a ticket, until they end
+        self._tickets: list[SimTicket] = []  # made by this schedule, not sent yet
+        self._kv_ready: dict[str, float] = {}  # a sending request's KV lands on its decode worker then
+        self._events = ConnectorEvents()
+
+    def check_request(self, request: Request) -> int | None:
+        return 1 if _role(request) == "send" else None
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if _role(request) != "receive" or request.request_id in self._receiving:
+            return 0, False
+        return request.num_tokens - num_computed_tokens, True
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        if num_external_tokens:
+            self._receiving.add(request.request_id)
+            num_cached = request.num_computed_tokens - num_external_tokens
+            self._tickets.append(SimTicket(self.worker, request.request_id, num_cached))
+
+    def on_blocks_evicted(self, blocks: list[EvictedBlock]) -> None:
+        pass
+
+    def start_load_kv(self, kv_cache: KVCache | None) -> None:
+        tickets, self._tickets = self._tickets, []
+        for ticket in tickets:
+            self.worker.on_ticket(ticket)
+
+    def kv_arrived(self, request_id: str) -> None:
+        """The prefill worker's KV and first token have landed (unless the request ended meanwhile)."""
+        if request_id in self._receiving:
+            self._events.finished_loading[request_id] = [SAMPLED_TOKEN]
+
+    def save_kv(self, kv_cache: KVCache | None, scheduled: list[ScheduledRequest]) -> None:
+        """Called when the step ends: each sending chunk's KV lands a transfer time from now."""
+        for s in scheduled:
+            if _role(s.request) == "send":
+                request_id = s.request.request_id
+                ready = self.worker.clock.now + self.worker.profile.kv_transfer.seconds(s.num_new_tokens)
+                self._kv_ready[request_id] = max(self._kv_ready.get(request_id, 0.0), ready)
+
+    def request_finished(self, request: Request) -> bool:
+        """A send that ended with its first token tells the decode worker when its KV is all there."""
+        self._receiving.discard(request.request_id)
+        ready = self._kv_ready.pop(request.request_id, None)
+        if (
+            _role(request) == "send"
+            and request.status != RequestStatus.FINISHED_ABORTED
+            and ready is not None
+        ):
+            self.worker.on_kv_done(request.kv_transfer_params.ticket, ready)
+        return False
+
+    def get_finished(self) -> ConnectorEvents:
+        events, self._events = self._events, ConnectorEvents()
+        return events
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass
 class StepRecord:
     start: float
     seconds: float
@@ -96,8 +189,8 @@ class SimWorker:
     name: str
     profile: Profile
     clock: Clock
-    on_tokens: Callable[[SimWorker, Request, bool], None]  # (worker, request, finished) per sampled token
-    on_ticket: Callable[[SimWorker, Request], None] = lambda worker, request: None
+    on_tokens: Callable[[SimWorker, CoreOutput], None]  # what each step (or connector event) produced
+    on_ticket: Callable[[SimTicket], None] = lambda ticket: None
     on_kv_done: Callable[[SimTicket, float], None] = lambda ticket, ready: None
     record_steps: bool = False
     steps: list[StepRecord] = field(default_factory=list)
@@ -109,13 +202,18 @@ class SimWorker:
             limits.num_kv_blocks, limits.block_size, limits.enable_prefix_caching, limits.sliding_window
         )
         self.kv.pool.events = []
-        self.scheduler = Scheduler(self.kv, limits.max_num_batched_tokens, limits.max_num_seqs, self.clock)
-        self.max_model_len = limits.max_model_len
+        self.connector = SimPDConnector(self)
+        self.scheduler = Scheduler(
+            self.kv,
+            limits.max_num_batched_tokens,
+            limits.max_num_seqs,
+            limits.max_model_len,
+            self.clock,
+            self.connector,
+        )
         self.inbox: list[Callable[[], None]] = []
-        self.awaiting_kv: dict[str, Request] = {}
         self.kv_events: Callable[[KVEvents], None] = lambda events: None
         self._turn_queued = False
-        self._kv_ready: dict[str, float] = {}  # a sending request's KV lands on its decode worker then
 
     # ---------------------------------------------------------------- messages (handled at the next turn)
 
@@ -126,17 +224,16 @@ class SimWorker:
             self.clock.at(self.clock.now, self.turn)
 
     def add(self, request: Request) -> None:
+        """EngineCore.add_request's last lines: the connector may limit what is generated here."""
+        limit = self.connector.check_request(request)
+        if limit is not None:
+            request.max_tokens = min(request.max_tokens, limit)
         self.scheduler.add(request)
 
-    def add_awaiting_kv(self, request: Request) -> None:
-        self.scheduler.add_awaiting_kv(request)
-        self.awaiting_kv[request.request_id] = request
-
-    def add_sending(self, request: Request, ticket: SimTicket) -> None:
-        request.kv_destination = ticket  # read by the scheduler only as "a prefill worker's request"
-        request.kv_next_block = ticket.num_cached_tokens // self.kv.block_size
-        request.max_tokens = 1
-        self.scheduler.add(request)
+    def abort(self, request_id: str) -> None:
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 
     # ---------------------------------------------------------------- the engine loop's turn
 
@@ -147,33 +244,43 @@ class SimWorker:
         inbox, self.inbox = self.inbox, []
         for message in inbox:
             message()
-        self._issue_tickets()
+        self._emit(self.scheduler.apply_connector_events(self.connector.get_finished()))
         if self.scheduler.has_schedulable():
             plan = self.scheduler.schedule()
+            self.connector.start_load_kv(None)
             if plan.scheduled:
-                shape = step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
-                seconds = self.profile.step_model.seconds(shape)
-                if self.record_steps:
-                    self.steps.append(
-                        StepRecord(
-                            self.clock.now,
-                            seconds,
-                            [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled],
-                            [r.request_id for r in plan.preempted],
-                        )
-                    )
-                sampled = self._update(plan.scheduled, self.clock.now + seconds)
-                self.busy = True
-                self.clock.at(self.clock.now + seconds, lambda: self._step_done(sampled))
+                self._start_step(plan)
                 return
         self._publish()
 
-    def _step_done(self, sampled: list[tuple[Request, bool]]) -> None:
+    def _start_step(self, plan: SchedulerOutput) -> None:
+        """The step takes the step model's time; every sampling request gets SAMPLED_TOKEN."""
+        seconds = self.profile.step_model.seconds(
+            step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
+        )
+        if self.record_steps:
+            self.steps.append(
+                StepRecord(
+                    self.clock.now,
+                    seconds,
+                    [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled],
+                    [r.request_id for r in plan.preempted],
+                )
+            )
+        sampled = {s.request.request_id: ([SAMPLED_TOKEN], []) for s in plan.scheduled if s.samples}
+        self.busy = True
+        self.clock.at(self.clock.now + seconds, lambda: self._step_done(plan, sampled))
+
+    def _step_done(self, plan: SchedulerOutput, sampled: dict[str, tuple[list[int], list]]) -> None:
         self.busy = False
-        for request, finished in sampled:
-            self.on_tokens(self, request, finished)
+        self.connector.save_kv(None, plan.scheduled)
+        self._emit(self.scheduler.update(plan, sampled, {}))
         self._publish()
         self.turn()
+
+    def _emit(self, outputs: list[CoreOutput]) -> None:
+        for output in outputs:
+            self.on_tokens(self, output)
 
     def _publish(self) -> None:
         events = self.kv.pool.events
@@ -182,72 +289,6 @@ class SimWorker:
                 KVEvents(stored=[h for s, h in events if s], removed=[h for s, h in events if not s])
             )
             events.clear()
-
-    # ---------------------------------------------------------------- mirrors of EngineCore's glue
-
-    def _update(self, scheduled: list[ScheduledRequest], end: float) -> list[tuple[Request, bool]]:
-        """EngineCore._update without a model: every sampling request gets SAMPLED_TOKEN."""
-        sampled = []
-        for s in scheduled:
-            request = s.request
-            samples = s.samples
-            request.num_computed_tokens += s.num_new_tokens
-            ticket = request.kv_destination
-            if ticket is not None:
-                self._send_kv(request, ticket, s.num_new_tokens, end, done=samples)
-            if not samples:
-                continue
-            request.append_token(SAMPLED_TOKEN)
-            request.check_stop(self.max_model_len)
-            if request.first_token_time is None:
-                request.first_token_time = end
-            finished = request.status.finished
-            if finished:
-                self.scheduler.finish(request, request.status)
-            sampled.append((request, finished))
-        return sampled
-
-    def _send_kv(self, request: Request, ticket: SimTicket, num_tokens: int, end: float, done: bool) -> None:
-        """The chunk's KV leaves when the step ends and lands a transfer time later; with the first
-        token, the decode worker is told the whole prompt has arrived."""
-        ready = end + self.profile.kv_transfer.seconds(num_tokens)
-        ready = self._kv_ready[request.request_id] = max(self._kv_ready.get(request.request_id, 0.0), ready)
-        if done:
-            self.on_kv_done(ticket, self._kv_ready.pop(request.request_id))
-
-    def _issue_tickets(self) -> None:
-        """EngineCore.issue_tickets: allocate the prompt's blocks of requests awaiting KV (in order)."""
-        for request in self.awaiting_kv.values():
-            if request.kv_ticket is not None:
-                continue
-            num_cached = self.kv.allocate_for_import(request.request_id, request.prompt_token_ids)
-            if num_cached is None:
-                break
-            request.num_cached_tokens = num_cached
-            request.first_scheduled_time = self.clock.now
-            request.kv_ticket = SimTicket(self, request.request_id, num_cached)
-            self.on_ticket(self, request)
-
-    def drop_awaiting(self, request_id: str) -> None:
-        """The router closed the decode stream of a request waiting for KV: abort it here."""
-        request = self.awaiting_kv.pop(request_id, None)
-        if request is not None:
-            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-
-    def start_decoding(self, request_id: str) -> None:
-        """EngineCore._start_decoding: the prompt's KV and first token are here; decode the rest."""
-        request = self.awaiting_kv.pop(request_id, None)
-        if request is None:
-            return
-        request.num_computed_tokens = request.num_prompt_tokens
-        request.append_token(SAMPLED_TOKEN)
-        request.first_token_time = self.clock.now
-        request.check_stop(self.max_model_len)
-        if request.status.finished:
-            self.scheduler.finish(request, request.status)
-            self.on_tokens(self, request, True)
-            return
-        self.scheduler.resume_with_kv(request)
 
 
 @dataclass
@@ -363,7 +404,7 @@ class Simulation:
 
     # ---------------------------------------------------------------- the router
 
-    def _request(self, flight: _Flight) -> Request:
+    def _request(self, flight: _Flight, transfer: SimTransfer | None = None) -> Request:
         out = flight.record.max_tokens
         return Request(
             request_id=str(flight.record.request_id),
@@ -372,6 +413,7 @@ class Simulation:
             max_tokens=out,
             stop_token_ids=frozenset(),
             arrival_time=self.clock.now,
+            kv_transfer_params=transfer,
         )
 
     def _route(self, flight: _Flight) -> None:
@@ -380,41 +422,39 @@ class Simulation:
         decode.active_tokens += flight.num_tokens
         decode.num_requests += 1
         worker = self.workers[decode.url]
-        request = self._request(flight)
-        if prefill is None:
-            worker.post(lambda: worker.add(request))
-        else:
+        if prefill is not None:
             flight.prefill = prefill
-            worker.post(lambda: worker.add_awaiting_kv(request))
+        request = self._request(flight, SimTransfer("receive") if prefill is not None else None)
+        worker.post(lambda: worker.add(request))
 
-    def _on_ticket(self, decode: SimWorker, request: Request) -> None:
+    def _on_ticket(self, ticket: SimTicket) -> None:
         """The decode worker's ticket reached the router: send the prompt to the prefill worker."""
-        flight = self.flights[request.request_id]
-        ticket = request.kv_ticket
-        flight.uncached = request.num_prompt_tokens - ticket.num_cached_tokens
+        flight = self.flights[ticket.request_id]
+        flight.uncached = len(flight.prompt) - ticket.num_cached_tokens
         flight.prefill.queued_prefill_tokens += flight.uncached
         flight.prefill.num_requests += 1
         prefill = self.workers[flight.prefill.url]
-        sending = self._request(flight)
-        prefill.post(lambda: prefill.add_sending(sending, ticket))
+        sending = self._request(flight, SimTransfer("send", ticket))
+        prefill.post(lambda: prefill.add(sending))
 
     def _on_kv_done(self, ticket: SimTicket, ready: float) -> None:
         decode = ticket.decode
-        self.clock.at(ready, lambda: decode.post(lambda: decode.start_decoding(ticket.request_id)))
+        self.clock.at(ready, lambda: decode.post(lambda: decode.connector.kv_arrived(ticket.request_id)))
 
-    def _on_tokens(self, worker: SimWorker, request: Request, finished: bool) -> None:
+    def _on_tokens(self, worker: SimWorker, out: CoreOutput) -> None:
         """A step's token for a request (or its end): to the client, and onto the router's counters."""
-        flight = self.flights.get(request.request_id)
+        flight = self.flights.get(out.request_id)
         if flight is None:
             return
         now, record = self.clock.now, flight.record
-        sending = request.kv_destination is not None
+        finished = out.finished
+        sending = flight.prefill is not None and worker.name == flight.prefill.url
         if sending:
             # The prefill leg's one token is the client's first; the leg ends (the router's `finally`).
             flight.prefill.queued_prefill_tokens -= flight.uncached
             finished = record.max_tokens <= 1
         # The decode worker's copy of a disaggregated request starts with the first token already sent.
-        if len(request.output_token_ids) > record.output_tokens:
+        if out.new_token_ids:
             if record.ttft is None:
                 record.ttft = now - record.send_time
             record.chunk_times.append(now)
@@ -425,10 +465,10 @@ class Simulation:
         if finished:
             record.end_time = now
             flight.decode.active_tokens -= flight.num_tokens
-            del self.flights[request.request_id]
+            del self.flights[out.request_id]
             if sending:  # the first token ended it: closing the decode stream frees the decode side
                 decode = self.workers[flight.decode.url]
-                decode.post(lambda: decode.drop_awaiting(request.request_id))
+                decode.post(lambda: decode.abort(out.request_id))
             self._turn_done(flight.conv, flight.turn, flight.prompt, record)
 
 

@@ -1,21 +1,26 @@
 """Step time as a function of the step's shape: the features, the linear model, and its fit.
 
-One engine step runs every scheduled token through the weights (cost per token, prefill or decode
-alike, plus a fixed cost per step for reading the weights at all), then attention: a decode reads its
-whole context from the paged cache, a prefill chunk attends over its own tokens and the context before
-them (quadratic in the chunk). So
+One engine step runs every scheduled row (a prompt token or a decoding request) through the weights,
+then attention: a decode reads its whole context from the paged cache, a prefill chunk attends over
+its own tokens and the context before them (quadratic in the chunk). How much a row costs depends on
+which kernel the step's row count picks: a step of up to the worker's quantized threshold reads the
+4/8-bit codes per row (compute-bound: ~6.5 ms per row for SmolLM2 on a float32 AVX2 worker), a larger
+step dequantizes every weight tile once (a fixed cost whatever its rows) and runs a GEMM (~4 ms per
+row there). So
 
-    seconds = intercept + prefill_tokens * a + decode_seqs * b + decode_context * c + prefill_attention * d
+    seconds = intercept + kernel_rows * a + tiled_rows * b + decode_context * c + prefill_attention * d
               + tiled * e
 
-where `tiled` is 1 for a step of more rows than the worker's quantized threshold: such a step dequantizes
-every weight tile once (a fixed cost whatever its rows) before the GEMM, while smaller steps read the
-4/8-bit codes. Without it the fit spread that cost over prefill tokens and attention, and simulated
-prefill chunks cost several times their real time on a float32 AVX2 worker (BENCHMARKS.md).
+where `tiled` is 1 for a step of more rows than the threshold, `tiled_rows` are its rows and
+`kernel_rows` those of any other step (all steps of a dense worker). Splitting prefill and decode rows
+instead (the first model) let the per-row cost of one regime leak into the other: 16-token chunks were
+predicted 25% fast, and a fit over a noisy profile put 137 ms into the intercept of a 34 ms decode step.
 
-with every coefficient >= 0, fitted by least squares over steps measured on the real engine
-(`duoserve plan profile`). The features are computed from the scheduler's own output, so the profiler
-and the simulator describe a step the same way.
+Every coefficient is >= 0. The fit minimises *relative* error, so 30 ms decode steps weigh as much as
+2 s prefill steps (ITL is made of the former, TTFT of the latter), and drops steps that ran far slower
+than the rest predict: on a shared machine, noise only ever adds time (BENCHMARKS.md, planner). The
+features are computed from the scheduler's own output, so the profiler and the simulator describe a
+step the same way.
 """
 
 from __future__ import annotations
@@ -36,11 +41,18 @@ class StepShape:
     prefill_attention: float = 0.0  # query x key pairs of the prefill chunks, in thousands
     tiled: int = 0  # 1: more rows than the quantized threshold (weights dequantized in tiles this step)
 
-    def features(self) -> list[float]:
+    def values(self) -> list[float]:
+        """The shape's fields, in order (how a profile stores a measured step)."""
         return [float(getattr(self, f.name)) for f in fields(self)]
 
+    def features(self) -> list[float]:
+        """The step model's features, in FEATURES order."""
+        rows = float(self.prefill_tokens + self.decode_seqs)
+        tiled = float(self.tiled)
+        return [rows * (1 - tiled), rows * tiled, float(self.decode_context), self.prefill_attention, tiled]
 
-FEATURES = tuple(f.name for f in fields(StepShape))
+
+FEATURES = ("kernel_rows", "tiled_rows", "decode_context", "prefill_attention", "tiled")
 
 
 def step_shape(scheduled: Sequence[ScheduledRequest], quantized_max_rows: int = 0) -> StepShape:
@@ -67,8 +79,8 @@ class StepModel:
     """seconds = intercept + sum(coefficient * feature); every coefficient >= 0."""
 
     intercept: float
-    prefill_tokens: float = 0.0
-    decode_seqs: float = 0.0
+    kernel_rows: float = 0.0
+    tiled_rows: float = 0.0
     decode_context: float = 0.0
     prefill_attention: float = 0.0
     tiled: float = 0.0
@@ -84,7 +96,6 @@ class StepModel:
     @classmethod
     def from_json(cls, data: dict) -> StepModel:
         names = ("intercept", *FEATURES)
-        data = {"tiled": 0.0} | data  # profiles made before the feature existed
         missing = [n for n in names if not isinstance(data.get(n), (int, float))]
         if missing:
             raise ValueError(f"the step model lacks numeric {', '.join(missing)}")
@@ -97,34 +108,61 @@ class StepModel:
 @dataclass(frozen=True)
 class Fit:
     model: StepModel
-    r2: float
-    rmse: float  # seconds
-    num_samples: int
+    r2: float  # over the steps kept
+    rmse: float  # seconds, over the steps kept
+    num_samples: int  # steps kept
+    num_dropped: int = 0  # steps that ran far slower than the rest predict (noise)
+
+
+# A step is noise when it ran this many robust deviations (and at least OUTLIER_FLOOR) slower than the
+# fit of the others predicts. Profiles measured on a quiet 2-core machine keep ~95% of their steps.
+OUTLIER_DEVIATIONS = 3.0
+OUTLIER_FLOOR = 0.10
+MAX_REFITS = 5
 
 
 def fit_step_model(shapes: Sequence[StepShape], seconds: Sequence[float]) -> Fit:
-    """Non-negative least squares (features dropped while their coefficient comes out negative).
-
-    Columns are scaled to unit norm first: token counts run to thousands, the others to tens.
-    """
+    """Non-negative least squares on relative error, refitted without the steps it finds too slow."""
     if len(shapes) < 2 or len(shapes) != len(seconds):
         raise ValueError("fitting a step model needs at least two measured steps")
     x = np.array([[1.0, *s.features()] for s in shapes])
     y = np.asarray(seconds, dtype=float)
-    active = [j for j in range(x.shape[1]) if np.any(x[:, j])]
+    if (y <= 0).any():
+        raise ValueError("measured step times must be > 0")
+    keep = np.ones(len(y), dtype=bool)
+    for _ in range(MAX_REFITS):
+        coef = _nnls(x[keep], y[keep], weights=1.0 / y[keep])
+        slower = _relative_residual(x @ coef, y)
+        spread = 1.4826 * float(np.median(np.abs(slower[keep] - np.median(slower[keep]))))
+        new_keep = slower <= max(OUTLIER_DEVIATIONS * spread, OUTLIER_FLOOR)
+        if (new_keep == keep).all() or new_keep.sum() < max(2, len(y) // 2):
+            break
+        keep = new_keep
+    residual = y[keep] - x[keep] @ coef
+    total = float(((y[keep] - y[keep].mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
+    rmse = float(np.sqrt((residual**2).mean()))
+    return Fit(StepModel(*coef.tolist()), r2, rmse, int(keep.sum()), int((~keep).sum()))
+
+
+def _relative_residual(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """How much slower each step ran than predicted, as a fraction of the prediction."""
+    return (measured - predicted) / np.maximum(predicted, 1e-9)
+
+
+def _nnls(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted least squares with every coefficient >= 0 (features dropped while their coefficient
+    comes out negative). Columns are scaled to unit norm first: token counts run to thousands, the
+    others to tens."""
     coef = np.zeros(x.shape[1])
+    active = [j for j in range(x.shape[1]) if np.any(x[:, j])]
     while active:
-        cols = x[:, active]
+        cols = x[:, active] * weights[:, None]
         norms = np.linalg.norm(cols, axis=0)
-        solution, *_ = np.linalg.lstsq(cols / norms, y, rcond=None)
+        solution, *_ = np.linalg.lstsq(cols / norms, y * weights, rcond=None)
         solution /= norms
         if (solution >= 0).all():
             coef[active] = solution
             break
         active.pop(int(np.argmin(solution)))
-    predicted = x @ coef
-    residual = y - predicted
-    total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
-    model = StepModel(*coef.tolist())
-    return Fit(model, r2, float(np.sqrt((residual**2).mean())), len(shapes))
+    return coef

@@ -19,8 +19,10 @@ from duoserve.config import EngineConfig
 from duoserve.disagg.auth import DropCounts
 from duoserve.disagg.endpoints import LOOPBACK, KVEndpoints
 from duoserve.disagg.kv_events import KVEventPublisher
-from duoserve.disagg.kv_transfer import KVReceiver, KVReceiveTransport, KVSender
+from duoserve.disagg.kv_transfer import KVLayout, KVReceiver, KVReceiveTransport, KVSender, KVTicket
+from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import CoreOutput, EngineCore
+from duoserve.kv.connector import KVConnector
 from duoserve.models.loader import load_model
 from duoserve.server.engine_messages import (
     Abort,
@@ -41,10 +43,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 500
 # Pending outgoing messages are dropped this long after the API process went away, so exit never hangs.
 LINGER_MS = 1000
-# A request whose prompt KV has not all arrived this long after it came is aborted (the prefill
-# worker died or was never told); the router normally aborts it much sooner.
-KV_TRANSFER_TIMEOUT = 30.0
-# With requests waiting for KV and nothing to step, wake at least this often to check the timeout.
+# With requests waiting for KV and nothing to step, wake at least this often to check their timeout.
 KV_WAIT_POLL_MS = 100
 
 
@@ -76,20 +75,32 @@ def run_engine_process(
     inbox.connect(input_address)
     outbox.connect(output_address)
     exit_code = 0
-    receiver = None
+    receivers: list[KVReceiver] = []  # made with the core, whose layout and pool size it
     sender = KVSender(context, cluster_secret)
     publisher = KVEventPublisher(context, kv.bind_host, cluster_secret, kv.events_port, kv.advertise_host)
-    try:
-        core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
-        # No message can carry more blocks than a whole prompt of max_model_len tokens.
-        max_blocks = min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
-        receiver = KVReceiver(
-            context, kv.bind_host, core.kv_layout, max_blocks, cluster_secret, kv.kv_port, kv.advertise_host
+    loop: EngineLoop | None = None
+
+    def make_connector(core: EngineCore) -> KVConnector:
+        receivers.append(
+            KVReceiver(
+                context,
+                kv.bind_host,
+                KVLayout.of(core.kv_cache.spec),
+                max_kv_blocks(core),
+                cluster_secret,
+                kv.kv_port,
+                kv.advertise_host,
+            )
         )
-        core.kv_sender = sender
+        # Tickets are only made by steps, which the loop runs: it exists by then.
+        return pd_connectors(core, receivers[0], sender, lambda tickets: loop.send_tickets(tickets))
+
+    try:
+        core = EngineCore(config, load_model(config.model, config.resolved_dtype()), make_connector)
         core.kv.pool.events = []
-        outbox.send(message_encoder.encode(_ready(core, receiver.address, publisher.address)))
-        EngineLoop(core, inbox, outbox, max_queued_requests, receiver, publisher).run()
+        outbox.send(message_encoder.encode(_ready(core, receivers[0].address, publisher.address)))
+        loop = EngineLoop(core, inbox, outbox, max_queued_requests, receivers[0], publisher)
+        loop.run()
     except Exception as err:  # a load failure or a dead loop: the API process learns why, then exits too
         logger.exception("engine failed")
         outbox.send(message_encoder.encode(EngineFailed(f"{type(err).__name__}: {err}")))
@@ -97,13 +108,17 @@ def run_engine_process(
     finally:
         for sock in (inbox, outbox):
             sock.close()
-        for endpoint in (receiver, sender, publisher):
-            if endpoint is not None:
-                endpoint.close()
+        for endpoint in (*receivers, sender, publisher):
+            endpoint.close()
         context.term()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing is left to flush but logs.
     logging.shutdown()
     os._exit(exit_code)
+
+
+def max_kv_blocks(core: EngineCore) -> int:
+    """The most blocks one KV message can carry: a whole prompt of max_model_len tokens."""
+    return min(core.kv.num_blocks, -(-core.max_model_len // core.config.block_size))
 
 
 def _ready(core: EngineCore, kv_address: str, events_address: str) -> Ready:
@@ -153,17 +168,19 @@ class EngineLoop:
             self.turn()
 
     def turn(self) -> None:
-        """One turn: handle what arrived (waiting for it when idle), then step once if there is work."""
+        """One turn: handle what arrived (waiting for it when idle), then step once.
+
+        The step runs with nothing to schedule too: the KV connector takes in arrived KV and times out
+        waits in it (a step with nothing to do costs next to nothing).
+        """
         batch = EngineOutputs(timestamp=0.0)
         handled = self._drain(batch, timeout_ms=self._poll_timeout())
         if self.stopping:
             return
-        handled = self._transfers(batch) or handled
         if handled:
             # Acks go out before the step, so a request's HTTP status never waits on a model step.
             self._send(batch)
-        if self.core.has_schedulable():
-            self._step()
+        self._step()
         if self.publisher is not None:
             self.publisher.publish(self.core.kv.pool.events)
             self.core.kv.pool.events.clear()
@@ -172,23 +189,6 @@ class EngineLoop:
         if self.core.has_schedulable():
             return 0
         return KV_WAIT_POLL_MS if self.core.has_unfinished() else IDLE_POLL_MS
-
-    def _transfers(self, batch: EngineOutputs) -> bool:
-        """Arrived KV, tickets for requests awaiting KV, and timed-out transfers; True if any."""
-        if self.receiver is None:
-            return False
-        drops_before = sum(self.receiver.drops.counts.values())
-        for message, payload in self.receiver.receive(self.core.expects_kv):
-            output = self.core.receive_kv(message, payload)
-            if output is not None:
-                batch.outputs.append(output)
-        # A dropped message is sent as stats at once, so /metrics counts it even on an idle worker.
-        dropped = sum(self.receiver.drops.counts.values()) != drops_before
-        if not self.core.awaiting_kv:
-            return bool(batch.outputs) or dropped
-        batch.outputs.extend(self.core.expire_kv_waits(KV_TRANSFER_TIMEOUT))
-        batch.tickets.extend(self.core.issue_tickets(self.receiver.address))
-        return bool(batch.outputs or batch.tickets) or dropped
 
     # ---------------------------------------------------------------- inbound
 
@@ -270,8 +270,10 @@ class EngineLoop:
     # ---------------------------------------------------------------- step and outbound
 
     def _step(self) -> None:
+        drops = self._num_kv_drops()
         outputs = self.core.step()
-        if not outputs and not self.core.last_step.num_scheduled_tokens:
+        # A dropped KV message is sent as stats at once, so /metrics counts it even on an idle worker.
+        if not outputs and not self.core.last_step.num_scheduled_tokens and self._num_kv_drops() == drops:
             return
         # Sent even without outputs (a prefill chunk): the step's token count and stats still count.
         batch = EngineOutputs(
@@ -281,6 +283,14 @@ class EngineLoop:
             step_tokens=self.core.last_step.num_scheduled_tokens,
         )
         self._send(batch)
+
+    def send_tickets(self, tickets: list[KVTicket]) -> None:
+        """The receive connector's new tickets, sent before the step's forward pass: the router hands
+        them to prefill workers, which need not wait for this worker's step."""
+        self._send(EngineOutputs(timestamp=0.0, tickets=tickets))
+
+    def _num_kv_drops(self) -> int:
+        return sum(self.receiver.drops.counts.values()) if self.receiver is not None else 0
 
     def _send(self, batch: EngineOutputs) -> None:
         batch.timestamp = time.monotonic()

@@ -1,8 +1,9 @@
 """KV transfer between two engine cores in this process, over real ZeroMQ TCP sockets.
 
-A prefill core computes the prompt and pushes its blocks into the blocks a decode core allocated; the
-decode core continues from the prefill core's first token. Greedy outputs must equal one colocated
-core's, the decode core must never compute the first token again, and no block may leak.
+Each core runs the P/D connectors (duoserve/disagg/pd_connector.py) as a worker does. A prefill core
+computes the prompt and pushes its blocks into the blocks a decode core allocated; the decode core
+continues from the prefill core's first token. Greedy outputs must equal one colocated core's, the
+decode core must never compute the first token again, and no block may leak.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 import zmq
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_transfer import KVBlocks, KVReceiver, KVSender, KVTransferParams
+from duoserve.disagg.kv_transfer import KVLayout, KVReceiver, KVSender, KVTicket, KVTransferParams
+from duoserve.disagg.pd_connector import KVReceiveConnector, pd_connectors
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
 from duoserve.sampling_params import SamplingParams
-from tests.helpers import random_prompt
+from tests.helpers import random_prompt, wait_for
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -30,9 +32,30 @@ def model_path(tiny_models) -> str:
     return tiny_models("llama_gqa")[1]
 
 
-def make_core(path: str, **overrides) -> EngineCore:
+def make_core(path: str, make_connector=None, **overrides) -> EngineCore:
     config = EngineConfig(model=path, **{**ARGS, **overrides})
-    return EngineCore(config, load_model(path, torch.float32))
+    return EngineCore(config, load_model(path, torch.float32), make_connector)
+
+
+class Worker:
+    """A core with a worker's P/D connectors over real sockets; the tickets it hands out are kept."""
+
+    def __init__(self, path: str, context: zmq.Context, secret: str | None = None, **overrides) -> None:
+        self.sender = KVSender(context, secret)
+        self.tickets: list[KVTicket] = []
+
+        def make_connector(core: EngineCore):
+            layout = KVLayout.of(core.kv_cache.spec)
+            self.receiver = KVReceiver(context, "127.0.0.1", layout, core.kv.num_blocks, secret)
+            connectors = pd_connectors(core, self.receiver, self.sender, self.tickets.extend)
+            self.receive: KVReceiveConnector = connectors.connectors[0]
+            return connectors
+
+        self.core = make_core(path, make_connector, **overrides)
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -50,7 +73,7 @@ def run_colocated(path: str, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class Pair:
-    """A prefill core and a decode core joined by a KV sender/receiver pair."""
+    """A prefill worker and a decode worker."""
 
     def __init__(
         self,
@@ -60,24 +83,25 @@ class Pair:
         decode_overrides=None,
         secret: str | None = None,
     ) -> None:
-        self.prefill = make_core(path, **(prefill_overrides or {}))
-        self.decode = make_core(path, **(decode_overrides or {}))
-        self.sender = KVSender(context, secret)
-        max_blocks = self.decode.kv.num_blocks
-        self.receiver = KVReceiver(context, "127.0.0.1", self.decode.kv_layout, max_blocks, secret)
-        self.prefill.kv_sender = self.sender
+        self.prefill_worker = Worker(path, context, secret, **(prefill_overrides or {}))
+        self.decode_worker = Worker(path, context, secret, **(decode_overrides or {}))
+        self.prefill, self.decode = self.prefill_worker.core, self.decode_worker.core
+        self.sender, self.receiver = self.prefill_worker.sender, self.decode_worker.receiver
+        self.receive = self.decode_worker.receive  # the decode side's receive connector
         self.decode_tokens_computed = 0
 
     def close(self) -> None:
-        self.sender.close()
-        self.receiver.close()
+        self.prefill_worker.close()
+        self.decode_worker.close()
 
-    def start(self, prompt: list[int], max_tokens: int):
-        """Leg 1 and 2: the decode side takes the request and hands out a ticket; the prefill side
-        takes it with that ticket."""
-        self.decode.add_request("r", prompt, greedy(max_tokens), [], KVTransferParams("receive"))
-        (ticket,) = self.decode.issue_tickets(self.receiver.address)
-        self.prefill.add_request("r", prompt, greedy(max_tokens), [], KVTransferParams("send", ticket))
+    def start(self, prompt: list[int], max_tokens: int, request_id: str = "r") -> KVTicket:
+        """Leg 1 and 2: the decode side takes the request and, at its next step, hands out a ticket;
+        the prefill side takes it with that ticket."""
+        self.decode.add_request(request_id, prompt, greedy(max_tokens), [], KVTransferParams("receive"))
+        assert self.decode.step() == []  # admitted: its blocks allocated, nothing computed
+        (ticket,) = self.decode_worker.tickets
+        self.decode_worker.tickets.clear()
+        self.prefill.add_request(request_id, prompt, greedy(max_tokens), [], KVTransferParams("send", ticket))
         return ticket
 
     def run(self, prompt: list[int], max_tokens: int) -> list[int]:
@@ -88,21 +112,20 @@ class Pair:
                 tokens += out.new_token_ids
         tokens += self.pump()
         while self.decode.has_unfinished():
-            outputs = self.decode.step()
-            self.decode_tokens_computed += self.decode.last_step.num_scheduled_tokens
-            for out in outputs:
-                tokens += out.new_token_ids
+            tokens += self.step_decode()
         return tokens
 
+    def step_decode(self) -> list[int]:
+        outputs = self.decode.step()
+        self.decode_tokens_computed += self.decode.last_step.num_scheduled_tokens
+        return [t for out in outputs for t in out.new_token_ids]
+
     def pump(self, timeout: float = 5.0) -> list[int]:
-        """Deliver what the prefill side sent until the decode side starts decoding (or gives up)."""
+        """Step the decode side until what the prefill side sent has arrived (or it gives up)."""
         deadline = time.monotonic() + timeout
         tokens = []
-        while self.decode.awaiting_kv and time.monotonic() < deadline:
-            for message, payload in self.receiver.receive(self.decode.expects_kv):
-                out = self.decode.receive_kv(message, payload)
-                if out is not None:
-                    tokens += out.new_token_ids
+        while self.decode.scheduler.loading and time.monotonic() < deadline:
+            tokens += self.step_decode()
             time.sleep(0.001)
         return tokens
 
@@ -126,8 +149,9 @@ def test_disaggregated_greedy_matches_colocated(model_path, zmq_context, prompt_
 
 
 def test_sliding_window_model_transfers_every_prompt_block(zmq_context, tmp_path):
-    """Mistral with a 7-token window: the prefill side keeps (and sends) every prompt block although most
-    slid out of the window during its chunked prefill; the decode side frees them as it decodes."""
+    """Mistral with a 7-token window: the prefill side frees the blocks that slide out of the window during
+    its chunked prefill, yet every prompt block arrives (each was sent the step that filled it, before
+    any schedule could free it); the decode side frees them as it decodes."""
     from duoserve.kv.kv_cache_manager import NULL_BLOCK
     from tests.engine.test_sliding_window import tiny_mistral
     from tests.helpers import EngineRecorder, hf_greedy, save_tiny_model
@@ -142,7 +166,7 @@ def test_sliding_window_model_transfers_every_prompt_block(zmq_context, tmp_path
         assert pair.run(prompt, max_tokens=10) == hf_greedy(hf, prompt, 10)
         assert pair.decode.stats()["kv_transfer_bytes"] == 6 * pair.prefill.kv_cache.spec.bytes_per_block
         prefill_tables, decode_tables = ([t for s in r.steps for t in s.tables.values()] for r in recorders)
-        assert len(prefill_tables) == 6 and not any(NULL_BLOCK in t for t in prefill_tables)
+        assert len(prefill_tables) == 6 and NULL_BLOCK in prefill_tables[-1]
         assert decode_tables[-1][:5] == [NULL_BLOCK] * 5
         for core in (pair.prefill, pair.decode):
             assert core.kv.usage() == 0.0
@@ -181,12 +205,13 @@ def test_decode_side_prefix_hit_is_not_transferred(model_path, zmq_context):
         assert ticket.num_cached_tokens == 20
         pair.prefill.abort("r")
         pair.decode.abort("r")
-        pair2 = Pair(model_path, zmq_context)
-        pair2.decode = pair.decode
-        assert pair2.run(prompt, max_tokens=6) == expected
+        # A fresh prefill worker (no prefix cache of its own) computes the whole prompt again.
+        fresh = Worker(model_path, zmq_context)
+        pair.prefill_worker.close()
+        pair.prefill_worker, pair.prefill, pair.sender = fresh, fresh.core, fresh.sender
+        assert pair.run(prompt, max_tokens=6) == expected
         # Only the last, partial block moved the second time.
         assert pair.decode.stats()["kv_transfer_bytes"] - first_bytes == first_bytes / 6
-        pair2.close()
     finally:
         pair.close()
 
@@ -200,13 +225,18 @@ def test_mismatched_layout_is_refused_by_the_prefill_side(model_path, zmq_contex
         pair.close()
 
 
-def test_corrupt_frame_aborts_the_request_and_frees_its_blocks(model_path, zmq_context):
+def test_blocks_for_another_requests_blocks_abort_the_request_and_free_its_blocks(model_path, zmq_context):
+    """A well-formed, authenticated frame that writes outside the ticket's blocks is a bad transfer."""
     pair = Pair(model_path, zmq_context)
     try:
         ticket = pair.start(random_prompt(10, seed=2), 4)
-        bad = KVBlocks(ticket.request_id, ticket.block_ids[:1], ticket.layout, nbytes=12)
-        out = pair.decode.receive_kv(bad, memoryview(b"x" * 12))
-        assert out is not None and out.finish_reason == "abort"
+        elsewhere = [b for b in range(pair.decode.kv.num_blocks) if b not in ticket.block_ids][:1]
+        pool = pair.decode.kv_cache.data.clone()
+        pair.sender.send_blocks(ticket, elsewhere, pair.prefill.kv_cache.export_blocks([0]))
+        outputs = []
+        wait_for(lambda: outputs.extend(pair.decode.step()) or outputs, what="the bad frame to arrive")
+        assert [(o.request_id, o.finish_reason) for o in outputs] == [("r", "abort")]
+        assert torch.equal(pair.decode.kv_cache.data, pool)  # not written
         assert pair.decode.kv.usage() == 0.0 and not pair.decode.has_unfinished()
         # Blocks for a request the decode side no longer waits for are dropped.
         while pair.prefill.has_unfinished():
@@ -217,13 +247,18 @@ def test_corrupt_frame_aborts_the_request_and_frees_its_blocks(model_path, zmq_c
         pair.close()
 
 
-def test_kv_wait_times_out(model_path):
-    core = make_core(model_path)
-    core.add_request("r", random_prompt(9, seed=4), greedy(4), [], KVTransferParams("receive"))
-    core.issue_tickets("tcp://127.0.0.1:1")
-    assert core.kv.usage() > 0
-    (out,) = core.expire_kv_waits(timeout=-1.0)
-    assert out.finish_reason == "abort" and core.kv.usage() == 0.0
+def test_kv_wait_times_out(model_path, zmq_context):
+    worker = Worker(model_path, zmq_context)
+    try:
+        core = worker.core
+        core.add_request("r", random_prompt(9, seed=4), greedy(4), [], KVTransferParams("receive"))
+        core.step()
+        assert worker.tickets and core.kv.usage() > 0
+        worker.receive.timeout = -1.0
+        (out,) = core.step()
+        assert out.finish_reason == "abort" and core.kv.usage() == 0.0 and not core.has_unfinished()
+    finally:
+        worker.close()
 
 
 def test_unreachable_decode_worker_aborts_the_prefill(model_path, zmq_context, monkeypatch):
@@ -231,7 +266,6 @@ def test_unreachable_decode_worker_aborts_the_prefill(model_path, zmq_context, m
     pair = Pair(model_path, zmq_context)
     try:
         ticket = pair.start(random_prompt(10, seed=5), 4)
-        pair.receiver.close()
         pair.prefill.abort("r")
         gone = KVTransferParams(
             "send", ticket.__class__(**{**_fields(ticket), "address": "tcp://127.0.0.1:9"})
@@ -241,9 +275,10 @@ def test_unreachable_decode_worker_aborts_the_prefill(model_path, zmq_context, m
         while pair.prefill.has_unfinished():
             outputs += pair.prefill.step()
         assert outputs[-1].finish_reason == "abort"
+        assert all(not out.new_token_ids for out in outputs)  # the first token never went out
         assert pair.prefill.kv.usage() == 0.0
     finally:
-        pair.sender.close()
+        pair.close()
 
 
 def _fields(struct) -> dict:

@@ -105,7 +105,7 @@ def test_forged_kv_frames_are_dropped_counted_and_never_written(model_path, zmq_
         accepted = []
 
         def all_dropped() -> bool:
-            accepted.extend(pair.receiver.receive(pair.decode.expects_kv))
+            accepted.extend(pair.receiver.receive(pair.receive.expects))
             return sum(pair.receiver.drops.counts.values()) >= total
 
         wait_for(all_dropped, what="every forged message to be dropped")
@@ -116,7 +116,7 @@ def test_forged_kv_frames_are_dropped_counted_and_never_written(model_path, zmq_
             "invalid": 0,
         }
         assert torch.equal(pair.decode.kv_cache.data, pool)  # not a byte written
-        assert pair.decode.expects_kv(ticket.request_id)  # the request still waits for its real KV
+        assert pair.receive.expects(ticket.request_id)  # the request still waits for its real KV
 
         # The real transfer, every message of it delivered twice: the copies are dropped as replays.
         while pair.prefill.has_unfinished():
@@ -141,12 +141,10 @@ def test_forged_kv_frames_are_dropped_counted_and_never_written(model_path, zmq_
 
 
 def _deliver(pair: Pair, tokens: list[int], num_replays: int) -> bool:
-    """Hand what arrived to the decode core; True once it has every message (and every replay)."""
-    for message, payload in pair.receiver.receive(pair.decode.expects_kv):
-        out = pair.decode.receive_kv(message, payload)
-        if out is not None:
-            tokens += out.new_token_ids
-    return not pair.decode.awaiting_kv and pair.receiver.drops.counts["replayed"] == num_replays
+    """Step the decode core (its connector takes in what arrived); True once it has every message
+    (and every replay)."""
+    tokens += pair.step_decode()
+    return not pair.decode.scheduler.loading and pair.receiver.drops.counts["replayed"] == num_replays
 
 
 def test_forged_kv_events_never_reach_the_index():

@@ -1,5 +1,6 @@
-"""The token-budget scheduler: on its own with fake model steps, then through the engine for
-preemption and aborts."""
+"""The token-budget scheduler: on its own with fake model steps (its own `update` applies them), then
+through the engine for preemption and aborts. KV connectors are tested through it in
+tests/engine/test_connector_scheduling.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.helpers import EngineRecorder, random_prompt
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 BS = 4
+MAX_MODEL_LEN = 10**6
 _next_token = iter(range(10**9))
 
 
@@ -26,22 +28,15 @@ def request(rid: str, num_prompt: int, max_tokens: int = 4) -> Request:
 
 
 def make_scheduler(num_blocks=64, budget=512, max_num_seqs=128, prefix_caching=False) -> Scheduler:
-    return Scheduler(KVCacheManager(num_blocks, BS, prefix_caching), budget, max_num_seqs)
+    return Scheduler(KVCacheManager(num_blocks, BS, prefix_caching), budget, max_num_seqs, MAX_MODEL_LEN)
 
 
 def step(scheduler: Scheduler) -> SchedulerOutput:
-    """Schedule, then do what the engine core does after the forward pass (a fake token per sample)."""
+    """Schedule, then the scheduler's own update with a fake token per sampling request."""
     plan = scheduler.schedule()
-    plan.sampled = [s.samples for s in plan.scheduled]  # before the update below changes the answer
-    for s in plan.scheduled:
-        samples = s.samples
-        r = s.request
-        r.num_computed_tokens += s.num_new_tokens
-        if samples:
-            r.append_token(next(_next_token))
-            r.check_stop(10**6)
-            if r.status.finished:
-                scheduler.finish(r, r.status)
+    plan.sampled = [s.samples for s in plan.scheduled]  # before the update changes the answer
+    sampled = {s.request.request_id: ([next(_next_token)], []) for s in plan.scheduled if s.samples}
+    plan.outputs = scheduler.update(plan, sampled, {})
     return plan
 
 
@@ -236,18 +231,35 @@ def test_a_request_waiting_for_blocks_is_counted_once_in_the_prefix_cache_querie
     assert scheduler.kv.prefix_cache_queries == 24
 
 
-def test_sliding_window_frees_blocks_but_not_those_of_a_request_sending_its_kv():
-    """All layers slide: running requests give back the blocks out of their window at each schedule,
-    except a prefill worker's request, whose blocks are exported to the decode worker as they fill."""
+def test_sliding_window_frees_the_blocks_out_of_every_running_requests_window():
+    """All layers slide: running requests give back the blocks out of their window at each schedule (a
+    P/D prefill worker's too: its connector sent each block the step that filled it, see
+    tests/disagg/test_kv_transfer.py)."""
     kv = KVCacheManager(64, BS, sliding_window=4)
-    scheduler = Scheduler(kv, 512, 128)
-    plain, sending = request("plain", 20, max_tokens=10), request("send", 20, max_tokens=10)
-    sending.kv_destination = object()  # only its presence matters to the scheduler
+    scheduler = Scheduler(kv, 512, 128, MAX_MODEL_LEN)
+    plain = request("plain", 20, max_tokens=10)
     scheduler.add(plain)
-    scheduler.add(sending)
     for _ in range(5):  # a prefill of 20 tokens, then 4 decodes: 23 tokens computed at the last schedule
         step(scheduler)
     # Queries from position 23 on see positions > 19: blocks 0-4 are freed, block 5 holds 20-23.
     assert kv.block_ids("plain") == [NULL_BLOCK] * 5 + [kv.block_ids("plain")[5]]
     assert kv.num_held_blocks("plain") == 1
-    assert NULL_BLOCK not in kv.block_ids("send") and kv.num_held_blocks("send") == 6
+
+
+def test_update_reports_tokens_stops_and_first_token_times():
+    """The update the engine core runs: outputs per request, the stop token ends one and frees it."""
+    scheduler = make_scheduler(budget=100)
+    a, b = request("a", 5, max_tokens=5), request("b", 3, max_tokens=5)
+    b.stop_token_ids = frozenset({7})
+    for r in (a, b):
+        scheduler.add(r)
+    plan = scheduler.schedule()
+    outputs = scheduler.update(plan, {"a": ([3], []), "b": ([7], [])}, {})
+    assert [(o.request_id, o.new_token_ids, o.finish_reason) for o in outputs] == [
+        ("a", [3], None),
+        ("b", [7], "stop"),
+    ]
+    assert all(o.queue_time >= 0 and o.prefill_time >= 0 for o in outputs)
+    assert a.num_computed_tokens == 5 and a.output_token_ids == [3] and a.is_decoding
+    assert "b" not in scheduler.requests and "b" not in scheduler.kv.tables
+    assert b.stop_reason is None  # eos-like: not a user stop token

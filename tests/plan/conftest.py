@@ -12,9 +12,7 @@ from duoserve.plan.step_model import StepModel
 @pytest.fixture
 def fixed_profile() -> Profile:
     return Profile(
-        StepModel(
-            intercept=0.01, prefill_tokens=2e-4, decode_seqs=5e-4, decode_context=1e-6, prefill_attention=1e-4
-        ),
+        StepModel(intercept=0.01, kernel_rows=3e-4, decode_context=1e-6, prefill_attention=1e-4),
         WorkerLimits(
             num_kv_blocks=4000,
             block_size=16,

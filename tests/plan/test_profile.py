@@ -51,19 +51,39 @@ def test_profile_of_a_tiny_model(tiny_models, single_torch_thread, tmp_path):
     assert again.step_model == profile.step_model and again.limits == profile.limits
 
 
-def test_the_fit_recovers_a_linear_model():
-    true = StepModel(0.004, 2e-5, 3e-4, 1e-6, 5e-5)
-    shapes = [
-        StepShape(p, d, d * c, p * (c + p / 2) / 1000)
+def _grid_shapes() -> list[StepShape]:
+    """Steps on both sides of a 32-row quantized threshold, as `plan profile` measures them."""
+    return [
+        StepShape(p, d, d * c, p * (c + p / 2) / 1000, tiled=int(p + d > 32))
         for p in (0, 16, 256)
         for d in (0, 1, 8, 32)
         for c in (64, 1024)
         if p or d
     ]
-    fit = fit_step_model(shapes, [true.seconds(s) for s in shapes])
-    for name, value in true.to_json().items():
+
+
+TRUE_MODEL = StepModel(0.004, 6e-3, 4e-3, 1e-6, 5e-5, 0.1)
+
+
+def test_the_fit_recovers_a_linear_model():
+    shapes = _grid_shapes()
+    fit = fit_step_model(shapes, [TRUE_MODEL.seconds(s) for s in shapes])
+    for name, value in TRUE_MODEL.to_json().items():
         assert getattr(fit.model, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
-    assert fit.r2 == pytest.approx(1.0)
+    assert fit.r2 == pytest.approx(1.0) and fit.num_dropped == 0
+
+
+def test_steps_slowed_by_noise_are_dropped_from_the_fit():
+    """On a shared machine a few steps run several times slower; they must not move the model."""
+    shapes = _grid_shapes() * 2
+    seconds = [TRUE_MODEL.seconds(s) * (1 + 0.02 * (i % 3 - 1)) for i, s in enumerate(shapes)]
+    slowed = range(3, len(shapes), 9)
+    for i in slowed:
+        seconds[i] *= 3.0
+    fit = fit_step_model(shapes, seconds)
+    assert fit.num_dropped == len(slowed)
+    small_decode = StepShape(decode_seqs=1, decode_context=64)
+    assert fit.model.seconds(small_decode) == pytest.approx(TRUE_MODEL.seconds(small_decode), rel=0.03)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +93,8 @@ def test_the_fit_recovers_a_linear_model():
         ("{not json", "is not JSON"),
         (json.dumps({"summary": {}}), "not a duoserve plan profile"),
         (json.dumps([1, 2]), "not a duoserve plan profile"),
-        (json.dumps({"kind": "duoserve-plan-profile", "version": 1, "limits": {}}), "malformed"),
+        (json.dumps({"kind": "duoserve-plan-profile", "version": 2, "limits": {}}), "malformed"),
+        (json.dumps({"kind": "duoserve-plan-profile", "version": 0, "limits": {}}), "version 0"),
     ],
 )
 def test_bad_profiles_are_clear_errors(tmp_path, content, message):
@@ -83,18 +104,29 @@ def test_bad_profiles_are_clear_errors(tmp_path, content, message):
         load_profile(str(file))
 
 
+LIMITS = {
+    "num_kv_blocks": 8,
+    "block_size": 16,
+    "max_model_len": 128,
+    "max_num_batched_tokens": 64,
+    "max_num_seqs": 4,
+}
+
+
 def test_a_profile_without_a_step_model_is_refused():
-    data = {
-        "kind": "duoserve-plan-profile",
-        "version": 1,
-        "limits": {
-            "num_kv_blocks": 8,
-            "block_size": 16,
-            "max_model_len": 128,
-            "max_num_batched_tokens": 64,
-            "max_num_seqs": 4,
-        },
-        "step_model": {"intercept": -1},
-    }
+    data = {"kind": "duoserve-plan-profile", "version": 2, "limits": LIMITS, "step_model": {"intercept": -1}}
     with pytest.raises(ValueError, match="step model"):
         Profile.from_json(data)
+
+
+def test_a_version_1_profile_is_refitted_from_its_measured_steps():
+    """Version 1 stored the same StepShape fields per step; only the model's features changed."""
+    shapes = _grid_shapes()
+    samples = [[*s.values(), TRUE_MODEL.seconds(s)] for s in shapes]
+    old_model = {"intercept": 0.1, "prefill_tokens": 1e-3, "decode_seqs": 1e-3}
+    data = {"kind": "duoserve-plan-profile", "version": 1, "limits": LIMITS, "step_model": old_model}
+    profile = Profile.from_json(data | {"samples": samples})
+    assert profile.step_model.tiled_rows == pytest.approx(TRUE_MODEL.tiled_rows, rel=1e-6)
+    assert profile.fit["num_samples"] == len(shapes)
+    with pytest.raises(ValueError, match="version 1"):
+        Profile.from_json(data)  # nothing to refit from

@@ -18,7 +18,7 @@ from duoserve.plan.workload import SimConversation, SimTurn, Workload, add_workl
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import random_prompt
 
-STEP_MODEL = StepModel(intercept=0.01, prefill_tokens=1e-4, decode_seqs=1e-3, decode_context=1e-6)
+STEP_MODEL = StepModel(intercept=0.01, kernel_rows=4e-4, decode_context=1e-6)
 
 
 def _workload() -> Workload:

@@ -9,11 +9,12 @@ import torch
 import zmq
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTicket, KVTransferParams
+from duoserve.disagg.kv_transfer import KVLayout, KVReceiver, KVSender, KVTicket, KVTransferParams
+from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import EngineCore
+from duoserve.kv.connector import MultiConnector
 from duoserve.models.loader import load_model
 from duoserve.sampling_params import SamplingParams
-from duoserve.server import engine_process
 from duoserve.server.engine_messages import (
     Abort,
     AddRequest,
@@ -38,11 +39,24 @@ def model_path(tiny_models) -> str:
 class Harness:
     """An EngineLoop on a real core; the test plays the API process on the other end of its sockets."""
 
-    def __init__(self, path: str, context: zmq.Context, kv_receiver: bool = False, **overrides) -> None:
+    def __init__(self, path: str, context: zmq.Context, kv: bool = False, **overrides) -> None:
+        """`kv`: the worker's P/D connectors over a real KV receiver and sender, as the engine process
+        builds them."""
         # The torch attention backend: the CPU kernel is not what these tests are about.
         args = {**{k: v for k, v in ENGINE_ARGS.items() if k != "num_threads"}, "attention_backend": "torch"}
         config = EngineConfig(model=path, **{**args, **overrides})
-        self.core = EngineCore(config, load_model(path, torch.float32))
+        self.receiver: KVReceiver | None = None
+        self.sender: KVSender | None = None
+
+        def make_connector(core: EngineCore) -> MultiConnector:
+            layout = KVLayout.of(core.kv_cache.spec)
+            self.receiver = KVReceiver(context, "127.0.0.1", layout, core.kv.num_blocks)
+            self.sender = KVSender(context)
+            return pd_connectors(
+                core, self.receiver, self.sender, lambda tickets: self.loop.send_tickets(tickets)
+            )
+
+        self.core = EngineCore(config, load_model(path, torch.float32), make_connector if kv else None)
         self.to_engine = context.socket(zmq.PUSH)
         self.from_engine = context.socket(zmq.PULL)
         inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
@@ -52,16 +66,16 @@ class Harness:
         inbox.connect(name + "-in")
         outbox.connect(name + "-out")
         self.sockets = [self.to_engine, self.from_engine, inbox, outbox]
-        receiver = None
-        if kv_receiver:  # a real KV receiver for this core's layout, closed with the harness
-            receiver = KVReceiver(context, "127.0.0.1", self.core.kv_layout, self.core.kv.num_blocks)
-            self.sockets.append(receiver.socket)
-        self.loop = EngineLoop(self.core, inbox, outbox, max_queued_requests=None, receiver=receiver)
+        if self.receiver is not None:  # closed with the harness
+            self.sockets.append(self.receiver.socket)
+        self.loop = EngineLoop(self.core, inbox, outbox, max_queued_requests=None, receiver=self.receiver)
         self.batches: list[EngineOutputs] = []
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=0)
+        if self.sender is not None:
+            self.sender.close()
 
     def send(self, message) -> None:
         self.to_engine.send(request_encoder.encode(message))
@@ -89,17 +103,25 @@ class Harness:
     def tables(self) -> dict[str, int]:
         """Every per-request table of the loop and its core that is not empty, with its size.
 
-        Besides the known ones, any container the loop itself holds counts (but its drop counters):
-        a side table added there later is caught too.
+        Besides the known ones, any container the loop or a KV connector holds counts (but the loop's
+        drop counters), and any event a connector has not reported yet: a side table added there later
+        is caught too.
         """
         core = self.core
         known = {
             "scheduler.requests": core.scheduler.requests,
             "scheduler.waiting": core.scheduler.waiting,
             "scheduler.running": core.scheduler.running,
-            "core.awaiting_kv": core.awaiting_kv,
+            "scheduler.loading": core.scheduler.loading,
+            "scheduler.held_by_connector": core.scheduler.held_by_connector,
             "kv.tables": core.kv.tables,
         }
+        for connector in _connectors(core.connector):
+            for name, value in vars(connector).items():
+                if isinstance(value, dict | list | set) and name != "connectors":
+                    known[f"{type(connector).__name__}.{name}"] = value
+                elif name == "_events":
+                    known[f"{type(connector).__name__}.{name}"] = [e for e in vars(value).values() if e]
         if core.speculator is not None:
             known["speculator._backoff"] = core.speculator._backoff
             known["proposer._seqs"] = getattr(core.speculator.proposer, "_seqs", {})
@@ -110,6 +132,12 @@ class Harness:
         if core.kv.pool.num_free_blocks != core.kv.num_blocks:
             sizes["kv blocks in use"] = core.kv.num_blocks - core.kv.pool.num_free_blocks
         return sizes
+
+
+def _connectors(connector) -> list:
+    """The connector and every one it stacks."""
+    stacked = getattr(connector, "connectors", [])
+    return [connector, *(c for inner in stacked for c in _connectors(inner))]
 
 
 @pytest.fixture
@@ -208,27 +236,40 @@ def test_a_refused_request_leaves_nothing_behind(harness):
     assert h.tables() == {}
 
 
-def test_an_expired_kv_wait_leaves_nothing_behind(harness, monkeypatch):
-    h = harness(kv_receiver=True)
+def test_an_expired_kv_wait_leaves_nothing_behind(harness):
+    h = harness(kv=True)
     h.send(add("r", **{"kv_transfer": KVTransferParams("receive")}))
     h.run_until(lambda: any(b.tickets for b in h.batches))  # its blocks are allocated
     assert h.tables()
-    monkeypatch.setattr(engine_process, "KV_TRANSFER_TIMEOUT", 0.0)  # no KV will ever come
+    (receive, _) = h.core.connector.connectors[0].connectors
+    receive.timeout = 0.0  # no KV will ever come
     h.run_until(lambda: h.finished("r"))
     assert h.finished("r") == "abort" and h.tables() == {}
 
 
-def test_a_failed_kv_send_leaves_nothing_behind(harness, context, monkeypatch):
+def test_a_failed_kv_send_leaves_nothing_behind(harness, monkeypatch):
     monkeypatch.setattr("duoserve.disagg.kv_transfer.SEND_TIMEOUT_MS", 50)
-    h = harness(max_num_batched_tokens=4)  # the send of the first chunk fails, before any token
-    sender = KVSender(context)
-    h.core.kv_sender = sender
-    try:
-        bs = h.core.config.block_size
-        ticket = KVTicket("r", "tcp://127.0.0.1:9", list(range(3)), 0, h.core.kv_layout)  # nobody there
-        h.send(add("r", prompt_len=3 * bs - 1, **{"kv_transfer": KVTransferParams("send", ticket)}))
-        h.run_until(lambda: h.finished("r"))
-        assert h.finished("r") == "abort" and h.tables() == {}
-        assert starts_of(h, "r") == []
-    finally:
-        sender.close()
+    h = harness(kv=True, max_num_batched_tokens=4)  # the send of the first chunk fails, before any token
+    bs = h.core.config.block_size
+    layout = KVLayout.of(h.core.kv_cache.spec)
+    ticket = KVTicket("r", "tcp://127.0.0.1:9", list(range(3)), 0, layout)  # nobody there
+    h.send(add("r", prompt_len=3 * bs - 1, **{"kv_transfer": KVTransferParams("send", ticket)}))
+    h.run_until(lambda: h.finished("r"))
+    assert h.finished("r") == "abort" and h.tables() == {}
+    assert starts_of(h, "r") == []
+
+
+def test_a_finished_kv_receive_leaves_nothing_behind(harness):
+    """The decode half of a disaggregated request, its KV sent by hand as a prefill worker would: it
+    decodes from the sent first token, and nothing of it stays in the loop, the core or a connector."""
+    h = harness(kv=True)
+    h.send(add("r", max_tokens=3, **{"kv_transfer": KVTransferParams("receive")}))
+    h.run_until(lambda: any(b.tickets for b in h.batches))
+    (ticket,) = [t for b in h.batches for t in b.tickets]
+    source = h.core.kv_cache.export_blocks(ticket.block_ids)  # any bytes of the right layout
+    h.sender.send_blocks(ticket, ticket.block_ids, source)
+    h.sender.send_done(ticket, first_token=5, num_blocks=len(ticket.block_ids))
+    h.run_until(lambda: h.finished("r"))
+    assert h.finished("r") == "length" and h.tables() == {}
+    tokens = [t for b in h.batches for o in b.outputs if o.request_id == "r" for t in o.new_token_ids]
+    assert len(tokens) == 2  # the first token was the prefill worker's to send
