@@ -56,8 +56,15 @@ class EngineConfig:
     attention_backend: str = field(
         default="auto",
         metadata=_arg(
-            "auto (cpu where its kernel builds, else torch), torch (SDPA over gathered blocks), "
-            "or cpu (paged C++ decode kernel, built on first use)"
+            "auto (triton on CUDA; on CPU: cpu where its kernel builds, else torch), torch (SDPA over "
+            "gathered blocks), cpu (paged C++ decode kernel, built on first use), or triton (paged Triton "
+            "kernels: CUDA, or the CPU under TRITON_INTERPRET=1 for tests)"
+        ),
+    )
+    enforce_eager: bool = field(
+        default=False,
+        metadata=_arg(
+            "CUDA: run decode steps eagerly too (no CUDA graphs, which are captured per batch size)"
         ),
     )
     kv_cache_dtype: str = field(default="auto", metadata=_arg("KV cache dtype: auto (= dtype) or a dtype"))
@@ -145,8 +152,10 @@ class EngineConfig:
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
-        if self.attention_backend not in ("auto", "torch", "cpu"):
-            raise ValueError(f"attention_backend must be auto, torch or cpu, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}"
+            )
         if self.quantized_max_rows is not None and self.quantized_max_rows < 0:
             raise ValueError(f"quantized_max_rows must be >= 0, got {self.quantized_max_rows}")
         if self.quantization not in ("auto", "none"):

@@ -18,6 +18,7 @@ from duoserve.cpu_kernels import cpu_kernels_available
 
 __all__ = ["CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
 
+
 def paged_decode(
     q: torch.Tensor,
     k_pool: torch.Tensor,

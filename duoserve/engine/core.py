@@ -15,7 +15,7 @@ import torch
 
 from duoserve.attention.selector import make_attention_backend
 from duoserve.config import EngineConfig
-from duoserve.engine.model_runner import StepBatch, prepare_batch
+from duoserve.engine.model_runner import StepBatch, make_decode_graphs, prepare_batch, run_model
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
@@ -91,6 +91,8 @@ class EngineCore:
             for lora_request in config.lora_requests():
                 self.lora.load(lora_request)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
+        # CUDA graphs of decode steps where the device and the model allow them (None: all steps eager).
+        self.decode_graphs = make_decode_graphs(self.model, self.kv_cache, config, self.max_model_len)
         self.kv = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching, model_config.kv_sliding_window()
         )
@@ -299,9 +301,7 @@ class EngineCore:
         if batch is None:
             return {}, {}
         masks = self.structured.start(batch.sampling)  # computed while the forward runs
-        hidden = self.model.forward(
-            batch.input_ids, batch.positions, self.kv_cache, batch.meta, batch.lora_slots
-        )
+        hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
         return self._sample(batch, hidden, masks), self._score_prompts(batch, hidden)
 
     def _observe_speculation(

@@ -1,4 +1,5 @@
-"""Turns a scheduled step into model inputs: flat token ids, positions and attention metadata."""
+"""Turns a scheduled step into model inputs (flat token ids, positions and attention metadata) and runs the
+model on them: eagerly, or on CUDA by replaying a captured graph for pure decode steps."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
+from duoserve.config import EngineConfig
 from duoserve.engine.scheduler import ScheduledRequest
+from duoserve.kv.cache import KVCache
 from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.models.llama import LlamaModel
 
 
 @dataclass
@@ -163,3 +167,116 @@ def _prompt_logprob_rows(
         rows=torch.arange(start + offset, end + offset, device=device),
         targets=torch.tensor(request.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=device),
     )
+
+
+# ------------------------------------------------------------------ running the model
+
+# Padded batch sizes of the captured decode graphs (vLLM's: 1, 2, 4, then every 8), up to this many.
+_MAX_GRAPH_BATCH = 512
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The padded decode batch sizes with a graph: a batch of n runs the smallest one >= n."""
+    largest = min(max_num_seqs, _MAX_GRAPH_BATCH)
+    sizes = [b for b in (1, 2, 4) if b < largest] + list(range(8, largest + 8, 8))
+    return [b for b in sizes if b < largest] + [largest]
+
+
+class DecodeGraphs:
+    """CUDA graphs of the model's forward over pure decode steps, one per padded batch size.
+
+    A decode step's launches are the same every step at a given batch size (the attention backend's too:
+    `supports_cuda_graphs`), so replaying a captured graph saves the per-op launch cost that dominates
+    small batches. Inputs go through persistent buffers that the graphs read: the step's values are
+    copied in, and padded rows get context 0 and slot -1 (attention and the KV store skip them). Each size
+    is captured on its first use, after one eager warm-up run on the same inputs (Triton compiles, cuBLAS
+    picks its kernels); all graphs share one memory pool, as only one runs at a time and each step's output
+    is consumed before the next replay.
+    """
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, max_num_seqs: int, max_model_len: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.block_size = kv_cache.spec.block_size
+        device = kv_cache.data.device
+        n, width = self.sizes[-1], -(-max_model_len // self.block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, width, dtype=torch.long, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def fits(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
+        num = meta.num_decode_tokens
+        return (
+            not meta.prefills
+            and num == input_ids.shape[0]
+            and 0 < num <= self.sizes[-1]
+            and meta.decode_block_tables.shape[1] <= self.block_tables.shape[1]
+        )
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [n, hidden] of a pure decode step (one that `fits`)."""
+        num = input_ids.shape[0]
+        size = next(b for b in self.sizes if b >= num)
+        self.input_ids[:num].copy_(input_ids)
+        self.positions[:num].copy_(positions)
+        self.slot_mapping[:num].copy_(meta.slot_mapping)
+        self.slot_mapping[num:size].fill_(-1)
+        self.block_tables[:num, : meta.decode_block_tables.shape[1]].copy_(meta.decode_block_tables)
+        self.context_lens[:num].copy_(meta.decode_context_lens)
+        self.context_lens[num:size].zero_()
+        entry = self.graphs.get(size)
+        if entry is None:
+            entry = self.graphs[size] = self._capture(size)
+        graph, hidden = entry
+        graph.replay()
+        return hidden[:num]
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            num_decode_tokens=size,
+            decode_block_tables=self.block_tables[:size],
+            decode_context_lens=self.context_lens[:size],
+            prefills=[],
+            block_size=self.block_size,
+        )
+        args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model.forward(*args)  # warm-up: writes the same K/V the replay writes again
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self.model.forward(*args)
+        self._pool = graph.pool()
+        return graph, hidden
+
+
+def make_decode_graphs(
+    model: LlamaModel, kv_cache: KVCache, config: EngineConfig, max_model_len: int
+) -> DecodeGraphs | None:
+    """Decode graphs on CUDA, unless disabled or something in the step cannot be captured: an attention
+    backend that syncs with the host or shapes launches by values (torch's), or routed experts (their
+    per-expert token counts are read on the host), or LoRA (per-token adapter slots: not captured yet)."""
+    if kv_cache.data.device.type != "cuda" or config.enforce_eager or config.enable_lora:
+        return None
+    if not getattr(model.attention, "supports_cuda_graphs", False):
+        return None
+    if any(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers)):
+        return None
+    return DecodeGraphs(model, kv_cache, config.max_num_seqs, max_model_len)
+
+
+def run_model(
+    model: LlamaModel, graphs: DecodeGraphs | None, batch: StepBatch, kv_cache: KVCache
+) -> torch.Tensor:
+    """The step's hidden states: replayed from a decode graph where one fits, else an eager forward."""
+    if graphs is not None and graphs.fits(batch.input_ids, batch.meta):
+        return graphs.run(batch.input_ids, batch.positions, batch.meta)
+    return model.forward(batch.input_ids, batch.positions, kv_cache, batch.meta, batch.lora_slots)

@@ -1,0 +1,433 @@
+"""The GPU path in one run (issue 17): bandwidth, decode step vs roofline, throughput vs transformers,
+and the Triton backend's correctness against the torch backend, on the GPU it runs on.
+
+    python benchmarks/gpu_suite.py            # an H100/H200: a few minutes
+    python benchmarks/gpu_suite.py --smoke    # tiny sizes; on a CPU under Triton's interpreter
+
+1. Device copy bandwidth: a large device-to-device copy, bytes read + written over the median time.
+2. Correctness: the Triton backend against the torch backend on paged inputs of the model's shapes
+   (decodes over long contexts, split over programs, and a mixed decode + prefill step), then one decode
+   step of the whole model on both backends (relative error of the logits).
+3. Decode step of a 1B-class Llama (Llama 3.2 1B's shape, random bf16 weights) at each --batches size with
+   --context-token contexts: the model forward replayed from its CUDA graph (and eager), plus the logits
+   and argmax, timed with CUDA events (median). Roofline: (weight bytes + KV bytes read) / bandwidth.
+4. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
+   each, through duoserve's engine and through transformers `generate` (one static batch, no padding
+   needed: equal lengths), same weights, same GPU.
+
+Prints a markdown table of each part; with $OUT set (or --out), writes everything to gpu_suite.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# Without a GPU, --smoke runs the kernels in Triton's interpreter: set before they are defined (imported).
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from duoserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from duoserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from duoserve.config import EngineConfig  # noqa: E402
+from duoserve.engine.core import EngineCore  # noqa: E402
+from duoserve.engine.model_runner import SeqChunk, layout_batch  # noqa: E402
+from duoserve.models.config import ModelConfig  # noqa: E402
+from duoserve.models.loader import LoadedModel  # noqa: E402
+from duoserve.sampling_params import SamplingParams  # noqa: E402
+
+# Llama 3.2 1B (plain RoPE: the scaling does not change what a step reads).
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: Triton's interpreter)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--context", type=int, default=None)
+    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--input-len", type=int, default=None)
+    parser.add_argument("--output-len", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None, help="timed repetitions (median)")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_suite.json")
+    args = parser.parse_args()
+    full = dict(batches=[1, 64, 256], context=1024, num_prompts=128, input_len=128, output_len=128, iters=20)
+    smoke = dict(batches=[1, 3], context=40, num_prompts=3, input_len=8, output_len=4, iters=2)
+    for name, value in (smoke if args.smoke else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
+    """Median time of fn() (device time, with CUDA events, on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int, iters: int) -> float:
+    """Bytes/s of a device-to-device copy, read + write counted (2 * size per copy)."""
+    src = torch.randn(num_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / median_seconds(lambda: dst.copy_(src), device, iters)
+
+
+# ------------------------------------------------------------------ the model
+
+
+def build_engine(args, device: torch.device, hf_model, backend: str, max_len: int) -> EngineCore:
+    """An engine over the transformers model's own tensors (no copy of the weights, but fused qkv/gate_up)."""
+    shape = TINY if args.smoke else LLAMA_1B
+    config = ModelConfig(architecture="llama", max_position_embeddings=max_len, **shape)
+    weights = {name: t for name, t in hf_model.state_dict().items()}
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    block_size = 16
+    blocks_needed = max(
+        max(args.batches) * -(-(args.context + 1) // block_size),
+        args.num_prompts * -(-(args.input_len + args.output_len) // block_size),
+    )
+    engine_config = EngineConfig(
+        device=device.type,
+        dtype=dtype,
+        attention_backend=backend,
+        block_size=block_size,
+        num_kv_blocks=blocks_needed + 8,
+        max_num_seqs=max(max(args.batches), args.num_prompts),
+        max_num_batched_tokens=8192 if not args.smoke else 64,
+        max_model_len=max_len,
+        seed=0,
+        enable_prefix_caching=False,  # the warm-up runs the same prompts: no hits in the timed run
+    )
+    return EngineCore(engine_config, LoadedModel(config, weights, "random", None))
+
+
+def build_hf_model(args, device: torch.device, max_len: int):
+    import transformers
+
+    shape = TINY if args.smoke else LLAMA_1B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = transformers.LlamaConfig(max_position_embeddings=max_len, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # wider than the default init: logits with clear margins, as real models have
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def weight_bytes(core: EngineCore) -> int:
+    """Weight bytes a decode step reads: every matrix and norm once (of the embedding, a row per token)."""
+    model = core.model
+    linears, tensors = [model.lm_head], [model.norm.weight]
+    for layer in model.layers:
+        linears += layer.linears()
+        tensors += layer.norms()
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(linear.nbytes for linear in linears)
+
+
+def decode_layout(core: EngineCore, batch: int, context: int):
+    """A pure decode step of `batch` sequences at position context - 1, each over its own blocks."""
+    bs = core.config.block_size
+    per_seq = -(-context // bs)
+    gen = torch.Generator().manual_seed(batch)
+    chunks = [
+        SeqChunk(
+            [int(torch.randint(3, core.model_config.vocab_size, (), generator=gen))],
+            context - 1,
+            list(range(i * per_seq, (i + 1) * per_seq)),
+        )
+        for i in range(batch)
+    ]
+    return layout_batch(chunks, bs, core.device)
+
+
+def decode_step(core: EngineCore, layout, graphed: bool):
+    def step():
+        if graphed:
+            hidden = core.decode_graphs.run(layout.input_ids, layout.positions, layout.meta)
+        else:
+            hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
+        return core.model.compute_logits(hidden).argmax(-1)
+
+    return step
+
+
+# ------------------------------------------------------------------ parts
+
+
+def check_kernels(device: torch.device, shape: dict, dtype: torch.dtype, smoke: bool) -> list[dict]:
+    """Triton vs torch backend on random paged inputs: long decodes (split) and a mixed step."""
+    results = []
+    heads, kv_heads, dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    for head_dim in sorted({dim, 128}):
+        for block_size in (16, 5):
+            gen = torch.Generator(device=device).manual_seed(head_dim + block_size)
+            long_ctx = 80 if smoke else 3000
+            shapes = [
+                (long_ctx - 1, 1),
+                (block_size * 3, 1),
+                (37, 1),
+                (0, 12 if smoke else 300),
+                (2 * block_size + 2, 9 if smoke else 200),
+            ]
+            num_blocks = sum(-(-(s + n) // block_size) for s, n in shapes) + 2
+            perm = torch.randperm(num_blocks).tolist()
+            chunks = []
+            for start, n in shapes:
+                count = -(-(start + n) // block_size)
+                chunks.append(SeqChunk([0] * n, start, perm[:count]))
+                perm = perm[count:]
+            layout = layout_batch(chunks, block_size, device)
+            tokens = layout.input_ids.shape[0]
+            pools = [
+                torch.randn(
+                    num_blocks, block_size, kv_heads, head_dim, device=device, generator=gen, dtype=dtype
+                )
+                for _ in range(2)
+            ]
+            q = torch.randn(tokens, heads, head_dim, device=device, generator=gen, dtype=dtype)
+            k, v = (
+                torch.randn(tokens, kv_heads, head_dim, device=device, generator=gen, dtype=dtype)
+                for _ in range(2)
+            )
+            outs = []
+            for backend in (TorchAttentionBackend(), TritonAttentionBackend(device)):
+                backend.prepare(layout.meta)
+                own = tuple(p.clone() for p in pools)
+                outs.append(backend.forward(q, k, v, own, layout.meta, head_dim**-0.5).float())
+            err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+            results.append(
+                {
+                    "head_dim": head_dim,
+                    "block_size": block_size,
+                    "rel_err": err,
+                    "ok": err < (1e-2 if dtype != torch.float32 else 1e-5),
+                }
+            )
+    return results
+
+
+def check_model(core_triton: EngineCore, core_torch: EngineCore, context: int) -> dict:
+    """One decode step of the whole model on both backends over the same (random) KV cache."""
+    core_torch.kv_cache.data.copy_(core_triton.kv_cache.data)
+    layout = decode_layout(core_triton, 4, context)
+    logits = []
+    for core in (core_torch, core_triton):
+        hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
+        logits.append(core.model.compute_logits(hidden))
+    err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+    agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
+    return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
+
+
+def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
+    spec = core.kv_cache.spec
+    kv_per_token = spec.bytes_per_block // spec.block_size
+    weights = weight_bytes(core)
+    rows = []
+    for batch in args.batches:
+        layout = decode_layout(core, batch, args.context)
+        row = {"batch": batch, "context": args.context}
+        if core.decode_graphs is not None:
+            row["graph_ms"] = median_seconds(decode_step(core, layout, True), core.device, args.iters) * 1e3
+        row["eager_ms"] = median_seconds(decode_step(core, layout, False), core.device, args.iters) * 1e3
+        kv_bytes = batch * args.context * kv_per_token
+        row["weight_MB"], row["kv_MB"] = weights / 1e6, kv_bytes / 1e6
+        row["roofline_ms"] = (weights + kv_bytes) / bandwidth * 1e3
+        best = row.get("graph_ms", row["eager_ms"])
+        row["ratio"] = best / row["roofline_ms"]
+        row["tok_s"] = batch / best * 1e3
+        rows.append(row)
+    return rows
+
+
+def throughput(core: EngineCore, hf_model, args) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    vocab = core.model_config.vocab_size
+    prompts = torch.randint(3, vocab, (args.num_prompts, args.input_len), generator=gen)
+    ids = prompts.to(core.device)
+
+    def ours_run(prefix: str, num_tokens: int) -> dict[str, list[int]]:
+        params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+        for i, prompt in enumerate(prompts.tolist()):
+            core.add_request(f"{prefix}{i}", prompt, params, [])
+        tokens: dict[str, list[int]] = {}
+        while core.has_unfinished():
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return tokens
+
+    def theirs_run(num_tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=num_tokens,
+                min_new_tokens=num_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    # Warm-ups: compiles, the decode graph of this batch size, cuBLAS's choices; transformers' too.
+    ours_run("w", 3)
+    theirs_run(3)
+    _sync(core.device)
+    start = time.perf_counter()
+    tokens = ours_run("t", args.output_len)
+    _sync(core.device)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    hf_out = theirs_run(args.output_len)
+    _sync(core.device)
+    theirs = time.perf_counter() - start
+    generated = args.num_prompts * args.output_len
+    assert all(len(tokens[f"t{i}"]) == args.output_len for i in range(args.num_prompts))
+    hf_tokens = hf_out[:, args.input_len :].tolist()
+    first_agree = (
+        sum(tokens[f"t{i}"][0] == hf_tokens[i][0] for i in range(args.num_prompts)) / args.num_prompts
+    )
+    return {
+        "prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "duoserve_s": ours,
+        "transformers_s": theirs,
+        "duoserve_tok_s": generated / ours,
+        "transformers_tok_s": generated / theirs,
+        "speedup": theirs / ours,
+        "first_token_agreement": first_agree,
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        sys.exit("no GPU: run with --smoke for the tiny CPU version")
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
+    import triton
+
+    report["triton"] = triton.__version__
+    t0 = time.perf_counter()
+    bandwidth = copy_bandwidth(device, (1 << 31) if device.type == "cuda" else (1 << 24), max(args.iters, 5))
+    report["copy_bandwidth_GBs"] = bandwidth / 1e9
+    print(f"## {report['device']}: torch {torch.__version__}, triton {triton.__version__}")
+    print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
+
+    shape = TINY if args.smoke else LLAMA_1B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report["kernels"] = check_kernels(device, shape, dtype, args.smoke)
+    print(
+        "\n### Triton vs torch backend (paged decode + mixed step)\n" + table(report["kernels"]), flush=True
+    )
+
+    max_len = max(args.context, args.input_len + args.output_len) + 16
+    hf_model = build_hf_model(args, device, max_len)
+    core = build_engine(args, device, hf_model, "triton", max_len)
+    with torch.no_grad():
+        core.kv_cache.data.normal_()  # never time on zeros
+    reference = build_engine(args, device, hf_model, "torch", max_len)
+    report["model_check"] = check_model(core, reference, args.context)
+    del reference
+    print(
+        "\n### One decode step of the model, Triton vs torch backend\n" + table([report["model_check"]]),
+        flush=True,
+    )
+
+    report["decode"] = time_decode(core, args, bandwidth)
+    print(
+        "\n### Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth\n"
+        + table(report["decode"]),
+        flush=True,
+    )
+
+    report["throughput"] = throughput(core, hf_model, args)
+    print("\n### Offline throughput vs transformers generate\n" + table([report["throughput"]]), flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    ok = all(r["ok"] for r in report["kernels"]) and report["model_check"]["ok"]
+    report["correct"] = ok
+    print(f"\ncorrect: {ok}; {report['seconds']:.0f} s")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The GPU backend: paged attention in Triton kernels that read K/V from the pool in place.
+
+Per layer: one kernel stores the step's new K/V at their slots, one attends every decode row (with a
+reduction kernel when a long context is split over several programs), one attends every prefill chunk
+(`triton_kernels.py` has the tiling). Nothing is gathered into a copy, and nothing waits on the GPU:
+decode launches depend only on tensor shapes, so a decode step can be captured in a CUDA graph
+(`engine/model_runner.py`) and replayed with new inputs.
+
+On a CPU device it runs only under TRITON_INTERPRET=1 (Triton's interpreter, for tests: slow).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duoserve.attention.backend import AttentionMetadata
+from duoserve.attention.triton_kernels import (
+    INTERPRETED,
+    PrefillTiles,
+    paged_decode,
+    paged_prefill,
+    prefill_tiles,
+    prefill_tokens_per_tile,
+    store_kv,
+    tiles_for,
+)
+
+
+class TritonAttentionBackend:
+    # Decode steps may be captured in CUDA graphs: no host sync, launch shapes from tensor shapes only.
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type == "cpu" and not INTERPRETED:
+            raise ValueError(
+                "attention_backend triton runs on CUDA; on the CPU only under TRITON_INTERPRET=1 "
+                "(set before triton is first imported), for tests"
+            )
+        self.device = device
+        self._tiles = None  # per device, read on first use (a CUDA query)
+        self._meta: AttentionMetadata | None = None
+        self._prefill: PrefillTiles | None = None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """The prefill chunks' tile map is built by the first layer that needs it, shared by the rest."""
+        self._meta = meta
+        self._prefill = None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
+        if self._tiles is None:
+            self._tiles = tiles_for(q.device)
+        k_pool, v_pool = kv_cache
+        store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens)
+        out = torch.empty_like(q)
+        num_decodes = meta.num_decode_tokens
+        variant = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap}
+        if num_decodes:
+            paged_decode(
+                out[:num_decodes],
+                q[:num_decodes],
+                k_pool,
+                v_pool,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                scale,
+                self._tiles,
+                **variant,
+            )
+        if meta.prefills:
+            if self._prefill is None or self._meta is not meta:
+                tokens = prefill_tokens_per_tile(q.shape[1], k_pool.shape[2], self._tiles)
+                self._meta, self._prefill = meta, prefill_tiles(meta.prefills, tokens, q.device)
+            paged_prefill(out, q, k_pool, v_pool, self._prefill, scale, self._tiles, **variant)
+        return out

@@ -1,0 +1,569 @@
+"""Triton kernels of the paged attention backend: one KV store, one attention kernel, one split reduction.
+
+Every kernel reads the pool in place, `[num_blocks, block_size, kv_heads, head_dim]` per layer
+(`kv/cache.py`), through the block tables: token j of a sequence lives in block `table[j // block_size]`
+at row `j % block_size`, for any block size (the table lookup is per token, so block sizes need not be
+powers of two nor match the kernels' tiles).
+
+One attention kernel serves decodes and prefill chunks. A program owns one tile of query rows of one
+sequence and one KV head: `TOKENS` query tokens times the `GROUP` query heads that share that KV head
+(rows padded to powers of two), so each K/V tile it loads serves every query head of its group (GQA read
+once). Decodes are tiles of one token (the group's heads padded to 16 rows, the smallest `tl.dot`);
+prefill chunks are tiles of several tokens, causal within the chunk and full over the cached context
+before it. Scores go through an online softmax in float32 (base-2 exponentials, the scale folded in).
+
+Long contexts with few sequences would leave most of a GPU idle at one program per (sequence, KV head):
+decodes then split their keys over `num_splits` programs, each writing a partial output and its log-sum-exp,
+and a reduction kernel combines them. The split count depends only on shapes (batch size, heads, the
+table's width), never on the context lengths' values, so a captured CUDA graph stays valid across steps.
+
+Quantized KV dtypes: `store_kv` is where new K/V would be quantized, and the attention kernel's K/V loads
+are where tiles would be dequantized to the compute dtype (with per-block scales passed beside the pools).
+Both take the pools' dtype from the tensors: float32/float16/bfloat16 caches under any model dtype.
+
+Under TRITON_INTERPRET=1 these run on CPU tensors (for tests; slowly): `INTERPRETED` records whether this
+module's kernels were built for the interpreter, which is decided when the module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from duoserve.attention.backend import PrefillChunk
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch shape of the kernels (per device kind: see `tiles_for`)."""
+
+    decode_block_n: int  # keys per iteration of a decode program
+    prefill_rows: int  # query rows (tokens x padded group heads) per prefill program
+    prefill_block_n: int  # keys per iteration of a prefill program
+    target_programs: int  # decodes split their keys until about this many programs run
+    store_tokens: int = 1  # new tokens per program of the KV store
+    num_warps: int = 4
+
+
+def tiles_for(device: torch.device) -> Tiles:
+    """GPU: about 4 programs per multiprocessor. The interpreter runs programs one after another and each
+    operation costs the same at any tile size, so there few, large tiles are fastest."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return Tiles(
+            decode_block_n=32, prefill_rows=64, prefill_block_n=64, target_programs=4 * sms, store_tokens=4
+        )
+    return Tiles(decode_block_n=64, prefill_rows=64, prefill_block_n=64, target_programs=4, store_tokens=64)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------ KV store
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_pool,
+    v_pool,
+    slots,
+    num_tokens,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_pb,
+    stride_pt,
+    stride_ph,
+    block_size,
+    TOKENS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """TOKENS new tokens per program: their K and V rows of every KV head into the pool at their slots.
+    A negative slot (a padded row of a captured decode batch) writes nothing."""
+    t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
+    h = tl.arange(0, HEADS_PAD)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    slot = tl.load(slots + t, mask=t < num_tokens, other=-1)
+    mask = (slot >= 0) & (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    dest = (slot // block_size) * stride_pb + (slot % block_size) * stride_pt + h * stride_ph + d
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    tl.store(k_pool + dest, k.to(k_pool.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(v_pool + dest, v.to(v_pool.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    tokens_per_program: int = 1,
+) -> None:
+    """k, v [tokens, kv_heads, dim] into the pools at slot_mapping [tokens] (block * block_size + row)."""
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    _, block_size, kv_heads, dim = k_pool.shape
+    _check_rows(k, v, k_pool, v_pool)
+    _store_kv_kernel[(-(-num_tokens // tokens_per_program),)](
+        k,
+        v,
+        k_pool,
+        v_pool,
+        slot_mapping,
+        num_tokens,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        block_size,
+        TOKENS=tokens_per_program,
+        NUM_KV_HEADS=kv_heads,
+        HEADS_PAD=_pow2(kv_heads),
+        HEAD_DIM=dim,
+        BLOCK_D=max(16, _pow2(dim)),
+    )
+
+
+# ------------------------------------------------------------------ attention
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    q_ptr,
+    k_pool,
+    v_pool,
+    block_tables,
+    context_lens,
+    query_starts,
+    query_lens,
+    tile_seqs,
+    tile_tokens,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    num_heads,
+    scale,
+    soft_cap,
+    window,
+    block_size,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # rows per query token (a power of two >= GROUP)
+    TOKENS: tl.constexpr,  # query tokens per program
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr,  # program (tile) i is decode row i; else tile_seqs/tile_tokens say which
+    USE_CAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE:
+        seq = tile.to(tl.int64)
+        first_token = 0
+        row0 = seq
+        q_len = 1
+    else:
+        seq = tl.load(tile_seqs + tile)
+        first_token = tl.load(tile_tokens + tile)
+        row0 = tl.load(query_starts + seq) + first_token
+        q_len = tl.load(query_lens + seq)
+    ctx = tl.load(context_lens + seq)
+
+    r = tl.arange(0, TOKENS * GROUP_PAD)  # rows: query token r // GROUP_PAD, head r % GROUP_PAD of the group
+    token = r // GROUP_PAD
+    g = r % GROUP_PAD
+    head = kv_head * GROUP + g
+    row_valid = (first_token + token < q_len) & (g < GROUP)
+    position = ctx - q_len + first_token + token  # each row's query position in its sequence
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    q_mask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(
+        q_ptr + (row0 + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+
+    # Keys this tile's queries see: up to its last query; from its first query's window start.
+    if DECODE:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        hi = ctx
+    else:
+        hi = ctx - q_len + tl.minimum(first_token + TOKENS, q_len)
+    lo = hi * 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - q_len + first_token - window + 1, 0)
+    # (Inline arithmetic, no tl.cdiv: each call of a jitted helper costs milliseconds in the interpreter.)
+    per_split = ((hi - lo + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(hi, start + per_split)
+
+    m_i = tl.full([TOKENS * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TOKENS * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_valid = j < end
+        blocks = tl.load(block_tables + seq * stride_bt + j // block_size, mask=j_valid, other=0)
+        rows = j % block_size
+        kv_mask = j_valid[:, None] & d_valid[None, :]
+        # K and V tiles [BLOCK_N, BLOCK_D] as the pool stores them: a quantized pool would dequantize here.
+        kv_rows = blocks[:, None] * stride_kb + rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
+        k = tl.load(k_pool + kv_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:  # exact float32 (the GPU's default for float32 operands is tf32)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if USE_CAP:  # cap * tanh(s / cap), tanh from exp (no tanh in tl); exp(-2|x|) cannot overflow
+            x = s * scale / soft_cap
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            s = tl.where(x < 0, -t, t) * (soft_cap * 1.4426950408889634)
+        else:
+            s = s * (scale * 1.4426950408889634)
+        visible = j_valid[None, :] & (j[None, :] <= position[:, None])
+        if USE_WINDOW:
+            visible = visible & (j[None, :] > position[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet stay at 0
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = blocks[:, None] * stride_vb + rows[:, None] * stride_vt + kv_head * stride_vh + d[None, :]
+        v = tl.load(v_pool + v_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + (row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # Partials of a decode row: [num_decodes, num_heads, NUM_SPLITS, BLOCK_D] and its base-2 lse.
+        part = (seq * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=q_mask)
+        # An empty split (past a short context) has lse -inf: it weighs nothing in the reduction.
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_valid)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """One program per (decode row, head): the splits' partial outputs weighted by their share of the
+    softmax's total mass. Empty splits (past a short context) have lse -inf and weigh nothing."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    base = (row * num_heads + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    parts = tl.load(
+        part_out_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0
+    )
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
+    )
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, tiles: Tiles) -> int:
+    """Programs per (decode row, KV head): enough for about `tiles.target_programs` in all, each with at
+    least two key tiles to read. A function of shapes only (see the module docstring)."""
+    programs = num_seqs * num_kv_heads
+    if programs >= tiles.target_programs:
+        return 1
+    most = max(1, max_context // (2 * tiles.decode_block_n))
+    return max(1, min(-(-tiles.target_programs // programs), most, 64))
+
+
+def paged_decode(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    tiles: Tiles,
+    *,
+    num_splits: int | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> None:
+    """out[i] = attention of q[i] [heads, dim] (position context_lens[i] - 1) over that sequence's first
+    context_lens[i] pooled tokens (their last `sliding_window` only; the entries before are never read).
+    A row with context 0 (padding of a captured batch) gets zeros."""
+    num_seqs, num_heads, dim = q.shape
+    if num_seqs == 0:
+        return
+    kv_heads = k_pool.shape[2]
+    _check_rows(q, out, k_pool, v_pool)
+    if num_splits is None:
+        num_splits = decode_splits(num_seqs, kv_heads, block_tables.shape[1] * k_pool.shape[1], tiles)
+    block_d = max(16, _pow2(dim))
+    parts = lse = out  # unused when not split
+    if num_splits > 1:
+        parts = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    group = num_heads // kv_heads
+    _attention(
+        (num_seqs, kv_heads, num_splits),
+        out,
+        parts,
+        lse,
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        context_lens,
+        context_lens,  # query starts/lens and the tile map: unused by decodes
+        context_lens,
+        context_lens,
+        context_lens,
+        scale,
+        sliding_window,
+        logits_soft_cap,
+        group=group,
+        group_pad=max(16, _pow2(group)),
+        tokens=1,
+        block_n=tiles.decode_block_n,
+        num_splits=num_splits,
+        decode=True,
+        num_warps=tiles.num_warps,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            out,
+            parts,
+            lse,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            HEAD_DIM=dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=_pow2(num_splits),
+        )
+
+
+@dataclass
+class PrefillTiles:
+    """A step's prefill chunks as the kernel reads them: per chunk [query_start, query_len, context_len]
+    and its block table (padded), and per program the chunk and the first query token it owns."""
+
+    starts: torch.Tensor
+    lens: torch.Tensor
+    contexts: torch.Tensor
+    block_tables: torch.Tensor  # [chunks, widest table]
+    tile_seqs: torch.Tensor
+    tile_tokens: torch.Tensor
+    tokens_per_tile: int
+
+
+def prefill_tiles(chunks: list[PrefillChunk], tokens_per_tile: int, device: torch.device) -> PrefillTiles:
+    """Built once per step from the chunks' host-side integers (and their device block tables)."""
+    info = torch.tensor(
+        [[c.query_start, c.query_len, c.context_len] for c in chunks], dtype=torch.long
+    ).T.contiguous()
+    tiles = [(i, t) for i, c in enumerate(chunks) for t in range(0, c.query_len, tokens_per_tile)]
+    tile_map = torch.tensor(tiles, dtype=torch.long).T.contiguous()
+    width = max(c.block_table.shape[0] for c in chunks)
+    tables = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+    for i, c in enumerate(chunks):
+        tables[i, : c.block_table.shape[0]] = c.block_table
+    info, tile_map = info.to(device), tile_map.to(device)
+    return PrefillTiles(info[0], info[1], info[2], tables, tile_map[0], tile_map[1], tokens_per_tile)
+
+
+def prefill_tokens_per_tile(num_heads: int, num_kv_heads: int, tiles: Tiles) -> int:
+    return max(1, tiles.prefill_rows // _pow2(num_heads // num_kv_heads))
+
+
+def paged_prefill(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    chunks: PrefillTiles,
+    scale: float,
+    tiles: Tiles,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> None:
+    """The rows of every prefill chunk: causal within the chunk, over all its cached context before it
+    (its own new K/V must already be in the pool)."""
+    num_heads = q.shape[1]
+    kv_heads = k_pool.shape[2]
+    _check_rows(q, out, k_pool, v_pool)
+    group = num_heads // kv_heads
+    _attention(
+        (chunks.tile_seqs.shape[0], kv_heads, 1),
+        out,
+        out,
+        out,
+        q,
+        k_pool,
+        v_pool,
+        chunks.block_tables,
+        chunks.contexts,
+        chunks.starts,
+        chunks.lens,
+        chunks.tile_seqs,
+        chunks.tile_tokens,
+        scale,
+        sliding_window,
+        logits_soft_cap,
+        group=group,
+        group_pad=_pow2(group),
+        tokens=chunks.tokens_per_tile,
+        block_n=tiles.prefill_block_n,
+        num_splits=1,
+        decode=False,
+        num_warps=tiles.num_warps,
+    )
+
+
+def _attention(
+    grid,
+    out,
+    parts,
+    lse,
+    q,
+    k_pool,
+    v_pool,
+    block_tables,
+    context_lens,
+    query_starts,
+    query_lens,
+    tile_seqs,
+    tile_tokens,
+    scale,
+    sliding_window,
+    logits_soft_cap,
+    *,
+    group,
+    group_pad,
+    tokens,
+    block_n,
+    num_splits,
+    decode,
+    num_warps,
+) -> None:
+    dim = q.shape[2]
+    _paged_attention_kernel[grid](
+        out,
+        parts,
+        lse,
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        context_lens,
+        query_starts,
+        query_lens,
+        tile_seqs,
+        tile_tokens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        v_pool.stride(0),
+        v_pool.stride(1),
+        v_pool.stride(2),
+        block_tables.stride(0),
+        q.shape[1],
+        scale,
+        logits_soft_cap or 1.0,
+        sliding_window or 0,
+        k_pool.shape[1],
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        TOKENS=tokens,
+        HEAD_DIM=dim,
+        BLOCK_D=max(16, _pow2(dim)),
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DECODE=decode,
+        USE_CAP=logits_soft_cap is not None,
+        USE_WINDOW=sliding_window is not None,
+        # Triton's interpreter multiplies bfloat16 operands wrongly (3.9: as their raw 16-bit patterns), so
+        # interpreted dots convert them to float32 first.
+        IEEE=q.dtype == torch.float32 or INTERPRETED,
+        num_warps=num_warps,
+    )
+
+
+def _check_rows(*tensors: torch.Tensor) -> None:
+    """The kernels index the last dimension with stride 1."""
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention tensors need a contiguous last dimension, got strides {t.stride()}")
+
+
+__all__ = [
+    "INTERPRETED",
+    "PrefillTiles",
+    "Tiles",
+    "decode_splits",
+    "paged_decode",
+    "paged_prefill",
+    "prefill_tiles",
+    "prefill_tokens_per_tile",
+    "store_kv",
+    "tiles_for",
+]
