@@ -41,6 +41,7 @@ from duoserve.server.engine_messages import (
     message_decoder,
     request_encoder,
 )
+from duoserve.server.engine_env import engine_environment
 from duoserve.server.engine_process import run_engine_process
 from duoserve.server.metrics import ServerMetrics
 from duoserve.tokenizer import Tokenizer, load_tokenizer
@@ -48,6 +49,10 @@ from duoserve.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger("duoserve.server")
 
 _ENGINE_STOP_SECONDS = 10.0
+
+
+def _env_note(added: dict[str, str]) -> str:
+    return " with " + " ".join(f"{k}={v}" for k, v in added.items()) if added else ""
 
 
 class EngineUnavailable(Exception):
@@ -207,8 +212,9 @@ class EngineClient:
             name="duoserve-engine",
             daemon=True,
         )
-        self._process.start()
-        logger.info("engine process %d started", self._process.pid)
+        with engine_environment() as added:  # its OpenMP threads sleep, not spin, when they wait
+            self._process.start()
+        logger.info("engine process %d started%s", self._process.pid, _env_note(added))
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
         ready = await self._wait_ready()
         loop = asyncio.get_running_loop()
