@@ -30,6 +30,7 @@ from duoserve.engine.output_processor import OutputProcessor
 from duoserve.models.loader import default_model_path
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
+from duoserve.server.engine_env import engine_environment
 from duoserve.server.engine_messages import (
     Abort,
     AddRequest,
@@ -41,7 +42,6 @@ from duoserve.server.engine_messages import (
     message_decoder,
     request_encoder,
 )
-from duoserve.server.engine_env import engine_environment
 from duoserve.server.engine_process import run_engine_process
 from duoserve.server.metrics import ServerMetrics
 from duoserve.tokenizer import Tokenizer, load_tokenizer
