@@ -32,6 +32,7 @@ from duoserve.lora.request import LoRARequest
 from duoserve.models.loader import default_model_path
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
+from duoserve.server.engine_env import engine_environment
 from duoserve.server.engine_messages import (
     Abort,
     AddRequest,
@@ -52,6 +53,10 @@ from duoserve.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger("duoserve.server")
 
 _ENGINE_STOP_SECONDS = 10.0
+
+
+def _env_note(added: dict[str, str]) -> str:
+    return " with " + " ".join(f"{k}={v}" for k, v in added.items()) if added else ""
 
 
 class EngineUnavailable(Exception):
@@ -216,8 +221,9 @@ class EngineClient:
             name="duoserve-engine",
             daemon=True,
         )
-        self._process.start()
-        logger.info("engine process %d started", self._process.pid)
+        with engine_environment() as added:  # its OpenMP threads sleep, not spin, when they wait
+            self._process.start()
+        logger.info("engine process %d started%s", self._process.pid, _env_note(added))
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
         ready = await self._wait_ready()
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ way it ends (finished, aborted, client gone, stop string, refused, a router's re
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import msgspec
@@ -14,6 +15,7 @@ import zmq
 from duoserve.config import EngineConfig
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, RequestRejected
+from duoserve.server.engine_env import WAIT_VARS
 from duoserve.server.engine_messages import AddRequest
 from tests.helpers import random_prompt
 from tests.server.harness import ENGINE_ARGS
@@ -222,3 +224,15 @@ def test_router_requests_finished_and_aborted(engine):
         await settled(client)
 
     run(engine, scenario)
+
+
+def test_engine_process_threads_sleep_when_waiting(engine):
+    """The engine process started with OMP_WAIT_POLICY=PASSIVE (duoserve.server.engine_env), unless
+    this process already set a wait policy, which it then inherits as it is."""
+    client, _ = engine
+    with open(f"/proc/{client._process.pid}/environ", "rb") as f:
+        environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    if any(name in os.environ for name in WAIT_VARS):
+        assert environ.get(b"OMP_WAIT_POLICY") == os.environb.get(b"OMP_WAIT_POLICY")
+    else:
+        assert environ[b"OMP_WAIT_POLICY"] == b"PASSIVE"
