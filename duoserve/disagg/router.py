@@ -277,7 +277,7 @@ class RouterClient(EngineClient):
         try:
             for attempt in range(1, _MAX_ATTEMPTS + 1):
                 try:
-                    await self._attempt(route)
+                    await self._attempt_unless_cut(route)
                     return
                 except WorkerFailed as err:
                     if route.accepted or not err.retryable or attempt == _MAX_ATTEMPTS:
@@ -290,6 +290,20 @@ class RouterClient(EngineClient):
                 self._fail(route, route.lost)
         except Exception as err:  # a worker failed or refused: the client learns at once
             self._fail(route, err)
+
+    async def _attempt_unless_cut(self, route: _Route) -> None:
+        """One attempt; a cut (its worker found lost by another task, `_cut`) before the worker accepted
+        the request is a lost worker like any other, so the request is routed again rather than failed:
+        nothing reached the client yet. A cut after acceptance, or a client's cancel, stays a cancel."""
+        try:
+            await self._attempt(route)
+        except asyncio.CancelledError:
+            lost = route.lost
+            if lost is None or route.accepted or not route.workers or lost.worker is not route.workers[-1]:
+                raise
+            route.lost = None
+            asyncio.current_task().uncancel()  # the router's own cancel, handled here
+            raise lost from None
 
     async def _attempt(self, route: _Route) -> None:
         add = route.add

@@ -15,7 +15,9 @@ import zmq
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
+from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import EngineCore
+from duoserve.kv.layout import KVLayout
 from duoserve.llm import LLM
 from duoserve.models.loader import load_model
 from duoserve.sampling_params import SamplingParams
@@ -168,40 +170,52 @@ def test_speculative_decoding_keeps_the_constraint(byte_model_dir, llm, speculat
             jsonschema.validate(json.loads(text), SCHEMA)
 
 
+class PDWorker:
+    """A core with a worker's P/D connectors over real sockets (as the engine process builds them)."""
+
+    def __init__(self, path: str, context: zmq.Context) -> None:
+        self.sender = KVSender(context, None)
+        self.tickets: list = []
+
+        def make_connector(core: EngineCore):
+            layout = KVLayout.of(core.kv_cache.spec)
+            self.receiver = KVReceiver(context, "127.0.0.1", layout, core.kv.num_blocks, None)
+            return pd_connectors(core, self.receiver, self.sender, self.tickets.extend)
+
+        self.core = EngineCore(
+            EngineConfig(model=path, **ARGS), load_model(path, torch.float32), make_connector
+        )
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
+
+
 def test_disaggregated_first_token_is_constrained(byte_model_dir, llm):
     """The prefill core samples the first token under the grammar; the decode core's matcher starts
     from it. Greedy: the same text as one core."""
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=JSON)
     prompt = llm.get_tokenizer().encode(byte_prompt(11))
     ((expected, _),) = texts(llm, [prompt], params)
-    cores = [
-        EngineCore(EngineConfig(model=byte_model_dir, **ARGS), load_model(byte_model_dir, torch.float32))
-    ]
-    cores.append(
-        EngineCore(EngineConfig(model=byte_model_dir, **ARGS), load_model(byte_model_dir, torch.float32))
-    )
-    prefill, decode = cores
     context = zmq.Context()
-    sender = KVSender(context, None)
-    receiver = KVReceiver(context, "127.0.0.1", decode.kv_layout, decode.kv.num_blocks, None)
-    prefill.kv_sender = sender
+    prefill, decode = (PDWorker(byte_model_dir, context) for _ in range(2))
     try:
-        decode.add_request("r", prompt, params, [EOS], KVTransferParams("receive"))
-        (ticket,) = decode.issue_tickets(receiver.address)
-        prefill.add_request("r", prompt, params, [EOS], KVTransferParams("send", ticket))
+        decode.core.add_request("r", prompt, params, [EOS], KVTransferParams("receive"))
+        assert decode.core.step() == []  # admitted: its blocks allocated and a ticket handed out
+        (ticket,) = decode.tickets
+        prefill.core.add_request("r", prompt, params, [EOS], KVTransferParams("send", ticket))
         tokens = []
-        while prefill.has_unfinished():
-            tokens += [t for out in prefill.step() for t in out.new_token_ids]
+        while prefill.core.has_unfinished():
+            tokens += [t for out in prefill.core.step() for t in out.new_token_ids]
         deadline = time.monotonic() + 30
-        while decode.awaiting_kv and time.monotonic() < deadline:
-            for message, payload in receiver.receive(decode.expects_kv):
-                decode.receive_kv(message, payload)
+        while decode.core.scheduler.loading and time.monotonic() < deadline:
+            decode.core.step()  # takes in the arriving KV frames
             time.sleep(0.001)
-        while decode.has_unfinished():
-            tokens += [t for out in decode.step() for t in out.new_token_ids]
+        while decode.core.has_unfinished():
+            tokens += [t for out in decode.core.step() for t in out.new_token_ids]
     finally:
-        sender.close()
-        receiver.close()
+        for worker in (prefill, decode):
+            worker.close()
         context.term()
     assert llm.get_tokenizer().decode(tokens) == expected
     jsonschema.validate(json.loads(expected), SCHEMA)
