@@ -25,86 +25,32 @@ The pool is sized with --num-kv-blocks from the workload: concurrency x turns x 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from reliability import Server  # benchmarks/: a `duoserve serve` on 127.0.0.1, started and stopped
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def offload_counters(server: Server) -> dict[str, float]:
+    """The engine's counters: `duoserve:name{...tier="x"...}` as "name:x" (other labels dropped)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-@dataclass
-class Server:
-    """`duoserve serve` in its own process group, on 127.0.0.1; stop() ends it and everything it started."""
-
-    args: list[str]
-    log_path: str
-    port: int = field(default_factory=_free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 600.0) -> None:
-        command = [sys.executable, "-m", "duoserve.cli", "serve", *self.args, "--host", "127.0.0.1"]
-        command += ["--port", str(self.port)]
-        print(f"starting: {shlex.join(command)} (log: {self.log_path})", flush=True)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}; see {self.log_path}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        self.stop()
-        raise SystemExit(f"the server was not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def metrics(self) -> dict[str, float]:
-        """The engine's counters: `duoserve:name{...tier="x"...}` as "name:x" (other labels dropped)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        found: dict[str, float] = {}
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                name = sample.name.removeprefix("duoserve:")
-                if name.startswith(("kv_offload_", "prefix_cache_")) and "le" not in sample.labels:
-                    labels = [sample.labels[k] for k in ("tier", "reason") if k in sample.labels]
-                    found[":".join([name, *labels])] = sample.value
-        return found
-
-    def stop(self) -> None:
-        """SIGTERM (a graceful stop: the tier finishes its writes), then SIGKILL to the process group."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+    found: dict[str, float] = {}
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("duoserve:")
+            if name.startswith(("kv_offload_", "prefix_cache_")) and "le" not in sample.labels:
+                labels = [sample.labels[k] for k in ("tier", "reason") if k in sample.labels]
+                found[":".join([name, *labels])] = sample.value
+    return found
 
 
 def bench(server: Server, args: argparse.Namespace, output: str) -> dict:
@@ -134,11 +80,11 @@ def ttft_ms(requests: list[dict], turns: str) -> dict[str, float | None]:
 
 
 def run_case(name: str, server_args: list[str], args: argparse.Namespace, workdir: str) -> dict:
-    server = Server(server_args, os.path.join(workdir, name.replace("/", "-") + ".log"))
-    server.start()
+    server = Server(["serve", *server_args], os.path.join(workdir, name.replace("/", "-") + ".log"))
+    server.start(timeout=600.0)
     try:
         result = bench(server, args, os.path.join(workdir, name.replace("/", "-") + ".json"))
-        counters = server.metrics()
+        counters = offload_counters(server)
     finally:
         server.stop()
     requests = result["requests"]

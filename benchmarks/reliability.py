@@ -115,13 +115,14 @@ class Server:
         return httpx.get(f"{self.url}/router/workers", timeout=5).json()["workers"] if self.deployment else []
 
     def stop(self) -> None:
-        """SIGTERM (drain), then SIGKILL to the whole process group: nothing is left running."""
+        """SIGTERM (drain; an offload tier writes what the cache holds), then SIGKILL to the whole process
+        group: nothing is left running."""
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(30)
+                self.process.wait(60)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
