@@ -197,8 +197,11 @@ class Scheduler:
         stops when the budget is spent, loads included. A request whose LoRA adapter would make more
         than `max_loras` among the admitted ones waits, keeping its place in the queue.
         """
-        admitted = [*self.running, *(load.request for load in self.loading.values())]
-        loras = {id(r.lora) for r in admitted if r.lora is not None}
+        # The adapters admitted so far: only with LoRA on (max_loras > 0); otherwise no step pays for it.
+        loras: set[int] = set()
+        if self.max_loras:
+            admitted = [*self.running, *(load.request for load in self.loading.values())]
+            loras = {id(r.lora) for r in admitted if r.lora is not None}
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
