@@ -184,6 +184,21 @@ def quantized_rows(core) -> int:
     return max((p.max_rows for p in parts if isinstance(p, _QuantizedLinear)), default=0)
 
 
+def worker_limits(core, quantized_max_rows: int) -> WorkerLimits:
+    """What the simulated scheduler needs to behave as this core's."""
+    config = core.config
+    return WorkerLimits(
+        num_kv_blocks=core.kv.num_blocks,
+        block_size=config.block_size,
+        max_model_len=core.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        enable_prefix_caching=config.enable_prefix_caching,
+        sliding_window=core.kv.sliding_window,
+        quantized_max_rows=quantized_max_rows,
+    )
+
+
 class StepTimer:
     """Times `core.step()` and records the shape of what the core's scheduler scheduled for it.
 
@@ -399,16 +414,7 @@ def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = l
     engine_args = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     return Profile(
         step_model=fit.model,
-        limits=WorkerLimits(
-            num_kv_blocks=core.kv.num_blocks,
-            block_size=config.block_size,
-            max_model_len=core.max_model_len,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching,
-            sliding_window=core.kv.sliding_window,
-            quantized_max_rows=quantized_rows(core),
-        ),
+        limits=worker_limits(core, quantized_rows(core)),
         kv_transfer=transfer,
         engine_args=engine_args,
         host=host_info(core),
