@@ -119,6 +119,12 @@ def _add_simulate_parser(sub: Any) -> None:
     p.add_argument("--deployment", default="colocated:1", help="colocated:N or disagg:PxD")
     _add_common(p, slo_required=False)
     p.add_argument("--output", help="write a `duoserve bench` result file")
+    p.add_argument(
+        "--step-trace",
+        metavar="PATH",
+        help="write the simulated steps as a step trace (serve's --step-trace format; PATH.N per worker "
+        "when there are several), to compare with a served run's",
+    )
     p.add_argument("--label", help="name of this run in plots (default: 'predicted DEPLOYMENT')")
     p.set_defaults(plan_func=cmd_simulate)
 
@@ -286,7 +292,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     objectives = Objectives.parse(args.slo) if args.slo else None
     profile = load_profile(args.profile)
     workload = workload_from_args(args)
-    doc = result(profile, deployment, workload, objectives, _router(args))
+    doc = result(profile, deployment, workload, objectives, _router(args), args.step_trace)
     if args.label:
         doc["config"]["label"] = args.label
     config = doc["config"] | {

@@ -59,10 +59,13 @@ class StepTraceWriter:
         path = path.replace("{pid}", str(os.getpid()))  # a worker's own file where several share flags
         self._file: IO[str] = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (open while the engine runs)
         self._origin = time.perf_counter()
+        unix = time.time()  # a step's `start` is seconds after this (to match a trace with client times)
         self._pending: _Pending | None = None
         self._count = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._write({"kind": TRACE_KIND, "version": TRACE_VERSION, "started": now, **header})
+        self._write(
+            {"kind": TRACE_KIND, "version": TRACE_VERSION, "started": now, "origin_unix": unix} | header
+        )
 
     def record(self, plan: SchedulerOutput, start: float, previous_seconds: float) -> None:
         """Called by `EngineCore.step` after `schedule()`: `start` is this step's perf_counter start,
@@ -111,6 +114,41 @@ class StepTraceWriter:
 
     def _write(self, data: dict[str, Any]) -> None:
         self._file.write(json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def write_trace(path: str, header: dict[str, Any], steps: Sequence[Any]) -> None:
+    """A trace of steps made elsewhere (the simulator's StepRecords: start, seconds, shape, scheduled,
+    preempted), in the format the engine writes, so both read and compare alike."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": TRACE_KIND, "version": TRACE_VERSION} | header) + "\n")
+        for index, step in enumerate(steps):
+            shape = step.shape
+            rows = shape.prefill_tokens + shape.decode_seqs
+            line = {"step": index, "start": step.start, "seconds": step.seconds, "gap": None}
+            line |= dataclasses.asdict(shape) | {
+                "kernel_rows": rows * (1 - shape.tiled),
+                "tiled_rows": rows * shape.tiled,
+                "scheduled": [list(s) for s in step.scheduled],
+                "preempted": list(step.preempted),
+            }
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def step_mix(trace: Trace) -> dict[str, float]:
+    """What a trace's batches were made of: to set a simulated run's steps beside the real ones."""
+    shapes = [s.shape for s in trace.steps]
+    with_prefill = [s for s in shapes if s.prefill_tokens]
+    return {
+        "steps": len(shapes),
+        "prefill_steps": len(with_prefill),
+        "tiled_steps": sum(s.tiled for s in shapes),
+        "mean_rows": float(np.mean([s.prefill_tokens + s.decode_seqs for s in shapes])) if shapes else 0.0,
+        "mean_decode_rows": float(np.mean([s.decode_seqs for s in shapes])) if shapes else 0.0,
+        "prefill_tokens_per_prefill_step": (
+            float(np.mean([s.prefill_tokens for s in with_prefill])) if with_prefill else 0.0
+        ),
+        "busy_seconds": float(sum(s.seconds for s in trace.steps)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -320,3 +358,19 @@ def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=
         ),
         traced,
     )
+
+
+def slice_trace(path: str, start_unix: float, end_unix: float, out_path: str) -> int:
+    """The steps of trace `path` that started within [start_unix, end_unix) (wall clock), written as a
+    trace of their own (same header): e.g. one benchmark point's steps out of a server's whole run.
+    Returns how many steps it holds."""
+    trace = read_trace(path)  # checks it
+    origin = trace.header.get("origin_unix")
+    if not isinstance(origin, (int, float)):
+        raise ValueError(f"step trace {path} has no origin_unix: it cannot be matched to wall-clock times")
+    with open(path, encoding="utf-8") as f:
+        header, *lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = [line for line in lines if start_unix <= origin + json.loads(line)["start"] < end_unix]
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in [header, *kept]))
+    return len(kept)

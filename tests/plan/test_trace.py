@@ -10,7 +10,7 @@ from duoserve.cli import main
 from duoserve.config import EngineConfig
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
-from duoserve.plan.profile import load_profile
+from duoserve.plan.profile import load_profile, write_profile
 from duoserve.plan.step_model import StepModel, StepShape, step_shape
 from duoserve.plan.trace import (
     TRACE_KIND,
@@ -18,6 +18,8 @@ from duoserve.plan.trace import (
     profile_from_traces,
     read_trace,
     regime,
+    slice_trace,
+    step_mix,
 )
 from duoserve.sampling_params import SamplingParams
 from tests.helpers import random_prompt
@@ -196,3 +198,44 @@ def test_traces_of_workers_with_other_limits_are_refused(tmp_path):
         profile_from_traces([str(first), str(second)])
     with pytest.raises(ValueError, match="cannot read step trace"):
         read_trace(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_slice_holds_the_steps_of_a_wall_clock_window(tmp_path):
+    """planner_accuracy cuts each benchmark point's steps out of the server's trace by wall clock."""
+    whole, part = tmp_path / "trace.jsonl", tmp_path / "part.jsonl"
+    _synthetic_trace(whole)
+    lines = whole.read_text().splitlines()
+    whole.write_text(
+        "\n".join([json.dumps(json.loads(lines[0]) | {"origin_unix": 1000.0}), *lines[1:]]) + "\n"
+    )
+    steps = read_trace(str(whole)).steps
+    window = (1000.0 + steps[3].start, 1000.0 + steps[7].start)
+    assert slice_trace(str(whole), *window, str(part)) == 4
+    assert [s.index for s in read_trace(str(part)).steps] == [3, 4, 5, 6]
+    no_origin = tmp_path / "no-origin.jsonl"
+    _synthetic_trace(no_origin)
+    with pytest.raises(ValueError, match="origin_unix"):
+        slice_trace(str(no_origin), 0.0, 1.0, str(part))
+
+
+def test_a_simulated_runs_steps_are_a_trace_that_refits_its_profile(fixed_profile, tmp_path, capsys):
+    """`plan simulate --step-trace` writes the simulated steps in the served format: fitted back, they
+    give the profile's own step model, and their batch mix reads as a served trace's does."""
+    trace, refit = tmp_path / "sim.jsonl", tmp_path / "refit.json"
+    profile_path = tmp_path / "profile.json"
+    write_profile(str(profile_path), fixed_profile)
+    workload = ["--num-prompts", "12", "--random-input-len", "300", "--random-output-len", "6"]
+    workload += ["--request-rate", "20", "--random-range-ratio", "0.9"]
+    assert (
+        main(["plan", "simulate", "--profile", str(profile_path), *workload, "--step-trace", str(trace)]) == 0
+    )
+    steps = read_trace(str(trace)).steps
+    assert sum(s.shape.prefill_tokens for s in steps) > 12 * 30 and any(
+        s.shape.decode_seqs > 1 for s in steps
+    )
+    mix = step_mix(read_trace(str(trace)))
+    assert mix["steps"] == len(steps) and 0 < mix["prefill_steps"] < len(steps)
+    assert main(["plan", "profile", "--from-trace", str(trace), "--fit-time", "step", "-o", str(refit)]) == 0
+    refitted = load_profile(str(refit)).step_model
+    for name in ("intercept", "kernel_rows", "decode_context", "prefill_attention"):
+        assert getattr(refitted, name) == pytest.approx(getattr(fixed_profile.step_model, name), rel=1e-4)
