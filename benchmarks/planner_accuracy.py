@@ -218,7 +218,9 @@ def main() -> int:
     print(report(rows, args, started))
     if trace_rows:
         trained = ", ".join(
-            f"{name} {level} {burst}" for name, level, _, burst, _ in trace_rows if level == "low"
+            f"{name} {level} {burst}"
+            for name, level, _, burst, _ in trace_rows
+            if level.startswith(TRAIN_LEVEL)
         )
         title = f"Fitted from the served engine's step trace (trained on: {trained}; the rest held out)"
         print("\n" + report(trace_rows, args, started, title))
@@ -247,9 +249,9 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
         raise RuntimeError("no traced steps in the low-load points: nothing to fit")
     profile = os.path.join(args.out, f"profile-{name}-trace.json")
     synthetic = os.path.join(args.out, f"profile-{name}.json")
-    transfer = ["--kv-transfer-from", synthetic] if os.path.exists(synthetic) else []
+    prior = ["--prior", synthetic] if os.path.exists(synthetic) else []  # and its KV transfer model
     run(
-        duoserve("plan", "profile", "--from-trace", *train, *transfer, "-o", profile),
+        duoserve("plan", "profile", "--from-trace", *train, *prior, "-o", profile),
         os.path.join(args.out, f"profile-{name}-trace.txt"),
     )
     rows = []

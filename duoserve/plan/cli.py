@@ -67,6 +67,12 @@ def _add_profile_parser(sub: Any) -> None:
         "step: EngineCore.step alone",
     )
     t.add_argument(
+        "--prior",
+        metavar="PROFILE",
+        help="a synthetic profile of the same worker: its measured steps (weighing 20%% of the traced "
+        "ones) settle what one workload's steps cannot tell apart; its KV transfer model is kept",
+    )
+    t.add_argument(
         "--kv-transfer-from", metavar="PROFILE", help="take the KV transfer model from this profile"
     )
     p.add_argument("-o", "--output", default="profile.json", help="profile file to write")
@@ -250,7 +256,8 @@ def _profile_from_traces(args: argparse.Namespace) -> int:
     from duoserve.plan.trace import format_residuals, profile_from_traces, residuals_by_regime
 
     transfer = load_profile(args.kv_transfer_from).kv_transfer if args.kv_transfer_from else None
-    profile, traced = profile_from_traces(args.from_trace, args.fit_time == "period", transfer)
+    prior = load_profile(args.prior) if args.prior else None
+    profile, traced = profile_from_traces(args.from_trace, args.fit_time == "period", transfer, prior)
     write_profile(args.output, profile)
     rows = residuals_by_regime(
         profile.step_model, traced.shapes, traced.seconds, profile.limits.max_num_batched_tokens
@@ -260,7 +267,7 @@ def _profile_from_traces(args: argparse.Namespace) -> int:
         f"{traced.median_gap * 1e3:.2f} ms ({'in' if args.fit_time == 'period' else 'not in'} the fit)"
     )
     print(format_residuals(rows))
-    if not args.kv_transfer_from:
+    if not args.kv_transfer_from and not args.prior:
         print("note: no KV transfer model (a trace has none): --kv-transfer-from PROFILE for disagg")
     _print_profile(profile, args.output)
     return 0

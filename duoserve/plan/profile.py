@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import random
 import time
@@ -385,9 +386,12 @@ def host_info(core) -> dict[str, Any]:
     import torch
 
     from duoserve.hardware import host_defaults
+    from duoserve.server.engine_env import WAIT_VARS
 
     cpu = host_defaults().cpu
     return {
+        # How its OpenMP threads waited (duoserve/server/engine_env.py): served engines sleep.
+        "openmp_wait": {name: os.environ[name] for name in WAIT_VARS if name in os.environ},
         "cpu": cpu.model,
         "arch": cpu.arch,
         "cores": cpu.cores,

@@ -273,14 +273,31 @@ class TraceFit:
     median_gap: float  # the engine loop's time between back-to-back steps
 
 
-def fit_traces(traces: Sequence[Trace], periods: bool = True) -> TraceFit:
-    """The step model over every traced step (its period, or with periods=False its step time)."""
+# With a prior (a synthetic profile's measured steps), its steps together weigh this fraction of the
+# traced ones. A served run's steps span few directions of the feature space (one prompt length: the
+# prefill attention grows with the prefill rows, the decode context with the decode rows), so alone they
+# leave some coefficients to chance (a smoke trace put all of a step's time on attention); the prior's
+# grid decides those directions, the trace the ones it measures.
+PRIOR_WEIGHT = 0.2
+
+
+def fit_traces(traces: Sequence[Trace], periods: bool = True, prior: Sequence[list[float]] = ()) -> TraceFit:
+    """The step model over every traced step (its period, or with periods=False its step time), with
+    `prior` steps ([*StepShape fields, seconds], a profile's samples) weighing PRIOR_WEIGHT in all."""
     shapes, seconds, gaps = [], [], []
     for trace in traces:
         shapes += [s.shape for s in trace.steps]
         seconds += step_periods(trace) if periods else [s.seconds for s in trace.steps]
         gaps += [s.gap for s in trace.steps if s.gap is not None]
-    fit = fit_step_model(shapes, seconds)
+    weights = [1.0] * len(shapes)
+    if prior:
+        each = PRIOR_WEIGHT * len(shapes) / len(prior)
+        prior_shapes = [StepShape(*row[:-1]) for row in prior]
+        fit = fit_step_model(
+            shapes + prior_shapes, seconds + [row[-1] for row in prior], weights + [each] * len(prior)
+        )
+    else:
+        fit = fit_step_model(shapes, seconds, weights)
     return TraceFit(fit, shapes, seconds, float(np.median(gaps)) if gaps else 0.0)
 
 
@@ -329,18 +346,24 @@ def format_residuals(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=None):
+def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=None, prior=None):
     """`duoserve plan profile --from-trace`: a profile whose step model is fitted to served steps.
 
-    Returns the profile and the fit (for its residuals). The KV transfer model is not in a trace:
-    `kv_transfer` (e.g. a synthetic profile's) or none."""
+    Returns the profile and the fit (for its residuals). `prior`: a synthetic profile of the same
+    worker, whose measured steps settle what the trace's steps cannot tell apart (PRIOR_WEIGHT). The
+    KV transfer model is not in a trace: `kv_transfer`, else the prior's, else none."""
     from duoserve.plan.profile import KVTransferModel, Profile, WorkerLimits, fit_summary
 
     if not paths:
         raise ValueError("--from-trace needs at least one step trace")
     traces = [read_trace(p) for p in paths]
     limits = WorkerLimits(**trace_limits(traces))
-    traced = fit_traces(traces, periods)
+    if prior is not None and prior.limits.quantized_max_rows != limits.quantized_max_rows:
+        raise ValueError("the prior profile's worker has another quantized row threshold than the trace's")
+    if prior is not None and not prior.samples:
+        raise ValueError("the prior profile holds no measured steps")
+    traced = fit_traces(traces, periods, prior.samples if prior is not None else ())
+    kv_transfer = kv_transfer or (prior.kv_transfer if prior is not None else None)
     first = traces[0].header
     return (
         Profile(
@@ -349,7 +372,8 @@ def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=
             kv_transfer=kv_transfer or KVTransferModel(),
             engine_args=first.get("engine_args", {}),
             host=first.get("host", {}),
-            fit=fit_summary(traced.fit) | {"loop_gap_seconds": traced.median_gap},
+            fit=fit_summary(traced.fit)
+            | {"loop_gap_seconds": traced.median_gap, "prior_samples": len(prior.samples) if prior else 0},
             grid={
                 "from_traces": list(paths),
                 "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",

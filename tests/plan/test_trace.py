@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -239,3 +240,36 @@ def test_a_simulated_runs_steps_are_a_trace_that_refits_its_profile(fixed_profil
     refitted = load_profile(str(refit)).step_model
     for name in ("intercept", "kernel_rows", "decode_context", "prefill_attention"):
         assert getattr(refitted, name) == pytest.approx(getattr(fixed_profile.step_model, name), rel=1e-4)
+
+
+def test_a_prior_profile_settles_what_one_workloads_steps_cannot_tell_apart(fixed_profile, tmp_path):
+    """One prompt length: a step's prefill attention is a fixed multiple of its prefill rows, so the
+    trace alone cannot split them; a synthetic profile's grid (weighing 20%) does."""
+    model = StepModel(0.004, 6e-3, 4e-3, 1e-6, 5e-5, 0.1)
+    trace = tmp_path / "trace.jsonl"
+    lines = [{"kind": TRACE_KIND, "version": TRACE_VERSION, **LIMITS}]
+    for i, (prompts, decodes) in enumerate([(0, 1), (0, 3), (1, 0), (1, 2), (2, 5), (0, 8)] * 3):
+        shape = StepShape(
+            64 * prompts, decodes, 100 * decodes, 2.08 * prompts, int(64 * prompts + decodes > 32)
+        )
+        lines.append(
+            {"step": i, "start": i, "seconds": model.seconds(shape), "gap": None} | dataclasses.asdict(shape)
+        )
+    trace.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    grid = [
+        StepShape(p, d, d * c, p * (c + p / 2) / 1000, tiled=int(p + d > 32))
+        for p in (0, 16, 256)
+        for d in (0, 1, 8, 32)
+        for c in (64, 1024)
+        if p or d
+    ]
+    fixed_profile.samples = [[*s.values(), model.seconds(s)] for s in grid]
+    fixed_profile.limits = dataclasses.replace(fixed_profile.limits, quantized_max_rows=32)
+    profile, traced = profile_from_traces([str(trace)], periods=False, prior=fixed_profile)
+    for name, value in model.to_json().items():
+        assert getattr(profile.step_model, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
+    assert profile.fit["prior_samples"] == len(grid) and len(traced.shapes) == 18
+    assert profile.kv_transfer == fixed_profile.kv_transfer  # the prior's, a trace has none
+    fixed_profile.limits = dataclasses.replace(fixed_profile.limits, quantized_max_rows=0)
+    with pytest.raises(ValueError, match="quantized row threshold"):
+        profile_from_traces([str(trace)], prior=fixed_profile)
