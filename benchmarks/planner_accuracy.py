@@ -11,6 +11,13 @@ i.e. --burstiness 1/9), runs `duoserve bench` against the live deployment and `d
 with the same flags, and prints a markdown table of p50/p99 TTFT and ITL, predicted against measured,
 with their ratio. The goal (issue 13): p50 within 20%, p99 within 35%.
 
+--fit-from-trace: `serve` runs with `--step-trace` (duoserve/plan/trace.py), each point's steps are cut
+out of the trace (DIR/serve-<point>-trace.jsonl), a second profile is fitted to the *low-load* points'
+steps only (`duoserve plan profile --from-trace`: what the served engine really ran, in its own process
+beside the API server and the client), and every point is simulated again with it
+(DIR/<point>-predicted-trace.json): a second table, whose near and over rows are held out of the fit.
+With --resimulate it refits from the traces already in DIR. (`up` keeps the synthetic profile.)
+
 Every result file (bench's JSON, measured and predicted) is kept in --out, so `duoserve bench plot
 DIR/*.json` draws predicted against measured. A full run takes about 10-12 minutes on 2 cores (SmolLM2
 prefills ~400 tokens/s there, in float32): hence short prompts and few requests per point; the profile
@@ -111,11 +118,13 @@ def bench_point(args, profile, deployment, label, rate, burstiness, out, seed: i
     return simulate_point(args, profile, deployment, label, rate, burstiness, out, seed)
 
 
-def simulate_point(args, profile, deployment, label, rate, burstiness, out, seed: int) -> dict:
+def simulate_point(
+    args, profile, deployment, label, rate, burstiness, out, seed: int, suffix: str = "", extra=()
+) -> dict:
     """The prediction for a point, next to its measured result file (already in `out`)."""
     flags = workload_flags(args, rate, burstiness, seed=seed)
     measured = os.path.join(out, f"{label}-measured.json")
-    predicted = os.path.join(out, f"{label}-predicted.json")
+    predicted = os.path.join(out, f"{label}-predicted{suffix}.json")
     run(
         duoserve(
             "plan",
@@ -127,6 +136,7 @@ def simulate_point(args, profile, deployment, label, rate, burstiness, out, seed
             *flags,
             "--output",
             predicted,
+            *extra,
         )
     )
     return {
@@ -145,6 +155,8 @@ def deployments(args: argparse.Namespace) -> list[tuple[str, str, list[str], lis
         *(["--threads-per-worker", "1", "--pin"] if cores >= 2 else []),
     )  # fmt: skip
     # `up` gives each worker cores / workers threads; `serve` takes all the cores.
+    if args.fit_from_trace:
+        serve += ["--step-trace", os.path.join(args.out, "serve-trace.jsonl")]
     return [
         ("serve", "colocated:1", serve, []),
         ("up-1p1d", "disagg:1x1", up, ["--num-threads", "1"] if cores >= 2 else []),
@@ -160,6 +172,7 @@ def ratio_cell(predicted: float | None, measured: float | None, goal: float) -> 
 
 
 def main() -> int:
+    global PORT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_results/planner_accuracy")
     parser.add_argument("--num-prompts", type=int, default=40)
@@ -175,24 +188,94 @@ def main() -> int:
     parser.add_argument("--model", help="model path (default: duoserve's default model)")
     parser.add_argument("--only", choices=("serve", "up-1p1d"), help="run one deployment")
     parser.add_argument(
+        "--fit-from-trace",
+        action="store_true",
+        help="serve with --step-trace, fit a second profile from the low-load points' steps and "
+        "predict every point again with it (a second table; near and over are held out)",
+    )
+    parser.add_argument(
         "--resimulate",
         action="store_true",
         help="measure nothing: predict again every point whose measured file --out holds, with the "
         "profiles there (after a change to the planner)",
     )
+    parser.add_argument("--port", type=int, default=8310, help="port of the served deployment")
     args = parser.parse_args()
+    PORT = args.port
     os.makedirs(args.out, exist_ok=True)
     started = datetime.now(timezone.utc)
-    rows = []
+    rows, trace_rows = [], []
     for name, deployment, server_cmd, profile_flags in deployments(args):
         if args.only and name != args.only:
             continue
         if args.resimulate:
-            rows += resimulate_deployment(args, name, deployment)
+            points = resimulate_deployment(args, name, deployment)
         else:
-            rows += measure_deployment(args, name, deployment, server_cmd, profile_flags)
+            points = measure_deployment(args, name, deployment, server_cmd, profile_flags)
+        rows += points
+        if args.fit_from_trace and name == "serve":
+            trace_rows += trace_fit_deployment(args, name, deployment, points)
     print(report(rows, args, started))
+    if trace_rows:
+        trained = ", ".join(
+            f"{name} {level} {burst}"
+            for name, level, _, burst, _ in trace_rows
+            if level.startswith(TRAIN_LEVEL)
+        )
+        title = f"Fitted from the served engine's step trace (trained on: {trained}; the rest held out)"
+        print("\n" + report(trace_rows, args, started, title))
     return 0
+
+
+TRAIN_LEVEL = "low"  # the points whose steps a trace-fitted profile learns from
+
+
+def trace_fit_deployment(args, name, deployment, points) -> list:
+    """Cut each point's steps out of the server's trace, fit a profile to the low-load points' steps,
+    and predict every point again with it."""
+    from duoserve.plan.trace import slice_trace
+
+    with open(os.path.join(args.out, f"{name}-windows.json")) as f:
+        windows = json.load(f)
+    whole = os.path.join(args.out, f"{name}-trace.jsonl")
+    train = []
+    for label, (start, end) in windows.items():
+        path = os.path.join(args.out, f"{label}-trace.jsonl")
+        num_steps = slice_trace(whole, start, end, path)
+        print(f"{label}: {num_steps} traced steps", file=sys.stderr)
+        if label.startswith(f"{name}-{TRAIN_LEVEL}-") and num_steps:
+            train.append(path)
+    if not train:
+        raise RuntimeError("no traced steps in the low-load points: nothing to fit")
+    profile = os.path.join(args.out, f"profile-{name}-trace.json")
+    synthetic = os.path.join(args.out, f"profile-{name}.json")
+    prior = ["--prior", synthetic] if os.path.exists(synthetic) else []  # and its KV transfer model
+    run(
+        duoserve("plan", "profile", "--from-trace", *train, *prior, "-o", profile),
+        os.path.join(args.out, f"profile-{name}-trace.txt"),
+    )
+    rows = []
+    for _, level, rate, burst_name, _ in points:
+        label = f"{name}-{level}-{burst_name}"
+        with open(os.path.join(args.out, f"{label}-measured.json")) as f:
+            seed = json.load(f)["config"]["seed"]
+        burstiness = dict(BURSTS)[burst_name]
+        simulated = os.path.join(args.out, f"{label}-predicted-trace-steps.jsonl")
+        point = simulate_point(
+            args, profile, deployment, label, rate, burstiness, args.out, seed, "-trace",
+            ["--step-trace", simulated],
+        )  # fmt: skip
+        print_step_mix(label, os.path.join(args.out, f"{label}-trace.jsonl"), simulated)
+        rows.append(
+            (
+                f"{name} (trace fit)",
+                level + (" (train)" if level == TRAIN_LEVEL else ""),
+                rate,
+                burst_name,
+                point,
+            )
+        )
+    return rows
 
 
 def resimulate_deployment(args, name, deployment) -> list:
@@ -224,7 +307,7 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
     else:
         capacity = predicted_capacity(profile, deployment, args, args.out)
         rates = [round(capacity * f, 3) for f in (0.3, 0.9, 1.3)]
-    rows = []
+    rows, windows = [], {}
     print("+ " + shlex.join(server_cmd), file=sys.stderr, flush=True)
     with open(os.path.join(args.out, f"{name}-server.log"), "w") as log:
         proc = subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -238,19 +321,37 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
                 for burst_name, burstiness in BURSTS:
                     label = f"{name}-{level}-{burst_name}"
                     seed = len(rows) + 1  # distinct per point (the warm-up uses 99)
+                    start = time.time()
                     point = bench_point(args, profile, deployment, label, rate, burstiness, args.out, seed)
+                    windows[label] = (start, time.time())
                     rows.append((name, level, rate, burst_name, point))
         finally:
-            stop(proc)
+            stop(proc)  # a graceful stop: the engine closes its step trace
+    with open(os.path.join(args.out, f"{name}-windows.json"), "w") as f:
+        json.dump(windows, f, indent=1)  # each point's wall-clock span, to cut its steps out of a trace
     return rows
 
 
-def report(rows, args, started: datetime) -> str:
+def print_step_mix(label: str, real: str, simulated: str) -> None:
+    """The served steps of a point beside the simulated ones (same arrivals): their batches."""
+    from duoserve.plan.trace import read_trace, step_mix
+
+    try:
+        mixes = [step_mix(read_trace(real)), step_mix(read_trace(simulated))]
+    except ValueError as err:  # a point whose window caught no step
+        print(f"{label}: {err}", file=sys.stderr)
+        return
+    keys = list(mixes[0])
+    print(f"{label} steps, served / simulated: " + ", ".join(
+        f"{k} {mixes[0][k]:.4g} / {mixes[1][k]:.4g}" for k in keys), file=sys.stderr)  # fmt: skip
+
+
+def report(rows, args, started: datetime, title: str = "Planner accuracy") -> str:
     from duoserve.hardware import host_defaults
 
     cpu = host_defaults().cpu
     lines = [
-        "## Planner accuracy: predicted / measured (ms), ratio",
+        f"## {title}: predicted / measured (ms), ratio",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"- CPU: {cpu.model}, {cpu.cores} cores ({platform.machine()}); date: {started:%Y-%m-%d %H:%M} UTC",

@@ -83,6 +83,13 @@ class EngineConfig:
     )
     enable_prefix_caching: bool = field(default=True, metadata=_arg("reuse KV blocks of shared prefixes"))
     seed: int | None = field(default=0, metadata=_arg("seed of the sampler for unseeded requests"))
+    step_trace: str | None = field(
+        default=None,
+        metadata=_arg(
+            "write a JSON line per engine step (shape, batch, time) to this file, for `duoserve plan "
+            "profile --from-trace`; `{pid}` in it is replaced by the engine process's id (a file per worker)"
+        ),
+    )
     num_threads: int | None = field(
         default=None,
         metadata=_arg("CPU threads for torch (default: the physical cores this process may use)"),

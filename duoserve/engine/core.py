@@ -6,7 +6,9 @@ job, so the core can run in its own process and be fed ids from anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +121,7 @@ class EngineCore:
             else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
         )
         self.last_step = StepStats()
+        self.step_trace = self._open_step_trace() if config.step_trace else None
         if self.device.type == "cpu":
             release_freed_memory()  # the transients of building the layers
         logger.info(
@@ -138,6 +141,16 @@ class EngineCore:
             torch.set_num_threads(num_threads)
         elif torch.get_num_threads() > host_defaults().num_threads:
             torch.set_num_threads(host_defaults().num_threads)
+
+    def _open_step_trace(self):
+        """--step-trace: a line per step for `duoserve plan profile --from-trace` (duoserve/plan/trace.py)."""
+        from duoserve.plan.profile import host_info, quantized_rows, worker_limits
+        from duoserve.plan.trace import StepTraceWriter
+
+        limits = dataclasses.asdict(worker_limits(self, quantized_rows(self)))
+        engine_args = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+        extra = {"engine_args": engine_args, "host": host_info(self), "pid": os.getpid()}
+        return StepTraceWriter(self.config.step_trace, limits | extra)
 
     def _proposer(self, loaded: LoadedModel, num_blocks: int) -> Proposer:
         if self.config.speculative == "ngram":
@@ -246,6 +259,8 @@ class EngineCore:
         """At a graceful shutdown: connectors that keep KV save it (the offload tier writes the prefixes
         the pool still caches to disk, so a restart finds them too)."""
         self.connector.close(self.kv.pool)
+        if self.step_trace is not None:
+            self.step_trace.close(self.last_step.total_seconds)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -263,6 +278,8 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
+        if self.step_trace is not None:  # opt-in: the plan's shape, before the step changes any request
+            self.step_trace.record(plan, start, self.last_step.total_seconds)
         self.connector.start_load_kv(self.kv_cache)
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)

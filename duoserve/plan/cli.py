@@ -51,7 +51,37 @@ def _add_profile_parser(sub: Any) -> None:
     g.add_argument("--chunked-prompt-len", type=int, default=grid.chunked_prompt_len)
     g.add_argument("--transfer-tokens", type=_ints, default=grid.transfer_tokens)
     g.add_argument("--repeats", type=int, default=grid.repeats)
+    t = p.add_argument_group("from a served engine's steps (instead of synthetic ones)")
+    t.add_argument(
+        "--from-trace",
+        nargs="+",
+        metavar="TRACE",
+        help="fit the step model to the steps of these step traces (`duoserve serve --step-trace "
+        "PATH`): what the engine really ran, in the process layout it runs in; no model is loaded",
+    )
+    t.add_argument(
+        "--fit-time",
+        choices=("period", "step"),
+        default="period",
+        help="period: a step plus the engine loop's time to the next step (what a served step costs); "
+        "step: EngineCore.step alone",
+    )
+    t.add_argument(
+        "--prior",
+        metavar="PROFILE",
+        help="a synthetic profile of the same worker: its measured steps (weighing 20%% of the traced "
+        "ones) settle what one workload's steps cannot tell apart; its KV transfer model is kept",
+    )
+    t.add_argument(
+        "--kv-transfer-from", metavar="PROFILE", help="take the KV transfer model from this profile"
+    )
     p.add_argument("-o", "--output", default="profile.json", help="profile file to write")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="profile in this process, with its OpenMP environment (default: in a process started as "
+        "the server's engine process is, duoserve/server/engine_env.py)",
+    )
     p.set_defaults(plan_func=cmd_profile)
 
 
@@ -95,6 +125,12 @@ def _add_simulate_parser(sub: Any) -> None:
     p.add_argument("--deployment", default="colocated:1", help="colocated:N or disagg:PxD")
     _add_common(p, slo_required=False)
     p.add_argument("--output", help="write a `duoserve bench` result file")
+    p.add_argument(
+        "--step-trace",
+        metavar="PATH",
+        help="write the simulated steps as a step trace (serve's --step-trace format; PATH.N per worker "
+        "when there are several), to compare with a served run's",
+    )
     p.add_argument("--label", help="name of this run in plots (default: 'predicted DEPLOYMENT')")
     p.set_defaults(plan_func=cmd_simulate)
 
@@ -156,9 +192,10 @@ def _router(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    if args.from_trace:
+        return _profile_from_traces(args)
     from duoserve.config import engine_config_from_args
-    from duoserve.plan.profile import Grid, run_profile, write_profile
-    from duoserve.plan.step_model import FEATURES
+    from duoserve.plan.profile import Grid, load_profile, run_profile, write_profile
 
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -170,10 +207,75 @@ def cmd_profile(args: argparse.Namespace) -> int:
         transfer_tokens=args.transfer_tokens,
         repeats=args.repeats,
     )
-    profile = run_profile(
-        engine_config_from_args(args), grid, lambda m: print(f"profile: {m}", file=sys.stderr)
+    config = engine_config_from_args(args)
+    if args.in_process:
+        write_profile(args.output, run_profile(config, grid, _progress))
+    else:
+        code = _profile_in_engine_env(config, grid, args.output)
+        if code:
+            return code
+    _print_profile(load_profile(args.output), args.output)
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(f"profile: {message}", file=sys.stderr, flush=True)
+
+
+def _profile_in_engine_env(config, grid, output: str) -> int:
+    """Run the profile in a process spawned as the server's engine process is (its OpenMP threads sleep
+    when they wait: duoserve/server/engine_env.py), so profiled steps run as served ones do. This
+    process's OpenMP already read its environment when torch loaded."""
+    import multiprocessing
+
+    from duoserve.server.engine_env import engine_environment
+
+    process = multiprocessing.get_context("spawn").Process(
+        target=_profile_child, args=(config, grid, output), name="duoserve-plan-profile"
     )
+    with engine_environment() as added:
+        process.start()
+    if added:
+        _progress("engine environment: " + " ".join(f"{k}={v}" for k, v in added.items()))
+    process.join()
+    return process.exitcode or 0
+
+
+def _profile_child(config, grid, output: str) -> None:
+    from duoserve.plan.profile import run_profile, write_profile
+
+    try:
+        write_profile(output, run_profile(config, grid, _progress))
+    except (ValueError, OSError) as err:
+        print(f"duoserve plan: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _profile_from_traces(args: argparse.Namespace) -> int:
+    from duoserve.plan.profile import load_profile, write_profile
+    from duoserve.plan.trace import format_residuals, profile_from_traces, residuals_by_regime
+
+    transfer = load_profile(args.kv_transfer_from).kv_transfer if args.kv_transfer_from else None
+    prior = load_profile(args.prior) if args.prior else None
+    profile, traced = profile_from_traces(args.from_trace, args.fit_time == "period", transfer, prior)
     write_profile(args.output, profile)
+    rows = residuals_by_regime(
+        profile.step_model, traced.shapes, traced.seconds, profile.limits.max_num_batched_tokens
+    )
+    print(
+        f"{len(traced.shapes)} traced steps; engine loop between back-to-back steps: median "
+        f"{traced.median_gap * 1e3:.2f} ms ({'in' if args.fit_time == 'period' else 'not in'} the fit)"
+    )
+    print(format_residuals(rows))
+    if not args.kv_transfer_from and not args.prior:
+        print("note: no KV transfer model (a trace has none): --kv-transfer-from PROFILE for disagg")
+    _print_profile(profile, args.output)
+    return 0
+
+
+def _print_profile(profile, output: str) -> None:
+    from duoserve.plan.step_model import FEATURES
+
     m, fit = profile.step_model, profile.fit
     terms = " + ".join(f"{getattr(m, name):.3g}*{name}" for name in FEATURES)
     print(
@@ -182,8 +284,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     t = profile.kv_transfer
     print(f"KV transfer seconds = {t.fixed_seconds:.3g} + {t.seconds_per_token:.3g}*tokens")
-    print(f"wrote {args.output}")
-    return 0
+    print(f"wrote {output}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -198,7 +299,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     objectives = Objectives.parse(args.slo) if args.slo else None
     profile = load_profile(args.profile)
     workload = workload_from_args(args)
-    doc = result(profile, deployment, workload, objectives, _router(args))
+    doc = result(profile, deployment, workload, objectives, _router(args), args.step_trace)
     if args.label:
         doc["config"]["label"] = args.label
     config = doc["config"] | {

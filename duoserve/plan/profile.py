@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import random
 import time
@@ -182,6 +183,21 @@ def quantized_rows(core) -> int:
     linears = [core.model.lm_head] + [linear for layer in core.model.layers for linear in layer.linears()]
     parts = [p for linear in linears for p in getattr(linear, "parts", [linear])]
     return max((p.max_rows for p in parts if isinstance(p, _QuantizedLinear)), default=0)
+
+
+def worker_limits(core, quantized_max_rows: int) -> WorkerLimits:
+    """What the simulated scheduler needs to behave as this core's."""
+    config = core.config
+    return WorkerLimits(
+        num_kv_blocks=core.kv.num_blocks,
+        block_size=config.block_size,
+        max_model_len=core.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        enable_prefix_caching=config.enable_prefix_caching,
+        sliding_window=core.kv.sliding_window,
+        quantized_max_rows=quantized_max_rows,
+    )
 
 
 class StepTimer:
@@ -370,9 +386,12 @@ def host_info(core) -> dict[str, Any]:
     import torch
 
     from duoserve.hardware import host_defaults
+    from duoserve.server.engine_env import WAIT_VARS
 
     cpu = host_defaults().cpu
     return {
+        # How its OpenMP threads waited (duoserve/server/engine_env.py): served engines sleep.
+        "openmp_wait": {name: os.environ[name] for name in WAIT_VARS if name in os.environ},
         "cpu": cpu.model,
         "arch": cpu.arch,
         "cores": cpu.cores,
@@ -399,16 +418,7 @@ def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = l
     engine_args = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     return Profile(
         step_model=fit.model,
-        limits=WorkerLimits(
-            num_kv_blocks=core.kv.num_blocks,
-            block_size=config.block_size,
-            max_model_len=core.max_model_len,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching,
-            sliding_window=core.kv.sliding_window,
-            quantized_max_rows=quantized_rows(core),
-        ),
+        limits=worker_limits(core, quantized_rows(core)),
         kv_transfer=transfer,
         engine_args=engine_args,
         host=host_info(core),

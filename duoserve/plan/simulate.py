@@ -27,6 +27,7 @@ the engine loop's own bookkeeping between steps (in the profiled step time only 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -46,7 +47,7 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.plan.deployment import Deployment
 from duoserve.plan.objectives import Objectives
 from duoserve.plan.profile import Profile
-from duoserve.plan.step_model import step_shape
+from duoserve.plan.step_model import StepShape, step_shape
 from duoserve.plan.workload import SimConversation, Workload
 from duoserve.sampling_params import SamplingParams
 
@@ -180,6 +181,7 @@ class StepRecord:
     seconds: float
     scheduled: list[tuple[str, int]]  # (request id, new tokens), in the scheduler's order
     preempted: list[str]
+    shape: StepShape | None = None
 
 
 @dataclass
@@ -255,9 +257,8 @@ class SimWorker:
 
     def _start_step(self, plan: SchedulerOutput) -> None:
         """The step takes the step model's time; every sampling request gets SAMPLED_TOKEN."""
-        seconds = self.profile.step_model.seconds(
-            step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
-        )
+        shape = step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
+        seconds = self.profile.step_model.seconds(shape)
         if self.record_steps:
             self.steps.append(
                 StepRecord(
@@ -265,6 +266,7 @@ class SimWorker:
                     seconds,
                     [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled],
                     [r.request_id for r in plan.preempted],
+                    shape,
                 )
             )
         sampled = {s.request.request_id: ([SAMPLED_TOKEN], []) for s in plan.scheduled if s.samples}
@@ -491,9 +493,13 @@ def result(
     workload: Workload,
     objectives: Objectives | None = None,
     router: dict[str, Any] | None = None,
+    step_trace: str | None = None,
 ) -> dict[str, Any]:
-    """A `duoserve bench` result document of the simulated run (label 'predicted <deployment>')."""
-    records, duration, _ = simulate(profile, deployment, workload, router)
+    """A `duoserve bench` result document of the simulated run (label 'predicted <deployment>');
+    `step_trace`: also write each worker's simulated steps as a step trace (duoserve/plan/trace.py)."""
+    records, duration, sim = simulate(profile, deployment, workload, router, record_steps=bool(step_trace))
+    if step_trace:
+        write_simulated_traces(sim, step_trace)
     slo = objectives.goodput_slo() if objectives else None
     summary: dict[str, Any] = summarize(records, duration, slo)
     summary["not_started"] = 0
@@ -510,3 +516,17 @@ def result(
     if config.get("request_rate") == math.inf:
         config["request_rate"] = "inf"
     return result_document(config, summary, records)
+
+
+def write_simulated_traces(sim: Simulation, path: str) -> list[str]:
+    """Each worker's simulated steps in the served engine's step-trace format, to set beside a real
+    trace of the same arrivals: PATH for one worker, PATH.<worker index> for more."""
+    from duoserve.plan.trace import write_trace
+
+    limits = dataclasses.asdict(sim.profile.limits)
+    paths = []
+    for index, worker in enumerate(sim.workers.values()):
+        out = path if len(sim.workers) == 1 else f"{path}.{index}"
+        write_trace(out, limits | {"simulated": worker.name}, worker.steps)
+        paths.append(out)
+    return paths

@@ -121,17 +121,21 @@ OUTLIER_FLOOR = 0.10
 MAX_REFITS = 5
 
 
-def fit_step_model(shapes: Sequence[StepShape], seconds: Sequence[float]) -> Fit:
-    """Non-negative least squares on relative error, refitted without the steps it finds too slow."""
+def fit_step_model(
+    shapes: Sequence[StepShape], seconds: Sequence[float], weights: Sequence[float] | None = None
+) -> Fit:
+    """Non-negative least squares on relative error, refitted without the steps it finds too slow.
+    `weights`: how much each step counts (default 1 each), e.g. a prior's steps less than traced ones."""
     if len(shapes) < 2 or len(shapes) != len(seconds):
         raise ValueError("fitting a step model needs at least two measured steps")
     x = np.array([[1.0, *s.features()] for s in shapes])
     y = np.asarray(seconds, dtype=float)
     if (y <= 0).any():
         raise ValueError("measured step times must be > 0")
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
     keep = np.ones(len(y), dtype=bool)
     for _ in range(MAX_REFITS):
-        coef = _nnls(x[keep], y[keep], weights=1.0 / y[keep])
+        coef = _nnls(x[keep], y[keep], weights=w[keep] / y[keep])
         slower = _relative_residual(x @ coef, y)
         spread = 1.4826 * float(np.median(np.abs(slower[keep] - np.median(slower[keep]))))
         new_keep = slower <= max(OUTLIER_DEVIATIONS * spread, OUTLIER_FLOOR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -130,3 +131,32 @@ def test_a_version_1_profile_is_refitted_from_its_measured_steps():
     assert profile.fit["num_samples"] == len(shapes)
     with pytest.raises(ValueError, match="version 1"):
         Profile.from_json(data)  # nothing to refit from
+
+
+def test_plan_profile_runs_in_the_engine_processs_environment(tiny_models, tmp_path, monkeypatch, capsys):
+    """The served engine's OpenMP threads sleep when they wait (engine_env): so do the profiled ones,
+    in a process started as the server starts its engine."""
+    from duoserve.cli import main
+    from duoserve.server.engine_env import WAIT_VARS
+
+    for name in WAIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    _, path = tiny_models("llama_gqa")
+    out = tmp_path / "profile.json"
+    engine = ["--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--num-threads", "1"]
+    engine += ["--num-kv-blocks", "32", "--block-size", "8", "--max-num-batched-tokens", "32"]
+    grid = [
+        "--decode-batches",
+        "1,2",
+        "--context-lens",
+        "16",
+        "--prefill-lens",
+        "8",
+        "--chunked-prompt-len",
+        "40",
+    ]
+    grid += ["--transfer-tokens", "8,16", "--repeats", "1"]
+    assert main(["plan", "profile", path, *engine, *grid, "-o", str(out)]) == 0
+    assert load_profile(str(out)).host["openmp_wait"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "wrote" in capsys.readouterr().out
+    assert "OMP_WAIT_POLICY" not in os.environ  # set only while the profiling process started
