@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from duoserve.attention.backend import AttentionMetadata
-from duoserve.attention.kv_scales import ONE_BYTE_KV_DTYPES, check_kv_scales
+from duoserve.attention.kv_scales import check_kv_scales
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
 
@@ -40,20 +40,25 @@ def paged_decode(
 
     Pools of int8 or FP8 (E4M3, E5M2) are read as they are, with their per-KV-head scales k_scale and
     v_scale (float32 [num_kv_heads]; `kv_scales.py`): required with those pools, refused with others."""
-    if k_scale is not None or v_scale is not None or k_pool.dtype in ONE_BYTE_KV_DTYPES:
+    try:
+        return torch.ops.duoserve_cpu.paged_decode(
+            q.contiguous(),
+            k_pool,
+            v_pool,
+            block_tables.contiguous(),
+            context_lens.contiguous(),
+            scale,
+            sliding_window or 0,
+            logits_soft_cap or 0.0,
+            k_scale,
+            v_scale,
+        )
+    except RuntimeError:
+        # The op checks the scales itself, at no cost; the Python checks (several times this wrapper's own
+        # cost per call, measured) run only once it has refused something, to raise a refusal about the
+        # scales as a ValueError.
         check_kv_scales(k_pool, k_scale, v_scale)
-    return torch.ops.duoserve_cpu.paged_decode(
-        q.contiguous(),
-        k_pool,
-        v_pool,
-        block_tables.contiguous(),
-        context_lens.contiguous(),
-        scale,
-        sliding_window or 0,
-        logits_soft_cap or 0.0,
-        k_scale,
-        v_scale,
-    )
+        raise
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
