@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 
 from duoserve.attention.backend import AttentionMetadata
+from duoserve.attention.kv_scales import check_kv_scales
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
 
-__all__ = ["CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
+__all__ = ["PAGED_DECODE_QUANTIZED_KV", "CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
+
+# paged_decode reads 1-byte (int8, FP8) pools in place, given their scales.
+PAGED_DECODE_QUANTIZED_KV = True
 
 
 def paged_decode(
@@ -28,19 +32,33 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens, or only
-    to its last `sliding_window` of them (the table entries before those are never read)."""
-    return torch.ops.duoserve_cpu.paged_decode(
-        q.contiguous(),
-        k_pool,
-        v_pool,
-        block_tables.contiguous(),
-        context_lens.contiguous(),
-        scale,
-        sliding_window or 0,
-        logits_soft_cap or 0.0,
-    )
+    to its last `sliding_window` of them (the table entries before those are never read).
+
+    Pools of int8 or FP8 (E4M3, E5M2) are read as they are, with their per-KV-head scales k_scale and
+    v_scale (float32 [num_kv_heads]; `kv_scales.py`): required with those pools, refused with others."""
+    try:
+        return torch.ops.duoserve_cpu.paged_decode(
+            q.contiguous(),
+            k_pool,
+            v_pool,
+            block_tables.contiguous(),
+            context_lens.contiguous(),
+            scale,
+            sliding_window or 0,
+            logits_soft_cap or 0.0,
+            k_scale,
+            v_scale,
+        )
+    except RuntimeError:
+        # The op checks the scales itself, at no cost; the Python checks (several times this wrapper's own
+        # cost per call, measured) run only once it has refused something, to raise a refusal about the
+        # scales as a ValueError.
+        check_kv_scales(k_pool, k_scale, v_scale)
+        raise
 
 
 class CpuAttentionBackend(TorchAttentionBackend):

@@ -17,9 +17,12 @@ decodes then split their keys over `num_splits` programs, each writing a partial
 and a reduction kernel combines them. The split count depends only on shapes (batch size, heads, the
 table's width), never on the context lengths' values, so a captured CUDA graph stays valid across steps.
 
-Quantized KV dtypes: `store_kv` is where new K/V would be quantized, and the attention kernel's K/V loads
-are where tiles would be dequantized to the compute dtype (with per-block scales passed beside the pools).
-Both take the pools' dtype from the tensors: float32/float16/bfloat16 caches under any model dtype.
+The pools' dtype is taken from the tensors: float32/float16/bfloat16 caches under any model dtype, and
+1-byte caches (int8, FP8 E4M3/E5M2) with their per-KV-head scales (`kv_scales.py`): the attention kernel
+widens each K/V tile as it loads it (exact in float16/bfloat16/float32), and the scales stay out of the
+loop: K's multiplies the scores' scale, V's the output, once per program. FP8 is decoded from its bytes
+(into an fp16's fields) rather than by Triton's fp8 casts, which not every GPU generation compiles.
+`store_kv` writes what it is given: a 1-byte cache's new K/V come to it already quantized.
 
 Under TRITON_INTERPRET=1 these run on CPU tensors (for tests; slowly): `INTERPRETED` records whether this
 module's kernels were built for the interpreter, which is decided when the module is imported.
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 
 from duoserve.attention.backend import PrefillChunk
+from duoserve.attention.kv_scales import check_kv_scales
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
@@ -153,6 +157,8 @@ def _paged_attention_kernel(
     q_ptr,
     k_pool,
     v_pool,
+    k_scale_ptr,
+    v_scale_ptr,
     block_tables,
     context_lens,
     query_starts,
@@ -186,6 +192,8 @@ def _paged_attention_kernel(
     USE_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
+    KV_FORMAT: tl.constexpr,  # 0: the pools' own float dtype; 1: int8; 2: E4M3 bytes; 3: E5M2 bytes
+    KV_UNIT: tl.constexpr,  # what a widened 1-byte value is to be multiplied by (E4M3: 2^8)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -230,6 +238,10 @@ def _paged_attention_kernel(
     start = lo + split * per_split
     end = tl.minimum(hi, start + per_split)
 
+    qk_scale = scale
+    if KV_FORMAT != 0:  # a 1-byte cache's K scale: q.(s k) = s (q.k)
+        qk_scale = scale * tl.load(k_scale_ptr + kv_head) * KV_UNIT
+
     m_i = tl.full([TOKENS * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TOKENS * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], dtype=tl.float32)
@@ -239,20 +251,32 @@ def _paged_attention_kernel(
         blocks = tl.load(block_tables + seq * stride_bt + j // block_size, mask=j_valid, other=0)
         rows = j % block_size
         kv_mask = j_valid[:, None] & d_valid[None, :]
-        # K and V tiles [BLOCK_N, BLOCK_D] as the pool stores them: a quantized pool would dequantize here.
+        # K and V tiles [BLOCK_N, BLOCK_D] as the pool stores them, 1-byte values widened here (inline, not a
+        # jitted helper: see above). E4M3 (sign, 4 exponent bits of bias 7, 3 mantissa bits) moves into an
+        # fp16's fields (exponent bias 15): the value / 2^8 exactly, subnormals included. E5M2 is the upper
+        # byte of an fp16.
         kv_rows = blocks[:, None] * stride_kb + rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
-        k = tl.load(k_pool + kv_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        if KV_FORMAT == 0:
+            k = tl.load(k_pool + kv_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        elif KV_FORMAT == 1:
+            k = tl.load(k_pool + kv_rows, mask=kv_mask, other=0).to(tl.float32).to(q.dtype)
+        elif KV_FORMAT == 2:
+            b = tl.load(k_pool + kv_rows, mask=kv_mask, other=0).to(tl.int16)
+            k = (((b & 0x7F) << 7) | ((b & 0x80) << 8)).to(tl.float16, bitcast=True).to(q.dtype)
+        else:
+            b = tl.load(k_pool + kv_rows, mask=kv_mask, other=0).to(tl.int16)
+            k = (b << 8).to(tl.float16, bitcast=True).to(q.dtype)
         if IEEE:  # exact float32 (the GPU's default for float32 operands is tf32)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         if USE_CAP:  # cap * tanh(s / cap), tanh from exp (no tanh in tl); exp(-2|x|) cannot overflow
-            x = s * scale / soft_cap
+            x = s * qk_scale / soft_cap
             e = tl.exp(-2.0 * tl.abs(x))
             t = (1.0 - e) / (1.0 + e)
             s = tl.where(x < 0, -t, t) * (soft_cap * 1.4426950408889634)
         else:
-            s = s * (scale * 1.4426950408889634)
+            s = s * (qk_scale * 1.4426950408889634)
         visible = j_valid[None, :] & (j[None, :] <= position[:, None])
         if USE_WINDOW:
             visible = visible & (j[None, :] > position[:, None] - window)
@@ -263,7 +287,16 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = blocks[:, None] * stride_vb + rows[:, None] * stride_vt + kv_head * stride_vh + d[None, :]
-        v = tl.load(v_pool + v_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        if KV_FORMAT == 0:
+            v = tl.load(v_pool + v_rows, mask=kv_mask, other=0.0).to(q.dtype)
+        elif KV_FORMAT == 1:
+            v = tl.load(v_pool + v_rows, mask=kv_mask, other=0).to(tl.float32).to(q.dtype)
+        elif KV_FORMAT == 2:
+            b = tl.load(v_pool + v_rows, mask=kv_mask, other=0).to(tl.int16)
+            v = (((b & 0x7F) << 7) | ((b & 0x80) << 8)).to(tl.float16, bitcast=True).to(q.dtype)
+        else:
+            b = tl.load(v_pool + v_rows, mask=kv_mask, other=0).to(tl.int16)
+            v = (b << 8).to(tl.float16, bitcast=True).to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -272,6 +305,8 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FORMAT != 0:  # a 1-byte cache's V scale, once
+        out = out * (tl.load(v_scale_ptr + kv_head) * KV_UNIT)
     if NUM_SPLITS == 1:
         o_ptrs = out_ptr + (row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -340,11 +375,15 @@ def paged_decode(
     num_splits: int | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """out[i] = attention of q[i] [heads, dim] (position context_lens[i] - 1) over that sequence's first
     context_lens[i] pooled tokens (their last `sliding_window` only; the entries before are never read).
-    A row with context 0 (padding of a captured batch) gets zeros."""
+    A row with context 0 (padding of a captured batch) gets zeros. 1-byte pools need k_scale and v_scale
+    (float32 [kv_heads])."""
     num_seqs, num_heads, dim = q.shape
+    check_kv_scales(k_pool, k_scale, v_scale)
     if num_seqs == 0:
         return
     kv_heads = k_pool.shape[2]
@@ -365,6 +404,8 @@ def paged_decode(
         q,
         k_pool,
         v_pool,
+        k_scale,
+        v_scale,
         block_tables,
         context_lens,
         context_lens,  # query starts/lens and the tile map: unused by decodes
@@ -441,9 +482,12 @@ def paged_prefill(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """The rows of every prefill chunk: causal within the chunk, over all its cached context before it
-    (its own new K/V must already be in the pool)."""
+    (its own new K/V must already be in the pool). 1-byte pools need k_scale and v_scale."""
+    check_kv_scales(k_pool, k_scale, v_scale)
     num_heads = q.shape[1]
     kv_heads = k_pool.shape[2]
     _check_rows(q, out, k_pool, v_pool)
@@ -456,6 +500,8 @@ def paged_prefill(
         q,
         k_pool,
         v_pool,
+        k_scale,
+        v_scale,
         chunks.block_tables,
         chunks.contexts,
         chunks.starts,
@@ -483,6 +529,8 @@ def _attention(
     q,
     k_pool,
     v_pool,
+    k_scale,
+    v_scale,
     block_tables,
     context_lens,
     query_starts,
@@ -502,6 +550,9 @@ def _attention(
     num_warps,
 ) -> None:
     dim = q.shape[2]
+    kv_format = _KV_FORMATS.get(k_pool.dtype, 0)
+    if kv_format >= 2:  # FP8: decoded from its bytes
+        k_pool, v_pool = k_pool.view(torch.uint8), v_pool.view(torch.uint8)
     _paged_attention_kernel[grid](
         out,
         parts,
@@ -509,6 +560,8 @@ def _attention(
         q,
         k_pool,
         v_pool,
+        out if k_scale is None else k_scale,  # (not read without a 1-byte pool)
+        out if v_scale is None else v_scale,
         block_tables,
         context_lens,
         query_starts,
@@ -544,8 +597,14 @@ def _attention(
         # Triton's interpreter multiplies bfloat16 operands wrongly (3.9: as their raw 16-bit patterns), so
         # interpreted dots convert them to float32 first.
         IEEE=q.dtype == torch.float32 or INTERPRETED,
+        KV_FORMAT=kv_format,
+        KV_UNIT=256.0 if kv_format == 2 else 1.0,
         num_warps=num_warps,
     )
+
+
+# The kernel's KV_FORMAT of each 1-byte pool dtype (0 for the others).
+_KV_FORMATS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 def _check_rows(*tensors: torch.Tensor) -> None:

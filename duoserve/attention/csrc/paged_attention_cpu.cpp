@@ -4,16 +4,24 @@
 // The query heads of a GQA group share every K/V row loaded. A work item is a sequence with all its KV
 // heads, or one (sequence, KV head) when there are too few sequences to share out (see run). The
 // AVX-512 kernels (head sizes 64 and 128, GQA groups up to 8: most models) and the AVX2 ones (head sizes
-// 64 and 128, any group) are described where they are defined; other shapes take a generic path of
-// plain loops for gcc's auto-vectoriser with an online softmax. exp is a polynomial everywhere: libm's scalar expf would dominate the kernel.
+// 64 and 128, any group; for 1-byte caches, groups up to 8, a kernel of their own) are described where
+// they are defined; other shapes take a generic path of plain loops for gcc's auto-vectoriser with an
+// online softmax. exp is a polynomial everywhere: libm's scalar expf would dominate the kernel.
 //
 // Two variants, both off by default and costing nothing when off: a sliding window (a query at position p
 // sees keys at positions > p - window, as transformers' sliding-window mask: each walk starts at the
 // first in-window token, so the blocks before it, possibly freed and reused, are never read) and Gemma 2's
 // logit soft-capping (scores = cap * tanh(scores / cap) before the softmax).
+//
+// 1-byte caches (int8, FP8 E4M3, FP8 E5M2) are read in place too: each K/V row is widened to fp32 in
+// registers as it is loaded (no widened copy of the cache), and a value is worth stored * scale[KV head]
+// (KvScales). The scales stay out of the inner loops: q . (s k) = s (q . k), so K's scale multiplies the
+// query once per head, and V's multiplies each head's output once.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +53,27 @@ inline float widen(at::BFloat16 x) {
 }
 
 inline float widen(at::Half x) { return static_cast<float>(x); }
+
+// 1-byte caches: the stored value, exactly (its KV head's scale is applied apart).
+inline float widen(int8_t x) { return static_cast<float>(x); }
+inline float widen(at::Float8_e4m3fn x) { return static_cast<float>(x); }
+inline float widen(at::Float8_e5m2 x) { return static_cast<float>(x); }
+
+template <typename kv_t>
+constexpr bool kOneByte = sizeof(kv_t) == 1;
+
+// What a vectorised load of a 1-byte value (load8/load16) must be multiplied by to give the stored value:
+// E4M3 is widened through an fp16 whose exponent bias is 8 more than its own (see load8), so 2^8; folded
+// into the per-head scales with them.
+template <typename kv_t>
+constexpr float kLoadScale = std::is_same_v<kv_t, at::Float8_e4m3fn> ? 256.0f : 1.0f;
+
+// Per KV head, what a 1-byte cache's stored values are worth: K's real value = stored * k[head], V's
+// likewise with v; both null for the 2- and 4-byte caches (their values are their own).
+struct KvScales {
+  const float* k;
+  const float* v;
+};
 
 // exp(x) for x <= 0 (scores minus their running max), relative error ~1e-7: 2^n * 2^f with
 // n = round(x * log2 e), f in [-0.5, 0.5], 2^f by its Taylor series to degree 7.
@@ -129,12 +159,18 @@ Scratch& thread_scratch(const Shape& s) {
 
 // (q row of the sequence, K pool, V pool, block table, context length, KV heads [begin, end), scale, ...)
 using AttendFn = void (*)(const void*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float,
-                          const Variant&, const Shape&, Scratch&, void*);
+                          const Variant&, const KvScales&, const Shape&, Scratch&, void*);
 
 template <typename q_t, typename kv_t>
 void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
-                int64_t kv_head, float scale, const Variant& var, const Shape& s, Scratch& w, q_t* out) {
+                int64_t kv_head, float scale, const Variant& var, const KvScales& kv_scales, const Shape& s,
+                Scratch& w, q_t* out) {
   const int64_t group = s.num_heads / s.num_kv_heads, dim = s.head_dim, bs = s.block_size;
+  float q_scale = scale, out_scale = 1.0f;  // a 1-byte cache's scales fold into the query and the output
+  if constexpr (kOneByte<kv_t>) {
+    q_scale = scale * kv_scales.k[kv_head];
+    out_scale = kv_scales.v[kv_head];
+  }
   const int64_t token_stride = s.num_kv_heads * dim;  // between consecutive tokens of a block
   float* __restrict qf = w.q.data();
   float* __restrict acc = w.acc.data();
@@ -143,7 +179,7 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
   float* __restrict scores = w.scores.data();
   for (int64_t g = 0; g < group; ++g) {
     const q_t* row = q + (kv_head * group + g) * dim;
-    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = widen(row[d]) * scale;
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = widen(row[d]) * q_scale;
     for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] = 0.0f;
     w.running_max[g] = -std::numeric_limits<float>::infinity();
     w.running_sum[g] = 0.0f;
@@ -192,11 +228,44 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    const float inv = 1.0f / w.running_sum[g];
+    float inv = 1.0f / w.running_sum[g];
+    if constexpr (kOneByte<kv_t>) inv *= out_scale;
     q_t* row = out + (kv_head * group + g) * dim;
     for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<q_t>(acc[g * dim + d] * inv);
   }
 }
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The pool is far bigger than the caches and a sequence's blocks are scattered in it: each chunk of 16
+// tokens fetches every line of the next chunk while it computes (measured on a 2-core Xeon, 256
+// sequences of 64-640 tokens, KV from DRAM: 8.4 -> 5.4 ms per layer; 32 or 64 tokens ahead, or every
+// other line only, were slower).
+constexpr int64_t kPrefetchTokens = 16;
+
+// prefetcht0 as volatile asm: C++ lets the compiler delete a loop with no observable effect
+// (-ffinite-loops), and gcc 12 at -O3 deleted loops of _mm_prefetch calls as such.
+inline void prefetch_line(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+
+// Rows [head_begin, head_end) of the (up to) `count` tokens from `start` on: contiguous within each token.
+template <typename kv_t>
+inline void prefetch_rows(const kv_t* pool, const int64_t* table, int64_t start, int64_t context_len,
+                          int64_t head_begin, int64_t head_end, int64_t dim, const Shape& s, int64_t count = 16) {
+  if (start >= context_len) return;
+  const int64_t bs = s.block_size, token_stride = s.num_kv_heads * dim;
+  const int64_t offset = ((table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin) * dim;
+  const int64_t n = std::min({count, bs - start % bs, context_len - start});
+  const int64_t bytes = (head_end - head_begin) * dim * int64_t(sizeof(kv_t));
+  const char* first = reinterpret_cast<const char*>(pool + offset);
+  if (head_end - head_begin == s.num_kv_heads) {  // one contiguous span
+    for (int64_t byte = 0; byte < n * bytes; byte += 64) prefetch_line(first + byte);
+    return;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const char* row = reinterpret_cast<const char*>(pool + offset + t * token_stride);
+    for (int64_t byte = 0; byte < bytes; byte += 64) prefetch_line(row + byte);
+  }
+}
+#endif
 
 #if defined(__AVX512F__)
 // The AVX-512 path, for head sizes that are a multiple of 16 (64 and 128: most models): one zmm holds
@@ -212,6 +281,22 @@ inline __m512 load16(const at::BFloat16* p) {
 
 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 1-byte values, as load8 (the AVX2 path) widens them, 16 at a time.
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m512 load16(const at::Float8_e5m2* p) {
+  const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(wide, 8));
+}
+
+inline __m512 load16(const at::Float8_e4m3fn* p) {  // the stored value / 2^8 (kLoadScale)
+  const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i bits = _mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm512_cvtph_ps(bits);
 }
 
 // The scalar exp_nonpositive, 16 lanes at a time; _mm512_scalef_ps multiplies by 2^n.
@@ -250,36 +335,6 @@ inline __m512 soft_cap16(__m512 x, float cap) {
   const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ), by_exp, small);
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
   return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
-}
-
-// The pool is far bigger than the caches and a sequence's blocks are scattered in it: each chunk of 16
-// tokens fetches every line of the next chunk while it computes (measured on a 2-core Xeon, 256
-// sequences of 64-640 tokens, KV from DRAM: 8.4 -> 5.4 ms per layer; 32 or 64 tokens ahead, or every
-// other line only, were slower).
-constexpr int64_t kPrefetchTokens = 16;
-
-// prefetcht0 as volatile asm: C++ lets the compiler delete a loop with no observable effect
-// (-ffinite-loops), and gcc 12 at -O3 deleted loops of _mm_prefetch calls as such.
-inline void prefetch_line(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
-
-// Rows [head_begin, head_end) of the (up to) 16 tokens from `start` on: contiguous within each token.
-template <typename kv_t>
-inline void prefetch_rows(const kv_t* pool, const int64_t* table, int64_t start, int64_t context_len,
-                          int64_t head_begin, int64_t head_end, int64_t dim, const Shape& s) {
-  if (start >= context_len) return;
-  const int64_t bs = s.block_size, token_stride = s.num_kv_heads * dim;
-  const int64_t offset = ((table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin) * dim;
-  const int64_t n = std::min({int64_t{16}, bs - start % bs, context_len - start});
-  const int64_t bytes = (head_end - head_begin) * dim * int64_t(sizeof(kv_t));
-  const char* first = reinterpret_cast<const char*>(pool + offset);
-  if (head_end - head_begin == s.num_kv_heads) {  // one contiguous span
-    for (int64_t byte = 0; byte < n * bytes; byte += 64) prefetch_line(first + byte);
-    return;
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    const char* row = reinterpret_cast<const char*>(pool + offset + t * token_stride);
-    for (int64_t byte = 0; byte < bytes; byte += 64) prefetch_line(row + byte);
-  }
 }
 
 // hsum16(v)[t] = the sum of v[t]'s 16 lanes: 15 adds and 30 shuffles instead of 16 separate reductions.
@@ -325,8 +380,8 @@ constexpr bool kDotBf16 =
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
-                   int64_t head_begin, int64_t head_end, float scale, const Variant& var, const Shape& s, Scratch& w,
-                   q_t* out) {
+                   int64_t head_begin, int64_t head_end, float scale, const Variant& var, const KvScales& kv_scales,
+                   const Shape& s, Scratch& w, q_t* out) {
   constexpr int64_t dim = 16 * kVecs;
   constexpr bool bf16 = kDotBf16<q_t, kv_t>;
   constexpr int kQVecs = bf16 ? kVecs / 2 : kVecs;  // zmm per query row: 32 bf16 or 16 fp32 values each
@@ -342,11 +397,13 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   __m512* acc = reinterpret_cast<__m512*>(w.acc_v.data());
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     const q_t* row = q + (head_begin * kGroup + h) * dim;
+    float q_scale = scale;  // a 1-byte cache's K scale folds into the query
+    if constexpr (kOneByte<kv_t>) q_scale = scale * kv_scales.k[head_begin + h / kGroup] * kLoadScale<kv_t>;
     for (int j = 0; j < kQVecs; ++j) {
       if constexpr (bf16) {
         qv[h * kQVecs + j] = _mm512_castsi512_ps(_mm512_loadu_si512(row + 32 * j));
       } else {
-        qv[h * kQVecs + j] = _mm512_mul_ps(load16(row + 16 * j), _mm512_set1_ps(scale));
+        qv[h * kQVecs + j] = _mm512_mul_ps(load16(row + 16 * j), _mm512_set1_ps(q_scale));
       }
     }
     for (int j = 0; j < kVecs; ++j) acc[h * kVecs + j] = _mm512_setzero_ps();
@@ -477,7 +534,9 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     start += n;
   }
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
-    const __m512 inv = _mm512_set1_ps(inv_sum[h]);
+    float out_scale = inv_sum[h];  // and its V scale into the output
+    if constexpr (kOneByte<kv_t>) out_scale *= kv_scales.v[head_begin + h / kGroup] * kLoadScale<kv_t>;
+    const __m512 inv = _mm512_set1_ps(out_scale);
     q_t* row = out + (head_begin * kGroup + h) * dim;
     for (int j = 0; j < kVecs; ++j) {
       alignas(64) float tmp[16];
@@ -490,9 +549,10 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_erased(const void* q, const void* k, const void* v, const int64_t* table, int64_t len, int64_t head_begin,
-                   int64_t head_end, float scale, const Variant& var, const Shape& s, Scratch& w, void* out) {
+                   int64_t head_end, float scale, const Variant& var, const KvScales& kv_scales, const Shape& s,
+                   Scratch& w, void* out) {
   attend_avx512<kVecs, kGroup>(static_cast<const q_t*>(q), static_cast<const kv_t*>(k), static_cast<const kv_t*>(v),
-                               table, len, head_begin, head_end, scale, var, s, w, static_cast<q_t*>(out));
+                               table, len, head_begin, head_end, scale, var, kv_scales, s, w, static_cast<q_t*>(out));
 }
 
 template <int kVecs, typename q_t, typename kv_t>
@@ -534,6 +594,24 @@ inline __m256 load8(const at::BFloat16* p) {
 }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// 1-byte values: 8 bytes widened in registers. int8 by sign extension. E5M2 is the upper byte of an fp16,
+// converted by F16C. E4M3 (sign, 4 exponent bits of bias 7, 3 mantissa bits) is moved into an fp16's
+// fields, whose exponent bias is 15: the fp16 is the value / 2^8 exactly, subnormals included (F16C
+// widens fp16 subnormals exactly); the 2^8 (kLoadScale) goes into the per-head scales. Sign-extended to
+// 16 bits and shifted left 7, the byte's sign lands on the fp16's sign and also on its top exponent bit,
+// which the mask clears. (NaN, 0x7F/0xFF, is never stored: writers saturate to +-448.) A 256-entry table
+// read by vgatherdps was 7x slower on Zen 1: 14.3 ns per 8 values against 2.1 (int8 2.0, E5M2 2.0, bf16
+// 2.0), each widened and accumulated from L1, one thread of a busy machine (indicative).
+inline __m128i load_bytes8(const void* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline __m256 load8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load_bytes8(p))); }
+inline __m256 load8(const at::Float8_e5m2* p) {
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), load_bytes8(p)));  // byte << 8 per 16-bit lane
+}
+inline __m256 load8(const at::Float8_e4m3fn* p) {
+  const __m128i bits = _mm_slli_epi16(_mm_cvtepi8_epi16(load_bytes8(p)), 7);
+  return _mm256_cvtph_ps(_mm_and_si128(bits, _mm_set1_epi16(static_cast<int16_t>(0xBFFF))));
+}
+
 inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -560,8 +638,8 @@ inline __m256 exp_nonpositive8(__m256 x) {
 
 template <int kVecs, typename q_t, typename kv_t>
 void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const int64_t* table, int64_t context_len,
-                 int64_t head_begin, int64_t head_end, float scale, const Variant& var, const Shape& s, Scratch& w,
-                 void* out_any) {
+                 int64_t head_begin, int64_t head_end, float scale, const Variant& var, const KvScales& kv_scales,
+                 const Shape& s, Scratch& w, void* out_any) {
   const q_t* q = static_cast<const q_t*>(q_any);
   const kv_t* k_pool = static_cast<const kv_t*>(k_any);
   const kv_t* v_pool = static_cast<const kv_t*>(v_any);
@@ -575,8 +653,13 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
     auto row_of = [&](const kv_t* pool, int64_t t) {
       return pool + ((table[t / bs] * bs + t % bs) * s.num_kv_heads + kv) * dim;
     };
+    float q_scale = scale, out_scale = 1.0f;  // a 1-byte cache's scales fold into the query and the output
+    if constexpr (kOneByte<kv_t>) {
+      q_scale = scale * kv_scales.k[kv] * kLoadScale<kv_t>;
+      out_scale = kv_scales.v[kv] * kLoadScale<kv_t>;
+    }
     for (int64_t g = 0; g < group; ++g)
-      for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = widen(q[(kv * group + g) * dim + d]) * scale;
+      for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = widen(q[(kv * group + g) * dim + d]) * q_scale;
     // 1. Scores: each K row loaded once for the whole group.
     for (int64_t t = first; t < context_len; ++t) {
       const kv_t* k = row_of(k_pool, t);
@@ -616,7 +699,9 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
         const __m256 p = _mm256_set1_ps(sc[t - first]);
         for (int j = 0; j < kVecs; ++j) acc[j] = _mm256_fmadd_ps(p, load8(v + 8 * j), acc[j]);
       }
-      const __m256 inv = _mm256_set1_ps(1.0f / sum);
+      float inv_sum = 1.0f / sum;
+      if constexpr (kOneByte<kv_t>) inv_sum *= out_scale;
+      const __m256 inv = _mm256_set1_ps(inv_sum);
       q_t* row = out + (kv * group + g) * dim;
       for (int j = 0; j < kVecs; ++j) {
         alignas(32) float tmp[8];
@@ -627,17 +712,197 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
   }
 }
 
+// hsum8x8(d)[i] = the sum of d[i]'s 8 lanes: 6 hadds, 2 lane swaps and an add instead of 8 reductions.
+inline __m256 hsum8x8(const __m256* d) {
+  const __m256 t0 = _mm256_hadd_ps(d[0], d[1]), t1 = _mm256_hadd_ps(d[2], d[3]);
+  const __m256 t2 = _mm256_hadd_ps(d[4], d[5]), t3 = _mm256_hadd_ps(d[6], d[7]);
+  // u0 = (d0..d3's low-half sums, d0..d3's high-half sums), u1 the same of d4..d7
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// The AVX2 kernel of 1-byte caches, for GQA groups up to 8 (kGroup query heads per KV head), KV heads
+// [head_begin, head_end) of one sequence: the AVX-512 kernel's three passes, with 8-lane vectors.
+// A 1-byte cache halves the bytes a bf16 one reads, which speeds decoding up only if the arithmetic per
+// value shrinks too: attend_avx2 is compute-bound on Zen 1 (measured, one thread of a busy machine, 32
+// sequences of 2,048 tokens of SmolLM2: 88 ms per layer over bf16 against 15 ms for a streaming read of
+// its bytes). Here every row is widened once, for all heads of its group, where attend_avx2 widens each V
+// row once per query head, and 8 scores are reduced at once (the same case over int8: 35 ms). So:
+//   1. scores: 8 tokens of one block at a time, each K row widened once and dotted with the group's
+//      queries (kGroup accumulators); the 8 tokens' dot products reduce into one vector (hsum8x8);
+//   2. softmax over each head's scores;
+//   3. V rows in tiles of kTile vectors of their dims, each widened once and accumulated, weighted, into
+//      the group's kGroup x kTile accumulators (in registers over a chunk of up to 16 tokens).
+// The context is walked in chunks within a block (a division per chunk, none per token), every KV head
+// of the item per chunk: a chunk of all heads is one contiguous span of the pool, fetched ahead as in
+// the AVX-512 kernel.
+template <int kVecs, int kGroup, typename q_t, typename kv_t>
+void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any, const int64_t* table,
+                         int64_t context_len, int64_t head_begin, int64_t head_end, float scale, const Variant& var,
+                         const KvScales& kv_scales, const Shape& s, Scratch& w, void* out_any) {
+  static_assert(kOneByte<kv_t>);
+  const q_t* q = static_cast<const q_t*>(q_any);
+  const kv_t* k_pool = static_cast<const kv_t*>(k_any);
+  const kv_t* v_pool = static_cast<const kv_t*>(v_any);
+  q_t* out = static_cast<q_t*>(out_any);
+  constexpr int64_t dim = kVecs * 8;
+  // kGroup * kTile accumulators, kGroup broadcast probabilities and a V vector in 16 ymm registers.
+  constexpr int kTile = kGroup == 1 ? 8 : kGroup == 2 ? 4 : kGroup <= 4 ? 2 : 1;
+  static_assert(kVecs % kTile == 0);
+  const int64_t bs = s.block_size, token_stride = s.num_kv_heads * dim;
+  const int64_t first = var.first(context_len), span = context_len - first;
+  const int64_t padded = (span + 31) / 32 * 32;
+  const int64_t num_heads = head_end - head_begin;
+  // Per (KV head of the item, query head of its group) h: the query scaled by scale and K's scale at
+  // [h * dim], the output accumulator at [h * dim], scores then probabilities at [h * padded].
+  float* qf = w.qv.data();
+  float* acc = w.acc_v.data();
+  float* scores = w.scores.data();
+  float* inv_sum = w.running_sum.data();
+  for (int64_t h = 0; h < num_heads * kGroup; ++h) {
+    const q_t* row = q + (head_begin * kGroup + h) * dim;
+    const __m256 q_scale = _mm256_set1_ps(scale * kv_scales.k[head_begin + h / kGroup] * kLoadScale<kv_t>);
+    for (int j = 0; j < kVecs; ++j) {
+      _mm256_storeu_ps(qf + h * dim + 8 * j, _mm256_mul_ps(load8(row + 8 * j), q_scale));
+      _mm256_storeu_ps(acc + h * dim + 8 * j, _mm256_setzero_ps());
+    }
+  }
+  // The offset of token `start`'s row of KV head head_begin, and how many tokens (up to `most`) follow it
+  // in its block.
+  auto chunk_at = [&](int64_t start, int64_t most, int64_t& n) {
+    n = std::min({most, bs - start % bs, context_len - start});
+    return ((table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin) * dim;
+  };
+  // 1. Scores.
+  for (int64_t start = first; start < context_len;) {
+    int64_t n;
+    const kv_t* chunk = k_pool + chunk_at(start, 8, n);
+    prefetch_rows(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, 8);
+    for (int64_t kv = 0; kv < num_heads; ++kv) {
+      const kv_t* k = chunk + kv * dim;
+      const float* qg = qf + kv * kGroup * dim;
+      __m256 dots[kGroup][8];
+      for (int64_t t = 0; t < 8; ++t) {
+        __m256 d[kGroup];
+        for (int g = 0; g < kGroup; ++g) d[g] = _mm256_setzero_ps();
+        if (t < n) {
+          for (int j = 0; j < kVecs; ++j) {
+            const __m256 kr = load8(k + t * token_stride + 8 * j);
+            for (int g = 0; g < kGroup; ++g) d[g] = _mm256_fmadd_ps(kr, _mm256_loadu_ps(qg + g * dim + 8 * j), d[g]);
+          }
+        }
+        for (int g = 0; g < kGroup; ++g) dots[g][t] = d[g];
+      }
+      for (int g = 0; g < kGroup; ++g) {
+        float* dst = scores + (kv * kGroup + g) * padded + start - first;
+        const __m256 sc = hsum8x8(dots[g]);
+        if (n == 8 && var.soft_cap == 0.0f) {
+          _mm256_storeu_ps(dst, sc);
+          continue;
+        }
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, sc);
+        for (int64_t t = 0; t < n; ++t) dst[t] = var.soft_cap > 0.0f ? soft_cap_scalar(tmp[t], var.soft_cap) : tmp[t];
+      }
+    }
+    start += n;
+  }
+  // 2. Softmax.
+  for (int64_t h = 0; h < num_heads * kGroup; ++h) {
+    float* sc = scores + h * padded;
+    __m256 peak8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t i = 0;
+    for (; i + 8 <= span; i += 8) peak8 = _mm256_max_ps(peak8, _mm256_loadu_ps(sc + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, peak8);
+    float peak = *std::max_element(lanes, lanes + 8);
+    for (; i < span; ++i) peak = std::max(peak, sc[i]);
+    const __m256 max = _mm256_set1_ps(peak);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= span; i += 8) {
+      const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), max));
+      _mm256_storeu_ps(sc + i, p);
+      sum8 = _mm256_add_ps(sum8, p);
+    }
+    float sum = hsum8(sum8);
+    for (; i < span; ++i) {
+      sc[i] = exp_nonpositive(sc[i] - peak);
+      sum += sc[i];
+    }
+    inv_sum[h] = 1.0f / sum;
+  }
+  // 3. Weighted V rows.
+  for (int64_t start = first; start < context_len;) {
+    int64_t n;
+    const kv_t* chunk = v_pool + chunk_at(start, 16, n);
+    prefetch_rows(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
+    for (int64_t kv = 0; kv < num_heads; ++kv) {
+      const kv_t* v = chunk + kv * dim;
+      const float* p = scores + kv * kGroup * padded + start - first;  // p[g * padded + t]
+      float* a_mem = acc + kv * kGroup * dim;
+      for (int j0 = 0; j0 < kVecs; j0 += kTile) {
+        __m256 a[kGroup][kTile];
+        for (int g = 0; g < kGroup; ++g)
+          for (int j = 0; j < kTile; ++j) a[g][j] = _mm256_loadu_ps(a_mem + g * dim + 8 * (j0 + j));
+        for (int64_t t = 0; t < n; ++t) {
+          __m256 pb[kGroup];
+          for (int g = 0; g < kGroup; ++g) pb[g] = _mm256_broadcast_ss(p + g * padded + t);
+          for (int j = 0; j < kTile; ++j) {
+            const __m256 vr = load8(v + t * token_stride + 8 * (j0 + j));
+            for (int g = 0; g < kGroup; ++g) a[g][j] = _mm256_fmadd_ps(pb[g], vr, a[g][j]);
+          }
+        }
+        for (int g = 0; g < kGroup; ++g)
+          for (int j = 0; j < kTile; ++j) _mm256_storeu_ps(a_mem + g * dim + 8 * (j0 + j), a[g][j]);
+      }
+    }
+    start += n;
+  }
+  for (int64_t h = 0; h < num_heads * kGroup; ++h) {
+    const __m256 f = _mm256_set1_ps(inv_sum[h] * kv_scales.v[head_begin + h / kGroup] * kLoadScale<kv_t>);
+    q_t* row = out + (head_begin * kGroup + h) * dim;
+    for (int j = 0; j < kVecs; ++j) {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, _mm256_mul_ps(_mm256_loadu_ps(acc + h * dim + 8 * j), f));
+      for (int l = 0; l < 8; ++l) row[8 * j + l] = static_cast<q_t>(tmp[l]);
+    }
+  }
+}
+
+template <int kVecs, typename q_t, typename kv_t>
+AttendFn pick_avx2_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_avx2_grouped<kVecs, 1, q_t, kv_t>;
+    case 2: return attend_avx2_grouped<kVecs, 2, q_t, kv_t>;
+    case 3: return attend_avx2_grouped<kVecs, 3, q_t, kv_t>;
+    case 4: return attend_avx2_grouped<kVecs, 4, q_t, kv_t>;
+    case 5: return attend_avx2_grouped<kVecs, 5, q_t, kv_t>;
+    case 6: return attend_avx2_grouped<kVecs, 6, q_t, kv_t>;
+    case 7: return attend_avx2_grouped<kVecs, 7, q_t, kv_t>;
+    case 8: return attend_avx2_grouped<kVecs, 8, q_t, kv_t>;
+    default: return nullptr;
+  }
+}
+
+// 1-byte caches with groups up to 8: attend_avx2_grouped; otherwise attend_avx2 (any group).
 template <typename q_t, typename kv_t>
 AttendFn pick_avx2(const Shape& s) {
+  if (s.head_dim != 64 && s.head_dim != 128) return nullptr;
+  if constexpr (kOneByte<kv_t>) {
+    const int64_t group = s.num_heads / s.num_kv_heads;
+    if (AttendFn grouped = s.head_dim == 64 ? pick_avx2_group<8, q_t, kv_t>(group)
+                                            : pick_avx2_group<16, q_t, kv_t>(group))
+      return grouped;
+  }
   if (s.head_dim == 64) return &attend_avx2<8, q_t, kv_t>;
-  if (s.head_dim == 128) return &attend_avx2<16, q_t, kv_t>;
-  return nullptr;
+  return &attend_avx2<16, q_t, kv_t>;
 }
 #endif
 
 template <typename q_t, typename kv_t>
 void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
-         const at::Tensor& lens, double scale, const Variant& var, const Shape& s, at::Tensor& out) {
+         const at::Tensor& lens, double scale, const Variant& var, const KvScales& kv_scales, const Shape& s,
+         at::Tensor& out) {
   const q_t* q_ptr = q.data_ptr<q_t>();
   const kv_t* k_ptr = k_pool.data_ptr<kv_t>();
   const kv_t* v_ptr = v_pool.data_ptr<kv_t>();
@@ -667,9 +932,11 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
       const int64_t* table = table_ptr + seq * s.max_blocks;
       q_t* out_row = out_ptr + seq * row;
       if (fast != nullptr) {
-        fast(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, head + heads_per_item, sc, var, s, scratch, out_row);
+        fast(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, head + heads_per_item, sc, var, kv_scales, s, scratch,
+             out_row);
       } else {
-        attend_one<q_t, kv_t>(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, sc, var, s, scratch, out_row);
+        attend_one<q_t, kv_t>(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, sc, var, kv_scales, s, scratch,
+                              out_row);
       }
     }
   });
@@ -677,22 +944,51 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 
 template <typename q_t>
 void dispatch_kv(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
-                 const at::Tensor& lens, double scale, const Variant& var, const Shape& s, at::Tensor& out) {
+                 const at::Tensor& lens, double scale, const Variant& var, const KvScales& kv, const Shape& s,
+                 at::Tensor& out) {
   switch (k_pool.scalar_type()) {
-    case at::kFloat: return run<q_t, float>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
-    case at::kBFloat16: return run<q_t, at::BFloat16>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
-    case at::kHalf: return run<q_t, at::Half>(q, k_pool, v_pool, tables, lens, scale, var, s, out);
+    case at::kFloat: return run<q_t, float>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
+    case at::kBFloat16: return run<q_t, at::BFloat16>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
+    case at::kHalf: return run<q_t, at::Half>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
+    case at::kChar: return run<q_t, int8_t>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
+    case at::kFloat8_e4m3fn:
+      return run<q_t, at::Float8_e4m3fn>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
+    case at::kFloat8_e5m2: return run<q_t, at::Float8_e5m2>(q, k_pool, v_pool, tables, lens, scale, var, kv, s, out);
     default: TORCH_CHECK(false, "paged_decode: unsupported KV dtype ", k_pool.scalar_type());
   }
+}
+
+bool one_byte(at::ScalarType dtype) {
+  return dtype == at::kChar || dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
+}
+
+// A 1-byte cache's per-KV-head scales: float32 [num_kv_heads] each, both given; none for wider caches.
+KvScales kv_scales_of(const at::Tensor& k_pool, const std::optional<at::Tensor>& k_scale,
+                      const std::optional<at::Tensor>& v_scale) {
+  if (!one_byte(k_pool.scalar_type())) {
+    TORCH_CHECK(!k_scale.has_value() && !v_scale.has_value(), "paged_decode: k_scale and v_scale are for 1-byte (",
+                "int8, float8) KV caches, not ", k_pool.scalar_type());
+    return {nullptr, nullptr};
+  }
+  TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "paged_decode: a ", k_pool.scalar_type(),
+              " KV cache needs k_scale and v_scale");
+  for (const at::Tensor* t : {&*k_scale, &*v_scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == k_pool.size(2) &&
+                    t->is_contiguous() && t->device() == k_pool.device(),
+                "paged_decode: k_scale and v_scale must be float32 [num_kv_heads = ", k_pool.size(2),
+                "] on the pools' device, got ", t->scalar_type(), " ", t->sizes());
+  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
 }
 
 // q [num_seqs, num_heads, head_dim]; pools [num_blocks, block_size, num_kv_heads, head_dim];
 // block_tables [num_seqs, max_blocks] int64; context_lens [num_seqs] int64 (each >= 1); sliding_window 0 or
 // the window (entries of a table before its sequence's window are never read: they may be stale);
-// logits_soft_cap 0 or the cap.
+// logits_soft_cap 0 or the cap; k_scale, v_scale float32 [num_kv_heads] with 1-byte pools (int8, FP8
+// E4M3/E5M2: a value is stored * scale[KV head]), absent otherwise.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                        int64_t sliding_window, double logits_soft_cap) {
+                        int64_t sliding_window, double logits_soft_cap, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "paged_decode: shapes");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode: layout");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "paged_decode: K and V dtypes differ");
@@ -709,11 +1005,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   TORCH_CHECK(sliding_window >= 0 && logits_soft_cap >= 0.0, "paged_decode: sliding_window ", sliding_window,
               " and logits_soft_cap ", logits_soft_cap, " must be >= 0 (0: none)");
   const Variant var{sliding_window, static_cast<float>(logits_soft_cap)};
+  const KvScales kv = kv_scales_of(k_pool, k_scale, v_scale);
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_kv<float>(q, k_pool, v_pool, block_tables, context_lens, scale, var, s, out); break;
+    case at::kFloat: dispatch_kv<float>(q, k_pool, v_pool, block_tables, context_lens, scale, var, kv, s, out); break;
     case at::kBFloat16:
-      dispatch_kv<at::BFloat16>(q, k_pool, v_pool, block_tables, context_lens, scale, var, s, out);
+      dispatch_kv<at::BFloat16>(q, k_pool, v_pool, block_tables, context_lens, scale, var, kv, s, out);
       break;
     default: TORCH_CHECK(false, "paged_decode: unsupported query dtype ", q.scalar_type());
   }
@@ -724,6 +1021,6 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
 
 TORCH_LIBRARY(duoserve_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, float scale, "
-        "int sliding_window=0, float logits_soft_cap=0.0) -> Tensor",
+        "int sliding_window=0, float logits_soft_cap=0.0, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor",
         &paged_decode);
 }
