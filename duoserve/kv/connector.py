@@ -183,16 +183,16 @@ class MultiConnector:
 
     def take_kv_events(self) -> tuple[dict[str, list[tuple[bool, int]]], dict[str, float]]:
         """Their events since the last call, by tier name, and each tier's load cost relative to computing
-        (optional `take_kv_events()` and `tier_costs()`)."""
+        (optional `take_kv_events()`, of the same signature)."""
         events: dict[str, list[tuple[bool, int]]] = {}
         costs: dict[str, float] = {}
         for connector in self.connectors:
             take = getattr(connector, "take_kv_events", None)
-            taken = take() if take is not None else None
-            if taken:  # costs only go out with events: the router keeps the last ones it got
+            if take is not None:
+                taken, tier_costs = take()
                 for tier, tier_events in taken.items():
                     events.setdefault(tier, []).extend(tier_events)
-                costs |= connector.tier_costs()
+                costs |= tier_costs
         return events, costs
 
     def stats(self) -> dict[str, float]:

@@ -147,10 +147,11 @@ def test_a_tier_hit_costs_between_a_device_hit_and_a_miss():
     index.apply("http://d1", KVEvents(tier_stored={"disk": hashes}, tier_costs={"disk": 0.1}))
     index.apply("http://d2", KVEvents(tier_stored={"cpu": hashes}, tier_costs={"cpu": 0.9}))
     assert index.prefill_cost("http://d1", hashes) == pytest.approx(1.6)
-    assert routing.pick(prompt + [7], 4, disaggregable=False)[0].url == "http://d1"
     # A tier that dropped the blocks: a miss again; a worker gone: forgotten.
     index.apply("http://d1", KVEvents(tier_removed={"disk": hashes[8:]}))
     assert index.prefill_cost("http://d1", hashes) == pytest.approx(0.8 + 8)
+    assert index.prefill_cost("http://d2", hashes) == pytest.approx(16 * 0.9)
+    assert routing.pick(prompt + [7], 4, disaggregable=False)[0].url == "http://d1"
     index.drop("http://d1")
     assert index.prefill_cost("http://d1", hashes) == 16 and index.num_tier_blocks("http://d1") == 0
 
@@ -194,14 +195,10 @@ def test_a_block_evicted_into_the_disk_tier_stays_a_cheap_hit_for_the_router(tmp
         connector.on_blocks_evicted(manager.pool.take_evicted())
         connector.start_load_kv(cache)
         assert connector.store.wait(WAIT_S)
-        message = KVEvents.of(manager.pool.events, *_taken(connector))
+        message = KVEvents.of(manager.pool.events, *connector.take_kv_events())
         assert set(message.removed) == set(hashes) and set(message.tier_stored["disk"]) == set(hashes)
         index = KVIndex()
         index.apply("w", message)
         assert index.overlap("w", hashes) == 0 and 0 < index.prefill_cost("w", hashes) < len(hashes)
     finally:
         connector.close()
-
-
-def _taken(connector) -> tuple[dict, dict]:
-    return connector.take_kv_events(), connector.tier_costs()

@@ -280,3 +280,9 @@ def test_loaded_blocks_join_the_prefix_cache_when_they_land_and_outlive_a_preemp
         step(scheduler)
     assert len(a.output_token_ids) == 8 and len(r.output_token_ids) == 12
     assert scheduler.kv.pool.num_free_blocks == 7
+
+
+def test_kv_events_of_nested_multi_connectors_are_gathered():
+    """The engine's connector is a MultiConnector over the P/D one (itself a MultiConnector) and offload."""
+    inner = MultiConnector([ScriptedConnector()])
+    assert MultiConnector([inner, ScriptedConnector()]).take_kv_events() == ({}, {})

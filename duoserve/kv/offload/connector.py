@@ -276,13 +276,14 @@ class OffloadConnector:
         for tier in self.store.tiers:
             tier.start_events()
 
-    def take_kv_events(self) -> dict[str, list[tuple[bool, int]]]:
-        """Per tier name, its events since the last call (True: now held | False: dropped, block hash)."""
+    def take_kv_events(self) -> tuple[dict[str, list[tuple[bool, int]]], dict[str, float]]:
+        """Per tier name, its events since the last call (True: now held | False: dropped, block hash), and
+        with any, the tiers' costs (tier_costs: the router keeps the last ones it got)."""
         taken = {}
         for tier in self.store.tiers:
             if tier.events:
                 taken[tier.name], tier.events = tier.events, []
-        return taken
+        return taken, (self.tier_costs() if taken else {})
 
     def tier_costs(self) -> dict[str, float]:
         """Per tier, loading one of its blocks as a share of computing it, by this worker's speeds (what a

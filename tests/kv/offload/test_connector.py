@@ -315,7 +315,7 @@ def test_tier_events_say_which_tier_gains_and_drops_each_block(make_connector, c
     connector = make_connector(ram_blocks=2)
     connector.start_kv_events()
     evict(connector, cache, PROMPT, [0, 1, 2])
-    events = connector.take_kv_events()
+    events, costs = connector.take_kv_events()
     keys = [k.block_hash for k in chain(PROMPT)]
     stored = {tier: {h for s, h in e if s} for tier, e in events.items()}
     if request.node.callspec.params["make_connector"] == "cpu+disk":
@@ -324,14 +324,13 @@ def test_tier_events_say_which_tier_gains_and_drops_each_block(make_connector, c
         assert [h for s, h in events["cpu"] if not s] == [keys[0]]
     else:
         assert stored == {"disk": set(keys)}
-    assert connector.take_kv_events() == {}  # drained
-    costs = connector.tier_costs()
+    assert connector.take_kv_events() == ({}, {})  # drained
     assert set(costs) == {t.name for t in connector.store.tiers} and all(0 < c <= 1 for c in costs.values())
     # A restarted worker announces what its disk tier holds when it starts recording.
     connector.close()
     restarted = make_connector(ram_blocks=2)
     restarted.start_kv_events()
-    assert {h for s, h in restarted.take_kv_events()["disk"] if s} >= stored["disk"]
+    assert {h for s, h in restarted.take_kv_events()[0]["disk"] if s} >= stored["disk"]
 
 
 def test_a_full_disk_tier_reports_the_blocks_it_drops(tmp_path, cache):
@@ -342,7 +341,7 @@ def test_a_full_disk_tier_reports_the_blocks_it_drops(tmp_path, cache):
     try:
         connector.start_kv_events()
         evict(connector, cache, PROMPT, [0, 1, 2])  # room for two files: the first block goes
-        events = connector.take_kv_events()["disk"]
+        events = connector.take_kv_events()[0]["disk"]
         keys = [k.block_hash for k in chain(PROMPT)]
         assert [h for s, h in events if s] == keys and [h for s, h in events if not s] == [keys[0]]
     finally:
