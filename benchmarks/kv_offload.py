@@ -2,6 +2,7 @@
 
     python benchmarks/kv_offload.py [--conversations 16 --concurrency 8 --turns 4 --input-len 200
                                      --output-len 32 --pressure 4] [--output r.json] [-- SERVER ARGS]
+    python benchmarks/kv_offload.py --quick [--cases pressure/none,pressure/tier]   # a small smoke run
     python benchmarks/kv_offload.py --checksums      # speed of the stdlib checksums a block record could use
 
 Each case is its own `duoserve serve` on 127.0.0.1 (started and stopped here; SERVER ARGS go to every
@@ -15,8 +16,13 @@ multi-turn` with the same seed, so every case sends the same conversations (gree
   restart/none    a fresh server with no tier, sent the conversations again (cold)
   restart/tier    a fresh server over the directory pressure/tier filled, sent them again (warm)
 Reported per case: TTFT p50/p99 of returning turns (turn >= 1), of first turns (turn 0: after a
-restart, what the disk tier serves), output tokens/s, and the engine's offload and prefix-cache counters
-from /metrics. The issue's goal: pressure/tier's returning-turn TTFT p50 >= 3x lower than pressure/none's.
+restart, what the disk tier serves), output tokens/s, blocks stored into and loaded from the tiers, loads
+(requests that loaded: with the admission that keeps a loaded request, at most one per returning turn),
+preemptions, and the engine's offload and prefix-cache counters from /metrics. The issue's goal:
+pressure/tier's returning-turn TTFT p50 >= 3x lower than pressure/none's.
+
+--cases runs some of them (restart/tier runs pressure/tier first: it needs its directory); --quick is a
+small workload (4 conversations, 2 at a time, 3 turns of 64 + 8 tokens) for checking the script runs.
 
 The pool is sized with --num-kv-blocks from the workload: concurrency x turns x (input + output) tokens
 (a chat template adds a few) over --pressure, in blocks of --block-size; a lone conversation must fit.
@@ -46,8 +52,9 @@ def offload_counters(server: Server) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            name = sample.name.removeprefix("duoserve:")
-            if name.startswith(("kv_offload_", "prefix_cache_")) and "le" not in sample.labels:
+            name = sample.name.removeprefix("duoserve:").removesuffix("_total")
+            wanted = name.startswith(("kv_offload_", "prefix_cache_", "num_preemptions"))
+            if wanted and "le" not in sample.labels:
                 labels = [sample.labels[k] for k in ("tier", "reason") if k in sample.labels]
                 found[":".join([name, *labels])] = sample.value
     return found
@@ -107,50 +114,71 @@ def pool_blocks(args: argparse.Namespace, pressure: float) -> int:
     return math.ceil(max(needed, lone) / args.block_size)
 
 
+CASES = ("pressure/none", "pressure/tier", "fits/none", "fits/tier", "restart/none", "restart/tier")
+
+
 def run_all(args: argparse.Namespace, server_args: list[str]) -> list[dict]:
     common = ["--block-size", str(args.block_size), *server_args]
+    cases = [c for c in CASES if c in args.cases]
+    if "restart/tier" in cases and "pressure/tier" not in cases:
+        cases.insert(0, "pressure/tier")  # it fills the directory the restart starts from
     rows = []
     with tempfile.TemporaryDirectory(prefix="duoserve-kv-offload-") as workdir:
         tier_dir = os.path.join(workdir, "tier")
         pressure = ["--num-kv-blocks", str(pool_blocks(args, args.pressure)), *common]
         fits = ["--num-kv-blocks", str(pool_blocks(args, 1 / 1.5)), *common]
-        rows.append(run_case("pressure/none", pressure, args, workdir))
-        rows.append(run_case("pressure/tier", [*pressure, "--kv-offload-dir", tier_dir], args, workdir))
-        rows.append(run_case("fits/none", fits, args, workdir))
-        rows.append(
-            run_case("fits/tier", [*fits, "--kv-offload-dir", os.path.join(workdir, "fits")], args, workdir)
-        )
-        # The restarts: the same conversations again, on a fresh server; the tier's from pressure/tier.
-        rows.append(run_case("restart/none", pressure, args, workdir))
-        rows.append(run_case("restart/tier", [*pressure, "--kv-offload-dir", tier_dir], args, workdir))
+        arguments = {
+            "pressure/none": pressure,
+            "pressure/tier": [*pressure, "--kv-offload-dir", tier_dir],
+            "fits/none": fits,
+            "fits/tier": [*fits, "--kv-offload-dir", os.path.join(workdir, "fits")],
+            # The restarts: the same conversations again, on a fresh server; the tier's from pressure/tier.
+            "restart/none": pressure,
+            "restart/tier": [*pressure, "--kv-offload-dir", tier_dir],
+        }
+        for case in cases:
+            rows.append(run_case(case, arguments[case], args, workdir))
     return rows
+
+
+def tier_sum(counters: dict[str, float], name: str) -> int:
+    """A counter summed over the tiers ("kv_offload_stores:cpu" + "kv_offload_stores:disk")."""
+    return int(sum(v for k, v in counters.items() if k.split(":")[0] == name))
 
 
 def print_table(rows: list[dict]) -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    header = ("case", "returning p50", "p99", "first p50", "p99", "out tok/s")
-    print("\n{:<15} {:>14} {:>8} {:>10} {:>8} {:>10}  hits".format(*header))
+    header = ("case", "returning p50", "p99", "first p50", "p99", "out tok/s", "stored", "loaded", "loads")
+    print("\n{:<15} {:>14} {:>8} {:>10} {:>8} {:>10} {:>7} {:>7} {:>6}  preemptions".format(*header))
     for row in rows:
-        back, first = row["returning_ttft_ms"], row["first_ttft_ms"]
-        hits = {k: v for k, v in row["counters"].items() if k.startswith("kv_offload_hits:")}
+        back, first, counters = row["returning_ttft_ms"], row["first_ttft_ms"], row["counters"]
+        stored, loaded = tier_sum(counters, "kv_offload_stores"), tier_sum(counters, "kv_offload_hits")
+        loads = int(counters.get("kv_offload_loads", 0))
         print(
             f"{row['case']:<15} {ms(back['p50']):>14} {ms(back['p99']):>8} {ms(first['p50']):>10} "
-            f"{ms(first['p99']):>8} {row['output_tokens_per_s']:>10.1f}  {hits}"
+            f"{ms(first['p99']):>8} {row['output_tokens_per_s']:>10.1f} {stored:>7} {loaded:>7} {loads:>6}  "
+            f"{int(counters.get('num_preemptions', 0))}"
         )
     by_case = {row["case"]: row for row in rows}
-    none, tier = (
-        by_case["pressure/none"]["returning_ttft_ms"]["p50"],
-        by_case["pressure/tier"]["returning_ttft_ms"]["p50"],
-    )
-    if none and tier:
-        print(
-            f"\nreturning turns under pressure: TTFT p50 {none / tier:.2f}x lower with the tier (goal >= 3x)"
-        )
-    none, tier = by_case["fits/none"]["output_tokens_per_s"], by_case["fits/tier"]["output_tokens_per_s"]
-    if none:
-        print(f"no pressure: output tokens/s {100 * (tier / none - 1):+.1f}% with the tier (goal > -3%)")
+    if "pressure/none" in by_case and "pressure/tier" in by_case:
+        none = by_case["pressure/none"]["returning_ttft_ms"]["p50"]
+        tier = by_case["pressure/tier"]["returning_ttft_ms"]["p50"]
+        if none and tier:
+            print(
+                f"\nreturning turns under pressure: TTFT p50 {none / tier:.2f}x lower with the tier "
+                "(goal >= 3x)"
+            )
+    if "fits/none" in by_case and "fits/tier" in by_case:
+        none, tier = by_case["fits/none"]["output_tokens_per_s"], by_case["fits/tier"]["output_tokens_per_s"]
+        if none:
+            print(f"no pressure: output tokens/s {100 * (tier / none - 1):+.1f}% with the tier (goal > -3%)")
+    if "restart/none" in by_case and "restart/tier" in by_case:
+        none = by_case["restart/none"]["first_ttft_ms"]["p50"]
+        tier = by_case["restart/tier"]["first_ttft_ms"]["p50"]
+        if none and tier:
+            print(f"after a restart: first-turn TTFT p50 {none / tier:.2f}x lower with the disk tier")
 
 
 def measure_checksums(megabytes: int = 64, repeats: int = 5) -> dict[str, float]:
@@ -197,7 +225,15 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="a small workload: checks the script runs")
     args = parser.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}: choose among {', '.join(CASES)}")
+    if args.quick:
+        args.conversations, args.concurrency, args.turns, args.input_len, args.output_len = 4, 2, 3, 64, 8
     if args.checksums:
         measure_checksums()
         return

@@ -34,8 +34,33 @@ _MAX_SUBSCRIPTION_BYTES = 256
 
 
 class KVEvents(msgspec.Struct):
+    # The device's prefix cache (the block pool): blocks registered, blocks handed out again.
     stored: list[int] = []
     removed: list[int] = []
+    # Offload tiers (issue 14), by tier name ("cpu", "disk"): blocks a tier now holds, blocks it dropped.
+    # A block evicted from the device into a tier comes as `removed` and a tier's stored: the router then
+    # counts it as a tier hit, not a miss.
+    tier_stored: dict[str, list[int]] = {}
+    tier_removed: dict[str, list[int]] = {}
+    # Per tier: loading a block from it as a share of computing it, by the worker's measured speeds.
+    tier_costs: dict[str, float] = {}
+
+    @classmethod
+    def of(
+        cls,
+        events: list[tuple[bool, int]],
+        tier_events: dict[str, list[tuple[bool, int]]] | None = None,
+        tier_costs: dict[str, float] | None = None,
+    ) -> KVEvents:
+        """From the pool's (stored?, hash) events and, per tier, the offload connector's."""
+        tier_events = tier_events or {}
+        return cls(
+            stored=[h for stored, h in events if stored],
+            removed=[h for stored, h in events if not stored],
+            tier_stored={t: [h for stored, h in e if stored] for t, e in tier_events.items()},
+            tier_removed={t: [h for stored, h in e if not stored] for t, e in tier_events.items()},
+            tier_costs=dict(tier_costs or {}),
+        )
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -58,12 +83,16 @@ class KVEventPublisher:
         self.address = bind_tcp(self.socket, host, port, advertise_host or host)
         self.signer = Signer(secret, AUTH_PURPOSE)
 
-    def publish(self, events: list[tuple[bool, int]]) -> None:
-        if not events:
+    def publish(
+        self,
+        events: list[tuple[bool, int]],
+        tier_events: dict[str, list[tuple[bool, int]]] | None = None,
+        tier_costs: dict[str, float] | None = None,
+    ) -> None:
+        """The pool's events and the offload tiers' (by tier name, with their relative load costs)."""
+        if not events and not tier_events:
             return
-        message = KVEvents(
-            stored=[h for stored, h in events if stored], removed=[h for stored, h in events if not stored]
-        )
+        message = KVEvents.of(events, tier_events, tier_costs)
         payload = _encoder.encode(message)
         self.socket.send_multipart([self.signer.sign(self.address, [payload]), payload], zmq.NOBLOCK)
 
@@ -130,12 +159,20 @@ def prompt_block_hashes(token_ids: Sequence[int], block_size: int, root_hash: in
     return hashes
 
 
+# A tier hit's cost (a share of computing the block) until the worker has said its own.
+DEFAULT_TIER_COST = 0.5
+
+
 class KVIndex:
-    """Which worker holds which prefix blocks (by hash), from their KV events."""
+    """Which worker holds which prefix blocks (by hash), on its device or in an offload tier, from their
+    KV events."""
 
     def __init__(self) -> None:
         self._holders: dict[int, set[str]] = {}
         self._held: dict[str, set[int]] = {}
+        # worker -> block hash -> the offload tiers holding it; worker -> tier -> relative load cost
+        self._tiers: dict[str, dict[int, set[str]]] = {}
+        self._tier_costs: dict[str, dict[str, float]] = {}
 
     def apply(self, worker: str, events: KVEvents) -> None:
         held = self._held.setdefault(worker, set())
@@ -149,11 +186,48 @@ class KVIndex:
                 if not holders:
                     del self._holders[block_hash]
             held.discard(block_hash)
+        if events.tier_stored or events.tier_removed:
+            self._apply_tiers(self._tiers.setdefault(worker, {}), events)
+        if events.tier_costs:
+            self._tier_costs.setdefault(worker, {}).update(events.tier_costs)
+
+    @staticmethod
+    def _apply_tiers(tiers: dict[int, set[str]], events: KVEvents) -> None:
+        for tier, hashes in events.tier_stored.items():
+            for block_hash in hashes:
+                tiers.setdefault(block_hash, set()).add(tier)
+        for tier, hashes in events.tier_removed.items():
+            for block_hash in hashes:
+                holders = tiers.get(block_hash)
+                if holders is not None:
+                    holders.discard(tier)
+                    if not holders:
+                        del tiers[block_hash]
 
     def drop(self, worker: str) -> None:
-        """Forget a worker's blocks (it went away; a restarted one starts with an empty cache)."""
+        """Forget a worker's blocks (it went away; a restarted one announces what its disk tier holds)."""
         self.apply(worker, KVEvents(removed=list(self._held.pop(worker, ()))))
         self._held.pop(worker, None)
+        self._tiers.pop(worker, None)
+        self._tier_costs.pop(worker, None)
+
+    def prefill_cost(self, worker: str, hashes: list[int]) -> float:
+        """What the prompt costs the worker, in blocks computed: 0 for each leading block on its device,
+        a tier's relative load cost for each block after them that a tier holds (the cheapest tier), 1
+        for each block from the first one it holds nowhere."""
+        device = self.overlap(worker, hashes)
+        tiers = self._tiers.get(worker)
+        if not tiers:
+            return float(len(hashes) - device)
+        costs = self._tier_costs.get(worker, {})
+        cost, index = 0.0, device
+        while index < len(hashes) and (holders := tiers.get(hashes[index])):
+            cost += min(costs.get(tier, DEFAULT_TIER_COST) for tier in holders)
+            index += 1
+        return cost + len(hashes) - index
+
+    def num_tier_blocks(self, worker: str) -> int:
+        return len(self._tiers.get(worker, ()))
 
     def overlap(self, worker: str, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the worker holds."""

@@ -5,10 +5,13 @@ a worker is picked only when it is `ready`: its discovery source lists it as rea
 check passed.
 
 KV-aware (Dynamo's cost function): cost(worker) = blocks to prefill after the prefix it already holds
-+ blocks of the requests it is running now; the cheapest wins. Round-robin and least-loaded remain
-as options. Conditional disaggregation: a request is prefilled on a prefill worker only when its
-uncached part is long enough to be worth a transfer and the prefill workers are not backed up;
-otherwise the decode worker prefills it itself, in chunks between its decode steps.
++ blocks of the requests it is running now; the cheapest wins. A block the worker's offload tier holds
+(host RAM, disk: issue 14) counts between a device hit (0) and a miss (1): the share of computing it
+that loading it costs, by the worker's measured speeds (KVIndex.prefill_cost). Round-robin and
+least-loaded remain as options. Conditional disaggregation: a request is prefilled on a prefill worker
+only when its uncached part (tier hits counted at their cost) is long enough to be worth a transfer and
+the prefill workers are not backed up; otherwise the decode worker prefills it itself, in chunks between
+its decode steps.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ class RoutingPolicy:
         if decode is None:
             return None, None
         prefill = None
-        uncached = len(prompt) - self.index.overlap(decode.url, hashes) * block_size
+        uncached = len(prompt) - (len(hashes) - self.index.prefill_cost(decode.url, hashes)) * block_size
         prefills = [w for w in self.prefill if w.ready]
         if disaggregable and prefills and uncached >= self.config.remote_prefill_min_tokens:
             prefill = self._choose(prefills, hashes, block_size, _prefill_load)
@@ -154,8 +157,9 @@ class RoutingPolicy:
             return min(workers, key=lambda w: (load(w), w.num_requests))
 
         def cost(worker: Worker) -> tuple[float, int]:
-            prefill_blocks = len(hashes) - self.index.overlap(worker.url, hashes)
-            return prefill_blocks + load(worker) / block_size, worker.num_requests
+            return self.index.prefill_cost(worker.url, hashes) + load(
+                worker
+            ) / block_size, worker.num_requests
 
         return min(workers, key=cost)
 

@@ -12,6 +12,15 @@ tokens, logprobs, its end): `update` applies what a step computed and sampled, a
 worker's prefill, an offload tier) is asked for at admission; a request whose KV arrives
 asynchronously waits in `loading` (WAITING_FOR_KV) with its blocks held, never preempted, while the
 others keep stepping.
+
+A load is paid for once (issue 14's thrash: under 4x pool pressure the tier loaded 8,807 blocks for 279
+stored, a returning turn preempted as the newest running request once loaded, then loading again):
+  - it is admitted only when the pool can hold the request's whole context (the loaded blocks and the
+    ones still to compute, all taken at once) beside the next step of every request admitted before it
+    (vLLM admits against a watermark likewise); otherwise it waits in the queue, taking nothing;
+  - its blocks join the prefix cache as soon as its KV lands, so a preemption keeps them findable;
+  - it runs in its admission's place, not after the requests admitted while it loaded: preemption takes
+    the last admitted (vLLM's FCFS), and those came after it.
 """
 
 from __future__ import annotations
@@ -108,6 +117,9 @@ class Scheduler:
         # Ended requests whose blocks the connector still reads (request_finished said so).
         self.held_by_connector: set[str] = set()
         self.num_preemptions = 0
+        # Admission order of the running and loading requests: a load that lands runs in its place.
+        self._admitted: dict[str, int] = {}
+        self._num_admitted = 0
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -210,9 +222,15 @@ class Scheduler:
                 continue
             cached, num_external, load_async = self._match(request)
             num_cached = len(cached) * self.kv.block_size
-            num_new = 0 if load_async else min(request.num_tokens - num_cached - num_external, budget)
-            if not load_async and num_new <= 0:
-                break  # a connector that supplied every token at once: nothing left to compute
+            if load_async:
+                # Blocks for its whole context, taken now: the load is only paid for once it can run.
+                num_new = request.num_tokens - num_cached - num_external
+                if not self._load_fits(request, cached):
+                    break
+            else:
+                num_new = min(request.num_tokens - num_cached - num_external, budget)
+                if num_new <= 0:
+                    break  # a connector that supplied every token at once: nothing left to compute
             # Blocks a load fills stay out of the prefix cache until their KV is there.
             if not self.kv.allocate_slots(
                 request.request_id,
@@ -232,6 +250,18 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+
+    def _load_fits(self, request: Request, cached: list[int]) -> bool:
+        """Whether the pool holds the loading request's whole context and, beside it, the next step of
+        every request admitted already (running or loading): a decode's next token, a prefill's whole
+        prompt. Without this, the request that just loaded is the one preempted when they grow."""
+        kv = self.kv
+        reserve = sum(kv.num_blocks_to_grow(r.request_id, r.num_tokens + 1) for r in self.running)
+        reserve += sum(
+            kv.num_blocks_to_grow(load.request.request_id, load.request.num_tokens + 1)
+            for load in self.loading.values()
+        )
+        return kv.num_blocks_to_admit(request.num_tokens, cached) + reserve <= kv.pool.num_free_blocks
 
     def _match(self, request: Request) -> tuple[list[int], int, bool]:
         """The request's prefix-cache hit (blocks), the tokens after it the connector supplies, and
@@ -254,6 +284,8 @@ class Scheduler:
         request.num_computed_tokens = num_cached + num_external
         block_ids = list(self.kv.block_ids(request.request_id))
         self.connector.update_state_after_alloc(request, block_ids, num_external)
+        self._admitted[request.request_id] = self._num_admitted
+        self._num_admitted += 1
         if load_async:
             request.status = RequestStatus.WAITING_FOR_KV
             if request.first_scheduled_time is None:
@@ -266,6 +298,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop the KV, requeue first; the tokens so far are kept."""
         self.kv.free(request.request_id)
+        self._admitted.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -387,14 +420,24 @@ class Scheduler:
             return None  # it ended meanwhile
         request = load.request
         request.status = RequestStatus.RUNNING
+        # Findable at once: preempted before it runs, it finds its KV on the device, not in a tier again.
+        self.kv.cache_blocks(request_id, request.all_token_ids, request.num_computed_tokens)
         if tokens:
             self._append_tokens(request, tokens)
             request.first_token_time = self.clock()
         if request.status.finished:
             self.finish(request, request.status)
             return core_output(request, [], [], None)
-        self.running.append(request)
+        self._run_in_admission_order(request)
         return None
+
+    def _run_in_admission_order(self, request: Request) -> None:
+        """Join the running requests before those admitted after it (preemption takes the last ones)."""
+        order = self._admitted.get(request.request_id, self._num_admitted)
+        index = len(self.running)
+        while index > 0 and self._admitted.get(self.running[index - 1].request_id, -1) > order:
+            index -= 1
+        self.running.insert(index, request)
 
     def _fail_loading(self, request_id: str) -> None:
         """The load failed: compute from what the device held (its blocks are kept for that)."""
@@ -402,7 +445,7 @@ class Scheduler:
         if load is not None:
             load.request.num_computed_tokens = load.num_device_tokens
             load.request.status = RequestStatus.RUNNING
-            self.running.append(load.request)
+            self._run_in_admission_order(load.request)
 
     # ------------------------------------------------------------------ the end
 
@@ -416,6 +459,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.loading.pop(request.request_id, None)
+        self._admitted.pop(request.request_id, None)
         if self.connector.request_finished(request):
             self.held_by_connector.add(request.request_id)
         else:

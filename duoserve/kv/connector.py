@@ -173,6 +173,28 @@ class MultiConnector:
             if close is not None:
                 close(pool)
 
+    def start_kv_events(self) -> None:
+        """Connectors that keep KV out of the pool (offload tiers, optional `start_kv_events()`) record
+        which blocks they gain and lose from now on, for a router's index."""
+        for connector in self.connectors:
+            start = getattr(connector, "start_kv_events", None)
+            if start is not None:
+                start()
+
+    def take_kv_events(self) -> tuple[dict[str, list[tuple[bool, int]]], dict[str, float]]:
+        """Their events since the last call, by tier name, and each tier's load cost relative to computing
+        (optional `take_kv_events()`, of the same signature)."""
+        events: dict[str, list[tuple[bool, int]]] = {}
+        costs: dict[str, float] = {}
+        for connector in self.connectors:
+            take = getattr(connector, "take_kv_events", None)
+            if take is not None:
+                taken, tier_costs = take()
+                for tier, tier_events in taken.items():
+                    events.setdefault(tier, []).extend(tier_events)
+                costs |= tier_costs
+        return events, costs
+
     def stats(self) -> dict[str, float]:
         merged: dict[str, float] = {}
         for connector in self.connectors:

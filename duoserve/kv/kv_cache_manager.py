@@ -104,6 +104,25 @@ class KVCacheManager:
             parent = self.pool.blocks[block_id].block_hash
         return hits
 
+    def num_blocks_to_admit(self, num_tokens: int, cached_blocks: list[int]) -> int:
+        """Free blocks a request new to the pool takes to hold `num_tokens` positions after its prefix hit
+        `cached_blocks` (those sitting free in the LRU queue count: they leave it)."""
+        reclaimed = sum(1 for b in cached_blocks if self.pool.blocks[b].ref_count == 0)
+        return max(0, -(-num_tokens // self.block_size) - len(cached_blocks)) + reclaimed
+
+    def num_blocks_to_grow(self, request_id: str, num_tokens: int) -> int:
+        """Blocks a request holding some must still take to hold `num_tokens` positions."""
+        table = self.tables.get(request_id)
+        held = len(table.block_ids) if table else 0
+        return max(0, -(-num_tokens // self.block_size) - held)
+
+    def cache_blocks(self, request_id: str, token_ids: list[int], num_tokens: int) -> None:
+        """Register the request's full blocks among its first `num_tokens` positions in the prefix cache:
+        for KV a connector wrote in (a load that landed), so that a preemption keeps it findable."""
+        table = self.tables.get(request_id)
+        if table is not None:
+            self._cache_full_blocks(table, token_ids, num_tokens)
+
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one admitted request's lookup (not every retry of a request waiting for blocks)."""
         self.prefix_cache_queries += num_tokens

@@ -101,6 +101,7 @@ def run_engine_process(
     try:
         core = EngineCore(config, load_model(config.model, config.resolved_dtype()), make_connector)
         core.kv.pool.events = []
+        core.connector.start_kv_events()  # offload tiers too: a router counts their hits
         outbox.send(message_encoder.encode(_ready(core, receivers[0].address, publisher.address)))
         loop = EngineLoop(core, inbox, outbox, max_queued_requests, receivers[0], publisher)
         loop.run()
@@ -187,7 +188,7 @@ class EngineLoop:
             self._send(batch)
         self._step()
         if self.publisher is not None:
-            self.publisher.publish(self.core.kv.pool.events)
+            self.publisher.publish(self.core.kv.pool.events, *self.core.connector.take_kv_events())
             self.core.kv.pool.events.clear()
 
     def _poll_timeout(self) -> int:

@@ -125,6 +125,7 @@ _OFFLOAD_GAUGES = {
     "kv_offload_read_bytes_per_second": "Measured speed of loads from an offload tier (the cost model's).",
 }
 _OFFLOAD_UNLABELED = {
+    "kv_offload_loads": ("counter", "Loads from the offload tiers (one per request admitted with a load)."),
     "kv_offload_loads_declined": ("counter", "KV blocks a tier held that were computed again, as cheaper."),
     "kv_offload_load_failures": (
         "counter",

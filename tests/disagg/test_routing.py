@@ -127,3 +127,78 @@ def test_adapter_blocks_are_hashed_on_the_adapter_chain_by_workers_and_router():
     routing = policy_with()
     routing.index.apply("http://d1", KVEvents(stored=stored))
     assert routing.index.overlap("http://d1", prompt_block_hashes(prompt, 4)) == 0
+
+
+def test_a_tier_hit_costs_between_a_device_hit_and_a_miss():
+    routing = policy_with(decode=3)
+    prompt = list(range(64))  # 16 blocks of 4
+    hashes = prompt_block_hashes(prompt, 4)
+    index = routing.index
+    index.apply("http://d1", KVEvents(tier_stored={"disk": hashes}))  # its own cost not said yet: 0.5
+    index.apply("http://d2", KVEvents(stored=hashes[:4], tier_stored={"cpu": hashes[4:]}))
+    assert index.prefill_cost("http://d0", hashes) == 16
+    assert index.prefill_cost("http://d1", hashes) == 16 * 0.5
+    assert index.prefill_cost("http://d2", hashes) == 12 * 0.5
+    assert routing.pick(prompt + [7], 4, disaggregable=False)[0].url == "http://d2"
+    # d2's device blocks are evicted into its RAM tier (a tier event, not a loss), and its RAM is slow;
+    # d1 says its disk loads a block for a tenth of computing it.
+    routing = policy_with(decode=3)
+    index = routing.index
+    index.apply("http://d1", KVEvents(tier_stored={"disk": hashes}, tier_costs={"disk": 0.1}))
+    index.apply("http://d2", KVEvents(tier_stored={"cpu": hashes}, tier_costs={"cpu": 0.9}))
+    assert index.prefill_cost("http://d1", hashes) == pytest.approx(1.6)
+    # A tier that dropped the blocks: a miss again; a worker gone: forgotten.
+    index.apply("http://d1", KVEvents(tier_removed={"disk": hashes[8:]}))
+    assert index.prefill_cost("http://d1", hashes) == pytest.approx(0.8 + 8)
+    assert index.prefill_cost("http://d2", hashes) == pytest.approx(16 * 0.9)
+    assert routing.pick(prompt + [7], 4, disaggregable=False)[0].url == "http://d1"
+    index.drop("http://d1")
+    assert index.prefill_cost("http://d1", hashes) == 16 and index.num_tier_blocks("http://d1") == 0
+
+
+def test_tier_events_travel_in_the_kv_events_message():
+    from duoserve.disagg.kv_events import _encoder, events_decoder
+
+    message = KVEvents.of([(True, 1), (False, 2)], {"disk": [(True, 2), (False, 3)]}, {"disk": 0.25})
+    decoded = events_decoder.decode(_encoder.encode(message))
+    assert decoded == message
+    assert decoded.tier_stored == {"disk": [2]} and decoded.tier_removed == {"disk": [3]}
+    # A worker without tiers sends what it always did; a router reads it as before.
+    assert events_decoder.decode(_encoder.encode(KVEvents(stored=[5]))).tier_stored == {}
+
+
+def test_a_block_evicted_into_the_disk_tier_stays_a_cheap_hit_for_the_router(tmp_path):
+    """The worker's real pool and offload connector: eviction publishes the device removal and the disk
+    tier's store of the same block, which the router's index counts as a tier hit."""
+    import torch
+
+    from duoserve.kv.cache import KVCache
+    from duoserve.kv.offload.connector import OffloadConnector
+    from duoserve.kv.offload.disk_tier import DiskTier
+    from duoserve.kv.offload.io_worker import IOWorker
+    from duoserve.kv.offload.store import TieredStore
+    from tests.kv.offload.conftest import FINGERPRINT, LAYOUT, SPEC, WAIT_S
+
+    manager = KVCacheManager(num_blocks=4, block_size=SPEC.block_size)
+    manager.pool.events = []
+    cache = KVCache(SPEC, 4, torch.device("cpu"))
+    io = IOWorker()
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, io)
+    connector = OffloadConnector(TieredStore([disk], io), SPEC, cache)
+    connector.start_kv_events()
+    try:
+        tokens = list(range(100, 113))  # 3 full blocks
+        hashes = prompt_block_hashes(tokens, 4)
+        assert manager.allocate_slots("r", tokens, 0, len(tokens))
+        manager.free("r")
+        assert manager.allocate_slots("s", list(range(16)), 0, 16)  # evicts r's three blocks
+        connector.on_blocks_evicted(manager.pool.take_evicted())
+        connector.start_load_kv(cache)
+        assert connector.store.wait(WAIT_S)
+        message = KVEvents.of(manager.pool.events, *connector.take_kv_events())
+        assert set(message.removed) == set(hashes) and set(message.tier_stored["disk"]) == set(hashes)
+        index = KVIndex()
+        index.apply("w", message)
+        assert index.overlap("w", hashes) == 0 and 0 < index.prefill_cost("w", hashes) < len(hashes)
+    finally:
+        connector.close()

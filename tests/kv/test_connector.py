@@ -92,7 +92,8 @@ def test_an_async_load_waits_in_the_scheduler_holding_its_blocks_while_others_st
     assert a.status == RequestStatus.WAITING_FOR_KV and list(scheduler.loading) == ["a"]
     # Its blocks for the 8 loaded tokens, out of the prefix cache, are the connector's to fill.
     assert a.num_computed_tokens == 8 and connector.allocated["a"] == (scheduler.kv.block_ids("a"), 8)
-    assert len(scheduler.kv.block_ids("a")) == 2 and connector.allocated["b"][1] == 0
+    # Blocks for its whole context (13 tokens) are taken at once: once loaded, it can run.
+    assert len(scheduler.kv.block_ids("a")) == 4 and connector.allocated["b"][1] == 0
     assert chunks(step(scheduler)[0]) == [("b", 1)]  # a still waits
     connector.events.finished_loading["a"] = []
     plan, outputs = step(scheduler)
@@ -213,3 +214,75 @@ def test_a_multi_connector_takes_the_first_match_and_merges_the_rest():
     assert none.finished == some.finished == [("a", RequestStatus.FINISHED_ABORTED)]
     assert scheduler.connector.stats() == {"loads": 2.0}
     assert not scheduler.connector._supplier  # nothing outlives the request
+
+
+def test_a_load_waits_until_the_pool_holds_its_context_beside_the_running_requests_next_step():
+    connector = ScriptedConnector({"a": 8})
+    scheduler = make(connector, num_blocks=8)
+    r = request("r", 16, max_tokens=3)  # 4 blocks, and a 5th for its first decode
+    scheduler.add(r)
+    step(scheduler)
+    a = request("a", 13)  # 4 blocks: 4 free, but r's next token needs one of them
+    scheduler.add(a)
+    plan, _ = step(scheduler)
+    assert chunks(plan) == [("r", 1)]
+    # It waits in the queue taking nothing: no blocks, no load started.
+    assert (
+        list(scheduler.waiting) == [a] and "a" not in scheduler.kv.tables and "a" not in connector.allocated
+    )
+    while "a" not in connector.allocated:
+        step(scheduler)
+        assert scheduler.has_unfinished()
+    assert r.status == RequestStatus.FINISHED_LENGTH  # admitted once r's blocks came back
+    assert (
+        connector.allocated["a"] == (scheduler.kv.block_ids("a"), 8) and len(connector.allocated["a"][0]) == 4
+    )
+
+
+def test_a_landed_load_runs_before_the_requests_admitted_while_it_loaded():
+    connector = ScriptedConnector({"a": 8})
+    scheduler = make(connector)
+    a, b = request("a", 13), request("b", 5)
+    scheduler.add(a)
+    scheduler.add(b)
+    step(scheduler)
+    assert scheduler.running == [b]
+    connector.events.finished_loading["a"] = []
+    step(scheduler)
+    # Admitted first, it runs first; preemption takes the last admitted (b), not the one that just loaded.
+    assert scheduler.running == [a, b]
+
+
+def test_loaded_blocks_join_the_prefix_cache_when_they_land_and_outlive_a_preemption():
+    connector = ScriptedConnector({"a": 8})
+    # 7 blocks: r grows to 4, a to 5; a, admitted last, is preempted when both cannot fit.
+    scheduler = make(connector, num_blocks=7, prefix_caching=True)
+    r, a = request("r", 4, max_tokens=12), request("a", 13, max_tokens=8)
+    scheduler.add(r)
+    scheduler.add(a)
+    step(scheduler)
+    loaded = scheduler.kv.block_ids("a")[:2]
+    assert a.status == RequestStatus.WAITING_FOR_KV
+    assert scheduler.kv.find_cached_prefix(a.all_token_ids) == []  # not before its KV is there
+    connector.events.finished_loading["a"] = []
+    connector.supply.clear()  # from now on the device holds a's prefix: nothing is to be loaded again
+    step(scheduler)
+    assert scheduler.kv.find_cached_prefix(a.all_token_ids)[:2] == loaded
+    while a.num_preemptions == 0:
+        step(scheduler)
+        assert scheduler.has_unfinished()
+    assert r.num_preemptions == 0
+    while "a" not in scheduler.kv.tables:  # re-admitted: its loaded prefix is found on the device
+        step(scheduler)
+    assert scheduler.kv.block_ids("a")[:2] == loaded and a.num_computed_tokens >= 8
+    assert connector.allocated["a"][1] == 0
+    while scheduler.has_unfinished():
+        step(scheduler)
+    assert len(a.output_token_ids) == 8 and len(r.output_token_ids) == 12
+    assert scheduler.kv.pool.num_free_blocks == 7
+
+
+def test_kv_events_of_nested_multi_connectors_are_gathered():
+    """The engine's connector is a MultiConnector over the P/D one (itself a MultiConnector) and offload."""
+    inner = MultiConnector([ScriptedConnector()])
+    assert MultiConnector([inner, ScriptedConnector()]).take_kv_events() == ({}, {})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,7 @@ class OffloadConnector:
         self._events = ConnectorEvents()
         self._forward_start: float | None = None
         self._load_seconds = {tier.name: _Histogram(LOAD_SECONDS_BUCKETS) for tier in store.tiers}
+        self.num_loads = 0  # requests admitted with a load
         self.num_loads_declined = 0  # blocks a tier held that were computed instead (cheaper)
         self.num_loads_failed = 0
 
@@ -142,15 +144,19 @@ class OffloadConnector:
         bs = self.block_size
         num_full = (request.num_tokens - 1) // bs  # the last token is always computed: it is sampled from
         first = num_computed_tokens // bs
-        if request.wants_prompt_logprobs or num_computed_tokens % bs or first >= num_full:
+        if request.wants_prompt_logprobs or num_computed_tokens % bs or first >= num_full or self.store.empty:
             return 0, False
         keys, tiers = [], []
-        for key in _chain(request.all_token_ids, bs, num_full, request.block_root)[first:]:
+        for index, key in enumerate(_chain(request.all_token_ids, bs, num_full, request.block_root)):
+            if index < first:
+                continue  # on the device: hashed only to reach the next link of the chain
             tier = self.store.holder(key)
             if tier is None:
                 break
             keys.append(key)
             tiers.append(tier)
+        if not keys:
+            return 0, False
         count = self.cost.blocks_worth_loading([t.name for t in tiers])
         self._declined[request.request_id] = len(keys) - count  # counted once admitted (asked each retry)
         if count == 0:
@@ -169,6 +175,7 @@ class OffloadConnector:
         keys, tiers = match.keys[:count], match.tiers[:count]
         targets = list(block_ids[match.first_block : match.first_block + count])
         self._loads[request.request_id] = _Load(self.store.start_load(keys, tiers), targets)
+        self.num_loads += 1
 
     def on_blocks_evicted(self, blocks: list[EvictedBlock]) -> None:
         self._evicted.extend(blocks)
@@ -187,9 +194,7 @@ class OffloadConnector:
 
     def start_load_kv(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
-        self.store.poll()
-        self._save_evicted(kv_cache)
-        self._apply_loads(kv_cache)
+        self._sync(kv_cache)
         self._forward_start = time.perf_counter()
 
     def save_kv(self, kv_cache: KVCache, scheduled: list[ScheduledRequest]) -> None:
@@ -200,11 +205,19 @@ class OffloadConnector:
 
     def get_finished(self) -> ConnectorEvents:
         if self.kv_cache is not None:
-            self.store.poll()
-            self._save_evicted(self.kv_cache)  # before any load writes into a block evicted meanwhile
-            self._apply_loads(self.kv_cache)
+            self._sync(self.kv_cache)
         events, self._events = self._events, ConnectorEvents()
         return events
+
+    def _sync(self, kv_cache: KVCache) -> None:
+        """Finish the I/O thread's work, copy evicted blocks out (before any load writes into a block
+        evicted meanwhile), write landed loads in. Most steps have none of it: then nothing is called."""
+        if self.store.busy:
+            self.store.poll()
+        if self._evicted:
+            self._save_evicted(kv_cache)
+        if self._loads:
+            self._apply_loads(kv_cache)
 
     def _save_evicted(self, kv_cache: KVCache) -> None:
         """Copy the evicted blocks that no tier holds yet out of the cache, into the tiers."""
@@ -246,6 +259,7 @@ class OffloadConnector:
             blocks = [block.to(device, non_blocking=True) for block in pending.blocks]
             kv_cache.import_blocks(load.block_ids, torch.stack(blocks, dim=2))
             seconds = pending.read_seconds + time.perf_counter() - start
+            self.store.promote(pending.keys, pending.blocks, pending.tiers)
         finally:
             self.store.release(pending)
         for tier in pending.tiers:
@@ -255,11 +269,33 @@ class OffloadConnector:
         self._load_seconds[pending.tier.name].observe(time.perf_counter() - pending.started)
         self._events.finished_loading[request_id] = []
 
+    # ------------------------------------------------------------------ KV events (for a router)
+
+    def start_kv_events(self) -> None:
+        """Record which blocks each tier gains and loses from now on (what it holds already included)."""
+        for tier in self.store.tiers:
+            tier.start_events()
+
+    def take_kv_events(self) -> tuple[dict[str, list[tuple[bool, int]]], dict[str, float]]:
+        """Per tier name, its events since the last call (True: now held | False: dropped, block hash), and
+        with any, the tiers' costs (tier_costs: the router keeps the last ones it got)."""
+        taken = {}
+        for tier in self.store.tiers:
+            if tier.events:
+                taken[tier.name], tier.events = tier.events, []
+        return taken, (self.tier_costs() if taken else {})
+
+    def tier_costs(self) -> dict[str, float]:
+        """Per tier, loading one of its blocks as a share of computing it, by this worker's speeds (what a
+        router weighs a tier hit with: 0 a device hit, 1 a miss; a tier dearer than computing is a miss)."""
+        return {tier.name: min(1.0, self.cost.relative_load_cost(tier.name)) for tier in self.store.tiers}
+
     # ------------------------------------------------------------------ metrics
 
     def stats(self) -> dict[str, float]:
         """Per tier (the `tier` label): see duoserve/server/metrics.py for the Prometheus names."""
         stats: dict[str, float] = {
+            "kv_offload_loads": self.num_loads,
             "kv_offload_loads_declined": self.num_loads_declined,
             "kv_offload_load_failures": self.num_loads_failed,
             "kv_offload_prefill_tokens_per_second": self.cost.prefill_tokens_per_second,
@@ -305,13 +341,15 @@ class OffloadConnector:
         self.store.close()
 
 
-def _chain(token_ids: list[int], block_size: int, num_blocks: int, root: int = ROOT_HASH) -> list[BlockKey]:
-    """The keys of the first `num_blocks` full blocks: the pool's chained hashes (block_pool.hash_block),
-    from the request's root (a LoRA adapter's own, so no adapter ever loads another's KV)."""
-    keys, parent = [], root
+def _chain(
+    token_ids: list[int], block_size: int, num_blocks: int, root: int = ROOT_HASH
+) -> Iterator[BlockKey]:
+    """The keys of the first `num_blocks` full blocks, lazily (a lookup stops at the first block no tier
+    holds): the pool's chained hashes (block_pool.hash_block), from the request's root (a LoRA adapter's
+    own, so no adapter ever loads another's KV)."""
+    parent = root
     for i in range(num_blocks):
         tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
         block_hash = hash_block(parent, tokens)
-        keys.append(BlockKey(block_hash, parent, tokens))
+        yield BlockKey(block_hash, parent, tokens)
         parent = block_hash
-    return keys

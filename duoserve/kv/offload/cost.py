@@ -63,6 +63,11 @@ class LoadCostModel:
             return new
         return (1 - SMOOTHING) * old + SMOOTHING * new
 
+    def relative_load_cost(self, tier: str) -> float:
+        """Loading a block from `tier` over computing it: < 1 when loading pays."""
+        load = self.block_bytes / self.bytes_per_second[tier]
+        return load / (self.block_size / self.prefill_tokens_per_second)
+
     def blocks_worth_loading(self, tiers: list[str]) -> int:
         """How many of a run of blocks (held by `tiers`, in order) to load; 0: compute them all."""
         recompute = self.block_size / self.prefill_tokens_per_second

@@ -99,7 +99,11 @@ class DiskTier:
         self.counters = TierCounters()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # block hash -> entry, least recent first
         self._pending_bytes = 0
+        self.events: list[tuple[bool, int]] | None = None
         self._scan()
+
+    def start_events(self) -> None:
+        self.events = [(True, block_hash) for block_hash in self._entries] if self.enabled else []
 
     @property
     def used_bytes(self) -> int:
@@ -154,6 +158,8 @@ class DiskTier:
         self._pending_bytes += self.payload_bytes
         self.counters.stores += 1
         self.counters.store_bytes += self.file_bytes
+        if self.events is not None:
+            self.events.append((True, key.block_hash))
         path = self.path(key.block_hash)
 
         def written(_, error: BaseException | None) -> None:
@@ -177,6 +183,8 @@ class DiskTier:
 
     def _remove(self, block_hash: int) -> None:
         del self._entries[block_hash]
+        if self.events is not None and self.enabled:
+            self.events.append((False, block_hash))
         path = self.path(block_hash)
 
         def deleted(_, error: BaseException | None) -> None:
@@ -194,6 +202,8 @@ class DiskTier:
                 path,
                 error,
             )
+            if self.events is not None:  # it serves none of them any more
+                self.events.extend((False, block_hash) for block_hash in self._entries)
         self.enabled = False
 
     # ------------------------------------------------------------------ loads

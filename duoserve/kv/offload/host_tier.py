@@ -48,6 +48,10 @@ class HostTier:
         self.counters = TierCounters()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()  # block hash -> slot, least recent first
         self._free = list(range(num_slots - 1, -1, -1))
+        self.events: list[tuple[bool, int]] | None = None
+
+    def start_events(self) -> None:
+        self.events = [(True, block_hash) for block_hash in self._slots]
 
     @property
     def used_bytes(self) -> int:
@@ -71,12 +75,16 @@ class HostTier:
                 return [(key, block.to("cpu"))]
             del self._slots[victim.key.block_hash]
             spilled.append((victim.key, self.slab[victim.index].clone()))
+            if self.events is not None:
+                self.events.append((False, victim.key.block_hash))
             self._free.append(victim.index)
         index = self._free.pop()
         self.slab[index].copy_(block)
         self._slots[key.block_hash] = _Slot(key, index)
         self.counters.stores += 1
         self.counters.store_bytes += self.block_bytes
+        if self.events is not None:
+            self.events.append((True, key.block_hash))
         return spilled
 
     def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> None:

@@ -50,6 +50,16 @@ class TieredStore:
         self.tiers = tiers
         self.io = io
 
+    @property
+    def empty(self) -> bool:
+        """Whether no tier holds a block (then no prompt can match: nothing to look up)."""
+        return all(tier.used_bytes == 0 for tier in self.tiers)
+
+    @property
+    def busy(self) -> bool:
+        """Whether file reads or writes are queued or done and not yet polled."""
+        return self.io is not None and self.io.num_pending > 0
+
     def holder(self, key: BlockKey) -> Tier | None:
         """The first tier that can serve the block, or None."""
         return next((t for t in self.tiers if t.holds(key)), None)
@@ -68,6 +78,15 @@ class TieredStore:
         for spilled_key, spilled in self.tiers[index].put(key, block):
             if index + 1 < len(self.tiers):
                 self._put(index + 1, spilled_key, spilled)
+
+    def promote(self, keys: list[BlockKey], blocks: list[torch.Tensor], tiers: list[Tier]) -> None:
+        """Blocks a load read from a deeper tier (disk) go into the first one (host RAM) too: a prefix
+        that came back once is likely to come back again, and RAM serves it sooner. The deeper copy
+        stays (what RAM evicts later goes back there for nothing: only marked recently used)."""
+        first = self.tiers[0]
+        for key, block, tier in zip(keys, blocks, tiers, strict=True):
+            if tier is not first and first.enabled and not first.holds(key):
+                self._put(0, key, block)
 
     def persist(self, keys: list[BlockKey], blocks: torch.Tensor) -> None:
         """Write blocks into the durable tier (disk), waiting for its writes when they back up: at

@@ -35,6 +35,13 @@ class Tier(Protocol):
     used_bytes: int
     max_bytes: int
     counters: TierCounters
+    # KV events for a router (True: the tier now holds the block | False: no longer, block hash), recorded
+    # once start_events() was called (None: nobody reads them), drained by the offload connector.
+    events: list[tuple[bool, int]] | None
+
+    def start_events(self) -> None:
+        """Record events from now on, starting with one for each block already held (a restart's)."""
+        ...
 
     def holds(self, key: BlockKey) -> bool:
         """Whether the tier can serve this block (same hash, parent and tokens)."""

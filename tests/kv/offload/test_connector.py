@@ -21,6 +21,7 @@ from duoserve.kv.offload.connector import OffloadConnector
 from duoserve.kv.offload.disk_tier import DiskTier
 from duoserve.kv.offload.host_tier import HostTier
 from duoserve.kv.offload.io_worker import IOWorker
+from duoserve.kv.offload.record import HEADER_BYTES, TOKEN_BYTES
 from duoserve.kv.offload.store import TieredStore
 from duoserve.sampling_params import SamplingParams
 from tests.kv.offload.conftest import FINGERPRINT, LAYOUT, SPEC, WAIT_S, chain
@@ -287,3 +288,61 @@ def test_from_config(tmp_path, cache):
     connector = OffloadConnector.from_config(both, SPEC, cache, str(model))
     assert [t.name for t in connector.store.tiers] == ["cpu", "disk"]
     connector.close()
+
+
+def test_disk_hits_are_promoted_to_the_ram_tier(make_connector, cache, request):
+    if request.node.callspec.params["make_connector"] != "cpu+disk":
+        pytest.skip("promotion needs a RAM tier")
+    connector = make_connector(ram_blocks=4)
+    held = evict(connector, cache, PROMPT, [0, 1, 2])
+    ram, disk = connector.store.tiers
+    evict(connector, cache, OTHER, [3, 4])  # RAM holds 4: two of PROMPT's blocks spill to disk
+    keys = chain(PROMPT)
+    on_disk = [k for k in keys if not ram.holds(k)]
+    assert on_disk and all(disk.holds(k) for k in on_disk)
+    request = make_request("b", PROMPT)
+    assert connector.get_num_new_matched_tokens(request, 0) == (12, True)
+    connector.update_state_after_alloc(request, [7, 8, 9, 10], 12)
+    assert next_events(connector).finished_loading == {"b": []}
+    assert torch.equal(cache.data[:, :, [7, 8, 9]], held)
+    assert all(ram.holds(k) for k in keys)  # the next load reads them from RAM
+    read = []
+    ram.read([keys[0]], lambda result: read.extend(result[0]))
+    assert torch.equal(read[0], held[:, :, 0])
+
+
+def test_tier_events_say_which_tier_gains_and_drops_each_block(make_connector, cache, request, tmp_path):
+    connector = make_connector(ram_blocks=2)
+    connector.start_kv_events()
+    evict(connector, cache, PROMPT, [0, 1, 2])
+    events, costs = connector.take_kv_events()
+    keys = [k.block_hash for k in chain(PROMPT)]
+    stored = {tier: {h for s, h in e if s} for tier, e in events.items()}
+    if request.node.callspec.params["make_connector"] == "cpu+disk":
+        # RAM holds two: the first block spills to disk (RAM drops it, disk gains it).
+        assert stored == {"cpu": set(keys), "disk": {keys[0]}}
+        assert [h for s, h in events["cpu"] if not s] == [keys[0]]
+    else:
+        assert stored == {"disk": set(keys)}
+    assert connector.take_kv_events() == ({}, {})  # drained
+    assert set(costs) == {t.name for t in connector.store.tiers} and all(0 < c <= 1 for c in costs.values())
+    # A restarted worker announces what its disk tier holds when it starts recording.
+    connector.close()
+    restarted = make_connector(ram_blocks=2)
+    restarted.start_kv_events()
+    assert {h for s, h in restarted.take_kv_events()[0]["disk"] if s} >= stored["disk"]
+
+
+def test_a_full_disk_tier_reports_the_blocks_it_drops(tmp_path, cache):
+    io = IOWorker()
+    file_bytes = HEADER_BYTES + TOKEN_BYTES * SPEC.block_size + LAYOUT.nbytes(1)
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, io, max_bytes=2 * file_bytes)
+    connector = OffloadConnector(TieredStore([disk], io), SPEC, cache, prefill_tokens_per_second=1.0)
+    try:
+        connector.start_kv_events()
+        evict(connector, cache, PROMPT, [0, 1, 2])  # room for two files: the first block goes
+        events = connector.take_kv_events()[0]["disk"]
+        keys = [k.block_hash for k in chain(PROMPT)]
+        assert [h for s, h in events if s] == keys and [h for s, h in events if not s] == [keys[0]]
+    finally:
+        connector.close()

@@ -94,3 +94,76 @@ def test_outputs_identical_under_eviction_pressure_and_after_a_restart(tiny_mode
     assert stats["kv_offload_hits:disk"] + stats["kv_offload_loads_declined"] == 3 * ((39 - 1) // BLOCK_SIZE)
     assert_nothing_held(restarted, connector)
     restarted.close()
+
+
+def count_loads(connector: OffloadConnector) -> dict[str, int]:
+    """Loads started, per request id: a spy around the connector's real hook (it still runs)."""
+    loads: dict[str, int] = {}
+    admitted = connector.update_state_after_alloc
+
+    def spy(request, block_ids, num_external_tokens):
+        if num_external_tokens:
+            loads[request.request_id] = loads.get(request.request_id, 0) + 1
+        admitted(request, block_ids, num_external_tokens)
+
+    connector.update_state_after_alloc = spy
+    return loads
+
+
+def always_load(connector: OffloadConnector) -> None:
+    """Computing a block is made to cost far more than loading it, whatever this shared machine's timing."""
+    connector.cost.prefill_given = True
+    connector.cost.prefill_tokens_per_second = 1.0
+
+
+def test_concurrent_returning_turns_load_their_history_once_under_pressure(tiny_models, tmp_path):
+    """Four conversations at once whose histories need ~2.5x the pool: every returning turn is admitted
+    with its load only when it can run, so none loads twice (the thrash: loaded, preempted as the newest,
+    loaded again), and the greedy outputs are those of the engine without a tier."""
+    _, path = tiny_models("llama_gqa")
+    prompts = conversations(4, 3)
+    rounds = [[prompts[c * 3 + t] for c in range(4)] for t in range(3)]
+
+    def run_rounds(llm: LLM) -> list[list[int]]:
+        outputs = []
+        for prompts_of_round in rounds:
+            outputs += llm.generate(prompts_of_round, GREEDY, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outputs]
+
+    expected = run_rounds(make_llm(path))
+    llm = make_llm(path, kv_offload_dir=str(tmp_path / "kv"))
+    connector = offload_of(llm)
+    always_load(connector)
+    loads = count_loads(connector)
+    assert run_rounds(llm) == expected
+    assert loads and max(loads.values()) == 1, loads
+    stats = llm.engine.core.stats()
+    assert stats["kv_offload_loads"] == sum(loads.values()) and stats["kv_offload_hits:disk"] > 0
+    assert_nothing_held(llm, connector)
+    llm.close()
+
+
+def test_aborts_while_loading_leak_no_block_on_either_tier(tiny_models, tmp_path):
+    _, path = tiny_models("llama_gqa")
+    prompts = conversations(3, 3)
+    probe = make_llm(path)
+    block_bytes = probe.engine.core.kv_cache.spec.bytes_per_block
+    probe.close()
+    # RAM for 4 blocks: the rest spills to disk, so loads read both tiers (disk reads on the I/O thread).
+    llm = make_llm(path, kv_offload_dir=str(tmp_path / "kv"), kv_offload_cpu_bytes=4 * block_bytes)
+    connector = offload_of(llm)
+    always_load(connector)
+    assert [t.name for t in connector.store.tiers] == ["cpu", "disk"]
+    run(llm, [prompts[c * 3 + t] for t in range(3) for c in range(3)])  # each round evicts the others'
+    core = llm.engine.core
+    for c in range(3):  # every last turn again, at once: their histories come back from the tiers
+        core.add_request(f"r{c}", prompts[c * 3 + 2], GREEDY, [])
+    while connector.num_loads == 0 and core.has_unfinished():
+        core.step()
+    assert connector.num_loads > 0  # aborted loading (a disk read in flight) or just after its KV landed
+    for c in range(3):
+        core.abort(f"r{c}")
+    assert connector.store.wait(30.0)
+    core.step()  # the reads that land for aborted requests are dropped
+    assert_nothing_held(llm, connector)
+    llm.close()
