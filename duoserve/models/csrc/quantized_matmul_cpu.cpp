@@ -134,10 +134,11 @@ void expand(const Q8Row& row, int64_t k, float* out) {
 //   int16 (1 row; the default): 1.5e-5 of the group's largest value, 250x finer than bfloat16: float32
 //     models stay within 1e-4 of transformers. Two pmaddwd per group: 16 products per 256-bit op.
 //   int8 (any number of rows; `activation_bits=8`): llama.cpp's q8 blocks, 1/254 of the group's largest
-//     value. One pmaddubsw (32 products) + one pmaddwd per group, half the instructions, and half the
-//     x bytes: on a Zen 1, whose 256-bit integer multiplies issue as two 128-bit halves, the 1-row
-//     kernel was compute-bound (BENCHMARKS.md). Its accuracy on a real model:
-//     benchmarks/quantized_activations.py.
+//     value. One pmaddubsw (32 products) + one pmaddwd per group (one vpdpbusd with VNNI), and half the
+//     x bytes. On a Zen 1, whose 256-bit integer multiplies issue as two 128-bit halves on one pipe,
+//     that is as many multiply uops as int16's; Q4 there takes a 128-bit path with 3 (below): 1.3-1.4x
+//     int16's speed at 1 row, Q8 at par (busy machine, benchmarks/quantized_activations.py, which
+//     also measures the accuracy on a real model).
 // Q4's min term (min * sum of the group's x): int16 uses the exact float32 sum; int8 the sum of the
 // rounded x (llama.cpp's q8_1 does too), so that the result is exactly w . (x rounded): its error,
 // sum(w * dx), then scales with the weights rather than with their unsigned codes' part (scale * q, up to
