@@ -33,11 +33,16 @@ Those kernels round activations to int16 or int8 for their integer products (`--
 cpu_quant_linear.py). `auto` takes int8 only on a table row where it was measured faster than int16 and
 its accuracy passed the gate below on the default model (`benchmarks/quantized_activations.py`):
 
-| table row                    | float32 models' activations | why                                           |
-|------------------------------|-----------------------------|-----------------------------------------------|
-| avx2                         | int8                        | INT8_ACTIVATIONS: measured on a Zen 1         |
-| amx, avx512_bf16, avx512     | int16                       | the same AVX2 kernels, not measured there yet |
-| neon_bf16, neon, generic     | int16 (float32: plain loops)| no SIMD integer path: int8 saves nothing      |
+| table row                | float32 models' activations  | why                                          |
+|--------------------------|------------------------------|----------------------------------------------|
+| avx2                     | int16, for now               | int8 faster (Q4 1.3-1.4x, Zen 1); gate to run |
+| amx, avx512_bf16, avx512 | int16                        | same kernels (VNNI where built), not measured |
+| neon_bf16, neon, generic | int16 (float32: plain loops) | no SIMD integer path: int8 saves nothing      |
+
+On a Zen 1 (machine C, a busy machine: to re-measure quietly) the int8 kernels ran Q4 groups 1.3-1.4x
+faster than int16 at 1 row (576x576: 56 -> 42 us, 1536x576: 137 -> 98 us, one thread, p10) and Q8 ones
+at par; the accuracy gate has not been run on a quiet machine yet, so INT8_ACTIVATIONS is empty: a row
+is added there, with the benchmark's figures, once `benchmarks/quantized_activations.py` passes it.
 
 The gate (INT8_GATE): against dense float32 on SmolLM2-135M Q4_1, mean KL divergence of the next-token
 distributions at most 1e-3 (llama.cpp rounds activations to the same q8 blocks) and p99 at most 1e-2.
@@ -92,9 +97,7 @@ PRIOR_QUANTIZED_MAX_ROWS = 8
 # size up to 32 rows (1 row: 2.2x; 32 rows: 1.3x; BENCHMARKS.md), and tiles + GEMM win from 64.
 PRIOR_FLOAT32_QUANTIZED_MAX_ROWS = 32
 # Table rows whose float32 models round activations to int8 by default, and the measurement that says so.
-INT8_ACTIVATIONS = {
-    "avx2": "int8 activations MEASURE_PLACEHOLDER",
-}
+INT8_ACTIVATIONS: dict[str, str] = {}
 INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against dense float32 (see above)
 DECODE_ROWS = (1, 4, 8, 16)  # candidate row thresholds, timed for dense bfloat16 and the 4-bit codes
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
