@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--quantized-activations", default="auto", help="int16, int8 or auto")
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(
@@ -93,6 +94,7 @@ def main() -> None:
             quantization=args.quantization,
             num_threads=args.threads,
             attention_backend=args.attention_backend,
+            quantized_activations=args.quantized_activations,
             max_num_seqs=max(args.batch_sizes),
             max_num_batched_tokens=2048,
         )

@@ -53,6 +53,15 @@ class EngineConfig:
             "(default: per host and dtype, measured once; 0: never, the weights are dequantized at load)"
         ),
     )
+    quantized_activations: str = field(
+        default="auto",
+        metadata=_arg(
+            "how float32 models' 4/8-bit kernels round activations for their integer products: int16 "
+            "(within 1e-4 of transformers), int8 (llama.cpp's q8 blocks: faster where integer multiplies "
+            "bound a decode step, KL divergence measured in BENCHMARKS.md), or auto (the host's choice: "
+            "`duoserve env` says which and why)"
+        ),
+    )
     attention_backend: str = field(
         default="auto",
         metadata=_arg(
@@ -165,6 +174,10 @@ class EngineConfig:
             )
         if self.quantized_max_rows is not None and self.quantized_max_rows < 0:
             raise ValueError(f"quantized_max_rows must be >= 0, got {self.quantized_max_rows}")
+        if self.quantized_activations not in ("auto", "int16", "int8"):
+            raise ValueError(
+                f"quantized_activations must be auto, int16 or int8, got {self.quantized_activations!r}"
+            )
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be auto or none, got {self.quantization!r}")
 
@@ -237,6 +250,14 @@ class EngineConfig:
         if self.resolved_device().type != "cpu":
             return 0
         return host_defaults().quantized_max_rows_for(self.resolved_dtype())
+
+    def resolved_quantized_activations(self) -> str:
+        """int16 or int8: how float32 models' quantized kernels round x (bfloat16 models' ignore it)."""
+        if self.quantized_activations != "auto":
+            return self.quantized_activations
+        if self.resolved_device().type != "cpu":
+            return "int16"
+        return host_defaults().quantized_activations
 
     def resolved_kv_dtype(self) -> torch.dtype:
         return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)

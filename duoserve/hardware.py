@@ -29,14 +29,32 @@ table, first matching row wins:
     the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
     rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C).
 
+Those kernels round activations to int16 or int8 for their integer products (`--quantized-activations`;
+cpu_quant_linear.py). `auto` takes int8 only on a table row where it was measured faster than int16 and
+its accuracy passed the gate below on the default model (`benchmarks/quantized_activations.py`):
+
+| table row                | float32 models' activations  | why                                          |
+|--------------------------|------------------------------|----------------------------------------------|
+| avx2                     | int16, for now               | int8 faster (Q4 1.3-1.4x, Zen 1); gate to run |
+| amx, avx512_bf16, avx512 | int16                        | same kernels (VNNI where built), not measured |
+| neon_bf16, neon, generic | int16 (float32: plain loops) | no SIMD integer path: int8 saves nothing      |
+
+On a Zen 1 (machine C, a busy machine: to re-measure quietly) the int8 kernels ran Q4 groups 1.3-1.4x
+faster than int16 at 1 row (576x576: 56 -> 42 us, 1536x576: 137 -> 98 us, one thread, p10) and Q8 ones
+at par; the accuracy gate has not been run on a quiet machine yet, so INT8_ACTIVATIONS is empty: a row
+is added there, with the benchmark's figures, once `benchmarks/quantized_activations.py` passes it.
+
+The gate (INT8_GATE): against dense float32 on SmolLM2-135M Q4_1, mean KL divergence of the next-token
+distributions at most 1e-3 (llama.cpp rounds activations to the same q8 blocks) and p99 at most 1e-2.
+
 "4/8-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes
 with torch's kernels; "fp32:" the same in a float32 model, with duoserve's. The attention kernel is
 compiled -march=native, so its ISA follows the host: the column says which of its fast paths (AVX-512
 with or without AVX512-BF16 dot products, AVX2, or the auto-vectorized generic loop) runs.
 
 The 4/8-bit kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) accept float32 activations
-too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py`),
-so they are used only when the model runs in bfloat16.
+too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py
+--formats`), so they are used only when the model runs in bfloat16.
 
 "Measured": where the capabilities leave a choice open, a short measurement at first start decides it
 (`measure_formats`: matmuls of 1-16 and 64 rows per format, weights twice the L3 cache; a few hundred
@@ -78,6 +96,9 @@ PRIOR_QUANTIZED_MAX_ROWS = 8
 # run the dense GEMM on dequantized tiles. On a 2-core Zen 1 the kernels beat the float32 GEMM at every
 # size up to 32 rows (1 row: 2.2x; 32 rows: 1.3x; BENCHMARKS.md), and tiles + GEMM win from 64.
 PRIOR_FLOAT32_QUANTIZED_MAX_ROWS = 32
+# Table rows whose float32 models round activations to int8 by default, and the measurement that says so.
+INT8_ACTIVATIONS: dict[str, str] = {}
+INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against dense float32 (see above)
 DECODE_ROWS = (1, 4, 8, 16)  # candidate row thresholds, timed for dense bfloat16 and the 4-bit codes
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
 
@@ -159,6 +180,8 @@ class HostDefaults:
     measured_on: str | None = None  # the date of the measurement that decided, if one did
     timings: Mapping[str, float] = field(default_factory=dict)
     float32_quantized_max_rows: int = PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
+    # How float32 models' kernels round activations (int16 or int8): INT8_ACTIVATIONS.
+    quantized_activations: str = "int16"
 
     def quantized_max_rows_for(self, dtype: torch.dtype) -> int:
         """Rows up to which a model of `dtype` reads its 4/8-bit codes (0: never)."""
@@ -170,7 +193,10 @@ class HostDefaults:
         """The startup log line (and `duoserve env`'s first line)."""
         dtype = str(self.dtype).removeprefix("torch.")
         if self.dtype == _FP32:
-            codes = f"4/8-bit codes up to {self.float32_quantized_max_rows} rows (duoserve's float32 kernels)"
+            codes = (
+                f"4/8-bit codes up to {self.float32_quantized_max_rows} rows (duoserve's float32 kernels, "
+                f"{self.quantized_activations} activations)"
+            )
         elif self.dtype != _BF16:
             codes = "no 4/8-bit decode kernels"
         elif self.quantized_max_rows:
@@ -222,6 +248,7 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         reason=reason,
         measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
         timings={f"{fmt}@{rows}": t for (fmt, rows), t in (timings or {}).items()},
+        quantized_activations="int8" if cpu.level in INT8_ACTIVATIONS else "int16",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -26,11 +28,22 @@ def test_cpu_defaults_are_the_hosts(monkeypatch, dtype):
     assert EngineConfig(device="cpu", quantized_max_rows=0).resolved_quantized_max_rows() == 0
 
 
+def test_quantized_activations_are_the_hosts_unless_given(monkeypatch):
+    host = _host(torch.float32, 4)
+    monkeypatch.setattr(config_module, "host_defaults", lambda: host)
+    assert EngineConfig(device="cpu").resolved_quantized_activations() == "int16"
+    monkeypatch.setattr(config_module, "host_defaults", lambda: replace(host, quantized_activations="int8"))
+    assert EngineConfig(device="cpu").resolved_quantized_activations() == "int8"
+    config = EngineConfig(device="cpu", quantized_activations="int16")
+    assert config.resolved_quantized_activations() == "int16"
+
+
 def test_explicit_dtype_wins():
     assert EngineConfig(device="cpu", dtype="float32").resolved_dtype() == torch.float32
 
 
 BAD = [("quantization", "int3"), ("dtype", "float8"), ("block_size", 0), ("quantized_max_rows", -1)]
+BAD += [("quantized_activations", "int4")]
 
 
 @pytest.mark.parametrize(("field", "value"), BAD)

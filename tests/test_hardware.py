@@ -10,6 +10,7 @@ import torch
 from duoserve import hardware
 from duoserve.hardware import (
     DECODE_ROWS,
+    INT8_ACTIVATIONS,
     PREFILL_ROWS,
     PRIOR_QUANTIZED_MAX_ROWS,
     RULES,
@@ -59,6 +60,17 @@ def test_priors_follow_the_table(caps, level, dtype, isa):
     assert cpu(*caps).level == level
     assert (host.dtype, host.attention_isa, host.num_threads) == (dtype, isa, 3)
     assert host.quantized_max_rows == PRIOR_QUANTIZED_MAX_ROWS and host.measured_on is None
+
+
+@pytest.mark.parametrize(("caps", "level", "dtype", "isa"), TABLE)
+def test_float32_activations_follow_the_table(caps, level, dtype, isa, monkeypatch):
+    """int8 activations only on the rows listed as measured faster and passing the accuracy gate."""
+    assert defaults_for(cpu(*caps), measure=None).quantized_activations == (
+        "int8" if level in INT8_ACTIVATIONS else "int16"
+    )
+    monkeypatch.setitem(INT8_ACTIVATIONS, "avx2", "measured")
+    host = defaults_for(cpu(*caps), measure=None)
+    assert host.quantized_activations == ("int8" if level == "avx2" else "int16")
 
 
 def test_amx_needs_the_tile_flag_too():
@@ -124,7 +136,7 @@ def test_this_machines_capabilities_describe_line():
     host = defaults_for(CpuInfo("x86_64", "AMD EPYC", frozenset(THIS_ZEN1[1]), "AVX2", 2), measure=None)
     assert host.describe() == (
         "host: AMD EPYC (x86_64: avx2,fma,f16c; no avx512/amx), 2 threads -> dtype float32, "
-        "4/8-bit codes up to 32 rows (duoserve's float32 kernels), attention kernel avx2 "
+        "4/8-bit codes up to 32 rows (duoserve's float32 kernels, int16 activations), attention kernel avx2 "
         f"({RULES['avx2'].reason})"
     )
 

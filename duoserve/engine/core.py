@@ -85,6 +85,7 @@ class EngineCore:
             max_positions=self.max_model_len,
             quantized=loaded.quantized if config.quantization == "auto" and quantized_max_rows else None,
             quantized_max_rows=quantized_max_rows,
+            quantized_activations=config.resolved_quantized_activations(),
         )
         self.model_config = model_config
         self.lora: LoRAManager | None = None
@@ -442,10 +443,12 @@ def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 def _overrides(config: EngineConfig) -> str:
     """The config's choices that replace the host's defaults, for the startup log line."""
+    activations = config.quantized_activations
     chosen = {
         "dtype": config.dtype if config.dtype != "auto" else None,
         "num_threads": config.num_threads,
         "quantized_max_rows": config.quantized_max_rows,
+        "quantized_activations": activations if activations != "auto" else None,
     }
     text = ", ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
     return f"; set by the config: {text}" if text else ""

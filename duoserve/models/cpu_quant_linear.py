@@ -16,10 +16,25 @@ kernels of `models/csrc/quantized_matmul_cpu.cpp` read the codes with float32 ac
 Q4_0, Q4_1, Q8_0, Q5_0 and IQ4_NL are held exactly (their scales are the file's fp16 ones); Q4_K's
 scales and mins (an fp16 times a 6-bit integer) are rounded to fp16, a relative error of at most 2^-11
 on a group's scale; the others' exact values are re-quantized to int8 per group of 32 (at most half a
-step of the group's largest value, 0.4%). One row of activations is rounded to int16 per group of 32 for
-the kernel's integer products (1.5e-5 of the group's largest value); several rows are multiplied in
-float32. Steps of more than `max_rows` rows dequantize tiles of the weight into one reused float32 buffer
-and run torch's dense GEMM on them (prefill is arithmetic-bound: the GEMM is the fastest there is).
+step of the group's largest value, 0.4%). Steps of more than `max_rows` rows dequantize tiles of the
+weight into one reused float32 buffer and run torch's dense GEMM on them (prefill is arithmetic-bound:
+the GEMM is the fastest there is).
+
+Steps of up to `max_rows` rows round their activations for the kernels' integer products
+(`activations`, the engine's `--quantized-activations`):
+
+| activations | rows of x                                  | error per value (of its group's max) |
+|-------------|--------------------------------------------|--------------------------------------|
+| int16       | 1 row in int16 per 32; 2+ rows in float32  | 1.5e-5 (1 row); 0                    |
+| int8        | every row in int8 per 32 (llama.cpp's q8)  | 1 / 254 = 3.9e-3                     |
+
+int16 keeps float32 models within 1e-4 of transformers. int8 halves the 1-row kernel's integer work
+(pmaddubsw: 32 products per instruction, against pmaddwd's 16), which bounds a decode step on CPUs whose
+256-bit integer multiplies are split in two (Zen 1); its cost in accuracy on the default model (KL
+divergence of next-token distributions, greedy agreement) is measured by
+`benchmarks/quantized_activations.py`, and the host table (duoserve/hardware.py) picks it only where it
+is faster and that measurement passes the gate written there. int8's result is exactly the held
+weights times the rounded x (Q4's min term multiplies the rounded sum, as llama.cpp's q8_1 does).
 """
 
 from __future__ import annotations
@@ -33,6 +48,8 @@ from duoserve.models.linear import QUANTIZED_MAX_ROWS, _QuantizedLinear, _row_ch
 
 GROUP = 32  # values per group: one scale (and min) each, as GGUF's blocks and sub-blocks of 32
 _INT8_MAX = 127
+# --quantized-activations -> the kernels' activation_bits.
+ACTIVATION_BITS = {"int16": 16, "int8": 8}
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -50,6 +67,7 @@ class _CpuQuantizedLinear(_QuantizedLinear):
         self.bias = bias
         self._dtype = torch.float32
         self.max_rows = QUANTIZED_MAX_ROWS
+        self.activations = "int16"  # how steps of up to max_rows round x: a key of ACTIVATION_BITS
         self._allocate()
         row = 0
         for part, start, end in _row_chunks(parts):
@@ -62,6 +80,10 @@ class _CpuQuantizedLinear(_QuantizedLinear):
     def _hold_rows(self, part: GGUFTensor, source: slice, rows: slice) -> None:
         """Rows `source` of `part`, held as rows `rows` of this linear."""
         raise NotImplementedError
+
+    @property
+    def _activation_bits(self) -> int:
+        return ACTIVATION_BITS[self.activations]
 
 
 class CpuQ4Linear(_CpuQuantizedLinear):
@@ -87,7 +109,7 @@ class CpuQ4Linear(_CpuQuantizedLinear):
         return [self.codes, self.scale_min]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.duoserve_cpu.q4_matmul(x, self.codes, self.scale_min)
+        return torch.ops.duoserve_cpu.q4_matmul(x, self.codes, self.scale_min, self._activation_bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""
@@ -115,7 +137,7 @@ class CpuQ8Linear(_CpuQuantizedLinear):
         return [self.codes, self.scales]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.duoserve_cpu.q8_matmul(x, self.codes, self.scales)
+        return torch.ops.duoserve_cpu.q8_matmul(x, self.codes, self.scales, self._activation_bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""

@@ -348,12 +348,14 @@ def make_linear(
     device: torch.device,
     quantized: bool,
     max_rows: int = QUANTIZED_MAX_ROWS,
+    activations: str = "int16",
 ):
     """One matmul over `weights` stacked along their outputs (fused Q/K/V, gate/up).
 
     `quantized`: GGUF-quantized weights stay quantized (Int4Linear / Int8Linear), whose kernels serve
     steps of up to `max_rows` rows (the host's threshold); otherwise they are dequantized into a dense
-    weight of `dtype`.
+    weight of `dtype`. `activations`: how float32 models' kernels round x (int16 or int8, see
+    cpu_quant_linear); bfloat16 models' kernels take x as it is.
     """
     if not quantized:
         dense = [dense_weight(w, dtype, device) for w in weights]
@@ -364,14 +366,16 @@ def make_linear(
             runs[-1].append(weight)
         else:
             runs.append([weight])
-    linears = [_make_run(run, dtype, device, max_rows) for run in runs]
+    linears = [_make_run(run, dtype, device, max_rows, activations) for run in runs]
     if len(linears) == 1:
         linears[0].bias = bias
         return linears[0]
     return StackedLinear(linears, bias)
 
 
-def _make_run(weights: list[Weight], dtype: torch.dtype, device: torch.device, max_rows: int):
+def _make_run(
+    weights: list[Weight], dtype: torch.dtype, device: torch.device, max_rows: int, activations: str = "int16"
+):
     family = _family(weights[0])
     if family == "dense":
         return make_linear(weights, None, dtype, device, quantized=False)
@@ -380,6 +384,7 @@ def _make_run(weights: list[Weight], dtype: torch.dtype, device: torch.device, m
         from duoserve.models.cpu_quant_linear import CpuQ4Linear, CpuQ8Linear
 
         linear = (CpuQ4Linear if family == "int4" else CpuQ8Linear)(weights, None)
+        linear.activations = activations
     else:
         linear = (Int4Linear if family == "int4" else Int8Linear)(weights, dtype, None)
     linear.max_rows = max_rows

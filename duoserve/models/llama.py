@@ -156,19 +156,25 @@ class LlamaModel:
         max_positions: int,
         quantized: dict[str, GGUFTensor] | None = None,
         quantized_max_rows: int = QUANTIZED_MAX_ROWS,
+        quantized_activations: str = "int16",
     ) -> None:
         """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
         subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
         dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
-        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py). Norms, routers and
-        routed experts are always dense."""
+        to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py), float32 ones with
+        activations rounded as `quantized_activations` says (int16 or int8: cpu_quant_linear). Norms,
+        routers and routed experts are always dense."""
         act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         q = _Build(
-            dtype, device, bool(quantized) and quantized_kernels_available(device, dtype), quantized_max_rows
+            dtype,
+            device,
+            bool(quantized) and quantized_kernels_available(device, dtype),
+            quantized_max_rows,
+            quantized_activations,
         )
         w = {
             n: t if q.quantized and isinstance(t, GGUFTensor) else dense_weight(t, dtype, device)
@@ -493,6 +499,7 @@ class _Build:
     device: torch.device
     quantized: bool
     max_rows: int  # quantized linears run their kernels on steps of up to this many rows
+    activations: str = "int16"  # how float32 models' kernels round x (cpu_quant_linear)
 
 
 def _dense(w: dict[str, Weight], q: _Build, name: str) -> torch.Tensor:
@@ -502,4 +509,4 @@ def _dense(w: dict[str, Weight], q: _Build, name: str) -> torch.Tensor:
 
 def _linear(w: dict[str, Weight], q: _Build, names: list[str], bias: torch.Tensor | None = None) -> Linear:
     """One matmul over the named weights stacked along their outputs."""
-    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized, q.max_rows)
+    return make_linear([w[n] for n in names], bias, q.dtype, q.device, q.quantized, q.max_rows, q.activations)

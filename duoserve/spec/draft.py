@@ -74,6 +74,7 @@ class DraftProposer:
             max_positions=max_model_len,
             quantized=loaded.quantized if config.quantization == "auto" else None,
             quantized_max_rows=config.resolved_quantized_max_rows(),
+            quantized_activations=config.resolved_quantized_activations(),
         )
         spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
         kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from duoserve.cpu_kernels import cpu_kernels_available
 from duoserve.models import linear as linear_module
-from duoserve.models.cpu_quant_linear import CpuQ4Linear, CpuQ8Linear
+from duoserve.models.cpu_quant_linear import GROUP, CpuQ4Linear, CpuQ8Linear
 from duoserve.models.gguf_quants import INT4_TYPES, QUANTIZED_TYPES
 from duoserve.models.linear import StackedLinear, make_linear
 from tests.helpers import rel_err
@@ -81,3 +81,94 @@ def test_rows_are_the_held_weights_rows(type_name):
     linear = make_linear([_tensor(type_name, 64, 256, seed=5)], None, torch.float32, CPU, quantized=True)
     ids = torch.tensor([3, 0, 63, 3])
     assert torch.equal(linear.rows(ids), linear.dequantize()[ids])
+
+
+# ---- int8 activations (--quantized-activations int8) -------------------------------------------------
+
+INT8_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K"]  # both layouts, each way a file reaches them
+ROW_COUNTS = (1, 2, 3, 5, 8)  # blocks of 2 rows of x and a single one; 8 = the threshold below
+
+
+def _int8_linear(type_name: str, seed: int):
+    weight = _tensor(type_name, 75, 256, seed=seed)  # 75 outputs: a partial block of 4 output rows
+    return make_linear([weight], None, torch.float32, CPU, quantized=True, max_rows=8, activations="int8")
+
+
+def _int8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded per group of 32 exactly as the kernels do (float32 inverse scale 127 / max |x|, round to
+    nearest even), as float64; and each value's rounding bound, half a step of its group (max / 254)."""
+    groups = x.view(x.shape[0], -1, GROUP)
+    peak = groups.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(peak > 0, 127.0 / peak, torch.zeros_like(peak))
+    rounded = torch.round(groups * inverse).double() * (peak / 127).double()
+    return rounded.view_as(x), (peak / 254).double().expand_as(groups).reshape_as(x)
+
+
+@pytest.mark.parametrize("type_name", INT8_TYPES)
+def test_int8_activations_equal_integer_math_exactly(type_name):
+    """x already on its int8 grid, every scale a power of two: each product and partial sum is exact in
+    float32, so the kernel must equal float64 math on the held weights to the bit. Extreme operands
+    included: Q4 codes all 15 and Q8 codes all -128 against x of all +127 and all -127 (pmaddubsw
+    saturates its int16 pair sums: the sign trick must keep them within 2 * 128 * 127)."""
+    gen = torch.Generator().manual_seed(3)
+    linear = _int8_linear(type_name, seed=3)
+    n, groups = linear.out_features, linear.in_features // GROUP
+    scales = torch.pow(2.0, torch.randint(-8, -4, (n, groups), generator=gen).float()).half()
+    if isinstance(linear, CpuQ4Linear):
+        linear.scale_min[:, 0] = scales
+        linear.scale_min[:, 1] = (torch.randint(-16, 17, (n, groups), generator=gen) / 128).half()
+        linear.codes[:2] = 0xFF  # every code 15
+    else:
+        linear.scales.copy_(scales)
+        linear.codes[0] = -128
+        linear.codes[1] = 127
+    for rows in ROW_COUNTS:
+        codes = torch.randint(-127, 128, (rows, groups, GROUP), generator=gen)
+        codes[:, :, 0] = 127  # every group's largest value on its grid's end: its scale is 2^e exactly
+        codes[0], codes[-1] = 127, -127
+        x = (codes * torch.pow(2.0, torch.randint(-1, 1, (rows, groups, 1), generator=gen))).view(rows, -1)
+        x = x.float()
+        expected = F.linear(x.double(), linear.dequantize().double())
+        assert torch.equal(linear(x), expected.float()), rows
+
+
+@pytest.mark.parametrize("type_name", INT8_TYPES)
+def test_int8_activations_match_a_reference_of_the_same_rounding(type_name):
+    """Random activations: the kernel's result is float64 math on the held weights and the same int8
+    rounding of x (Q4's min term included: it multiplies the rounded sum), up to float32 summation order."""
+    linear = _int8_linear(type_name, seed=4)
+    weight = linear.dequantize().double()
+    for rows in ROW_COUNTS:
+        x = torch.randn(rows, 256) * torch.linspace(0.1, 3, 256)
+        rounded, _ = _int8_rounded(x)
+        assert rel_err(linear(x), rounded @ weight.T) < 1e-6, rows
+
+
+@pytest.mark.parametrize("type_name", INT8_TYPES)
+def test_int8_activations_error_is_bounded_by_the_rounding(type_name):
+    """Against float32 on the held weights, each output is off by at most its rounding bound: the sum over
+    its inputs of |w| times half a step of x's group (max |x| / 254), plus float32 summation. In relative
+    terms that is 0.3-0.6% on these random rows, against int16's 1e-5."""
+    linear = _int8_linear(type_name, seed=5)
+    weight = linear.dequantize().double()
+    for rows in ROW_COUNTS:
+        x = torch.randn(rows, 256) * torch.linspace(0.1, 3, 256)
+        exact = x.double() @ weight.T
+        _, half_step = _int8_rounded(x)
+        bound = half_step @ weight.abs().T
+        error = (linear(x).double() - exact).abs()
+        assert torch.all(error <= bound + 1e-5 * exact.abs().max()), rows
+        assert 0 < rel_err(linear(x), exact) < 1e-2, rows  # rounded, not float32
+
+
+def test_int8_is_chosen_per_linear():
+    """The setting reaches the kernels: int16 (the default) and int8 linears over the same codes differ
+    by the rounding at 1 row, and a 2-row step rounds each row as a 1-row one."""
+    weight = _tensor("Q4_1", 64, 256, seed=6)
+    int16 = make_linear([weight], None, torch.float32, CPU, quantized=True)
+    int8 = make_linear([weight], None, torch.float32, CPU, quantized=True, activations="int8")
+    assert (int16.activations, int8.activations) == ("int16", "int8")
+    x = torch.randn(2, 256)
+    assert not torch.equal(int16(x[:1]), int8(x[:1]))
+    assert rel_err(int8(x[:1]), int16(x[:1])) < 1e-2
+    assert rel_err(int8(x)[1:], int8(x[1:])) < 1e-6

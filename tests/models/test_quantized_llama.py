@@ -12,6 +12,7 @@ import torch
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.cpu_kernels import cpu_kernels_available
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.models.gguf_quants import random_blocks
 from duoserve.models.linear import Int4Linear, Int8Linear, QuantizedEmbedding, StackedLinear
@@ -166,3 +167,28 @@ def test_bfloat16_on_the_codes_stays_close(loaded, hf_model, prompt):
     # of their own (their random sub-scales spread more than a real file's) adds about as much again.
     assert rel_err(ours, reference) < 3e-2
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_float32_on_the_codes_takes_the_activations_setting(loaded):
+    """float32 models multiply the codes with duoserve's kernels; `quantized_activations` reaches every
+    one of them, and int8's logits stay close to int16's on a decode-sized step."""
+    if not cpu_kernels_available():
+        pytest.skip("the C++ kernels did not build")
+    logits = {}
+    for activations in ("int16", "int8"):
+        model = LlamaModel(
+            loaded.config,
+            loaded.weights,
+            TorchAttentionBackend(),
+            torch.device("cpu"),
+            torch.float32,
+            max_positions=64,
+            quantized=loaded.quantized,
+            quantized_activations=activations,
+        )
+        linears = [model.lm_head] + [lin for layer in model.layers for lin in layer.linears()]
+        parts = [part for lin in linears for part in getattr(lin, "parts", [lin])]
+        assert {part.activations for part in parts} == {activations}
+        logits[activations] = _logits(model, PROMPTS["decode-sized"])
+    assert not torch.equal(logits["int8"], logits["int16"])
+    assert rel_err(logits["int8"], logits["int16"]) < 2e-2

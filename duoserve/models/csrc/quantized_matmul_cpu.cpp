@@ -12,9 +12,14 @@
 //       w = scale * q + min.
 //   Q8: codes int8 [N, K]; scales fp16 [N, K/32]: w = scale * q.
 //
-// One output row's codes are expanded to float32 in registers (1 row of x), or once into an L1 buffer
-// that several rows of x then read (2+ rows). Work is split over output rows, in pairs, which share
-// every load of x. The fast paths need AVX2 + FMA + F16C; other CPUs take plain loops.
+// How x is multiplied (`activation_bits`, chosen by the caller: cpu_quant_linear.py):
+//   16 (default): one row of x is rounded to int16 per group of 32 and multiplied with integer
+//       products, 4 output rows at a time; several rows read each output row's codes expanded once to
+//       float32 into an L1 buffer (2 output rows at a time, sharing every load of x).
+//   8: every row of x is rounded to int8 per group of 32 (llama.cpp's q8 blocks) and multiplied with
+//       pmaddubsw, 4 output rows times 2 rows of x at a time.
+// The fast paths need AVX2 + FMA + F16C; other CPUs take plain loops (16: float32, exact; 8: the same
+// int8 rounding and integer products).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -120,38 +126,60 @@ void expand(const Q8Row& row, int64_t k, float* out) {
   }
 }
 
-// ---- One row of x: integer dot products ------------------------------------------------------------
+// ---- Rows of x rounded per group of 32: integer dot products ---------------------------------------
 
-// One row of x is rounded to int16 per group of 32 (scale = max |x| / 32767: a relative error of at most
-// 1.5e-5 of the group's largest value, 250x finer than bfloat16), so that a group's 32 products are two
-// pmaddwd instructions instead of unpacking 32 codes to floats: the float path was compute-bound at 1 row
-// (20 ms for SmolLM2's matmuls against ~4 ms of memory traffic on a 2-core Zen 1), this is 2x fewer
-// instructions. Q4's min term uses the exact float32 sum of each group of x.
+// Rows of x are rounded per group of 32 to integers (scale = max |x| / kMax), so that a group's products
+// are a few integer multiply-adds instead of unpacking 32 codes to floats: the float path was
+// compute-bound at 1 row (20 ms for SmolLM2's matmuls against ~4 ms of memory traffic on a 2-core Zen 1).
+//   int16 (1 row; the default): 1.5e-5 of the group's largest value, 250x finer than bfloat16: float32
+//     models stay within 1e-4 of transformers. Two pmaddwd per group: 16 products per 256-bit op.
+//   int8 (any number of rows; `activation_bits=8`): llama.cpp's q8 blocks, 1/254 of the group's largest
+//     value. One pmaddubsw (32 products) + one pmaddwd per group (one vpdpbusd with VNNI), and half the
+//     x bytes. On a Zen 1, whose 256-bit integer multiplies issue as two 128-bit halves on one pipe,
+//     that is as many multiply uops as int16's; Q4 there takes a 128-bit path with 3 (below): 1.3-1.4x
+//     int16's speed at 1 row, Q8 at par (busy machine, benchmarks/quantized_activations.py, which
+//     also measures the accuracy on a real model).
+// Q4's min term (min * sum of the group's x): int16 uses the exact float32 sum; int8 the sum of the
+// rounded x (llama.cpp's q8_1 does too), so that the result is exactly w . (x rounded): its error,
+// sum(w * dx), then scales with the weights rather than with their unsigned codes' part (scale * q, up to
+// twice |w| in Q4_0/Q4_1): an exact min term made the int8 error 2x larger on random Q4_0 rows.
+template <typename T>
 struct QuantizedX {
-  std::vector<int16_t> codes;  // [K]
-  std::vector<float> scales;  // [K / 32]
-  std::vector<float> sums;  // [K / 32]: sum of x over the group (Q4's min term)
+  std::vector<T> codes;  // [rows, K]
+  std::vector<float> scales;  // [rows, K / 32]
+  std::vector<float> sums;  // [rows, K / 32]: sum of x over the group, rounded for int8 (Q4's min term)
 };
 
-QuantizedX quantize_x(const float* x, int64_t k) {
-  QuantizedX q{std::vector<int16_t>(k), std::vector<float>(k / kGroup), std::vector<float>(k / kGroup)};
-  for (int64_t g = 0; g < k / kGroup; ++g) {
+template <typename T>
+QuantizedX<T> quantize_x(const float* x, int64_t rows, int64_t k) {
+  constexpr float kMax = sizeof(T) == 1 ? 127.0f : 32767.0f;
+  const int64_t groups = rows * (k / kGroup);  // rows are contiguous and K is whole groups
+  QuantizedX<T> q{std::vector<T>(rows * k), std::vector<float>(groups), std::vector<float>(groups)};
+  for (int64_t g = 0; g < groups; ++g) {
     const float* xg = x + g * kGroup;
     float peak = 0.0f, sum = 0.0f;
     for (int64_t i = 0; i < kGroup; ++i) {
       peak = std::max(peak, std::abs(xg[i]));
       sum += xg[i];
     }
-    const float scale = peak / 32767.0f, inverse = peak > 0.0f ? 32767.0f / peak : 0.0f;
-    for (int64_t i = 0; i < kGroup; ++i) q.codes[g * kGroup + i] = static_cast<int16_t>(std::nearbyint(xg[i] * inverse));
+    const float scale = peak / kMax, inverse = peak > 0.0f ? kMax / peak : 0.0f;
+    // |x * inverse| <= kMax (+ a rounding of float32): the codes never leave [-kMax, kMax].
+    int32_t code_sum = 0;
+    for (int64_t i = 0; i < kGroup; ++i) {
+      q.codes[g * kGroup + i] = static_cast<T>(std::nearbyint(xg[i] * inverse));
+      code_sum += q.codes[g * kGroup + i];
+    }
     q.scales[g] = scale;
-    q.sums[g] = sum;
+    q.sums[g] = sizeof(T) == 1 ? static_cast<float>(code_sum) * scale : sum;
   }
   return q;
 }
 
+inline const uint16_t* row_scales(const Q4Row& row) { return row.scale_min; }
+inline const uint16_t* row_scales(const Q8Row& row) { return row.scales; }
+
 #if defined(DUOSERVE_AVX2)
-// The 32 products of a group as 8 int32 partial sums.
+// int16: the 32 products of a group as 8 int32 partial sums.
 inline __m256i group_products(const Q4Row& row, int64_t g, __m256i x_lo, __m256i x_hi) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + g * kGroup / 2));
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -167,41 +195,74 @@ inline __m256i group_products(const Q8Row& row, int64_t g, __m256i x_lo, __m256i
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x_lo), _mm256_madd_epi16(hi, x_hi));
 }
 
+// int8: a group's 32 weight codes as bytes in value order (Q4: the low nibbles, then the high ones).
+inline __m256i group_bytes(const Q4Row& row, int64_t g) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + g * kGroup / 2));
+  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+inline __m256i group_bytes(const Q8Row& row, int64_t g) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.codes + g * kGroup));
+}
+
+// int8: unsigned bytes u times signed bytes s, as 8 int32 sums of 4 products. With AVX512-VNNI or
+// AVX-VNNI (compiled -march=native where the CPU has them) one vpdpbusd; else pmaddubsw, whose int16 sums
+// of adjacent pairs saturate, then pmaddwd by ones (llama.cpp's AVX2 path).
+inline __m256i dot_bytes(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// Q4: codes 0-15 times x in [-127, 127]: a pair is at most 3810 in size, never saturated.
+inline __m256i group_sums(const Q4Row&, __m256i w, __m256i x) { return dot_bytes(w, x); }
+
+// Q8's codes are signed: |w| times x carrying w's sign (llama.cpp's trick; w = 0 zeroes x). |w| <= 128
+// (a file's -128 becomes the unsigned byte 128), so a pair is at most 2 * 128 * 127 = 32512: never
+// saturated.
+inline __m256i group_sums(const Q8Row&, __m256i w, __m256i x) {
+  return dot_bytes(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
 // scale * x_scale per group of one weight row (the integer products' factor), 8 groups at a time.
-inline void scale_factors(const uint16_t* scales, const QuantizedX& x, int64_t groups, float* factors) {
+inline void scale_factors(const uint16_t* scales, const float* x_scales, int64_t groups, float* factors) {
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) {
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g)));
-    _mm256_storeu_ps(factors + g, _mm256_mul_ps(s, _mm256_loadu_ps(x.scales.data() + g)));
+    _mm256_storeu_ps(factors + g, _mm256_mul_ps(s, _mm256_loadu_ps(x_scales + g)));
   }
-  for (; g < groups; ++g) factors[g] = half_to_float(scales[g]) * x.scales[g];
+  for (; g < groups; ++g) factors[g] = half_to_float(scales[g]) * x_scales[g];
 }
 
 // sum over groups of min * sum(x): Q4's min term; Q8 has none.
-inline float min_term(const Q4Row& row, const QuantizedX& x, int64_t groups) {
+inline float min_term(const Q4Row& row, const float* x_sums, int64_t groups) {
   const uint16_t* mins = row.scale_min + groups;
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) {
     const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g)));
-    acc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sums.data() + g), acc);
+    acc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x_sums + g), acc);
   }
   float sum = hsum(acc);
-  for (; g < groups; ++g) sum += half_to_float(mins[g]) * x.sums[g];
+  for (; g < groups; ++g) sum += half_to_float(mins[g]) * x_sums[g];
   return sum;
 }
 
-inline float min_term(const Q8Row&, const QuantizedX&, int64_t) { return 0.0f; }
+inline float min_term(const Q8Row&, const float*, int64_t) { return 0.0f; }
 
-inline const uint16_t* row_scales(const Q4Row& row) { return row.scale_min; }
-inline const uint16_t* row_scales(const Q8Row& row) { return row.scales; }
-
-// y = w . x for 4 output rows, which share every load of x. (A compile-time count keeps the
-// accumulators in registers: with a run-time one gcc spilled them to the stack, 1.5x slower.)
+// int16, one row of x: y = w . x for 4 output rows, which share every load of x. (A compile-time count
+// keeps the accumulators in registers: with a run-time one gcc spilled them to the stack, 1.5x slower.)
 template <typename Row>
-void dot_one_x(const Row* rows, const QuantizedX& x, int64_t k, float* factors, float* y) {
+void dot_one_x(const Row* rows, const QuantizedX<int16_t>& x, int64_t k, float* factors, float* y) {
   const int64_t groups = k / kGroup;
-  for (int r = 0; r < 4; ++r) scale_factors(row_scales(rows[r]), x, groups, factors + r * groups);
+  for (int r = 0; r < 4; ++r) {
+    scale_factors(row_scales(rows[r]), x.scales.data(), groups, factors + r * groups);
+  }
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -216,12 +277,193 @@ void dot_one_x(const Row* rows, const QuantizedX& x, int64_t k, float* factors, 
     acc3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_products(rows[3], g, x_lo, x_hi)),
                            _mm256_broadcast_ss(factors + 3 * groups + g), acc3);
   }
-  y[0] = hsum(acc0) + min_term(rows[0], x, groups);
-  y[1] = hsum(acc1) + min_term(rows[1], x, groups);
-  y[2] = hsum(acc2) + min_term(rows[2], x, groups);
-  y[3] = hsum(acc3) + min_term(rows[3], x, groups);
+  y[0] = hsum(acc0) + min_term(rows[0], x.sums.data(), groups);
+  y[1] = hsum(acc1) + min_term(rows[1], x.sums.data(), groups);
+  y[2] = hsum(acc2) + min_term(rows[2], x.sums.data(), groups);
+  y[3] = hsum(acc3) + min_term(rows[3], x.sums.data(), groups);
+}
+
+// int8: 4 output rows times J rows of x (first, first + 1, ...): 4 * J accumulators, each weight group
+// loaded once for the J rows. out[j * 4 + r] = w_r . x_j. `factors`: room for 4 * J * groups floats.
+template <typename Row, int J>
+void dot_int8(const Row* rows, const QuantizedX<int8_t>& x, int64_t first, int64_t k, float* factors,
+              float* out) {
+  const int64_t groups = k / kGroup;
+  const int8_t* codes = x.codes.data() + first * k;
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < J; ++j) {
+      const float* x_scales = x.scales.data() + (first + j) * groups;
+      scale_factors(row_scales(rows[r]), x_scales, groups, factors + (r * J + j) * groups);
+    }
+  }
+  __m256 acc[4 * J];
+#pragma GCC unroll 8
+  for (int i = 0; i < 4 * J; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i xv[J];
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) {
+      xv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * k + g * kGroup));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m256i w = group_bytes(rows[r], g);
+#pragma GCC unroll 2
+      for (int j = 0; j < J; ++j) {
+        const __m256i sums = group_sums(rows[r], w, xv[j]);
+        const __m256 factor = _mm256_broadcast_ss(factors + (r * J + j) * groups + g);
+        acc[r * J + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[r * J + j]);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < J; ++j) {
+      out[j * 4 + r] = hsum(acc[r * J + j]) + min_term(rows[r], x.sums.data() + (first + j) * groups, groups);
+    }
+  }
+}
+
+#if defined(__znver1__)
+// Zen 1 (-march=native says so) issues each 256-bit integer multiply as two 128-bit halves on one pipe,
+// where the 256-bit int8 path above needs 4 of them per group (pmaddubsw + pmaddwd), as many as int16's.
+// In 128-bit registers a Q4 group's low and high halves are summed in int16 between the two multiplies
+// (both the same group: at most 2 * 3810), so 3 per group.
+inline float hsum128(__m128 v) {
+  const __m128 t = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int J>
+void dot_int8_q4_128(const Q4Row* rows, const QuantizedX<int8_t>& x, int64_t first, int64_t k,
+                     float* factors, float* out) {
+  const int64_t groups = k / kGroup;
+  const int8_t* codes = x.codes.data() + first * k;
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < J; ++j) {
+      const float* x_scales = x.scales.data() + (first + j) * groups;
+      scale_factors(rows[r].scale_min, x_scales, groups, factors + (r * J + j) * groups);
+    }
+  }
+  const __m128i mask = _mm_set1_epi8(0x0F), ones = _mm_set1_epi16(1);
+  __m128 acc[4 * J];
+#pragma GCC unroll 8
+  for (int i = 0; i < 4 * J; ++i) acc[i] = _mm_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m128i x_lo[J], x_hi[J];
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) {
+      const __m128i* xg = reinterpret_cast<const __m128i*>(codes + j * k + g * kGroup);
+      x_lo[j] = _mm_loadu_si128(xg);
+      x_hi[j] = _mm_loadu_si128(xg + 1);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r].codes + g * kGroup / 2));
+      const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+#pragma GCC unroll 2
+      for (int j = 0; j < J; ++j) {
+        const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, x_lo[j]), _mm_maddubs_epi16(hi, x_hi[j]));
+        const __m128 sums = _mm_cvtepi32_ps(_mm_madd_epi16(pairs, ones));
+        const __m128 factor = _mm_broadcast_ss(factors + (r * J + j) * groups + g);
+        acc[r * J + j] = _mm_fmadd_ps(sums, factor, acc[r * J + j]);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < J; ++j) {
+      const float* x_sums = x.sums.data() + (first + j) * groups;
+      out[j * 4 + r] = hsum128(acc[r * J + j]) + min_term(rows[r], x_sums, groups);
+    }
+  }
 }
 #endif
+#else
+// int8 without AVX2: plain loops, the same integer products and factors.
+inline int32_t group_dot(const Q4Row& row, int64_t g, const int8_t* x) {
+  const uint8_t* p = row.codes + g * kGroup / 2;
+  int32_t sum = 0;
+  for (int i = 0; i < 16; ++i) sum += (p[i] & 0x0F) * x[i] + (p[i] >> 4) * x[i + 16];
+  return sum;
+}
+
+inline int32_t group_dot(const Q8Row& row, int64_t g, const int8_t* x) {
+  const int8_t* p = row.codes + g * kGroup;
+  int32_t sum = 0;
+  for (int i = 0; i < kGroup; ++i) sum += p[i] * x[i];
+  return sum;
+}
+
+inline float min_term(const Q4Row& row, const float* x_sums, int64_t groups) {
+  float sum = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) sum += half_to_float(row.scale_min[groups + g]) * x_sums[g];
+  return sum;
+}
+
+inline float min_term(const Q8Row&, const float*, int64_t) { return 0.0f; }
+
+template <typename Row>
+float dot_int8_plain(const Row& row, const QuantizedX<int8_t>& x, int64_t j, int64_t k) {
+  const int64_t groups = k / kGroup;
+  const int8_t* codes = x.codes.data() + j * k;
+  const float* x_scales = x.scales.data() + j * groups;
+  float sum = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float factor = half_to_float(row_scales(row)[g]) * x_scales[g];
+    sum += static_cast<float>(group_dot(row, g, codes + g * kGroup)) * factor;
+  }
+  return sum + min_term(row, x.sums.data() + j * groups, groups);
+}
+#endif
+
+#if defined(DUOSERVE_AVX2)
+template <typename Row, int J>
+inline void dot_int8_rows(const Row* rows, const QuantizedX<int8_t>& x, int64_t first, int64_t k,
+                          float* factors, float* out) {
+#if defined(__znver1__)
+  if constexpr (std::is_same_v<Row, Q4Row>) {
+    dot_int8_q4_128<J>(rows, x, first, k, factors, out);
+    return;
+  }
+#endif
+  dot_int8<Row, J>(rows, x, first, k, factors, out);
+}
+#endif
+
+// y[R, N] with every row of x rounded to int8: output rows 4 at a time, each group of their codes
+// loaded once for 2 rows of x and the 4 rows' codes (a few KB) in L1 for the next rows of x, so the
+// weights are read from memory once whatever R.
+template <typename Row, typename RowAt>
+void int8_matmul(const float* xp, int64_t rows, int64_t k, int64_t n_out, float* yp, RowAt row_at) {
+  const QuantizedX<int8_t> xq = quantize_x<int8_t>(xp, rows, k);
+  const int64_t tasks = (n_out + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / k);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> factors(8 * (k / kGroup));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = 4 * task;
+      const int count = static_cast<int>(std::min<int64_t>(4, n_out - n));
+      // A last task of fewer than 4 rows repeats its last row and keeps only its own results.
+      Row four[4];
+      for (int r = 0; r < 4; ++r) four[r] = row_at(n + std::min(r, count - 1));
+#if defined(DUOSERVE_AVX2)
+      float out[8];
+      int64_t j = 0;
+      for (; j + 2 <= rows; j += 2) {
+        dot_int8_rows<Row, 2>(four, xq, j, k, factors.data(), out);
+        for (int i = 0; i < 2; ++i) std::copy(out + 4 * i, out + 4 * i + count, yp + (j + i) * n_out + n);
+      }
+      if (j < rows) {
+        dot_int8_rows<Row, 1>(four, xq, j, k, factors.data(), out);
+        std::copy(out, out + count, yp + j * n_out + n);
+      }
+#else
+      for (int64_t j = 0; j < rows; ++j) {
+        for (int r = 0; r < count; ++r) yp[j * n_out + n + r] = dot_int8_plain(four[r], xq, j, k);
+      }
+#endif
+    }
+  });
+}
 
 // ---- Several rows of x: each output row expanded once into a buffer --------------------------------
 
@@ -272,17 +514,23 @@ void dot_rows(const float* wa, const float* wb, const float* x, int64_t rows, in
 #endif
 }
 
+// activation_bits 16: one row of x in int16, several in float32; 8: every row of x in int8.
 template <typename Row, typename RowAt>
-at::Tensor quantized_matmul(const at::Tensor& x, int64_t n_out, RowAt row_at) {
+at::Tensor quantized_matmul(const at::Tensor& x, int64_t n_out, int64_t activation_bits, RowAt row_at) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 matrix");
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16, "activation_bits must be 8 or 16");
   const int64_t rows = x.size(0), k = x.size(1);
   TORCH_CHECK(k % kGroup == 0, "in_features must be a multiple of 32");
   at::Tensor y = at::empty({rows, n_out}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (activation_bits == 8) {
+    int8_matmul<Row>(xp, rows, k, n_out, yp, row_at);
+    return y;
+  }
 #if defined(DUOSERVE_AVX2)
-  const QuantizedX x_one = rows == 1 ? quantize_x(xp, k) : QuantizedX{};
+  const QuantizedX<int16_t> x_one = rows == 1 ? quantize_x<int16_t>(xp, 1, k) : QuantizedX<int16_t>{};
 #endif
   // One row of x: output rows 4 at a time in registers. Several: 2 at a time, expanded into a buffer.
   const int64_t per_task = rows == 1 ? 4 : 2;
@@ -315,26 +563,28 @@ at::Tensor quantized_matmul(const at::Tensor& x, int64_t n_out, RowAt row_at) {
   return y;
 }
 
-at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_min) {
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_min,
+                     int64_t activation_bits) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
   TORCH_CHECK(scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous(), "scale_min must be fp16");
   const int64_t n_out = codes.size(0), k = x.size(1);
   TORCH_CHECK(codes.size(1) * 2 == k && scale_min.numel() == n_out * (k / kGroup) * 2, "shape mismatch");
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<at::Half>());
-  return quantized_matmul<Q4Row>(x, n_out, [=](int64_t n) {
+  return quantized_matmul<Q4Row>(x, n_out, activation_bits, [=](int64_t n) {
     return Q4Row{c + n * (k / 2), sm + n * (k / kGroup) * 2};
   });
 }
 
-at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     int64_t activation_bits) {
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous(), "codes must be contiguous int8");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales must be fp16");
   const int64_t n_out = codes.size(0), k = x.size(1);
   TORCH_CHECK(codes.size(1) == k && scales.numel() == n_out * (k / kGroup), "shape mismatch");
   const int8_t* c = codes.data_ptr<int8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  return quantized_matmul<Q8Row>(x, n_out, [=](int64_t n) {
+  return quantized_matmul<Q8Row>(x, n_out, activation_bits, [=](int64_t n) {
     return Q8Row{c + n * k, s + n * (k / kGroup)};
   });
 }
@@ -380,8 +630,8 @@ void q8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t st
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
-  m.def("q4_matmul(Tensor x, Tensor codes, Tensor scale_min) -> Tensor", &q4_matmul);
-  m.def("q8_matmul(Tensor x, Tensor codes, Tensor scales) -> Tensor", &q8_matmul);
+  m.def("q4_matmul(Tensor x, Tensor codes, Tensor scale_min, int activation_bits=16) -> Tensor", &q4_matmul);
+  m.def("q8_matmul(Tensor x, Tensor codes, Tensor scales, int activation_bits=16) -> Tensor", &q8_matmul);
   m.def("q4_dequantize(Tensor codes, Tensor scale_min, int start, int end, Tensor(a!) out) -> ()",
         &q4_dequantize);
   m.def("q8_dequantize(Tensor codes, Tensor scales, int start, int end, Tensor(a!) out) -> ()",
