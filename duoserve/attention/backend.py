@@ -7,6 +7,9 @@ chunks. Each layer's attention first writes the step's new K/V into the paged po
 Layers may differ in two ways, given per call: a sliding window (Mistral, Gemma 2/3's local layers)
 and soft-capped scores (Gemma 2). Block table entries before a sequence's window may name blocks
 that were freed (and reused by others): a backend never reads them.
+
+A layer's pools may be quantized (one byte a value: duoserve/kv/quant.py), with float32 scales per KV
+head; a backend quantizes what it writes and reads the stored values times their head's scale.
 """
 
 from __future__ import annotations
@@ -15,6 +18,31 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's K and V pools, [num_blocks, block_size, kv_heads, head_dim] each, and for quantized
+    pools (float8_e4m3fn, float8_e5m2, int8) their scales: float32 [kv_heads], real = stored * scale."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+def layer_kv(kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor]) -> LayerKV:
+    """A layer's pools as LayerKV: unquantized ones may also be given as a (K, V) pair."""
+    if isinstance(kv_cache, LayerKV):
+        return kv_cache
+    k, v = kv_cache
+    if k.element_size() == 1:
+        raise ValueError(f"{k.dtype} KV pools need their scales: pass a LayerKV")
+    return LayerKV(k, v)
 
 
 @dataclass
@@ -45,7 +73,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # K, V pools: [blocks, block_size, kv_heads, dim]
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],  # K, V pools (+ scales): see LayerKV
         meta: AttentionMetadata,
         scale: float,
         *,

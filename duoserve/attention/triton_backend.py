@@ -7,13 +7,18 @@ decode launches depend only on tensor shapes, so a decode step can be captured i
 (`engine/model_runner.py`) and replayed with new inputs.
 
 On a CPU device it runs only under TRITON_INTERPRET=1 (Triton's interpreter, for tests: slow).
+
+Quantized pools (fp8, int8: duoserve/kv/quant.py) pass their per-head scales to every launch; the store
+kernel quantizes, the attention kernels dequantize as they load each tile.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from duoserve.attention.backend import AttentionMetadata
+from duoserve.attention.backend import AttentionMetadata, LayerKV, layer_kv
 from duoserve.attention.triton_kernels import (
     INTERPRETED,
     PrefillTiles,
@@ -23,6 +28,11 @@ from duoserve.attention.triton_kernels import (
     prefill_tokens_per_tile,
     store_kv,
     tiles_for,
+)
+
+# Whether these kernels take quantized pools (their launches have k_scale/v_scale parameters).
+KERNELS_READ_QUANTIZED_KV = all(
+    "k_scale" in inspect.signature(launch).parameters for launch in (store_kv, paged_decode, paged_prefill)
 )
 
 
@@ -51,7 +61,7 @@ class TritonAttentionBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
         *,
@@ -64,11 +74,20 @@ class TritonAttentionBackend:
             raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
         if self._tiles is None:
             self._tiles = tiles_for(q.device)
-        k_pool, v_pool = kv_cache
-        store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens)
+        kv = layer_kv(kv_cache)
+        k_pool, v_pool = kv.k, kv.v
+        scales = {}
+        if kv.quantized:
+            if not KERNELS_READ_QUANTIZED_KV:
+                raise ValueError(
+                    f"attention_backend triton: these kernels cannot read a {k_pool.dtype} KV cache yet "
+                    "(use --kv-cache-dtype auto, or another backend)"
+                )
+            scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
+        store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens, **scales)
         out = torch.empty_like(q)
         num_decodes = meta.num_decode_tokens
-        variant = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap}
+        variant = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap, **scales}
         if num_decodes:
             paged_decode(
                 out[:num_decodes],
