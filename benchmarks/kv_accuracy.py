@@ -57,7 +57,7 @@ def tiny(args, directory: str) -> tuple[LlamaModel, list[int], list[int]]:
 
     path = save_tiny_model(tiny_hf_model("llama_gqa"), Path(directory))
     model = build(path, args.attention_backend, 1024)
-    return model, random_prompt(255, seed=5), calibration_token_ids(None, model.config.vocab_size, 256)
+    return model, random_prompt(255, seed=5), calibration_token_ids(None, model.config.vocab_size)
 
 
 def main() -> None:
