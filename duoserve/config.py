@@ -9,15 +9,30 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from duoserve.hardware import host_defaults
+from duoserve.kv.quant import QUANTIZED_KV_DTYPES
 from duoserve.lora.request import LoRARequest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --kv-cache-dtype's choices besides auto (vLLM's names): the model dtypes, then one-byte quantized ones.
+_KV_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    **QUANTIZED_KV_DTYPES,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def parse_kv_cache_dtype(name: str) -> torch.dtype:
+    """A KV cache storage dtype by --kv-cache-dtype's name (not auto)."""
+    if name not in _KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(_KV_DTYPES)}, got {name!r}")
+    return _KV_DTYPES[name]
 
 
 def _arg(help_text: str, **extra) -> dict:
@@ -76,7 +91,21 @@ class EngineConfig:
             "CUDA: run decode steps eagerly too (no CUDA graphs, which are captured per batch size)"
         ),
     )
-    kv_cache_dtype: str = field(default="auto", metadata=_arg("KV cache dtype: auto (= dtype) or a dtype"))
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata=_arg(
+            "KV cache storage: auto (= dtype), bfloat16, float16, float32, or one byte a value with "
+            "per-(layer, KV head) scales: fp8_e4m3, fp8_e5m2, int8 (2x the tokens of bfloat16 in the same "
+            "memory; accuracy in benchmarks/kv_accuracy.py)"
+        ),
+    )
+    kv_scales_path: str | None = field(
+        default=None,
+        metadata=_arg(
+            "JSON file of the quantized KV cache's scales (`duoserve kv-scales` writes one); "
+            "default: calibrated at start on a fixed text"
+        ),
+    )
     block_size: int = field(default=16, metadata=_arg("tokens per KV cache block"))
     kv_cache_memory: int | None = field(
         default=None, metadata=_arg("KV cache size in bytes (overrides --kv-cache-memory-fraction)")
@@ -165,9 +194,14 @@ class EngineConfig:
             )
         self._check_speculative()
         self._check_kv_offload()
-        for name in ("dtype", "kv_cache_dtype"):
-            if getattr(self, name) != "auto":
-                parse_dtype(getattr(self, name))
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.kv_cache_dtype != "auto":
+            parse_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_scales_path is not None and self.kv_cache_dtype not in QUANTIZED_KV_DTYPES:
+            raise ValueError(
+                f"kv_scales_path gives a quantized KV cache's scales; kv_cache_dtype is {self.kv_cache_dtype}"
+            )
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}"
@@ -260,7 +294,10 @@ class EngineConfig:
         return host_defaults().quantized_activations
 
     def resolved_kv_dtype(self) -> torch.dtype:
-        return self.resolved_dtype() if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)
+        """The KV cache's storage dtype: the model's for auto (vLLM's convention)."""
+        if self.kv_cache_dtype == "auto":
+            return self.resolved_dtype()
+        return parse_kv_cache_dtype(self.kv_cache_dtype)
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool = False) -> None:

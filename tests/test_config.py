@@ -84,3 +84,32 @@ def test_kv_offload_command_line_flags():
         1000,
         5,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("auto", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("fp8_e4m3", torch.float8_e4m3fn),
+        ("fp8_e5m2", torch.float8_e5m2),
+        ("int8", torch.int8),
+    ],
+)
+def test_kv_cache_dtypes(name, dtype):
+    config = EngineConfig(device="cpu", dtype="float32", kv_cache_dtype=name)
+    assert config.resolved_kv_dtype() == dtype
+
+
+@pytest.mark.parametrize("name", ["fp8", "int4", "float8_e4m3fn", "uint8", ""])
+def test_bad_kv_cache_dtype_names_the_choices(name):
+    choices = "auto, bfloat16, float16, float32, fp8_e4m3, fp8_e5m2, int8"
+    with pytest.raises(ValueError, match=f"kv_cache_dtype must be one of {choices}, got '{name}'"):
+        EngineConfig(kv_cache_dtype=name)
+
+
+def test_kv_scales_path_needs_a_quantized_kv_cache():
+    with pytest.raises(ValueError, match="kv_scales_path"):
+        EngineConfig(kv_scales_path="scales.json")
+    assert EngineConfig(kv_cache_dtype="int8", kv_scales_path="scales.json").kv_scales_path == "scales.json"

@@ -7,6 +7,9 @@ chunks. Each layer's attention first writes the step's new K/V into the paged po
 Layers may differ in two ways, given per call: a sliding window (Mistral, Gemma 2/3's local layers)
 and soft-capped scores (Gemma 2). Block table entries before a sequence's window may name blocks
 that were freed (and reused by others): a backend never reads them.
+
+A layer's pools may be quantized (one byte a value: duoserve/kv/quant.py), with float32 scales per KV
+head; a backend quantizes what it writes and reads the stored values times their head's scale.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from duoserve.kv.layer import LayerKV
 
 
 @dataclass
@@ -45,7 +50,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # K, V pools: [blocks, block_size, kv_heads, dim]
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],  # K, V pools (+ scales): see LayerKV
         meta: AttentionMetadata,
         scale: float,
         *,

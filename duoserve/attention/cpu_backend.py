@@ -6,6 +6,9 @@ kernel (`csrc/paged_attention_cpu.cpp`) walks each sequence's block table instea
 row once. It is part of duoserve's CPU kernel library (`duoserve/cpu_kernels.py`: compiled for the host
 on first use, cached). Prefill chunks stay on the torch path: they are compute-bound, and SDPA's flash
 kernel does them well.
+
+Quantized pools (fp8, int8: duoserve/kv/quant.py) go to the kernel with their per-KV-head scales: it reads
+them in place, dequantizing inside its dot products.
 """
 
 from __future__ import annotations
@@ -16,11 +19,9 @@ from duoserve.attention.backend import AttentionMetadata
 from duoserve.attention.kv_scales import check_kv_scales
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
+from duoserve.kv.layer import LayerKV
 
-__all__ = ["PAGED_DECODE_QUANTIZED_KV", "CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
-
-# paged_decode reads 1-byte (int8, FP8) pools in place, given their scales.
-PAGED_DECODE_QUANTIZED_KV = True
+__all__ = ["CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
 
 
 def paged_decode(
@@ -68,21 +69,22 @@ class CpuAttentionBackend(TorchAttentionBackend):
         self,
         out: torch.Tensor,
         q: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
         logits_soft_cap: float | None,
     ) -> None:
+        scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale} if kv.quantized else {}
         num = meta.num_decode_tokens
         out[:num] = paged_decode(
             q[:num],
-            k_pool,
-            v_pool,
+            kv.k,
+            kv.v,
             meta.decode_block_tables,
             meta.decode_context_lens,
             scale,
             sliding_window,
             logits_soft_cap,
+            **scales,
         )

@@ -11,6 +11,13 @@ queries sees, so the blocks before it (freed, maybe reused by other requests) ar
 a decode reads at most window / block_size + 1 blocks however long its context. Soft-capped scores
 (Gemma 2) cannot go through SDPA: those layers run attention as plain matmuls, as transformers'
 eager attention does.
+
+It is also the reference for quantized KV pools (duoserve/kv/quant.py): new K/V are quantized as they
+are written, and every read dequantizes the blocks it gathers to the query's dtype (in float32, times the
+head's scale): a decode group's, or a prefill chunk's context, a transient like the gather. A chunk
+that starts its sequence reads its own K/V through the same quantize-dequantize round trip rather than
+at full precision, so that a prompt computed in one chunk, in several, after a prefix-cache hit or
+again after a preemption sees the same keys.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
+from duoserve.kv.layer import LayerKV, layer_kv
+from duoserve.kv.quant import as_bytes, dequantize, quantize
 
 # Decodes are grouped by context length so that padding each group to its longest context wastes
 # little: a group closes when the next (longer) context needs this many times the first one's blocks.
@@ -63,7 +72,7 @@ class TorchAttentionBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
         *,
@@ -71,13 +80,12 @@ class TorchAttentionBackend:
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         _check_variant(sliding_window, logits_soft_cap)
-        k_pool, v_pool = kv_cache
-        _, block_size, kv_heads, dim = k_pool.shape
-        k_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
-        v_pool.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
+        kv = layer_kv(kv_cache)
+        _, block_size, kv_heads, dim = kv.k.shape
+        k, v = _store(kv, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
-            self._decode_into(out, q, k_pool, v_pool, meta, scale, sliding_window, logits_soft_cap)
+            self._decode_into(out, q, kv, meta, scale, sliding_window, logits_soft_cap)
         plans = self._prefill_plans.get(sliding_window)
         if plans is None:
             plans = [_prefill_plan(c, block_size, sliding_window) for c in meta.prefills]
@@ -89,8 +97,8 @@ class TorchAttentionBackend:
             else:
                 table = chunk.block_table[plan.first_block : -(-chunk.context_len // block_size)]
                 num_keys = chunk.context_len - plan.first_block * block_size
-                keys = _gather(k_pool, table)[:num_keys]
-                values = _gather(v_pool, table)[:num_keys]
+                keys = _gather(kv.k, table, kv.k_scale, q.dtype)[:num_keys]
+                values = _gather(kv.v, table, kv.v_scale, q.dtype)[:num_keys]
             out[rows] = _attend(q[rows], keys, values, plan.mask, scale, logits_soft_cap)
         return out
 
@@ -98,8 +106,7 @@ class TorchAttentionBackend:
         self,
         out: torch.Tensor,
         q: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
@@ -111,7 +118,23 @@ class TorchAttentionBackend:
             groups = self._decode_groups[sliding_window] = _decode_groups(meta, sliding_window)
         for group in groups:
             rows_q = q.index_select(0, group.rows)
-            out.index_copy_(0, group.rows, _decode(rows_q, k_pool, v_pool, group, scale, logits_soft_cap))
+            out.index_copy_(0, group.rows, _decode(rows_q, kv, group, scale, logits_soft_cap))
+
+
+def _store(
+    kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the step's new K/V [tokens, kv_heads, dim] at their slots; returns them as the pools now hold
+    them (for a quantized pool: quantized and dequantized again, in k's dtype)."""
+    _, _, kv_heads, dim = kv.k.shape
+    if not kv.quantized:
+        kv.k.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k.to(kv.k.dtype))
+        kv.v.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v.to(kv.v.dtype))
+        return k, v
+    stored_k, stored_v = quantize(k, kv.k_scale, kv.k.dtype), quantize(v, kv.v_scale, kv.v.dtype)
+    as_bytes(kv.k).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_k))
+    as_bytes(kv.v).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_v))
+    return dequantize(stored_k, kv.k_scale, k.dtype), dequantize(stored_v, kv.v_scale, v.dtype)
 
 
 def _check_variant(sliding_window: int | None, logits_soft_cap: float | None) -> None:
@@ -155,8 +178,7 @@ def _decode_groups(meta: AttentionMetadata, window: int | None) -> list[_DecodeG
 
 def _decode(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    kv: LayerKV,
     group: _DecodeGroup,
     scale: float,
     logits_soft_cap: float | None = None,
@@ -164,22 +186,22 @@ def _decode(
     """One attention call over a decode group: q [rows, heads, dim] against its padded, gathered context."""
     num = q.shape[0]
     # [rows * width, block_size, kv_heads, dim] -> [rows, kv_heads, width * block_size, dim]
-    keys = _gather(k_pool, group.block_ids).view(num, -1, *k_pool.shape[2:]).transpose(1, 2)
-    values = _gather(v_pool, group.block_ids).view(num, -1, *v_pool.shape[2:]).transpose(1, 2)
-    out = _sdpa(
-        q[:, :, None, :],
-        keys.to(q.dtype),
-        values.to(q.dtype),
-        group.bias.to(q.dtype),
-        scale,
-        logits_soft_cap,
-    )
+    shape = (num, -1, *kv.k.shape[2:])
+    keys = _gather(kv.k, group.block_ids, kv.k_scale, q.dtype).view(shape).transpose(1, 2)
+    values = _gather(kv.v, group.block_ids, kv.v_scale, q.dtype).view(shape).transpose(1, 2)
+    out = _sdpa(q[:, :, None, :], keys, values, group.bias.to(q.dtype), scale, logits_soft_cap)
     return out[:, :, 0, :]
 
 
-def _gather(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """Blocks of a pool, in table order, as [num * block_size, kv_heads, dim]."""
-    return pool.index_select(0, block_ids).flatten(0, 1)
+def _gather(
+    pool: torch.Tensor, block_ids: torch.Tensor, pool_scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Blocks of a pool, in table order, as [num * block_size, kv_heads, dim] of `dtype` (a quantized
+    pool's values dequantized with its per-head scales)."""
+    if pool_scale is None:
+        return pool.index_select(0, block_ids).flatten(0, 1).to(dtype)
+    stored = as_bytes(pool).index_select(0, block_ids).flatten(0, 1).view(pool.dtype)
+    return dequantize(stored, pool_scale, dtype)
 
 
 def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _PrefillPlan:

@@ -7,6 +7,10 @@ decode launches depend only on tensor shapes, so a decode step can be captured i
 (`engine/model_runner.py`) and replayed with new inputs.
 
 On a CPU device it runs only under TRITON_INTERPRET=1 (Triton's interpreter, for tests: slow).
+
+Quantized pools (fp8, int8: duoserve/kv/quant.py): the step's new K/V are quantized in torch (a few
+elementwise ops over [tokens, kv_heads, dim]) and stored as bytes; the attention kernels take the per-head
+scales and dequantize as they load each tile.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from duoserve.attention.triton_kernels import (
     store_kv,
     tiles_for,
 )
+from duoserve.kv.layer import LayerKV, layer_kv
+from duoserve.kv.quant import as_bytes, quantize
 
 
 class TritonAttentionBackend:
@@ -51,7 +57,7 @@ class TritonAttentionBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
         *,
@@ -64,11 +70,25 @@ class TritonAttentionBackend:
             raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
         if self._tiles is None:
             self._tiles = tiles_for(q.device)
-        k_pool, v_pool = kv_cache
-        store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens)
+        kv = layer_kv(kv_cache)
+        k_pool, v_pool = kv.k, kv.v
+        scales = {}
+        if kv.quantized:
+            scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
+            k, v = quantize(k, kv.k_scale, k_pool.dtype), quantize(v, kv.v_scale, v_pool.dtype)
+            store_kv(
+                as_bytes(k),
+                as_bytes(v),
+                as_bytes(k_pool),
+                as_bytes(v_pool),
+                meta.slot_mapping,
+                self._tiles.store_tokens,
+            )
+        else:
+            store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens)
         out = torch.empty_like(q)
         num_decodes = meta.num_decode_tokens
-        variant = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap}
+        variant = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap, **scales}
         if num_decodes:
             paged_decode(
                 out[:num_decodes],

@@ -3,6 +3,10 @@
 Both P/D transfer (duoserve/disagg/kv_transfer.py: checked on every message) and the offload tiers
 (duoserve/kv/offload: part of every stored block's fingerprint) describe blocks with it. It lives here,
 not with the transport, so that the engine side can use it without importing ZeroMQ.
+
+A quantized cache's bytes mean something only with its scales (duoserve/kv/quant.py): the layout names
+the storage dtype ("float8_e4m3fn", "int8", ...) and a digest of the scales, so blocks quantized under
+other scales are refused (P/D) or never found (offload: another fingerprint) instead of read wrong.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ class KVLayout(msgspec.Struct, frozen=True):
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: str  # a torch dtype's name, e.g. "float32"
+    dtype: str  # the storage dtype's torch name, e.g. "float32", "float8_e4m3fn", "int8"
+    kv_scales: str = ""  # a quantized cache's KVScales.digest; "" for an unquantized one
 
     @classmethod
     def of(cls, spec: KVCacheSpec) -> KVLayout:
+        if spec.quantized and spec.scales is None:
+            raise ValueError("a quantized KV cache's layout needs its scales (KVCacheSpec.with_scales)")
         dtype = str(spec.dtype).removeprefix("torch.")
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, dtype)
+        scales = "" if spec.scales is None else spec.scales.digest
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, dtype, scales)
 
     @property
     def torch_dtype(self) -> torch.dtype:

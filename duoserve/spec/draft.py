@@ -24,6 +24,7 @@ from duoserve.engine.request import Request
 from duoserve.engine.sampler import argmax
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.kv.quant import is_quantized
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel, load_model
 
@@ -76,7 +77,11 @@ class DraftProposer:
             quantized_max_rows=config.resolved_quantized_max_rows(),
             quantized_activations=config.resolved_quantized_activations(),
         )
-        spec = KVCacheSpec.for_model(model_config, config.block_size, config.resolved_kv_dtype())
+        # A quantized target cache leaves the draft's in the model's dtype: the draft's KV only steers its
+        # proposals (which the target verifies), and it would need scales calibrated for it.
+        kv_dtype = config.resolved_kv_dtype()
+        kv_dtype = dtype if is_quantized(kv_dtype) else kv_dtype
+        spec = KVCacheSpec.for_model(model_config, config.block_size, kv_dtype)
         kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)
         return cls(model, KVCache(spec, num_blocks, device), kv, device)
 

@@ -1,5 +1,7 @@
 """The torch backend's batched, padded decode and its prefill chunks against plain attention over each
-sequence's context, with and without a sliding window and soft-capped scores."""
+sequence's context, with and without a sliding window and soft-capped scores; over quantized pools (the
+reference for fp8/int8 KV: the CPU backend, which decodes them in its kernel or falls back to this path,
+is held to the same)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import pytest
 import torch
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
+from duoserve.attention.cpu_backend import CpuAttentionBackend, cpu_kernels_available
 from duoserve.attention.torch_backend import TorchAttentionBackend, _decode, _decode_groups
+from duoserve.attention.triton_backend import TritonAttentionBackend
+from duoserve.kv.layer import LayerKV
+from duoserve.kv.quant import QUANTIZED_KV_DTYPES, dequantize, quantize
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -102,7 +108,7 @@ def test_decode_matches_per_sequence_attention(heads: int, kv_heads: int, dim: i
     assert len(groups) > 1  # lengths spread widely: several groups
     out = torch.empty_like(q)
     for group in groups:
-        out[group.rows] = _decode(q[group.rows], k_pool, v_pool, group, dim**-0.5)
+        out[group.rows] = _decode(q[group.rows], LayerKV(k_pool, v_pool), group, dim**-0.5)
     ref = _reference(q, k_pool, v_pool, tables, lens, dim**-0.5)
     assert rel_err(out, ref) < 1e-5
 
@@ -228,3 +234,80 @@ def test_bad_variants_raise() -> None:
         run_decode(TorchAttentionBackend(), q, k_pool, v_pool, tables, lens, sliding_window=0)
     with pytest.raises(ValueError, match="logits_soft_cap"):
         run_decode(TorchAttentionBackend(), q, k_pool, v_pool, tables, lens, logits_soft_cap=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized pools
+
+
+def _triton_backend() -> TritonAttentionBackend:
+    """The Triton backend on CPU tensors, in Triton's interpreter (conftest.py)."""
+    return TritonAttentionBackend(torch.device("cpu"))
+
+
+BACKENDS = [
+    TorchAttentionBackend,
+    *([CpuAttentionBackend] if cpu_kernels_available() else []),
+    *([] if torch.cuda.is_available() else [_triton_backend]),  # these tests' tensors are on the CPU
+]
+
+
+def quantized_pool(pool: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor):
+    """A float pool [blocks, block_size, kv_heads, dim] stored in `dtype`, and what it stands for."""
+    stored = quantize(pool.flatten(0, 1), scale, dtype).view(pool.shape)
+    return stored, dequantize(stored.flatten(0, 1), scale, torch.float32).view(pool.shape)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("dtype", list(QUANTIZED_KV_DTYPES.values()), ids=list(QUANTIZED_KV_DTYPES))
+def test_decode_over_quantized_pools_reads_their_dequantized_values(backend_cls, dtype) -> None:
+    q, k_pool, v_pool, tables, lens = poisoned_case(6, 2, 16, 5, [1, 4, 5, 6, 21, 40, 97], None)
+    k_scale, v_scale = torch.tensor([0.03, 0.05]), torch.tensor([0.02, 0.04])
+    if dtype != torch.int8:  # the fp8 codes' range: scales that put these values near its top
+        k_scale, v_scale = k_scale / 20, v_scale / 20
+    k_stored, k_real = quantized_pool(k_pool, dtype, k_scale)
+    v_stored, v_real = quantized_pool(v_pool, dtype, v_scale)
+    meta = decode_meta(tables, lens, 5)
+    backend = backend_cls()
+    backend.prepare(meta)
+    empty = torch.empty(0, 2, 16)
+    kv = LayerKV(k_stored, v_stored, k_scale, v_scale)
+    out = backend.forward(q, empty, empty, kv, meta, 0.25)
+    ref = _reference(q, k_real, v_real, tables, lens, 0.25)
+    assert rel_err(out, ref) < 1e-5
+    # The values stored are coarse: the dequantized pool is not the float one (a test that could fail).
+    assert rel_err(_reference(q, k_pool, v_pool, tables, lens, 0.25), ref) > 1e-4
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("dtype", list(QUANTIZED_KV_DTYPES.values()), ids=list(QUANTIZED_KV_DTYPES))
+def test_prefill_over_a_quantized_pool_sees_every_key_quantized(backend_cls, dtype) -> None:
+    """New K/V are stored quantized at their slots; every chunk, its sequence's first included, attends
+    to the quantized-dequantized keys (so one chunk or several give the same answer)."""
+    block_size = 5
+    (q, k, v, (k_pool, v_pool), meta), sequences = prefill_case(block_size, [(0, 12), (13, 9), (10, 1)], None)
+    scale = torch.tensor([0.05, 0.07]) / (1 if dtype == torch.int8 else 30)
+    k_stored, _ = quantized_pool(k_pool, dtype, scale)
+    v_stored, _ = quantized_pool(v_pool, dtype, scale)
+    backend = backend_cls()
+    backend.prepare(meta)
+    out = backend.forward(q, k, v, LayerKV(k_stored, v_stored, scale, scale), meta, 0.25)
+    slots = meta.slot_mapping
+    assert torch.equal(
+        k_stored.view(torch.uint8).flatten(0, 1)[slots], quantize(k, scale, dtype).view(torch.uint8)
+    )
+    row = 0
+    for seq_q, seq_k, seq_v, cached in sequences:
+        new = seq_q.shape[0] - cached
+        real_k = dequantize(quantize(seq_k, scale, dtype), scale, torch.float32)
+        real_v = dequantize(quantize(seq_v, scale, dtype), scale, torch.float32)
+        ref = plain_attention(seq_q[cached:], real_k, real_v, 0.25, range(cached, seq_q.shape[0]))
+        assert rel_err(out[row : row + new], ref) < 1e-5, cached
+        row += new
+
+
+def test_quantized_pools_need_their_scales() -> None:
+    q, k_pool, v_pool, tables, lens = poisoned_case(4, 2, 16, 5, [30], None)
+    stored = k_pool.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="scales"):
+        run_decode(TorchAttentionBackend(), q, stored, stored, tables, lens)

@@ -225,6 +225,55 @@ def test_mismatched_layout_is_refused_by_the_prefill_side(model_path, zmq_contex
         pair.close()
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_quantized_kv_transfers_with_its_scales(model_path, zmq_context, kv_cache_dtype):
+    """Both workers calibrate the same scales (same model, same text): their layouts agree, the quantized
+    blocks cross as they are (one byte a value), and greedy output is a colocated quantized engine's."""
+    quantized = {"kv_cache_dtype": kv_cache_dtype}
+    prompt = random_prompt(23, seed=3)
+    core = make_core(model_path, **quantized)
+    core.add_request("r", prompt, greedy(10), [])
+    expected = []
+    while core.has_unfinished():
+        expected += [t for out in core.step() for t in out.new_token_ids]
+    pair = Pair(model_path, zmq_context, quantized, {**quantized, "max_num_batched_tokens": 8})
+    try:
+        assert pair.prefill.kv_cache.spec.scales == pair.decode.kv_cache.spec.scales
+        assert pair.run(prompt, max_tokens=10) == expected
+        # 6 blocks of 4 tokens x 2 layers x (K, V) x 3 KV heads x 8 dims, one byte each.
+        assert pair.decode.stats()["kv_transfer_bytes"] == 6 * 4 * 2 * 2 * 3 * 8
+    finally:
+        pair.close()
+
+
+def test_kv_quantized_under_other_scales_is_refused(model_path, zmq_context, tmp_path):
+    """A decode worker whose scales differ (another scales file) names another layout: the prefill side
+    refuses its ticket, as any layout mismatch (and its receiver drops such blocks as foreign)."""
+    scales = make_core(model_path, kv_cache_dtype="int8").kv_cache.spec.scales
+    other = type(scales)(tuple(tuple(2 * s for s in row) for row in scales.k), scales.v)
+    path = tmp_path / "scales.json"
+    path.write_text(other.to_json("int8"))
+    pair = Pair(
+        model_path,
+        zmq_context,
+        prefill_overrides={"kv_cache_dtype": "int8"},
+        decode_overrides={"kv_cache_dtype": "int8", "kv_scales_path": str(path)},
+    )
+    try:
+        with pytest.raises(
+            ValueError, match=f"kv_scales='{other.digest}'.* is not ours .*kv_scales='{scales.digest}'"
+        ):
+            pair.start(random_prompt(10, seed=1), 4)
+    finally:
+        pair.close()
+    unquantized = Pair(model_path, zmq_context, decode_overrides={"kv_cache_dtype": "int8"})
+    try:
+        with pytest.raises(ValueError, match="dtype='int8'.* is not ours .*dtype='float32'"):
+            unquantized.start(random_prompt(10, seed=1), 4)
+    finally:
+        unquantized.close()
+
+
 def test_blocks_for_another_requests_blocks_abort_the_request_and_free_its_blocks(model_path, zmq_context):
     """A well-formed, authenticated frame that writes outside the ticket's blocks is a bad transfer."""
     pair = Pair(model_path, zmq_context)

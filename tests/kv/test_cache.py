@@ -1,4 +1,4 @@
-"""KVCache tensors: sizing, and moving blocks between caches."""
+"""KVCache tensors: sizing (quantized ones too), their scales, and moving blocks between caches."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from duoserve.kv.cache import KVCache, KVCacheSpec
+from duoserve.kv.quant import QUANTIZED_KV_DTYPES, KVScales
 from duoserve.models.config import ModelConfig
 
 SPEC = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
@@ -70,3 +71,67 @@ def test_import_refuses_a_block_count_mismatch():
     blocks = cache.export_blocks([0, 1])
     with pytest.raises(ValueError, match="do not fit"):
         cache.import_blocks([0, 1, 2], blocks)
+
+
+SCALES = KVScales(((0.1, 0.2), (0.3, 0.4), (0.5, 0.6)), ((1.0, 2.0), (3.0, 4.0), (5.0, 6.0)))
+
+
+@pytest.mark.parametrize("dtype", list(QUANTIZED_KV_DTYPES.values()), ids=list(QUANTIZED_KV_DTYPES))
+def test_quantized_cache_holds_2x_bfloat16_and_4x_float32_blocks(dtype):
+    memory = 100 * SPEC.bytes_per_block + 7
+    quantized = KVCacheSpec(3, 2, 8, 4, dtype).num_blocks_for(memory)
+    assert quantized == 400
+    assert quantized == 2 * KVCacheSpec(3, 2, 8, 4, torch.bfloat16).num_blocks_for(memory)
+    assert quantized == 4 * SPEC.num_blocks_for(memory)
+    cache = KVCache(KVCacheSpec(3, 2, 8, 4, dtype).with_scales(SCALES), quantized, torch.device("cpu"))
+    assert cache.data.dtype == dtype and cache.data.nbytes <= memory
+
+
+def test_engine_block_count_doubles_for_the_same_kv_cache_memory(tiny_models, single_torch_thread):
+    from duoserve.config import EngineConfig
+    from duoserve.engine.core import EngineCore
+    from duoserve.models.loader import load_model
+
+    path = tiny_models("llama_gqa")[1]
+    loaded = load_model(path, torch.float32)
+
+    def blocks(kv_cache_dtype: str) -> int:
+        config = EngineConfig(
+            model=path, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype, kv_cache_memory=memory
+        )
+        return EngineCore(config, loaded).kv.num_blocks
+
+    # float32 blocks of 16 tokens: 2 layers x (K, V) x 16 x 3 KV heads x 8 dims x 4 bytes.
+    memory = 50 * 2 * 2 * 16 * 3 * 8 * 4
+    assert blocks("auto") == 50
+    assert blocks("int8") == 2 * blocks("bfloat16") == 4 * blocks("auto")
+
+
+def test_quantized_cache_needs_scales_and_gives_them_per_layer():
+    spec = KVCacheSpec(3, 2, 8, 4, torch.int8)
+    with pytest.raises(ValueError, match="needs its scales"):
+        KVCache(spec, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="takes no scales"):
+        SPEC.with_scales(SCALES)
+    with pytest.raises(ValueError, match="do not fit"):
+        KVCacheSpec(2, 2, 8, 4, torch.int8).with_scales(SCALES)
+    cache = KVCache(spec.with_scales(SCALES), 2, torch.device("cpu"))
+    layer = cache.layer(1)
+    assert layer.quantized and layer.k.dtype == torch.int8 and layer.k.shape == (2, 4, 2, 8)
+    assert layer.k_scale.tolist() == pytest.approx([0.3, 0.4]) and layer.v_scale.tolist() == [3.0, 4.0]
+    assert not KVCache(SPEC, 2, torch.device("cpu")).layer(0).quantized
+
+
+@pytest.mark.parametrize("dtype", list(QUANTIZED_KV_DTYPES.values()), ids=list(QUANTIZED_KV_DTYPES))
+def test_quantized_blocks_move_byte_for_byte(dtype):
+    spec = KVCacheSpec(3, 2, 8, 4, dtype).with_scales(SCALES)
+    source, target = KVCache(spec, 5, torch.device("cpu")), KVCache(spec, 5, torch.device("cpu"))
+    torch.manual_seed(0)
+    source.data.view(torch.uint8).copy_(torch.randint(0, 120, source.data.shape, dtype=torch.uint8))
+    exported = source.export_blocks([3, 0])
+    assert exported.dtype == dtype
+    target.import_blocks([1, 4], exported)
+    assert torch.equal(target.data.view(torch.uint8)[:, :, 1], source.data.view(torch.uint8)[:, :, 3])
+    assert torch.equal(target.data.view(torch.uint8)[:, :, 4], source.data.view(torch.uint8)[:, :, 0])
+    with pytest.raises(ValueError, match="do not fit"):
+        target.import_blocks([1, 4], exported.view(torch.uint8))

@@ -222,6 +222,21 @@ def test_draft_model_greedy_identical(tiny_models, draft_args):
     assert not draft_kv.tables and draft_kv.pool.num_free_blocks == draft_kv.num_blocks
 
 
+def test_draft_beside_a_quantized_kv_cache(tiny_models):
+    """The target's KV in int8, the draft's in the model's dtype: greedy output is plain int8 decoding's."""
+    _, path = tiny_models("llama_gqa")
+    prompts = [random_prompt(n, seed=700 + n) for n in (5, 17)]
+    plain = generate_ids(make_llm(path, kv_cache_dtype="int8"), prompts, greedy(12))
+    llm = make_llm(
+        path, kv_cache_dtype="int8", speculative="draft", num_speculative_tokens=3, draft_num_layers=1
+    )
+    assert generate_ids(llm, prompts, greedy(12)) == plain
+    assert llm.engine.core.stats()["spec_decode_num_draft_tokens"] > 0
+    draft = llm.engine.core.speculator.proposer
+    assert draft.kv_cache.data.dtype == llm.engine.core.model.dtype
+    assert llm.engine.core.kv_cache.data.dtype.itemsize == 1
+
+
 def test_draft_layers_of_a_model_with_sliding_layers(tmp_path):
     """Gemma 2's layers alternate sliding and full attention (config layer_types): a one-layer draft
     keeps layer 0's type, and speculation leaves greedy outputs as they were."""
