@@ -19,6 +19,7 @@ Wall-clock measurements: run on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import threading
@@ -186,9 +187,12 @@ def bench_overlap(seconds: float = 1.0) -> None:
 
 
 def bench_throughput(num_tokens: int, batches: list[int]) -> None:
+    """Also the CPU time per step (the whole process's, and the masks' own: the mask thread's fill and the
+    engine thread's apply), which a busy machine distorts far less than the wall time."""
     from duoserve import LLM, SamplingParams
 
     llm = LLM()
+    stats = llm.engine.core.structured.stats
     prompt = "Describe people as JSON."
     # Long enough that no output completes within num_tokens: every request decodes all of them, as the
     # unconstrained ones do with ignore_eos.
@@ -202,12 +206,27 @@ def bench_throughput(num_tokens: int, batches: list[int]) -> None:
                 structured_outputs={"json": people} if constrained else None,
             )
             llm.generate([prompt] * batch, params, use_tqdm=False)  # warm up (and compile the grammar)
-            start = time.perf_counter()
+            before = dataclasses.replace(stats)
+            start, cpu = time.perf_counter(), time.process_time()
             outputs = llm.generate([prompt] * batch, params, use_tqdm=False)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             label = "schema" if constrained else "free  "
-            print(f"batch {batch:3d} {label}: {tokens / seconds:8.1f} output tok/s ({tokens} tokens)")
+            print(
+                f"batch {batch:3d} {label}: {tokens / seconds:8.1f} output tok/s ({tokens} tokens), "
+                f"process CPU {cpu / num_tokens * 1e3:7.1f} ms per step"
+            )
+            steps = stats.steps - before.steps
+            if steps:
+                per_step = {
+                    name: (getattr(stats, name) - getattr(before, name)) / steps * 1e3
+                    for name in ("fill_cpu_s", "fill_wall_s", "apply_cpu_s", "wait_s")
+                }
+                print(
+                    f"  masks per step ({steps} steps): fill {per_step['fill_cpu_s']:.2f} ms CPU on the mask "
+                    f"thread ({per_step['fill_wall_s']:.2f} ms wall), apply {per_step['apply_cpu_s']:.2f} ms "
+                    f"CPU, engine waited {per_step['wait_s']:.2f} ms for them"
+                )
 
 
 def main() -> None:

@@ -119,7 +119,10 @@ class EngineCore:
         )
         self.sampler = Sampler(config.seed)
         self.structured = StructuredOutputs(
-            loaded.source, model_config.vocab_size, model_config.eos_token_ids
+            loaded.source,
+            model_config.vocab_size,
+            model_config.eos_token_ids,
+            unpack_on_host=self.device.type == "cpu",
         )
         self.speculator = (
             None

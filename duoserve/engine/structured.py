@@ -2,11 +2,21 @@
 
 Only requests with `params.structured_outputs` have a matcher, and a step in which none samples costs
 nothing here. The masks of a step are computed on a worker thread started before the forward pass, and
-applied to the sampled rows' logits once both are done: llguidance drops the GIL while it computes a
-mask (and torch drops it in its kernels), so the two overlap. When a request may stop (its grammar
+applied to the sampled rows' logits once both are done: llguidance drops the GIL while it computes
+masks (and torch drops it in its kernels), so the two overlap. When a request may stop (its grammar
 accepts), every one of its stop tokens is allowed, not only the tokenizer's eos, so the model ends the
 structure with whichever end-of-turn token it prefers; until then none is, so a request that stops for
 a stop token always completes its structure (max_tokens can still cut it: finish_reason `length`).
+
+The per-step cost is kept to the masks themselves, as vLLM v1 does with xgrammar and llguidance: one
+bitmask buffer [rows, ceil(V / 32)] int32 allocated once (grown when a step has more rows), filled in
+place by one `LLExecutor` call for the step's plain rows (llguidance's batch API, GIL dropped once),
+unpacked to a reused [rows, V] bool buffer by one numpy table lookup, and applied to the logits in
+place, one masked fill per run of consecutive constrained rows. The mask thread never calls torch: a
+torch op over more than 32k elements from a new thread starts a second OpenMP team there, whose
+threads spin ~9 ms after each op (GNU OpenMP's default) on the cores the forward pass is using;
+measured on a 2-core host, that and a per-step torch bitmask allocation were most of a batch-32
+step's constrained-decoding cost (BENCHMARKS.md).
 
 A matcher follows its request's output rather than being told of each token: before computing a mask it
 consumes the tokens appended since the last one (sampled here, accepted drafts, or the first token a
@@ -22,13 +32,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy
 import numpy as np
 import torch
 
@@ -44,6 +56,13 @@ logger = logging.getLogger(__name__)
 # Compiled grammars kept to copy matchers from (n sequences, repeated schemas and tools compile once).
 _MAX_CACHED_GRAMMARS = 64
 
+# The most threads llguidance's executor computes one step's masks on (a mask is ~0.1-0.3 ms).
+_MAX_MASK_THREADS = 8
+
+# Byte value -> its 8 bits, little-endian, True where the bit is 0 (the token is forbidden): a bitmask's
+# bytes through this table are the [rows, 32 * words] "forbidden" mask, in one numpy op.
+_FORBIDDEN_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 0
+
 
 @dataclass
 class GrammarState:
@@ -55,45 +74,97 @@ class GrammarState:
 
 
 @dataclass
+class MaskStats:
+    """Where constrained decoding's time goes (benchmarks/structured_outputs.py prints it per step)."""
+
+    steps: int = 0  # steps with a constrained row (written by the mask thread, as the fill_ fields)
+    fill_cpu_s: float = 0.0  # the mask thread's CPU time (matchers, masks, stop tokens, unpacking)
+    fill_wall_s: float = 0.0  # its wall time (includes masks computed on llguidance's executor threads)
+    apply_cpu_s: float = 0.0  # the engine thread's CPU time applying masks (written by `apply`)
+    wait_s: float = 0.0  # the engine thread's wait for the masks after its forward (written by `apply`)
+
+
+@dataclass
 class _Job:
     request: Request
     row: int  # its first row among the step's sampled logits
     new_tokens: list[int]  # output tokens since the matcher's last step
     drafts: list[int]
+    index: int = 0  # its first row in the step's bitmask
+
+    @property
+    def num_rows(self) -> int:
+        return 1 + len(self.drafts)
+
+
+@dataclass
+class _Filled:
+    """A step's computed masks: views of StructuredOutputs' buffers, valid until the next step starts."""
+
+    bitmask: np.ndarray  # [rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed
+    forbidden: np.ndarray | None  # [rows, 32 * words] bool (None: not unpacked, for an accelerator)
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first logits row, first mask row, rows)
 
 
 class GrammarMasks:
     """The masks of one step, being computed; `apply` waits for them."""
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, stats: MaskStats) -> None:
         self._future = future
+        self._stats = stats
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits [rows, V] with -inf where the grammars forbid a token (a new tensor: the model's
-        logits are inference tensors, not to be written outside inference mode)."""
-        rows, forbidden = self._future.result()
-        forbidden = forbidden.to(logits.device, non_blocking=True)
-        if len(rows) == logits.shape[0]:
-            return logits.masked_fill(forbidden, -math.inf)
-        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        masked = logits.clone()
-        masked[index] = logits[index].masked_fill_(forbidden, -math.inf)
-        return masked
+        """The logits [rows, V], -inf written in place where the grammars forbid a token."""
+        start = time.perf_counter()
+        filled: _Filled = self._future.result()
+        cpu = time.thread_time()
+        self._stats.wait_s += time.perf_counter() - start
+        vocab = logits.shape[1]
+        if filled.forbidden is not None:
+            forbidden = torch.from_numpy(filled.forbidden)
+        else:  # ship 32x fewer bytes and unpack on the device
+            forbidden = unpack_forbidden(torch.from_numpy(filled.bitmask).to(logits.device))
+        # Inference mode: the model's logits are inference tensors, written in place only there.
+        with torch.inference_mode():
+            for logits_row, mask_row, num_rows in filled.runs:
+                logits[logits_row : logits_row + num_rows].masked_fill_(
+                    forbidden[mask_row : mask_row + num_rows, :vocab], -math.inf
+                )
+        self._stats.apply_cpu_s += time.thread_time() - cpu
+        return logits
+
+
+def unpack_forbidden(bitmask: torch.Tensor) -> torch.Tensor:
+    """[rows, words] int32 bitmask -> [rows, 32 * words] bool, True where the token is forbidden (torch
+    ops, for a bitmask on an accelerator; on the CPU the mask thread unpacks with numpy)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return (((bitmask[:, :, None] >> shifts) & 1) == 0).flatten(1)
 
 
 class StructuredOutputs:
     """The engine's grammars and masks. The tokenizer's tables are built when the first constrained request
     is added (about a second for a 49k vocabulary, once), so an engine that serves none pays nothing."""
 
-    def __init__(self, tokenizer_source: str, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer_source: str, vocab_size: int, eos_token_ids: list[int], unpack_on_host: bool = True
+    ) -> None:
         self._source = tokenizer_source
+        # The mask thread unpacks masks to bools for logits on the CPU; for an accelerator's, `apply`
+        # ships the packed ones (32x fewer bytes) and unpacks them there.
+        self._unpack = unpack_on_host
         self.vocab_size = vocab_size
         self._model_eos_ids = eos_token_ids
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_error: str | None = None  # why the tokenizer cannot drive a grammar
         self._eos_ids: list[int] = []  # what the tokenizer and the model call eos: llguidance's end tokens
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._executor: llguidance.LLExecutor | None = None  # llguidance's own pool, for batched masks
+        self.stats = MaskStats()
+        # Reused every step (written by the mask thread, read by `apply` before the next step starts).
+        self._words = -(-vocab_size // 32)
+        self._bitmask = np.zeros((0, self._words), dtype=np.int32)
+        self._forbidden = np.zeros((0, 32 * self._words), dtype=np.bool_)
 
     def check(self, params: SamplingParams) -> None:
         """Before a constrained request is admitted: the tokenizer's tables are built (once, on the first
@@ -124,53 +195,119 @@ class StructuredOutputs:
             row += 1 + len(s.draft_token_ids)
         if not jobs:
             return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="duoserve-grammar")
-        return GrammarMasks(self._executor.submit(self._masks, jobs))
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="duoserve-grammar")
+            self._executor = llguidance.LLExecutor(_mask_threads())
+        return GrammarMasks(self._thread.submit(self._masks, jobs), self.stats)
 
     # ---------------------------------------------------------------- on the mask thread
 
-    def _masks(self, jobs: list[_Job]) -> tuple[list[int], torch.Tensor]:
-        rows = [job.row + j for job in jobs for j in range(1 + len(job.drafts))]
-        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+    def _masks(self, jobs: list[_Job]) -> _Filled:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        runs: list[tuple[int, int, int]] = []
         index = 0
         for job in jobs:
-            try:
-                self._fill(job, bitmask, index)
-            except Exception:  # one request's grammar must never take the engine down
-                logger.exception(
-                    "request %s: its grammar failed; it may only end now", job.request.request_id
-                )
-                job.request.grammar = GrammarState(None, reported=True)
-                self._only_stop(bitmask, index, job)
-            index += 1 + len(job.drafts)
-        return rows, self._forbidden(bitmask)
+            job.index = index
+            if runs and runs[-1][0] + runs[-1][2] == job.row:  # extends the previous run of rows
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + job.num_rows)
+            else:
+                runs.append((job.row, index, job.num_rows))
+            index += job.num_rows
+        bitmask = self._bitmask_rows(index)
+        ready = self._advance(jobs, bitmask)
+        self._fill(ready, bitmask)
+        self._allow_stop_tokens(bitmask, jobs)
+        forbidden = self._unpacked(bitmask) if self._unpack else None
+        self.stats.steps += 1
+        self.stats.fill_cpu_s += time.thread_time() - cpu
+        self.stats.fill_wall_s += time.perf_counter() - wall
+        return _Filled(bitmask, forbidden, runs)
 
-    def _fill(self, job: _Job, bitmask: torch.Tensor, index: int) -> None:
-        request = job.request
-        state = request.grammar
-        if state is None:
-            state = request.grammar = GrammarState(self._matcher(request))
-        matcher = state.matcher
-        if matcher is None:
-            self._only_stop(bitmask, index, job)
-            return
-        if job.new_tokens and not matcher.is_stopped():
-            matcher.consume_tokens(job.new_tokens)
-        state.num_consumed += len(job.new_tokens)
-        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, index)
+    def _bitmask_rows(self, num_rows: int) -> np.ndarray:
+        """The first num_rows rows of the reused bitmask (grown to the next power of two when short)."""
+        if self._bitmask.shape[0] < num_rows:
+            capacity = 1 << (num_rows - 1).bit_length()
+            self._bitmask = np.zeros((capacity, self._words), dtype=np.int32)
+            self._forbidden = np.zeros((capacity, 32 * self._words), dtype=np.bool_)
+        return self._bitmask[:num_rows]
+
+    def _advance(self, jobs: list[_Job], bitmask: np.ndarray) -> list[_Job]:
+        """Each job's matcher made (on its first step) and fed the tokens output since its last mask;
+        the jobs whose matchers compute masks (the others' rows allow only their stop tokens)."""
+        ready, single = [], []
+        for job in jobs:
+            try:
+                state = job.request.grammar
+                if state is None:
+                    state = job.request.grammar = GrammarState(self._matcher(job.request))
+                if state.matcher is None:
+                    self._only_stop(bitmask, job)
+                    continue
+                if state.matcher.is_stopped() or not job.new_tokens:
+                    pass
+                elif len(job.new_tokens) == 1:
+                    single.append(job)  # the usual case: one call for all of them below
+                else:
+                    state.matcher.consume_tokens(job.new_tokens)
+                state.num_consumed += len(job.new_tokens)
+                ready.append(job)
+            except Exception:  # one request's grammar must never take the engine down
+                self._fail(job, bitmask)
+        if single:
+            # A refused token leaves its matcher in an error state: reported, and it may only end.
+            try:
+                tokens = [(job.request.grammar.matcher, job.new_tokens[0]) for job in single]
+                self._executor.consume_token_par(tokens)
+            except Exception:
+                for job in single:
+                    self._fail(job, bitmask)
+                return [job for job in ready if job.request.grammar.matcher is not None]
+        return ready
+
+    def _fill(self, jobs: list[_Job], bitmask: np.ndarray) -> None:
+        """The masks of the jobs' rows: the plain ones in one batched call, then those with drafts."""
+        plain = [(job.request.grammar.matcher, job.index) for job in jobs if not job.drafts]
+        if plain:
+            try:
+                llguidance.numpy.fill_next_token_bitmask_par(self._executor, plain, bitmask)
+            except Exception:  # one at a time, so that only a failing request is cut
+                for job in jobs:
+                    if not job.drafts:
+                        self._fill_one(job, bitmask)
+        for job in jobs:
+            if job.drafts:
+                self._fill_one(job, bitmask)
+        for job in jobs:
+            state = job.request.grammar
+            if state.matcher is not None and state.matcher.is_error() and not state.reported:
+                state.reported = True
+                logger.warning(
+                    "request %s: grammar error: %s", job.request.request_id, state.matcher.get_error()
+                )
+
+    def _fill_one(self, job: _Job, bitmask: np.ndarray) -> None:
+        try:
+            self._fill_drafts(job, bitmask)
+        except Exception:
+            self._fail(job, bitmask)
+
+    def _fill_drafts(self, job: _Job, bitmask: np.ndarray) -> None:
+        """The masks of a job's 1 + k rows: after its output, then after each draft the grammar accepts."""
+        matcher, index = job.request.grammar.matcher, job.index
+        llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, index)
         valid = matcher.validate_tokens(job.drafts) if job.drafts and not matcher.is_stopped() else 0
         for j in range(valid):
             matcher.consume_token(job.drafts[j])
-            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, index + 1 + j)
+            llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, index + 1 + j)
         if valid:
             matcher.rollback(valid)
         if valid < len(job.drafts):  # rows after a refused draft are never reached
-            bitmask[index + 1 + valid : index + 1 + len(job.drafts)] = bitmask[index + valid]
-        if matcher.is_error() and not state.reported:
-            state.reported = True
-            logger.warning("request %s: grammar error: %s", request.request_id, matcher.get_error())
-        self._allow_stop_tokens(bitmask, index, 1 + len(job.drafts), request)
+            bitmask[index + 1 + valid : index + job.num_rows] = bitmask[index + valid]
+
+    def _fail(self, job: _Job, bitmask: np.ndarray) -> None:
+        logger.exception("request %s: its grammar failed; it may only end now", job.request.request_id)
+        job.request.grammar = GrammarState(None, reported=True)
+        self._only_stop(bitmask, job)
 
     def _matcher(self, request: Request) -> llguidance.LLMatcher:
         grammar = build_grammar(request.params.structured_outputs)
@@ -195,26 +332,39 @@ class StructuredOutputs:
             tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos_ids
         )
 
-    def _only_stop(self, bitmask: torch.Tensor, index: int, job: _Job) -> None:
-        bitmask[index : index + 1 + len(job.drafts)] = 0
-        self._allow_stop_tokens(bitmask, index, 1 + len(job.drafts), job.request, force=True)
+    def _only_stop(self, bitmask: np.ndarray, job: _Job) -> None:
+        """The job's rows allow nothing (`_allow_stop_tokens` then allows its stop tokens)."""
+        bitmask[job.index : job.index + job.num_rows] = 0
 
-    def _allow_stop_tokens(
-        self, bitmask: torch.Tensor, index: int, num_rows: int, request: Request, force: bool = False
-    ) -> None:
-        """Where an eos token is allowed, allow each of the request's stop tokens too; where
-        nothing is allowed (or `force`), allow only those: a row is never left with no token to sample."""
-        stops = [t for t in request.stop_token_ids if t < self.vocab_size] or self._eos_ids[:1] or [0]
-        words = bitmask.numpy().view(np.uint32)
-        for row in range(index, index + num_rows):
-            eos_allowed = any(words[row, t >> 5] >> np.uint32(t & 31) & 1 for t in self._eos_ids)
-            if force or eos_allowed or not words[row].any():
-                for token in stops:
-                    words[row, token >> 5] |= np.uint32(1 << (token & 31))
+    def _allow_stop_tokens(self, bitmask: np.ndarray, jobs: list[_Job]) -> None:
+        """Where an eos token is allowed, allow each of the request's stop tokens too; where nothing is
+        allowed (a failed grammar's rows among them), allow only those: a row is never left with no token
+        to sample. Which rows: one vectorised test; the few it finds are changed one by one."""
+        words = bitmask.view(np.uint32)
+        eos = np.asarray(self._eos_ids or [0], dtype=np.int64)
+        eos_allowed = ((words[:, eos >> 5] >> (eos & 31).astype(np.uint32)) & 1).any(axis=1)
+        open_rows = np.flatnonzero(eos_allowed | ~words.any(axis=1))
+        if not len(open_rows):
+            return
+        owner = np.repeat(np.arange(len(jobs)), [job.num_rows for job in jobs])
+        for row in open_rows.tolist():
+            request = jobs[owner[row]].request
+            stops = [t for t in request.stop_token_ids if t < self.vocab_size] or self._eos_ids[:1] or [0]
+            for token in stops:
+                words[row, token >> 5] |= np.uint32(1 << (token & 31))
 
-    def _forbidden(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """[rows, ceil(V / 32)] int32 bitmask (bit t % 32 of word t // 32: token t allowed) -> [rows, V] bool,
-        True where forbidden. numpy, not torch: torch would start its own thread pool from this thread."""
-        as_bytes = bitmask.numpy().view(np.uint8)  # little-endian words: byte t // 8, bit t % 8
-        allowed = np.unpackbits(as_bytes, axis=1, count=self.vocab_size, bitorder="little")
-        return torch.from_numpy((allowed ^ 1).view(np.bool_))
+    def _unpacked(self, bitmask: np.ndarray) -> np.ndarray:
+        """The [rows, 32 * words] bool "forbidden" form of bitmask, in the reused buffer. numpy, not
+        torch: see the module's docstring."""
+        rows = bitmask.shape[0]
+        out = self._forbidden[:rows]
+        as_bytes = bitmask.view(np.uint8)  # little-endian words: byte t // 8, bit t % 8
+        np.take(_FORBIDDEN_BITS, as_bytes, axis=0, out=out.reshape(rows, -1, 8), mode="clip")
+        return out
+
+
+def _mask_threads() -> int:
+    """Threads for llguidance's executor: the cores torch's threads leave free, at least one (on a
+    host whose cores all run the forward pass, more would only take them from it)."""
+    free = (os.cpu_count() or 1) - torch.get_num_threads()
+    return max(1, min(_MAX_MASK_THREADS, free))

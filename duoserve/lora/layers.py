@@ -10,8 +10,9 @@ reads and holds `parts` times the B weights: 1.5x the LoRA bytes of a decode ste
 
 A step's tokens carry the slot of their request's adapter (`LoRAMapping`, from the model runner); its
 LoRA tokens are multiplied by the A of every slot in use in one GEMM (shrink), masked to their own
-slot's rows, and by each part's B of every slot (expand), added to the base output in place:
-y[t] += B[s_t] A[s_t] x[t]. One shrink and one expand per part, per linear and step, whatever the number
+slot's rows, and by each part's B of every slot (expand), accumulated by the GEMM itself into that part's
+columns of the base output (addmm_, no product, concatenation or add of its own): y[t] += B[s_t] A[s_t] x[t].
+One shrink and one expand per part, per linear and step, whatever the number
 of adapters and requests (punica's SGMV computes only each token's own slot; on CPU dense GEMMs over a
 few slots are simpler, and a decode step's cost is reading each slot's weights once either way). A
 batch of the base model only skips all of it.
@@ -92,17 +93,20 @@ class LoRASlots:
         n, rank, parts = mapping.num_slots, self.max_rank, len(self.b)
         xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
         shrunk = torch.nn.functional.linear(xs, self.a[:n].view(n * parts * rank, -1))
-        shrunk = shrunk.view(-1, n, parts, rank)
         if n > 1:  # with one slot, every selected row is that slot's
-            shrunk = shrunk * mapping.mask[:, :, None, None]
-        deltas = [
-            shrunk[:, :, index].reshape(-1, n * rank) @ b[:n].view(n * rank, -1)
-            for index, b in enumerate(self.b)
-        ]
-        delta = deltas[0] if parts == 1 else torch.cat(deltas, dim=1)
+            shrunk = (shrunk.view(-1, n, parts, rank) * mapping.mask[:, :, None, None]).transpose(1, 2)
+            shrunk = shrunk.reshape(-1, parts * n * rank)  # [rows, part, slot, rank]: each part's columns
+        # Every row of y, or a zeroed buffer of the selected rows added to theirs at the end.
+        out = y if mapping.rows is None else y.new_zeros(len(mapping.rows), y.shape[1])
+        column = 0
+        for index, (b, size) in enumerate(zip(self.b, self.part_sizes, strict=True)):
+            # In place, into the part's columns: no per-part product, concatenation or separate add.
+            part = shrunk[:, index * n * rank : (index + 1) * n * rank]
+            out[:, column : column + size].addmm_(part, b[:n].view(n * rank, size))
+            column += size
         if mapping.rows is None:
-            return y.add_(delta)
-        return y.index_add_(0, mapping.rows, delta)
+            return y
+        return y.index_add_(0, mapping.rows, out)
 
 
 class LoRALinear:

@@ -9,6 +9,7 @@ import re
 import time
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -17,6 +18,7 @@ from duoserve.config import EngineConfig
 from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
 from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import EngineCore
+from duoserve.engine.structured import StructuredOutputs, unpack_forbidden
 from duoserve.kv.layout import KVLayout
 from duoserve.llm import LLM
 from duoserve.models.loader import load_model
@@ -112,6 +114,41 @@ def test_a_constrained_row_does_not_depend_on_its_batch(llm):
     assert alone[0][0] in ("abc", "abd", "xyz") and alone[0][1] == "stop"
     assert (mixed[0].outputs[0].text, mixed[0].outputs[0].finish_reason) == alone[0]
     assert len(mixed[1].outputs[0].token_ids) == 20
+
+
+def test_constrained_rows_apart_in_the_batch_are_each_masked(llm):
+    """Two constrained requests around an unconstrained one (the masks go to two runs of rows): each
+    output is the same as alone, and the unconstrained one runs free to max_tokens."""
+    choice = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": ["abc", "xyz"]})
+    regex = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"regex": r"[a-c]{2,5}-\d\d"})
+    free = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [byte_prompt(12), byte_prompt(13), byte_prompt(14)]
+    each = [choice, free, regex]
+    alone = [texts(llm, [prompt], params)[0] for prompt, params in zip(prompts, each, strict=True)]
+    mixed = llm.generate(prompts, each, use_tqdm=False)
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in mixed] == alone
+    assert alone[0][0] in ("abc", "xyz") and re.fullmatch(r"[a-c]{2,5}-\d\d", alone[2][0])
+
+
+def test_masks_reuse_one_buffer_and_count_their_steps(llm):
+    structured = llm.engine.core.structured
+    params = SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=6, structured_outputs=JSON)
+    texts(llm, [byte_prompt(1)], params)
+    buffer, steps = structured._bitmask, structured.stats.steps
+    texts(llm, [byte_prompt(2)], params)
+    assert structured._bitmask is buffer
+    assert structured.stats.steps > steps and structured.stats.fill_wall_s > 0
+
+
+def test_masks_unpack_the_same_on_the_host_and_for_an_accelerator():
+    """The mask thread's numpy unpacking (logits on the CPU) and the torch one (`apply`, for logits on
+    an accelerator) against bit arithmetic: True where token t's bit (t % 32 of word t // 32) is 0."""
+    structured = StructuredOutputs("unused", vocab_size=150, eos_token_ids=[0])
+    bitmask = structured._bitmask_rows(3)
+    bitmask[:] = np.random.default_rng(0).integers(-(2**31), 2**31, bitmask.shape, dtype=np.int32)
+    expected = [[not (int(word) >> bit) & 1 for word in row for bit in range(32)] for row in bitmask]
+    assert structured._unpacked(bitmask).tolist() == expected
+    assert unpack_forbidden(torch.from_numpy(bitmask)).tolist() == expected
 
 
 def test_no_masks_for_unconstrained_steps(llm):
