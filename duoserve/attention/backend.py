@@ -61,3 +61,11 @@ class AttentionBackend(Protocol):
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+
+def check_variant(sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    """The per-layer attention variants every backend accepts: a window of at least 1, a positive cap."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from duoserve.attention.backend import AttentionMetadata, PrefillChunk
+from duoserve.attention.backend import AttentionMetadata, PrefillChunk, check_variant
 from duoserve.kv.layer import LayerKV, layer_kv
 from duoserve.kv.quant import as_bytes, dequantize, quantize
 
@@ -79,7 +79,7 @@ class TorchAttentionBackend:
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
-        _check_variant(sliding_window, logits_soft_cap)
+        check_variant(sliding_window, logits_soft_cap)
         kv = layer_kv(kv_cache)
         _, block_size, kv_heads, dim = kv.k.shape
         k, v = _store(kv, k, v, meta.slot_mapping)
@@ -135,13 +135,6 @@ def _store(
     as_bytes(kv.k).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_k))
     as_bytes(kv.v).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_v))
     return dequantize(stored_k, kv.k_scale, k.dtype), dequantize(stored_v, kv.v_scale, v.dtype)
-
-
-def _check_variant(sliding_window: int | None, logits_soft_cap: float | None) -> None:
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
 
 
 def _decode_groups(meta: AttentionMetadata, window: int | None) -> list[_DecodeGroup]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from duoserve.attention.backend import AttentionMetadata
+from duoserve.attention.backend import AttentionMetadata, check_variant
 from duoserve.attention.triton_kernels import (
     INTERPRETED,
     PrefillTiles,
@@ -64,10 +64,7 @@ class TritonAttentionBackend:
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
-        if sliding_window is not None and sliding_window < 1:
-            raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
-        if logits_soft_cap is not None and not logits_soft_cap > 0:
-            raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
+        check_variant(sliding_window, logits_soft_cap)
         if self._tiles is None:
             self._tiles = tiles_for(q.device)
         kv = layer_kv(kv_cache)
