@@ -68,6 +68,14 @@ constexpr bool kOneByte = sizeof(kv_t) == 1;
 template <typename kv_t>
 constexpr float kLoadScale = std::is_same_v<kv_t, at::Float8_e4m3fn> ? 256.0f : 1.0f;
 
+// What a vectorised load of KV head `head` must be multiplied by to give the real value: the head's scale
+// times kLoadScale for a 1-byte cache, 1 for the others (whose `scales` are null).
+template <typename kv_t>
+inline float load_factor(const float* scales, int64_t head) {
+  if constexpr (kOneByte<kv_t>) return scales[head] * kLoadScale<kv_t>;
+  return 1.0f;
+}
+
 // Per KV head, what a 1-byte cache's stored values are worth: K's real value = stored * k[head], V's
 // likewise with v; both null for the 2- and 4-byte caches (their values are their own).
 struct KvScales {
@@ -721,10 +729,10 @@ inline __m256 hsum8x8(const __m256* d) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// The AVX2 kernel of 1-byte caches, for GQA groups up to 8 (kGroup query heads per KV head), KV heads
-// [head_begin, head_end) of one sequence: the AVX-512 kernel's three passes, with 8-lane vectors.
-// A 1-byte cache halves the bytes a bf16 one reads, which speeds decoding up only if the arithmetic per
-// value shrinks too: attend_avx2 is compute-bound on Zen 1 (measured, one thread of a busy machine, 32
+// The AVX2 kernel for GQA groups up to 8 (kGroup query heads per KV head), KV heads [head_begin,
+// head_end) of one sequence, every KV dtype: the AVX-512 kernel's three passes, with 8-lane vectors.
+// Written for 1-byte caches, which halve the bytes a bf16 one reads, and speed decoding up only if the
+// arithmetic per value shrinks too: attend_avx2 is compute-bound on Zen 1 (measured, one thread of a busy machine, 32
 // sequences of 2,048 tokens of SmolLM2: 88 ms per layer over bf16 against 15 ms for a streaming read of
 // its bytes). Here every row is widened once, for all heads of its group, where attend_avx2 widens each V
 // row once per query head, and 8 scores are reduced at once (the same case over int8: 35 ms). So:
@@ -740,7 +748,6 @@ template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any, const int64_t* table,
                          int64_t context_len, int64_t head_begin, int64_t head_end, float scale, const Variant& var,
                          const KvScales& kv_scales, const Shape& s, Scratch& w, void* out_any) {
-  static_assert(kOneByte<kv_t>);
   const q_t* q = static_cast<const q_t*>(q_any);
   const kv_t* k_pool = static_cast<const kv_t*>(k_any);
   const kv_t* v_pool = static_cast<const kv_t*>(v_any);
@@ -761,7 +768,7 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
   float* inv_sum = w.running_sum.data();
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     const q_t* row = q + (head_begin * kGroup + h) * dim;
-    const __m256 q_scale = _mm256_set1_ps(scale * kv_scales.k[head_begin + h / kGroup] * kLoadScale<kv_t>);
+    const __m256 q_scale = _mm256_set1_ps(scale * load_factor<kv_t>(kv_scales.k, head_begin + h / kGroup));
     for (int j = 0; j < kVecs; ++j) {
       _mm256_storeu_ps(qf + h * dim + 8 * j, _mm256_mul_ps(load8(row + 8 * j), q_scale));
       _mm256_storeu_ps(acc + h * dim + 8 * j, _mm256_setzero_ps());
@@ -859,7 +866,7 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
     start += n;
   }
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
-    const __m256 f = _mm256_set1_ps(inv_sum[h] * kv_scales.v[head_begin + h / kGroup] * kLoadScale<kv_t>);
+    const __m256 f = _mm256_set1_ps(inv_sum[h] * load_factor<kv_t>(kv_scales.v, head_begin + h / kGroup));
     q_t* row = out + (head_begin * kGroup + h) * dim;
     for (int j = 0; j < kVecs; ++j) {
       alignas(32) float tmp[8];
@@ -884,16 +891,15 @@ AttendFn pick_avx2_group(int64_t group) {
   }
 }
 
-// 1-byte caches with groups up to 8: attend_avx2_grouped; otherwise attend_avx2 (any group).
+// Groups up to 8: attend_avx2_grouped, for every KV dtype (float32 and bf16 too: it does less arithmetic
+// per value than attend_avx2; figures in BENCHMARKS.md); larger groups: attend_avx2.
 template <typename q_t, typename kv_t>
 AttendFn pick_avx2(const Shape& s) {
   if (s.head_dim != 64 && s.head_dim != 128) return nullptr;
-  if constexpr (kOneByte<kv_t>) {
-    const int64_t group = s.num_heads / s.num_kv_heads;
-    if (AttendFn grouped = s.head_dim == 64 ? pick_avx2_group<8, q_t, kv_t>(group)
-                                            : pick_avx2_group<16, q_t, kv_t>(group))
-      return grouped;
-  }
+  const int64_t group = s.num_heads / s.num_kv_heads;
+  if (AttendFn grouped = s.head_dim == 64 ? pick_avx2_group<8, q_t, kv_t>(group)
+                                          : pick_avx2_group<16, q_t, kv_t>(group))
+    return grouped;
   if (s.head_dim == 64) return &attend_avx2<8, q_t, kv_t>;
   return &attend_avx2<16, q_t, kv_t>;
 }
