@@ -80,7 +80,7 @@ def _add_profile_parser(sub: Any) -> None:
         "--in-process",
         action="store_true",
         help="profile in this process, with its OpenMP environment (default: in a process started as "
-        "the server's engine process is, duoserve/server/engine_env.py)",
+        "the server's engine process is, duoserve/engine/engine_env.py)",
     )
     p.set_defaults(plan_func=cmd_profile)
 
@@ -196,6 +196,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return _profile_from_traces(args)
     from duoserve.config import engine_config_from_args
     from duoserve.plan.profile import Grid, load_profile, run_profile, write_profile
+    from duoserve.plan.trace import step_trace_observer
 
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -209,7 +210,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     config = engine_config_from_args(args)
     if args.in_process:
-        write_profile(args.output, run_profile(config, grid, _progress))
+        write_profile(
+            args.output, run_profile(config, grid, _progress, step_trace_observer(config.step_trace))
+        )
     else:
         code = _profile_in_engine_env(config, grid, args.output)
         if code:
@@ -224,11 +227,11 @@ def _progress(message: str) -> None:
 
 def _profile_in_engine_env(config, grid, output: str) -> int:
     """Run the profile in a process spawned as the server's engine process is (its OpenMP threads sleep
-    when they wait: duoserve/server/engine_env.py), so profiled steps run as served ones do. This
+    when they wait: duoserve/engine/engine_env.py), so profiled steps run as served ones do. This
     process's OpenMP already read its environment when torch loaded."""
     import multiprocessing
 
-    from duoserve.server.engine_env import engine_environment
+    from duoserve.engine.engine_env import engine_environment
 
     process = multiprocessing.get_context("spawn").Process(
         target=_profile_child, args=(config, grid, output), name="duoserve-plan-profile"
@@ -243,9 +246,10 @@ def _profile_in_engine_env(config, grid, output: str) -> int:
 
 def _profile_child(config, grid, output: str) -> None:
     from duoserve.plan.profile import run_profile, write_profile
+    from duoserve.plan.trace import step_trace_observer
 
     try:
-        write_profile(output, run_profile(config, grid, _progress))
+        write_profile(output, run_profile(config, grid, _progress, step_trace_observer(config.step_trace)))
     except (ValueError, OSError) as err:
         print(f"duoserve plan: error: {err}", file=sys.stderr)
         sys.exit(2)

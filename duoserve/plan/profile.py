@@ -385,12 +385,12 @@ def _fit_transfer(samples: list[list[float]]) -> KVTransferModel:
 def host_info(core) -> dict[str, Any]:
     import torch
 
+    from duoserve.engine.engine_env import WAIT_VARS
     from duoserve.hardware import host_defaults
-    from duoserve.server.engine_env import WAIT_VARS
 
     cpu = host_defaults().cpu
     return {
-        # How its OpenMP threads waited (duoserve/server/engine_env.py): served engines sleep.
+        # How its OpenMP threads waited (duoserve/engine/engine_env.py): served engines sleep.
         "openmp_wait": {name: os.environ[name] for name in WAIT_VARS if name in os.environ},
         "cpu": cpu.model,
         "arch": cpu.arch,
@@ -404,13 +404,19 @@ def host_info(core) -> dict[str, Any]:
     }
 
 
-def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = lambda _: None) -> Profile:
-    """Load the engine `config` describes, measure it, and fit: the whole `duoserve plan profile`."""
+def run_profile(
+    config,
+    grid: Grid = Grid(),
+    progress: Callable[[str], None] = lambda _: None,
+    make_step_observer=None,
+) -> Profile:
+    """Load the engine `config` describes, measure it, and fit: the whole `duoserve plan profile`.
+    `make_step_observer`: the core's step observer (--step-trace of the profiled steps)."""
     from duoserve.engine.core import EngineCore
     from duoserve.models.loader import load_model
 
     progress("loading the model")
-    core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+    core = EngineCore(config, load_model(config.model, config.resolved_dtype()), None, make_step_observer)
     timer = measure_steps(core, grid, progress)
     fit = fit_step_model(timer.shapes, timer.seconds)
     progress(f"KV transfer of {', '.join(map(str, grid.transfer_tokens))} tokens")

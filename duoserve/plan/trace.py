@@ -1,20 +1,22 @@
 """Step traces: what a served engine's steps really were, and the step model fitted from them.
 
-`--step-trace PATH` makes the engine core write one JSON line per step it runs (opt-in; when off the
-step only tests that the trace is None). A line holds the step's shape, computed from the scheduler's
-plan before the step changes any request (`step_shape`, as the profiler and the simulator compute it),
-its batch (request id and tokens per row, in the scheduler's order), when it started and how long
-`EngineCore.step` took. The line is written when the next step starts (or at close), so the hook in
-the step is one call after `schedule()`, and the line also holds `gap`: the wall time between this
-step's end and the next step's start when the engine had work all along (a request of this step runs
-on in the next), i.e. the engine loop's own cost per step (sending outputs, reading requests), which a
-step model fitted from a trace's *periods* includes (`plan profile --from-trace`).
+`--step-trace PATH` makes the engine's caller (the server's engine process, `LLM`, the CLI) give the
+core a step observer (`StepTraceObserver`: duoserve/engine/step_observer.py) that writes one JSON
+line per step it runs (opt-in; when off the step only tests that the observer is None). A line holds
+the step's shape, computed from the scheduler's plan before the step changes any request
+(`step_shape`, as the profiler and the simulator compute it), its batch (request id and tokens per
+row, in the scheduler's order), when it started and how long `EngineCore.step` took. The line is
+written when the next step starts (or at close), so the hook in the step is one call after
+`schedule()`, and the line also holds `gap`: the wall time between this step's end and the next
+step's start when the engine had work all along (a request of this step runs on in the next), i.e.
+the engine loop's own cost per step (sending outputs, reading requests), which a step model fitted
+from a trace's *periods* includes (`plan profile --from-trace`).
 
-The first line is a header: the worker's limits (what the simulated scheduler needs), so a trace alone
-makes a profile. A profile fitted from a served trace describes the engine as it runs served: in its
-own process, beside the API process and the clients on the same cores, with the engine process's
-OpenMP environment (duoserve/server/engine_env.py), which the in-process profile of synthetic steps
-does not see.
+The first line is a header: the worker's limits (what the simulated scheduler needs) and its role
+(prefill, decode or both), so a trace alone makes a profile. A profile fitted from a served
+trace describes the engine as it runs served: in its own process, beside the API process and the
+clients on the same cores, with the engine process's OpenMP environment
+(duoserve/engine/engine_env.py), which the in-process profile of synthetic steps does not see.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from duoserve.engine.scheduler import SchedulerOutput
+from duoserve.plan.profile import host_info, quantized_rows, worker_limits
 from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape
+
+if TYPE_CHECKING:
+    from duoserve.engine.core import EngineCore
 
 TRACE_KIND = "duoserve-step-trace"
 TRACE_VERSION = 1
@@ -49,8 +55,32 @@ class _Pending:
     request_ids: frozenset[str]
 
 
+@dataclass(frozen=True)
+class StepTraceObserver:
+    """What `EngineCore(make_step_observer=...)` takes for `--step-trace PATH`: called with the whole
+    core, it opens the trace, whose header it makes from the core (its limits, engine arguments, host)
+    and the worker's `role` (prefill, decode or both: what it does for a router; `plan profile
+    --from-trace` fits each role's steps apart). A picklable value, not a closure: the server hands it
+    to the engine process it spawns. `{role}` and `{pid}` in the path are replaced by the role and the
+    engine process's id."""
+
+    path: str
+    role: str = "both"
+
+    def __call__(self, core: EngineCore) -> StepTraceWriter:
+        limits = dataclasses.asdict(worker_limits(core, quantized_rows(core)))
+        engine_args = {f.name: getattr(core.config, f.name) for f in dataclasses.fields(core.config)}
+        extra = {"engine_args": engine_args, "host": host_info(core), "pid": os.getpid(), "role": self.role}
+        return StepTraceWriter(self.path.replace("{role}", self.role), limits | extra)
+
+
+def step_trace_observer(path: str | None, role: str = "both") -> StepTraceObserver | None:
+    """The step observer for a `--step-trace` value (None: no trace is asked for)."""
+    return StepTraceObserver(path, role) if path else None
+
+
 class StepTraceWriter:
-    """Writes the engine core's steps as JSON lines (made by EngineCore when --step-trace is set)."""
+    """Writes the engine core's steps as JSON lines (a StepObserver: duoserve/engine/step_observer.py)."""
 
     def __init__(self, path: str, header: dict[str, Any]) -> None:
         """`header`: the worker's limits (LIMIT_FIELDS, with its quantized row threshold) and anything

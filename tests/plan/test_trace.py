@@ -16,6 +16,7 @@ from duoserve.plan.step_model import StepModel, StepShape, step_shape
 from duoserve.plan.trace import (
     TRACE_KIND,
     TRACE_VERSION,
+    StepTraceObserver,
     profile_from_traces,
     read_trace,
     regime,
@@ -53,7 +54,9 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
         num_threads=1,
         step_trace=str(trace_path),
     )
-    core = EngineCore(config, load_model(path, config.resolved_dtype()))
+    core = EngineCore(
+        config, load_model(path, config.resolved_dtype()), None, StepTraceObserver(str(trace_path))
+    )
     planned = []
     schedule = core.scheduler.schedule
 
@@ -88,6 +91,7 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
     (written,) = tmp_path.glob("trace-*.jsonl")
     trace = read_trace(str(written))
     assert trace.header["max_num_batched_tokens"] == 24 and trace.header["quantized_max_rows"] == 0
+    assert trace.header["role"] == "both" and trace.header["engine_args"]["block_size"] == 8
     lines = [json.loads(line) for line in written.read_text().splitlines()[1:]]
     assert [s.shape for s in trace.steps] == [shape for shape, _, _ in planned]
     assert [line["scheduled"] for line in lines] == [batch for _, batch, _ in planned]
