@@ -261,16 +261,23 @@ def _profile_from_traces(args: argparse.Namespace) -> int:
 
     transfer = load_profile(args.kv_transfer_from).kv_transfer if args.kv_transfer_from else None
     prior = load_profile(args.prior) if args.prior else None
-    profile, traced = profile_from_traces(args.from_trace, args.fit_time == "period", transfer, prior)
+    profile, traced, role_fits = profile_from_traces(
+        args.from_trace, args.fit_time == "period", transfer, prior
+    )
     write_profile(args.output, profile)
-    rows = residuals_by_regime(
-        profile.step_model, traced.shapes, traced.seconds, profile.limits.max_num_batched_tokens
-    )
-    print(
-        f"{len(traced.shapes)} traced steps; engine loop between back-to-back steps: median "
-        f"{traced.median_gap * 1e3:.2f} ms ({'in' if args.fit_time == 'period' else 'not in'} the fit)"
-    )
-    print(format_residuals(rows))
+    fits = [("", profile.step_model, profile.limits, traced)]
+    fits += [
+        (role, profile.roles[role].step_model, profile.roles[role].limits, fit)
+        for role, fit in role_fits.items()
+    ]
+    for role, model, limits, fit in fits:
+        rows = residuals_by_regime(model, fit.shapes, fit.seconds, limits.max_num_batched_tokens)
+        print(
+            f"{role + ' worker: ' if role else ''}{len(fit.shapes)} traced steps; engine loop between "
+            f"back-to-back steps: median {fit.median_gap * 1e3:.2f} ms "
+            f"({'in' if args.fit_time == 'period' else 'not in'} the fit)"
+        )
+        print(format_residuals(rows))
     if not args.kv_transfer_from and not args.prior:
         print("note: no KV transfer model (a trace has none): --kv-transfer-from PROFILE for disagg")
     _print_profile(profile, args.output)
@@ -286,6 +293,9 @@ def _print_profile(profile, output: str) -> None:
         f"step seconds = {m.intercept:.4g} + {terms}  (R^2 {fit['r2']:.3f} over {fit['num_samples']} "
         f"steps, {fit['num_dropped']} dropped as noise; rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
     )
+    for role, own in profile.roles.items():
+        terms = " + ".join(f"{getattr(own.step_model, name):.3g}*{name}" for name in FEATURES)
+        print(f"{role} worker: step seconds = {own.step_model.intercept:.4g} + {terms}")
     t = profile.kv_transfer
     print(f"KV transfer seconds = {t.fixed_seconds:.3g} + {t.seconds_per_token:.3g}*tokens")
     print(f"wrote {output}")

@@ -13,7 +13,8 @@ the engine loop's own cost per step (sending outputs, reading requests), which a
 from a trace's *periods* includes (`plan profile --from-trace`).
 
 The first line is a header: the worker's limits (what the simulated scheduler needs) and its role
-(prefill, decode or both), so a trace alone makes a profile. A profile fitted from a served
+(prefill, decode or both), so a trace alone makes a profile; the traces of a disaggregated
+deployment's workers make one profile with a step model per role. A profile fitted from a served
 trace describes the engine as it runs served: in its own process, beside the API process and the
 clients on the same cores, with the engine process's OpenMP environment
 (duoserve/engine/engine_env.py), which the in-process profile of synthetic steps does not see.
@@ -33,7 +34,17 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from duoserve.engine.scheduler import SchedulerOutput
-from duoserve.plan.profile import host_info, quantized_rows, worker_limits
+from duoserve.plan.profile import (
+    ROLES,
+    KVTransferModel,
+    Profile,
+    RoleProfile,
+    WorkerLimits,
+    fit_summary,
+    host_info,
+    quantized_rows,
+    worker_limits,
+)
 from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape
 
 if TYPE_CHECKING:
@@ -376,42 +387,79 @@ def format_residuals(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=None, prior=None):
+def trace_role(trace: Trace) -> str:
+    """The role of the worker that wrote it (`duoserve serve --role`; traces before roles: both)."""
+    role = trace.header.get("role", "both")
+    if role not in ("both", *ROLES):
+        raise ValueError(f"step trace {trace.path}: role {role!r} is none of both, {', '.join(ROLES)}")
+    return role
+
+
+def profile_from_traces(
+    paths: Sequence[str], periods: bool = True, kv_transfer=None, prior=None
+) -> tuple[Profile, TraceFit, dict[str, TraceFit]]:
     """`duoserve plan profile --from-trace`: a profile whose step model is fitted to served steps.
 
-    Returns the profile and the fit (for its residuals). `prior`: a synthetic profile of the same
-    worker, whose measured steps settle what the trace's steps cannot tell apart (PRIOR_WEIGHT). The
-    KV transfer model is not in a trace: `kv_transfer`, else the prior's, else none."""
-    from duoserve.plan.profile import KVTransferModel, Profile, WorkerLimits, fit_summary
+    Traces of a disaggregated deployment's workers (their header's role: prefill, decode) are fitted
+    per role, each with its own limits (Profile.roles: the simulator gives each worker its role's). The
+    profile's own step model, for colocated workers, is fitted to the colocated (role both) traces, or
+    without any to every traced step, with the decode worker's limits (it prefills and decodes too).
 
+    Returns the profile, the fit of its own step model and those of its roles (for their residuals).
+    `prior`: a synthetic profile of the same worker, whose measured steps settle what the traces' steps
+    cannot tell apart (PRIOR_WEIGHT, in every fit). The KV transfer model is not in a trace:
+    `kv_transfer`, else the prior's, else none."""
     if not paths:
         raise ValueError("--from-trace needs at least one step trace")
     traces = [read_trace(p) for p in paths]
-    limits = WorkerLimits(**trace_limits(traces))
-    if prior is not None and prior.limits.quantized_max_rows != limits.quantized_max_rows:
-        raise ValueError("the prior profile's worker has another quantized row threshold than the trace's")
+    by_role: dict[str, list[Trace]] = {}
+    for trace in traces:
+        by_role.setdefault(trace_role(trace), []).append(trace)
     if prior is not None and not prior.samples:
         raise ValueError("the prior profile holds no measured steps")
-    traced = fit_traces(traces, periods, prior.samples if prior is not None else ())
+    prior_samples = prior.samples if prior is not None else ()
+
+    def fitted(group: list[Trace]) -> tuple[WorkerLimits, TraceFit]:
+        limits = WorkerLimits(**trace_limits(group))
+        if prior is not None and prior.limits.quantized_max_rows != limits.quantized_max_rows:
+            raise ValueError(
+                "the prior profile's worker has another quantized row threshold than the trace's"
+            )
+        return limits, fit_traces(group, periods, prior_samples)
+
+    roles = {role: fitted(by_role[role]) for role in ROLES if role in by_role}
+    if "both" in by_role:
+        limits, traced = fitted(by_role["both"])
+    else:
+        limits = (roles.get("decode") or roles["prefill"])[0]
+        traced = fit_traces(traces, periods, prior_samples)
+    if any(role_limits.block_size != limits.block_size for role_limits, _ in roles.values()):
+        raise ValueError("the traces come from workers with other block sizes")
+
+    def summary(fit: TraceFit) -> dict[str, float]:
+        return fit_summary(fit.fit) | {
+            "loop_gap_seconds": fit.median_gap,
+            "prior_samples": len(prior_samples),
+        }
+
     kv_transfer = kv_transfer or (prior.kv_transfer if prior is not None else None)
     first = traces[0].header
-    return (
-        Profile(
-            step_model=traced.fit.model,
-            limits=limits,
-            kv_transfer=kv_transfer or KVTransferModel(),
-            engine_args=first.get("engine_args", {}),
-            host=first.get("host", {}),
-            fit=fit_summary(traced.fit)
-            | {"loop_gap_seconds": traced.median_gap, "prior_samples": len(prior.samples) if prior else 0},
-            grid={
-                "from_traces": list(paths),
-                "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",
-            },
-            samples=[[*s.values(), t] for s, t in zip(traced.shapes, traced.seconds, strict=True)],
-        ),
-        traced,
+    profile = Profile(
+        step_model=traced.fit.model,
+        limits=limits,
+        kv_transfer=kv_transfer or KVTransferModel(),
+        engine_args=first.get("engine_args", {}),
+        host=first.get("host", {}),
+        fit=summary(traced),
+        grid={
+            "from_traces": list(paths),
+            "roles": {role: [t.path for t in group] for role, group in by_role.items()},
+            "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",
+        },
+        samples=[[*s.values(), t] for s, t in zip(traced.shapes, traced.seconds, strict=True)],
+        roles={role: RoleProfile(fit.fit.model, lim, summary(fit)) for role, (lim, fit) in roles.items()},
     )
+    return profile, traced, {role: fit for role, (_, fit) in roles.items()}
 
 
 def slice_trace(path: str, start_unix: float, end_unix: float, out_path: str) -> int:
