@@ -208,7 +208,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: " + QUICK_NOTE)
     args = parser.parse_args()
     if args.quick:
-        args.num_prompts, args.input_len, args.output_len = 4, 32, 4
+        args.num_prompts, args.input_len, args.output_len = 4, 80, 4
         args.rates = args.rates or "0.5,1,2"
         args.profile_args = QUICK_PROFILE_ARGS
     PORT = args.port
@@ -238,9 +238,10 @@ def main() -> int:
 
 
 TRAIN_LEVEL = "low"  # the points whose steps a trace-fitted profile learns from
-QUICK_NOTE = "4 prompts of 32 tokens, 4 output tokens, rates 0.5,1,2 req/s, a tiny profile grid"
+# 80-token prompts: over `up`'s --remote-prefill-min-tokens (64), so its prefill worker runs them.
+QUICK_NOTE = "4 prompts of 80 tokens, 4 output tokens, rates 0.5,1,2 req/s, a tiny profile grid"
 QUICK_PROFILE_ARGS = (
-    "--decode-batches 1,4 --context-lens 32 --prefill-lens 16,32 --chunked-prompt-len 64 "
+    "--decode-batches 1,4 --context-lens 32,96 --prefill-lens 16,80 --chunked-prompt-len 128 "
     "--transfer-tokens 32,64 --repeats 1"
 )
 # The traces each deployment's workers write (--step-trace), by role ("": one colocated worker).
@@ -254,13 +255,20 @@ def trace_path(out: str, label: str, role: str) -> str:
 def trace_fit_deployment(args, name, deployment, points) -> list:
     """Cut each point's steps out of the workers' traces, fit a profile to the low-load points' steps
     (a step model per role for P/D), and predict every point again with it."""
-    from duoserve.plan.trace import slice_trace
+    from duoserve.plan.trace import read_trace, slice_trace
 
     with open(os.path.join(args.out, f"{name}-windows.json")) as f:
         windows = json.load(f)
+    roles = []
+    for role in TRACE_ROLES[name]:
+        try:
+            read_trace(trace_path(args.out, name, role))
+            roles.append(role)
+        except ValueError as err:  # e.g. a prefill worker that got no prompt (all shorter than the minimum)
+            print(f"{name}: {err}", file=sys.stderr)
     train = []
     for label, (start, end) in windows.items():
-        for role in TRACE_ROLES[name]:
+        for role in roles:
             path = trace_path(args.out, label, role)
             num_steps = slice_trace(trace_path(args.out, name, role), start, end, path)
             print(
@@ -289,7 +297,7 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
             args, profile, deployment, label, rate, burstiness, args.out, seed, "-trace",
             ["--step-trace", simulated],
         )  # fmt: skip
-        served = [trace_path(args.out, label, role) for role in TRACE_ROLES[name]]
+        served = [trace_path(args.out, label, role) for role in roles]
         print_step_mix(label, served, simulated)
         print_step_residuals(label, served, profile)
         rows.append(
