@@ -11,12 +11,16 @@ i.e. --burstiness 1/9), runs `duoserve bench` against the live deployment and `d
 with the same flags, and prints a markdown table of p50/p99 TTFT and ITL, predicted against measured,
 with their ratio. The goal (issue 13): p50 within 20%, p99 within 35%.
 
---fit-from-trace: `serve` runs with `--step-trace` (duoserve/plan/trace.py), each point's steps are cut
-out of the trace (DIR/serve-<point>-trace.jsonl), a second profile is fitted to the *low-load* points'
-steps only (`duoserve plan profile --from-trace`: what the served engine really ran, in its own process
-beside the API server and the client), and every point is simulated again with it
-(DIR/<point>-predicted-trace.json): a second table, whose near and over rows are held out of the fit.
-With --resimulate it refits from the traces already in DIR. (`up` keeps the synthetic profile.)
+--fit-from-trace: every deployment runs with `--step-trace` (duoserve/plan/trace.py; `up` gives its
+prefill and decode workers a trace each, DIR/up-1p1d-trace-<role>.jsonl), each point's steps are cut
+out of the traces (DIR/<point>-trace[-<role>].jsonl), a second profile is fitted to the *low-load*
+points' steps only (`duoserve plan profile --from-trace`: what the served engines really ran, in their
+own processes beside the API servers, the router and the client; for `up` a step model per role), and
+every point is simulated again with it (DIR/<point>-predicted-trace.json): a second table, whose near
+and over rows are held out of the fit. With --resimulate it refits from the traces already in DIR.
+
+--quick: a smoke run of the whole pipeline (a few short requests, a tiny profile grid, fixed rates):
+it checks that the script works, and measures nothing worth reporting.
 
 Every result file (bench's JSON, measured and predicted) is kept in --out, so `duoserve bench plot
 DIR/*.json` draws predicted against measured. A full run takes about 10-12 minutes on 2 cores (SmolLM2
@@ -157,6 +161,7 @@ def deployments(args: argparse.Namespace) -> list[tuple[str, str, list[str], lis
     # `up` gives each worker cores / workers threads; `serve` takes all the cores.
     if args.fit_from_trace:
         serve += ["--step-trace", os.path.join(args.out, "serve-trace.jsonl")]
+        up += ["--step-trace", os.path.join(args.out, "up-1p1d-trace-{role}.jsonl")]
     return [
         ("serve", "colocated:1", serve, []),
         ("up-1p1d", "disagg:1x1", up, ["--num-threads", "1"] if cores >= 2 else []),
@@ -200,7 +205,12 @@ def main() -> int:
         "profiles there (after a change to the planner)",
     )
     parser.add_argument("--port", type=int, default=8310, help="port of the served deployment")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: " + QUICK_NOTE)
     args = parser.parse_args()
+    if args.quick:
+        args.num_prompts, args.input_len, args.output_len = 4, 80, 4
+        args.rates = args.rates or "0.5,1,2"
+        args.profile_args = QUICK_PROFILE_ARGS
     PORT = args.port
     os.makedirs(args.out, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -213,7 +223,7 @@ def main() -> int:
         else:
             points = measure_deployment(args, name, deployment, server_cmd, profile_flags)
         rows += points
-        if args.fit_from_trace and name == "serve":
+        if args.fit_from_trace:
             trace_rows += trace_fit_deployment(args, name, deployment, points)
     print(report(rows, args, started))
     if trace_rows:
@@ -228,23 +238,45 @@ def main() -> int:
 
 
 TRAIN_LEVEL = "low"  # the points whose steps a trace-fitted profile learns from
+# 80-token prompts: over `up`'s --remote-prefill-min-tokens (64), so its prefill worker runs them.
+QUICK_NOTE = "4 prompts of 80 tokens, 4 output tokens, rates 0.5,1,2 req/s, a tiny profile grid"
+QUICK_PROFILE_ARGS = (
+    "--decode-batches 1,4 --context-lens 32,96 --prefill-lens 16,80 --chunked-prompt-len 128 "
+    "--transfer-tokens 32,64 --repeats 1"
+)
+# The traces each deployment's workers write (--step-trace), by role ("": one colocated worker).
+TRACE_ROLES = {"serve": ("",), "up-1p1d": ("prefill", "decode")}
+
+
+def trace_path(out: str, label: str, role: str) -> str:
+    return os.path.join(out, f"{label}-trace{'-' + role if role else ''}.jsonl")
 
 
 def trace_fit_deployment(args, name, deployment, points) -> list:
-    """Cut each point's steps out of the server's trace, fit a profile to the low-load points' steps,
-    and predict every point again with it."""
-    from duoserve.plan.trace import slice_trace
+    """Cut each point's steps out of the workers' traces, fit a profile to the low-load points' steps
+    (a step model per role for P/D), and predict every point again with it."""
+    from duoserve.plan.trace import read_trace, slice_trace
 
     with open(os.path.join(args.out, f"{name}-windows.json")) as f:
         windows = json.load(f)
-    whole = os.path.join(args.out, f"{name}-trace.jsonl")
+    roles = []
+    for role in TRACE_ROLES[name]:
+        try:
+            read_trace(trace_path(args.out, name, role))
+            roles.append(role)
+        except ValueError as err:  # e.g. a prefill worker that got no prompt (all shorter than the minimum)
+            print(f"{name}: {err}", file=sys.stderr)
     train = []
     for label, (start, end) in windows.items():
-        path = os.path.join(args.out, f"{label}-trace.jsonl")
-        num_steps = slice_trace(whole, start, end, path)
-        print(f"{label}: {num_steps} traced steps", file=sys.stderr)
-        if label.startswith(f"{name}-{TRAIN_LEVEL}-") and num_steps:
-            train.append(path)
+        for role in roles:
+            path = trace_path(args.out, label, role)
+            num_steps = slice_trace(trace_path(args.out, name, role), start, end, path)
+            print(
+                f"{label}: {num_steps} traced steps{' of the ' + role + ' worker' if role else ''}",
+                file=sys.stderr,
+            )
+            if label.startswith(f"{name}-{TRAIN_LEVEL}-") and num_steps:
+                train.append(path)
     if not train:
         raise RuntimeError("no traced steps in the low-load points: nothing to fit")
     profile = os.path.join(args.out, f"profile-{name}-trace.json")
@@ -265,7 +297,9 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
             args, profile, deployment, label, rate, burstiness, args.out, seed, "-trace",
             ["--step-trace", simulated],
         )  # fmt: skip
-        print_step_mix(label, os.path.join(args.out, f"{label}-trace.jsonl"), simulated)
+        served = [trace_path(args.out, label, role) for role in roles]
+        print_step_mix(label, served, simulated)
+        print_step_residuals(label, served, profile)
         rows.append(
             (
                 f"{name} (trace fit)",
@@ -332,18 +366,53 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
     return rows
 
 
-def print_step_mix(label: str, real: str, simulated: str) -> None:
-    """The served steps of a point beside the simulated ones (same arrivals): their batches."""
-    from duoserve.plan.trace import read_trace, step_mix
+def print_step_mix(label: str, served: list[str], simulated: str) -> None:
+    """The served steps of a point beside the simulated ones (same arrivals): their batches, worker by
+    worker (the simulator writes PATH.<index> for several workers, each with its role)."""
+    import glob
+
+    from duoserve.plan.trace import read_trace, step_mix, trace_role
 
     try:
-        mixes = [step_mix(read_trace(real)), step_mix(read_trace(simulated))]
-    except ValueError as err:  # a point whose window caught no step
+        simulated_traces = [
+            read_trace(p) for p in [simulated, *sorted(glob.glob(simulated + ".*"))] if os.path.exists(p)
+        ]
+        by_role = {trace_role(t): t for t in simulated_traces}
+        for path in served:
+            real = read_trace(path)
+            mixes = [step_mix(real), step_mix(by_role[trace_role(real)])]
+            keys = list(mixes[0])
+            print(f"{label} {trace_role(real)} steps, served / simulated: " + ", ".join(
+                f"{k} {mixes[0][k]:.4g} / {mixes[1][k]:.4g}" for k in keys), file=sys.stderr)  # fmt: skip
+    except (ValueError, KeyError) as err:  # a point whose window caught no step
         print(f"{label}: {err}", file=sys.stderr)
-        return
-    keys = list(mixes[0])
-    print(f"{label} steps, served / simulated: " + ", ".join(
-        f"{k} {mixes[0][k]:.4g} / {mixes[1][k]:.4g}" for k in keys), file=sys.stderr)  # fmt: skip
+
+
+def print_step_residuals(label: str, served: list[str], profile_path: str) -> None:
+    """How the fitted step model predicts a point's own served steps (their periods), by regime: on the
+    held-out points, whether the served steps ran slower at load than the same shapes did in the training
+    points (what the simulator cannot know), apart from whether the simulated schedule differs (the mix)."""
+    from duoserve.plan.profile import load_profile
+    from duoserve.plan.trace import (
+        format_residuals,
+        read_trace,
+        residuals_by_regime,
+        step_periods,
+        trace_role,
+    )
+
+    profile = load_profile(profile_path)
+    for path in served:
+        try:
+            trace = read_trace(path)
+        except ValueError as err:  # a point whose window caught no step
+            print(f"{label}: {err}", file=sys.stderr)
+            continue
+        model, limits = profile.for_role(trace_role(trace))
+        shapes = [s.shape for s in trace.steps]
+        rows = residuals_by_regime(model, shapes, step_periods(trace), limits.max_num_batched_tokens)
+        print(f"{label} {trace_role(trace)} served step periods against the fitted model:", file=sys.stderr)
+        print(format_residuals(rows), file=sys.stderr)
 
 
 def report(rows, args, started: datetime, title: str = "Planner accuracy") -> str:

@@ -45,8 +45,10 @@ def _sampling_params(args: argparse.Namespace):
 
 def _build_engine(args: argparse.Namespace):
     from duoserve.engine.llm_engine import LLMEngine
+    from duoserve.plan.trace import step_trace_observer
 
-    return LLMEngine(engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    return LLMEngine(config, step_trace_observer(config.step_trace))
 
 
 def _stream(engine, request_id: str, prompt: str | list[int], params) -> str:
@@ -102,10 +104,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from duoserve.plan.trace import step_trace_observer
     from duoserve.server.launcher import serve
     from duoserve.server.settings import settings_from_args
 
-    return serve(engine_config_from_args(args), settings_from_args(args), kv_endpoints_from_args(args))
+    config, settings = engine_config_from_args(args), settings_from_args(args)
+    # --step-trace: the planner's writer, handed to the server's engine process (duoserve/plan/trace.py).
+    observer = step_trace_observer(config.step_trace, settings.role)
+    return serve(config, settings, kv_endpoints_from_args(args), observer)
 
 
 def cmd_kv_scales(args: argparse.Namespace) -> int:

@@ -125,7 +125,8 @@ class EngineConfig:
         default=None,
         metadata=_arg(
             "write a JSON line per engine step (shape, batch, time) to this file, for `duoserve plan "
-            "profile --from-trace`; `{pid}` in it is replaced by the engine process's id (a file per worker)"
+            "profile --from-trace`; `{pid}` and `{role}` in it are replaced by the engine process's id and "
+            "the worker's --role (a file per worker; `duoserve up` gives each worker its own)"
         ),
     )
     num_threads: int | None = field(

@@ -12,6 +12,7 @@ from duoserve.config import EngineConfig
 from duoserve.engine.llm_engine import LLMEngine
 from duoserve.lora.request import LoRARequest
 from duoserve.outputs import RequestOutput
+from duoserve.plan.trace import step_trace_observer
 from duoserve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -27,7 +28,8 @@ OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         engine_args.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        self.engine = LLMEngine(config, step_trace_observer(config.step_trace))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

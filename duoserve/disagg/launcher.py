@@ -191,9 +191,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     threads = args.threads_per_worker or max(1, num_cores // len(roles))
     if threads < 1:
         raise ValueError("--threads-per-worker must be >= 1")
-    worker_flags = engine_flags(engine_config_from_args(args), skip=("model", "num_threads"))
+    config = engine_config_from_args(args)
+    worker_flags = engine_flags(config, skip=("model", "num_threads", "step_trace"))
+    trace_paths = step_trace_paths(config.step_trace, roles) if config.step_trace else [None] * len(roles)
     workers = []
-    for i, role in enumerate(roles):
+    for i, (role, trace_path) in enumerate(zip(roles, trace_paths, strict=True)):
         port = _free_port()
         command = [sys.executable, "-m", "duoserve.cli", "serve"]
         command += [args.model] if args.model else []
@@ -201,6 +203,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         command += ["--api-key", args.api_key] if args.api_key else []
         # The queue bound is the workers' (the router queues nothing): overload gets 429 from them.
         command += ["--max-queued-requests", str(args.max_queued_requests)]
+        command += ["--step-trace", trace_path] if trace_path else []
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if args.cluster_secret:  # in the environment, where `ps` does not show it
             env[SECRET_ENV] = args.cluster_secret
@@ -230,6 +233,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                 worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.process.kill()
+
+
+def step_trace_paths(pattern: str, roles: list[str]) -> list[str]:
+    """Each worker's --step-trace file: `{role}` in the pattern becomes the worker's role (numbered when
+    several workers share it: decode0, decode1), and a pattern naming neither `{role}` nor `{pid}` gets
+    `.{role}` appended when there are several workers, so no two write one file. `{pid}` is left to
+    each engine process. The trace's header says the role too (`plan profile --from-trace` fits each
+    role's steps apart)."""
+    if len(roles) > 1 and "{role}" not in pattern and "{pid}" not in pattern:
+        pattern += ".{role}"
+    paths, numbered = [], dict.fromkeys(roles, 0)
+    for role in roles:
+        name = role if roles.count(role) == 1 else f"{role}{numbered[role]}"
+        numbered[role] += 1
+        paths.append(pattern.replace("{role}", name))
+    return paths
 
 
 def cmd_router_with(args: argparse.Namespace, prefill: list[str], decode: list[str]) -> int:

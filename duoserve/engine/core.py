@@ -6,9 +6,7 @@ job, so the core can run in its own process and be fed ids from anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from duoserve.engine.model_runner import StepBatch, make_decode_graphs, prepare_
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
+from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.engine.structured import GrammarMasks, StructuredOutputs
 from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
@@ -62,9 +61,11 @@ class EngineCore:
         config: EngineConfig,
         loaded: LoadedModel,
         make_connector: Callable[[EngineCore], KVConnector] | None = None,
+        make_step_observer: MakeStepObserver | None = None,
     ) -> None:
         """`make_connector` builds the KV connector (P/D transfer, offload) from the core, whose KV
-        cache, pool and limits size it; the engine itself knows no transport."""
+        cache, pool and limits size it; the engine itself knows no transport. `make_step_observer`
+        builds what sees each step (--step-trace: duoserve/engine/step_observer.py), from the whole core."""
         self.config = config
         self.device = config.resolved_device()
         if self.device.type == "cpu":
@@ -130,7 +131,9 @@ class EngineCore:
             else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
         )
         self.last_step = StepStats()
-        self.step_trace = self._open_step_trace() if config.step_trace else None
+        self.step_observer = make_step_observer(self) if make_step_observer else None
+        if config.step_trace and self.step_observer is None:
+            logger.warning("--step-trace %s: this engine's caller writes no step trace", config.step_trace)
         if self.device.type == "cpu":
             release_freed_memory()  # the transients of building the layers
         logger.info(
@@ -151,16 +154,6 @@ class EngineCore:
             torch.set_num_threads(num_threads)
         elif torch.get_num_threads() > host_defaults().num_threads:
             torch.set_num_threads(host_defaults().num_threads)
-
-    def _open_step_trace(self):
-        """--step-trace: a line per step for `duoserve plan profile --from-trace` (duoserve/plan/trace.py)."""
-        from duoserve.plan.profile import host_info, quantized_rows, worker_limits
-        from duoserve.plan.trace import StepTraceWriter
-
-        limits = dataclasses.asdict(worker_limits(self, quantized_rows(self)))
-        engine_args = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
-        extra = {"engine_args": engine_args, "host": host_info(self), "pid": os.getpid()}
-        return StepTraceWriter(self.config.step_trace, limits | extra)
 
     def _proposer(self, loaded: LoadedModel, num_blocks: int) -> Proposer:
         if self.config.speculative == "ngram":
@@ -280,8 +273,8 @@ class EngineCore:
         """At a graceful shutdown: connectors that keep KV save it (the offload tier writes the prefixes
         the pool still caches to disk, so a restart finds them too)."""
         self.connector.close(self.kv.pool)
-        if self.step_trace is not None:
-            self.step_trace.close(self.last_step.total_seconds)
+        if self.step_observer is not None:
+            self.step_observer.close(self.last_step.total_seconds)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -299,8 +292,8 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
-        if self.step_trace is not None:  # opt-in: the plan's shape, before the step changes any request
-            self.step_trace.record(plan, start, self.last_step.total_seconds)
+        if self.step_observer is not None:  # opt-in: the plan, before the step changes any request
+            self.step_observer.record(plan, start, self.last_step.total_seconds)
         self.connector.start_load_kv(self.kv_cache)
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)

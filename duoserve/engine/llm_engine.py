@@ -8,6 +8,7 @@ import logging
 from duoserve.config import EngineConfig
 from duoserve.engine.core import EngineCore
 from duoserve.engine.output_processor import OutputProcessor
+from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.lora.request import LoRARequest
 from duoserve.models.loader import load_model
 from duoserve.outputs import RequestOutput
@@ -28,11 +29,12 @@ def child_params(params: SamplingParams) -> list[SamplingParams]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, make_step_observer: MakeStepObserver | None = None) -> None:
+        """`make_step_observer`: the core's step observer (--step-trace), built by the caller."""
         self.config = config
         loaded = load_model(config.model, config.resolved_dtype())
         self.tokenizer = load_tokenizer(loaded.source, loaded.gguf_reader)
-        self.core = EngineCore(config, loaded)
+        self.core = EngineCore(config, loaded, make_step_observer=make_step_observer)
         self.processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + loaded.config.eos_token_ids))
         self.model_name = loaded.source

@@ -80,7 +80,7 @@ def _add_profile_parser(sub: Any) -> None:
         "--in-process",
         action="store_true",
         help="profile in this process, with its OpenMP environment (default: in a process started as "
-        "the server's engine process is, duoserve/server/engine_env.py)",
+        "the server's engine process is, duoserve/engine/engine_env.py)",
     )
     p.set_defaults(plan_func=cmd_profile)
 
@@ -196,6 +196,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return _profile_from_traces(args)
     from duoserve.config import engine_config_from_args
     from duoserve.plan.profile import Grid, load_profile, run_profile, write_profile
+    from duoserve.plan.trace import step_trace_observer
 
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
@@ -209,7 +210,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     config = engine_config_from_args(args)
     if args.in_process:
-        write_profile(args.output, run_profile(config, grid, _progress))
+        write_profile(
+            args.output, run_profile(config, grid, _progress, step_trace_observer(config.step_trace))
+        )
     else:
         code = _profile_in_engine_env(config, grid, args.output)
         if code:
@@ -224,11 +227,11 @@ def _progress(message: str) -> None:
 
 def _profile_in_engine_env(config, grid, output: str) -> int:
     """Run the profile in a process spawned as the server's engine process is (its OpenMP threads sleep
-    when they wait: duoserve/server/engine_env.py), so profiled steps run as served ones do. This
+    when they wait: duoserve/engine/engine_env.py), so profiled steps run as served ones do. This
     process's OpenMP already read its environment when torch loaded."""
     import multiprocessing
 
-    from duoserve.server.engine_env import engine_environment
+    from duoserve.engine.engine_env import engine_environment
 
     process = multiprocessing.get_context("spawn").Process(
         target=_profile_child, args=(config, grid, output), name="duoserve-plan-profile"
@@ -243,9 +246,10 @@ def _profile_in_engine_env(config, grid, output: str) -> int:
 
 def _profile_child(config, grid, output: str) -> None:
     from duoserve.plan.profile import run_profile, write_profile
+    from duoserve.plan.trace import step_trace_observer
 
     try:
-        write_profile(output, run_profile(config, grid, _progress))
+        write_profile(output, run_profile(config, grid, _progress, step_trace_observer(config.step_trace)))
     except (ValueError, OSError) as err:
         print(f"duoserve plan: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -257,16 +261,23 @@ def _profile_from_traces(args: argparse.Namespace) -> int:
 
     transfer = load_profile(args.kv_transfer_from).kv_transfer if args.kv_transfer_from else None
     prior = load_profile(args.prior) if args.prior else None
-    profile, traced = profile_from_traces(args.from_trace, args.fit_time == "period", transfer, prior)
+    profile, traced, role_fits = profile_from_traces(
+        args.from_trace, args.fit_time == "period", transfer, prior
+    )
     write_profile(args.output, profile)
-    rows = residuals_by_regime(
-        profile.step_model, traced.shapes, traced.seconds, profile.limits.max_num_batched_tokens
-    )
-    print(
-        f"{len(traced.shapes)} traced steps; engine loop between back-to-back steps: median "
-        f"{traced.median_gap * 1e3:.2f} ms ({'in' if args.fit_time == 'period' else 'not in'} the fit)"
-    )
-    print(format_residuals(rows))
+    fits = [("", profile.step_model, profile.limits, traced)]
+    fits += [
+        (role, profile.roles[role].step_model, profile.roles[role].limits, fit)
+        for role, fit in role_fits.items()
+    ]
+    for role, model, limits, fit in fits:
+        rows = residuals_by_regime(model, fit.shapes, fit.seconds, limits.max_num_batched_tokens)
+        print(
+            f"{role + ' worker: ' if role else ''}{len(fit.shapes)} traced steps; engine loop between "
+            f"back-to-back steps: median {fit.median_gap * 1e3:.2f} ms "
+            f"({'in' if args.fit_time == 'period' else 'not in'} the fit)"
+        )
+        print(format_residuals(rows))
     if not args.kv_transfer_from and not args.prior:
         print("note: no KV transfer model (a trace has none): --kv-transfer-from PROFILE for disagg")
     _print_profile(profile, args.output)
@@ -282,6 +293,9 @@ def _print_profile(profile, output: str) -> None:
         f"step seconds = {m.intercept:.4g} + {terms}  (R^2 {fit['r2']:.3f} over {fit['num_samples']} "
         f"steps, {fit['num_dropped']} dropped as noise; rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
     )
+    for role, own in profile.roles.items():
+        terms = " + ".join(f"{getattr(own.step_model, name):.3g}*{name}" for name in FEATURES)
+        print(f"{role} worker: step seconds = {own.step_model.intercept:.4g} + {terms}")
     t = profile.kv_transfer
     print(f"KV transfer seconds = {t.fixed_seconds:.3g} + {t.seconds_per_token:.3g}*tokens")
     print(f"wrote {output}")

@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duoserve.plan.step_model import FEATURES, Fit, StepModel, StepShape, fit_step_model, step_shape
+
+if TYPE_CHECKING:
+    from duoserve.engine.step_observer import MakeStepObserver
 
 PROFILE_KIND = "duoserve-plan-profile"
 # 2: the step model's features became kernel_rows/tiled_rows (step_model.py). A version-1 profile's
@@ -69,6 +72,25 @@ class WorkerLimits:
     quantized_max_rows: int = 0  # larger steps multiply dequantized weight tiles (0: dense weights)
 
 
+# The roles of a disaggregated deployment's workers (`duoserve serve --role`) that a profile may model
+# apart; a colocated worker (role both) has the profile's own step model and limits.
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class RoleProfile:
+    """A disaggregated deployment's worker of one role, fitted from its own served steps (trace.py).
+
+    Each role's steps carry what only it does, so one step model for both would blend them: a prefill
+    worker's step includes sending each chunk's KV, a decode worker's engine loop sends every request's
+    token each step and takes in arriving KV, and each worker of `duoserve up` runs on its own share of
+    the cores. Its limits are its own too (each sized its KV cache from the memory free at its start)."""
+
+    step_model: StepModel
+    limits: WorkerLimits
+    fit: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class Profile:
     step_model: StepModel
@@ -79,6 +101,13 @@ class Profile:
     fit: dict[str, float] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)
     samples: list[list[float]] = field(default_factory=list)  # [*StepShape fields, seconds] per measured step
+    roles: dict[str, RoleProfile] = field(default_factory=dict)  # ROLES fitted apart (from served traces)
+
+    def for_role(self, role: str) -> tuple[StepModel, WorkerLimits]:
+        """The step model and limits of a worker of `role` (prefill or decode in a disaggregated
+        deployment, both when colocated): its role's own where the profile has them, else its own."""
+        own = self.roles.get(role)
+        return (own.step_model, own.limits) if own is not None else (self.step_model, self.limits)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,7 +123,20 @@ class Profile:
             "features": list(FEATURES),
             "sample_fields": [f.name for f in dataclasses.fields(StepShape)] + ["seconds"],
             "samples": self.samples,
-        }
+        } | (
+            {
+                "roles": {
+                    name: {
+                        "step_model": role.step_model.to_json(),
+                        "limits": dataclasses.asdict(role.limits),
+                        "fit": role.fit,
+                    }
+                    for name, role in self.roles.items()
+                }
+            }
+            if self.roles
+            else {}
+        )
 
     @classmethod
     def from_json(cls, data: Any) -> Profile:
@@ -105,15 +147,11 @@ class Profile:
         if data.get("version") != PROFILE_VERSION:
             version = data.get("version")
             raise ValueError(f"profile version {version!r}; this duoserve reads version {PROFILE_VERSION}")
+        limits = _limits(data.get("limits"), "the profile's")
         try:
-            limits = WorkerLimits(**data["limits"])
             transfer = KVTransferModel(**data.get("kv_transfer", {}))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"the profile's limits or kv_transfer are malformed: {err}") from err
-        if min(limits.num_kv_blocks, limits.block_size, limits.max_model_len) < 1:
-            raise ValueError("the profile's limits must be positive")
-        if limits.max_num_batched_tokens < 1 or limits.max_num_seqs < 1:
-            raise ValueError("the profile's limits must be positive")
+        except TypeError as err:
+            raise ValueError(f"the profile's kv_transfer is malformed: {err}") from err
         if transfer.fixed_seconds < 0 or transfer.seconds_per_token < 0:
             raise ValueError("the profile's kv_transfer times must be >= 0")
         return cls(
@@ -125,7 +163,40 @@ class Profile:
             fit=data.get("fit", {}),
             grid=data.get("grid", {}),
             samples=data.get("samples", []),
+            roles=_roles(data.get("roles") or {}, limits),
         )
+
+
+def _limits(data: Any, whose: str) -> WorkerLimits:
+    try:
+        limits = WorkerLimits(**data)
+    except TypeError as err:
+        raise ValueError(f"{whose} limits are malformed: {err}") from err
+    if min(limits.num_kv_blocks, limits.block_size, limits.max_model_len) < 1:
+        raise ValueError(f"{whose} limits must be positive")
+    if limits.max_num_batched_tokens < 1 or limits.max_num_seqs < 1:
+        raise ValueError(f"{whose} limits must be positive")
+    return limits
+
+
+def _roles(data: Any, limits: WorkerLimits) -> dict[str, RoleProfile]:
+    """A profile's per-role models; every role's blocks are the profile's size (the router hashes
+    prompts in blocks of one size for every worker)."""
+    if not isinstance(data, dict) or not set(data) <= set(ROLES):
+        raise ValueError(f"the profile's roles must be a mapping of {' and/or '.join(ROLES)}")
+    roles = {}
+    for name, role in data.items():
+        if not isinstance(role, dict):
+            raise ValueError(f"the profile's {name} role is not a mapping")
+        role_limits = _limits(role.get("limits"), f"the {name} role's")
+        if role_limits.block_size != limits.block_size:
+            raise ValueError(f"the {name} role's block size is not the profile's")
+        try:
+            step_model = StepModel.from_json(role.get("step_model") or {})
+        except ValueError as err:
+            raise ValueError(f"the {name} role's {err.args[0].removeprefix('the ')}") from err
+        roles[name] = RoleProfile(step_model, role_limits, role.get("fit") or {})
+    return roles
 
 
 def fit_summary(fit: Fit) -> dict[str, float]:
@@ -385,12 +456,12 @@ def _fit_transfer(samples: list[list[float]]) -> KVTransferModel:
 def host_info(core) -> dict[str, Any]:
     import torch
 
+    from duoserve.engine.engine_env import WAIT_VARS
     from duoserve.hardware import host_defaults
-    from duoserve.server.engine_env import WAIT_VARS
 
     cpu = host_defaults().cpu
     return {
-        # How its OpenMP threads waited (duoserve/server/engine_env.py): served engines sleep.
+        # How its OpenMP threads waited (duoserve/engine/engine_env.py): served engines sleep.
         "openmp_wait": {name: os.environ[name] for name in WAIT_VARS if name in os.environ},
         "cpu": cpu.model,
         "arch": cpu.arch,
@@ -404,13 +475,19 @@ def host_info(core) -> dict[str, Any]:
     }
 
 
-def run_profile(config, grid: Grid = Grid(), progress: Callable[[str], None] = lambda _: None) -> Profile:
-    """Load the engine `config` describes, measure it, and fit: the whole `duoserve plan profile`."""
+def run_profile(
+    config,
+    grid: Grid = Grid(),
+    progress: Callable[[str], None] = lambda _: None,
+    make_step_observer: MakeStepObserver | None = None,
+) -> Profile:
+    """Load the engine `config` describes, measure it, and fit: the whole `duoserve plan profile`.
+    `make_step_observer`: the core's step observer (--step-trace of the profiled steps)."""
     from duoserve.engine.core import EngineCore
     from duoserve.models.loader import load_model
 
     progress("loading the model")
-    core = EngineCore(config, load_model(config.model, config.resolved_dtype()))
+    core = EngineCore(config, load_model(config.model, config.resolved_dtype()), None, make_step_observer)
     timer = measure_steps(core, grid, progress)
     fit = fit_step_model(timer.shapes, timer.seconds)
     progress(f"KV transfer of {', '.join(map(str, grid.transfer_tokens))} tokens")

@@ -195,11 +195,13 @@ class SimWorker:
     on_ticket: Callable[[SimTicket], None] = lambda ticket: None
     on_kv_done: Callable[[SimTicket, float], None] = lambda ticket, ready: None
     record_steps: bool = False
+    role: str = "both"  # prefill | decode (disaggregated) | both: whose step model and limits it has
     steps: list[StepRecord] = field(default_factory=list)
     busy: bool = False
 
     def __post_init__(self) -> None:
-        limits = self.profile.limits
+        self.step_model, self.limits = self.profile.for_role(self.role)
+        limits = self.limits
         self.kv = KVCacheManager(
             limits.num_kv_blocks, limits.block_size, limits.enable_prefix_caching, limits.sliding_window
         )
@@ -257,8 +259,8 @@ class SimWorker:
 
     def _start_step(self, plan: SchedulerOutput) -> None:
         """The step takes the step model's time; every sampling request gets SAMPLED_TOKEN."""
-        shape = step_shape(plan.scheduled, self.profile.limits.quantized_max_rows)
-        seconds = self.profile.step_model.seconds(shape)
+        shape = step_shape(plan.scheduled, self.limits.quantized_max_rows)
+        seconds = self.step_model.seconds(shape)
         if self.record_steps:
             self.steps.append(
                 StepRecord(
@@ -338,6 +340,7 @@ class Simulation:
                 self._on_ticket,
                 self._on_kv_done,
                 record_steps,
+                role=worker.kind if deployment.disaggregated else "both",
             )
             sim.kv_events = lambda events, url=worker.url: self.index.apply(url, events)
             self.workers[worker.url] = sim
@@ -347,6 +350,8 @@ class Simulation:
         self._slots: int | None = None
         self._queued: list[SimConversation] = []
         self.end = 0.0
+        # A prompt and its output must fit every worker it may run on (the router refuses it otherwise).
+        self.max_model_len = min(sim.limits.max_model_len for sim in self.workers.values())
 
     # ---------------------------------------------------------------- clients
 
@@ -384,10 +389,10 @@ class Simulation:
         record.send_time = self.clock.now
         record.prompt_tokens, record.usage_reported = len(prompt), True
         self.records.append(record)
-        if len(prompt) + spec.output_len > self.profile.limits.max_model_len:
+        if len(prompt) + spec.output_len > self.max_model_len:
             record.error = (
                 f"400: {len(prompt)} prompt + {spec.output_len} output tokens exceed the context "
-                f"({self.profile.limits.max_model_len})"
+                f"({self.max_model_len})"
             )
             record.end_time = self.clock.now
             self._turn_done(conv, turn, prompt, record)
@@ -523,10 +528,10 @@ def write_simulated_traces(sim: Simulation, path: str) -> list[str]:
     trace of the same arrivals: PATH for one worker, PATH.<worker index> for more."""
     from duoserve.plan.trace import write_trace
 
-    limits = dataclasses.asdict(sim.profile.limits)
     paths = []
     for index, worker in enumerate(sim.workers.values()):
         out = path if len(sim.workers) == 1 else f"{path}.{index}"
-        write_trace(out, limits | {"simulated": worker.name}, worker.steps)
+        header = dataclasses.asdict(worker.limits) | {"simulated": worker.name, "role": worker.role}
+        write_trace(out, header, worker.steps)
         paths.append(out)
     return paths

@@ -1,20 +1,23 @@
 """Step traces: what a served engine's steps really were, and the step model fitted from them.
 
-`--step-trace PATH` makes the engine core write one JSON line per step it runs (opt-in; when off the
-step only tests that the trace is None). A line holds the step's shape, computed from the scheduler's
-plan before the step changes any request (`step_shape`, as the profiler and the simulator compute it),
-its batch (request id and tokens per row, in the scheduler's order), when it started and how long
-`EngineCore.step` took. The line is written when the next step starts (or at close), so the hook in
-the step is one call after `schedule()`, and the line also holds `gap`: the wall time between this
-step's end and the next step's start when the engine had work all along (a request of this step runs
-on in the next), i.e. the engine loop's own cost per step (sending outputs, reading requests), which a
-step model fitted from a trace's *periods* includes (`plan profile --from-trace`).
+`--step-trace PATH` makes the engine's caller (the server's engine process, `LLM`, the CLI) give the
+core a step observer (`StepTraceObserver`: duoserve/engine/step_observer.py) that writes one JSON
+line per step it runs (opt-in; when off the step only tests that the observer is None). A line holds
+the step's shape, computed from the scheduler's plan before the step changes any request
+(`step_shape`, as the profiler and the simulator compute it), its batch (request id and tokens per
+row, in the scheduler's order), when it started and how long `EngineCore.step` took. The line is
+written when the next step starts (or at close), so the hook in the step is one call after
+`schedule()`, and the line also holds `gap`: the wall time between this step's end and the next
+step's start when the engine had work all along (a request of this step runs on in the next), i.e.
+the engine loop's own cost per step (sending outputs, reading requests), which a step model fitted
+from a trace's *periods* includes (`plan profile --from-trace`).
 
-The first line is a header: the worker's limits (what the simulated scheduler needs), so a trace alone
-makes a profile. A profile fitted from a served trace describes the engine as it runs served: in its
-own process, beside the API process and the clients on the same cores, with the engine process's
-OpenMP environment (duoserve/server/engine_env.py), which the in-process profile of synthetic steps
-does not see.
+The first line is a header: the worker's limits (what the simulated scheduler needs) and its role
+(prefill, decode or both), so a trace alone makes a profile; the traces of a disaggregated
+deployment's workers make one profile with a step model per role. A profile fitted from a served
+trace describes the engine as it runs served: in its own process, beside the API process and the
+clients on the same cores, with the engine process's OpenMP environment
+(duoserve/engine/engine_env.py), which the in-process profile of synthetic steps does not see.
 """
 
 from __future__ import annotations
@@ -26,12 +29,26 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from duoserve.engine.scheduler import SchedulerOutput
+from duoserve.plan.profile import (
+    ROLES,
+    KVTransferModel,
+    Profile,
+    RoleProfile,
+    WorkerLimits,
+    fit_summary,
+    host_info,
+    quantized_rows,
+    worker_limits,
+)
 from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape
+
+if TYPE_CHECKING:
+    from duoserve.engine.core import EngineCore
 
 TRACE_KIND = "duoserve-step-trace"
 TRACE_VERSION = 1
@@ -49,8 +66,32 @@ class _Pending:
     request_ids: frozenset[str]
 
 
+@dataclass(frozen=True)
+class StepTraceObserver:
+    """What `EngineCore(make_step_observer=...)` takes for `--step-trace PATH`: called with the whole
+    core, it opens the trace, whose header it makes from the core (its limits, engine arguments, host)
+    and the worker's `role` (prefill, decode or both: what it does for a router; `plan profile
+    --from-trace` fits each role's steps apart). A picklable value, not a closure: the server hands it
+    to the engine process it spawns. `{role}` and `{pid}` in the path are replaced by the role and the
+    engine process's id."""
+
+    path: str
+    role: str = "both"
+
+    def __call__(self, core: EngineCore) -> StepTraceWriter:
+        limits = dataclasses.asdict(worker_limits(core, quantized_rows(core)))
+        engine_args = {f.name: getattr(core.config, f.name) for f in dataclasses.fields(core.config)}
+        extra = {"engine_args": engine_args, "host": host_info(core), "pid": os.getpid(), "role": self.role}
+        return StepTraceWriter(self.path.replace("{role}", self.role), limits | extra)
+
+
+def step_trace_observer(path: str | None, role: str = "both") -> StepTraceObserver | None:
+    """The step observer for a `--step-trace` value (None: no trace is asked for)."""
+    return StepTraceObserver(path, role) if path else None
+
+
 class StepTraceWriter:
-    """Writes the engine core's steps as JSON lines (made by EngineCore when --step-trace is set)."""
+    """Writes the engine core's steps as JSON lines (a StepObserver: duoserve/engine/step_observer.py)."""
 
     def __init__(self, path: str, header: dict[str, Any]) -> None:
         """`header`: the worker's limits (LIMIT_FIELDS, with its quantized row threshold) and anything
@@ -346,42 +387,79 @@ def format_residuals(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def profile_from_traces(paths: Sequence[str], periods: bool = True, kv_transfer=None, prior=None):
+def trace_role(trace: Trace) -> str:
+    """The role of the worker that wrote it (`duoserve serve --role`; traces before roles: both)."""
+    role = trace.header.get("role", "both")
+    if role not in ("both", *ROLES):
+        raise ValueError(f"step trace {trace.path}: role {role!r} is none of both, {', '.join(ROLES)}")
+    return role
+
+
+def profile_from_traces(
+    paths: Sequence[str], periods: bool = True, kv_transfer=None, prior=None
+) -> tuple[Profile, TraceFit, dict[str, TraceFit]]:
     """`duoserve plan profile --from-trace`: a profile whose step model is fitted to served steps.
 
-    Returns the profile and the fit (for its residuals). `prior`: a synthetic profile of the same
-    worker, whose measured steps settle what the trace's steps cannot tell apart (PRIOR_WEIGHT). The
-    KV transfer model is not in a trace: `kv_transfer`, else the prior's, else none."""
-    from duoserve.plan.profile import KVTransferModel, Profile, WorkerLimits, fit_summary
+    Traces of a disaggregated deployment's workers (their header's role: prefill, decode) are fitted
+    per role, each with its own limits (Profile.roles: the simulator gives each worker its role's). The
+    profile's own step model, for colocated workers, is fitted to the colocated (role both) traces, or
+    without any to every traced step, with the decode worker's limits (it prefills and decodes too).
 
+    Returns the profile, the fit of its own step model and those of its roles (for their residuals).
+    `prior`: a synthetic profile of the same worker, whose measured steps settle what the traces' steps
+    cannot tell apart (PRIOR_WEIGHT, in every fit). The KV transfer model is not in a trace:
+    `kv_transfer`, else the prior's, else none."""
     if not paths:
         raise ValueError("--from-trace needs at least one step trace")
     traces = [read_trace(p) for p in paths]
-    limits = WorkerLimits(**trace_limits(traces))
-    if prior is not None and prior.limits.quantized_max_rows != limits.quantized_max_rows:
-        raise ValueError("the prior profile's worker has another quantized row threshold than the trace's")
+    by_role: dict[str, list[Trace]] = {}
+    for trace in traces:
+        by_role.setdefault(trace_role(trace), []).append(trace)
     if prior is not None and not prior.samples:
         raise ValueError("the prior profile holds no measured steps")
-    traced = fit_traces(traces, periods, prior.samples if prior is not None else ())
+    prior_samples = prior.samples if prior is not None else ()
+
+    def fitted(group: list[Trace]) -> tuple[WorkerLimits, TraceFit]:
+        limits = WorkerLimits(**trace_limits(group))
+        if prior is not None and prior.limits.quantized_max_rows != limits.quantized_max_rows:
+            raise ValueError(
+                "the prior profile's worker has another quantized row threshold than the trace's"
+            )
+        return limits, fit_traces(group, periods, prior_samples)
+
+    roles = {role: fitted(by_role[role]) for role in ROLES if role in by_role}
+    if "both" in by_role:
+        limits, traced = fitted(by_role["both"])
+    else:
+        limits = (roles.get("decode") or roles["prefill"])[0]
+        traced = fit_traces(traces, periods, prior_samples)
+    if any(role_limits.block_size != limits.block_size for role_limits, _ in roles.values()):
+        raise ValueError("the traces come from workers with other block sizes")
+
+    def summary(fit: TraceFit) -> dict[str, float]:
+        return fit_summary(fit.fit) | {
+            "loop_gap_seconds": fit.median_gap,
+            "prior_samples": len(prior_samples),
+        }
+
     kv_transfer = kv_transfer or (prior.kv_transfer if prior is not None else None)
     first = traces[0].header
-    return (
-        Profile(
-            step_model=traced.fit.model,
-            limits=limits,
-            kv_transfer=kv_transfer or KVTransferModel(),
-            engine_args=first.get("engine_args", {}),
-            host=first.get("host", {}),
-            fit=fit_summary(traced.fit)
-            | {"loop_gap_seconds": traced.median_gap, "prior_samples": len(prior.samples) if prior else 0},
-            grid={
-                "from_traces": list(paths),
-                "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",
-            },
-            samples=[[*s.values(), t] for s, t in zip(traced.shapes, traced.seconds, strict=True)],
-        ),
-        traced,
+    profile = Profile(
+        step_model=traced.fit.model,
+        limits=limits,
+        kv_transfer=kv_transfer or KVTransferModel(),
+        engine_args=first.get("engine_args", {}),
+        host=first.get("host", {}),
+        fit=summary(traced),
+        grid={
+            "from_traces": list(paths),
+            "roles": {role: [t.path for t in group] for role, group in by_role.items()},
+            "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",
+        },
+        samples=[[*s.values(), t] for s, t in zip(traced.shapes, traced.seconds, strict=True)],
+        roles={role: RoleProfile(fit.fit.model, lim, summary(fit)) for role, (lim, fit) in roles.items()},
     )
+    return profile, traced, {role: fit for role, (_, fit) in roles.items()}
 
 
 def slice_trace(path: str, start_unix: float, end_unix: float, out_path: str) -> int:

@@ -26,13 +26,14 @@ import zmq.asyncio
 from duoserve.config import EngineConfig
 from duoserve.disagg.endpoints import LOOPBACK, KVEndpoints
 from duoserve.engine.core import CoreOutput
+from duoserve.engine.engine_env import engine_environment
 from duoserve.engine.llm_engine import child_params
 from duoserve.engine.output_processor import OutputProcessor
+from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.lora.request import LoRARequest
 from duoserve.models.loader import default_model_path
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
-from duoserve.server.engine_env import engine_environment
 from duoserve.server.engine_messages import (
     Abort,
     AddRequest,
@@ -130,8 +131,12 @@ class EngineClient:
         log_level: str = "INFO",
         kv: KVEndpoints = LOOPBACK,
         cluster_secret: str | None = None,
+        make_step_observer: MakeStepObserver | None = None,
     ) -> None:
+        """`make_step_observer`: what the engine process's core calls each step (--step-trace's writer,
+        built by the caller: the server imports no planner); it is pickled to the engine process."""
         self.config = config
+        self.make_step_observer = make_step_observer
         self.kv = kv  # where the engine binds its KV receiver and KV event sockets, and their address
         self.cluster_secret = cluster_secret  # authenticates what goes over those sockets
         try:
@@ -217,6 +222,7 @@ class EngineClient:
                 self.log_level,
                 self.kv,
                 self.cluster_secret,
+                self.make_step_observer,
             ),
             name="duoserve-engine",
             daemon=True,

@@ -22,6 +22,7 @@ from duoserve.disagg.kv_events import KVEventPublisher
 from duoserve.disagg.kv_transfer import KVLayout, KVReceiver, KVReceiveTransport, KVSender, KVTicket
 from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import CoreOutput, EngineCore
+from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.kv.connector import KVConnector
 from duoserve.models.loader import load_model
 from duoserve.server.engine_messages import (
@@ -58,12 +59,14 @@ def run_engine_process(
     log_level: str = "INFO",
     kv: KVEndpoints = LOOPBACK,
     cluster_secret: str | None = None,
+    make_step_observer: MakeStepObserver | None = None,
 ) -> None:
     """Entry point of the spawned process: load the model, say Ready (or why not), run the loop.
 
     Besides the two sockets to the API process, it binds two TCP sockets as `kv` says: a KV receiver
     (prefill workers push prompt KV to it) and a KV event publisher (routers index its prefix cache).
-    What goes over them is authenticated with `cluster_secret` when there is one.
+    What goes over them is authenticated with `cluster_secret` when there is one. `make_step_observer`:
+    the core's step observer (--step-trace), as the server's caller built it.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and SIGTERM reach the whole process group; the API process decides when the engine stops,
@@ -99,7 +102,8 @@ def run_engine_process(
         return pd_connectors(core, receivers[0], sender, lambda tickets: loop.send_tickets(tickets))
 
     try:
-        core = EngineCore(config, load_model(config.model, config.resolved_dtype()), make_connector)
+        loaded = load_model(config.model, config.resolved_dtype())
+        core = EngineCore(config, loaded, make_connector, make_step_observer)
         core.kv.pool.events = []
         core.connector.start_kv_events()  # offload tiers too: a router counts their hits
         outbox.send(message_encoder.encode(_ready(core, receivers[0].address, publisher.address)))

@@ -20,6 +20,7 @@ import uvicorn
 from duoserve.config import EngineConfig
 from duoserve.disagg.auth import warn_if_exposed
 from duoserve.disagg.endpoints import KVEndpoints, advertised_host
+from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient
 from duoserve.server.http_protocol import with_header_timeout
@@ -59,8 +60,14 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(engine_config: EngineConfig, settings: ServerSettings, kv: KVEndpoints | None = None) -> int:
-    """`kv`: where the KV sockets bind and what address they are given out as (default: --host's)."""
+def serve(
+    engine_config: EngineConfig,
+    settings: ServerSettings,
+    kv: KVEndpoints | None = None,
+    make_step_observer: MakeStepObserver | None = None,
+) -> int:
+    """`kv`: where the KV sockets bind and what address they are given out as (default: --host's).
+    `make_step_observer`: the engine core's step observer (--step-trace), built by the caller."""
     if kv is None:
         kv = KVEndpoints(bind_host=settings.host, advertise_host=advertised_host(settings.host))
     client = EngineClient(
@@ -70,6 +77,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, kv: KVEndpoints
         log_level=settings.log_level,
         kv=kv,
         cluster_secret=settings.cluster_secret,
+        make_step_observer=make_step_observer,
     )
     return run_server(client, settings)
 

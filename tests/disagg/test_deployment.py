@@ -21,6 +21,7 @@ import pytest
 
 from duoserve import LLM, SamplingParams
 from duoserve.disagg.auth import HTTP_PURPOSE, Signer, http_auth_header
+from duoserve.plan.trace import read_trace
 from tests.helpers import random_prompt, wait_for, word
 from tests.server.harness import ENGINE_ARGS, ServerProcess, engine_flags
 
@@ -54,9 +55,15 @@ def text_of(ids: list[int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployment(model_dir, tmp_path_factory):
+def trace_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("step-traces")
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir, tmp_path_factory, trace_dir):
+    traces = ["--step-trace", str(trace_dir / "steps-{role}.jsonl")]
     router = start_up(
-        model_dir, tmp_path_factory, "--prefill", "1", "--decode", "1", "--cluster-secret", SECRET
+        model_dir, tmp_path_factory, "--prefill", "1", "--decode", "1", "--cluster-secret", SECRET, *traces
     )
     wait_for(lambda: all(w["healthy"] for w in workers(router)), what="both workers")
     yield router
@@ -100,6 +107,25 @@ def test_greedy_matches_offline_for_local_and_remote_prefill(deployment, offline
     for stats in (after, deployment.metrics()):
         drops = {k: v for k, v in stats.items() if k.startswith("duoserve:untrusted_messages_dropped")}
         assert drops and not any(drops.values()), drops
+
+
+def test_each_worker_writes_a_step_trace_of_its_role(deployment, trace_dir):
+    """`up --step-trace PATTERN`: a trace per worker, named and headed by its role, so `plan profile
+    --from-trace` fits each role's steps apart: the prefill worker's steps are prompt chunks only."""
+    assert len(complete(deployment, random_prompt(30, seed=11), 6)) == 6
+    paths = {role: trace_dir / f"steps-{role}.jsonl" for role in ("prefill", "decode")}
+
+    def stepped(path) -> bool:  # a step's line is written when the next one starts
+        return path.exists() and len(path.read_text().splitlines()) > 1
+
+    wait_for(lambda: all(stepped(path) for path in paths.values()), what="both workers' traced steps")
+    traces = {role: read_trace(str(path)) for role, path in paths.items()}
+    assert {role: trace.header["role"] for role, trace in traces.items()} == {
+        "prefill": "prefill",
+        "decode": "decode",
+    }
+    assert all(step.shape.decode_seqs == 0 for step in traces["prefill"].steps)
+    assert any(step.shape.prefill_tokens == 8 for step in traces["prefill"].steps)  # chunks of the budget
 
 
 def test_streamed_equals_non_streamed(deployment):

@@ -55,3 +55,61 @@ def test_quantized_kv_gives_one_answer_however_the_prompt_is_computed(
     assert core.kv_cache.data.dtype == core.kv_cache.spec.dtype and core.kv_cache.spec.quantized
     assert core.kv.prefix_cache_hits > 0 and core.scheduler.num_preemptions > 0
     assert [first, *rest] == expected
+
+
+class _RecordingObserver:
+    """A step observer (duoserve/engine/step_observer.py) that keeps what the core tells it."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self.steps: list[tuple[list[tuple[str, int]], float, float]] = []
+        self.closed: list[float] = []
+
+    def record(self, plan, start: float, previous_seconds: float) -> None:
+        batch = [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled]
+        self.steps.append((batch, start, previous_seconds))
+
+    def close(self, last_seconds: float) -> None:
+        self.closed.append(last_seconds)
+
+
+def test_the_step_observer_its_caller_built_sees_every_plan(
+    tiny_models, single_torch_thread, tmp_path, caplog
+):
+    """EngineCore calls the observer its caller passed (as `make_connector`): every step's plan before
+    it runs, the previous step's time, and the last one's at close. It opens no trace of its own:
+    --step-trace without an observer writes nothing (and says so)."""
+    from duoserve.config import EngineConfig
+    from duoserve.engine.core import EngineCore
+    from duoserve.models.loader import load_model
+
+    path = tiny_models("llama_gqa")[1]
+    trace = tmp_path / "steps.jsonl"
+    config = EngineConfig(
+        model=path, device="cpu", dtype="float32", attention_backend="torch", num_kv_blocks=32,
+        block_size=8, max_num_batched_tokens=16, num_threads=1, step_trace=str(trace),
+    )  # fmt: skip
+    loaded = load_model(path, config.resolved_dtype())
+    observers = []
+
+    def make_observer(built: EngineCore) -> _RecordingObserver:
+        observers.append(_RecordingObserver(built))
+        return observers[-1]
+
+    core = EngineCore(config, loaded, make_step_observer=make_observer)
+    (observer,) = observers
+    assert observer.core is core and core.step_observer is observer
+    core.add_request("a", random_prompt(20, seed=1), SamplingParams(max_tokens=3, ignore_eos=True), [2])
+    durations = []
+    while core.has_unfinished():
+        core.step()
+        durations.append(core.last_step.total_seconds)
+    core.close()
+    # 20 prompt tokens in chunks of 16 then 4 (which samples the first token), then two decodes.
+    assert [batch for batch, _, _ in observer.steps] == [[("a", 16)], [("a", 4)], [("a", 1)], [("a", 1)]]
+    assert [previous for _, _, previous in observer.steps[1:]] == durations[:-1]
+    assert observer.closed == [durations[-1]]
+
+    caplog.set_level("WARNING", logger="duoserve.engine.core")
+    EngineCore(config, loaded).close()
+    assert not trace.exists() and "writes no step trace" in caplog.text

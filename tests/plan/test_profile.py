@@ -137,7 +137,7 @@ def test_plan_profile_runs_in_the_engine_processs_environment(tiny_models, tmp_p
     """The served engine's OpenMP threads sleep when they wait (engine_env): so do the profiled ones,
     in a process started as the server starts its engine."""
     from duoserve.cli import main
-    from duoserve.server.engine_env import WAIT_VARS
+    from duoserve.engine.engine_env import WAIT_VARS
 
     for name in WAIT_VARS:
         monkeypatch.delenv(name, raising=False)

@@ -16,6 +16,7 @@ from duoserve.plan.step_model import StepModel, StepShape, step_shape
 from duoserve.plan.trace import (
     TRACE_KIND,
     TRACE_VERSION,
+    StepTraceObserver,
     profile_from_traces,
     read_trace,
     regime,
@@ -53,7 +54,9 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
         num_threads=1,
         step_trace=str(trace_path),
     )
-    core = EngineCore(config, load_model(path, config.resolved_dtype()))
+    core = EngineCore(
+        config, load_model(path, config.resolved_dtype()), None, StepTraceObserver(str(trace_path))
+    )
     planned = []
     schedule = core.scheduler.schedule
 
@@ -88,6 +91,7 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
     (written,) = tmp_path.glob("trace-*.jsonl")
     trace = read_trace(str(written))
     assert trace.header["max_num_batched_tokens"] == 24 and trace.header["quantized_max_rows"] == 0
+    assert trace.header["role"] == "both" and trace.header["engine_args"]["block_size"] == 8
     lines = [json.loads(line) for line in written.read_text().splitlines()[1:]]
     assert [s.shape for s in trace.steps] == [shape for shape, _, _ in planned]
     assert [line["scheduled"] for line in lines] == [batch for _, batch, _ in planned]
@@ -106,14 +110,17 @@ TRUE_MODEL = StepModel(0.004, 6e-3, 4e-3, 1e-6, 5e-5, 0.1)
 LOOP_GAP = 0.002
 
 
-def _synthetic_trace(path, model: StepModel = TRUE_MODEL, limits=LIMITS) -> None:
-    """A trace as a served engine would write it, with step times from a known model."""
-    lines = [{"kind": TRACE_KIND, "version": TRACE_VERSION, **limits, "engine_args": {"model": "m"}}]
+def _synthetic_trace(path, model: StepModel = TRUE_MODEL, limits=LIMITS, role: str | None = None) -> None:
+    """A trace as a served engine would write it, with step times from a known model (`role`: the
+    worker's; None: a trace from before roles); a prefill worker's steps have no decodes, a decode
+    worker's no prompt tokens."""
+    header = {"kind": TRACE_KIND, "version": TRACE_VERSION, **limits, "engine_args": {"model": "m"}}
+    lines = [header | ({"role": role} if role else {})]
     start = 0.0
     shapes = [
         StepShape(p, d, d * c, p * (c + p / 2) / 1000, tiled=int(p + d > 32))
-        for p in (0, 16, 256)
-        for d in (0, 1, 8, 32)
+        for p in {"decode": (0,), "prefill": (8, 16, 256, 512)}.get(role, (0, 16, 256))
+        for d in ((0,) if role == "prefill" else (0, 1, 8, 32))
         for c in (64, 1024)
         if p or d
     ]
@@ -131,13 +138,13 @@ LIMITS_FREE_SHAPE = ("prefill_tokens", "decode_seqs", "decode_context", "prefill
 def test_fitting_a_trace_recovers_the_step_model(tmp_path):
     trace = tmp_path / "trace.jsonl"
     _synthetic_trace(trace)
-    profile, _ = profile_from_traces([str(trace)], periods=False)
+    profile, _, _ = profile_from_traces([str(trace)], periods=False)
     for name, value in TRUE_MODEL.to_json().items():
         assert getattr(profile.step_model, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
     assert profile.limits.quantized_max_rows == 32 and profile.limits.max_num_batched_tokens == 256
     # Periods: the engine loop's time between steps is a fixed cost per step (and steps followed by
     # idle time get the median one).
-    profile, traced = profile_from_traces([str(trace)], periods=True)
+    profile, traced, _ = profile_from_traces([str(trace)], periods=True)
     assert traced.median_gap == pytest.approx(LOOP_GAP)
     assert profile.step_model.intercept == pytest.approx(TRUE_MODEL.intercept + LOOP_GAP, rel=1e-6)
     assert profile.step_model.tiled_rows == pytest.approx(TRUE_MODEL.tiled_rows, rel=1e-6)
@@ -265,7 +272,7 @@ def test_a_prior_profile_settles_what_one_workloads_steps_cannot_tell_apart(fixe
     ]
     fixed_profile.samples = [[*s.values(), model.seconds(s)] for s in grid]
     fixed_profile.limits = dataclasses.replace(fixed_profile.limits, quantized_max_rows=32)
-    profile, traced = profile_from_traces([str(trace)], periods=False, prior=fixed_profile)
+    profile, traced, _ = profile_from_traces([str(trace)], periods=False, prior=fixed_profile)
     for name, value in model.to_json().items():
         assert getattr(profile.step_model, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
     assert profile.fit["prior_samples"] == len(grid) and len(traced.shapes) == 18
@@ -273,3 +280,93 @@ def test_a_prior_profile_settles_what_one_workloads_steps_cannot_tell_apart(fixe
     fixed_profile.limits = dataclasses.replace(fixed_profile.limits, quantized_max_rows=0)
     with pytest.raises(ValueError, match="quantized row threshold"):
         profile_from_traces([str(trace)], prior=fixed_profile)
+
+
+PREFILL_MODEL = StepModel(0.02, 5e-3, 4e-3, 0.0, 8e-5, 0.2)  # each chunk's KV sent within the step
+DECODE_MODEL = StepModel(0.008, 7e-3, 0.0, 2e-6, 0.0, 0.0)  # every request's token sent per step
+
+
+def test_a_disaggregated_deployments_traces_fit_a_step_model_per_role(fixed_profile, tmp_path, capsys):
+    """`duoserve up --step-trace` writes a trace per worker, its role in the header: each role's steps
+    fit its own model with its own limits, which the simulator gives that role's workers."""
+    prefill, decode, out = tmp_path / "t-prefill.jsonl", tmp_path / "t-decode.jsonl", tmp_path / "p.json"
+    _synthetic_trace(prefill, PREFILL_MODEL, role="prefill")
+    _synthetic_trace(decode, DECODE_MODEL, LIMITS | {"num_kv_blocks": 48}, role="decode")
+    args = [
+        "plan",
+        "profile",
+        "--from-trace",
+        str(prefill),
+        str(decode),
+        "--fit-time",
+        "step",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "prefill worker: " in text and "decode worker: " in text
+    profile = load_profile(str(out))  # written and read back
+    assert set(profile.roles) == {"prefill", "decode"}
+    for role, model in (("prefill", PREFILL_MODEL), ("decode", DECODE_MODEL)):
+        fitted, limits = profile.for_role(role)
+        for name, value in model.to_json().items():
+            assert getattr(fitted, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
+        assert profile.roles[role].fit["r2"] == pytest.approx(1.0)
+    assert (
+        profile.for_role("decode")[1].num_kv_blocks == 48
+        and profile.for_role("prefill")[1].num_kv_blocks == 64
+    )
+    # No colocated trace: the profile's own model is fitted to every step, with the decode worker's limits.
+    assert (
+        profile.for_role("both") == (profile.step_model, profile.limits)
+        and profile.limits.num_kv_blocks == 48
+    )
+    assert profile.grid["roles"] == {"prefill": [str(prefill)], "decode": [str(decode)]}
+
+    # Simulated, each worker steps at its role's model; colocated ones at the profile's own.
+    from duoserve.plan.deployment import Deployment
+    from duoserve.plan.simulate import simulate
+
+    workload = _workload(["--num-prompts", "4", "--random-input-len", "200", "--random-output-len", "4"])
+    for deployment, expected in (
+        ("disagg:1x1", {"prefill": PREFILL_MODEL, "decode": DECODE_MODEL}),
+        ("colocated:1", {"both": profile.step_model}),
+    ):
+        _, _, sim = simulate(profile, Deployment.parse(deployment), workload, record_steps=True)
+        assert {w.role for w in sim.workers.values()} == set(expected)
+        for worker in sim.workers.values():
+            assert worker.steps and all(
+                step.seconds == pytest.approx(expected[worker.role].seconds(step.shape))
+                for step in worker.steps
+            )
+
+
+def _workload(flags: list[str]):
+    import argparse
+
+    from duoserve.plan.workload import add_workload_args, workload_from_args
+
+    parser = argparse.ArgumentParser()
+    add_workload_args(parser)
+    return workload_from_args(parser.parse_args(flags))
+
+
+@pytest.mark.parametrize(
+    "roles, message",
+    [
+        ({"colocated": {}}, "roles must be a mapping of prefill and/or decode"),
+        ({"decode": {"limits": LIMITS}}, "decode role's step model lacks"),
+        (
+            {"decode": {"limits": LIMITS | {"block_size": 32}, "step_model": DECODE_MODEL.to_json()}},
+            "block size",
+        ),
+    ],
+)
+def test_a_profile_with_bad_roles_is_a_clear_error(fixed_profile, tmp_path, roles, message):
+    path = tmp_path / "profile.json"
+    write_profile(str(path), fixed_profile)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"roles": roles}))
+    with pytest.raises(ValueError, match=message):
+        load_profile(str(path))

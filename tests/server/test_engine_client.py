@@ -13,9 +13,10 @@ import pytest
 import zmq
 
 from duoserve.config import EngineConfig
+from duoserve.engine.engine_env import WAIT_VARS
+from duoserve.plan.trace import StepTraceObserver, read_trace
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineClient, RequestRejected
-from duoserve.server.engine_env import WAIT_VARS
 from duoserve.server.engine_messages import AddRequest
 from tests.helpers import random_prompt
 from tests.server.harness import ENGINE_ARGS
@@ -27,10 +28,18 @@ CONFIG = {**ENGINE_ARGS, "attention_backend": "torch"}
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    """A started EngineClient (and its engine process) and the event loop it lives on."""
+def trace_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("step-trace")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, trace_dir):
+    """A started EngineClient (and its engine process, writing a step trace) and its event loop."""
     loop = asyncio.new_event_loop()
-    client = EngineClient(EngineConfig(model=model_dir, **CONFIG), log_level="WARNING")
+    observer = StepTraceObserver(str(trace_dir / "steps-{role}-{pid}.jsonl"), role="decode")
+    client = EngineClient(
+        EngineConfig(model=model_dir, **CONFIG), log_level="WARNING", make_step_observer=observer
+    )
     loop.run_until_complete(client.start())
     yield client, loop
     loop.run_until_complete(client.shutdown())
@@ -156,6 +165,24 @@ def test_finished_request(engine):
     run(engine, scenario)
 
 
+def test_the_engine_process_writes_the_step_trace_its_caller_built(engine, trace_dir):
+    """The step observer the caller built (duoserve/plan/trace.py) crossed to the spawned engine process:
+    its trace's header names the worker's role, and a request's steps are in it, batch by batch."""
+
+    async def scenario(client: EngineClient):
+        await generate(client, "traced", params(6, n=2))
+        await settled(client)
+
+    run(engine, scenario)
+    client, _ = engine
+    (path,) = trace_dir.glob(f"steps-decode-{client._process.pid}.jsonl")
+    trace = read_trace(str(path))
+    assert trace.header["role"] == "decode" and trace.header["pid"] == client._process.pid
+    rows = [row for step in trace.steps for row in step.scheduled if row[0].startswith("traced#")]
+    assert {row[0] for row in rows} == {"traced#0", "traced#1"}
+    assert any(step.shape.decode_seqs == 2 for step in trace.steps)
+
+
 def test_aborted_request(engine):
     async def scenario(client: EngineClient):
         stream = await client.add_request("aborted", None, random_prompt(8, seed=1), params(200, n=2))
@@ -227,7 +254,7 @@ def test_router_requests_finished_and_aborted(engine):
 
 
 def test_engine_process_threads_sleep_when_waiting(engine):
-    """The engine process started with OMP_WAIT_POLICY=PASSIVE (duoserve.server.engine_env), unless
+    """The engine process started with OMP_WAIT_POLICY=PASSIVE (duoserve.engine.engine_env), unless
     this process already set a wait policy, which it then inherits as it is."""
     client, _ = engine
     with open(f"/proc/{client._process.pid}/environ", "rb") as f:

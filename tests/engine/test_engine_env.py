@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from duoserve.server.engine_env import WAIT_VARS, engine_env_defaults, engine_environment
+from duoserve.engine.engine_env import WAIT_VARS, engine_env_defaults, engine_environment
 
 
 def test_passive_by_default():
