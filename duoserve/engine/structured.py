@@ -17,19 +17,22 @@ Where the masks are computed depends on the host (`overlap_masks`):
   cores: whichever OpenMP thread is descheduled stalls every barrier of the forward. Measured on a 2-core
   Zen 1 at batch 32 (BENCHMARKS.md): overlapping cost 8.9% of throughput, 53 ms more process CPU per
   546 ms step, of which the masks' own work was about 7 ms (llguidance's fill of 32 masks about 4 ms
-  of CPU, sequential and on a one-thread executor alike; applying them about 3 ms) and the rest that
-  contention. Filled after the forward, the masks' work is all the cost: it only adds, and none of it
-  competes with the forward.
+  of CPU, the same one by one on the calling thread as on a one-thread executor; applying them about
+  3 ms) and the rest that contention. Filled after the forward, the masks' work is all the cost: it
+  adds to the step (about 6 ms with the cheaper apply below, 2-3% of that step's 275 ms wall time;
+  to confirm on a quiet machine), and nothing competes with the forward.
 
 The per-step work is kept to the masks themselves: one bitmask buffer [rows, ceil(V / 32)] int32
 allocated once (grown when a step has more rows), filled in place (a matcher whose grammar has stopped
 gets the stopped mask copied, not recomputed), then applied to each run of consecutive constrained rows
 of the logits with one branch-free op: the packed rows expanded by a byte -> 8 floats table (+inf where
 a token is allowed, -inf where not) into a reused float32 buffer, and `torch.minimum` of the logits
-with it, in place. Measured on that host (one thread, 32 real JSON-schema masks of SmolLM2's 49,152
-tokens): expansion 1.1 ms + minimum 1.3 ms, against 0.4 ms unpacking to bools + 4-5 ms for
-`masked_fill_` (whose per-element branch mispredicts on real masks) before; listing the allowed or
-forbidden positions instead cost more, as real masks scatter their allowed tokens over most words.
+with it, in place. Measured on that host while other jobs loaded it (one thread, 32 real JSON-schema
+masks of SmolLM2's 49,152 tokens; ratios): expansion 1.1 ms + minimum 1.3 ms, against 0.4 ms unpacking
+to bools + 4-5 ms for `masked_fill_` (whose per-element branch mispredicts on real masks) before;
+listing the allowed or forbidden positions instead cost more (5-9 ms to list them in numpy; real masks
+scatter their allowed tokens over a third of the words). A forbidden token ends at -inf whatever its
+logit, +inf included (an additive -inf bias would make that NaN).
 The mask thread never calls torch: a torch op over more than 32k elements from a new thread starts a
 second OpenMP team there, whose threads spin ~9 ms after each op (GNU OpenMP's default) on the cores
 the forward pass is using.
@@ -362,10 +365,13 @@ class StructuredOutputs:
                 self._fill_stopped(job, bitmask)
             else:
                 (drafted if job.drafts else plain).append(job)
-        if plain and executor is not None:
+        if plain:
             try:
                 pairs = [(job.request.grammar.matcher, job.index) for job in plain]
-                llguidance.numpy.fill_next_token_bitmask_par(executor, pairs, bitmask)
+                if executor is not None:
+                    llguidance.numpy.fill_next_token_bitmask_par(executor, pairs, bitmask)
+                else:
+                    _fill_in_turn(pairs, bitmask)
                 plain = []
             except Exception:  # one at a time below, so that only a failing request is cut
                 pass
@@ -455,6 +461,15 @@ class StructuredOutputs:
             stops = [t for t in request.stop_token_ids if t < self.vocab_size] or self._eos_ids[:1] or [0]
             for token in stops:
                 words[row, token >> 5] |= np.uint32(1 << (token & 31))
+
+
+def _fill_in_turn(pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: np.ndarray) -> None:
+    """Each matcher's mask into its row of the C-contiguous bitmask, one after another on this thread
+    (llguidance.numpy.fill_next_token_bitmask without its per-call checks and views)."""
+    assert bitmask.flags.c_contiguous and bitmask.dtype == np.int32  # raw pointers below
+    base, row_bytes = bitmask.ctypes.data, bitmask.shape[1] * bitmask.itemsize
+    for matcher, index in pairs:
+        matcher.unsafe_compute_mask_ptr(base + index * row_bytes, row_bytes)
 
 
 def _mask_threads() -> int:
