@@ -1,6 +1,7 @@
 """Structured outputs: grammar engines compared, the mask thread's overlap, and the decoding cost.
 
-    python benchmarks/structured_outputs.py [--parts engines,overlap,throughput] [--tokens 64] [--quick]
+    python benchmarks/structured_outputs.py [--parts engines,overlap,throughput] [--tokens 64]
+        [--masks auto|overlap|serial,...] [--quick]
 
 On the default model's tokenizer (SmolLM2, 49,152 tokens) and a 6-property JSON schema:
 
@@ -10,8 +11,9 @@ On the default model's tokenizer (SmolLM2, 49,152 tokens) and a 6-property JSON 
 - overlap: whether llguidance computes masks while torch runs a matmul on the same process (it drops the
   GIL): the wall time of both together against each alone.
 - throughput: LLM.generate on SmolLM2, batch 1 and 32, unconstrained against the schema (greedy,
-  --tokens tokens each): output tokens per second and the cost in percent (issue 16's goal: under 5% at
-  batch 32).
+  --tokens tokens each): output tokens per second and process CPU per step (issue 16's goal: under 5%
+  cost at batch 32); `--masks overlap,serial` measures both places the masks can be computed (beside
+  the forward, or on the engine thread after it) against one unconstrained run.
 
 Wall-clock measurements: run on a quiet machine.
 """
@@ -186,19 +188,30 @@ def bench_overlap(seconds: float = 1.0) -> None:
     )
 
 
-def bench_throughput(num_tokens: int, batches: list[int]) -> None:
-    """Also the CPU time per step (the whole process's, and the masks' own: the mask thread's fill and the
-    engine thread's apply), which a busy machine distorts far less than the wall time."""
+def bench_throughput(num_tokens: int, batches: list[int], modes: list[str]) -> None:
+    """Also the CPU time per step (the whole process's, and the masks' own: their fill and the engine
+    thread's apply), which a busy machine distorts far less than the wall time. `modes`: where the masks
+    are computed, each measured against the same unconstrained run: auto (this host's choice), overlap
+    (beside the forward) or serial (on the engine thread after it)."""
     from duoserve import LLM, SamplingParams
+    from duoserve.engine.structured import overlap_masks
+    from duoserve.hardware import detect_cpu
 
     llm = LLM()
-    stats = llm.engine.core.structured.stats
+    structured = llm.engine.core.structured
+    stats = structured.stats
+    cores, threads = detect_cpu().cores, torch.get_num_threads()
+    choice = "overlap" if overlap_masks(cores, threads) else "serial"
+    print(f"{cores} usable cores, {threads} torch threads: masks {choice} here (auto)")
     prompt = "Describe people as JSON."
     # Long enough that no output completes within num_tokens: every request decodes all of them, as the
     # unconstrained ones do with ignore_eos.
     people = {"type": "array", "items": SCHEMA, "minItems": 100}
+    forced = {"auto": None, "overlap": True, "serial": False}
     for batch in batches:
-        for constrained in (False, True):
+        for mode in ["free", *modes]:
+            constrained = mode != "free"
+            structured.overlap = forced.get(mode)
             params = SamplingParams(
                 temperature=0,
                 max_tokens=num_tokens,
@@ -211,9 +224,9 @@ def bench_throughput(num_tokens: int, batches: list[int]) -> None:
             outputs = llm.generate([prompt] * batch, params, use_tqdm=False)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            label = "schema" if constrained else "free  "
+            label = f"schema ({mode})" if constrained else "free"
             print(
-                f"batch {batch:3d} {label}: {tokens / seconds:8.1f} output tok/s ({tokens} tokens), "
+                f"batch {batch:3d} {label:16s}: {tokens / seconds:8.1f} output tok/s ({tokens} tokens), "
                 f"process CPU {cpu / num_tokens * 1e3:7.1f} ms per step"
             )
             steps = stats.steps - before.steps
@@ -222,11 +235,14 @@ def bench_throughput(num_tokens: int, batches: list[int]) -> None:
                     name: (getattr(stats, name) - getattr(before, name)) / steps * 1e3
                     for name in ("fill_cpu_s", "fill_wall_s", "apply_cpu_s", "wait_s")
                 }
+                serial = stats.serial_steps - before.serial_steps
+                where = "on the engine thread after the forward" if serial else "on the mask thread"
                 print(
-                    f"  masks per step ({steps} steps): fill {per_step['fill_cpu_s']:.2f} ms CPU on the mask "
-                    f"thread ({per_step['fill_wall_s']:.2f} ms wall), apply {per_step['apply_cpu_s']:.2f} ms "
+                    f"  masks per step ({steps} steps, filled {where}): fill {per_step['fill_cpu_s']:.2f} ms "
+                    f"CPU ({per_step['fill_wall_s']:.2f} ms wall), apply {per_step['apply_cpu_s']:.2f} ms "
                     f"CPU, engine waited {per_step['wait_s']:.2f} ms for them"
                 )
+    structured.overlap = None
 
 
 def main() -> None:
@@ -235,6 +251,12 @@ def main() -> None:
     )
     parser.add_argument("--parts", default="engines,overlap,throughput")
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request (throughput)")
+    parser.add_argument("--batches", default="1,32", help="throughput: batch sizes, comma-separated")
+    parser.add_argument(
+        "--masks",
+        default="auto",
+        help="throughput: where masks are computed, comma-separated: auto, overlap, serial (A/B in one run)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (numbers mean nothing)")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -243,7 +265,11 @@ def main() -> None:
     if "overlap" in parts:
         bench_overlap(0.2 if args.quick else 1.0)
     if "throughput" in parts:
-        bench_throughput(8 if args.quick else args.tokens, [1, 4] if args.quick else [1, 32])
+        modes = args.masks.split(",")
+        if unknown := set(modes) - {"auto", "overlap", "serial"}:
+            parser.error(f"--masks: unknown {sorted(unknown)}")
+        batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
+        bench_throughput(8 if args.quick else args.tokens, batches, modes)
 
 
 if __name__ == "__main__":

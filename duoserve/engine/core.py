@@ -123,7 +123,9 @@ class EngineCore:
             loaded.source,
             model_config.vocab_size,
             model_config.eos_token_ids,
-            unpack_on_host=self.device.type == "cpu",
+            logits_on_host=self.device.type == "cpu",
+            # An accelerator's forward leaves the CPU free for masks; a CPU's is decided by its cores.
+            overlap=None if self.device.type == "cpu" else True,
         )
         self.speculator = (
             None
@@ -331,7 +333,8 @@ class EngineCore:
         """The model on the step's batch: sampled tokens and this step's prompt logprobs, by request."""
         if batch is None:
             return {}, {}
-        masks = self.structured.start(batch.sampling)  # computed while the forward runs
+        # Computed while the forward runs, or after it (in masks.apply) on a host with no spare core.
+        masks = self.structured.start(batch.sampling)
         hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
         return self._sample(batch, hidden, masks), self._score_prompts(batch, hidden)
 

@@ -1,22 +1,41 @@
 """Grammar-constrained decoding on the engine's batch: llguidance token masks applied before sampling.
 
 Only requests with `params.structured_outputs` have a matcher, and a step in which none samples costs
-nothing here. The masks of a step are computed on a worker thread started before the forward pass, and
-applied to the sampled rows' logits once both are done: llguidance drops the GIL while it computes
-masks (and torch drops it in its kernels), so the two overlap. When a request may stop (its grammar
-accepts), every one of its stop tokens is allowed, not only the tokenizer's eos, so the model ends the
-structure with whichever end-of-turn token it prefers; until then none is, so a request that stops for
-a stop token always completes its structure (max_tokens can still cut it: finish_reason `length`).
+nothing here. When a request may stop (its grammar accepts), every one of its stop tokens is allowed, not
+only the tokenizer's eos, so the model ends the structure with whichever end-of-turn token it prefers;
+until then none is, so a request that stops for a stop token always completes its structure (max_tokens
+can still cut it: finish_reason `length`).
 
-The per-step cost is kept to the masks themselves, as vLLM v1 does with xgrammar and llguidance: one
-bitmask buffer [rows, ceil(V / 32)] int32 allocated once (grown when a step has more rows), filled in
-place by one `LLExecutor` call for the step's plain rows (llguidance's batch API, GIL dropped once),
-unpacked to a reused [rows, V] bool buffer by one numpy table lookup, and applied to the logits in
-place, one masked fill per run of consecutive constrained rows. The mask thread never calls torch: a
-torch op over more than 32k elements from a new thread starts a second OpenMP team there, whose
-threads spin ~9 ms after each op (GNU OpenMP's default) on the cores the forward pass is using;
-measured on a 2-core host, that and a per-step torch bitmask allocation were most of a batch-32
-step's constrained-decoding cost (BENCHMARKS.md).
+Where the masks are computed depends on the host (`overlap_masks`):
+- a spare core (usable physical cores > the forward's torch threads), or an accelerator running the
+  forward: on a worker thread started before the forward pass, the batch filled by llguidance's
+  executor on the spare cores (its batch API; it drops the GIL, as torch does in its kernels), so the
+  two overlap;
+- no spare core (e.g. 2 cores, 2 torch threads): on the engine thread once the forward has returned,
+  one matcher after another, with no thread pool at all. Every core already runs one of the forward's
+  OpenMP threads, and a mask thread plus llguidance's executor thread make runnable threads outnumber
+  cores: whichever OpenMP thread is descheduled stalls every barrier of the forward. Measured on a 2-core
+  Zen 1 at batch 32 (BENCHMARKS.md): overlapping cost 8.9% of throughput, 53 ms more process CPU per
+  546 ms step, of which the masks' own work was about 7 ms (llguidance's fill of 32 masks about 4 ms
+  of CPU, the same one by one on the calling thread as on a one-thread executor; applying them about
+  3 ms) and the rest that contention. Filled after the forward, the masks' work is all the cost: it
+  adds to the step (about 6 ms with the cheaper apply below, 2-3% of that step's 275 ms wall time;
+  to confirm on a quiet machine), and nothing competes with the forward.
+
+The per-step work is kept to the masks themselves: one bitmask buffer [rows, ceil(V / 32)] int32
+allocated once (grown when a step has more rows), filled in place (a matcher whose grammar has stopped
+gets the stopped mask copied, not recomputed), then applied to each run of consecutive constrained rows
+of the logits with one branch-free op: the packed rows expanded by a byte -> 8 floats table (+inf where
+a token is allowed, -inf where not) into a reused float32 buffer, and `torch.minimum` of the logits
+with it, in place. Measured on that host while other jobs loaded it (one thread, 32 real JSON-schema
+masks of SmolLM2's 49,152 tokens; ratios): expansion 1.1 ms + minimum 1.3 ms, against 0.4 ms unpacking
+to bools + 4-5 ms for `masked_fill_` (whose per-element branch mispredicts on real masks) before;
+listing the allowed or forbidden positions instead cost more (5-9 ms to list them in numpy; real masks
+scatter their allowed tokens over a third of the words). A forbidden token ends at -inf whatever its
+logit, +inf included (an additive -inf bias would make that NaN).
+The mask thread never calls torch: a torch op over more than 32k elements from a new thread starts a
+second OpenMP team there, whose threads spin ~9 ms after each op (GNU OpenMP's default) on the cores
+the forward pass is using.
 
 A matcher follows its request's output rather than being told of each token: before computing a mask it
 consumes the tokens appended since the last one (sampled here, accepted drafts, or the first token a
@@ -30,12 +49,12 @@ last mask. Verification then only ever accepts drafts the grammar allows.
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
-import os
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +64,7 @@ import numpy as np
 import torch
 
 from duoserve.grammar import build_grammar
+from duoserve.hardware import detect_cpu
 
 if TYPE_CHECKING:
     from duoserve.engine.request import Request
@@ -59,14 +79,26 @@ _MAX_CACHED_GRAMMARS = 64
 # The most threads llguidance's executor computes one step's masks on (a mask is ~0.1-0.3 ms).
 _MAX_MASK_THREADS = 8
 
-# Byte value -> its 8 bits, little-endian, True where the bit is 0 (the token is forbidden): a bitmask's
-# bytes through this table are the [rows, 32 * words] "forbidden" mask, in one numpy op.
-_FORBIDDEN_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 0
+# Byte value -> its 8 bits as caps on the logits, little-endian: +inf where the bit is 1 (the token is
+# allowed), -inf where it is 0. A bitmask row's bytes through this table are its [32 * words] caps.
+_CAP_OF_BYTE = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1, np.inf, -np.inf
+).astype(np.float32)
+
+# The most bytes of caps expanded at once (rows beyond are applied in chunks): a batch-32 step of a
+# 49k vocabulary fits (6 MiB), a speculative step of hundreds of rows does not need hundreds of MiB.
+_MAX_CAP_BYTES = 16 << 20
+
+
+def overlap_masks(cores: int, forward_threads: int) -> bool:
+    """Whether a CPU forward leaves a core for computing masks beside it: more usable physical cores
+    than the forward's torch threads. Else the masks are computed after the forward (module docstring)."""
+    return cores > forward_threads
 
 
 @dataclass
 class GrammarState:
-    """A constrained request's matcher (Request.grammar; written only by the mask thread)."""
+    """A constrained request's matcher (Request.grammar; written only by the masks' computation)."""
 
     matcher: llguidance.LLMatcher | None  # None: the grammar could not be built; the request may only end
     num_consumed: int = 0  # output tokens the matcher has consumed
@@ -77,11 +109,12 @@ class GrammarState:
 class MaskStats:
     """Where constrained decoding's time goes (benchmarks/structured_outputs.py prints it per step)."""
 
-    steps: int = 0  # steps with a constrained row (written by the mask thread, as the fill_ fields)
-    fill_cpu_s: float = 0.0  # the mask thread's CPU time (matchers, masks, stop tokens, unpacking)
+    steps: int = 0  # steps with a constrained row (written by the fill, as the fill_ fields)
+    serial_steps: int = 0  # of them, those whose masks were filled on the engine thread after the forward
+    fill_cpu_s: float = 0.0  # the filling thread's CPU time (matchers, masks, stop tokens)
     fill_wall_s: float = 0.0  # its wall time (includes masks computed on llguidance's executor threads)
     apply_cpu_s: float = 0.0  # the engine thread's CPU time applying masks (written by `apply`)
-    wait_s: float = 0.0  # the engine thread's wait for the masks after its forward (written by `apply`)
+    wait_s: float = 0.0  # the engine thread's wait for masks filled on the mask thread (by `apply`)
 
 
 @dataclass
@@ -99,44 +132,80 @@ class _Job:
 
 @dataclass
 class _Filled:
-    """A step's computed masks: views of StructuredOutputs' buffers, valid until the next step starts."""
+    """A step's computed masks: a view of StructuredOutputs' buffer, valid until the next step starts."""
 
     bitmask: np.ndarray  # [rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed
-    forbidden: np.ndarray | None  # [rows, 32 * words] bool (None: not unpacked, for an accelerator)
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first logits row, first mask row, rows)
 
 
-class GrammarMasks:
-    """The masks of one step, being computed; `apply` waits for them."""
+class CapBuffer:
+    """The float32 rows that `apply_bitmask` expands bitmask rows into: reused, grown to at most
+    _MAX_CAP_BYTES (used only by the engine thread)."""
 
-    def __init__(self, future: Future, stats: MaskStats) -> None:
-        self._future = future
+    def __init__(self, words: int) -> None:
+        self.max_rows = max(1, _MAX_CAP_BYTES // (4 * 32 * words))
+        self._rows = np.zeros((0, 32 * words), dtype=np.float32)
+
+    def rows(self, num_rows: int) -> np.ndarray:
+        """The first num_rows (<= max_rows) rows (grown to the next power of two when short)."""
+        if self._rows.shape[0] < num_rows:
+            capacity = min(self.max_rows, 1 << (num_rows - 1).bit_length())
+            self._rows = np.zeros((capacity, self._rows.shape[1]), dtype=np.float32)
+        return self._rows[:num_rows]
+
+
+def apply_bitmask(
+    logits: torch.Tensor, bitmask: np.ndarray, runs: list[tuple[int, int, int]], caps: CapBuffer
+) -> None:
+    """-inf written in place where the bitmask forbids a token, for CPU logits [rows, V]: per run of rows,
+    the packed rows expanded to +inf/-inf caps (one numpy table lookup) and the logits capped by them
+    (one vectorised torch op, no branch per element)."""
+    vocab = logits.shape[1]
+    for logits_row, mask_row, num_rows in runs:
+        for start in range(0, num_rows, caps.max_rows):
+            count = min(caps.max_rows, num_rows - start)
+            cap = caps.rows(count)
+            packed = bitmask[mask_row + start : mask_row + start + count].view(np.uint8)
+            np.take(_CAP_OF_BYTE, packed, axis=0, out=cap.reshape(count, -1, 8), mode="clip")
+            target = logits[logits_row + start : logits_row + start + count]
+            torch.minimum(target, torch.from_numpy(cap)[:, :vocab], out=target)
+
+
+class GrammarMasks:
+    """The masks of one step (being computed on the mask thread, or to compute); `apply` applies them."""
+
+    def __init__(
+        self, masks: Callable[[], _Filled], overlapped: bool, caps: CapBuffer | None, stats: MaskStats
+    ) -> None:
+        self._masks = masks
+        self._overlapped = overlapped  # masks() waits for the mask thread (else it computes them)
+        self._caps = caps  # None: the logits are on an accelerator
         self._stats = stats
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits [rows, V], -inf written in place where the grammars forbid a token."""
         start = time.perf_counter()
-        filled: _Filled = self._future.result()
+        filled = self._masks()
+        if self._overlapped:
+            self._stats.wait_s += time.perf_counter() - start
         cpu = time.thread_time()
-        self._stats.wait_s += time.perf_counter() - start
-        vocab = logits.shape[1]
-        if filled.forbidden is not None:
-            forbidden = torch.from_numpy(filled.forbidden)
-        else:  # ship 32x fewer bytes and unpack on the device
-            forbidden = unpack_forbidden(torch.from_numpy(filled.bitmask).to(logits.device))
         # Inference mode: the model's logits are inference tensors, written in place only there.
         with torch.inference_mode():
-            for logits_row, mask_row, num_rows in filled.runs:
-                logits[logits_row : logits_row + num_rows].masked_fill_(
-                    forbidden[mask_row : mask_row + num_rows, :vocab], -math.inf
-                )
+            if self._caps is not None:
+                apply_bitmask(logits, filled.bitmask, filled.runs, self._caps)
+            else:  # ship 32x fewer bytes and unpack on the device
+                forbidden = unpack_forbidden(torch.from_numpy(filled.bitmask).to(logits.device))
+                for logits_row, mask_row, num_rows in filled.runs:
+                    logits[logits_row : logits_row + num_rows].masked_fill_(
+                        forbidden[mask_row : mask_row + num_rows, : logits.shape[1]], -float("inf")
+                    )
         self._stats.apply_cpu_s += time.thread_time() - cpu
         return logits
 
 
 def unpack_forbidden(bitmask: torch.Tensor) -> torch.Tensor:
     """[rows, words] int32 bitmask -> [rows, 32 * words] bool, True where the token is forbidden (torch
-    ops, for a bitmask on an accelerator; on the CPU the mask thread unpacks with numpy)."""
+    ops, for a bitmask on an accelerator; CPU logits are capped by `apply_bitmask`)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     return (((bitmask[:, :, None] >> shifts) & 1) == 0).flatten(1)
 
@@ -146,25 +215,32 @@ class StructuredOutputs:
     is added (about a second for a 49k vocabulary, once), so an engine that serves none pays nothing."""
 
     def __init__(
-        self, tokenizer_source: str, vocab_size: int, eos_token_ids: list[int], unpack_on_host: bool = True
+        self,
+        tokenizer_source: str,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        logits_on_host: bool = True,
+        overlap: bool | None = None,
     ) -> None:
         self._source = tokenizer_source
-        # The mask thread unpacks masks to bools for logits on the CPU; for an accelerator's, `apply`
-        # ships the packed ones (32x fewer bytes) and unpacks them there.
-        self._unpack = unpack_on_host
         self.vocab_size = vocab_size
         self._model_eos_ids = eos_token_ids
+        # Where the masks are computed: None decides per step from the host (`overlap_masks`); True or
+        # False forces it (an accelerator's forward leaves the CPU free: True; tests and benchmarks).
+        self.overlap = overlap
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_error: str | None = None  # why the tokenizer cannot drive a grammar
         self._eos_ids: list[int] = []  # what the tokenizer and the model call eos: llguidance's end tokens
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: ThreadPoolExecutor | None = None  # the mask thread (overlapped steps only)
         self._executor: llguidance.LLExecutor | None = None  # llguidance's own pool, for batched masks
         self.stats = MaskStats()
-        # Reused every step (written by the mask thread, read by `apply` before the next step starts).
+        # Reused every step (written by the fill, read by `apply` before the next step starts).
         self._words = -(-vocab_size // 32)
         self._bitmask = np.zeros((0, self._words), dtype=np.int32)
-        self._forbidden = np.zeros((0, 32 * self._words), dtype=np.bool_)
+        self._stopped_row: np.ndarray | None = None  # a stopped matcher's mask (its eos tokens)
+        # CPU logits are capped with rows expanded here; an accelerator's unpack the bitmask there.
+        self._caps = CapBuffer(self._words) if logits_on_host else None
 
     def check(self, params: SamplingParams) -> None:
         """Before a constrained request is admitted: the tokenizer's tables are built (once, on the first
@@ -181,8 +257,15 @@ class StructuredOutputs:
             f"structured_outputs: this model's tokenizer cannot drive a grammar ({self._tokenizer_error})"
         )
 
+    def overlaps(self) -> bool:
+        """Whether this step's masks are computed while the forward runs (else after it)."""
+        if self.overlap is not None:
+            return self.overlap
+        return overlap_masks(detect_cpu().cores, torch.get_num_threads())
+
     def start(self, sampling: list[ScheduledRequest]) -> GrammarMasks | None:
-        """Start computing the masks of this step's sampled rows (None: no request is constrained).
+        """The masks of this step's sampled rows (None: no request is constrained): started on the mask
+        thread where the masks overlap the forward, else computed when `apply` is called.
 
         Rows are laid out as the engine samples them: per request in `sampling` order, 1 + its drafts.
         """
@@ -195,14 +278,18 @@ class StructuredOutputs:
             row += 1 + len(s.draft_token_ids)
         if not jobs:
             return None
+        if not self.overlaps():
+            return GrammarMasks(functools.partial(self._masks, jobs, None), False, self._caps, self.stats)
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="duoserve-grammar")
             self._executor = llguidance.LLExecutor(_mask_threads())
-        return GrammarMasks(self._thread.submit(self._masks, jobs), self.stats)
+        future = self._thread.submit(self._masks, jobs, self._executor)
+        return GrammarMasks(future.result, True, self._caps, self.stats)
 
-    # ---------------------------------------------------------------- on the mask thread
+    # ---------------------------------------------------------------- filling (mask thread or engine thread)
 
-    def _masks(self, jobs: list[_Job]) -> _Filled:
+    def _masks(self, jobs: list[_Job], executor: llguidance.LLExecutor | None) -> _Filled:
+        """The step's bitmask; `executor` batches the matchers' work on its pool (None: one by one here)."""
         cpu, wall = time.thread_time(), time.perf_counter()
         runs: list[tuple[int, int, int]] = []
         index = 0
@@ -214,24 +301,25 @@ class StructuredOutputs:
                 runs.append((job.row, index, job.num_rows))
             index += job.num_rows
         bitmask = self._bitmask_rows(index)
-        ready = self._advance(jobs, bitmask)
-        self._fill(ready, bitmask)
+        ready = self._advance(jobs, bitmask, executor)
+        self._fill(ready, bitmask, executor)
         self._allow_stop_tokens(bitmask, jobs)
-        forbidden = self._unpacked(bitmask) if self._unpack else None
         self.stats.steps += 1
+        self.stats.serial_steps += executor is None
         self.stats.fill_cpu_s += time.thread_time() - cpu
         self.stats.fill_wall_s += time.perf_counter() - wall
-        return _Filled(bitmask, forbidden, runs)
+        return _Filled(bitmask, runs)
 
     def _bitmask_rows(self, num_rows: int) -> np.ndarray:
         """The first num_rows rows of the reused bitmask (grown to the next power of two when short)."""
         if self._bitmask.shape[0] < num_rows:
             capacity = 1 << (num_rows - 1).bit_length()
             self._bitmask = np.zeros((capacity, self._words), dtype=np.int32)
-            self._forbidden = np.zeros((capacity, 32 * self._words), dtype=np.bool_)
         return self._bitmask[:num_rows]
 
-    def _advance(self, jobs: list[_Job], bitmask: np.ndarray) -> list[_Job]:
+    def _advance(
+        self, jobs: list[_Job], bitmask: np.ndarray, executor: llguidance.LLExecutor | None
+    ) -> list[_Job]:
         """Each job's matcher made (on its first step) and fed the tokens output since its last mask;
         the jobs whose matchers compute masks (the others' rows allow only their stop tokens)."""
         ready, single = [], []
@@ -257,26 +345,38 @@ class StructuredOutputs:
             # A refused token leaves its matcher in an error state: reported, and it may only end.
             try:
                 tokens = [(job.request.grammar.matcher, job.new_tokens[0]) for job in single]
-                self._executor.consume_token_par(tokens)
+                if executor is not None:
+                    executor.consume_token_par(tokens)
+                else:
+                    for matcher, token in tokens:
+                        matcher.consume_token(token)
             except Exception:
                 for job in single:
                     self._fail(job, bitmask)
                 return [job for job in ready if job.request.grammar.matcher is not None]
         return ready
 
-    def _fill(self, jobs: list[_Job], bitmask: np.ndarray) -> None:
-        """The masks of the jobs' rows: the plain ones in one batched call, then those with drafts."""
-        plain = [(job.request.grammar.matcher, job.index) for job in jobs if not job.drafts]
+    def _fill(self, jobs: list[_Job], bitmask: np.ndarray, executor: llguidance.LLExecutor | None) -> None:
+        """The masks of the jobs' rows: stopped matchers' copied, the other plain ones computed in one
+        batched call (or one by one without an executor), then those with drafts."""
+        plain, drafted = [], []
+        for job in jobs:
+            if job.request.grammar.matcher.is_stopped():
+                self._fill_stopped(job, bitmask)
+            else:
+                (drafted if job.drafts else plain).append(job)
         if plain:
             try:
-                llguidance.numpy.fill_next_token_bitmask_par(self._executor, plain, bitmask)
-            except Exception:  # one at a time, so that only a failing request is cut
-                for job in jobs:
-                    if not job.drafts:
-                        self._fill_one(job, bitmask)
-        for job in jobs:
-            if job.drafts:
-                self._fill_one(job, bitmask)
+                pairs = [(job.request.grammar.matcher, job.index) for job in plain]
+                if executor is not None:
+                    llguidance.numpy.fill_next_token_bitmask_par(executor, pairs, bitmask)
+                else:
+                    _fill_in_turn(pairs, bitmask)
+                plain = []
+            except Exception:  # one at a time below, so that only a failing request is cut
+                pass
+        for job in plain + drafted:
+            self._fill_one(job, bitmask)
         for job in jobs:
             state = job.request.grammar
             if state.matcher is not None and state.matcher.is_error() and not state.reported:
@@ -284,6 +384,15 @@ class StructuredOutputs:
                 logger.warning(
                     "request %s: grammar error: %s", job.request.request_id, state.matcher.get_error()
                 )
+
+    def _fill_stopped(self, job: _Job, bitmask: np.ndarray) -> None:
+        """A stopped matcher (its grammar complete, or in error) allows only eos, whatever its state: its
+        rows get that mask, computed by llguidance once."""
+        if self._stopped_row is None:
+            row = np.zeros((1, self._words), dtype=np.int32)
+            llguidance.numpy.fill_next_token_bitmask(job.request.grammar.matcher, row, 0)
+            self._stopped_row = row[0]
+        bitmask[job.index : job.index + job.num_rows] = self._stopped_row
 
     def _fill_one(self, job: _Job, bitmask: np.ndarray) -> None:
         try:
@@ -353,18 +462,18 @@ class StructuredOutputs:
             for token in stops:
                 words[row, token >> 5] |= np.uint32(1 << (token & 31))
 
-    def _unpacked(self, bitmask: np.ndarray) -> np.ndarray:
-        """The [rows, 32 * words] bool "forbidden" form of bitmask, in the reused buffer. numpy, not
-        torch: see the module's docstring."""
-        rows = bitmask.shape[0]
-        out = self._forbidden[:rows]
-        as_bytes = bitmask.view(np.uint8)  # little-endian words: byte t // 8, bit t % 8
-        np.take(_FORBIDDEN_BITS, as_bytes, axis=0, out=out.reshape(rows, -1, 8), mode="clip")
-        return out
+
+def _fill_in_turn(pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: np.ndarray) -> None:
+    """Each matcher's mask into its row of the C-contiguous bitmask, one after another on this thread
+    (llguidance.numpy.fill_next_token_bitmask without its per-call checks and views)."""
+    assert bitmask.flags.c_contiguous and bitmask.dtype == np.int32  # raw pointers below
+    base, row_bytes = bitmask.ctypes.data, bitmask.shape[1] * bitmask.itemsize
+    for matcher, index in pairs:
+        matcher.unsafe_compute_mask_ptr(base + index * row_bytes, row_bytes)
 
 
 def _mask_threads() -> int:
-    """Threads for llguidance's executor: the cores torch's threads leave free, at least one (on a
-    host whose cores all run the forward pass, more would only take them from it)."""
-    free = (os.cpu_count() or 1) - torch.get_num_threads()
+    """Threads for llguidance's executor: the cores torch's threads leave free (overlapped steps run only
+    where there is one; at least one all the same, for an accelerator's host or a forced overlap)."""
+    free = detect_cpu().cores - torch.get_num_threads()
     return max(1, min(_MAX_MASK_THREADS, free))

@@ -5,6 +5,7 @@ drafts the grammar refuses are rejected) and across a prefill/decode split."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 
@@ -18,7 +19,7 @@ from duoserve.config import EngineConfig
 from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
 from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine.core import EngineCore
-from duoserve.engine.structured import StructuredOutputs, unpack_forbidden
+from duoserve.engine.structured import CapBuffer, apply_bitmask, overlap_masks, unpack_forbidden
 from duoserve.kv.layout import KVLayout
 from duoserve.llm import LLM
 from duoserve.models.loader import load_model
@@ -140,22 +141,71 @@ def test_masks_reuse_one_buffer_and_count_their_steps(llm):
     assert structured.stats.steps > steps and structured.stats.fill_wall_s > 0
 
 
-def test_masks_unpack_the_same_on_the_host_and_for_an_accelerator():
-    """The mask thread's numpy unpacking (logits on the CPU) and the torch one (`apply`, for logits on
-    an accelerator) against bit arithmetic: True where token t's bit (t % 32 of word t // 32) is 0."""
-    structured = StructuredOutputs("unused", vocab_size=150, eos_token_ids=[0])
-    bitmask = structured._bitmask_rows(3)
-    bitmask[:] = np.random.default_rng(0).integers(-(2**31), 2**31, bitmask.shape, dtype=np.int32)
-    expected = [[not (int(word) >> bit) & 1 for word in row for bit in range(32)] for row in bitmask]
-    assert structured._unpacked(bitmask).tolist() == expected
-    assert unpack_forbidden(torch.from_numpy(bitmask)).tolist() == expected
+@pytest.mark.parametrize("vocab", [150, 160])
+def test_masks_apply_the_same_on_the_host_and_for_an_accelerator(vocab):
+    """The host's caps (`apply_bitmask`: runs of rows, in chunks of the cap buffer's rows) and the torch
+    unpacking (for logits on an accelerator) against bit arithmetic: -inf where token t's bit (t % 32 of
+    word t // 32) is 0, the logit untouched elsewhere, +inf logits included; rows outside the runs
+    untouched. A vocabulary that is not a multiple of 32 leaves the last word's high bits unused."""
+    words = -(-vocab // 32)
+    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, (7, words), dtype=np.int32)
+    forbidden = [[not (int(word) >> bit) & 1 for word in row for bit in range(32)][:vocab] for row in bitmask]
+    assert unpack_forbidden(torch.from_numpy(bitmask))[:, :vocab].tolist() == forbidden
+    logits = torch.randn(9, vocab)
+    logits[1, :5] = math.inf
+    runs = [(0, 0, 2), (3, 2, 5)]  # logits rows 0-1 and 3-7 take mask rows 0-1 and 2-6
+    caps = CapBuffer(words)
+    caps.max_rows = 2  # chunks of 2 rows: runs of 2 and 5 rows
+    expected = logits.clone()
+    for logits_row, mask_row, num_rows in runs:
+        for i in range(num_rows):
+            expected[logits_row + i][torch.tensor(forbidden[mask_row + i])] = -math.inf
+    apply_bitmask(logits, bitmask, runs, caps)
+    assert torch.equal(logits, expected)
+
+
+def test_the_host_decides_where_masks_are_computed():
+    """After the forward, on the engine thread, wherever the forward's threads take every usable core
+    (1- and 2-core hosts run 1 or 2 threads); beside it only where a core is left."""
+    table = {(1, 1): False, (2, 1): True, (2, 2): False, (1, 2): False, (16, 16): False, (16, 15): True}
+    assert {host: overlap_masks(*host) for host in table} == table
+
+
+def test_serial_and_overlapped_masks_give_the_same_outputs(llm):
+    """The same constrained outputs whether the masks are computed beside the forward (mask thread,
+    llguidance's executor) or after it on the engine thread (one matcher after another, no pool): greedy
+    and seeded sampling, several constraints and n > 1, beside an unconstrained request."""
+    structured = llm.engine.core.structured
+    prompts = [byte_prompt(seed) for seed in (20, 21, 22)]
+    each = [
+        SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=50, structured_outputs=JSON),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": r"[a-c]{2,5}-\d\d"}),
+    ]
+
+    def run(overlap: bool) -> tuple[list[tuple[str, str]], int]:
+        """(text, finish_reason) of each sequence, and how many steps filled masks after the forward."""
+        structured.overlap = overlap
+        serial = structured.stats.serial_steps
+        try:
+            outputs = llm.generate(prompts, each, use_tqdm=False)
+        finally:
+            structured.overlap = None
+        texts = [(c.text, c.finish_reason) for o in outputs for c in o.outputs]
+        return texts, structured.stats.serial_steps - serial
+
+    overlapped, overlapped_serial_steps = run(True)
+    serial, serial_steps = run(False)
+    assert serial == overlapped
+    assert overlapped_serial_steps == 0 and serial_steps > 0
+    assert re.fullmatch(r"[a-c]{2,5}-\d\d", serial[3][0]) and len(serial[2][0]) > 0
 
 
 def test_no_masks_for_unconstrained_steps(llm):
     core = llm.engine.core
     calls = []
     original = core.structured._masks
-    core.structured._masks = lambda jobs: calls.append(len(jobs)) or original(jobs)
+    core.structured._masks = lambda jobs, executor: calls.append(len(jobs)) or original(jobs, executor)
     try:
         texts(llm, [byte_prompt(1)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         assert calls == []
@@ -197,6 +247,10 @@ def test_speculative_decoding_keeps_the_constraint(byte_model_dir, llm, speculat
     greedy = SamplingParams(temperature=0, max_tokens=60, structured_outputs=JSON)
     expected = texts(llm, prompts, greedy)
     assert texts(spec, prompts, greedy) == expected
+    spec.engine.core.structured.overlap = False  # and filled after the forward, drafts included
+    assert texts(spec, prompts, greedy) == expected
+    assert spec.engine.core.structured.stats.serial_steps > 0
+    spec.engine.core.structured.overlap = None
     stats = spec.engine.core.stats()
     assert stats["spec_decode_num_draft_tokens"] > stats["spec_decode_num_accepted_tokens"]  # some refused
     if speculative == "ngram":  # the example's keys and punctuation are drafted, and forced
