@@ -3,7 +3,8 @@
     python benchmarks/kv_offload.py [--conversations 16 --concurrency 8 --turns 4 --input-len 200
                                      --output-len 32 --pressure 4] [--output r.json] [-- SERVER ARGS]
     python benchmarks/kv_offload.py --quick [--cases pressure/none,pressure/tier]   # a small smoke run
-    python benchmarks/kv_offload.py --checksums      # speed of the stdlib checksums a block record could use
+    python benchmarks/kv_offload.py --checksums      # speed of the checksums a block record could use
+    python benchmarks/kv_offload.py --kv-cache-dtype int8   # int8 KV: blocks 4x smaller than float32
 
 Each case is its own `duoserve serve` on 127.0.0.1 (started and stopped here; SERVER ARGS go to every
 one, e.g. `-- --device cuda --kv-offload-cpu-bytes 8000000000`), driven by `duoserve bench --dataset
@@ -118,7 +119,7 @@ CASES = ("pressure/none", "pressure/tier", "fits/none", "fits/tier", "restart/no
 
 
 def run_all(args: argparse.Namespace, server_args: list[str]) -> list[dict]:
-    common = ["--block-size", str(args.block_size), *server_args]
+    common = ["--block-size", str(args.block_size), "--kv-cache-dtype", args.kv_cache_dtype, *server_args]
     cases = [c for c in CASES if c in args.cases]
     if "restart/tier" in cases and "pressure/tier" not in cases:
         cases.insert(0, "pressure/tier")  # it fills the directory the restart starts from
@@ -182,12 +183,16 @@ def print_table(rows: list[dict]) -> None:
 
 
 def measure_checksums(megabytes: int = 64, repeats: int = 5) -> dict[str, float]:
-    """GB/s of each stdlib checksum a block record could carry, over 1 MiB blocks (best of `repeats`)."""
+    """GB/s of each checksum a block record could carry, over 1 MiB blocks (best of `repeats`)."""
     import hashlib
     import zlib
 
+    import xxhash
+
     block = os.urandom(1 << 20)
     candidates = {
+        "xxhash.xxh3_64": lambda data: xxhash.xxh3_64_intdigest(data),  # the record's (record.py)
+        "xxhash.xxh64": lambda data: xxhash.xxh64_intdigest(data),
         "zlib.crc32": lambda data: zlib.crc32(data),
         "zlib.adler32": lambda data: zlib.adler32(data),
         "hashlib.blake2b": lambda data: hashlib.blake2b(data, digest_size=16).digest(),
@@ -223,6 +228,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32, help="tokens of each answer")
     parser.add_argument("--pressure", type=float, default=4.0, help="histories in flight / KV pool")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="the servers' --kv-cache-dtype (auto: the model's dtype; int8: blocks 4x smaller than float32)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")

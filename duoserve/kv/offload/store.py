@@ -28,6 +28,9 @@ class PendingLoad:
     started: float
     tier: Tier  # the deepest tier it reads from: the one its latency is counted in
     blocks: list[torch.Tensor | None] = field(default_factory=list)
+    # All of them as one tensor [n, layers, 2, block_size, heads, dim] when one tier read them all as one
+    # (the disk tier does): the connector imports it with one copy, no per-block stacking.
+    batch: torch.Tensor | None = None
     error: str | None = None  # why it failed (a drop reason), once a read failed
     handles: list[tuple[Tier, object]] = field(default_factory=list)  # pins to release
     num_waiting: int = 0  # tier reads not back yet
@@ -151,5 +154,7 @@ def _arrived(load: PendingLoad, positions: list[int], result: LoadResult) -> Non
     if error is not None:
         load.error = load.error or error
         return
+    if isinstance(blocks, torch.Tensor) and len(positions) == len(load.keys):
+        load.batch = blocks
     for i, block in zip(positions, blocks, strict=True):
         load.blocks[i] = block

@@ -10,9 +10,10 @@ import torch
 
 from duoserve.kv.offload.record import BlockKey
 
-# What a tier read gives its `on_done`: the blocks in order, or why they cannot be served (a drop reason),
-# and the seconds the reading itself took (I/O and checks; not the wait in the I/O queue).
-LoadResult = tuple[list[torch.Tensor] | None, str | None, float]
+# What a tier read gives its `on_done`: the blocks in order (a list, or one tensor [n, layers, 2, block_size,
+# heads, dim]), or why they cannot be served (a drop reason), and the seconds the reading itself took (I/O
+# and checks; not the wait in the I/O queue).
+LoadResult = tuple[list[torch.Tensor] | torch.Tensor | None, str | None, float]
 
 
 @dataclass
