@@ -57,9 +57,10 @@ class Tier(Protocol):
         it evicted to make room (host copies), for the next tier."""
         ...
 
-    def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> None:
+    def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> Callable[[], None] | None:
         """Read held blocks (pinned by the caller) into host tensors; `on_done` runs on the engine loop,
-        at once or from a later poll."""
+        at once or from a later poll. Returns, if anything, what to call once the caller is done with the
+        blocks (whether they arrived or not): the disk tier reuses their buffer."""
         ...
 
     def pin(self, key: BlockKey) -> object:

@@ -77,6 +77,27 @@ def test_a_load_reads_each_file_once_into_one_tensor(make_disk, monkeypatch):
     assert torch.equal(blocks, BLOCKS[[2, 0, 1]])
 
 
+def test_a_load_reuses_the_buffer_of_one_handed_back(make_disk):
+    """A new buffer costs a page fault per 4 KiB on first touch: the next load of at most as many blocks
+    reads into the last one's, once its reader handed it back; never into one still in use."""
+    tier = make_disk()
+    store(tier, [0, 1, 2, 3])
+    got = []
+    give_back = tier.read([KEYS[0], KEYS[1], KEYS[2]], got.append)
+    assert tier.io.wait(WAIT_S)
+    first = got[0][0]
+    held = tier.read([KEYS[3]], got.append)  # the first is not handed back yet: a buffer of its own
+    assert tier.io.wait(WAIT_S)
+    assert got[1][0].data_ptr() != first.data_ptr() and torch.equal(got[1][0][0], BLOCKS[3])
+    give_back()
+    tier.read([KEYS[3], KEYS[0]], got.append)
+    assert tier.io.wait(WAIT_S)
+    again = got[2][0]
+    assert again.data_ptr() == first.data_ptr()
+    assert torch.equal(again, BLOCKS[[3, 0]])
+    held()
+
+
 def test_a_block_is_served_from_memory_until_its_file_is_written(make_disk, io):
     tier = make_disk()
     assert tier.put(KEYS[0], BLOCKS[0]) == []  # no wait: the write may still be queued
