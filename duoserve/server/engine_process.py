@@ -49,7 +49,8 @@ LINGER_MS = 1000
 # With requests waiting for KV and nothing to step, wake at least this often: to check their timeout, and
 # to take in an offload tier's loads, which nothing else wakes the loop for (a 40-block float32 load of
 # SmolLM2-135M reads in ~30-60 ms on the I/O thread: a 100 ms tick made its request wait for the tick). A
-# step with nothing scheduled costs ~50 us.
+# step that schedules nothing costs about a millisecond at most (schedule() averaged 1.2 ms a step, the
+# offload hooks 50 us, under cProfile with real work).
 KV_WAIT_POLL_MS = 10
 
 
