@@ -22,7 +22,7 @@ from duoserve.server.engine_messages import (
     message_decoder,
     request_encoder,
 )
-from duoserve.server.engine_process import EngineLoop
+from duoserve.server.engine_process import KV_WAIT_POLL_MS, EngineLoop
 from tests.helpers import random_prompt
 from tests.server.harness import ENGINE_ARGS
 
@@ -233,6 +233,27 @@ def test_a_refused_request_leaves_nothing_behind(harness):
     h.send(AddRequest("q", ["q"], [10**6], [SamplingParams()], []))  # a token out of the vocabulary
     h.run_until(lambda: len([e for b in h.batches for e in b.errors]) == 2)
     assert {e.request_id: e.status for b in h.batches for e in b.errors} == {"r": 400, "q": 400}
+    assert h.tables() == {}
+
+
+def test_requests_waiting_for_room_with_nothing_running_do_not_spin_the_loop(harness):
+    """With nothing running and the waiting request not admissible (the pool held, as by loads in flight),
+    the loop waits for a message or a short tick instead of stepping at once (which would spin on the
+    admission, taking the core and the GIL from the offload tier's I/O thread); it steps at once again
+    when there is work."""
+    h = harness()
+    kv = h.core.kv
+    bs = h.core.config.block_size
+    assert kv.allocate_slots("holder", list(range(kv.num_blocks * bs)), 0, kv.num_blocks * bs)
+    h.send(add("r"))
+    h.turn()  # takes the request in; the step admits nothing: no free block
+    assert h.core.scheduler.waiting and not h.core.scheduler.running
+    assert h.core.last_step.num_scheduled_tokens == 0
+    assert h.loop._poll_timeout() == KV_WAIT_POLL_MS
+    kv.free("holder")
+    h.run_until(lambda: h.core.scheduler.running)
+    assert h.loop._poll_timeout() == 0
+    h.run_until(lambda: h.finished("r"))
     assert h.tables() == {}
 
 

@@ -233,8 +233,9 @@ class OffloadConnector:
         if not fresh:
             return
         block_ids = [block_id for block_id, _ in fresh.values()]
-        # [layers, 2, n, ...] -> [n, layers, 2, ...]: each block contiguous, one copy on the device
-        blocks = kv_cache.export_blocks(block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+        # One gather copy; [layers, 2, n, ...] seen as [n, layers, 2, ...]: each block a view, whose
+        # pieces (a layer's K or V) the disk tier writes as they are (no second copy on the engine loop).
+        blocks = kv_cache.export_blocks(block_ids).permute(2, 0, 1, 3, 4, 5)
         self.store.store([key for _, key in fresh.values()], blocks)
 
     def _apply_loads(self, kv_cache: KVCache) -> None:
@@ -255,16 +256,23 @@ class OffloadConnector:
                 self._events.load_failed.add(request_id)
                 return
             start = time.perf_counter()
-            device = kv_cache.data.device  # each block to the device first: from pinned RAM, asynchronously
-            blocks = [block.to(device, non_blocking=True) for block in pending.blocks]
-            kv_cache.import_blocks(load.block_ids, torch.stack(blocks, dim=2))
+            device = kv_cache.data.device  # to the device first: from pinned RAM, asynchronously
+            if pending.batch is not None:  # read as one tensor (the disk tier): one copy into the cache
+                batch = pending.batch.to(device, non_blocking=True)
+            else:
+                batch = torch.stack([block.to(device, non_blocking=True) for block in pending.blocks])
+            # [n, layers, 2, ...] seen as [layers, 2, n, ...]: one strided copy. Measured on 64 float32
+            # blocks of SmolLM2-135M (47 MB, 2 shared cores): 22 ms, where torch.stack(dim=2) into a
+            # contiguous batch first took 50 ms with 1 torch thread and 800 ms with 2 on a busy machine.
+            kv_cache.import_blocks(load.block_ids, batch.permute(1, 2, 0, 3, 4, 5))
             seconds = pending.read_seconds + time.perf_counter() - start
             self.store.promote(pending.keys, pending.blocks, pending.tiers)
         finally:
             self.store.release(pending)
+        block_bytes = pending.nbytes // len(pending.keys)
         for tier in pending.tiers:
             tier.counters.hits += 1
-            tier.counters.load_bytes += pending.blocks[0].numel() * pending.blocks[0].element_size()
+            tier.counters.load_bytes += block_bytes
         self.cost.observe_load(pending.tier.name, pending.nbytes, seconds)
         self._load_seconds[pending.tier.name].observe(time.perf_counter() - pending.started)
         self._events.finished_loading[request_id] = []
@@ -335,7 +343,7 @@ class OffloadConnector:
                 chunk = cached[start : start + PERSIST_CHUNK_BLOCKS]
                 keys = [BlockKey(b.block_hash, b.parent_hash, tuple(b.token_ids)) for b in chunk]
                 blocks = self.kv_cache.export_blocks([b.block_id for b in chunk]).permute(2, 0, 1, 3, 4, 5)
-                self.store.persist(keys, blocks.contiguous())
+                self.store.persist(keys, blocks)
         if pool is not None:
             self.store.persist_held()
         self.store.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +28,12 @@ class PendingLoad:
     started: float
     tier: Tier  # the deepest tier it reads from: the one its latency is counted in
     blocks: list[torch.Tensor | None] = field(default_factory=list)
+    # All of them as one tensor [n, layers, 2, block_size, heads, dim] when one tier read them all as one
+    # (the disk tier does): the connector imports it with one copy, no per-block stacking.
+    batch: torch.Tensor | None = None
     error: str | None = None  # why it failed (a drop reason), once a read failed
     handles: list[tuple[Tier, object]] = field(default_factory=list)  # pins to release
+    returns: list[Callable[[], None]] = field(default_factory=list)  # buffers to hand back to the tiers
     num_waiting: int = 0  # tier reads not back yet
     read_seconds: float = 0.0  # the tiers' reading itself (the wait in the I/O queue left out)
 
@@ -118,7 +122,11 @@ class TieredStore:
         for tier in dict.fromkeys(tiers):  # each tier once, in chain order
             positions = [i for i, t in enumerate(tiers) if t is tier]
             load.num_waiting += 1
-            tier.read([keys[i] for i in positions], lambda result, p=positions: _arrived(load, p, result))
+            give_back = tier.read(
+                [keys[i] for i in positions], lambda result, p=positions: _arrived(load, p, result)
+            )
+            if give_back is not None:
+                load.returns.append(give_back)
         return load
 
     def release(self, load: PendingLoad) -> None:
@@ -126,6 +134,9 @@ class TieredStore:
         for tier, handle in load.handles:
             tier.unpin(handle)
         load.handles.clear()
+        for give_back in load.returns:
+            give_back()
+        load.returns.clear()
 
     def poll(self) -> None:
         """Finish what the I/O thread has done (file writes, reads of loads) on this thread."""
@@ -151,5 +162,7 @@ def _arrived(load: PendingLoad, positions: list[int], result: LoadResult) -> Non
     if error is not None:
         load.error = load.error or error
         return
+    if isinstance(blocks, torch.Tensor) and len(positions) == len(load.keys):
+        load.batch = blocks
     for i, block in zip(positions, blocks, strict=True):
         load.blocks[i] = block

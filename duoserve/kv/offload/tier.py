@@ -10,9 +10,10 @@ import torch
 
 from duoserve.kv.offload.record import BlockKey
 
-# What a tier read gives its `on_done`: the blocks in order, or why they cannot be served (a drop reason),
-# and the seconds the reading itself took (I/O and checks; not the wait in the I/O queue).
-LoadResult = tuple[list[torch.Tensor] | None, str | None, float]
+# What a tier read gives its `on_done`: the blocks in order (a list, or one tensor [n, layers, 2, block_size,
+# heads, dim]), or why they cannot be served (a drop reason), and the seconds the reading itself took (I/O
+# and checks; not the wait in the I/O queue).
+LoadResult = tuple[list[torch.Tensor] | torch.Tensor | None, str | None, float]
 
 
 @dataclass
@@ -56,9 +57,10 @@ class Tier(Protocol):
         it evicted to make room (host copies), for the next tier."""
         ...
 
-    def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> None:
+    def read(self, keys: list[BlockKey], on_done: Callable[[LoadResult], None]) -> Callable[[], None] | None:
         """Read held blocks (pinned by the caller) into host tensors; `on_done` runs on the engine loop,
-        at once or from a later poll."""
+        at once or from a later poll. Returns, if anything, what to call once the caller is done with the
+        blocks (whether they arrived or not): the disk tier reuses their buffer."""
         ...
 
     def pin(self, key: BlockKey) -> object:

@@ -13,7 +13,7 @@ import torch
 from duoserve.kv.offload.disk_tier import SUFFIX, TEMP_SUFFIX, DiskTier
 from duoserve.kv.offload.fingerprint import KVFingerprint
 from duoserve.kv.offload.record import HEADER_BYTES
-from tests.kv.offload.conftest import FINGERPRINT, LAYOUT, WAIT_S, chain, random_blocks
+from tests.kv.offload.conftest import BLOCK_SHAPE, FINGERPRINT, LAYOUT, WAIT_S, chain, random_blocks
 
 KEYS = chain(list(range(200, 224)))  # 6 blocks
 BLOCKS = random_blocks(6, seed=1)
@@ -51,6 +51,51 @@ def test_blocks_round_trip_through_files(make_disk):
     assert reason is None
     assert torch.equal(blocks[0], BLOCKS[2]) and torch.equal(blocks[1], BLOCKS[0])
     assert tier.used_bytes == 3 * tier.file_bytes and tier.counters.stores == 3
+
+
+def test_a_load_reads_each_file_once_into_one_tensor(make_disk, monkeypatch):
+    tier = make_disk()
+    # Blocks handed over as the connector does: views of one exported batch [layers, 2, n, ...], written
+    # piece by piece (a layer's K or V each) without a copy.
+    views = BLOCKS[:3].permute(1, 2, 0, 3, 4, 5).contiguous().permute(2, 0, 1, 3, 4, 5)
+    assert not views[0].is_contiguous()
+    for i in range(3):
+        assert tier.put(KEYS[i], views[i]) == []
+    assert tier.io.wait(WAIT_S)
+    assert all(os.path.getsize(tier.path(KEYS[i].block_hash)) == FILE_BYTES for i in range(3))
+    reads = []
+    preadv = os.preadv
+
+    def counted(fd, buffers, offset):
+        reads.append(fd)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    blocks, reason = load(tier, [2, 0, 1])
+    assert reason is None and len(reads) == 3  # one read per file, whole
+    assert isinstance(blocks, torch.Tensor) and blocks.shape == (3, *BLOCK_SHAPE)
+    assert torch.equal(blocks, BLOCKS[[2, 0, 1]])
+
+
+def test_a_load_reuses_the_buffer_of_one_handed_back(make_disk):
+    """A new buffer costs a page fault per 4 KiB on first touch: the next load of at most as many blocks
+    reads into the last one's, once its reader handed it back; never into one still in use."""
+    tier = make_disk()
+    store(tier, [0, 1, 2, 3])
+    got = []
+    give_back = tier.read([KEYS[0], KEYS[1], KEYS[2]], got.append)
+    assert tier.io.wait(WAIT_S)
+    first = got[0][0]
+    held = tier.read([KEYS[3]], got.append)  # the first is not handed back yet: a buffer of its own
+    assert tier.io.wait(WAIT_S)
+    assert got[1][0].data_ptr() != first.data_ptr() and torch.equal(got[1][0][0], BLOCKS[3])
+    give_back()
+    tier.read([KEYS[3], KEYS[0]], got.append)
+    assert tier.io.wait(WAIT_S)
+    again = got[2][0]
+    assert again.data_ptr() == first.data_ptr()
+    assert torch.equal(again, BLOCKS[[3, 0]])
+    held()
 
 
 def test_a_block_is_served_from_memory_until_its_file_is_written(make_disk, io):
@@ -145,6 +190,19 @@ def test_a_bad_file_fails_its_load_is_dropped_and_counted(make_disk, caplog, dam
     assert not tier.holds(KEYS[1]) and tier.holds(KEYS[0]) and tier.holds(KEYS[2])
     assert tier.io.wait(WAIT_S) and not os.path.exists(tier.path(KEYS[1].block_hash))
     assert "dropped" in caplog.text
+
+
+@pytest.mark.parametrize("from_end", [1, LAYOUT.nbytes(1) // 2, LAYOUT.nbytes(1) - 1])
+def test_a_flipped_payload_byte_anywhere_fails_the_checksum(make_disk, from_end):
+    tier = make_disk()
+    store(tier, [0, 1])
+    with open(tier.path(KEYS[1].block_hash), "r+b") as f:
+        f.seek(-from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    blocks, why = load(tier, [0, 1])
+    assert blocks is None and why == "corrupt" and tier.counters.dropped == {"corrupt": 1}
 
 
 def test_a_file_holding_another_block_is_never_served(make_disk):

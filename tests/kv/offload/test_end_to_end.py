@@ -167,3 +167,22 @@ def test_aborts_while_loading_leak_no_block_on_either_tier(tiny_models, tmp_path
     core.step()  # the reads that land for aborted requests are dropped
     assert_nothing_held(llm, connector)
     llm.close()
+
+
+def test_when_everything_fits_the_tier_writes_and_reads_nothing_until_shutdown(tiny_models, tmp_path):
+    """Blocks go to the tier only when the pool evicts them: with room for every history, the tier's
+    I/O thread has no work while the engine serves (its cost is its per-step hooks alone), and the cached
+    prefixes reach the disk at a graceful shutdown."""
+    _, path = tiny_models("llama_gqa")
+    prompts = conversations(3, 3)
+    directory = tmp_path / "kv"
+    llm = make_llm(path, kv_offload_dir=str(directory), num_kv_blocks=64)  # 3 histories need ~36
+    connector = offload_of(llm)
+    run(llm, [prompts[c * 3 + t] for t in range(3) for c in range(3)])
+    stats = llm.engine.core.stats()
+    assert stats["kv_offload_stores:disk"] == 0 and stats["kv_offload_hits:disk"] == 0
+    assert stats["kv_offload_loads"] == 0 and connector.store.io.num_pending == 0
+    assert not list(directory.rglob("*.kvblock"))
+    assert_nothing_held(llm, connector)
+    llm.close()
+    assert list(directory.rglob("*.kvblock"))  # what the device cached is kept for a restart

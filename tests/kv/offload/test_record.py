@@ -24,7 +24,7 @@ PAYLOAD_BYTES = LAYOUT.nbytes(1)
 
 def make_record(block: torch.Tensor, key=KEY, fingerprint: bytes = FINGERPRINT.digest) -> bytearray:
     payload = memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B")
-    return bytearray(encode_header(fingerprint, key, payload) + payload.tobytes())
+    return bytearray(encode_header(fingerprint, key, [payload]) + payload.tobytes())
 
 
 def reason(data: bytearray, key=KEY) -> str:
