@@ -9,7 +9,6 @@ import torch
 
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.kv.accuracy import kl_divergence, measure
-from duoserve.kv.calibrate import calibration_token_ids
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import load_model
 from tests.helpers import random_prompt
@@ -46,8 +45,7 @@ def test_kv_dtypes_stay_within_their_thresholds(tiny_models):
     device = torch.device("cpu")
     model = LlamaModel(loaded.config, loaded.weights, TorchAttentionBackend(), device, torch.float32, 512)
     text = random_prompt(255, seed=5)
-    calibration = calibration_token_ids(None, loaded.config.vocab_size)
-    results = measure(model, text, text[:32], list(THRESHOLDS), calibration, num_generated=8)
+    results = measure(model, text, text[:32], list(THRESHOLDS), num_generated=8)
     for r in results:
         mean, p99, agreement = THRESHOLDS[r.kv_cache_dtype]
         measured = (r.kv_cache_dtype, r.mean_kld, r.p99_kld, r.top1_agreement)

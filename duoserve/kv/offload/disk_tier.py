@@ -357,7 +357,7 @@ def _read_file(path: str, fingerprint: bytes, key: BlockKey, layout: KVLayout) -
         os.utime(path)  # the LRU order a restart rebuilds
     offset = len(data) - payload.nbytes
     flat = torch.frombuffer(data, dtype=torch.uint8, count=payload_bytes, offset=offset)
-    shape = (layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    shape = (layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.row)
     return flat.view(layout.torch_dtype).view(shape)
 
 
