@@ -12,11 +12,12 @@ SmolLM2's shapes by default (9 query heads, 3 KV heads, head size 64, blocks of 
 sequence's blocks are scattered over the pool, and there is one pool per layer (--layers of them, more
 than the caches hold), cycled as a forward pass does, so K/V come from DRAM as in a real step.
 
-Each --kv-dtype gets its own pools (1-byte ones quantized from the same random values, with per-KV-head
-scales) and is timed through the kernel alone (`cpu_backend.paged_decode`); the model's dtype (--dtype)
-through the CPU backend's whole decode (which also stores the step's K/V) and, unless --no-torch, the
-torch backend (gather + SDPA). Reports ms per layer (median and 10th percentile of --repeats), the bytes
-of K/V each reads, their GB/s, and the bound for those bytes: bytes / the read bandwidth of a plain
+Each --kv-dtype gets its own pools (1-byte ones quantized from the same random values, with a float16
+scale per (token, KV head) row: duoserve/kv/quant.py) and is timed through the kernel alone
+(`cpu_backend.paged_decode`); the model's dtype (--dtype) through the CPU backend's whole decode (which
+also stores the step's K/V) and, unless --no-torch, the torch backend (gather + SDPA). Reports ms per
+layer (median and 10th percentile of --repeats), the bytes of K/V each reads (row scales included), their
+GB/s, and the bound for those bytes: bytes / the read bandwidth of a plain
 streaming read (`sum`) over a float32 buffer as large as one dtype's pools, measured alongside.
 """
 
@@ -32,6 +33,8 @@ import torch
 from duoserve.attention.backend import AttentionMetadata
 from duoserve.attention.cpu_backend import CpuAttentionBackend, cpu_kernels_available, paged_decode
 from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.kv.quant import SCALE_BYTES, is_quantized
+from duoserve.kv.quant import quantize as quantize_rows
 
 KV_DTYPES = {
     "float32": torch.float32,
@@ -41,16 +44,11 @@ KV_DTYPES = {
     "fp8_e5m2": torch.float8_e5m2,
     "int8": torch.int8,
 }
-LARGEST = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 def quantize(pool: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A float32 pool as `dtype`, with per-KV-head scales if that is a 1-byte dtype."""
-    if dtype not in LARGEST:
-        return pool.to(dtype), None
-    scale = pool.abs().amax(dim=(0, 1, 3)) / LARGEST[dtype]
-    x = (pool / scale[None, None, :, None]).clamp(-LARGEST[dtype], LARGEST[dtype])
-    return (x.round() if dtype == torch.int8 else x).to(dtype), scale
+    """A float32 pool as `dtype`, with its row scales if that is a 1-byte dtype."""
+    return quantize_rows(pool, dtype) if is_quantized(dtype) else (pool.to(dtype), None)
 
 
 def main() -> None:
@@ -121,10 +119,11 @@ def main() -> None:
         return lambda: [backend.forward(q, k, v, pool, meta, scale) for pool in layers]
 
     element_bytes = {name: torch.empty(0, dtype=KV_DTYPES[name]).element_size() for name in kv_names}
-    kv_bytes = {
-        name: int(lens.sum()) * args.kv_heads * args.head_dim * 2 * size
+    row_bytes = {  # a K or V row: its values, and a 1-byte cache's row scale
+        name: args.head_dim * size + (SCALE_BYTES if is_quantized(KV_DTYPES[name]) else 0)
         for name, size in element_bytes.items()
     }
+    kv_bytes = {name: int(lens.sum()) * args.kv_heads * 2 * size for name, size in row_bytes.items()}
     # Two buffers the size of the widest dtype's pools of a layer, read in turn (far past the caches).
     stream_numel = 2 * num_blocks * bs * args.kv_heads * args.head_dim * max(element_bytes.values()) // 4
     stream = [torch.randn(stream_numel) for _ in range(2)]

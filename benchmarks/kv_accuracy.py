@@ -3,9 +3,9 @@
     python benchmarks/kv_accuracy.py                       # SmolLM2-135M (the default GGUF) and a tiny model
     python benchmarks/kv_accuracy.py --models tiny --generate 64
 
-The model computes in float32 (so the reference is exact); each KV dtype's scales are calibrated as an
-engine calibrates them at start (duoserve/kv/calibrate.py). Teacher-forced over benchmarks/kv_accuracy.txt
-(a text of our own, not the calibration text): mean and p99 KL divergence of next-token distributions
+The model computes in float32 (so the reference is exact); quantized dtypes keep a float16 scale per
+(token, KV head) row (duoserve/kv/quant.py). Teacher-forced over benchmarks/kv_accuracy.txt
+(a text of our own): mean and p99 KL divergence of next-token distributions
 and top-1 agreement; then 256 greedy tokens from the text's first 32 tokens, agreement = the fraction equal
 to the reference's before the first that differs (duoserve/kv/accuracy.py). The tiny model is the tests'
 (tests/helpers.py, llama_gqa: 2 layers, 3 KV heads of 8), on pseudo-random token ids; its thresholds are
@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from duoserve.attention.selector import make_attention_backend  # noqa: E402
 from duoserve.kv.accuracy import measure  # noqa: E402
-from duoserve.kv.calibrate import calibration_token_ids  # noqa: E402
 from duoserve.models.llama import LlamaModel  # noqa: E402
 from duoserve.models.loader import default_model_path, load_model  # noqa: E402
 from duoserve.tokenizer import load_tokenizer  # noqa: E402
@@ -43,21 +42,21 @@ def build(path: str, backend: str, max_positions: int) -> LlamaModel:
     return LlamaModel(loaded.config, loaded.weights, attention, device, torch.float32, max_positions)
 
 
-def smollm2(args) -> tuple[LlamaModel, list[int], list[int]]:
+def smollm2(args) -> tuple[LlamaModel, list[int]]:
     path = default_model_path()
     tokenizer = load_tokenizer(path)
     with open(TEXT, encoding="utf-8") as f:
         text_ids = tokenizer.encode(f.read())
     model = build(path, args.attention_backend, 2048)
-    return model, text_ids, calibration_token_ids(tokenizer, model.config.vocab_size)
+    return model, text_ids
 
 
-def tiny(args, directory: str) -> tuple[LlamaModel, list[int], list[int]]:
+def tiny(args, directory: str) -> tuple[LlamaModel, list[int]]:
     from tests.helpers import random_prompt, save_tiny_model, tiny_hf_model
 
     path = save_tiny_model(tiny_hf_model("llama_gqa"), Path(directory))
     model = build(path, args.attention_backend, 1024)
-    return model, random_prompt(255, seed=5), calibration_token_ids(None, model.config.vocab_size)
+    return model, random_prompt(255, seed=5)
 
 
 def main() -> None:
@@ -77,9 +76,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as directory:
         for name in args.models.split(","):
-            model, text_ids, calibration_ids = smollm2(args) if name == "smollm2" else tiny(args, directory)
+            model, text_ids = smollm2(args) if name == "smollm2" else tiny(args, directory)
             prompt = text_ids[:PROMPT_TOKENS]
-            for r in measure(model, text_ids, prompt, args.dtypes.split(","), calibration_ids, args.generate):
+            for r in measure(model, text_ids, prompt, args.dtypes.split(","), args.generate):
                 print(
                     f"{name:8} {r.kv_cache_dtype:9} {r.mean_kld:10.5f} {r.p99_kld:10.5f} "
                     f"{r.top1_agreement:7.3f} {r.greedy_agreement:7.3f}  {r.num_positions} "

@@ -115,34 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_kv_scales(args: argparse.Namespace) -> int:
-    """Write the scales an engine of these flags calibrates at start (`--kv-scales-path` reads them)."""
-    import dataclasses
+    """Formerly: calibrate static KV scales for --kv-scales-path. Quantized KV caches now scale each row as
+    it is written (duoserve/kv/quant.py): nothing to calibrate, said instead of a bare "invalid choice"."""
+    from duoserve.config import KV_SCALES_GONE
 
-    from duoserve.engine.core import EngineCore
-    from duoserve.kv.calibrate import CALIBRATION_TOKENS
-    from duoserve.kv.quant import QUANTIZED_KV_DTYPES
-    from duoserve.models.loader import load_model
-
-    config = engine_config_from_args(args)
-    if config.kv_cache_dtype not in QUANTIZED_KV_DTYPES:
-        raise ValueError(f"kv-scales: --kv-cache-dtype must be one of {', '.join(QUANTIZED_KV_DTYPES)}")
-    # Only the calibration pass runs: a cache of its length (so max_model_len, and with it the calibrated
-    # tokens, are a served engine's unless that one's context is shorter).
-    blocks = -(-CALIBRATION_TOKENS // config.block_size)
-    config = dataclasses.replace(config, num_kv_blocks=config.num_kv_blocks or blocks, speculative=None)
-    loaded = load_model(config.model, config.resolved_dtype())
-    core = EngineCore(config, loaded)
-    scales = core.kv_cache.spec.scales
-    text = scales.to_json(
-        config.kv_cache_dtype, model=loaded.source, dtype=str(core.model.dtype), digest=scales.digest
-    )
-    if args.output == "-":
-        print(text)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        print(f"{args.output}: {config.kv_cache_dtype} KV scales of {loaded.source} (digest {scales.digest})")
-    return 0
+    print(f"duoserve kv-scales: {KV_SCALES_GONE}", file=sys.stderr)
+    return 2
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -183,10 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     kv_scales = commands.add_parser(
         "kv-scales",
-        help="calibrate a quantized KV cache's scales and write them as JSON (for --kv-scales-path)",
+        help="no longer needed: quantized KV caches scale each (token, KV head) as it is written",
     )
-    kv_scales.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
-    add_engine_args(kv_scales, positional_model=True)
+    kv_scales.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     kv_scales.set_defaults(func=cmd_kv_scales)
 
     add_router_parsers(commands)

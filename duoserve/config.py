@@ -12,6 +12,11 @@ from duoserve.hardware import host_defaults
 from duoserve.kv.quant import QUANTIZED_KV_DTYPES
 from duoserve.lora.request import LoRARequest
 
+# What --kv-scales-path and `duoserve kv-scales` (static scales, calibrated at start) now answer.
+KV_SCALES_GONE = (
+    "kv_scales_path: quantized KV caches now keep a float16 scale per (token, KV head), set as each token's "
+    "K/V is written (duoserve/kv/quant.py): there are no static scales to calibrate or read; drop the flag"
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --kv-cache-dtype's choices besides auto (vLLM's names): the model dtypes, then one-byte quantized ones.
 _KV_DTYPES = {
@@ -95,15 +100,15 @@ class EngineConfig:
         default="auto",
         metadata=_arg(
             "KV cache storage: auto (= dtype), bfloat16, float16, float32, or one byte a value with "
-            "per-(layer, KV head) scales: fp8_e4m3, fp8_e5m2, int8 (2x the tokens of bfloat16 in the same "
-            "memory; accuracy in benchmarks/kv_accuracy.py)"
+            "a float16 scale per (token, KV head): fp8_e4m3, fp8_e5m2, int8 (1.94x the tokens of bfloat16 "
+            "in the same memory at head size 64; accuracy in benchmarks/kv_accuracy.py)"
         ),
     )
     kv_scales_path: str | None = field(
         default=None,
         metadata=_arg(
-            "JSON file of the quantized KV cache's scales (`duoserve kv-scales` writes one); "
-            "default: calibrated at start on a fixed text"
+            "no longer used: quantized KV caches scale each (token, KV head) as it is written, so there "
+            "are no static scales to read (setting it is an error that says so)"
         ),
     )
     block_size: int = field(default=16, metadata=_arg("tokens per KV cache block"))
@@ -199,10 +204,8 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if self.kv_cache_dtype != "auto":
             parse_kv_cache_dtype(self.kv_cache_dtype)
-        if self.kv_scales_path is not None and self.kv_cache_dtype not in QUANTIZED_KV_DTYPES:
-            raise ValueError(
-                f"kv_scales_path gives a quantized KV cache's scales; kv_cache_dtype is {self.kv_cache_dtype}"
-            )
+        if self.kv_scales_path is not None:
+            raise ValueError(KV_SCALES_GONE)
         if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch, cpu or triton, got {self.attention_backend!r}"

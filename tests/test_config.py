@@ -109,7 +109,14 @@ def test_bad_kv_cache_dtype_names_the_choices(name):
         EngineConfig(kv_cache_dtype=name)
 
 
-def test_kv_scales_path_needs_a_quantized_kv_cache():
-    with pytest.raises(ValueError, match="kv_scales_path"):
-        EngineConfig(kv_scales_path="scales.json")
-    assert EngineConfig(kv_cache_dtype="int8", kv_scales_path="scales.json").kv_scales_path == "scales.json"
+def test_kv_scales_path_says_there_are_no_static_scales():
+    for kv_cache_dtype in ("int8", "auto"):
+        with pytest.raises(ValueError, match="kv_scales_path: .* float16 scale per .* no static scales"):
+            EngineConfig(kv_cache_dtype=kv_cache_dtype, kv_scales_path="scales.json")
+
+
+def test_kv_scales_command_says_there_is_nothing_to_calibrate(capsys):
+    from duoserve.cli import main
+
+    assert main(["kv-scales", "model.gguf", "--kv-cache-dtype", "int8", "-o", "scales.json"]) == 2
+    assert "no static scales to calibrate" in capsys.readouterr().err

@@ -8,8 +8,9 @@ Layers may differ in two ways, given per call: a sliding window (Mistral, Gemma 
 and soft-capped scores (Gemma 2). Block table entries before a sequence's window may name blocks
 that were freed (and reused by others): a backend never reads them.
 
-A layer's pools may be quantized (one byte a value: duoserve/kv/quant.py), with float32 scales per KV
-head; a backend quantizes what it writes and reads the stored values times their head's scale.
+A layer's pools may be quantized (one byte a value: duoserve/kv/quant.py), with a float16 scale per
+(token, KV head) row; a backend quantizes what it writes (setting each row's scale) and reads the stored
+values times their row's scale.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ row once. It is part of duoserve's CPU kernel library (`duoserve/cpu_kernels.py`
 on first use, cached). Prefill chunks stay on the torch path: they are compute-bound, and SDPA's flash
 kernel does them well.
 
-Quantized pools (fp8, int8: duoserve/kv/quant.py) go to the kernel with their per-KV-head scales: it reads
-them in place, dequantizing inside its dot products.
+Quantized pools (fp8, int8: duoserve/kv/quant.py) go to the kernel with their per-row scales: it reads
+them in place, widening each row in registers and multiplying its dot product (K) or probability (V) by
+the row's scale.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def paged_decode(
     """q [num_seqs, heads, dim] attending to each sequence's first context_lens[i] pooled tokens, or only
     to its last `sliding_window` of them (the table entries before those are never read).
 
-    Pools of int8 or FP8 (E4M3, E5M2) are read as they are, with their per-KV-head scales k_scale and
-    v_scale (float32 [num_kv_heads]; `kv_scales.py`): required with those pools, refused with others."""
+    Pools of int8 or FP8 (E4M3, E5M2) are read as they are, with their per-row scales k_scale and v_scale
+    (float16 [num_blocks, block_size, num_kv_heads]; `kv_scales.py`): required with those pools, refused
+    with others."""
     try:
         return torch.ops.duoserve_cpu.paged_decode(
             q.contiguous(),

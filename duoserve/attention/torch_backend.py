@@ -13,11 +13,11 @@ a decode reads at most window / block_size + 1 blocks however long its context. 
 eager attention does.
 
 It is also the reference for quantized KV pools (duoserve/kv/quant.py): new K/V are quantized as they
-are written, and every read dequantizes the blocks it gathers to the query's dtype (in float32, times the
-head's scale): a decode group's, or a prefill chunk's context, a transient like the gather. A chunk
-that starts its sequence reads its own K/V through the same quantize-dequantize round trip rather than
-at full precision, so that a prompt computed in one chunk, in several, after a prefix-cache hit or
-again after a preemption sees the same keys.
+are written (a float16 scale per (token, KV head) row), and every read dequantizes the blocks it gathers
+to the query's dtype (in float32, each row times its scale): a decode group's, or a prefill chunk's
+context, a transient like the gather. A chunk that starts its sequence reads its own K/V through the
+same quantize-dequantize round trip rather than at full precision, so that a prompt computed in one
+chunk, in several, after a prefix-cache hit or again after a preemption sees the same keys.
 """
 
 from __future__ import annotations
@@ -131,10 +131,12 @@ def _store(
         kv.k.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k.to(kv.k.dtype))
         kv.v.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v.to(kv.v.dtype))
         return k, v
-    stored_k, stored_v = quantize(k, kv.k_scale, kv.k.dtype), quantize(v, kv.v_scale, kv.v.dtype)
+    (stored_k, k_scale), (stored_v, v_scale) = quantize(k, kv.k.dtype), quantize(v, kv.v.dtype)
     as_bytes(kv.k).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_k))
     as_bytes(kv.v).view(-1, kv_heads, dim).index_copy_(0, slot_mapping, as_bytes(stored_v))
-    return dequantize(stored_k, kv.k_scale, k.dtype), dequantize(stored_v, kv.v_scale, v.dtype)
+    kv.k_scale.view(-1, kv_heads).index_copy_(0, slot_mapping, k_scale)
+    kv.v_scale.view(-1, kv_heads).index_copy_(0, slot_mapping, v_scale)
+    return dequantize(stored_k, k_scale, k.dtype), dequantize(stored_v, v_scale, v.dtype)
 
 
 def _decode_groups(meta: AttentionMetadata, window: int | None) -> list[_DecodeGroup]:
@@ -190,11 +192,11 @@ def _gather(
     pool: torch.Tensor, block_ids: torch.Tensor, pool_scale: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """Blocks of a pool, in table order, as [num * block_size, kv_heads, dim] of `dtype` (a quantized
-    pool's values dequantized with its per-head scales)."""
+    pool's values dequantized with their rows' scales, [num_blocks, block_size, kv_heads])."""
     if pool_scale is None:
         return pool.index_select(0, block_ids).flatten(0, 1).to(dtype)
     stored = as_bytes(pool).index_select(0, block_ids).flatten(0, 1).view(pool.dtype)
-    return dequantize(stored, pool_scale, dtype)
+    return dequantize(stored, pool_scale.index_select(0, block_ids).flatten(0, 1), dtype)
 
 
 def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _PrefillPlan:

@@ -9,8 +9,8 @@ decode launches depend only on tensor shapes, so a decode step can be captured i
 On a CPU device it runs only under TRITON_INTERPRET=1 (Triton's interpreter, for tests: slow).
 
 Quantized pools (fp8, int8: duoserve/kv/quant.py): the step's new K/V are quantized in torch (a few
-elementwise ops over [tokens, kv_heads, dim]) and stored as bytes; the attention kernels take the per-head
-scales and dequantize as they load each tile.
+elementwise ops over [tokens, kv_heads, dim]) and stored as bytes with their rows' scales; the attention
+kernels take the pools' row scales and dequantize as they load each tile.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TritonAttentionBackend:
         scales = {}
         if kv.quantized:
             scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
-            k, v = quantize(k, kv.k_scale, k_pool.dtype), quantize(v, kv.v_scale, v_pool.dtype)
+            (k, k_rows), (v, v_rows) = quantize(k, k_pool.dtype), quantize(v, v_pool.dtype)
             store_kv(
                 as_bytes(k),
                 as_bytes(v),
@@ -80,6 +80,7 @@ class TritonAttentionBackend:
                 as_bytes(v_pool),
                 meta.slot_mapping,
                 self._tiles.store_tokens,
+                scales=(k_rows, v_rows, kv.k_scale, kv.v_scale),
             )
         else:
             store_kv(k, v, k_pool, v_pool, meta.slot_mapping, self._tiles.store_tokens)

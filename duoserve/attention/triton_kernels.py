@@ -18,11 +18,13 @@ and a reduction kernel combines them. The split count depends only on shapes (ba
 table's width), never on the context lengths' values, so a captured CUDA graph stays valid across steps.
 
 The pools' dtype is taken from the tensors: float32/float16/bfloat16 caches under any model dtype, and
-1-byte caches (int8, FP8 E4M3/E5M2) with their per-KV-head scales (`kv_scales.py`): the attention kernel
-widens each K/V tile as it loads it (exact in float16/bfloat16/float32), and the scales stay out of the
-loop: K's multiplies the scores' scale, V's the output, once per program. FP8 is decoded from its bytes
-(into an fp16's fields) rather than by Triton's fp8 casts, which not every GPU generation compiles.
-`store_kv` writes what it is given: a 1-byte cache's new K/V come to it already quantized.
+1-byte caches (int8, FP8 E4M3/E5M2) with their per-row float16 scales (`kv_scales.py`): the attention
+kernel widens each K/V tile as it loads it (exact in float16/bfloat16/float32) and loads the tile's row
+scales; K's multiply the tile's scores after the dot product (q . (s k) = s (q . k)), V's multiply the
+tile's rows before it (a tile of real values, in the query's dtype, like an unquantized cache's: the
+probabilities stay in [0, 1], where float16 has its precision). FP8 is decoded from its bytes (into an
+fp16's fields) rather than by Triton's fp8 casts, which not every GPU generation compiles. `store_kv`
+writes what it is given: a 1-byte cache's new K/V come to it already quantized, with their row scales.
 
 Under TRITON_INTERPRET=1 these run on CPU tensors (for tests; slowly): `INTERPRETED` records whether this
 module's kernels were built for the interpreter, which is decided when the module is imported.
@@ -79,6 +81,10 @@ def _store_kv_kernel(
     v_ptr,
     k_pool,
     v_pool,
+    k_scale_ptr,
+    v_scale_ptr,
+    k_scale_pool,
+    v_scale_pool,
     slots,
     num_tokens,
     stride_kt,
@@ -94,6 +100,7 @@ def _store_kv_kernel(
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SCALES: tl.constexpr,  # 1-byte pools: each row's scale too ([tokens, kv_heads] into [slots, kv_heads])
 ):
     """TOKENS new tokens per program: their K and V rows of every KV head into the pool at their slots.
     A negative slot (a padded row of a captured decode batch) writes nothing."""
@@ -107,6 +114,12 @@ def _store_kv_kernel(
     tl.store(k_pool + dest, k.to(k_pool.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     tl.store(v_pool + dest, v.to(v_pool.dtype.element_ty), mask=mask)
+    if SCALES:
+        row_mask = (slot >= 0) & (h < NUM_KV_HEADS)
+        rows = slot * NUM_KV_HEADS + h
+        source = t * NUM_KV_HEADS + h
+        tl.store(k_scale_pool + rows, tl.load(k_scale_ptr + source, mask=row_mask), mask=row_mask)
+        tl.store(v_scale_pool + rows, tl.load(v_scale_ptr + source, mask=row_mask), mask=row_mask)
 
 
 def store_kv(
@@ -116,18 +129,24 @@ def store_kv(
     v_pool: torch.Tensor,
     slot_mapping: torch.Tensor,
     tokens_per_program: int = 1,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """k, v [tokens, kv_heads, dim] into the pools at slot_mapping [tokens] (block * block_size + row)."""
+    """k, v [tokens, kv_heads, dim] into the pools at slot_mapping [tokens] (block * block_size + row);
+    with 1-byte pools, `scales` = (k's, v's row scales [tokens, kv_heads], the pools' k_scale, v_scale
+    [num_blocks, block_size, kv_heads]), all contiguous: the rows' scales go to the same slots."""
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
     _, block_size, kv_heads, dim = k_pool.shape
     _check_rows(k, v, k_pool, v_pool)
+    if scales is not None and not all(t.is_contiguous() for t in scales):
+        raise ValueError("store_kv: the scales must be contiguous")
     _store_kv_kernel[(-(-num_tokens // tokens_per_program),)](
         k,
         v,
         k_pool,
         v_pool,
+        *(scales or (k, v, k_pool, v_pool)),  # (not read without SCALES)
         slot_mapping,
         num_tokens,
         k.stride(0),
@@ -143,6 +162,7 @@ def store_kv(
         HEADS_PAD=_pow2(kv_heads),
         HEAD_DIM=dim,
         BLOCK_D=max(16, _pow2(dim)),
+        SCALES=scales is not None,
     )
 
 
@@ -177,6 +197,7 @@ def _paged_attention_kernel(
     stride_vh,
     stride_bt,
     num_heads,
+    num_kv_heads,
     scale,
     soft_cap,
     window,
@@ -239,8 +260,8 @@ def _paged_attention_kernel(
     end = tl.minimum(hi, start + per_split)
 
     qk_scale = scale
-    if KV_FORMAT != 0:  # a 1-byte cache's K scale: q.(s k) = s (q.k)
-        qk_scale = scale * tl.load(k_scale_ptr + kv_head) * KV_UNIT
+    if KV_FORMAT != 0:  # what a widened 1-byte value is to be multiplied by (besides its row's scale)
+        qk_scale = scale * KV_UNIT
 
     m_i = tl.full([TOKENS * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TOKENS * GROUP_PAD], dtype=tl.float32)
@@ -270,6 +291,9 @@ def _paged_attention_kernel(
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if KV_FORMAT != 0:  # each K row's scale: q.(s k) = s (q.k)
+            scale_rows = (blocks * block_size + rows) * num_kv_heads + kv_head
+            s = s * tl.load(k_scale_ptr + scale_rows, mask=j_valid, other=0.0).to(tl.float32)[None, :]
         if USE_CAP:  # cap * tanh(s / cap), tanh from exp (no tanh in tl); exp(-2|x|) cannot overflow
             x = s * qk_scale / soft_cap
             e = tl.exp(-2.0 * tl.abs(x))
@@ -297,6 +321,9 @@ def _paged_attention_kernel(
         else:
             b = tl.load(v_pool + v_rows, mask=kv_mask, other=0).to(tl.int16)
             v = (b << 8).to(tl.float16, bitcast=True).to(q.dtype)
+        if KV_FORMAT != 0:  # each V row times its scale: the tile's real values
+            v_scales = tl.load(v_scale_ptr + scale_rows, mask=j_valid, other=0.0).to(tl.float32) * KV_UNIT
+            v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -305,8 +332,6 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if KV_FORMAT != 0:  # a 1-byte cache's V scale, once
-        out = out * (tl.load(v_scale_ptr + kv_head) * KV_UNIT)
     if NUM_SPLITS == 1:
         o_ptrs = out_ptr + (row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -381,7 +406,7 @@ def paged_decode(
     """out[i] = attention of q[i] [heads, dim] (position context_lens[i] - 1) over that sequence's first
     context_lens[i] pooled tokens (their last `sliding_window` only; the entries before are never read).
     A row with context 0 (padding of a captured batch) gets zeros. 1-byte pools need k_scale and v_scale
-    (float32 [kv_heads])."""
+    (float16 [num_blocks, block_size, kv_heads]: each row's scale)."""
     num_seqs, num_heads, dim = q.shape
     check_kv_scales(k_pool, k_scale, v_scale)
     if num_seqs == 0:
@@ -580,6 +605,7 @@ def _attention(
         v_pool.stride(2),
         block_tables.stride(0),
         q.shape[1],
+        k_pool.shape[2],
         scale,
         logits_soft_cap or 1.0,
         sliding_window or 0,

@@ -23,11 +23,10 @@ from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.engine.structured import GrammarMasks, StructuredOutputs
 from duoserve.hardware import cgroup_memory_available, host_defaults
 from duoserve.kv.cache import KVCache, KVCacheSpec
-from duoserve.kv.calibrate import kv_scales_for
 from duoserve.kv.connector import KVConnector, MultiConnector
 from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.kv.offload.connector import OffloadConnector
-from duoserve.kv.quant import KVScales, kv_dtype_name
+from duoserve.kv.quant import kv_dtype_name
 from duoserve.lora.manager import LoRAManager, lora_manager_for
 from duoserve.lora.request import LoRARequest
 from duoserve.models.config import ModelConfig
@@ -39,7 +38,6 @@ from duoserve.spec.ngram import NgramProposer
 from duoserve.spec.proposer import Proposer
 from duoserve.spec.speculator import Speculator
 from duoserve.spec.verify import DraftVerification, position_rows, verify
-from duoserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +90,6 @@ class EngineCore:
             quantized_activations=config.resolved_quantized_activations(),
         )
         self.model_config = model_config
-        if spec.quantized:
-            spec = spec.with_scales(self._kv_scales(loaded, spec))
         self.lora: LoRAManager | None = None
         if config.enable_lora:
             self.lora = lora_manager_for(self.model, model_config, config.max_loras, config.max_lora_rank)
@@ -163,17 +159,6 @@ class EngineCore:
         from duoserve.spec.draft import DraftProposer
 
         return DraftProposer.build(self.config, loaded, num_blocks, self.max_model_len, self.device)
-
-    def _kv_scales(self, loaded: LoadedModel, spec: KVCacheSpec) -> KVScales:
-        """A quantized cache's scales: --kv-scales-path's, or calibrated on the base model (no adapter)
-        over the fixed text, tokenized by the model's own tokenizer (duoserve/kv/calibrate.py)."""
-        tokenizer = None
-        if self.config.kv_scales_path is None:
-            try:
-                tokenizer = load_tokenizer(loaded.source, loaded.gguf_reader)
-            except (ValueError, OSError):
-                tokenizer = None  # no tokenizer files: calibrate on fixed pseudo-random ids
-        return kv_scales_for(self.model, spec, tokenizer, self.config.kv_scales_path, self.max_model_len)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.num_kv_blocks is not None:

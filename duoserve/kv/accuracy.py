@@ -21,8 +21,6 @@ import torch
 from duoserve.config import parse_kv_cache_dtype
 from duoserve.engine.model_runner import SeqChunk, layout_batch
 from duoserve.kv.cache import KVCache, KVCacheSpec
-from duoserve.kv.calibrate import calibrate
-from duoserve.kv.quant import is_quantized
 
 # Tokens per teacher-forced chunk after the first one (a decode): every chunk but the first reads the pool.
 CHUNK = 32
@@ -39,12 +37,10 @@ class KVAccuracy:
     num_generated: int
 
 
-def kv_spec(model, dtype_name: str, calibration_ids: list[int], block_size: int = 16) -> KVCacheSpec:
-    """A cache spec of `model` in --kv-cache-dtype `dtype_name` (auto: the model's), with scales
-    calibrated on `calibration_ids` when quantized."""
+def kv_spec(model, dtype_name: str, block_size: int = 16) -> KVCacheSpec:
+    """A cache spec of `model` in --kv-cache-dtype `dtype_name` (auto: the model's)."""
     dtype = model.dtype if dtype_name == "auto" else parse_kv_cache_dtype(dtype_name)
-    spec = KVCacheSpec.for_model(model.config, block_size, dtype)
-    return spec.with_scales(calibrate(model, calibration_ids, dtype)) if is_quantized(dtype) else spec
+    return KVCacheSpec.for_model(model.config, block_size, dtype)
 
 
 def _cache(spec: KVCacheSpec, num_tokens: int, device: torch.device) -> tuple[KVCache, list[int]]:
@@ -93,17 +89,16 @@ def measure(
     text_ids: list[int],
     prompt: list[int],
     dtype_names: list[str],
-    calibration_ids: list[int],
     num_generated: int = 256,
 ) -> list[KVAccuracy]:
     """Each KV dtype against the model's own (`auto`), over `text_ids` and `num_generated` greedy tokens."""
-    reference_spec = kv_spec(model, "auto", calibration_ids)
+    reference_spec = kv_spec(model, "auto")
     reference = teacher_forced_logprobs(model, text_ids, reference_spec)
     reference_top = reference.argmax(dim=-1)
     reference_greedy = greedy_tokens(model, prompt, num_generated, reference_spec)
     results = []
     for name in dtype_names:
-        spec = kv_spec(model, name, calibration_ids)
+        spec = kv_spec(model, name)
         candidate = teacher_forced_logprobs(model, text_ids, spec)
         kld = kl_divergence(reference, candidate)
         generated = greedy_tokens(model, prompt, num_generated, spec)

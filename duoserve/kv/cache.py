@@ -5,20 +5,22 @@ valid in every layer, so moving a request's KV (to another process, or another m
 moving the slices `data[:, :, block_ids]`, block by block.
 
 A quantized cache (`--kv-cache-dtype fp8_e4m3|fp8_e5m2|int8`: duoserve/kv/quant.py) stores one byte a
-value, so the same memory holds twice the blocks of a bfloat16 one, and its spec carries the per-(layer,
-KV head) scales that give the bytes their meaning: blocks moved between caches mean the same only under
-the same scales (KVLayout compares their digest).
+value, plus a float16 scale per (token, KV head) row in a pool of its own, `scales`
+`[num_layers, 2, num_blocks, block_size, num_kv_heads]`, indexed like the blocks. The scales live apart
+so that the code rows keep their head_dim-byte alignment for the kernels' vector loads; blocks leave the
+cache (`export_blocks`) with each row's scale appended to it (head_dim + 2 bytes a row), so everything that
+moves exported blocks (P/D transfer, the offload tiers) carries the scales as part of the block's bytes.
+The same memory holds 2 x head_dim / (head_dim + 2) times the blocks of a bfloat16 cache (1.94x at 64).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from duoserve.kv.layer import LayerKV
-from duoserve.kv.quant import KVScales, as_bytes, is_quantized
+from duoserve.kv.quant import SCALE_BYTES, SCALE_DTYPE, as_bytes, is_quantized
 from duoserve.models.config import ModelConfig
 
 
@@ -29,9 +31,6 @@ class KVCacheSpec:
     head_dim: int
     block_size: int
     dtype: torch.dtype  # the storage dtype: the model's, or a quantized one (torch.float8_*, torch.int8)
-    # A quantized cache's scales. None while the cache is only being sized (the scales are calibrated
-    # with the model, which is built after the cache's size is known): `with_scales` completes the spec.
-    scales: KVScales | None = None
 
     @classmethod
     def for_model(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
@@ -41,20 +40,15 @@ class KVCacheSpec:
     def quantized(self) -> bool:
         return is_quantized(self.dtype)
 
-    def with_scales(self, scales: KVScales) -> KVCacheSpec:
-        if not self.quantized:
-            raise ValueError(f"a {self.dtype} KV cache takes no scales")
-        if (scales.num_layers, scales.num_kv_heads) != (self.num_layers, self.num_kv_heads):
-            raise ValueError(
-                f"KV scales for {scales.num_layers} layers x {scales.num_kv_heads} KV heads do not fit a "
-                f"cache of {self.num_layers} x {self.num_kv_heads}"
-            )
-        return dataclasses.replace(self, scales=scales)
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one (token, KV head) row of K or V: its values, and a quantized row's scale."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return self.head_dim * element + (SCALE_BYTES if self.quantized else 0)
 
     @property
     def bytes_per_block(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * element
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.row_bytes
 
     def num_blocks_for(self, memory_bytes: int) -> int:
         return memory_bytes // self.bytes_per_block
@@ -62,37 +56,47 @@ class KVCacheSpec:
 
 class KVCache:
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
-        if spec.quantized and spec.scales is None:
-            raise ValueError(f"a {spec.dtype} KV cache needs its scales (KVCacheSpec.with_scales)")
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
-        # float32 [num_layers, kv_heads] each; None unless quantized. The spec's values, on the device.
-        self.k_scales: torch.Tensor | None = None
-        self.v_scales: torch.Tensor | None = None
-        if spec.scales is not None:
-            self.k_scales, self.v_scales = spec.scales.tensors(device)
+        # A quantized cache's per-row scales (float16 [num_layers, 2, num_blocks, block_size, kv_heads]);
+        # None otherwise.
+        self.scales: torch.Tensor | None = None
+        if spec.quantized:
+            self.scales = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=device)
 
     def layer(self, index: int) -> LayerKV:
         """One layer's K and V pools, each [num_blocks, block_size, kv_heads, head_dim], with its scales."""
         k, v = self.data[index]
-        if self.k_scales is None:
+        if self.scales is None:
             return LayerKV(k, v)
-        return LayerKV(k, v, self.k_scales[index], self.v_scales[index])
+        k_scale, v_scale = self.scales[index]
+        return LayerKV(k, v, k_scale, v_scale)
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of these blocks in every layer: [num_layers, 2, len(block_ids), block_size, heads, dim]."""
+        """A copy of these blocks in every layer: [num_layers, 2, len(block_ids), block_size, heads, row],
+        row = head_dim values, and for a quantized cache each row's float16 scale after them (2 more
+        values of its 1-byte dtype, which only their bytes mean)."""
         index = torch.tensor(block_ids, device=self.data.device)
-        return as_bytes(self.data)[:, :, index].contiguous().view(self.data.dtype)
+        codes = as_bytes(self.data)[:, :, index]
+        if self.scales is None:
+            return codes.contiguous().view(self.data.dtype)
+        scales = self.scales[:, :, index].unsqueeze(-1).view(torch.uint8)  # [..., heads, 2]
+        return torch.cat([codes, scales], dim=-1).view(self.data.dtype)
 
     def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Write blocks exported by a cache of the same spec into `block_ids`."""
-        expected = (*self.data.shape[:2], len(block_ids), *self.data.shape[3:])
+        extra = 0 if self.scales is None else SCALE_BYTES
+        expected = (*self.data.shape[:2], len(block_ids), *self.data.shape[3:-1], self.spec.head_dim + extra)
         if tuple(blocks.shape) != expected or blocks.dtype != self.data.dtype:
             raise ValueError(
                 f"KV blocks of shape {tuple(blocks.shape)} {blocks.dtype} do not fit this cache's "
                 f"{expected} {self.data.dtype}"
             )
         index = torch.tensor(block_ids, device=self.data.device)
-        as_bytes(self.data)[:, :, index] = as_bytes(blocks).to(self.data.device)
+        raw = as_bytes(blocks).to(self.data.device)
+        dim = self.spec.head_dim
+        as_bytes(self.data)[:, :, index] = raw[..., :dim]
+        if self.scales is not None:
+            self.scales[:, :, index] = raw[..., dim:].contiguous().view(SCALE_DTYPE)[..., 0]

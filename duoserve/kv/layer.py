@@ -14,7 +14,8 @@ import torch
 @dataclass(frozen=True)
 class LayerKV:
     """One layer's K and V pools, [num_blocks, block_size, kv_heads, head_dim] each, and for quantized
-    pools (float8_e4m3fn, float8_e5m2, int8) their scales: float32 [kv_heads], real = stored * scale."""
+    pools (float8_e4m3fn, float8_e5m2, int8) their per-row scales, float16 [num_blocks, block_size,
+    kv_heads] each: a stored value is worth `code * scale[block, row, head]` (duoserve/kv/quant.py)."""
 
     k: torch.Tensor
     v: torch.Tensor

@@ -78,7 +78,7 @@ class DraftProposer:
             quantized_activations=config.resolved_quantized_activations(),
         )
         # A quantized target cache leaves the draft's in the model's dtype: the draft's KV only steers its
-        # proposals (which the target verifies), and it would need scales calibrated for it.
+        # proposals (which the target verifies), and is small.
         kv_dtype = config.resolved_kv_dtype()
         kv_dtype = dtype if is_quantized(kv_dtype) else kv_dtype
         spec = KVCacheSpec.for_model(model_config, config.block_size, kv_dtype)

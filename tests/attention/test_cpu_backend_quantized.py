@@ -1,5 +1,5 @@
 """The paged C++ decode kernel over 1-byte KV pools (int8, FP8 E4M3 and E5M2), read in place with their
-per-KV-head scales, against the same kernel's float32 path over the pools dequantized by torch: on every
+per-row float16 scales, against the same kernel's float32 path over the pools dequantized by torch: on every
 code path (the AVX2 grouped kernel and the AVX-512 one for head sizes 64/128 and groups up to 8, the AVX2
 kernel of any group, the generic loops), with sliding windows and soft caps, and the scales' checks."""
 
@@ -118,7 +118,8 @@ def test_window_and_soft_cap(heads, kv_heads, dim, block_size, dtype, soft_cap):
 @pytest.mark.parametrize("dtype", ONE_BYTE, ids=str)
 def test_every_value_decodes_exactly(heads, kv_heads, dim, dtype):
     """A context of one token: the output is that token's V row times its scale, exactly, for every
-    finite value of the dtype (FP8's subnormals, zeros of both signs, the largest) on every head."""
+    finite value of the dtype (FP8's subnormals, zeros of both signs, the largest) on every head, under
+    row scales that differ per token and head."""
     codes = all_values(dtype).view(torch.uint8)
     per_block = kv_heads * dim
     num_blocks = -(-len(codes) // per_block)
@@ -126,8 +127,12 @@ def test_every_value_decodes_exactly(heads, kv_heads, dim, dtype):
     v_pool[: len(codes)] = codes
     v_pool = v_pool.view(dtype).view(num_blocks, 1, kv_heads, dim)
     k_pool = torch.zeros_like(v_pool)
-    k_scale = torch.ones(kv_heads)
-    v_scale = torch.tensor([0.75 * 2.0**h for h in range(kv_heads)])  # not a power of two: rounded products
+    k_scale = torch.ones(num_blocks, 1, kv_heads, dtype=torch.float16)
+    # Not powers of two (rounded products), a different one per token and head.
+    v_scale = (
+        torch.tensor([0.75 * 2.0**h for h in range(kv_heads)]) * (1 + torch.arange(num_blocks) % 5)[:, None]
+    )
+    v_scale = v_scale[:, None, :].half()
     tables = torch.arange(num_blocks)[:, None]
     lens = torch.ones(num_blocks, dtype=torch.long)
     q = torch.randn(num_blocks, heads, dim)
@@ -153,21 +158,22 @@ def test_bad_scales_raise():
         call()
     with pytest.raises(ValueError, match="needs k_scale and v_scale"):
         call(k_scale=k_scale)
-    with pytest.raises(ValueError, match="float32"):
-        call(k_scale=k_scale.double(), v_scale=v_scale)
-    with pytest.raises(ValueError, match="num_kv_heads = 3"):
-        call(k_scale=k_scale, v_scale=torch.ones(4))
-    with pytest.raises(ValueError, match="num_kv_heads = 3"):
+    rows = rf"float16 \[num_blocks, block_size, num_kv_heads\] = \[{k_pool.shape[0]}, 16, 3\]"
+    with pytest.raises(ValueError, match="float16"):
+        call(k_scale=k_scale.float(), v_scale=v_scale)
+    with pytest.raises(ValueError, match=rows):
+        call(k_scale=k_scale, v_scale=torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match=rows):
         call(k_scale=k_scale[None], v_scale=v_scale)
     with pytest.raises(ValueError, match="contiguous"):
-        call(k_scale=torch.ones(6)[::2], v_scale=v_scale)
+        call(k_scale=torch.ones(*k_scale.shape[:2], 6, dtype=torch.float16)[..., ::2], v_scale=v_scale)
     with pytest.raises(ValueError, match="not torch.float32"):  # scales with a float pool
         call(k_pool=k_pool.float(), v_pool=v_pool.float(), k_scale=k_scale, v_scale=v_scale)
     # The op checks the same on its own (a caller that skips the wrapper).
     op = torch.ops.duoserve_cpu.paged_decode
     with pytest.raises(RuntimeError, match="needs k_scale and v_scale"):
         op(q, k_pool, v_pool, tables, lens, 0.125)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float16"):
         op(q, k_pool, v_pool, tables, lens, 0.125, 0, 0.0, k_scale, torch.ones(2))
     with pytest.raises(RuntimeError, match="dtypes differ"):
         op(q, k_pool, v_pool.view(torch.float8_e4m3fn), tables, lens, 0.125, 0, 0.0, k_scale, v_scale)

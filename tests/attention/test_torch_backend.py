@@ -252,21 +252,19 @@ BACKENDS = [
 ]
 
 
-def quantized_pool(pool: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor):
-    """A float pool [blocks, block_size, kv_heads, dim] stored in `dtype`, and what it stands for."""
-    stored = quantize(pool.flatten(0, 1), scale, dtype).view(pool.shape)
-    return stored, dequantize(stored.flatten(0, 1), scale, torch.float32).view(pool.shape)
+def quantized_pool(pool: torch.Tensor, dtype: torch.dtype):
+    """A float pool [blocks, block_size, kv_heads, dim] stored in `dtype`, its row scales, and what it
+    stands for."""
+    stored, scale = quantize(pool, dtype)
+    return stored, scale, dequantize(stored, scale, torch.float32)
 
 
 @pytest.mark.parametrize("backend_cls", BACKENDS)
 @pytest.mark.parametrize("dtype", list(QUANTIZED_KV_DTYPES.values()), ids=list(QUANTIZED_KV_DTYPES))
 def test_decode_over_quantized_pools_reads_their_dequantized_values(backend_cls, dtype) -> None:
     q, k_pool, v_pool, tables, lens = poisoned_case(6, 2, 16, 5, [1, 4, 5, 6, 21, 40, 97], None)
-    k_scale, v_scale = torch.tensor([0.03, 0.05]), torch.tensor([0.02, 0.04])
-    if dtype != torch.int8:  # the fp8 codes' range: scales that put these values near its top
-        k_scale, v_scale = k_scale / 20, v_scale / 20
-    k_stored, k_real = quantized_pool(k_pool, dtype, k_scale)
-    v_stored, v_real = quantized_pool(v_pool, dtype, v_scale)
+    k_stored, k_scale, k_real = quantized_pool(k_pool, dtype)
+    v_stored, v_scale, v_real = quantized_pool(v_pool, dtype)
     meta = decode_meta(tables, lens, 5)
     backend = backend_cls()
     backend.prepare(meta)
@@ -286,21 +284,21 @@ def test_prefill_over_a_quantized_pool_sees_every_key_quantized(backend_cls, dty
     to the quantized-dequantized keys (so one chunk or several give the same answer)."""
     block_size = 5
     (q, k, v, (k_pool, v_pool), meta), sequences = prefill_case(block_size, [(0, 12), (13, 9), (10, 1)], None)
-    scale = torch.tensor([0.05, 0.07]) / (1 if dtype == torch.int8 else 30)
-    k_stored, _ = quantized_pool(k_pool, dtype, scale)
-    v_stored, _ = quantized_pool(v_pool, dtype, scale)
+    k_stored, k_scale, _ = quantized_pool(k_pool, dtype)
+    v_stored, v_scale, _ = quantized_pool(v_pool, dtype)
     backend = backend_cls()
     backend.prepare(meta)
-    out = backend.forward(q, k, v, LayerKV(k_stored, v_stored, scale, scale), meta, 0.25)
+    out = backend.forward(q, k, v, LayerKV(k_stored, v_stored, k_scale, v_scale), meta, 0.25)
     slots = meta.slot_mapping
-    assert torch.equal(
-        k_stored.view(torch.uint8).flatten(0, 1)[slots], quantize(k, scale, dtype).view(torch.uint8)
-    )
+    k_codes, k_rows = quantize(k, dtype)
+    assert torch.equal(k_stored.view(torch.uint8).flatten(0, 1)[slots], k_codes.view(torch.uint8))
+    assert torch.equal(k_scale.flatten(0, 1)[slots], k_rows)  # each new row's scale at its slot
+    assert torch.equal(v_scale.flatten(0, 1)[slots], quantize(v, dtype)[1])
     row = 0
     for seq_q, seq_k, seq_v, cached in sequences:
         new = seq_q.shape[0] - cached
-        real_k = dequantize(quantize(seq_k, scale, dtype), scale, torch.float32)
-        real_v = dequantize(quantize(seq_v, scale, dtype), scale, torch.float32)
+        real_k = dequantize(*quantize(seq_k, dtype), torch.float32)
+        real_v = dequantize(*quantize(seq_v, dtype), torch.float32)
         ref = plain_attention(seq_q[cached:], real_k, real_v, 0.25, range(cached, seq_q.shape[0]))
         assert rel_err(out[row : row + new], ref) < 1e-5, cached
         row += new

@@ -1,4 +1,4 @@
-"""The Triton attention kernel over 1-byte KV pools (int8, FP8 E4M3 and E5M2) with per-KV-head scales:
+"""The Triton attention kernel over 1-byte KV pools (int8, FP8 E4M3 and E5M2) with per-row scales:
 decodes (split and not, windowed and soft-capped) and prefill chunks over a cached context, against the
 same kernel over the pools dequantized to float32.
 
@@ -51,8 +51,7 @@ def _decode(q, k_pool, v_pool, tables, lens, k_scale=None, v_scale=None, **kwarg
 
 @pytest.mark.parametrize("dtype", ONE_BYTE, ids=str)
 def test_decode_matches_the_dequantized_pool(dtype):
-    """GQA group 4, a block size that splits key tiles, keys split over 3 programs (the V scale applied to
-    each partial output before the reduction)."""
+    """GQA group 4, a block size that splits key tiles, keys split over 2 programs."""
     gen = torch.Generator().manual_seed(0)
     q, k_pool, v_pool, tables, lens = poisoned_case(8, 2, 64, 5, [1, 37, 64], None)
     k_pool, k_scale = quantize(spread_pool(k_pool.shape, gen), dtype)
@@ -74,8 +73,15 @@ def test_decode_window_soft_cap_and_every_value(dtype):
         codes[torch.randint(len(codes), k_pool.shape, generator=gen)].view(dtype) for _ in range(2)
     )
     poison(k_pool, v_pool, k_pool.shape[0] - 1)
-    k_scale = torch.tensor([2.0, 0.5]) / LARGEST[dtype]
-    v_scale = torch.tensor([1.0, 3.0]) / LARGEST[dtype]
+    # Row scales over a wide range (powers of two apart, each head its own size), in float16.
+    rows = k_pool.shape[:3]
+    k_scale = (torch.exp2(torch.randint(-4, 4, rows, generator=gen)) * torch.tensor([2.0, 0.5])).div(
+        LARGEST[dtype]
+    )
+    v_scale = (torch.exp2(torch.randint(-4, 4, rows, generator=gen)) * torch.tensor([1.0, 3.0])).div(
+        LARGEST[dtype]
+    )
+    k_scale, v_scale = k_scale.half(), v_scale.half()
     variant = {"sliding_window": 7, "logits_soft_cap": 2.5, "num_splits": 2}
     out = _decode(q.bfloat16(), k_pool, v_pool, tables, lens, k_scale, v_scale, **variant)
     k_ref, v_ref = dequantize(k_pool, k_scale), dequantize(v_pool, v_scale)
@@ -113,7 +119,9 @@ def test_bad_scales_raise():
     k8, scale = quantize(k_pool, torch.int8)
     with pytest.raises(ValueError, match="needs k_scale and v_scale"):
         _decode(q, k8, k8, tables, lens)
-    with pytest.raises(ValueError, match="num_kv_heads = 2"):
-        _decode(q, k8, k8, tables, lens, scale, torch.ones(3))
+    with pytest.raises(ValueError, match=r"float16 \[num_blocks, block_size, num_kv_heads\]"):
+        _decode(q, k8, k8, tables, lens, scale, torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16"):
+        _decode(q, k8, k8, tables, lens, scale, scale.float())
     with pytest.raises(ValueError, match="1-byte KV caches"):
         _decode(q, k_pool, v_pool, tables, lens, scale, scale)

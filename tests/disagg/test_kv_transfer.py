@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 import torch
 import zmq
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.kv_transfer import KVLayout, KVReceiver, KVSender, KVTicket, KVTransferParams
+from duoserve.disagg.kv_transfer import (
+    KVBlocks,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    KVTicket,
+    KVTransferError,
+    KVTransferParams,
+    decode_blocks,
+)
 from duoserve.disagg.pd_connector import KVReceiveConnector, pd_connectors
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
@@ -227,8 +237,8 @@ def test_mismatched_layout_is_refused_by_the_prefill_side(model_path, zmq_contex
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
 def test_quantized_kv_transfers_with_its_scales(model_path, zmq_context, kv_cache_dtype):
-    """Both workers calibrate the same scales (same model, same text): their layouts agree, the quantized
-    blocks cross as they are (one byte a value), and greedy output is a colocated quantized engine's."""
+    """The quantized blocks cross as they are, each row with its float16 scale (one byte a value plus two
+    a row), and greedy output is a colocated quantized engine's."""
     quantized = {"kv_cache_dtype": kv_cache_dtype}
     prompt = random_prompt(23, seed=3)
     core = make_core(model_path, **quantized)
@@ -238,32 +248,31 @@ def test_quantized_kv_transfers_with_its_scales(model_path, zmq_context, kv_cach
         expected += [t for out in core.step() for t in out.new_token_ids]
     pair = Pair(model_path, zmq_context, quantized, {**quantized, "max_num_batched_tokens": 8})
     try:
-        assert pair.prefill.kv_cache.spec.scales == pair.decode.kv_cache.spec.scales
         assert pair.run(prompt, max_tokens=10) == expected
-        # 6 blocks of 4 tokens x 2 layers x (K, V) x 3 KV heads x 8 dims, one byte each.
-        assert pair.decode.stats()["kv_transfer_bytes"] == 6 * 4 * 2 * 2 * 3 * 8
+        # 6 blocks of 4 tokens x 2 layers x (K, V) x 3 KV heads x (8 dims, one byte each, + a 2-byte scale).
+        assert pair.decode.stats()["kv_transfer_bytes"] == 6 * 4 * 2 * 2 * 3 * (8 + 2)
     finally:
         pair.close()
 
 
-def test_kv_quantized_under_other_scales_is_refused(model_path, zmq_context, tmp_path):
-    """A decode worker whose scales differ (another scales file) names another layout: the prefill side
-    refuses its ticket, as any layout mismatch (and its receiver drops such blocks as foreign)."""
-    scales = make_core(model_path, kv_cache_dtype="int8").kv_cache.spec.scales
-    other = type(scales)(tuple(tuple(2 * s for s in row) for row in scales.k), scales.v)
-    path = tmp_path / "scales.json"
-    path.write_text(other.to_json("int8"))
-    pair = Pair(
-        model_path,
-        zmq_context,
-        prefill_overrides={"kv_cache_dtype": "int8"},
-        decode_overrides={"kv_cache_dtype": "int8", "kv_scales_path": str(path)},
-    )
+def test_kv_of_another_scale_mode_is_refused(model_path, zmq_context):
+    """A decode worker whose blocks carry another scale mode (here an older duoserve's static per-head
+    scales, whose digest the layout named) names another layout: the prefill side refuses its ticket, as
+    any layout mismatch, and the receiver refuses such blocks."""
+    int8 = {"kv_cache_dtype": "int8"}
+    pair = Pair(model_path, zmq_context, int8, int8)
+    ours = pair.receive.layout
+    assert ours.kv_scales == "token:float16"
+    pair.receive.layout = msgspec.structs.replace(ours, kv_scales="0123456789abcdef")
     try:
         with pytest.raises(
-            ValueError, match=f"kv_scales='{other.digest}'.* is not ours .*kv_scales='{scales.digest}'"
+            ValueError, match="kv_scales='0123456789abcdef'.* is not ours .*kv_scales='token:float16'"
         ):
             pair.start(random_prompt(10, seed=1), 4)
+        blocks = pair.prefill.kv_cache.export_blocks([0])
+        header = KVBlocks("r", [0], pair.receive.layout, blocks.numel())
+        with pytest.raises(KVTransferError, match="does not match"):
+            decode_blocks(header, memoryview(blocks.view(torch.uint8).numpy()), ours)
     finally:
         pair.close()
     unquantized = Pair(model_path, zmq_context, decode_overrides={"kv_cache_dtype": "int8"})

@@ -14,9 +14,10 @@
 // logit soft-capping (scores = cap * tanh(scores / cap) before the softmax).
 //
 // 1-byte caches (int8, FP8 E4M3, FP8 E5M2) are read in place too: each K/V row is widened to fp32 in
-// registers as it is loaded (no widened copy of the cache), and a value is worth stored * scale[KV head]
-// (KvScales). The scales stay out of the inner loops: q . (s k) = s (q . k), so K's scale multiplies the
-// query once per head, and V's multiplies each head's output once.
+// registers as it is loaded (no widened copy of the cache), and a value is worth stored * its row's scale
+// (KvScales: one float16 per (token, KV head), K's and V's apart; duoserve/kv/quant.py). The scales stay
+// out of the inner loops: q . (s k) = s (q . k), so a K row's scale multiplies its score once, after the
+// dot product, and a V row's multiplies its probability once, before the row is accumulated.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -68,20 +69,16 @@ constexpr bool kOneByte = sizeof(kv_t) == 1;
 template <typename kv_t>
 constexpr float kLoadScale = std::is_same_v<kv_t, at::Float8_e4m3fn> ? 256.0f : 1.0f;
 
-// What a vectorised load of KV head `head` must be multiplied by to give the real value: the head's scale
-// times kLoadScale for a 1-byte cache, 1 for the others (whose `scales` are null).
-template <typename kv_t>
-inline float load_factor(const float* scales, int64_t head) {
-  if constexpr (kOneByte<kv_t>) return scales[head] * kLoadScale<kv_t>;
-  return 1.0f;
-}
-
-// Per KV head, what a 1-byte cache's stored values are worth: K's real value = stored * k[head], V's
-// likewise with v; both null for the 2- and 4-byte caches (their values are their own).
+// What a 1-byte cache's stored values are worth, per row: float16 [num_blocks, block_size, num_kv_heads],
+// indexed like the pool's rows without their head_dim (row index (block * block_size + t) * num_kv_heads +
+// head); a K value is stored * k[row], a V value stored * v[row]. Both null for the 2- and 4-byte caches
+// (their values are their own).
 struct KvScales {
-  const float* k;
-  const float* v;
+  const at::Half* k;
+  const at::Half* v;
 };
+
+inline float scale_at(const at::Half* scales, int64_t row) { return static_cast<float>(scales[row]); }
 
 // exp(x) for x <= 0 (scores minus their running max), relative error ~1e-7: 2^n * 2^f with
 // n = round(x * log2 e), f in [-0.5, 0.5], 2^f by its Taylor series to degree 7.
@@ -137,6 +134,7 @@ class AlignedFloats {
 // rounded up to 32], a few tens of KB in L1/L2.
 struct Scratch {
   std::vector<float> q, acc, kt, v, scores, running_max, running_sum;
+  std::vector<float> k_rows, v_rows;  // the generic path's row scales of one block (1-byte caches)
   std::vector<uint16_t> probs_bf16;
   // Per query head, as 64-byte aligned zmm: its row, its output accumulator, its running max.
   AlignedFloats qv, acc_v, max_v;
@@ -144,7 +142,8 @@ struct Scratch {
       : q(s.num_heads / s.num_kv_heads * s.head_dim), acc(q.size()), kt(s.head_dim * s.block_size),
         v(kt.size()),
         scores(s.num_heads * std::max((s.max_blocks * s.block_size + 31) / 32 * 32, s.block_size)),
-        running_max(s.num_heads), running_sum(s.num_heads), probs_bf16(scores.size()) {
+        running_max(s.num_heads), running_sum(s.num_heads), k_rows(s.block_size), v_rows(s.block_size),
+        probs_bf16(scores.size()) {
     const int64_t vecs = (s.head_dim + 15) / 16;
     qv.resize(s.num_heads * vecs * 16);
     acc_v.resize(s.num_heads * vecs * 16);
@@ -174,11 +173,7 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
                 int64_t kv_head, float scale, const Variant& var, const KvScales& kv_scales, const Shape& s,
                 Scratch& w, q_t* out) {
   const int64_t group = s.num_heads / s.num_kv_heads, dim = s.head_dim, bs = s.block_size;
-  float q_scale = scale, out_scale = 1.0f;  // a 1-byte cache's scales fold into the query and the output
-  if constexpr (kOneByte<kv_t>) {
-    q_scale = scale * kv_scales.k[kv_head];
-    out_scale = kv_scales.v[kv_head];
-  }
+  const float q_scale = scale;
   const int64_t token_stride = s.num_kv_heads * dim;  // between consecutive tokens of a block
   float* __restrict qf = w.q.data();
   float* __restrict acc = w.acc.data();
@@ -198,9 +193,17 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
   for (int64_t b = first_block; b < num_blocks; ++b) {
     const int64_t lo = b == first_block ? first % bs : 0;
     const int64_t hi = std::min(bs, context_len - b * bs);
-    const int64_t offset = (table[b] * bs * s.num_kv_heads + kv_head) * dim;
-    const kv_t* k = k_pool + offset;
-    const kv_t* v = v_pool + offset;
+    const int64_t first_row = table[b] * bs * s.num_kv_heads + kv_head;  // token 0's row (KvScales)
+    const kv_t* k = k_pool + first_row * dim;
+    const kv_t* v = v_pool + first_row * dim;
+    float* __restrict k_rows = w.k_rows.data();  // a 1-byte cache's row scales of the block's tokens
+    float* __restrict v_rows = w.v_rows.data();
+    if constexpr (kOneByte<kv_t>) {
+      for (int64_t t = lo; t < hi; ++t) {
+        k_rows[t] = scale_at(kv_scales.k, first_row + t * s.num_kv_heads);
+        v_rows[t] = scale_at(kv_scales.v, first_row + t * s.num_kv_heads);
+      }
+    }
     for (int64_t t = lo; t < hi; ++t)
       for (int64_t d = 0; d < dim; ++d) kt[d * bs + t] = widen(k[t * token_stride + d]);
     for (int64_t t = lo; t < hi; ++t)
@@ -214,6 +217,8 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
         const float* __restrict kd = kt + d * bs;
         for (int64_t t = lo; t < hi; ++t) sc[t] += qd * kd[t];
       }
+      if constexpr (kOneByte<kv_t>)
+        for (int64_t t = lo; t < hi; ++t) sc[t] *= k_rows[t];
       if (var.soft_cap > 0.0f)
         for (int64_t t = lo; t < hi; ++t) sc[t] = soft_cap_scalar(sc[t], var.soft_cap);
       float block_max = sc[lo];
@@ -229,15 +234,15 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
       float* __restrict a = acc + g * dim;
       for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
       for (int64_t t = lo; t < hi; ++t) {
-        const float p = sc[t];
+        float p = sc[t];
+        if constexpr (kOneByte<kv_t>) p *= v_rows[t];
         const float* __restrict vt = vf + t * dim;
         for (int64_t d = 0; d < dim; ++d) a[d] += p * vt[d];
       }
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float inv = 1.0f / w.running_sum[g];
-    if constexpr (kOneByte<kv_t>) inv *= out_scale;
+    const float inv = 1.0f / w.running_sum[g];
     q_t* row = out + (kv_head * group + g) * dim;
     for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<q_t>(acc[g * dim + d] * inv);
   }
@@ -405,8 +410,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   __m512* acc = reinterpret_cast<__m512*>(w.acc_v.data());
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     const q_t* row = q + (head_begin * kGroup + h) * dim;
-    float q_scale = scale;  // a 1-byte cache's K scale folds into the query
-    if constexpr (kOneByte<kv_t>) q_scale = scale * kv_scales.k[head_begin + h / kGroup] * kLoadScale<kv_t>;
+    const float q_scale = scale * kLoadScale<kv_t>;  // a 1-byte cache's row scales multiply the scores
     for (int j = 0; j < kQVecs; ++j) {
       if constexpr (bf16) {
         qv[h * kQVecs + j] = _mm512_castsi512_ps(_mm512_loadu_si512(row + 32 * j));
@@ -416,11 +420,16 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     }
     for (int j = 0; j < kVecs; ++j) acc[h * kVecs + j] = _mm512_setzero_ps();
   }
-  // The rows of token `start` of the context for the first KV head, and how many tokens follow it in
-  // its block (up to 16); a chunk of 16 tokens of every KV head is one contiguous span of the pool.
+  // The row (index into KvScales; times dim into the pool) of token `start` of the context for the first
+  // KV head, and how many tokens follow it in its block (up to 16); a chunk of 16 tokens of every KV head
+  // is one contiguous span of the pool.
   auto chunk_at = [&](int64_t start, int64_t& n) {
     n = std::min({int64_t{16}, bs - start % bs, context_len - start});
-    return ((table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin) * dim;
+    return (table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin;
+  };
+  // A 1-byte cache's row scales of a chunk's n tokens of KV head kv (0 past them).
+  auto chunk_scales = [&](const at::Half* scales, int64_t row, int64_t kv, int64_t n, float* out16) {
+    for (int64_t t = 0; t < 16; ++t) out16[t] = t < n ? scale_at(scales, row + t * s.num_kv_heads + kv) : 0.0f;
   };
   // 1. Scores.
   __m512* running_max = reinterpret_cast<__m512*>(w.max_v.data());
@@ -428,11 +437,14 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     running_max[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t start = first; start < context_len;) {
     int64_t n;
-    const kv_t* chunk = k_pool + chunk_at(start, n);
+    const int64_t row = chunk_at(start, n);
+    const kv_t* chunk = k_pool + row * dim;
     prefetch_rows(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
     const __mmask16 live = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       const kv_t* k = chunk + kv * dim;
+      alignas(64) float k_rows[16];
+      if constexpr (kOneByte<kv_t>) chunk_scales(kv_scales.k, row, kv, n, k_rows);
       __m512 dots[kGroup][16];
       for (int64_t t = 0; t < 16; ++t) {
         if (t >= n) {
@@ -466,6 +478,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         const int64_t h = kv * kGroup + g;
         __m512 sc = hsum16(dots[g]);
         if constexpr (bf16) sc = _mm512_mul_ps(sc, _mm512_set1_ps(scale));
+        if constexpr (kOneByte<kv_t>) sc = _mm512_mul_ps(sc, _mm512_load_ps(k_rows));
         if (var.soft_cap > 0.0f) sc = soft_cap16(sc, var.soft_cap);
         _mm512_mask_storeu_ps(scores + h * padded + start - first, live, sc);
         running_max[h] = _mm512_mask_max_ps(running_max[h], live, running_max[h], sc);
@@ -497,10 +510,13 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   // 3. Weighted V rows; a KV head's group accumulates in registers over a chunk.
   for (int64_t start = first; start < context_len;) {
     int64_t n;
-    const kv_t* chunk = v_pool + chunk_at(start, n);
+    const int64_t row = chunk_at(start, n);
+    const kv_t* chunk = v_pool + row * dim;
     prefetch_rows(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       const kv_t* v = chunk + kv * dim;
+      alignas(64) float v_rows[16];
+      if constexpr (kOneByte<kv_t>) chunk_scales(kv_scales.v, row, kv, n, v_rows);
       __m512 a[kGroup][kVecs];
       for (int g = 0; g < kGroup; ++g)
         for (int j = 0; j < kVecs; ++j) a[g][j] = acc[(kv * kGroup + g) * kVecs + j];
@@ -531,7 +547,9 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
           __m512 vr[kVecs];
           for (int j = 0; j < kVecs; ++j) vr[j] = load16(v + t * token_stride + 16 * j);
           for (int g = 0; g < kGroup; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[(kv * kGroup + g) * padded + start - first + t]);
+            float weight = scores[(kv * kGroup + g) * padded + start - first + t];
+            if constexpr (kOneByte<kv_t>) weight *= v_rows[t];
+            const __m512 p = _mm512_set1_ps(weight);
             for (int j = 0; j < kVecs; ++j) a[g][j] = _mm512_fmadd_ps(p, vr[j], a[g][j]);
           }
         }
@@ -542,9 +560,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     start += n;
   }
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
-    float out_scale = inv_sum[h];  // and its V scale into the output
-    if constexpr (kOneByte<kv_t>) out_scale *= kv_scales.v[head_begin + h / kGroup] * kLoadScale<kv_t>;
-    const __m512 inv = _mm512_set1_ps(out_scale);
+    const __m512 inv = _mm512_set1_ps(inv_sum[h] * kLoadScale<kv_t>);
     q_t* row = out + (head_begin * kGroup + h) * dim;
     for (int j = 0; j < kVecs; ++j) {
       alignas(64) float tmp[16];
@@ -658,25 +674,24 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
   float* qf = w.q.data();  // [group][dim], scaled
   float* scores = w.scores.data();  // [group][span]
   for (int64_t kv = head_begin; kv < head_end; ++kv) {
-    auto row_of = [&](const kv_t* pool, int64_t t) {
-      return pool + ((table[t / bs] * bs + t % bs) * s.num_kv_heads + kv) * dim;
-    };
-    float q_scale = scale, out_scale = 1.0f;  // a 1-byte cache's scales fold into the query and the output
-    if constexpr (kOneByte<kv_t>) {
-      q_scale = scale * kv_scales.k[kv] * kLoadScale<kv_t>;
-      out_scale = kv_scales.v[kv] * kLoadScale<kv_t>;
-    }
+    // Token t's row (index into KvScales; times dim into the pool).
+    auto row_at = [&](int64_t t) { return (table[t / bs] * bs + t % bs) * s.num_kv_heads + kv; };
+    const float q_scale = scale * kLoadScale<kv_t>;  // a 1-byte cache's row scales multiply the scores
     for (int64_t g = 0; g < group; ++g)
       for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = widen(q[(kv * group + g) * dim + d]) * q_scale;
     // 1. Scores: each K row loaded once for the whole group.
     for (int64_t t = first; t < context_len; ++t) {
-      const kv_t* k = row_of(k_pool, t);
+      const int64_t row = row_at(t);
+      const kv_t* k = k_pool + row * dim;
+      float k_row = 1.0f;
+      if constexpr (kOneByte<kv_t>) k_row = scale_at(kv_scales.k, row);
       __m256 kr[kVecs];
       for (int j = 0; j < kVecs; ++j) kr[j] = load8(k + 8 * j);
       for (int64_t g = 0; g < group; ++g) {
         __m256 dot = _mm256_mul_ps(kr[0], _mm256_loadu_ps(qf + g * dim));
         for (int j = 1; j < kVecs; ++j) dot = _mm256_fmadd_ps(kr[j], _mm256_loadu_ps(qf + g * dim + 8 * j), dot);
         float score = hsum8(dot);
+        if constexpr (kOneByte<kv_t>) score *= k_row;
         if (var.soft_cap > 0.0f) score = soft_cap_scalar(score, var.soft_cap);
         scores[g * span + t - first] = score;
       }
@@ -703,13 +718,14 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
       __m256 acc[kVecs];
       for (auto& a : acc) a = _mm256_setzero_ps();
       for (int64_t t = first; t < context_len; ++t) {
-        const kv_t* v = row_of(v_pool, t);
-        const __m256 p = _mm256_set1_ps(sc[t - first]);
+        const int64_t row = row_at(t);
+        const kv_t* v = v_pool + row * dim;
+        float weight = sc[t - first];
+        if constexpr (kOneByte<kv_t>) weight *= scale_at(kv_scales.v, row);
+        const __m256 p = _mm256_set1_ps(weight);
         for (int j = 0; j < kVecs; ++j) acc[j] = _mm256_fmadd_ps(p, load8(v + 8 * j), acc[j]);
       }
-      float inv_sum = 1.0f / sum;
-      if constexpr (kOneByte<kv_t>) inv_sum *= out_scale;
-      const __m256 inv = _mm256_set1_ps(inv_sum);
+      const __m256 inv = _mm256_set1_ps(kLoadScale<kv_t> / sum);
       q_t* row = out + (kv * group + g) * dim;
       for (int j = 0; j < kVecs; ++j) {
         alignas(32) float tmp[8];
@@ -760,34 +776,38 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
   const int64_t first = var.first(context_len), span = context_len - first;
   const int64_t padded = (span + 31) / 32 * 32;
   const int64_t num_heads = head_end - head_begin;
-  // Per (KV head of the item, query head of its group) h: the query scaled by scale and K's scale at
-  // [h * dim], the output accumulator at [h * dim], scores then probabilities at [h * padded].
+  // Per (KV head of the item, query head of its group) h: the query scaled by scale at [h * dim], the
+  // output accumulator at [h * dim], scores then probabilities at [h * padded].
   float* qf = w.qv.data();
   float* acc = w.acc_v.data();
   float* scores = w.scores.data();
   float* inv_sum = w.running_sum.data();
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     const q_t* row = q + (head_begin * kGroup + h) * dim;
-    const __m256 q_scale = _mm256_set1_ps(scale * load_factor<kv_t>(kv_scales.k, head_begin + h / kGroup));
+    const __m256 q_scale = _mm256_set1_ps(scale * kLoadScale<kv_t>);  // row scales multiply the scores
     for (int j = 0; j < kVecs; ++j) {
       _mm256_storeu_ps(qf + h * dim + 8 * j, _mm256_mul_ps(load8(row + 8 * j), q_scale));
       _mm256_storeu_ps(acc + h * dim + 8 * j, _mm256_setzero_ps());
     }
   }
-  // The offset of token `start`'s row of KV head head_begin, and how many tokens (up to `most`) follow it
-  // in its block.
+  // Token `start`'s row of KV head head_begin (index into KvScales; times dim into the pool), and how many
+  // tokens (up to `most`) follow it in its block.
   auto chunk_at = [&](int64_t start, int64_t most, int64_t& n) {
     n = std::min({most, bs - start % bs, context_len - start});
-    return ((table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin) * dim;
+    return (table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin;
   };
   // 1. Scores.
   for (int64_t start = first; start < context_len;) {
     int64_t n;
-    const kv_t* chunk = k_pool + chunk_at(start, 8, n);
+    const int64_t row = chunk_at(start, 8, n);
+    const kv_t* chunk = k_pool + row * dim;
     prefetch_rows(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, 8);
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       const kv_t* k = chunk + kv * dim;
       const float* qg = qf + kv * kGroup * dim;
+      alignas(32) float k_rows[8];  // a 1-byte cache's row scales of the chunk's tokens (0 past them)
+      if constexpr (kOneByte<kv_t>)
+        for (int64_t t = 0; t < 8; ++t) k_rows[t] = t < n ? scale_at(kv_scales.k, row + t * s.num_kv_heads + kv) : 0.0f;
       __m256 dots[kGroup][8];
       for (int64_t t = 0; t < 8; ++t) {
         __m256 d[kGroup];
@@ -802,7 +822,8 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
       }
       for (int g = 0; g < kGroup; ++g) {
         float* dst = scores + (kv * kGroup + g) * padded + start - first;
-        const __m256 sc = hsum8x8(dots[g]);
+        __m256 sc = hsum8x8(dots[g]);
+        if constexpr (kOneByte<kv_t>) sc = _mm256_mul_ps(sc, _mm256_load_ps(k_rows));
         if (n == 8 && var.soft_cap == 0.0f) {
           _mm256_storeu_ps(dst, sc);
           continue;
@@ -841,11 +862,19 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
   // 3. Weighted V rows.
   for (int64_t start = first; start < context_len;) {
     int64_t n;
-    const kv_t* chunk = v_pool + chunk_at(start, 16, n);
+    const int64_t row = chunk_at(start, 16, n);
+    const kv_t* chunk = v_pool + row * dim;
     prefetch_rows(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       const kv_t* v = chunk + kv * dim;
       const float* p = scores + kv * kGroup * padded + start - first;  // p[g * padded + t]
+      alignas(32) float weights[kGroup * 16];  // a 1-byte cache's: the probabilities times their V row scales
+      if constexpr (kOneByte<kv_t>) {
+        for (int64_t t = 0; t < n; ++t) {
+          const float v_row = scale_at(kv_scales.v, row + t * s.num_kv_heads + kv);
+          for (int g = 0; g < kGroup; ++g) weights[g * 16 + t] = p[g * padded + t] * v_row;
+        }
+      }
       float* a_mem = acc + kv * kGroup * dim;
       for (int j0 = 0; j0 < kVecs; j0 += kTile) {
         __m256 a[kGroup][kTile];
@@ -853,7 +882,8 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
           for (int j = 0; j < kTile; ++j) a[g][j] = _mm256_loadu_ps(a_mem + g * dim + 8 * (j0 + j));
         for (int64_t t = 0; t < n; ++t) {
           __m256 pb[kGroup];
-          for (int g = 0; g < kGroup; ++g) pb[g] = _mm256_broadcast_ss(p + g * padded + t);
+          for (int g = 0; g < kGroup; ++g)
+            pb[g] = _mm256_broadcast_ss(kOneByte<kv_t> ? weights + g * 16 + t : p + g * padded + t);
           for (int j = 0; j < kTile; ++j) {
             const __m256 vr = load8(v + t * token_stride + 8 * (j0 + j));
             for (int g = 0; g < kGroup; ++g) a[g][j] = _mm256_fmadd_ps(pb[g], vr, a[g][j]);
@@ -866,7 +896,7 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
     start += n;
   }
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
-    const __m256 f = _mm256_set1_ps(inv_sum[h] * load_factor<kv_t>(kv_scales.v, head_begin + h / kGroup));
+    const __m256 f = _mm256_set1_ps(inv_sum[h] * kLoadScale<kv_t>);
     q_t* row = out + (head_begin * kGroup + h) * dim;
     for (int j = 0; j < kVecs; ++j) {
       alignas(32) float tmp[8];
@@ -968,7 +998,8 @@ bool one_byte(at::ScalarType dtype) {
   return dtype == at::kChar || dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
 }
 
-// A 1-byte cache's per-KV-head scales: float32 [num_kv_heads] each, both given; none for wider caches.
+// A 1-byte cache's row scales: float16 [num_blocks, block_size, num_kv_heads] each, both given; none for
+// wider caches.
 KvScales kv_scales_of(const at::Tensor& k_pool, const std::optional<at::Tensor>& k_scale,
                       const std::optional<at::Tensor>& v_scale) {
   if (!one_byte(k_pool.scalar_type())) {
@@ -978,19 +1009,20 @@ KvScales kv_scales_of(const at::Tensor& k_pool, const std::optional<at::Tensor>&
   }
   TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "paged_decode: a ", k_pool.scalar_type(),
               " KV cache needs k_scale and v_scale");
+  const auto rows = k_pool.sizes().slice(0, 3);
   for (const at::Tensor* t : {&*k_scale, &*v_scale})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == k_pool.size(2) &&
-                    t->is_contiguous() && t->device() == k_pool.device(),
-                "paged_decode: k_scale and v_scale must be float32 [num_kv_heads = ", k_pool.size(2),
-                "] on the pools' device, got ", t->scalar_type(), " ", t->sizes());
-  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->sizes() == rows && t->is_contiguous() &&
+                    t->device() == k_pool.device(),
+                "paged_decode: k_scale and v_scale must be float16 [num_blocks, block_size, num_kv_heads] = ",
+                rows, " on the pools' device, got ", t->scalar_type(), " ", t->sizes());
+  return {k_scale->data_ptr<at::Half>(), v_scale->data_ptr<at::Half>()};
 }
 
 // q [num_seqs, num_heads, head_dim]; pools [num_blocks, block_size, num_kv_heads, head_dim];
 // block_tables [num_seqs, max_blocks] int64; context_lens [num_seqs] int64 (each >= 1); sliding_window 0 or
 // the window (entries of a table before its sequence's window are never read: they may be stale);
-// logits_soft_cap 0 or the cap; k_scale, v_scale float32 [num_kv_heads] with 1-byte pools (int8, FP8
-// E4M3/E5M2: a value is stored * scale[KV head]), absent otherwise.
+// logits_soft_cap 0 or the cap; k_scale, v_scale float16 [num_blocks, block_size, num_kv_heads] with 1-byte
+// pools (int8, FP8 E4M3/E5M2: a value is stored * its row's scale), absent otherwise.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                         int64_t sliding_window, double logits_soft_cap, const std::optional<at::Tensor>& k_scale,

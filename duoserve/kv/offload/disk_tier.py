@@ -248,8 +248,8 @@ class DiskTier:
         fitting = [i for i, b in enumerate(self._spare_buffers) if b.shape[0] >= count]
         if fitting:
             return self._spare_buffers.pop(min(fitting, key=lambda i: self._spare_buffers[i].shape[0]))
-        num_layers, _, _, block_size, num_heads, head_dim = self.layout.shape(1)
-        shape = (count, num_layers, 2, block_size, num_heads, head_dim)
+        num_layers, _, _, block_size, num_heads, row = self.layout.shape(1)
+        shape = (count, num_layers, 2, block_size, num_heads, row)
         return torch.empty(shape, dtype=self.layout.torch_dtype)
 
     def _give_back(self, buffer: torch.Tensor) -> None:

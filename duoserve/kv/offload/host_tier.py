@@ -41,7 +41,7 @@ class HostTier:
             raise ValueError(
                 f"kv_offload_cpu_bytes={max_bytes} holds no KV block (one is {self.block_bytes} bytes)"
             )
-        shape = (num_slots, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        shape = (num_slots, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.row)
         self.slab = torch.empty(shape, dtype=layout.torch_dtype, pin_memory=pin_memory)
         self.max_bytes = num_slots * self.block_bytes
         self.enabled = True  # nothing at run time can fail in RAM that was allocated at start

@@ -5,8 +5,8 @@ Layout (little-endian):
     header   magic "DSKVBLK\\0" | version u16 | header bytes u16 | fingerprint 16B | block hash i64 |
              parent hash i64 | tokens u32 | payload bytes u64 | checksum u64
     tokens   the block's token ids, u32 each
-    payload  the block's K and V for every layer, [layers, 2, block_size, kv_heads, head_dim], in the
-             KV cache's dtype
+    payload  the block's K and V for every layer, [layers, 2, block_size, kv_heads, row], in the
+             KV cache's dtype (row = head_dim, and a quantized cache's 2-byte row scale: KVLayout.row)
 
 The checksum covers everything before it and after it (header, tokens, payload). A reader checks, in
 this order, and drops the record with the first reason that applies:
