@@ -1,18 +1,29 @@
-"""The OpenMP environment the engine process starts with: its threads sleep when they wait.
+"""The OpenMP environment the engine process starts with: its threads spin briefly, then sleep.
 
 torch's CPU wheels run their parallel regions (and duoserve's kernels') on GNU OpenMP, whose idle
 threads busy-wait GOMP_SPINCOUNT = 300,000 pause loops after each region before they sleep: about 9 ms
-on the 2-core Zen 1 host this was measured on (29 ns per loop). Offline that costs nothing: no other
-thread wants the cores. Served, it does: the API process (HTTP, detokenizing, SSE) and the client run
-on the same cores, so a spinning engine thread either takes a core from them or is descheduled
-itself, and then every barrier of the forward waits for it. Measured engine-only (decode steps, 2
-threads, on that host while other jobs loaded it to ~6 runnable threads), spinning vs sleeping:
-batch 32 took 2550-2740 ms and 1400-1690 CPU ms per step vs 916 and 495; batch 1 551 ms (541 CPU)
-vs 138 ms (59 CPU); a short spin (GOMP_SPINCOUNT=3000) 173 ms (101 CPU).
+on the 2-core Zen 1 host this was first measured on (29 ns per loop). Offline that costs nothing: no
+other thread wants the cores. Served, it can: the API process (HTTP, detokenizing, SSE) and the client
+run on the same cores, so a long-spinning engine thread either takes a core from them or is descheduled
+itself, and then every barrier of the forward waits for it. Sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+costs the other way: a forward is hundreds of short parallel regions, and each one then wakes its
+threads through the kernel.
 
-So the engine process of `duoserve serve` starts with OMP_WAIT_POLICY=PASSIVE, unless the user chose
-a wait behaviour themselves (any of the variables below is set): e.g. `GOMP_SPINCOUNT=300000` gives
-back libgomp's default. The API process's own torch is unaffected (libgomp reads these once, at load).
+Measured, `python benchmarks/serving_overhead.py --concurrency C --input-len 128 --output-len 64`
+(default model and arguments), the engine's GOMP_SPINCOUNT back to back in one run:
+
+| host, load                         | C  | passive (0) | 1,000 | 3,000     | 10,000 | 300,000 (libgomp) |
+|------------------------------------|----|-------------|-------|-----------|--------|-------------------|
+| Zen 5 (2 vCPUs), quiet: tok/s      | 1  | 37.2        | 52.8  | **65.1**  | 61.1   | 62.1              |
+| Zen 5 (2 vCPUs), quiet: tok/s      | 32 | 102.9       | 131.2 | **191.5** | 189.0  | 188.4             |
+| Zen 1 (2 vCPUs), ~6 runnable threads: batch-1 ms | | 138 | | 173 | | 551       |
+
+(the Zen 1 row is engine-only decode steps on a machine other jobs loaded.) The engine also spent less
+CPU per token at 3,000 than passive (Zen 5, C=32: 8.8 against 12.1 ms): waking through futexes costs
+CPU too. So the engine process of `duoserve serve` starts with GOMP_SPINCOUNT=3000 (about 0.1 ms of
+spinning), unless the user chose a wait behaviour themselves (any of the variables below is set): e.g.
+`OMP_WAIT_POLICY=PASSIVE` for a host crowded by other work, `GOMP_SPINCOUNT=300000` for libgomp's
+default. The API process's own torch is unaffected (libgomp reads these once, at load).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from collections.abc import Iterator, Mapping
 
 # Variables that set how OpenMP threads wait: libgomp's, and Intel OpenMP's (a torch built with it).
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-ENGINE_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+ENGINE_DEFAULTS = {"GOMP_SPINCOUNT": "3000"}
 
 
 def engine_env_defaults(environ: Mapping[str, str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The engine process's OpenMP wait policy: sleeping threads by default, the user's choice kept."""
+"""The engine process's OpenMP wait policy: a short spin by default, the user's choice kept."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from duoserve.engine.engine_env import WAIT_VARS, engine_env_defaults, engine_environment
 
 
-def test_passive_by_default():
-    assert engine_env_defaults({"PATH": "/bin"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+def test_short_spin_by_default():
+    assert engine_env_defaults({"PATH": "/bin"}) == {"GOMP_SPINCOUNT": "3000"}
 
 
 @pytest.mark.parametrize("name", WAIT_VARS)
@@ -23,9 +23,9 @@ def test_environment_is_restored(monkeypatch):
     for name in WAIT_VARS:
         monkeypatch.delenv(name, raising=False)
     with engine_environment() as added:
-        assert added == {"OMP_WAIT_POLICY": "PASSIVE"}
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "OMP_WAIT_POLICY" not in os.environ
+        assert added == {"GOMP_SPINCOUNT": "3000"}
+        assert os.environ["GOMP_SPINCOUNT"] == "3000"
+    assert "GOMP_SPINCOUNT" not in os.environ
 
 
 def test_users_setting_is_left_alone(monkeypatch):
