@@ -1,6 +1,7 @@
 """Decode-only step time at several batch sizes, split into model forward vs scheduling/Python overhead.
 
     python benchmarks/decode_step.py --batch-sizes 1 16 64 --context 256 --steps 20
+    python benchmarks/decode_step.py --batch-sizes 32 --context 2048 --kv-cache-dtype int8  # long context
 
 Each batch is prefilled once (prompts of --context tokens), then timed over --steps pure decode steps.
 Also prints the memory-bandwidth bound of batch-1 decode: weight bytes read per step / copy bandwidth.
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--quantized-activations", default="auto", help="int16, int8 or auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="e.g. int8, fp8_e4m3 (issue 15)")
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(
@@ -95,6 +97,7 @@ def main() -> None:
             num_threads=args.threads,
             attention_backend=args.attention_backend,
             quantized_activations=args.quantized_activations,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_num_seqs=max(args.batch_sizes),
             max_num_batched_tokens=2048,
         )
@@ -102,7 +105,7 @@ def main() -> None:
     backend = type(engine.core.model.attention).__name__
     print(
         f"torch threads: {torch.get_num_threads()}, dtype {engine.core.model.dtype}, {args.quantization=}, "
-        f"attention {backend}"
+        f"attention {backend}, KV {engine.core.kv_cache.spec.dtype}"
     )
     bw = copy_bandwidth()
     wb = weight_bytes(engine)
