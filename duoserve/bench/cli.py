@@ -81,6 +81,13 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         "--concurrency", "--max-concurrency", dest="concurrency", type=int, help="requests in flight at most"
     )
     g.add_argument(
+        "--max-active-conversations",
+        type=int,
+        help="multi-turn: conversations active at once, each turn taking a --concurrency slot only while "
+        "it runs, so active conversations take turns round-robin (vLLM's benchmarks/multi_turn); "
+        "default: a conversation holds its slot across its turns",
+    )
+    g.add_argument(
         "--request-rate",
         type=float,
         default=math.inf,
@@ -181,6 +188,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--num-prompts must be >= 1")
     if args.timeout <= 0 or args.request_timeout <= 0:
         raise ValueError("--timeout and --request-timeout must be positive")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError("--concurrency must be >= 1")
+    if args.max_active_conversations is not None and args.max_active_conversations < 1:
+        raise ValueError("--max-active-conversations must be >= 1")
 
 
 async def _bench(args: argparse.Namespace) -> int:
@@ -199,7 +210,13 @@ async def _bench(args: argparse.Namespace) -> int:
         args.base_url, args.endpoint, args.api_key, args.request_timeout, args.concurrency
     )
     load = LoadConfig(
-        args.concurrency, args.request_rate, args.burstiness, args.seed, args.timeout, not args.disable_tqdm
+        concurrency=args.concurrency,
+        max_active_conversations=args.max_active_conversations,
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        seed=args.seed,
+        timeout=args.timeout,
+        progress=not args.disable_tqdm,
     )
     async with BenchClient(client_cfg) as client:
         model = args.model or await client.first_model()

@@ -26,6 +26,9 @@ class RequestRecord:
     output_tokens: int = 0
     prompt_tokens: int | None = None  # from the server's usage, when it reports one
     usage_reported: bool = False
+    # usage.prompt_tokens_details.cached_tokens, where the server reports it (vLLM, duoserve): prompt
+    # tokens its prefix cache served, so a multi-turn run can tell turns whose history was evicted.
+    cached_tokens: int | None = None
     error: str | None = None
     # Needed by multi-turn (the next turn quotes it); left out of result files to keep them small.
     generated_text: str = field(default="", repr=False)

@@ -55,7 +55,9 @@ def _load_line(config: dict[str, Any]) -> str:
     rate_text = f"{rate:g}/s" if isinstance(rate, (int, float)) and math.isfinite(rate) else "inf"
     burst = f", burstiness {config.get('burstiness', 1.0):g}" if rate_text != "inf" else ""
     conc = config.get("concurrency")
-    return f"concurrency {conc if conc else 'unbounded'}, request rate {rate_text}{burst}"
+    active = config.get("max_active_conversations")
+    turns = f", {active} conversations active (slot per turn)" if active else ""
+    return f"concurrency {conc if conc else 'unbounded'}{turns}, request rate {rate_text}{burst}"
 
 
 def _workload_line(config: dict[str, Any]) -> str:

@@ -56,6 +56,8 @@ class StreamRecorder:
         r.output_tokens = sum(r.chunk_tokens) if counts else int(completion_tokens or 0)
         prompt_tokens = usage.get("prompt_tokens")
         r.prompt_tokens = prompt_tokens if isinstance(prompt_tokens, int) else None
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        r.cached_tokens = cached if isinstance(cached, int) else None
         r.ttft = self.times[0] - r.send_time if self.times else None
         r.generated_text = "".join(self.texts)
         if r.error is None and not self.times:

@@ -70,3 +70,19 @@ def test_lead_wiring_and_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert run_bench(bad) == 2
     missing = parser.parse_args(["bench", "plot", str(tmp_path / "nope.json")])
     assert missing.bench_command == "plot" and run_bench(missing) == 2
+
+
+def test_max_active_conversations_runs_and_is_validated(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.ttft, server.gap = 0.0, 0.0
+    out = tmp_path / "mt.json"
+    multi = ["--dataset", "multi-turn", "--multi-turn-turns", "2", "--concurrency", "1", "--output", str(out)]
+    assert main(bench_args(server.base_url, *multi, "--max-active-conversations", "6")) == 0
+    assert "6 conversations active (slot per turn)" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["config"]["max_active_conversations"] == 6
+    requests = sorted(doc["requests"], key=lambda r: r["send_time"])
+    assert [r["turn"] for r in requests] == [0] * 6 + [1] * 6  # round-robin: every first turn, then seconds
+    assert main(bench_args(server.base_url, "--max-active-conversations", "0")) == 2
+    assert "--max-active-conversations must be >= 1" in capsys.readouterr().err

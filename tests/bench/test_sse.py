@@ -67,7 +67,7 @@ def test_completions_stream_with_usage_and_done() -> None:
     assert r.ttft == pytest.approx(0.2)
     assert r.chunk_times == [1.2, 1.3, 1.4]
     assert r.chunk_tokens == [1, 1, 1]
-    assert (r.output_tokens, r.prompt_tokens, r.usage_reported) == (3, 7, True)
+    assert (r.output_tokens, r.prompt_tokens, r.usage_reported, r.cached_tokens) == (3, 7, True, None)
     assert r.generated_text == "Hello world!"
     assert r.latency == pytest.approx(0.43)
 
@@ -104,7 +104,9 @@ def test_chat_reasoning_and_null_content_chunks() -> None:
 
 
 def test_usage_larger_than_chunk_count_spreads_tokens_over_later_chunks() -> None:
-    usage = data({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 7}})
+    details = {"cached_tokens": 2}  # the prefix cache's share of the prompt (vLLM, duoserve)
+    counts = {"prompt_tokens": 4, "completion_tokens": 7, "prompt_tokens_details": details}
+    usage = data({"choices": [], "usage": counts})
     lines = [
         (1.1, completion_chunk("a")),
         (1.3, completion_chunk("bcd")),
@@ -113,6 +115,7 @@ def test_usage_larger_than_chunk_count_spreads_tokens_over_later_chunks() -> Non
         (1.6, "data: [DONE]"),
     ]
     r = replay(lines, chat=False, end=1.6)
+    assert (r.prompt_tokens, r.cached_tokens) == (4, 2)
     assert r.chunk_tokens == [1, 3, 3]
     assert r.output_tokens == 7
     assert itl(r.chunk_times, r.chunk_tokens) == pytest.approx([0.2 / 3] * 3 + [0.1] * 3)
