@@ -12,13 +12,15 @@ threads through the kernel.
 Measured, `python benchmarks/serving_overhead.py --concurrency C --input-len 128 --output-len 64`
 (default model and arguments), the engine's GOMP_SPINCOUNT back to back in one run:
 
-| host, load                         | C  | passive (0) | 1,000 | 3,000     | 10,000 | 300,000 (libgomp) |
+| host (lscpu), load                 | C  | passive (0) | 1,000 | 3,000     | 10,000 | 300,000 (libgomp) |
 |------------------------------------|----|-------------|-------|-----------|--------|-------------------|
-| Zen 5 (2 vCPUs), quiet: tok/s      | 1  | 37.2        | 52.8  | **65.1**  | 61.1   | 62.1              |
-| Zen 5 (2 vCPUs), quiet: tok/s      | 32 | 102.9       | 131.2 | **191.5** | 189.0  | 188.4             |
+| Zen 5 *, quiet: tok/s              | 1  | 37.2        | 52.8  | **65.1**  | 61.1   | 62.1              |
+| Zen 5 *, quiet: tok/s              | 32 | 102.9       | 131.2 | **191.5** | 189.0  | 188.4             |
 | Zen 1 (2 vCPUs), ~6 runnable threads: batch-1 ms | | 138 | | 173 | | 551       |
 
-(the Zen 1 row is engine-only decode steps on a machine other jobs loaded.) The engine also spent less
+(* 2 vCPUs of an AMD EPYC family 26 model 2: AVX-512F/BW/VL/VNNI and AVX512-BF16, no AMX. The Zen 1 row:
+2 vCPUs of an AMD EPYC family 23 model 1, AVX2 only, engine-only decode steps on a machine other jobs
+loaded; a quiet Zen 1 and an Intel host with AMX are not measured yet.) The engine also spent less
 CPU per token at 3,000 than passive (Zen 5, C=32: 8.8 against 12.1 ms): waking through futexes costs
 CPU too. So the engine process of `duoserve serve` starts with GOMP_SPINCOUNT=3000 (about 0.1 ms of
 spinning), unless the user chose a wait behaviour themselves (any of the variables below is set): e.g.
