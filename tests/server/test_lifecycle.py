@@ -16,7 +16,9 @@ import httpx
 from tests.helpers import random_prompt
 from tests.server.harness import engine_flags, free_port
 
-LONG = 240  # tokens: with the 8-token prompts, nearly the whole 256-token context
+# Tokens per sequence: the requests in flight must outlast the test's checks by a wide margin on any
+# machine (240 tokens of the tiny model take ~0.15 s on a fast host), so the servers raise the context.
+LONG = 1000
 DEADLINE = 60.0  # generous: a wait returns as soon as its condition holds
 
 
@@ -33,8 +35,10 @@ def stream_body(model: str, **extra) -> dict:
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_cleanly(start_server):
-    # One seat in the running batch: the four sequences run one after another, 4 x 240 decode steps.
-    server = start_server("--shutdown-timeout", "60", num_kv_blocks=256, max_num_seqs=1)
+    # One seat in the running batch: the four sequences run one after another, 4 x 1000 decode steps.
+    server = start_server(
+        "--shutdown-timeout", "60", "--max-model-len", "1024", num_kv_blocks=512, max_num_seqs=1
+    )
     body = stream_body(server.model, n=4)
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
@@ -84,7 +88,7 @@ def test_a_model_that_does_not_load_ends_the_server_with_the_reason(tmp_path):
 
 
 def test_a_dead_engine_fails_in_flight_requests_and_ends_the_server(start_server):
-    server = start_server()
+    server = start_server("--max-model-len", "1024", num_kv_blocks=512)
     engine_pid = int(re.search(r"engine process (\d+) started", server.log()).group(1))
     with httpx.stream(
         "POST", f"{server.base_url}/v1/completions", json=stream_body(server.model), timeout=60

@@ -13,15 +13,20 @@ import pytest
 from tests.helpers import random_prompt
 from tests.server.harness import wait_for_metrics
 
-LONG = 240  # tokens: with the 8-token prompts, nearly the whole 256-token context
-FLOOD_TOKENS = 16
+# Requests that hold their seats must outlast the test's next round trip by a wide margin on any machine:
+# 240 tokens of the tiny model (~0.2 s) once finished first on a fast CI host (the flood then got two 200s).
+LONG = 2000
+SHORT = 16
 DEADLINE = 60.0  # generous: each wait returns as soon as its condition holds
 
 
 @pytest.fixture(scope="module")
 def server(start_server):
     # Two seats in the running batch and two in the queue: the fifth concurrent request is refused.
-    return start_server("--max-queued-requests", "2", max_num_seqs=2, num_kv_blocks=128)
+    # A context past the tiny model's 256 positions (RoPE has no limit): a request can run 2,000 steps.
+    return start_server(
+        "--max-queued-requests", "2", "--max-model-len", "2048", max_num_seqs=2, num_kv_blocks=1024
+    )
 
 
 async def wait_for_metrics_async(server, condition, what: str) -> dict[str, float]:
@@ -89,9 +94,15 @@ def test_a_flood_past_the_queue_gets_429_and_every_admitted_request_completes(se
 
     async def flood() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE) as http:
-            # Four long requests take the two seats and the two queue places...
-            admitted = [
-                asyncio.ensure_future(http.post("/v1/completions", json=body(i, LONG))) for i in range(4)
+            # Two very long requests take the two seats, then two short ones the two queue places...
+            running = [
+                asyncio.ensure_future(http.post("/v1/completions", json=body(i, LONG))) for i in (0, 1)
+            ]
+            await wait_for_metrics_async(
+                server, lambda m: m["duoserve:num_requests_running"] == 2, "two running requests"
+            )
+            queued = [
+                asyncio.ensure_future(http.post("/v1/completions", json=body(i, SHORT))) for i in (2, 3)
             ]
             await wait_for_metrics_async(
                 server,
@@ -99,9 +110,9 @@ def test_a_flood_past_the_queue_gets_429_and_every_admitted_request_completes(se
                 "two running and two queued requests",
             )
             # ...so while they run, every other request is refused.
-            flood = [http.post("/v1/completions", json=body(i, FLOOD_TOKENS)) for i in range(4, 16)]
+            flood = [http.post("/v1/completions", json=body(i, SHORT)) for i in range(4, 16)]
             refused = await asyncio.gather(*flood)
-            return list(await asyncio.gather(*admitted)), refused
+            return list(await asyncio.gather(*running, *queued)), refused
 
     admitted, refused = asyncio.run(flood())
     assert [r.status_code for r in refused] == [429] * 12
@@ -112,7 +123,7 @@ def test_a_flood_past_the_queue_gets_429_and_every_admitted_request_completes(se
             and "queue is full" in r.json()["error"]["message"]
         )
     assert [r.status_code for r in admitted] == [200] * 4
-    for r in admitted:
+    for r, max_tokens in zip(admitted, [LONG, LONG, SHORT, SHORT], strict=True):
         (choice,) = r.json()["choices"]
-        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == LONG
+        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == max_tokens
     wait_for_metrics(server, idle, "an idle engine")
