@@ -279,6 +279,16 @@ inline void prefetch_rows(const kv_t* pool, const int64_t* table, int64_t start,
   }
 }
 
+// A 1-byte cache's row scales of the chunk at `start` (up to 16 x num_kv_heads float16, at most 2 lines).
+inline void prefetch_scales(const at::Half* scales, const int64_t* table, int64_t start, int64_t context_len,
+                            const Shape& s) {
+  if (start >= context_len) return;
+  const int64_t bs = s.block_size, row = (table[start / bs] * bs + start % bs) * s.num_kv_heads;
+  const char* first = reinterpret_cast<const char*>(scales + row);
+  prefetch_line(first);
+  prefetch_line(first + 16 * s.num_kv_heads * int64_t(sizeof(at::Half)) - 1);
+}
+
 // Part `part` of `parts` (by lines) of what prefetch_rows fetches, when the item has every KV head (one
 // contiguous span); otherwise all of it at part 0.
 template <typename kv_t>
@@ -577,12 +587,21 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   for (int64_t h = 0; h < num_heads * kGroup; ++h)
     running_max[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   ChunkScales k_scales(kv_scales.k, s.num_kv_heads);
+  // Pass 3's first chunk, whose misses would otherwise stall it (most of a short context's time).
+  prefetch_part(v_pool, table, first, context_len, head_begin, head_end, dim, s, 0, 1);
+  if constexpr (kOneByte<kv_t>) {
+    prefetch_scales(kv_scales.k, table, first, context_len, s);
+    prefetch_scales(kv_scales.v, table, first, context_len, s);
+  }
   for (int64_t start = first; start < context_len;) {
     int64_t n;
     const int64_t row = chunk_at(start, n);
     const kv_t* chunk = k_pool + row * dim;
     const __mmask16 live = live_of(n);
-    if constexpr (kOneByte<kv_t>) k_scales.load(row, n, num_heads);
+    if constexpr (kOneByte<kv_t>) {
+      prefetch_scales(kv_scales.k, table, start + kPrefetchTokens, context_len, s);
+      k_scales.load(row, n, num_heads);
+    }
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       // The chunk kPrefetchTokens ahead, a KV head's share of its lines at a time: issued at once (48 lines
       // of a 1-byte cache, 96 of bf16), the prefetches stalled on the core's outstanding misses.
@@ -687,7 +706,10 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     int64_t n;
     const int64_t row = chunk_at(start, n);
     const kv_t* chunk = v_pool + row * dim;
-    if constexpr (kOneByte<kv_t>) v_scales.load(row, n, num_heads);
+    if constexpr (kOneByte<kv_t>) {
+      prefetch_scales(kv_scales.v, table, start + kPrefetchTokens, context_len, s);
+      v_scales.load(row, n, num_heads);
+    }
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       prefetch_part(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
       const kv_t* v = chunk + kv * dim;
