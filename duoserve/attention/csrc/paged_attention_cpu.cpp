@@ -470,6 +470,26 @@ class ChunkScales {
 // as a bf16 GEMM of softmax(QK) and V rounds them. Other dtypes widen K/V rows to fp32.
 // With a sliding window, the passes cover the context from the first visible token (`first`) on; the
 // scores are stored from there ([h * padded + position - first]).
+// Tuned on AMD Zen 5 (EPYC, family 26 model 2, 2 vCPUs; gcc 12 as znver3 + AVX-512), SmolLM2's shape (9
+// heads / 3 KV heads x 64, blocks of 16, bf16 queries), where the kernel was compute-bound, not memory-
+// bound: ~25 ns per (token, KV head) in cache, ~90 cycles for 3 x 64 multiply-adds. Per (token, KV head)
+// it had spent ~40 instructions on c10's software float16 conversion of the row scales (now ChunkScales),
+// 48 zmm of dot products (kGroup x 16 tokens, more than the 32 registers) held for the reduction (now
+// reduced per 4 tokens: fold4x), and 16 zmm loads of the queries per token (now one per 2 tokens). FP8
+// rows were widened to fp32 through vcvtph2ps (3-4 instructions per 16 values, then 2x the multiply-adds of bf16);
+// they now take vdpbf16ps as bf16 does (kDotFp8), 2 instructions per 32 values. bf16 V pairs are built by
+// vpunpck[lh]wd (2 per 32 dims of 2 tokens) where vpmovzxwd + shift + or took 8. Measured on a busy
+// machine (another session building and benchmarking; the kernel alone, before -> after, 1 thread): 8 x 96
+// tokens, 3 layers (in cache): bf16 0.021-0.026 -> 0.019 ms, E4M3/E5M2 0.026-0.033 -> 0.019, int8
+// 0.024-0.029 -> 0.021; 8 x 1,024 tokens, 1 layer (K/V in L3): bf16 0.26-0.28 -> 0.19 ms,
+// FP8 0.25-0.27 -> 0.16-0.18, int8 0.23-0.24 -> 0.19-0.20. From DRAM (2,048 tokens per sequence) the
+// kernel waits on memory: a chunk's prefetches issued as one burst stalled on the outstanding misses;
+// spread over the KV heads' iterations (prefetch_part), 1 thread, 64 sequences: ~8.5 -> ~6 ms per
+// layer for every dtype (noisy); the 1-byte caches' row scales, not prefetched before, are now (8 x 64-128
+// tokens, 1 thread: FP8 0.044 -> 0.038-0.042 ms, int8 0.048 -> 0.040-0.045). There the 1-byte caches gain
+// less than their halved bytes: each block costs a scattered DRAM access (and a TLB miss) whatever its
+// size. benchmarks/decode_attention.py, 256 x 2,048 tokens, 2 threads (busy): bf16 47.7 -> 34.0 ms,
+// E4M3/E5M2 48 -> 25.3, int8 43-45 -> 29.7 (1.34x and 1.15x the new bf16, short of issue 15's 1.5x there).
 template <typename q_t, typename kv_t>
 constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
@@ -765,7 +785,8 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         alignas(64) uint16_t weights[kGroup][16];
         for (int g = 0; g < kGroup; ++g) {
           const __m512 p = _mm512_maskz_loadu_ps(live, scores + (kv * kGroup + g) * padded + start - first);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(weights[g]), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(p, v_row)));
+          const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(p, v_row));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(weights[g]), bf);
         }
         auto accumulate = [&](const __m512i* r0, const __m512i* r1, const int32_t* pairs) {
 #pragma GCC unroll 8
