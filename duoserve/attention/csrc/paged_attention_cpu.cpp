@@ -488,8 +488,8 @@ class ChunkScales {
 // layer for every dtype (noisy); the 1-byte caches' row scales, not prefetched before, are now (8 x 64-128
 // tokens, 1 thread: FP8 0.044 -> 0.038-0.042 ms, int8 0.048 -> 0.040-0.045). There the 1-byte caches gain
 // less than their halved bytes: each block costs a scattered DRAM access (and a TLB miss) whatever its
-// size. benchmarks/decode_attention.py, 256 x 2,048 tokens, 2 threads (busy): bf16 47.7 -> 34.0 ms,
-// E4M3/E5M2 48 -> 25.3, int8 43-45 -> 29.7 (1.34x and 1.15x the new bf16, short of issue 15's 1.5x there).
+// size. benchmarks/decode_attention.py, 256 x 2,048 tokens, 2 threads (busy), before -> after: bf16 48-52
+// -> 34-36 ms, E4M3/E5M2 48-53 -> 24.0-24.4 (1.49-1.51x the new bf16), int8 43-48 -> 25.4 (1.43x).
 template <typename q_t, typename kv_t>
 constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
