@@ -84,14 +84,24 @@ def test_matches_the_float32_path_over_the_dequantized_pool(heads, kv_heads, dim
         assert rel_err(out, ref.double()) < 1e-5, num
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (16, 1, 64, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(9, 3, 64, 16), (8, 1, 128, 16), (12, 2, 128, 7), (4, 4, 64, 5), (16, 1, 64, 16)],
+)
 @pytest.mark.parametrize("dtype", ONE_BYTE, ids=str)
-def test_bfloat16_queries(heads, kv_heads, dim, block_size, dtype):
-    """A bfloat16 model over a 1-byte cache: bfloat16 output (rounded: a looser tolerance)."""
-    q, *rest = _case(heads, kv_heads, dim, block_size, [1, 17, 64, 97, 200], dtype)
-    out, ref = _both(q.bfloat16(), *rest, dim**-0.5)
-    assert out.dtype == torch.bfloat16
-    assert rel_err(out, ref.double()) < 1e-2
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (37, 2.5)])
+def test_bfloat16_queries(heads, kv_heads, dim, block_size, dtype, window, soft_cap):
+    """A bfloat16 model over a 1-byte cache: bfloat16 output (rounded: a looser tolerance). With AVX512-BF16,
+    the AVX-512 kernel dots FP8 rows with the queries in bf16 (vdpbf16ps): every head size and group,
+    odd chunks (blocks of 5 and 7), a window and a soft cap."""
+    q, k_pool, v_pool, tables, lens, k_scale, v_scale = _case(
+        heads, kv_heads, dim, block_size, [1, 17, 64, 97, 200], dtype
+    )
+    for num in (5, 2):  # a work item per sequence; per (sequence, KV head)
+        args = (q[:num].bfloat16(), k_pool, v_pool, tables[:num], lens[:num], k_scale, v_scale, dim**-0.5)
+        out, ref = _both(*args, window, soft_cap)
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out, ref.double()) < 1e-2, num
 
 
 @pytest.mark.parametrize(

@@ -278,6 +278,35 @@ inline void prefetch_rows(const kv_t* pool, const int64_t* table, int64_t start,
     for (int64_t byte = 0; byte < bytes; byte += 64) prefetch_line(row + byte);
   }
 }
+
+// A 1-byte cache's row scales of the chunk at `start` (up to 16 x num_kv_heads float16, at most 2 lines).
+inline void prefetch_scales(const at::Half* scales, const int64_t* table, int64_t start, int64_t context_len,
+                            const Shape& s) {
+  if (start >= context_len) return;
+  const int64_t bs = s.block_size, row = (table[start / bs] * bs + start % bs) * s.num_kv_heads;
+  const char* first = reinterpret_cast<const char*>(scales + row);
+  prefetch_line(first);
+  prefetch_line(first + 16 * s.num_kv_heads * int64_t(sizeof(at::Half)) - 1);
+}
+
+// Part `part` of `parts` (by lines) of what prefetch_rows fetches, when the item has every KV head (one
+// contiguous span); otherwise all of it at part 0.
+template <typename kv_t>
+inline void prefetch_part(const kv_t* pool, const int64_t* table, int64_t start, int64_t context_len,
+                          int64_t head_begin, int64_t head_end, int64_t dim, const Shape& s, int64_t part,
+                          int64_t parts) {
+  if (start >= context_len) return;
+  if (head_end - head_begin != s.num_kv_heads) {
+    if (part == 0) prefetch_rows(pool, table, start, context_len, head_begin, head_end, dim, s);
+    return;
+  }
+  const int64_t bs = s.block_size;
+  const int64_t offset = (table[start / bs] * bs + start % bs) * s.num_kv_heads * dim;
+  const int64_t n = std::min({int64_t{16}, bs - start % bs, context_len - start});
+  const int64_t lines = (n * s.num_kv_heads * dim * int64_t(sizeof(kv_t)) + 63) / 64;
+  const char* first = reinterpret_cast<const char*>(pool + offset);
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) prefetch_line(first + 64 * line);
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -350,27 +379,85 @@ inline __m512 soft_cap16(__m512 x, float cap) {
   return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
 }
 
-// hsum16(v)[t] = the sum of v[t]'s 16 lanes: 15 adds and 30 shuffles instead of 16 separate reductions.
-inline __m512 hsum16(const __m512* v) {
-  __m512 w[8], x[4], y[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (v2i, v2i+1, v2i, v2i+1), each half summed
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: (v4i, v4i+1, v4i+2, v4i+3), that lane's sum
-    const __m512d c = _mm512_castps_pd(w[2 * i]), d = _mm512_castps_pd(w[2 * i + 1]);
-    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
-  for (int i = 0; i < 2; ++i)  // pairs of 128-bit lanes added
-    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+// Transposed reductions of dot products, as hsum16(v)[t] = the sum of v[t]'s 16 lanes for 16 vectors, in
+// four levels of folds. A fold adds the two halves (adjacent lanes, pairs, 128-bit lanes, 256-bit halves)
+// of two vectors a and b into one: two blends put a's kept half and b's kept half into one vector and the
+// other halves into another, one shuffle lines those up with the first, one add. fold1..fold2 of 4 vectors
+// leave, in each 128-bit lane L, their 4 sums over lane L; fold3..fold4 of 4 such vectors finish 16.
+// Per 16 vectors: 15 adds, 15 shuffles and 30 blends, where unpacks (hsum16 before) took 30 shuffles.
+inline __m512 fold1(__m512 a, __m512 b) {  // lane 2k: a[2k] + a[2k+1]; lane 2k+1: b[2k] + b[2k+1]
+  const __m512 keep = _mm512_mask_blend_ps(0xAAAA, a, b), move = _mm512_mask_blend_ps(0xAAAA, b, a);
+  return _mm512_add_ps(keep, _mm512_permute_ps(move, _MM_SHUFFLE(2, 3, 0, 1)));
 }
+inline __m512 fold2(__m512 a, __m512 b) {  // pairs of lanes: (a 4m..4m+1 + 4m+2..4m+3) in 4m..4m+1, b's next
+  const __m512 keep = _mm512_mask_blend_ps(0xCCCC, a, b), move = _mm512_mask_blend_ps(0xCCCC, b, a);
+  return _mm512_add_ps(keep, _mm512_permute_ps(move, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+inline __m512 fold3(__m512 a, __m512 b) {  // 128-bit lanes: a's lanes 0+1 in lane 0, b's in lane 1, ...
+  const __m512 keep = _mm512_mask_blend_ps(0xF0F0, a, b), move = _mm512_mask_blend_ps(0xF0F0, b, a);
+  return _mm512_add_ps(keep, _mm512_shuffle_f32x4(move, move, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+inline __m512 fold4(__m512 a, __m512 b) {  // 256-bit halves
+  const __m512 keep = _mm512_mask_blend_ps(0xFF00, a, b), move = _mm512_mask_blend_ps(0xFF00, b, a);
+  return _mm512_add_ps(keep, _mm512_shuffle_f32x4(move, move, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+// Of 4 vectors: lane 4L + i = v[i]'s sum over its 128-bit lane L.
+inline __m512 fold4x(const __m512* v) { return fold2(fold1(v[0], v[1]), fold1(v[2], v[3])); }
+// Of 4 fold4x results x[q] (tokens 4q..4q+3): lane t = token t's whole sum.
+inline __m512 fold16(const __m512* x) { return fold4(fold3(x[0], x[1]), fold3(x[2], x[3])); }
+
+// A 1-byte cache's row scales of one chunk (up to 16 tokens of one block; float16 at a stride of
+// num_kv_heads, the item's KV heads adjacent), 16 per KV head as fp32 (0 past the chunk's tokens). With up
+// to 4 KV heads, the chunk's scales of the item are at most 64 words: two masked loads per chunk, one
+// vpermt2w and one vcvtph2ps per KV head. Before, each of the 16 was converted by c10's scalar float16
+// routine (software: ~20 instructions), twice per (token, KV head): a fifth of a 1-byte cache's decode.
+class ChunkScales {
+ public:
+  ChunkScales(const at::Half* scales, int64_t num_kv_heads) : scales_(scales), stride_(num_kv_heads) {
+    alignas(64) int16_t index[32] = {};
+    for (int t = 0; t < 16; ++t) index[t] = static_cast<int16_t>(t * num_kv_heads);
+    index_ = _mm512_load_si512(index);
+  }
+  // The chunk of n tokens from row `row` (KvScales' index of its first token, first KV head of the item),
+  // `heads` KV heads.
+  void load(int64_t row, int64_t n, int64_t heads) {
+    base_ = scales_ + row;
+    n_ = n;
+    live_ = static_cast<__mmask32>((1u << n) - 1);
+    if (stride_ <= 4) {
+      const int64_t words = (n - 1) * stride_ + heads;  // <= 64
+      lo_ = _mm512_maskz_loadu_epi16(words_mask(words), base_);
+      hi_ = words > 32 ? _mm512_maskz_loadu_epi16(words_mask(words - 32), base_ + 32) : _mm512_setzero_si512();
+    }
+  }
+  // The item's KV head kv's 16 scales.
+  __m512 of(int64_t kv) const {
+    if (stride_ <= 4) {
+      const __m512i at = _mm512_add_epi16(index_, _mm512_set1_epi16(static_cast<int16_t>(kv)));
+      return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_permutex2var_epi16(live_, lo_, at, hi_)));
+    }
+    alignas(64) float out[16];
+    for (int64_t t = 0; t < 16; ++t) out[t] = t < n_ ? _cvtsh_ss(base_[t * stride_ + kv].x) : 0.0f;
+    return _mm512_load_ps(out);
+  }
+
+ private:
+  static __mmask32 words_mask(int64_t words) {
+    return words >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << words) - 1);
+  }
+  const at::Half* scales_;
+  int64_t stride_;
+  __m512i index_, lo_ = _mm512_setzero_si512(), hi_ = _mm512_setzero_si512();
+  const at::Half* base_ = nullptr;
+  int64_t n_ = 0;
+  __mmask32 live_ = 0;
+};
 
 // The AVX-512 kernel for KV heads [head_begin, head_end) of one sequence, kVecs zmm per head row
 // (head_dim = 16 * kVecs) and kGroup query heads per KV head, in three passes over the context rather
 // than an online softmax:
 //   1. scores: each K row is loaded once and dotted with the group's queries;
-//      16 tokens' dot products reduce into one vector of scores with hsum16;
+//      16 tokens' dot products reduce into one vector of scores (fold4x per 4 tokens, then fold16);
 //   2. softmax over the whole context's scores (a few KB, in L1);
 //   3. each V row is loaded once and accumulated, weighted, into the group's outputs (registers over a
 //      chunk).
@@ -383,6 +470,26 @@ inline __m512 hsum16(const __m512* v) {
 // as a bf16 GEMM of softmax(QK) and V rounds them. Other dtypes widen K/V rows to fp32.
 // With a sliding window, the passes cover the context from the first visible token (`first`) on; the
 // scores are stored from there ([h * padded + position - first]).
+// Tuned on AMD Zen 5 (EPYC, family 26 model 2, 2 vCPUs; gcc 12 as znver3 + AVX-512), SmolLM2's shape (9
+// heads / 3 KV heads x 64, blocks of 16, bf16 queries), where the kernel was compute-bound, not memory-
+// bound: ~25 ns per (token, KV head) in cache, ~90 cycles for 3 x 64 multiply-adds. Per (token, KV head)
+// it had spent ~40 instructions on c10's software float16 conversion of the row scales (now ChunkScales),
+// 48 zmm of dot products (kGroup x 16 tokens, more than the 32 registers) held for the reduction (now
+// reduced per 4 tokens: fold4x), and 16 zmm loads of the queries per token (now one per 2 tokens). FP8
+// rows were widened to fp32 through vcvtph2ps (3-4 instructions per 16 values, then 2x the multiply-adds of bf16);
+// they now take vdpbf16ps as bf16 does (kDotFp8), 2 instructions per 32 values. bf16 V pairs are built by
+// vpunpck[lh]wd (2 per 32 dims of 2 tokens) where vpmovzxwd + shift + or took 8. Measured on a busy
+// machine (another session building and benchmarking; the kernel alone, before -> after, 1 thread): 8 x 96
+// tokens, 3 layers (in cache): bf16 0.021-0.026 -> 0.019 ms, E4M3/E5M2 0.026-0.033 -> 0.019, int8
+// 0.024-0.029 -> 0.021; 8 x 1,024 tokens, 1 layer (K/V in L3): bf16 0.26-0.28 -> 0.19 ms,
+// FP8 0.25-0.27 -> 0.16-0.18, int8 0.23-0.24 -> 0.19-0.20. From DRAM (2,048 tokens per sequence) the
+// kernel waits on memory: a chunk's prefetches issued as one burst stalled on the outstanding misses;
+// spread over the KV heads' iterations (prefetch_part), 1 thread, 64 sequences: ~8.5 -> ~6 ms per
+// layer for every dtype (noisy); the 1-byte caches' row scales, not prefetched before, are now (8 x 64-128
+// tokens, 1 thread: FP8 0.044 -> 0.038-0.042 ms, int8 0.048 -> 0.040-0.045). There the 1-byte caches gain
+// less than their halved bytes: each block costs a scattered DRAM access (and a TLB miss) whatever its
+// size. benchmarks/decode_attention.py, 256 x 2,048 tokens, 2 threads (busy), before -> after: bf16 48-52
+// -> 34-36 ms, E4M3/E5M2 48-53 -> 24.0-24.4 (1.49-1.51x the new bf16), int8 43-48 -> 25.4 (1.43x).
 template <typename q_t, typename kv_t>
 constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
@@ -391,17 +498,78 @@ constexpr bool kDotBf16 =
     false;
 #endif
 
+// FP8 caches under bf16 queries take vdpbf16ps too: an FP8 value's bits, moved into a bf16's fields by
+// shifts, are a bf16 worth the value * 2^-kFp8Bias exactly (the FP8 exponent read with bf16's bias of 127),
+// subnormals aside: bf16 subnormals are read as 0 by vdpbf16ps, and so are FP8's (under 2^-6 of a stored
+// unit for E4M3, whose largest is 448; 2^-14 for E5M2), the only values this path drops. From a byte
+// placed in a 16-bit word's upper half (vpermb), an arithmetic shift right puts its exponent and mantissa
+// at bf16's and the sign on bits 15 to 11 (E4M3, shift 4) or 15 to 12 (E5M2, shift 3); the mask clears
+// all of them but bit 15. The 2^-kFp8Bias goes back in the scale of the scores (the query is multiplied
+// by 2^(kFp8Bias / 2), exactly, so that no product underflows) and, for V, kFp8Weight multiplies the
+// probabilities (rounded to bf16 with their rows' scales) and 2^(kFp8Bias - kFp8Weight) the output.
+template <typename q_t, typename kv_t>
+constexpr bool kDotFp8 =
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+    std::is_same_v<q_t, at::BFloat16> &&
+    (std::is_same_v<kv_t, at::Float8_e4m3fn> || std::is_same_v<kv_t, at::Float8_e5m2>);
+#else
+    false;
+#endif
+template <typename kv_t>
+constexpr int kFp8Bias = std::is_same_v<kv_t, at::Float8_e5m2> ? 112 : 120;
+constexpr int kFp8Weight = 100;  // probability * row scale (< 2^16) * 2^100 < 2^127, bf16's largest
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+// 32 FP8 values, each in the upper byte of a 16-bit word, as 32 bf16 worth value * 2^-kFp8Bias.
+template <typename kv_t>
+inline __m512i fp8_to_bf16(__m512i words) {
+  constexpr bool e5m2 = std::is_same_v<kv_t, at::Float8_e5m2>;
+  const __m512i shifted = _mm512_srai_epi16(words, e5m2 ? 3 : 4);
+  return _mm512_and_si512(shifted, _mm512_set1_epi16(static_cast<int16_t>(e5m2 ? 0x8FFF : 0x87FF)));
+}
+
+// vpermb indices: byte 2i + 1 of the result <- byte `from` + i of the source (bytes 2i are zeroed by the
+// mask kOddBytes), i < 32.
+inline __m512i spread_bytes(int from) {
+  alignas(64) uint8_t index[64] = {};
+  for (int i = 0; i < 32; ++i) index[2 * i + 1] = static_cast<uint8_t>(from + i);
+  return _mm512_load_si512(index);
+}
+// vpermt2b indices of V pairs: dword i of the result = (0, r0[from + i], 0, r1[from + i]), i < 16, where
+// r0's bytes are indices 0-63 and r1's 64-127.
+inline __m512i pair_bytes(int from) {
+  alignas(64) uint8_t index[64] = {};
+  for (int i = 0; i < 16; ++i) {
+    index[4 * i + 1] = static_cast<uint8_t>(from + i);
+    index[4 * i + 3] = static_cast<uint8_t>(64 + from + i);
+  }
+  return _mm512_load_si512(index);
+}
+constexpr __mmask64 kOddBytes = 0xAAAAAAAAAAAAAAAAull;
+#endif
+
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int64_t* table, int64_t context_len,
                    int64_t head_begin, int64_t head_end, float scale, const Variant& var, const KvScales& kv_scales,
                    const Shape& s, Scratch& w, q_t* out) {
   constexpr int64_t dim = 16 * kVecs;
-  constexpr bool bf16 = kDotBf16<q_t, kv_t>;
-  constexpr int kQVecs = bf16 ? kVecs / 2 : kVecs;  // zmm per query row: 32 bf16 or 16 fp32 values each
+  constexpr bool bf16 = kDotBf16<q_t, kv_t>, fp8 = kDotFp8<q_t, kv_t>, dot16 = bf16 || fp8;
+  constexpr int kQVecs = dot16 ? kVecs / 2 : kVecs;  // zmm per query row: 32 bf16 or 16 fp32 values each
   const int64_t bs = s.block_size, token_stride = s.num_kv_heads * dim;
   const int64_t first = var.first(context_len), span = context_len - first;
   const int64_t padded = (span + 31) / 32 * 32;
   const int64_t num_heads = head_end - head_begin;
+  // vdpbf16ps' scores are multiplied by this (with FP8, the query by 2^(kFp8Bias / 2) before), the
+  // output by out_scale.
+  float dot_scale = scale, out_scale = kLoadScale<kv_t>;
+  if constexpr (fp8) {
+    dot_scale = scale * std::ldexp(1.0f, kFp8Bias<kv_t> / 2);
+    out_scale = std::ldexp(1.0f, kFp8Bias<kv_t> - kFp8Weight);
+  }
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  const __m512i spread_lo = spread_bytes(0), spread_hi = spread_bytes(32);  // fp8: K rows
+  const __m512i pair_index[4] = {pair_bytes(0), pair_bytes(16), pair_bytes(32), pair_bytes(48)};  // fp8: V
+#endif
   // Per (KV head, query head of its group) h: scores then probabilities at [h * padded], the query
   // (scaled, unless bf16: then the scores are) and the output accumulator at [h * kVecs].
   float* scores = w.scores.data();
@@ -414,6 +582,12 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     for (int j = 0; j < kQVecs; ++j) {
       if constexpr (bf16) {
         qv[h * kQVecs + j] = _mm512_castsi512_ps(_mm512_loadu_si512(row + 32 * j));
+      } else if constexpr (fp8) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+        const __m512 f = _mm512_set1_ps(std::ldexp(1.0f, kFp8Bias<kv_t> / 2));
+        const __m512 lo = _mm512_mul_ps(load16(row + 32 * j), f), hi = _mm512_mul_ps(load16(row + 32 * j + 16), f);
+        qv[h * kQVecs + j] = _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+#endif
       } else {
         qv[h * kQVecs + j] = _mm512_mul_ps(load16(row + 16 * j), _mm512_set1_ps(q_scale));
       }
@@ -427,58 +601,97 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     n = std::min({int64_t{16}, bs - start % bs, context_len - start});
     return (table[start / bs] * bs + start % bs) * s.num_kv_heads + head_begin;
   };
-  // A 1-byte cache's row scales of a chunk's n tokens of KV head kv (0 past them).
-  auto chunk_scales = [&](const at::Half* scales, int64_t row, int64_t kv, int64_t n, float* out16) {
-    for (int64_t t = 0; t < 16; ++t) out16[t] = t < n ? scale_at(scales, row + t * s.num_kv_heads + kv) : 0.0f;
-  };
+  auto live_of = [](int64_t n) { return static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1); };
   // 1. Scores.
   __m512* running_max = reinterpret_cast<__m512*>(w.max_v.data());
   for (int64_t h = 0; h < num_heads * kGroup; ++h)
     running_max[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  ChunkScales k_scales(kv_scales.k, s.num_kv_heads);
+  // Pass 3's first chunk, whose misses would otherwise stall it (most of a short context's time).
+  prefetch_part(v_pool, table, first, context_len, head_begin, head_end, dim, s, 0, 1);
+  if constexpr (kOneByte<kv_t>) {
+    prefetch_scales(kv_scales.k, table, first, context_len, s);
+    prefetch_scales(kv_scales.v, table, first, context_len, s);
+  }
   for (int64_t start = first; start < context_len;) {
     int64_t n;
     const int64_t row = chunk_at(start, n);
     const kv_t* chunk = k_pool + row * dim;
-    prefetch_rows(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
-    const __mmask16 live = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
+    const __mmask16 live = live_of(n);
+    if constexpr (kOneByte<kv_t>) {
+      prefetch_scales(kv_scales.k, table, start + kPrefetchTokens, context_len, s);
+      k_scales.load(row, n, num_heads);
+    }
     for (int64_t kv = 0; kv < num_heads; ++kv) {
+      // The chunk kPrefetchTokens ahead, a KV head's share of its lines at a time: issued at once (48 lines
+      // of a 1-byte cache, 96 of bf16), the prefetches stalled on the core's outstanding misses.
+      prefetch_part(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
       const kv_t* k = chunk + kv * dim;
-      alignas(64) float k_rows[16];
-      if constexpr (kOneByte<kv_t>) chunk_scales(kv_scales.k, row, kv, n, k_rows);
-      __m512 dots[kGroup][16];
-      for (int64_t t = 0; t < 16; ++t) {
-        if (t >= n) {
-          for (int g = 0; g < kGroup; ++g) dots[g][t] = _mm512_setzero_ps();
+      const __m512* qk = qv + kv * kGroup * kQVecs;
+      // Quads of tokens up to the chunk's n, 4 tokens each, so that the loops unroll and the dot products
+      // stay in registers: past n, the last row again (its scores masked off below).
+      __m512 quads[kGroup][4];
+#pragma GCC unroll 4
+      for (int quad = 0; quad < 4; ++quad) {
+        if (4 * quad >= n) {
+          for (int g = 0; g < kGroup; ++g) quads[g][quad] = _mm512_setzero_ps();
           continue;
         }
-        __m512 kr[kQVecs];
-        for (int j = 0; j < kQVecs; ++j) {
-          if constexpr (bf16) {
-            kr[j] = _mm512_castsi512_ps(_mm512_loadu_si512(k + t * token_stride + 32 * j));
-          } else {
-            kr[j] = load16(k + t * token_stride + 16 * j);
-          }
-        }
-        for (int g = 0; g < kGroup; ++g) {
-          const __m512* qg = qv + (kv * kGroup + g) * kQVecs;
-          __m512 dot = _mm512_setzero_ps();
-          for (int j = 0; j < kQVecs; ++j) {
-            if constexpr (bf16) {
-#if defined(__AVX512BF16__)
-              dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_castps_si512(qg[j]), (__m512bh)_mm512_castps_si512(kr[j]));
+        // Two tokens at a time: each query vector loaded once for both (the group's queries do not all
+        // fit in registers with the dot products).
+        __m512 dots[kGroup][4];
+#pragma GCC unroll 2
+        for (int i = 0; i < 4; i += 2) {
+          __m512 kr[2][kQVecs];
+#pragma GCC unroll 2
+          for (int u = 0; u < 2; ++u) {
+            const kv_t* kt = k + std::min<int64_t>(4 * quad + i + u, n - 1) * token_stride;
+#pragma GCC unroll 8
+            for (int j = 0; j < kQVecs; ++j) {
+              if constexpr (bf16) {
+                kr[u][j] = _mm512_castsi512_ps(_mm512_loadu_si512(kt + 32 * j));
+              } else if constexpr (fp8) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+                const __m512i raw = _mm512_loadu_si512(kt + 64 * (j / 2));
+                const __m512i words = _mm512_maskz_permutexvar_epi8(kOddBytes, j % 2 ? spread_hi : spread_lo, raw);
+                kr[u][j] = _mm512_castsi512_ps(fp8_to_bf16<kv_t>(words));
 #endif
-            } else {
-              dot = _mm512_fmadd_ps(qg[j], kr[j], dot);
+              } else {
+                kr[u][j] = load16(kt + 16 * j);
+              }
             }
           }
-          dots[g][t] = dot;
+#pragma GCC unroll 8
+          for (int g = 0; g < kGroup; ++g) {
+            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int j = 0; j < kQVecs; ++j) {
+              const __m512 qj = qk[g * kQVecs + j];
+              if constexpr (dot16) {
+#if defined(__AVX512BF16__)
+                d0 = _mm512_dpbf16_ps(d0, (__m512bh)_mm512_castps_si512(qj), (__m512bh)_mm512_castps_si512(kr[0][j]));
+                d1 = _mm512_dpbf16_ps(d1, (__m512bh)_mm512_castps_si512(qj), (__m512bh)_mm512_castps_si512(kr[1][j]));
+#endif
+              } else {
+                d0 = _mm512_fmadd_ps(qj, kr[0][j], d0);
+                d1 = _mm512_fmadd_ps(qj, kr[1][j], d1);
+              }
+            }
+            dots[g][i] = d0;
+            dots[g][i + 1] = d1;
+          }
         }
+#pragma GCC unroll 8
+        for (int g = 0; g < kGroup; ++g) quads[g][quad] = fold4x(dots[g]);
       }
+      __m512 k_row = _mm512_setzero_ps();
+      if constexpr (kOneByte<kv_t>) k_row = k_scales.of(kv);
+#pragma GCC unroll 8
       for (int g = 0; g < kGroup; ++g) {
         const int64_t h = kv * kGroup + g;
-        __m512 sc = hsum16(dots[g]);
-        if constexpr (bf16) sc = _mm512_mul_ps(sc, _mm512_set1_ps(scale));
-        if constexpr (kOneByte<kv_t>) sc = _mm512_mul_ps(sc, _mm512_load_ps(k_rows));
+        __m512 sc = fold16(quads[g]);
+        if constexpr (dot16) sc = _mm512_mul_ps(sc, _mm512_set1_ps(dot_scale));
+        if constexpr (kOneByte<kv_t>) sc = _mm512_mul_ps(sc, k_row);
         if (var.soft_cap > 0.0f) sc = soft_cap16(sc, var.soft_cap);
         _mm512_mask_storeu_ps(scores + h * padded + start - first, live, sc);
         running_max[h] = _mm512_mask_max_ps(running_max[h], live, running_max[h], sc);
@@ -486,7 +699,7 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     }
     start += n;
   }
-  // 2. Softmax; the tail up to a multiple of 32 is zeroed (pass 3 reads tokens in pairs).
+  // 2. Softmax; the tail up to a multiple of 32 is zeroed.
   float* inv_sum = w.running_sum.data();
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     float* sc = scores + h * padded;
@@ -508,48 +721,124 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     inv_sum[h] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // 3. Weighted V rows; a KV head's group accumulates in registers over a chunk.
+  ChunkScales v_scales(kv_scales.v, s.num_kv_heads);
   for (int64_t start = first; start < context_len;) {
     int64_t n;
     const int64_t row = chunk_at(start, n);
     const kv_t* chunk = v_pool + row * dim;
-    prefetch_rows(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s);
+    if constexpr (kOneByte<kv_t>) {
+      prefetch_scales(kv_scales.v, table, start + kPrefetchTokens, context_len, s);
+      v_scales.load(row, n, num_heads);
+    }
     for (int64_t kv = 0; kv < num_heads; ++kv) {
+      prefetch_part(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
       const kv_t* v = chunk + kv * dim;
-      alignas(64) float v_rows[16];
-      if constexpr (kOneByte<kv_t>) chunk_scales(kv_scales.v, row, kv, n, v_rows);
       __m512 a[kGroup][kVecs];
       for (int g = 0; g < kGroup; ++g)
         for (int j = 0; j < kVecs; ++j) a[g][j] = acc[(kv * kGroup + g) * kVecs + j];
       if constexpr (bf16) {
 #if defined(__AVX512BF16__)
-        for (int64_t t = 0; t < n; t += 2) {
-          __m512i pairs[kVecs];  // 32-bit lanes (v_t[d], v_t+1[d]); v_t+1 = 0 past the chunk's last token
+        // Two tokens' rows interleave by 16-bit words within each 128-bit lane (vpunpcklwd/hwd): the
+        // dword lanes of a[g][2m + half] hold dims 32m + 8L + 4 half + i (L the 128-bit lane, i < 4),
+        // put back in order at the end. (v_t[d], v_t+1[d]) pairs meet (p_t, p_t+1), one 32-bit load.
+        const uint16_t* p = probs_bf16 + kv * kGroup * padded + start - first;  // p[g * padded + t]
+        auto accumulate = [&](const __m512i* r0, const __m512i* r1, const int32_t* pairs) {
+#pragma GCC unroll 8
+          for (int m = 0; m < kQVecs; ++m) {
+            const __m512i lo = _mm512_unpacklo_epi16(r0[m], r1[m]), hi = _mm512_unpackhi_epi16(r0[m], r1[m]);
+#pragma GCC unroll 8
+            for (int g = 0; g < kGroup; ++g) {
+              const __m512bh weights = (__m512bh)_mm512_set1_epi32(pairs[g]);
+              a[g][2 * m] = _mm512_dpbf16_ps(a[g][2 * m], (__m512bh)lo, weights);
+              a[g][2 * m + 1] = _mm512_dpbf16_ps(a[g][2 * m + 1], (__m512bh)hi, weights);
+            }
+          }
+        };
+        int64_t t = 0;
+        for (; t + 1 < n; t += 2) {
+          __m512i r0[kQVecs], r1[kQVecs];
+          int32_t pairs[kGroup];
+          for (int m = 0; m < kQVecs; ++m) {
+            r0[m] = _mm512_loadu_si512(v + t * token_stride + 32 * m);
+            r1[m] = _mm512_loadu_si512(v + (t + 1) * token_stride + 32 * m);
+          }
+          for (int g = 0; g < kGroup; ++g) std::memcpy(&pairs[g], p + g * padded + t, sizeof(int32_t));
+          accumulate(r0, r1, pairs);
+        }
+        if (t < n) {  // the chunk's odd last token, paired with zeros
+          __m512i r0[kQVecs], r1[kQVecs];
+          int32_t pairs[kGroup];
+          for (int m = 0; m < kQVecs; ++m) {
+            r0[m] = _mm512_loadu_si512(v + t * token_stride + 32 * m);
+            r1[m] = _mm512_setzero_si512();
+          }
+          for (int g = 0; g < kGroup; ++g) pairs[g] = p[g * padded + t];
+          accumulate(r0, r1, pairs);
+        }
+#endif
+      } else if constexpr (fp8) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+        // Two tokens' rows at once as in the bf16 case, their bytes paired into (v_t[d], v_t+1[d]) by one
+        // vpermt2b per 16 dims (in order), weighted by bf16 (p_t s_t, p_t+1 s_t+1) 2^kFp8Weight.
+        const __mmask16 live = live_of(n);
+        const __m512 v_row = _mm512_mul_ps(v_scales.of(kv), _mm512_set1_ps(std::ldexp(1.0f, kFp8Weight)));
+        alignas(64) uint16_t weights[kGroup][16];
+        for (int g = 0; g < kGroup; ++g) {
+          const __m512 p = _mm512_maskz_loadu_ps(live, scores + (kv * kGroup + g) * padded + start - first);
+          const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(p, v_row));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(weights[g]), bf);
+        }
+        auto accumulate = [&](const __m512i* r0, const __m512i* r1, const int32_t* pairs) {
+#pragma GCC unroll 8
           for (int j = 0; j < kVecs; ++j) {
-            const __m512i lo = _mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * token_stride + 16 * j)));
-            const __m512i hi = t + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                               reinterpret_cast<const __m256i*>(v + (t + 1) * token_stride + 16 * j)))
-                                         : _mm512_setzero_si512();
-            pairs[j] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+            const __m512i pair =
+                fp8_to_bf16<kv_t>(_mm512_maskz_permutex2var_epi8(kOddBytes, r0[j / 4], pair_index[j % 4], r1[j / 4]));
+#pragma GCC unroll 8
+            for (int g = 0; g < kGroup; ++g)
+              a[g][j] = _mm512_dpbf16_ps(a[g][j], (__m512bh)pair, (__m512bh)_mm512_set1_epi32(pairs[g]));
           }
-          for (int g = 0; g < kGroup; ++g) {
-            // (p_t, p_t+1) as bf16; p_t+1 of the chunk's odd last token multiplies a zero row.
-            const uint16_t* pg = probs_bf16 + (kv * kGroup + g) * padded + start - first;
-            uint32_t pp = pg[t];
-            if (t + 1 < n) pp |= static_cast<uint32_t>(pg[t + 1]) << 16;
-            const __m512i weights = _mm512_set1_epi32(static_cast<int32_t>(pp));
-            for (int j = 0; j < kVecs; ++j) a[g][j] = _mm512_dpbf16_ps(a[g][j], (__m512bh)pairs[j], (__m512bh)weights);
+        };
+        int64_t t = 0;
+        for (; t + 1 < n; t += 2) {
+          __m512i r0[kVecs / 4], r1[kVecs / 4];
+          int32_t pairs[kGroup];
+          for (int b = 0; b < kVecs / 4; ++b) {
+            r0[b] = _mm512_loadu_si512(v + t * token_stride + 64 * b);
+            r1[b] = _mm512_loadu_si512(v + (t + 1) * token_stride + 64 * b);
           }
+          for (int g = 0; g < kGroup; ++g) std::memcpy(&pairs[g], weights[g] + t, sizeof(int32_t));
+          accumulate(r0, r1, pairs);
+        }
+        if (t < n) {  // the chunk's odd last token, paired with zeros
+          __m512i r0[kVecs / 4], r1[kVecs / 4];
+          int32_t pairs[kGroup];
+          for (int b = 0; b < kVecs / 4; ++b) {
+            r0[b] = _mm512_loadu_si512(v + t * token_stride + 64 * b);
+            r1[b] = _mm512_setzero_si512();
+          }
+          for (int g = 0; g < kGroup; ++g) pairs[g] = weights[g][t];
+          accumulate(r0, r1, pairs);
         }
 #endif
       } else {
+        // The chunk's probabilities, times its V row scales for a 1-byte cache: one vector per head.
+        const __mmask16 live = live_of(n);
+        __m512 v_row = _mm512_setzero_ps();
+        if constexpr (kOneByte<kv_t>) v_row = v_scales.of(kv);
+        alignas(64) float weights[kGroup][16];
+        for (int g = 0; g < kGroup; ++g) {
+          __m512 p = _mm512_maskz_loadu_ps(live, scores + (kv * kGroup + g) * padded + start - first);
+          if constexpr (kOneByte<kv_t>) p = _mm512_mul_ps(p, v_row);
+          _mm512_store_ps(weights[g], p);
+        }
         for (int64_t t = 0; t < n; ++t) {
           __m512 vr[kVecs];
+#pragma GCC unroll 8
           for (int j = 0; j < kVecs; ++j) vr[j] = load16(v + t * token_stride + 16 * j);
+#pragma GCC unroll 8
           for (int g = 0; g < kGroup; ++g) {
-            float weight = scores[(kv * kGroup + g) * padded + start - first + t];
-            if constexpr (kOneByte<kv_t>) weight *= v_rows[t];
-            const __m512 p = _mm512_set1_ps(weight);
+            const __m512 p = _mm512_set1_ps(weights[g][t]);
+#pragma GCC unroll 8
             for (int j = 0; j < kVecs; ++j) a[g][j] = _mm512_fmadd_ps(p, vr[j], a[g][j]);
           }
         }
@@ -560,16 +849,19 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     start += n;
   }
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
-    const __m512 inv = _mm512_set1_ps(inv_sum[h] * kLoadScale<kv_t>);
+    const __m512 inv = _mm512_set1_ps(inv_sum[h] * out_scale);
     q_t* row = out + (head_begin * kGroup + h) * dim;
     for (int j = 0; j < kVecs; ++j) {
       alignas(64) float tmp[16];
       _mm512_store_ps(tmp, _mm512_mul_ps(acc[h * kVecs + j], inv));
-      for (int l = 0; l < 16; ++l) row[16 * j + l] = static_cast<q_t>(tmp[l]);
+      for (int l = 0; l < 16; ++l) {
+        // bf16: accumulator j = 2m + half, lane 4L + i holds dim 32m + 8L + 4 half + i (pass 3).
+        const int d = bf16 ? 32 * (j / 2) + 8 * (l / 4) + 4 * (j % 2) + l % 4 : 16 * j + l;
+        row[d] = static_cast<q_t>(tmp[l]);
+      }
     }
   }
 }
-
 
 template <int kVecs, int kGroup, typename q_t, typename kv_t>
 void attend_erased(const void* q, const void* k, const void* v, const int64_t* table, int64_t len, int64_t head_begin,
