@@ -58,7 +58,8 @@ too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quant
 
 "Measured": where the capabilities leave a choice open, a short measurement at first start decides it
 (`measure_formats`: float32 and bfloat16 matmuls of 1 and 64 rows, and the 4-bit codes at 1-64 rows
-both ways a bfloat16 model runs them, weights twice the L3 cache; MEASURE_COST), cached on disk per
+both ways a bfloat16 model runs them, weights twice the L3 cache; `duoserve env` took 5.4 s with it
+on a busy 2-core Zen 5, 2.6 s with the measurement of 1-16 rows before), cached on disk per
 CPU (its flags) and torch version, like the attention kernel's build, and measured again when the
 cache is of another MEASUREMENT_VERSION.
 The decision from the timings (`decide`) is a pure function: dtype = the one whose product of decode
@@ -66,11 +67,16 @@ time (1 row, its fastest kernel) and prefill time (64 rows, dense) is smaller; t
 most rows up to which torch's 4-bit kernel beats, at every measured size (DECODE_ROWS), what the engine
 runs above the threshold: dequantized tiles and the dense GEMM on each (models/linear.py keeps no
 dense copy). Comparing with a dense GEMM on a ready matrix instead, as before, chose 8 rows on a Zen 5
-where the tiles (then dequantized by torch ops) were 2x slower than the kernel at 16 rows:
+where the tiles, then dequantized by torch ops, were 4-7x slower than the kernel at 8-16 rows; with
+duoserve's C++ dequantization (int4pack.py) the kernel wins up to 16 rows and ties at 32
+(`benchmarks/int4_tiles.py --threads 1`, p10 ms per 2048 x 16384 matrix, a busy 2-core Zen 5):
 
-| Zen 5, 2 cores, ms per 2048 x 16384 | 1    | 4    | 8    | 16   | 32   | 64   |
-|-------------------------------------|------|------|------|------|------|------|
-TABLE_ROWS
+| rows                               | 1     | 8     | 16    | 32    | 64    |
+|------------------------------------|-------|-------|-------|-------|-------|
+| q4: torch's 4-bit kernel           | 0.99  | 3.55  | 7.00  | 13.66 | 28.27 |
+| tiles, C++ dequantization          | 13.44 | 10.15 | 11.52 | 13.33 | 17.75 |
+| tiles, torch ops (before)          | 77.07 | 48.89 | 52.44 | 51.50 | 62.76 |
+| dense GEMM on a ready matrix       | 4.02  | 4.23  | 6.98  | 11.02 | 12.20 |
 
 `DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
 """
