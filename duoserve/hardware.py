@@ -474,7 +474,8 @@ def _int4_many_rows(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x @ W.T as a bfloat16 model's 4-bit linear runs steps above its threshold (models/linear.py):
     tiles of TILE_VALUES dequantized by int4pack, the dense GEMM on each. Where torch's int4 layout is
-    not recognised the engine cannot tile it and keeps a dense copy instead, so that is timed."""
+    not recognised linear.py cannot tile it (torch's kernel runs every step), and the alternative is the
+    dense copy that a threshold of 0 loads: the dense GEMM is timed, as before tiles were."""
     if int4pack.BLOCK is None:
         return lambda x: torch.nn.functional.linear(x, dense)
     step = int4pack.tile_rows(width, int4pack.BLOCK)
