@@ -57,12 +57,27 @@ too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quant
 --formats`), so they are used only when the model runs in bfloat16.
 
 "Measured": where the capabilities leave a choice open, a short measurement at first start decides it
-(`measure_formats`: matmuls of 1-16 and 64 rows per format, weights twice the L3 cache; a few hundred
-ms where it runs, 1.3 s on a busy 2-core Zen 1 where it need not), cached on disk per CPU (its flags)
-and torch version, like the attention kernel's build.
+(`measure_formats`: float32 and bfloat16 matmuls of 1 and 64 rows, and the 4-bit codes at 1-64 rows
+both ways a bfloat16 model runs them, weights twice the L3 cache; `duoserve env` took 5.4 s with it
+on a busy 2-core Zen 5, 2.6 s with the measurement of 1-16 rows before), cached on disk per
+CPU (its flags) and torch version, like the attention kernel's build, and measured again when the
+cache is of another MEASUREMENT_VERSION.
 The decision from the timings (`decide`) is a pure function: dtype = the one whose product of decode
 time (1 row, its fastest kernel) and prefill time (64 rows, dense) is smaller; the row threshold = the
-most rows up to which the 4-bit codes beat the dense bfloat16 GEMM at every measured size.
+most rows up to which torch's 4-bit kernel beats, at every measured size (DECODE_ROWS), what the engine
+runs above the threshold: dequantized tiles and the dense GEMM on each (models/linear.py keeps no
+dense copy). Comparing with a dense GEMM on a ready matrix instead, as before, chose 8 rows on a Zen 5
+where the tiles, then dequantized by torch ops, were 4-7x slower than the kernel at 8-16 rows; with
+duoserve's C++ dequantization (int4pack.py) the kernel wins up to 16 rows and ties at 32
+(`benchmarks/int4_tiles.py --threads 1`, p10 ms per 2048 x 16384 matrix, a busy 2-core Zen 5):
+
+| rows                               | 1     | 8     | 16    | 32    | 64    |
+|------------------------------------|-------|-------|-------|-------|-------|
+| q4: torch's 4-bit kernel           | 0.99  | 3.55  | 7.00  | 13.66 | 28.27 |
+| tiles, C++ dequantization          | 13.44 | 10.15 | 11.52 | 13.33 | 17.75 |
+| tiles, torch ops (before)          | 77.07 | 48.89 | 52.44 | 51.50 | 62.76 |
+| dense GEMM on a ready matrix       | 4.02  | 4.23  | 6.98  | 11.02 | 12.20 |
+
 `DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
 """
 
@@ -83,6 +98,8 @@ from pathlib import Path
 
 import torch
 
+from duoserve import int4pack
+
 logger = logging.getLogger(__name__)
 
 # The features the table reads, as Linux's /proc/cpuinfo names them (x86 "flags", aarch64 "Features").
@@ -99,8 +116,13 @@ PRIOR_FLOAT32_QUANTIZED_MAX_ROWS = 32
 # Table rows whose float32 models round activations to int8 by default, and the measurement that says so.
 INT8_ACTIVATIONS: dict[str, str] = {}
 INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against dense float32 (see above)
-DECODE_ROWS = (1, 4, 8, 16)  # candidate row thresholds, timed for dense bfloat16 and the 4-bit codes
+# Candidate row thresholds, timed for the 4-bit kernel and for what the engine runs above the threshold
+# (dequantized tiles and the dense GEMM).
+DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
+# What the cached timings measured: a cache of another version is measured again. 2: the many-rows
+# path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix).
+MEASUREMENT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -160,8 +182,9 @@ RULES: dict[str, Rule] = {
     "generic": Rule(_FP32, False, "generic", "no SIMD features known to us"),
 }
 
-# Seconds per call of a matmul, keyed (format, rows); format is float32, bfloat16 or q4 (4-bit codes
-# with bfloat16 activations).
+# Seconds per call of a matmul, keyed (format, rows); format is float32, bfloat16 (dense), q4 (torch's
+# 4-bit kernel on the codes, bfloat16 activations) or tiles (the many-rows path of the same codes:
+# dequantized tiles and the dense bfloat16 GEMM on each, as models/linear.py runs it).
 Timings = Mapping[tuple[str, int], float]
 
 
@@ -225,7 +248,7 @@ def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
         reason = f"{faster} {math.sqrt(max(fp32, bf16) / min(fp32, bf16)):.1f}x faster (decode x prefill)"
     rows = 0
     for r in DECODE_ROWS:
-        if timings["q4", r] >= timings["bfloat16", r]:
+        if timings["q4", r] >= timings["tiles", r]:
             break
         rows = r
     speedup = timings["bfloat16", 1] / timings["q4", 1]
@@ -405,12 +428,13 @@ def _best_seconds(fn: Callable[[], object], repeats: int = 2, budget: float = 0.
 
 
 def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
-    """Time F.linear in float32 and bfloat16 and the 4-bit kernel, at DECODE_ROWS and PREFILL_ROWS.
+    """Time F.linear in float32 and bfloat16 at 1 and PREFILL_ROWS rows, and the 4-bit codes both ways
+    (torch's kernel, and tiles + GEMM) at DECODE_ROWS.
 
     Decode-sized steps read the weights once, so their matrix (about twice the L3 cache in bfloat16,
-    4-64 M values) must come from memory as a model's would; prefill-sized ones are arithmetic-bound
-    and use a 1 M-value slice of it, which keeps the slowest format (bf16 without hardware support)
-    to a few tens of ms.
+    4-64 M values) must come from memory as a model's would; prefill-sized dense ones are
+    arithmetic-bound and use a 1 M-value slice of it, which keeps the slowest format (bf16 without
+    hardware support) to a few tens of ms.
     """
     width = 2048
     out = max(2048, min(32768, cpu.l3_bytes // width))  # bf16 bytes = 2 x L3
@@ -421,38 +445,68 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
     codes = torch.randint(0, 16, (out, width), dtype=torch.int32, generator=generator)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     scales = torch.full((width // 32, out, 2), 0.01, dtype=torch.bfloat16)
+    many_rows = _int4_many_rows(packed, scales, out, width, weights["bfloat16"])
 
     def matmul(fmt: str, x: torch.Tensor, rows_of_w: int) -> Callable[[], object]:
         if fmt == "q4":
             return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales)
+        if fmt == "tiles":
+            return lambda: many_rows(x)
         w = weights[fmt][:rows_of_w]
         return lambda: torch.nn.functional.linear(x, w)
 
     timings: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
-        for fmt in ("float32", "bfloat16", "q4"):
+        for fmt in ("float32", "bfloat16", "q4", "tiles"):
             dtype = _FP32 if fmt == "float32" else _BF16
-            for rows in DECODE_ROWS if fmt != "float32" else (1,):
+            for rows in DECODE_ROWS if fmt in ("q4", "tiles") else (1,):
                 x = torch.randn(rows, width, generator=generator).to(dtype)
                 timings[fmt, rows] = _best_seconds(matmul(fmt, x, out))
-            if fmt != "q4":
+            if fmt in ("float32", "bfloat16"):
                 x = torch.randn(PREFILL_ROWS, width, generator=generator).to(dtype)
                 # Per row of the full matrix, so that it compares with the decode timings' matrix.
                 timings[fmt, PREFILL_ROWS] = _best_seconds(matmul(fmt, x, 512)) * out / 512
     return timings
 
 
+def _int4_many_rows(
+    packed: torch.Tensor, scales: torch.Tensor, out: int, width: int, dense: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ W.T as a bfloat16 model's 4-bit linear runs steps above its threshold (models/linear.py):
+    tiles of TILE_VALUES dequantized by int4pack, the dense GEMM on each. Where torch's int4 layout is
+    not recognised linear.py cannot tile it (torch's kernel runs every step), and the alternative is the
+    dense copy that a threshold of 0 loads: the dense GEMM is timed, as before tiles were."""
+    if int4pack.BLOCK is None:
+        return lambda x: torch.nn.functional.linear(x, dense)
+    step = int4pack.tile_rows(width, int4pack.BLOCK)
+    tile = torch.empty(step, width, dtype=_BF16)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], out, dtype=x.dtype)
+        for start in range(0, out, step):
+            end = min(start + step, out)
+            part = tile[: end - start]
+            int4pack.dequantize_rows(packed, scales, start, end, part)
+            y[:, start:end] = torch.nn.functional.linear(x, part)
+        return y
+
+    return run
+
+
 def cached_measurement(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] = measure_formats) -> Timings:
     """`measure(cpu)`, from the disk cache when this CPU and torch were measured before."""
     path = _cache_path(cpu)
     try:
-        stored = json.loads(path.read_text())["timings"]
-        return {(key.split("@")[0], int(key.split("@")[1])): float(t) for key, t in stored.items()}
-    except (OSError, ValueError, KeyError, IndexError):
+        record = json.loads(path.read_text())
+        if record.get("version") == MEASUREMENT_VERSION:  # an older duoserve's timings: measure anew
+            stored = record["timings"]
+            return {(key.split("@")[0], int(key.split("@")[1])): float(t) for key, t in stored.items()}
+    except (OSError, ValueError, KeyError, IndexError, AttributeError):
         pass
     logger.info("measuring this CPU's matmul formats once (cached in %s)", path)
     timings = measure(cpu)
     record = {
+        "version": MEASUREMENT_VERSION,
         "date": datetime.date.today().isoformat(),
         "cpu": cpu.summary(),
         "torch": torch.__version__,

@@ -77,28 +77,37 @@ def test_amx_needs_the_tile_flag_too():
     assert cpu("x86_64", SAPPHIRE_RAPIDS[1] - {"amx_tile"}).level == "avx512_bf16"
 
 
-def timings(fp32: tuple, bf16: tuple, q4: tuple) -> dict:
-    """fp32: (1 row, 64 rows); bf16: (1, 4, 8, 16 rows), then 64 rows; q4: (1, 4, 8, 16 rows)."""
-    out = {("float32", 1): fp32[0], ("float32", PREFILL_ROWS): fp32[1], ("bfloat16", PREFILL_ROWS): bf16[4]}
+def timings(fp32: tuple, bf16: tuple, q4: tuple, tiles: tuple | None = None) -> dict:
+    """fp32, bf16 (dense): (1 row, 64 rows); q4 (torch's 4-bit kernel), tiles (dequantized tiles + the
+    dense GEMM): at 1, 4, 8, 16, 32, 64 rows (tiles: by default the time of 64 rows, whatever the rows)."""
+    out = {("float32", 1): fp32[0], ("float32", PREFILL_ROWS): fp32[1]}
+    out["bfloat16", 1], out["bfloat16", PREFILL_ROWS] = bf16
+    tiles = tiles or (bf16[1],) * len(DECODE_ROWS)
     for i, rows in enumerate(DECODE_ROWS):
-        out["bfloat16", rows], out["q4", rows] = bf16[i], q4[i]
+        out["q4", rows], out["tiles", rows] = q4[i], tiles[i]
     return out
 
 
-ZEN5_LIKE = timings((33.9, 400), (12.6, 13, 14, 15, 200), (4.0, 6, 12, 20))
+# Issue 10's Zen 5 (ms per 2048 x 16384 matrix, benchmarks/int4_tiles.py): the 4-bit kernel beats the
+# tiles up to 16 rows, ties at 32.
+ZEN5_LIKE = timings(
+    (33.9, 40), (4.0, 12.2), (1.0, 1.7, 3.6, 7.0, 13.7, 28.3), (13.4, 13, 10.2, 11.5, 13.3, 17.8)
+)
 
 # timings -> (dtype, row threshold) where the table leaves the dtype open.
 DECISIONS = [
-    # Issue 10's Zen 5: bf16 2.7x fp32 at 1 row and 2x at prefill, the codes 3x bf16 up to 8 rows.
-    (ZEN5_LIKE, BF16, 8),
-    # bf16 in software: faster than fp32 at 1 row with the codes, 6x slower at prefill -> fp32.
-    (timings((20, 100), (25, 26, 27, 28, 600), (10, 11, 12, 13)), FP32, 16),
-    # bf16 as fast as fp32 dense, the codes twice as fast at 1 row only -> bf16, codes for 1 row.
-    (timings((10, 100), (10, 10, 10, 10, 100), (5, 11, 12, 13)), BF16, 1),
-    # the codes never faster: threshold 0, the dense copy runs every step.
-    (timings((10, 100), (5, 5, 5, 5, 50), (6, 6, 6, 6)), BF16, 0),
-    # a noisy loss at 4 rows ends the range, whatever 8 and 16 say.
-    (timings((10, 100), (10, 10, 10, 10, 50), (4, 20, 5, 6)), BF16, 1),
+    (ZEN5_LIKE, BF16, 16),
+    # bf16 in software: faster than fp32 at 1 row with the codes, 6x slower at prefill -> fp32; the
+    # codes beat the tiles (a slow GEMM) at every size.
+    (timings((20, 100), (25, 600), (10, 11, 12, 13, 14, 15)), FP32, 64),
+    # bf16 as fast as fp32 dense, the codes beat the tiles at 1 row only -> bf16, codes for 1 row.
+    (timings((10, 100), (10, 100), (5, 11, 12, 13, 14, 15), (10,) * 6), BF16, 1),
+    # the codes never faster than the tiles: threshold 0.
+    (timings((10, 100), (5, 50), (6, 6, 6, 6, 6, 6), (5,) * 6), BF16, 0),
+    # a noisy loss at 4 rows ends the range, whatever 8 and more say.
+    (timings((10, 100), (10, 50), (4, 20, 5, 6, 7, 8), (10,) * 6), BF16, 1),
+    # the codes lose from 32 rows on (torch's kernel grows with the rows, the tiles barely).
+    (timings((10, 100), (10, 50), (1, 2, 4, 8, 16, 32), (12, 12, 12, 12, 14, 16)), BF16, 16),
 ]
 
 
@@ -111,9 +120,17 @@ def test_measurement_decides_where_the_table_leaves_it_open(measured, dtype, row
 
 
 def test_measurement_does_not_overrule_a_settled_dtype():
-    slow_bf16 = timings((1, 10), (50, 50, 50, 50, 90), (60, 60, 60, 60))
+    slow_bf16 = timings((1, 10), (50, 90), (60,) * 6, (50,) * 6)
     assert decide(RULES["amx"], slow_bf16)[:2] == (BF16, 0)  # AMX: bf16, but the codes lose here
-    assert decide(RULES["avx2"], ZEN5_LIKE)[:2] == (FP32, 8)  # the threshold serves --dtype bfloat16
+    assert decide(RULES["avx2"], ZEN5_LIKE)[:2] == (FP32, 16)  # the threshold serves --dtype bfloat16
+
+
+def test_the_threshold_compares_the_codes_with_the_tiles_not_a_dense_matrix():
+    """Above the threshold the engine dequantizes tiles (no dense copy): a dense GEMM on a ready matrix
+    faster than the codes must not lower the threshold."""
+    measured = dict(ZEN5_LIKE)
+    measured["bfloat16", 1] = 0.5  # dense faster than the codes even at 1 row
+    assert decide(RULES["avx512_bf16"], measured)[1] == 16
 
 
 @pytest.mark.parametrize(
@@ -144,7 +161,7 @@ def test_this_machines_capabilities_describe_line():
 def test_describe_says_what_was_measured():
     host = defaults_for(cpu(*ZEN5), lambda info: ZEN5_LIKE)
     line = host.describe()
-    assert "dtype bfloat16, 4/8-bit decode kernels up to 8 rows, attention kernel avx512_bf16" in line
+    assert "dtype bfloat16, 4/8-bit decode kernels up to 16 rows, attention kernel avx512_bf16" in line
     assert "(measured 20" in line and "bf16 " in line
 
 
@@ -194,9 +211,35 @@ def test_measurement_is_cached_per_cpu(tmp_path, monkeypatch):
     first = cached_measurement(cpu(*ZEN5), measure)
     assert cached_measurement(cpu(*ZEN5), measure) == first and len(calls) == 1
     (stored,) = tmp_path.glob("host-*.json")
-    assert json.loads(stored.read_text())["timings"]["q4@1"] == 4.0
+    assert json.loads(stored.read_text())["timings"]["q4@1"] == 1.0
     cached_measurement(cpu(*SKYLAKE_X), measure)  # another CPU: measured anew
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        # An older duoserve's cache: no version, the dense-GEMM keys, no tiles.
+        {"date": "2026-01-01", "timings": {"q4@1": 1.0, "bfloat16@1": 4.0, "bfloat16@16": 5.0}},
+        {"version": hardware.MEASUREMENT_VERSION - 1, "date": "2026-01-01", "timings": {"q4@1": 1.0}},
+        ["not", "a", "record"],
+    ],
+)
+def test_a_stale_cached_measurement_is_measured_again(tmp_path, monkeypatch, record):
+    monkeypatch.setenv("DUOSERVE_CACHE_DIR", str(tmp_path))
+    info = cpu(*ZEN5)
+    hardware._cache_path(info).write_text(json.dumps(record))
+    calls = []
+
+    def measure(cpu_info):
+        calls.append(cpu_info)
+        return ZEN5_LIKE
+
+    assert cached_measurement(info, measure) == ZEN5_LIKE and len(calls) == 1
+    stored = json.loads(hardware._cache_path(info).read_text())
+    assert stored["version"] == hardware.MEASUREMENT_VERSION and "tiles@64" in stored["timings"]
+    assert cached_measurement(info, measure) == ZEN5_LIKE and len(calls) == 1  # the new one is kept
+    assert decide(RULES["avx512_bf16"], cached_measurement(info, measure))[1] == 16
 
 
 def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
@@ -214,8 +257,8 @@ def test_this_host_is_detected():
 def test_measurement_times_every_format_and_size(single_torch_thread):
     """Runs the real measurement on a small matrix; only its shape is checked, never its outcome."""
     measured = measure_formats(cpu(*THIS_ZEN1))
-    expected = {("float32", 1), ("float32", PREFILL_ROWS), ("bfloat16", PREFILL_ROWS)}
-    expected |= {(fmt, rows) for fmt in ("bfloat16", "q4") for rows in DECODE_ROWS}
+    expected = {(fmt, rows) for fmt in ("float32", "bfloat16") for rows in (1, PREFILL_ROWS)}
+    expected |= {(fmt, rows) for fmt in ("q4", "tiles") for rows in DECODE_ROWS}
     assert set(measured) == expected and all(t > 0 for t in measured.values())
     decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
 

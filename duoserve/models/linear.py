@@ -5,7 +5,8 @@ weights; a large step (prefill) is bound by arithmetic, which the dense GEMM doe
 than the 4/8-bit kernels (BENCHMARKS.md). A quantized linear keeps only low-bit codes and serves both:
 steps of up to QUANTIZED_MAX_ROWS rows run torch's 4/8-bit kernels on the codes, larger ones dequantize
 a tile of output rows at a time into one reused scratch buffer and run the dense GEMM on it, so memory
-stays proportional to the file.
+stays proportional to the file (int4 tiles: one pass of a C++ op, int4pack.py; the torch ops it
+replaced were 4-7x slower than torch's 4-bit kernel at 8-16 rows, and set the row threshold at 8).
 
 What a decode step reads per weight, against the file (bits per weight, bfloat16 activations):
 
@@ -36,19 +37,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from duoserve import int4pack
+from duoserve.int4pack import GROUP_SIZE, TILE_VALUES
+from duoserve.int4pack import ZERO_CODE as _ZERO_CODE
 from duoserve.models.gguf_quants import INT4_TYPES, GGUFTensor
-
-GROUP_SIZE = 32  # values per torch int4 group (one scale and zero each): GGUF's Q4 blocks and sub-blocks
-_ZERO_CODE = 8  # torch's int4 kernels dequantize as (code - 8) * scale + zero
 
 # Steps of up to this many rows read the quantized codes; larger ones run the dense GEMM on dequantized
 # tiles. Measured on a 2-core Xeon (AMX): the 4-bit kernel is 2-3x faster at 1-4 rows, and 1.7x slower
 # at 16. The default only: engines pass the host's own (duoserve/hardware.py measures it).
 QUANTIZED_MAX_ROWS = 8
 
-# Values per dequantized tile (2 MiB in bfloat16): large enough for the GEMM to run at full speed on
-# hundreds of output rows, small enough to stay in cache between dequantizing and use.
-TILE_VALUES = 1 << 20
+# TILE_VALUES (int4pack.py): values per dequantized tile.
 # Rows converted at a time while building a layer: bounds the transient int32/float32 copies of loading
 # (a multiple of 64, so that torch's int4 packing of each chunk is the packing of the whole).
 _BUILD_ROWS = 256
@@ -99,7 +98,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def _tile_rows(cols: int, align: int) -> int:
-    return max(align, TILE_VALUES // cols // align * align)
+    return int4pack.tile_rows(cols, align, TILE_VALUES)
 
 
 class DenseLinear:
@@ -168,33 +167,7 @@ class _QuantizedLinear:
         raise NotImplementedError
 
 
-def _int4_pack_rows() -> int | None:
-    """Rows per block of torch's CPU int4 layout, found by packing a known matrix (None: unrecognised).
-
-    `_convert_weight_to_int4pack_for_cpu` stores [out, in] codes as blocks of B output rows (B = 64 with
-    AVX-512, 32 with AVX2), each [in, B/2] bytes whose low nibbles are the block's first B/2 rows and
-    high nibbles the last B/2. The layout is the kernel's private business, so it is checked, not assumed.
-    """
-    rows, cols = 128, 64
-    codes = torch.arange(rows * cols, dtype=torch.int32).view(rows, cols) % 16
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    for block in (64, 32):
-        if torch.equal(_unpack_int4(packed, 0, rows, cols, block).int(), codes):
-            return block
-    return None
-
-
-def _unpack_int4(packed: torch.Tensor, start: int, end: int, cols: int, block: int) -> torch.Tensor:
-    """uint8 codes [end - start, cols] of rows start:end (block-aligned) of torch's int4 layout."""
-    blocks = packed.view(-1, cols, block // 2)[start // block : end // block]
-    out = torch.empty(blocks.shape[0], block, cols, dtype=torch.uint8, device=packed.device)
-    half = block // 2
-    torch.bitwise_and(blocks.transpose(1, 2), 0x0F, out=out[:, :half])
-    torch.bitwise_right_shift(blocks.transpose(1, 2), 4, out=out[:, half:])
-    return out.view(-1, cols)
-
-
-_INT4_BLOCK = _int4_pack_rows()
+_INT4_BLOCK = int4pack.BLOCK  # rows per block of torch's CPU int4 layout (None: unrecognised)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -239,23 +212,19 @@ class Int4Linear(_QuantizedLinear):
         return super()._many_rows(x)
 
     def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> None:
-        """(q - 8) * scale + zero, computed in float32 (exact but for the sum) and rounded once: rounding
-        the product and the sum in bfloat16 each quadrupled the weight error (SmolLM2's Q4_1: 0.55% against
-        dense bfloat16's 0.14%; 0.24% this way, the rest being the kernel's bfloat16 scales and zeros)."""
-        rows = end - start
+        """(q - 8) * scale + zero in float32, rounded once (int4pack.dequantize_rows: a C++ op where the
+        CPU kernels build, torch ops otherwise)."""
         if not self._tiles:
             raise ValueError(f"{self.out_features} rows are not whole blocks of torch's int4 layout")
-        codes = _unpack_int4(self.packed, start, end, self.in_features, _INT4_BLOCK)
-        pairs = self.scales_and_zeros[:, start:end].transpose(0, 1).float()  # [rows, groups, 2]
-        scales, zeros = pairs[..., 0:1], pairs[..., 1:2]
-        exact = out
-        if out.dtype != torch.float32:
-            exact = _scratch.get(out.shape, torch.float32, out.device, "float32 tile")
-        groups = exact.view(rows, -1, GROUP_SIZE)
-        groups.copy_(codes.view(rows, -1, GROUP_SIZE))
-        torch.addcmul(zeros - _ZERO_CODE * scales, groups, scales, out=groups)
-        if exact is not out:
-            out.copy_(exact)
+        int4pack.dequantize_rows(
+            self.packed,
+            self.scales_and_zeros,
+            start,
+            end,
+            out,
+            _INT4_BLOCK,
+            lambda shape: _scratch.get(shape, torch.float32, out.device, "float32 tile"),
+        )
 
 
 class Int8Linear(_QuantizedLinear):

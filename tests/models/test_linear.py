@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from duoserve import int4pack
 from duoserve.models import linear as linear_module
 from duoserve.models.gguf_quants import INT4_TYPES, QUANTIZED_TYPES, GGUFTensor, random_blocks
 from duoserve.models.linear import (
@@ -63,6 +64,16 @@ def test_quantized_linear_matches_float32_matmul(type_name, with_bias, monkeypat
                 0 if bias is None else bias.float()
             )
             assert rel_err(out, reference) < 1e-2, rows
+
+
+@pytest.mark.parametrize("type_name", INT4_TYPES)
+def test_int4_tiles_are_the_torch_ops_values_bit_for_bit(type_name):
+    """The tiles come from a C++ op where it builds: exactly the values of the torch ops path, whose
+    float32 arithmetic and single rounding keep the weight error down (int4pack.dequantize_rows)."""
+    linear = make_linear([_tensor(type_name, 192, 512)], None, torch.bfloat16, CPU, quantized=True)
+    expected = torch.empty(192, 512, dtype=torch.bfloat16)
+    int4pack.dequantize_rows_torch(linear.packed, linear.scales_and_zeros, 0, 192, expected, int4pack.BLOCK)
+    assert torch.equal(linear.dequantize(), expected)
 
 
 def test_no_dense_copy_is_kept():
