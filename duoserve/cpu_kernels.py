@@ -2,11 +2,12 @@
 
 Three sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
 (`attention/csrc/paged_attention_cpu.cpp`), the matmuls over 4/8-bit weight codes with float32
-activations (`models/csrc/quantized_matmul_cpu.cpp`) and the dequantization of torch's int4 layout
-for bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`). They are compiled
-with torch's C++ extension builder for the host CPU (`-march=native`), once per machine, torch version
-and source, cached under ~/.cache/torch_extensions (about 40 s on 2 cores the first time).
-Where no compiler exists, callers fall back to torch's own ops.
+activations (`models/csrc/quantized_matmul_cpu.cpp`), the dequantization of torch's int4 layout for
+bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`) and a decode layer's small
+ops (RMSNorm, RoPE, KV store: `models/csrc/decode_ops_cpu.cpp`). They are compiled with torch's C++
+extension builder for the host CPU (`-march=native`), once per machine, torch version and source, cached
+under ~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists, callers
+fall back to torch's own ops.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ SOURCES = (
     _PACKAGE / "attention" / "csrc" / "paged_attention_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "quantized_matmul_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int4pack_dequantize_cpu.cpp",
+    _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
 )
-_OPS = ("paged_decode", "q4_matmul", "q8_matmul", "rms_norm", "int4pack_dequantize")
+_OPS = ("paged_decode", "q4_matmul", "q8_matmul", "int4pack_dequantize", "norm_rows", "rope_qk", "store_kv")
 
 
 def _build_tag() -> str:

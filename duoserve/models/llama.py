@@ -239,6 +239,7 @@ class LlamaModel:
         if self.embedding_scale is not None:
             x = x * self.embedding_scale
         rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: cos/sin of `positions`
+        delta = None  # the last layer's output, added to x by the next norm (fused with it)
         for index, layer in enumerate(self.layers):
             key = id(layer.rope)
             if key not in rotations:
@@ -246,8 +247,9 @@ class LlamaModel:
                     layer.rope.cos[positions][:, None, :],
                     layer.rope.sin[positions][:, None, :],
                 )
-            x = layer(x, *rotations[key], self.attention, kv_cache.layer(index), meta, self.scale)
-        return x
+            cos, sin = rotations[key]
+            x, delta = layer(x, delta, cos, sin, self.attention, kv_cache.layer(index), meta, self.scale)
+        return x if delta is None else x + delta
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -269,11 +271,17 @@ class RowsOf:
 
 
 @functools.cache
-def _fused_rms_norm() -> bool:
-    """duoserve's one-op RMSNorm (CPU kernels) for float32 CPU models: torch's is 6 small ops."""
+def _cpu_ops() -> bool:
+    """duoserve's one-op RMSNorm and RoPE (CPU kernels, models/csrc/decode_ops_cpu.cpp) for float32 and
+    bfloat16 CPU models: torch's RMSNorm is 6 small ops and two casts, its RoPE 7 ops per tensor. With
+    them (and the backend's K/V store op) a SmolLM2-135M bfloat16 batch-1 layer spends 33 us outside
+    its matmuls instead of 80 (one thread, Zen 5, CPU time)."""
     from duoserve.cpu_kernels import cpu_kernels_available
 
     return cpu_kernels_available()
+
+
+_CPU_OP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -297,14 +305,42 @@ class RMSNorm:
         return cls(weight, config.rms_norm_eps, False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == self.weight.dtype == torch.float32 and _fused_rms_norm():
-            return torch.ops.duoserve_cpu.rms_norm(
+        if self._in_kernel(x):
+            return torch.ops.duoserve_cpu.norm_rows(
                 x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps
             ).view(x.shape)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.plus_one:
             return (normed * self.weight).to(x.dtype)
         return normed.to(x.dtype) * self.weight
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm): a residual add and the norm after it, one op in the CPU kernel."""
+        if x.dim() == 2 and delta.dtype == x.dtype and self._in_kernel(x):
+            total, normed = torch.ops.duoserve_cpu.add_norm_rows(
+                x.contiguous(), delta.contiguous(), self.weight, self.eps
+            )
+            return total, normed
+        x = x + delta
+        return x, self(x)
+
+    def _in_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the CPU kernel computes this norm as the torch ops below do: float32 rows scaled in
+        float32, bfloat16 ones by a bfloat16 weight (rounded normed rows) or a float32 1 + w."""
+        if not (x.is_cpu and x.dtype in _CPU_OP_DTYPES and _cpu_ops()):
+            return False
+        weight_dtype = torch.float32 if self.plus_one or x.dtype == torch.float32 else x.dtype
+        return self.weight.dtype == weight_dtype
+
+
+def _rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q and k (_rope's math), one op in the CPU kernel."""
+    if q.is_cpu and q.dtype in _CPU_OP_DTYPES and cos.dtype == q.dtype and _cpu_ops():
+        q, k = torch.ops.duoserve_cpu.rope_qk(q, k, cos, sin)
+        return q, k
+    return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -351,16 +387,20 @@ class _Layer:
     logits_soft_cap: float | None
 
     def __call__(
-        self, x, cos, sin, attention: AttentionBackend, kv_cache, meta, scale: float
-    ) -> torch.Tensor:
+        self, x, delta, cos, sin, attention: AttentionBackend, kv_cache, meta, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this layer's output to add to it) from the stream and the last layer's
+        output (None for the first layer): each residual add runs in the norm after it."""
         num_heads, num_kv_heads, head_dim = self.heads
-        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv_sizes, dim=-1)
+        x, h = (x, self.input_norm(x)) if delta is None else self.input_norm.add(x, delta)
+        q, k, v = self.qkv(h).split(self.qkv_sizes, dim=-1)
         q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope_qk(q, k, cos, sin)
         attn = attention.forward(
-            _rope(q, cos, sin),
-            _rope(k, cos, sin),
+            q,
+            k,
             v.view(-1, num_kv_heads, head_dim),
             kv_cache,
             meta,
@@ -368,8 +408,8 @@ class _Layer:
             sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap,
         )
-        x = x + _maybe(self.attn_out_norm, self.o_proj(attn.flatten(1)))
-        return x + _maybe(self.mlp_out_norm, self.mlp(self.mlp_norm(x)))
+        x, h = self.mlp_norm.add(x, _maybe(self.attn_out_norm, self.o_proj(attn.flatten(1))))
+        return x, _maybe(self.mlp_out_norm, self.mlp(h))
 
     def linears(self) -> list[Linear]:
         """The dense or quantized matmuls of the layer (routed experts are plain tensors; LoRA slots

@@ -187,6 +187,36 @@ def test_backend_step_matches_torch_backend() -> None:
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pure_decode_step_stores_and_attends_as_torch_backend(dtype) -> None:
+    """A decode-only step takes the backend's direct path (the K/V store op, the kernel's output as it
+    is): its pools and output equal the torch backend's, with K/V given as views of a fused QKV row."""
+    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(2)
+    k_pool = torch.randn(20, block_size, kv_heads, dim, generator=gen).to(dtype)
+    v_pool = torch.randn(20, block_size, kv_heads, dim, generator=gen).to(dtype)
+    lens = torch.tensor([5, 33])
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([3 * 16 + 4, 9 * 16 + 0]),
+        num_decode_tokens=2,
+        decode_block_tables=torch.tensor([[3, 0, 0], [7, 8, 9]]),
+        decode_context_lens=lens,
+        prefills=[],
+        block_size=block_size,
+    )
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.reshape(2, heads, dim), k.view(2, kv_heads, dim), v.view(2, kv_heads, dim)
+    outs, pools = [], []
+    for backend in (TorchAttentionBackend(), CpuAttentionBackend()):
+        layer = (k_pool.clone(), v_pool.clone())
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, layer, meta, dim**-0.5))
+        pools.append(layer)
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    assert rel_err(outs[1], outs[0].double()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_a_killed_build_leaves_no_lock_that_blocks_the_next_start(tmp_path):
     """torch's lock file of a build killed midway is cleared; a live holder of the build still excludes."""
     import multiprocessing

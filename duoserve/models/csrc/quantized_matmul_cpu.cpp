@@ -637,37 +637,3 @@ TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("q8_dequantize(Tensor codes, Tensor scales, int start, int end, Tensor(a!) out) -> ()",
         &q8_dequantize);
 }
-
-// ---- RMSNorm ---------------------------------------------------------------------------------------
-// transformers' RMSNorm of float32 rows: x / sqrt(mean(x^2) + eps) * weight (plus_one: weight holds 1 + w,
-// the same product). torch's rms_norm is a chain of 6 small ops on CPU (pow, mean, add, rsqrt, mul,
-// mul): about 80 us per decode-sized call, 5 ms of a 37 ms SmolLM2 decode step on a Zen 1.
-namespace {
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be float32 [T, H]");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
-              "weight must be float32 [H]");
-  const int64_t rows = x.size(0), h = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / h), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * h;
-      // Sum of squares in double: float32 sums of 2k squares with outlier channels lose digits that
-      // transformers' (float32, pairwise) mean keeps.
-      double sum = 0.0;
-      for (int64_t i = 0; i < h; ++i) sum += static_cast<double>(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(static_cast<float>(sum / h) + static_cast<float>(eps));
-      float* yr = yp + r * h;
-      for (int64_t i = 0; i < h; ++i) yr[i] = (xr[i] * inv) * wp[i];
-    }
-  });
-  return y;
-}
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
-}

@@ -1,0 +1,107 @@
+"""The decode layer's C++ ops (models/csrc/decode_ops_cpu.cpp) against the torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duoserve.cpu_kernels import cpu_kernels_available
+from duoserve.models.llama import RMSNorm, _rope, _rope_qk
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ kernels did not build")
+ops = torch.ops.duoserve_cpu if cpu_kernels_available() else None
+
+
+def torch_norm(x: torch.Tensor, weight: torch.Tensor, plus_one: bool, eps: float = 1e-5) -> torch.Tensor:
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (normed * weight).to(x.dtype) if plus_one else normed.to(x.dtype) * weight
+
+
+def outlier_rows(rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows with a few large channels, as SmolLM2's residual stream has."""
+    x = torch.randn(rows, hidden)
+    x[:, 7] *= 300.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])  # 300 rows of 576: the parallel path
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_bfloat16_norm_rounds_as_torch(rows, plus_one) -> None:
+    torch.manual_seed(rows)
+    x, delta = outlier_rows(rows, 576, torch.bfloat16), torch.randn(rows, 576).to(torch.bfloat16)
+    weight = 1.0 + torch.randn(576) if plus_one else torch.randn(576).to(torch.bfloat16)
+    norm = RMSNorm(weight, 1e-5, plus_one)
+    assert norm._in_kernel(x)
+    # The sums of squares differ in order (double here, float32 pairwise in torch): allow one bf16 step
+    # where a value falls on a rounding boundary, and no more than a handful of those.
+    for ours, want in [
+        (norm(x), torch_norm(x, weight, plus_one)),
+        (norm.add(x, delta)[1], torch_norm(x + delta, weight, plus_one)),
+    ]:
+        assert ours.dtype == torch.bfloat16
+        diff = (ours.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)
+        assert diff.max() <= 2**-7 and (diff > 0).float().mean() < 1e-2
+    total, _ = norm.add(x, delta)
+    assert torch.equal(total, x + delta)
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_float32_norm_matches_torch(plus_one) -> None:
+    torch.manual_seed(0)
+    x, delta, weight = outlier_rows(4, 96, torch.float32), torch.randn(4, 96), torch.randn(96)
+    norm = RMSNorm(weight, 1e-6, plus_one)
+    torch.testing.assert_close(norm(x), torch_norm(x, weight, plus_one, 1e-6), rtol=1e-6, atol=1e-6)
+    total, normed = norm.add(x, delta)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, torch_norm(x + delta, weight, plus_one, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_of_heads_keeps_shape() -> None:
+    """Qwen3's q/k norms: [T, heads, dim] views normalised per head."""
+    q = torch.randn(3, 4, 32).to(torch.bfloat16)
+    weight = torch.randn(32).to(torch.bfloat16)
+    norm = RMSNorm(weight, 1e-6, False)
+    assert torch.equal(norm(q), norm(q.reshape(-1, 32)).view(3, 4, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary", [64, 32])  # full, and partial (Phi-3: the rest passes through)
+def test_rope_matches_rotate_half(dtype, rotary) -> None:
+    torch.manual_seed(rotary)
+    tokens, heads, kv_heads, dim = 5, 6, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)  # strided views
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    angles = torch.randn(tokens, 1, rotary)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    ours_q, ours_k = _rope_qk(q, k, cos, sin)
+    assert ours_q.is_contiguous() and ours_k.is_contiguous()
+    if dtype == torch.bfloat16:  # every product and the sum rounded where torch rounds them
+        assert torch.equal(ours_q, _rope(q, cos, sin)) and torch.equal(ours_k, _rope(k, cos, sin))
+    else:
+        torch.testing.assert_close(ours_q, _rope(q, cos, sin), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours_k, _rope(k, cos, sin), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_of_no_tokens() -> None:
+    q, k = torch.empty(0, 4, 16), torch.empty(0, 2, 16)
+    ours_q, ours_k = _rope_qk(q, k, torch.empty(0, 1, 16), torch.empty(0, 1, 16))
+    assert ours_q.shape == q.shape and ours_k.shape == k.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_slots_and_skips_negative_ones(dtype) -> None:
+    k_pool, v_pool = torch.zeros(4, 8, 2, 16, dtype=dtype), torch.zeros(4, 8, 2, 16, dtype=dtype)
+    kv = torch.randn(3, 2 * 2 * 16).to(dtype)
+    k, v = (part.view(3, 2, 16) for part in kv.split([32, 32], dim=-1))  # rows of a fused output
+    slots = torch.tensor([9, -1, 30])
+    ops.store_kv(k_pool, v_pool, k, v, slots)
+    want_k, want_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    want_k.view(-1, 2, 16)[[9, 30]] = k[[0, 2]]
+    want_v.view(-1, 2, 16)[[9, 30]] = v[[0, 2]]
+    assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
+    ops.store_kv(k_pool, v_pool, k.transpose(1, 2).contiguous().transpose(1, 2), v, slots)  # heads strided
+    assert torch.equal(k_pool, want_k)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.store_kv(k_pool, v_pool, k, v, torch.tensor([0, 1, 32]))
