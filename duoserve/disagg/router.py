@@ -160,6 +160,9 @@ class RouterClient(EngineClient):
         await super().start()
         labels = {"model_name": self.served_model_name, "engine": "0"}
         self.metrics.registry.register(RouterCollector(self.policy, labels))
+        # The publish loop began before the metrics existed (in _start_engine): publish now, so that the
+        # first scrape already has every family (the drop counters at zero) instead of a second later.
+        self._publish_stats()
 
     async def _start_engine(self) -> Ready:
         """Load the tokenizer and wait (retrying, never failing) until a decode worker is ready."""
