@@ -34,7 +34,16 @@ SOURCES = (
     _PACKAGE / "models" / "csrc" / "int4pack_dequantize_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
 )
-_OPS = ("paged_decode", "q4_matmul", "q8_matmul", "int4pack_dequantize", "norm_rows", "rope_qk", "store_kv")
+_OPS = (
+    "paged_decode",
+    "q4_matmul",
+    "q8_matmul",
+    "int4pack_dequantize",
+    "norm_rows",
+    "rope_qk",
+    "store_kv",
+    "store_kv_quantized",
+)
 
 
 def _build_tag() -> str:

@@ -14,6 +14,8 @@ from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.attention.cpu_backend import CpuAttentionBackend, paged_decode
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
+from duoserve.kv.layer import LayerKV
+from duoserve.kv.quant import as_bytes, quantize
 from tests.attention.test_torch_backend import WINDOWS, _reference, poisoned_case, rel_err, run_decode
 
 if shutil.which("c++") is None:
@@ -187,10 +189,21 @@ def test_backend_step_matches_torch_backend() -> None:
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pure_decode_step_stores_and_attends_as_torch_backend(dtype) -> None:
-    """A decode-only step takes the backend's direct path (the K/V store op, the kernel's output as it
-    is): its pools and output equal the torch backend's, with K/V given as views of a fused QKV row."""
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"),
+    [
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        (torch.bfloat16, torch.int8),
+        (torch.float32, torch.int8),
+        (torch.bfloat16, torch.float8_e4m3fn),
+        (torch.bfloat16, torch.float8_e5m2),
+    ],
+)
+def test_pure_decode_step_stores_and_attends_as_torch_backend(dtype, kv_dtype) -> None:
+    """A decode-only step takes the backend's direct path (the K/V store op, quantizing into a 1-byte
+    pool, and the kernel's output as it is): its pools and output equal the torch backend's, with K/V given
+    as views of a fused QKV row."""
     heads, kv_heads, dim, block_size = 9, 3, 64, 16
     gen = torch.Generator().manual_seed(2)
     k_pool = torch.randn(20, block_size, kv_heads, dim, generator=gen).to(dtype)
@@ -207,13 +220,20 @@ def test_pure_decode_step_stores_and_attends_as_torch_backend(dtype) -> None:
     qkv = torch.randn(2, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q, k, v = q.reshape(2, heads, dim), k.view(2, kv_heads, dim), v.view(2, kv_heads, dim)
+    if kv_dtype is not None:
+        (k_pool, k_scale), (v_pool, v_scale) = quantize(k_pool, kv_dtype), quantize(v_pool, kv_dtype)
     outs, pools = [], []
     for backend in (TorchAttentionBackend(), CpuAttentionBackend()):
-        layer = (k_pool.clone(), v_pool.clone())
+        if kv_dtype is None:
+            layer = LayerKV(k_pool.clone(), v_pool.clone())
+        else:
+            layer = LayerKV(k_pool.clone(), v_pool.clone(), k_scale.clone(), v_scale.clone())
         backend.prepare(meta)
         outs.append(backend.forward(q, k, v, layer, meta, dim**-0.5))
         pools.append(layer)
-    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    for field in ("k", "v", "k_scale", "v_scale"):
+        a, b = getattr(pools[0], field), getattr(pools[1], field)
+        assert a is None and b is None or torch.equal(as_bytes(a), as_bytes(b)), field
     assert rel_err(outs[1], outs[0].double()) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 

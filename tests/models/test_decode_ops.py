@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from duoserve.cpu_kernels import cpu_kernels_available
+from duoserve.kv.quant import QUANTIZED_KV_DTYPES, as_bytes, quantize
 from duoserve.models.llama import RMSNorm, _rope, _rope_qk
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ kernels did not build")
@@ -105,3 +106,32 @@ def test_store_kv_writes_slots_and_skips_negative_ones(dtype) -> None:
     assert torch.equal(k_pool, want_k)
     with pytest.raises(RuntimeError, match="outside the pool"):
         ops.store_kv(k_pool, v_pool, k, v, torch.tensor([0, 1, 32]))
+
+
+@pytest.mark.parametrize("kv_dtype", list(QUANTIZED_KV_DTYPES.values()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_quantized_is_quantize_bit_for_bit(kv_dtype, dtype) -> None:
+    """Codes and float16 scales equal duoserve/kv/quant.py's quantize, on rows with outliers, rows below
+    the smallest scale, zero rows and rows past the largest one; negative slots are skipped."""
+    tokens, heads, dim = 7, 3, 64
+    k = torch.randn(tokens, heads, dim) * torch.logspace(-6, 3, tokens)[:, None, None]
+    k[0, 1] = 0.0
+    k[2, 0, 5] = 5e4  # an outlier channel
+    k[3] *= 1e5  # past the largest scale: clamped codes
+    qkv = torch.cat([k.flatten(1), torch.randn(tokens, heads * dim)], dim=-1).to(dtype)
+    k, v = (part.view(tokens, heads, dim) for part in qkv.split(heads * dim, dim=-1))  # strided rows
+    slots = torch.tensor([9, -1, 30, 0, 31, 17, 2])
+    pools = [torch.zeros(4, 8, heads, dim, dtype=kv_dtype) for _ in range(2)]
+    scales = [torch.zeros(4, 8, heads, dtype=torch.float16) for _ in range(2)]
+    ops.store_kv_quantized(*pools, *scales, k, v, slots)
+    kept = slots >= 0
+    for pool, scale, given in zip(pools, scales, (k, v), strict=True):
+        codes, want_scale = quantize(given[kept], kv_dtype)
+        want_pool = torch.zeros_like(as_bytes(pool))
+        want_pool.view(-1, heads, dim)[slots[kept]] = as_bytes(codes)
+        assert torch.equal(as_bytes(pool), want_pool)
+        assert torch.equal(scale.view(-1, heads)[slots[kept]], want_scale)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.store_kv_quantized(*pools, *scales, k, v, torch.tensor([0, 1, 2, 3, 4, 5, 32]))
+    with pytest.raises(RuntimeError, match="float16"):
+        ops.store_kv_quantized(*pools, scales[0].float(), scales[1], k, v, slots)

@@ -15,10 +15,18 @@
 //       through), into new contiguous tensors; bfloat16 rounds x*cos, rotated*sin and their sum as
 //       torch's three ops do.
 //   store_kv: each new token's K and V rows copied to its pool slot (negative slots skipped).
+//   store_kv_quantized: the same into a 1-byte pool (int8, E4M3, E5M2) with its float16 per-row scales,
+//       quantizing each (token, head) row as duoserve/kv/quant.py's `quantize` does, bit for bit (float32
+//       amax, scale rounded to float16, a true division, round-half-even for int8, torch's fp8 casts).
+//       torch's quantize + four index_copy_ cost ~20 ops a layer: 2.3 ms of a 5.4 ms batch-1 SmolLM2
+//       decode step at 128 tokens of context on a Zen 5, against bfloat16 KV's one store op.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -222,6 +230,91 @@ void store_kv(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& k, const a
   store_rows(v_pool, v, sp, slots.size(0));
 }
 
+// Scales stay normal float16 numbers (quant.py's _MIN_SCALE, _MAX_SCALE).
+constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
+constexpr float kMaxScale = 60000.0f;
+
+template <typename C>
+inline C encode(float y, float top) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    return static_cast<int8_t>(std::clamp(std::nearbyint(y), -127.0f, 127.0f));
+  } else {
+    return C(std::clamp(y, -top, top));
+  }
+}
+
+// Rows [T * heads] of `dim` values of X -> codes of C at their slots, and their float16 scales.
+template <typename C, typename X>
+void quantize_rows(at::Tensor& pool, at::Tensor& scales, const at::Tensor& given, const int64_t* slots,
+                   int64_t num_slots, float top) {
+  const int64_t heads = pool.size(2), dim = pool.size(3), capacity = pool.size(0) * pool.size(1);
+  const at::Tensor x = given.stride(2) == 1 && given.stride(1) == dim ? given : given.contiguous();
+  const X* xp = x.data_ptr<X>();
+  auto* codes = static_cast<C*>(pool.data_ptr());
+  auto* sp = scales.data_ptr<at::Half>();
+  std::vector<float> row(dim);
+  for (int64_t t = 0; t < num_slots; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    TORCH_CHECK(slot < capacity, "slot ", slot, " is outside the pool");
+    for (int64_t h = 0; h < heads; ++h) {
+      const X* src = xp + t * x.stride(0) + h * dim;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < dim; ++i) {
+        row[i] = static_cast<float>(src[i]);
+        amax = std::max(amax, std::fabs(row[i]));
+      }
+      const at::Half scale(std::clamp(amax / top, kMinScale, kMaxScale));
+      const float s = static_cast<float>(scale);
+      C* dst = codes + (slot * heads + h) * dim;
+      for (int64_t i = 0; i < dim; ++i) dst[i] = encode<C>(row[i] / s, top);
+      sp[slot * heads + h] = scale;
+    }
+  }
+}
+
+template <typename C>
+void quantize_kv(at::Tensor& pool, at::Tensor& scales, const at::Tensor& given, const int64_t* slots,
+                 int64_t num_slots, float top) {
+  if (given.scalar_type() == at::kBFloat16) {
+    quantize_rows<C, at::BFloat16>(pool, scales, given, slots, num_slots, top);
+  } else {
+    quantize_rows<C, float>(pool, scales, given, slots, num_slots, top);
+  }
+}
+
+void store_pool(at::Tensor& pool, at::Tensor& scales, const at::Tensor& given, const int64_t* slots,
+                int64_t num_slots) {
+  TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous(), "pools must be contiguous [blocks, block_size, heads, dim]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == pool.size(0) && scales.size(1) == pool.size(1) && scales.size(2) == pool.size(2),
+              "scales must be contiguous float16 [blocks, block_size, heads]");
+  TORCH_CHECK(given.dim() == 3 && given.size(1) == pool.size(2) && given.size(2) == pool.size(3),
+              "K/V must be [T, heads, dim]");
+  TORCH_CHECK(given.scalar_type() == at::kBFloat16 || given.scalar_type() == at::kFloat,
+              "K/V must be bfloat16 or float32");
+  switch (pool.scalar_type()) {
+    case at::kChar:
+      return quantize_kv<int8_t>(pool, scales, given, slots, num_slots, 127.0f);
+    case at::kFloat8_e4m3fn:
+      return quantize_kv<c10::Float8_e4m3fn>(pool, scales, given, slots, num_slots, 448.0f);
+    case at::kFloat8_e5m2:
+      return quantize_kv<c10::Float8_e5m2>(pool, scales, given, slots, num_slots, 57344.0f);
+    default:
+      TORCH_CHECK(false, "a quantized pool is int8, float8_e4m3fn or float8_e5m2, not ", pool.scalar_type());
+  }
+}
+
+void store_kv_quantized(at::Tensor k_pool, at::Tensor v_pool, at::Tensor k_scale, at::Tensor v_scale,
+                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots must be contiguous int64 [T]");
+  TORCH_CHECK(k.size(0) == slots.size(0) && v.size(0) == slots.size(0), "one slot per token");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  store_pool(k_pool, k_scale, k, sp, slots.size(0));
+  store_pool(v_pool, v_scale, v, sp, slots.size(0));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
@@ -229,4 +322,6 @@ TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("add_norm_rows(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_norm_rows);
   m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", &rope_qk);
   m.def("store_kv(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor k, Tensor v, Tensor slots) -> ()", &store_kv);
+  m.def("store_kv_quantized(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) k_scale, Tensor(d!) v_scale, "
+        "Tensor k, Tensor v, Tensor slots) -> ()", &store_kv_quantized);
 }
