@@ -20,8 +20,9 @@ the rest in the step that admitted it); the scheduler waits up to `sync_load_sec
 model expects to read within that. Otherwise it arrives asynchronously: the request waits in the
 scheduler, holding its blocks, while the others keep stepping, and runs in the step after the one its
 load landed in. Why the brief wait: an asynchronous load, however fast, costs its request a whole step of
-the others (issue 14's evicted/tier, 2 vCPUs: a 30-block disk read took ~5 ms on the I/O thread, yet
-the request waited ~50-400 ms for the step it landed in to end).
+the others (issue 14's evicted/tier, SmolLM2-135M, 2 vCPUs, engine timeline: a 27-block disk read took
+2-9 ms on the I/O thread, yet its request computed one step later, ~40 ms on (the other request's
+decode step), ~300 ms when that step was another request's prefill; supplied at once, it waited 3 ms).
 A read that fails (a corrupt, torn or vanished file) before its request is admitted makes the request
 compute the blocks; once admitted asynchronously, it is reported in `load_failed` and its request
 computes them. A request that ends while loading just drops the load (its reads land in host buffers,
@@ -63,7 +64,8 @@ logger = logging.getLogger(__name__)
 PERSIST_CHUNK_BLOCKS = 256
 # The longest the scheduler waits for a load to land so that its request computes in this step (only for
 # loads the cost model expects to read within it): the stall every running request pays once, against
-# the whole step the loading request waits otherwise (a decode step of SmolLM2-135M on 2 vCPUs is ~50 ms).
+# the whole step the loading request waits otherwise (SmolLM2-135M, 2 vCPUs: a 27-block disk load waited
+# 3 ms, median; a decode step of two requests took ~35 ms, a step with a 134-token prefill ~300 ms).
 SYNC_LOAD_SECONDS = 0.02
 # Buckets of kv_offload_load_seconds (a load's read started, to its KV in place).
 LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
