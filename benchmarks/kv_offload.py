@@ -57,10 +57,23 @@ misses the pool if their contexts (about conversations x k x (input + output)) e
 (a pool of 3 histories, ~20 turns of context; 12 conversations) turn 1 mostly finds its history (8 of 12
 in a run) and turns 2-5 find none of it. The defaults' full history (6 x 144 tokens) is about the earlier
 default's (4 x 232); more, shorter turns give more returning turns per run and keep decode time, which
-no tier changes, small. Depth matters: a recompute grows with the history, a load much less (one run,
-shared machine, TTFT p50 by returning turn 1-5 without the tier 587/931/1640/1778/1468 ms, with it
-482/486/544/543/584 ms; at --turns 4 the evicted turns' ratio was 1.28x, at 6 2.69x). A case takes ~1
-minute on 2 vCPUs (Zen 5).
+no tier changes, small. Depth matters: a recompute grows with the history, a load hardly at all (one run,
+busy shared machine, TTFT p50 by returning turn 1-5 without the tier 496/847/1517/1710/1703 ms, with it
+253/357/210/217/238 ms). A case takes ~1 minute on 2 vCPUs (Zen 5).
+
+Where a returning turn's TTFT goes with the tier (SmolLM2-135M Q4_1, 2 vCPUs; the engine's own timeline
+of one run, medians over the 52 turns that loaded): the load's read 3 ms on the I/O thread (27 blocks,
+page cache), its copy into the cache 2 ms; the turn's ~134 new tokens (its user message and template,
+and ~4 tokens of the history's last partial block) prefilled in one step: 90-320 ms as other work on the
+machine comes and goes, nearly all of the TTFT and what a prefix-cache hit pays too; ~40 ms outside the
+engine (HTTP, chat template, tokenizing, streaming back). The two turns in flight finish together, so the
+next two arrive together and one of them waits for the other's prefill step first: TTFT is bimodal
+(~1x and ~2x a prefill step), and the p50 falls between the two. Until the connector waited briefly for
+loads (duoserve/kv/offload/connector.py, SYNC_LOAD_SECONDS), a load also cost its request the step it was
+admitted in (~40 ms median: the other request's decode step, or its ~300 ms prefill step, or a 10 ms
+tick), the kv_offload_load_seconds of ~30-85 ms: the request ran only in the next step. The ratio below
+swings with the machine's load (2 vCPUs shared with other jobs; runs of 2026-12-04): without the wait
+2.29x, 1.80x, 2.43x, 2.74x; with it 5.53x, 2.93x, 2.19x, 4.69x.
 """
 
 from __future__ import annotations

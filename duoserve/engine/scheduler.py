@@ -16,8 +16,10 @@ others keep stepping.
 A load is paid for once (issue 14's thrash: under 4x pool pressure the tier loaded 8,807 blocks for 279
 stored, a returning turn preempted as the newest running request once loaded, then loading again):
   - it is admitted only when the pool can hold the request's whole context (the loaded blocks and the
-    ones still to compute, all taken at once) beside the next step of every request admitted before it
-    (vLLM admits against a watermark likewise); otherwise it waits in the queue, taking nothing;
+    ones still to compute, all taken at once when it loads asynchronously) beside the next step of every
+    request admitted before it (vLLM admits against a watermark likewise); otherwise it waits in the
+    queue, taking nothing. A load supplied at once (landed when asked: written in before the forward,
+    the rest computed in the same step) passes the same test, then runs as a prefix hit would;
   - its blocks join the prefix cache as soon as its KV lands, so a preemption keeps them findable;
   - it runs in its admission's place, not after the requests admitted while it loaded: preemption takes
     the last admitted (vLLM's FCFS), and those came after it.
@@ -222,11 +224,11 @@ class Scheduler:
                 continue
             cached, num_external, load_async = self._match(request)
             num_cached = len(cached) * self.kv.block_size
+            if num_external and not self._load_fits(request, cached):
+                break  # a load is only paid for once it can run (one supplied at once too)
             if load_async:
-                # Blocks for its whole context, taken now: the load is only paid for once it can run.
+                # Blocks for its whole context, taken now.
                 num_new = request.num_tokens - num_cached - num_external
-                if not self._load_fits(request, cached):
-                    break
             else:
                 num_new = min(request.num_tokens - num_cached - num_external, budget)
                 if num_new <= 0:

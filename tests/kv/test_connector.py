@@ -239,6 +239,40 @@ def test_a_load_waits_until_the_pool_holds_its_context_beside_the_running_reques
     )
 
 
+def test_a_load_supplied_at_once_is_computed_in_the_step_that_admits_it():
+    """An offload load that landed when the scheduler asked: written in before this step's forward, so
+    the rest of the prompt is computed, and its first token sampled, in the same step."""
+    connector = ScriptedConnector({"a": 8}, load_async=False)
+    scheduler = make(connector)
+    a = request("a", 13)
+    scheduler.add(a)
+    plan, outputs = step(scheduler)
+    assert chunks(plan) == [("a", 5)] and not scheduler.loading
+    assert connector.allocated["a"] == (scheduler.kv.block_ids("a"), 8)
+    assert [o.request_id for o in outputs] == ["a"] and len(a.output_token_ids) == 1
+
+
+def test_a_load_supplied_at_once_waits_for_room_like_an_async_one():
+    """Admitted with only the chunk it computes now, it would be the newest running request when r's
+    next token needs a block: preempted, it would load again. It waits until its context fits."""
+    connector = ScriptedConnector({"a": 8}, load_async=False)
+    scheduler = make(connector, num_blocks=8)
+    r = request("r", 15, max_tokens=3)  # 4 blocks; the token after its next one needs a 5th
+    scheduler.add(r)
+    step(scheduler)
+    a = request("a", 13)  # 4 blocks: 4 free, but r's token after this step's needs one of them
+    scheduler.add(a)
+    plan, _ = step(scheduler)
+    assert chunks(plan) == [("r", 1)] and list(scheduler.waiting) == [a] and "a" not in connector.allocated
+    while "a" not in connector.allocated:
+        plan, _ = step(scheduler)
+        assert scheduler.has_unfinished()
+    assert r.status == RequestStatus.FINISHED_LENGTH and ("a", 5) in chunks(plan)
+    while scheduler.has_unfinished():
+        step(scheduler)
+    assert a.num_preemptions == 0 and len(a.output_token_ids) == 3
+
+
 def test_a_landed_load_runs_before_the_requests_admitted_while_it_loaded():
     connector = ScriptedConnector({"a": 8})
     scheduler = make(connector)

@@ -5,19 +5,28 @@ The KVConnector hooks (duoserve/kv/connector.py), in the order one engine step c
     get_finished()                 loads whose blocks are in the cache now -> their requests may run
     schedule():
       get_num_new_matched_tokens   consecutive blocks after the device's prefix hit that a tier holds,
-                                   cut to what is cheaper to load than to compute (cost.py)
-      update_state_after_alloc     the request has its blocks: pin the tier copies, start reading
+                                   cut to what is cheaper to load than to compute (cost.py); pin them
+                                   and start reading them into host buffers, waiting briefly (below)
+      update_state_after_alloc     the request has its blocks: the read will be written into them
       on_blocks_evicted            cached blocks the pool handed out again: remember them
     start_load_kv(kv_cache)        copy the evicted blocks out (before the forward overwrites them) and
                                    store them; write finished loads into their requests' blocks
     forward
     save_kv(kv_cache, scheduled)   time the forward pass: the prefill speed the cost model compares with
 
-A load always arrives asynchronously (the request waits in the scheduler): host-RAM blocks are copied
-in at the next start_load_kv, disk blocks once the I/O thread has read and checked them. A load that
-fails (a corrupt, torn or vanished file) is reported in `load_failed` and its request computes the
-blocks; a request that ends while loading just drops the load (its reads land in host buffers, never
-in its blocks, so the scheduler may free them at once: request_finished always returns False).
+A load is read on the I/O thread (disk) or at once (host RAM). When it has landed by the time the
+scheduler asks, it is supplied at once (written in before this step's forward, so the request computes
+the rest in the step that admitted it); the scheduler waits up to `sync_load_seconds` for a load the cost
+model expects to read within that. Otherwise it arrives asynchronously: the request waits in the
+scheduler, holding its blocks, while the others keep stepping, and runs in the step after the one its
+load landed in. Why the brief wait: an asynchronous load, however fast, costs its request a whole step of
+the others (issue 14's evicted/tier, SmolLM2-135M, 2 vCPUs, engine timeline: a 27-block disk read took
+2-9 ms on the I/O thread, yet its request computed one step later, ~40 ms on (the other request's
+decode step), ~300 ms when that step was another request's prefill; supplied at once, it waited 3 ms).
+A read that fails (a corrupt, torn or vanished file) before its request is admitted makes the request
+compute the blocks; once admitted asynchronously, it is reported in `load_failed` and its request
+computes them. A request that ends while loading just drops the load (its reads land in host buffers,
+never in its blocks, so the scheduler may free them at once: request_finished always returns False).
 """
 
 from __future__ import annotations
@@ -51,9 +60,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Buckets of kv_offload_load_seconds (request waiting for its load: from blocks allocated to KV in place).
 # Blocks copied off the device at a time at shutdown (a whole GPU cache at once could need as much again).
 PERSIST_CHUNK_BLOCKS = 256
+# The longest the scheduler waits for a load to land so that its request computes in this step (only for
+# loads the cost model expects to read within it): the stall every running request pays once, against
+# the whole step the loading request waits otherwise (SmolLM2-135M, 2 vCPUs: a 27-block disk load waited
+# 3 ms, median; a decode step of two requests took ~35 ms, a step with a 134-token prefill ~300 ms).
+SYNC_LOAD_SECONDS = 0.02
+# Buckets of kv_offload_load_seconds (a load's read started, to its KV in place).
 LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -64,12 +78,15 @@ class _Match:
     first_block: int  # index in the request of the first block to load (after the device's hit)
     keys: list[BlockKey]
     tiers: list[Tier]
+    pending: PendingLoad  # the read, started when matched (kept while the request waits for room)
+    at_once: bool = False  # supplied at once (landed when matched): its request does not wait
 
 
 @dataclass
 class _Load:
     pending: PendingLoad
     block_ids: list[int]  # the request's blocks the load writes
+    waiting: bool = True  # its request waits in the scheduler (finished_loading tells it to run)
 
 
 class _Histogram:
@@ -90,10 +107,13 @@ class OffloadConnector:
         spec: KVCacheSpec,
         kv_cache: KVCache | None = None,
         prefill_tokens_per_second: float | None = None,
+        sync_load_seconds: float = SYNC_LOAD_SECONDS,
     ) -> None:
         """`kv_cache`: the engine's; with it, loads the I/O thread finished are written in at
-        get_finished(), so their requests run one step sooner than at the next start_load_kv."""
+        get_finished(), so their requests run one step sooner than at the next start_load_kv.
+        `sync_load_seconds`: the longest wait for a load in the scheduler (0: every load is asynchronous)."""
         self.store = store
+        self.sync_load_seconds = sync_load_seconds
         self.block_size = spec.block_size
         self.kv_cache = kv_cache
         self.cost = LoadCostModel(spec.block_size, spec.bytes_per_block, prefill_tokens_per_second)
@@ -139,13 +159,29 @@ class OffloadConnector:
     # ------------------------------------------------------------------ scheduler side
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        self._matches.pop(request.request_id, None)
-        self._declined.pop(request.request_id, None)
+        request_id = request.request_id
+        self._declined.pop(request_id, None)
+        keys, tiers = self._held_run(request, num_computed_tokens)
+        count = self.cost.blocks_worth_loading([t.name for t in tiers]) if keys else 0
+        self._declined[request_id] = len(keys) - count  # counted once admitted (asked each retry)
+        if count == 0:
+            self._drop_match(request_id)
+            return 0, False
+        match = self._match(request_id, num_computed_tokens // self.block_size, keys[:count], tiers[:count])
+        if match.pending.error is not None:  # read before admission: the request computes the blocks
+            self._drop_match(request_id)
+            self._count_failure(request_id, match.pending.error)
+            return 0, False
+        match.at_once = self.sync_load_seconds > 0 and match.pending.done
+        return count * self.block_size, not match.at_once
+
+    def _held_run(self, request: Request, num_computed_tokens: int) -> tuple[list[BlockKey], list[Tier]]:
+        """The consecutive blocks after the device's prefix hit that a tier holds, and their tiers."""
         bs = self.block_size
         num_full = (request.num_tokens - 1) // bs  # the last token is always computed: it is sampled from
         first = num_computed_tokens // bs
         if request.wants_prompt_logprobs or num_computed_tokens % bs or first >= num_full or self.store.empty:
-            return 0, False
+            return [], []
         keys, tiers = [], []
         for index, key in enumerate(_chain(request.all_token_ids, bs, num_full, request.block_root)):
             if index < first:
@@ -155,33 +191,53 @@ class OffloadConnector:
                 break
             keys.append(key)
             tiers.append(tier)
-        if not keys:
-            return 0, False
-        count = self.cost.blocks_worth_loading([t.name for t in tiers])
-        self._declined[request.request_id] = len(keys) - count  # counted once admitted (asked each retry)
-        if count == 0:
-            return 0, False
-        self._matches[request.request_id] = _Match(first, keys[:count], tiers[:count])
-        return count * bs, True
+        return keys, tiers
+
+    def _match(self, request_id: str, first: int, keys: list[BlockKey], tiers: list[Tier]) -> _Match:
+        """The request's read of these blocks: the one started at an earlier ask (a request waiting for
+        room is asked every step), or a new one, waited for up to sync_load_seconds when the cost model
+        expects it to land within that."""
+        match = self._matches.get(request_id)
+        if match is not None and match.first_block == first and match.keys == keys:
+            return match
+        self._drop_match(request_id)
+        match = _Match(first, keys, tiers, self.store.start_load(keys, tiers))
+        self._matches[request_id] = match
+        expected = self.cost.load_seconds([t.name for t in tiers])
+        if self.sync_load_seconds > 0 and expected <= self.sync_load_seconds:
+            self.store.wait_for(match.pending, self.sync_load_seconds)
+        return match
+
+    def _drop_match(self, request_id: str) -> None:
+        match = self._matches.pop(request_id, None)
+        if match is not None:
+            self.store.release(match.pending)  # reads in flight land in their own buffers, then dropped
+
+    def _count_failure(self, request_id: str, reason: str) -> None:
+        logger.warning("KV offload: request %s computes its prefix again (%s)", request_id, reason)
+        self.num_loads_failed += 1
 
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
         match = self._matches.pop(request.request_id, None)
         self.num_loads_declined += self._declined.pop(request.request_id, 0)
-        count = num_external_tokens // self.block_size
-        if match is None or count == 0:
+        if match is None:
             return
-        keys, tiers = match.keys[:count], match.tiers[:count]
+        count = num_external_tokens // self.block_size
+        if count != len(match.keys):  # 0: another connector supplied the request (or none did)
+            self.store.release(match.pending)
+            return
         targets = list(block_ids[match.first_block : match.first_block + count])
-        self._loads[request.request_id] = _Load(self.store.start_load(keys, tiers), targets)
+        # Landed already: written in at the next start_load_kv, before the forward that computes the rest.
+        self._loads[request.request_id] = _Load(match.pending, targets, waiting=not match.at_once)
         self.num_loads += 1
 
     def on_blocks_evicted(self, blocks: list[EvictedBlock]) -> None:
         self._evicted.extend(blocks)
 
     def request_finished(self, request: Request) -> bool:
-        self._matches.pop(request.request_id, None)
+        self._drop_match(request.request_id)
         self._declined.pop(request.request_id, None)
         load = self._loads.pop(request.request_id, None)
         if load is not None:
@@ -248,11 +304,8 @@ class OffloadConnector:
     def _finish_load(self, request_id: str, load: _Load, kv_cache: KVCache) -> None:
         pending = load.pending
         try:
-            if pending.error is not None:
-                logger.warning(
-                    "KV offload: request %s computes its prefix again (%s)", request_id, pending.error
-                )
-                self.num_loads_failed += 1
+            if pending.error is not None:  # only a request waiting for it: an at-once load had landed
+                self._count_failure(request_id, pending.error)
                 self._events.load_failed.add(request_id)
                 return
             start = time.perf_counter()
@@ -275,7 +328,8 @@ class OffloadConnector:
             tier.counters.load_bytes += block_bytes
         self.cost.observe_load(pending.tier.name, pending.nbytes, seconds)
         self._load_seconds[pending.tier.name].observe(time.perf_counter() - pending.started)
-        self._events.finished_loading[request_id] = []
+        if load.waiting:
+            self._events.finished_loading[request_id] = []
 
     # ------------------------------------------------------------------ KV events (for a router)
 

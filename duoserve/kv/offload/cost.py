@@ -68,6 +68,10 @@ class LoadCostModel:
         load = self.block_bytes / self.bytes_per_second[tier]
         return load / (self.block_size / self.prefill_tokens_per_second)
 
+    def load_seconds(self, tiers: list[str]) -> float:
+        """How long reading blocks held by `tiers` (one name per block) should take, by the read speeds."""
+        return sum(self.block_bytes / self.bytes_per_second[tier] for tier in tiers)
+
     def blocks_worth_loading(self, tiers: list[str]) -> int:
         """How many of a run of blocks (held by `tiers`, in order) to load; 0: compute them all."""
         recompute = self.block_size / self.prefill_tokens_per_second

@@ -60,15 +60,21 @@ class IOWorker:
 
     def wait(self, timeout: float) -> bool:
         """Poll until every submitted job has finished and its callback ran; False if `timeout` passed."""
+        return self.wait_for(lambda: self._pending == 0, timeout)
+
+    def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Poll, waiting up to `timeout` for jobs to finish, until `done()` (which their callbacks make
+        true, e.g. a load's reads landed); returns done(). Callbacks of other jobs run meanwhile, as in
+        poll()."""
         deadline = time.monotonic() + timeout
-        while self._pending:
+        while not done():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
+            if remaining <= 0 or self._pending == 0:
+                return done()
             try:
                 on_done, result, error = self._done.get(timeout=remaining)
             except queue.Empty:
-                return False
+                return done()
             self._pending -= 1
             on_done(result, error)
         return True

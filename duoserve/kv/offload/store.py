@@ -143,6 +143,13 @@ class TieredStore:
         if self.io is not None:
             self.io.poll()
 
+    def wait_for(self, load: PendingLoad, timeout: float) -> bool:
+        """Wait up to `timeout` for one load's reads (the I/O thread's other callbacks run meanwhile);
+        whether they all landed (or failed: see load.error)."""
+        if load.done or self.io is None:
+            return load.done
+        return self.io.wait_for(lambda: load.done, timeout)
+
     def wait(self, timeout: float) -> bool:
         """Wait for every queued file write and read (tests, shutdown); False if `timeout` passed."""
         return self.io is None or self.io.wait(timeout)

@@ -1,6 +1,7 @@
 """OffloadConnector driven through its KVConnector hooks in the engine's order, with a real KVCache and
 real block data: evicted blocks come back bit-exact into the requests' blocks, bad files fail loads
-(never served), aborts leak nothing, and the cost model can decline a load."""
+(never served), aborts leak nothing, and the cost model can decline a load. Loads are asynchronous
+unless a test asks for the brief wait that supplies a landed load at once (sync_load_seconds)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def make_connector(request, tmp_path, cache):
     machine's timing: the choice itself is tested with speeds set on purpose."""
     made = []
 
-    def make(ram_blocks: int = 2) -> OffloadConnector:
+    def make(ram_blocks: int = 2, sync_load_seconds: float = 0.0) -> OffloadConnector:
         io = IOWorker()
         tiers = [HostTier(ram_blocks * LAYOUT.nbytes(1), LAYOUT)] if request.param == "cpu+disk" else []
         tiers.append(DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, io))
-        connector = OffloadConnector(TieredStore(tiers, io), SPEC, cache, prefill_tokens_per_second=1.0)
+        store = TieredStore(tiers, io)
+        connector = OffloadConnector(store, SPEC, cache, 1.0, sync_load_seconds=sync_load_seconds)
         made.append(connector)
         return connector
 
@@ -134,7 +136,73 @@ def test_blocks_of_another_chain_root_never_match(make_connector, cache):
     adapted = make_request("a", PROMPT)
     adapted.block_root = 12345
     assert connector.get_num_new_matched_tokens(adapted, 0) == (0, False)
-    assert connector.get_num_new_matched_tokens(make_request("b", PROMPT), 0) == (12, True)
+    base = make_request("b", PROMPT)
+    assert connector.get_num_new_matched_tokens(base, 0) == (12, True)
+    connector.request_finished(base)  # its read, started when matched, is dropped
+
+
+def test_a_load_that_lands_within_the_wait_is_supplied_at_once(make_connector, cache):
+    """Waited for in the scheduler (it lands long before WAIT_S), it is written in before the step's
+    forward, so the request computes the rest in the step that admitted it: it never waits for a
+    finished_loading event (an asynchronous load costs its request the whole step it lands in)."""
+    connector = make_connector(sync_load_seconds=WAIT_S)
+    held = evict(connector, cache, PROMPT, [0, 1, 2])
+    request = make_request("b", PROMPT)
+    assert connector.get_num_new_matched_tokens(request, 0) == (12, False)
+    connector.update_state_after_alloc(request, [7, 8, 9, 10], 12)
+    connector.start_load_kv(cache)  # before this step's forward: no waiting, no polling
+    assert torch.equal(cache.data[:, :, [7, 8, 9]], held)
+    assert connector.get_finished() == ConnectorEvents()  # the scheduler has nothing to apply
+    stats = connector.stats()
+    tiers = {t.name for t in connector.store.tiers}
+    assert stats["kv_offload_loads"] == 1 and sum(stats[f"kv_offload_hits:{t}"] for t in tiers) == 3
+
+
+def test_a_load_expected_to_take_longer_than_the_wait_is_not_waited_for(make_connector, cache):
+    connector = make_connector(sync_load_seconds=0.5)
+    held = evict(connector, cache, PROMPT, [0, 1, 2])
+    for tier in connector.store.tiers:  # 1 s a block: 3 s, worth it against 4 s a block computed
+        connector.cost.bytes_per_second[tier.name] = float(LAYOUT.nbytes(1))
+    request = make_request("b", PROMPT)
+    waited = []
+    connector.store.wait_for = lambda load, timeout: waited.append(timeout)  # a spy: never to be called
+    assert connector.get_num_new_matched_tokens(request, 0) == (12, True) and not waited
+    connector.update_state_after_alloc(request, [7, 8, 9, 10], 12)
+    assert next_events(connector).finished_loading == {"b": []}
+    assert torch.equal(cache.data[:, :, [7, 8, 9]], held)
+
+
+def test_a_request_waiting_for_room_keeps_its_read_and_drops_it_when_it_ends(make_connector, cache):
+    connector = make_connector(sync_load_seconds=WAIT_S)
+    evict(connector, cache, PROMPT, [0, 1, 2])
+    request = make_request("b", PROMPT)
+    reads = []
+    start_load = connector.store.start_load
+    connector.store.start_load = lambda keys, tiers: reads.append(keys) or start_load(keys, tiers)
+    for _ in range(3):  # asked at every step while the pool has no room for it
+        assert connector.get_num_new_matched_tokens(request, 0) == (12, False)
+    assert len(reads) == 1
+    assert sum(t.num_pinned() for t in connector.store.tiers) == 3
+    connector.request_finished(request)  # it ends before it is admitted: unpinned (checked by the fixture)
+    assert connector.get_finished() == ConnectorEvents()
+
+
+def test_a_corrupt_file_read_before_admission_is_never_served(make_connector, cache):
+    connector = make_connector(ram_blocks=1, sync_load_seconds=WAIT_S)  # with a RAM tier, blocks 0, 1 on disk
+    held = evict(connector, cache, PROMPT, [0, 1, 2])
+    path = connector.store.tiers[-1].path(chain(PROMPT)[1].block_hash)
+    with open(path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\xff\xfe\xfd")
+    request = make_request("b", PROMPT)
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)  # it computes them all
+    connector.update_state_after_alloc(request, [7, 8, 9, 10], 0)
+    connector.start_load_kv(cache)
+    assert (cache.data[:, :, [7, 8, 9]] != held).any()
+    assert connector.get_finished() == ConnectorEvents()
+    stats = connector.stats()
+    assert stats["kv_offload_dropped:disk:corrupt"] == 1 and stats["kv_offload_load_failures"] == 1
+    assert stats["kv_offload_loads"] == 0
 
 
 def test_the_prompts_last_token_is_always_computed(make_connector, cache):
@@ -142,6 +210,7 @@ def test_the_prompts_last_token_is_always_computed(make_connector, cache):
     evict(connector, cache, PROMPT, [0, 1, 2])
     exact = make_request("b", PROMPT[:12])  # 3 full blocks: the third holds the token sampled from
     assert connector.get_num_new_matched_tokens(exact, 0) == (8, True)
+    connector.request_finished(exact)
     with_logprobs = make_request("c", PROMPT, prompt_logprobs=1)  # computes every position itself
     assert connector.get_num_new_matched_tokens(with_logprobs, 0) == (0, False)
 
@@ -190,6 +259,7 @@ def test_a_corrupt_file_fails_the_load_and_is_never_served(make_connector, cache
     assert stats["kv_offload_dropped:disk:corrupt"] == 1 and stats["kv_offload_load_failures"] == 1
     # Computed again, as the scheduler does on load_failed: the chain now stops before the bad block.
     assert connector.get_num_new_matched_tokens(request, 0) == (4, True)
+    connector.request_finished(request)
 
 
 def test_an_aborted_load_writes_nothing_and_leaks_nothing(make_connector, cache):

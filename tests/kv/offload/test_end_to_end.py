@@ -143,6 +143,36 @@ def test_concurrent_returning_turns_load_their_history_once_under_pressure(tiny_
     llm.close()
 
 
+@pytest.mark.parametrize("sync_load_seconds", [0.0, 30.0])
+def test_a_returning_prompt_whose_load_lands_in_time_gets_its_first_token_in_its_first_step(
+    tiny_models, tmp_path, sync_load_seconds
+):
+    """Waited for in the scheduler (30 s: it always lands), the load is written in before the forward
+    and the rest of the prompt computed in the same step; asynchronous (0), the request waits for the
+    step its load lands in to end: a whole step of the others' work (issue 14's evicted/tier TTFT)."""
+    _, path = tiny_models("llama_gqa")
+    prompts = conversations(3, 3)
+    llm = make_llm(path, kv_offload_dir=str(tmp_path / "kv"))
+    connector = offload_of(llm)
+    always_load(connector)
+    connector.sync_load_seconds = sync_load_seconds
+    run(llm, prompts[:3])  # conversation 0
+    run(llm, [random_prompt(80, seed=7), random_prompt(80, seed=8)])  # twice the pool: all of it evicted
+    assert connector.store.wait(30.0)
+    core = llm.engine.core
+    core.add_request("back", prompts[2], GREEDY, [])  # its last turn again: 9 blocks on disk, 3 tokens new
+    steps = 1
+    while not any(out.request_id == "back" and out.new_token_ids for out in core.step()):
+        assert connector.store.wait(30.0)  # the load lands before the next step, however slow the disk
+        steps += 1
+    assert connector.num_loads == 1 and core.stats()["kv_offload_hits:disk"] == 9
+    assert steps == 1 if sync_load_seconds else steps >= 2
+    while core.has_unfinished():
+        core.step()
+    assert_nothing_held(llm, connector)
+    llm.close()
+
+
 def test_aborts_while_loading_leak_no_block_on_either_tier(tiny_models, tmp_path):
     _, path = tiny_models("llama_gqa")
     prompts = conversations(3, 3)
