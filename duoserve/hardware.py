@@ -99,11 +99,12 @@ from pathlib import Path
 import torch
 
 from duoserve import int4pack
+from duoserve.cpu_kernels import int8_mm_available
 
 logger = logging.getLogger(__name__)
 
 # The features the table reads, as Linux's /proc/cpuinfo names them (x86 "flags", aarch64 "Features").
-X86_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "f16c")
+X86_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512vbmi", "avx2", "fma", "f16c")
 ARM_FEATURES = ("asimd", "bf16", "sve", "i8mm")
 
 # The row threshold's prior where no measurement ran: measured on a 2-core Xeon with AMX, where the
@@ -120,9 +121,15 @@ INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against 
 # (dequantized tiles and the dense GEMM).
 DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
+# Where no measurement ran, bfloat16 models' 4-bit and 8-bit linears run duoserve's fused kernels
+# (int4pack.fused_matmul; models/csrc/int8_mm_cpu.cpp) on steps of this many rows, on CPUs they are
+# built for (AVX512-BF16, and VBMI for the 4-bit one).
+PRIOR_INT4_FUSED_ROWS = (8, 64)
+PRIOR_INT8_FUSED_ROWS = (8, 64)
 # What the cached timings measured: a cache of another version is measured again. 2: the many-rows
-# path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix).
-MEASUREMENT_VERSION = 2
+# path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix); 3: and
+# the fused kernels where they build, with the 8-bit codes' other two paths.
+MEASUREMENT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,8 @@ RULES: dict[str, Rule] = {
 
 # Seconds per call of a matmul, keyed (format, rows); format is float32, bfloat16 (dense), q4 (torch's
 # 4-bit kernel on the codes, bfloat16 activations) or tiles (the many-rows path of the same codes:
-# dequantized tiles and the dense bfloat16 GEMM on each, as models/linear.py runs it).
+# dequantized tiles and the dense bfloat16 GEMM on each, as models/linear.py runs it) or fused
+# (duoserve's fused kernel on the codes, where it builds).
 Timings = Mapping[tuple[str, int], float]
 
 
@@ -205,6 +213,10 @@ class HostDefaults:
     float32_quantized_max_rows: int = PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
     # How float32 models' kernels round activations (int16 or int8): INT8_ACTIVATIONS.
     quantized_activations: str = "int16"
+    # bfloat16 models' 4-bit linears run duoserve's fused kernel on steps of [low, high] rows ((0, 0):
+    # never), before the threshold above is consulted.
+    int4_fused_rows: tuple[int, int] = (0, 0)
+    int8_fused_rows: tuple[int, int] = (0, 0)  # and the 8-bit ones
 
     def quantized_max_rows_for(self, dtype: torch.dtype) -> int:
         """Rows up to which a model of `dtype` reads its 4/8-bit codes (0: never)."""
@@ -226,6 +238,9 @@ class HostDefaults:
             codes = f"4/8-bit decode kernels up to {self.quantized_max_rows} rows"
         else:
             codes = "no 4/8-bit decode kernels (slower than dense here)"
+        for bits, (low, high) in ((4, self.int4_fused_rows), (8, self.int8_fused_rows)):
+            if self.dtype == _BF16 and high:
+                codes += f", fused {bits}-bit kernel at {low}-{high} rows"
         why = self.reason if self.measured_on is None else f"measured {self.measured_on}: {self.reason}"
         return (
             f"host: {self.cpu.summary()}, {self.num_threads} threads -> dtype {dtype}, {codes}, "
@@ -242,7 +257,8 @@ def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
     dtype, reason = rule.dtype, rule.reason
     if rule.measure:
         fp32 = timings["float32", 1] * timings["float32", PREFILL_ROWS]
-        bf16 = min(timings["bfloat16", 1], timings["q4", 1]) * timings["bfloat16", PREFILL_ROWS]
+        decode = min(timings["bfloat16", 1], timings["q4", 1], timings.get(("fused", 1), math.inf))
+        bf16 = decode * timings["bfloat16", PREFILL_ROWS]
         dtype = _BF16 if bf16 < fp32 else _FP32
         faster = "bf16" if dtype == _BF16 else "fp32"
         reason = f"{faster} {math.sqrt(max(fp32, bf16) / min(fp32, bf16)):.1f}x faster (decode x prefill)"
@@ -255,6 +271,36 @@ def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
     return dtype, rows, f"{reason}; 4-bit {speedup:.1f}x bf16 dense at 1 row"
 
 
+def fused_rows(timings: Timings, max_rows: int, bits: int = 4) -> tuple[int, int]:
+    """The rows bfloat16 models' 4-bit (8-bit) linears run a fused kernel on, from the timings: the run
+    of consecutive measured sizes, ending at the largest where it wins, at which it beats what would run
+    instead (torch's kernel up to `max_rows`, tiles above). (0, 0) where it never wins or was not timed.
+    Sizes between two measured ones take the fused kernel only inside the run."""
+    fused, codes, tiles = ("fused", "q4", "tiles") if bits == 4 else ("fused8", "q8", "tiles8")
+
+    def wins(rows: int) -> bool:
+        if (fused, rows) not in timings:
+            return False
+        return timings[fused, rows] < timings[codes if rows <= max_rows else tiles, rows]
+
+    won = [rows for rows in DECODE_ROWS if wins(rows)]
+    if not won:
+        return 0, 0
+    high = low = won[-1]
+    for rows in reversed(DECODE_ROWS[: DECODE_ROWS.index(high)]):
+        if not wins(rows):
+            break
+        low = rows
+    return low, high
+
+
+def fused_capable(cpu: CpuInfo, bits: int = 4) -> bool:
+    """Whether the fused 4-bit (8-bit) kernel is built for this CPU (models/csrc/int4pack_mm_cpu.cpp,
+    int8_mm_cpu.cpp)."""
+    needs = {"avx512_bf16", "avx512f"} | ({"avx512vbmi"} if bits == 4 else set())
+    return needs <= cpu.features
+
+
 def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> HostDefaults:
     """The defaults for a CPU; `measure` (None: priors only) is called where the table leaves a choice."""
     rule = RULES[cpu.level]
@@ -262,6 +308,11 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
     open_choice = rule.measure or rule.dtype == _BF16
     timings = measure(cpu) if measure is not None and open_choice else None
     dtype, rows, reason = decide(rule, timings)
+    if timings is not None:
+        fused, fused8 = fused_rows(timings, rows), fused_rows(timings, rows, bits=8)
+    else:
+        fused = PRIOR_INT4_FUSED_ROWS if fused_capable(cpu) else (0, 0)
+        fused8 = PRIOR_INT8_FUSED_ROWS if fused_capable(cpu, bits=8) else (0, 0)
     return HostDefaults(
         cpu=cpu,
         dtype=dtype,
@@ -272,6 +323,8 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
         timings={f"{fmt}@{rows}": t for (fmt, rows), t in (timings or {}).items()},
         quantized_activations="int8" if cpu.level in INT8_ACTIVATIONS else "int16",
+        int4_fused_rows=fused,
+        int8_fused_rows=fused8,
     )
 
 
@@ -446,20 +499,36 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     scales = torch.full((width // 32, out, 2), 0.01, dtype=torch.bfloat16)
     many_rows = _int4_many_rows(packed, scales, out, width, weights["bfloat16"])
+    int8 = (codes * 16 - 120).to(torch.int8)  # int8 codes of the same matrix size (Int8Linear's layout)
+    row_scales = torch.full((out,), 0.01, dtype=torch.bfloat16)
+    int8_tiles = _int8_many_rows(int8, row_scales)
 
     def matmul(fmt: str, x: torch.Tensor, rows_of_w: int) -> Callable[[], object]:
         if fmt == "q4":
             return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales)
+        if fmt == "fused":
+            return lambda: int4pack.fused_matmul(x, packed, scales)
         if fmt == "tiles":
             return lambda: many_rows(x)
+        if fmt == "q8":
+            return lambda: torch.ops.aten._weight_int8pack_mm(x, int8, row_scales)
+        if fmt == "tiles8":
+            return lambda: int8_tiles(x)
+        if fmt == "fused8":
+            return lambda: torch.ops.duoserve_cpu.int8_mm(x, int8, row_scales)
         w = weights[fmt][:rows_of_w]
         return lambda: torch.nn.functional.linear(x, w)
 
     timings: dict[tuple[str, int], float] = {}
+    formats = ["float32", "bfloat16", "q4", "tiles"]
+    if int4pack.fused_matmul_available():
+        formats.append("fused")
+    if int8_mm_available():  # the 8-bit paths are timed only where there is a choice to make
+        formats += ["q8", "tiles8", "fused8"]
     with torch.inference_mode():
-        for fmt in ("float32", "bfloat16", "q4", "tiles"):
+        for fmt in formats:
             dtype = _FP32 if fmt == "float32" else _BF16
-            for rows in DECODE_ROWS if fmt in ("q4", "tiles") else (1,):
+            for rows in (1,) if fmt in ("float32", "bfloat16") else DECODE_ROWS:
                 x = torch.randn(rows, width, generator=generator).to(dtype)
                 timings[fmt, rows] = _best_seconds(matmul(fmt, x, out))
             if fmt in ("float32", "bfloat16"):
@@ -467,6 +536,25 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
                 # Per row of the full matrix, so that it compares with the decode timings' matrix.
                 timings[fmt, PREFILL_ROWS] = _best_seconds(matmul(fmt, x, 512)) * out / 512
     return timings
+
+
+def _int8_many_rows(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ (codes * scales).T as a bfloat16 model's 8-bit linear runs steps above its threshold
+    (models/linear.py's Int8Linear): tiles of the codes as bfloat16, the dense GEMM, the row scales."""
+    out, width = codes.shape
+    step = int4pack.tile_rows(width, 64)
+    tile = torch.empty(step, width, dtype=_BF16)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], out, dtype=x.dtype)
+        for start in range(0, out, step):
+            end = min(start + step, out)
+            part = tile[: end - start]
+            part.copy_(codes[start:end])
+            torch.mul(torch.nn.functional.linear(x, part), scales[start:end], out=y[:, start:end])
+        return y
+
+    return run
 
 
 def _int4_many_rows(
