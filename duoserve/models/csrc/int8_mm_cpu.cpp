@@ -84,7 +84,7 @@ struct Problem {
 
 // ROWS (1-4) rows of x from `first` against 4 converted output rows w (bfloat16 [4, K]) -> y[:, n..n+3].
 template <int ROWS>
-void tile(const Problem& t, int64_t first, const uint16_t* w, int64_t n) {
+__attribute__((noinline)) void tile(const Problem& t, int64_t first, const uint16_t* w, int64_t n) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < t.k; c += kChunk) {
