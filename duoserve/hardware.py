@@ -48,9 +48,11 @@ The gate (INT8_GATE): against dense float32 on SmolLM2-135M Q4_1, mean KL diverg
 distributions at most 1e-3 (llama.cpp rounds activations to the same q8 blocks) and p99 at most 1e-2.
 
 "4/8-bit codes up to": in a bfloat16 model, steps of up to that many rows read the GGUF 4/8-bit codes
-with torch's kernels; "fp32:" the same in a float32 model, with duoserve's. The attention kernel is
-compiled -march=native, so its ISA follows the host: the column says which of its fast paths (AVX-512
-with or without AVX512-BF16 dot products, AVX2, or the auto-vectorized generic loop) runs.
+with torch's kernels or, at the rows measured faster, duoserve's fused ones (AVX512-BF16 hosts, and
+AVX512-VBMI for the 4-bit one; see below); "fp32:" the same in a float32 model, with duoserve's. The
+attention kernel is compiled -march=native, so its ISA follows the host: the column says which of its
+fast paths (AVX-512 with or without AVX512-BF16 dot products, AVX2, or the auto-vectorized generic
+loop) runs.
 
 The 4/8-bit kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) accept float32 activations
 too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quantized_activations.py
@@ -58,16 +60,21 @@ too, but ran 15x slower with them than with bfloat16 (a Zen 1, `benchmarks/quant
 
 "Measured": where the capabilities leave a choice open, a short measurement at first start decides it
 (`measure_formats`: float32 and bfloat16 matmuls of 1 and 64 rows, and the 4-bit codes at 1-64 rows
-both ways a bfloat16 model runs them, weights twice the L3 cache; `duoserve env` took 5.4 s with it
-on a busy 2-core Zen 5, 2.6 s with the measurement of 1-16 rows before), cached on disk per
+every way a bfloat16 model runs them, the 8-bit ones too where the fused kernels build, weights twice
+the L3 cache; `duoserve env` took 5.4 s with it on a busy 2-core Zen 5 before the fused kernels, 2.6 s
+with the measurement of 1-16 rows before that), cached on disk per
 CPU (its flags) and torch version, like the attention kernel's build, and measured again when the
 cache is of another MEASUREMENT_VERSION.
 The decision from the timings (`decide`) is a pure function: dtype = the one whose product of decode
 time (1 row, its fastest kernel) and prefill time (64 rows, dense) is smaller; the row threshold = the
-most rows up to which torch's 4-bit kernel beats, at every measured size (DECODE_ROWS), what the engine
-runs above the threshold: dequantized tiles and the dense GEMM on each (models/linear.py keeps no
-dense copy). Comparing with a dense GEMM on a ready matrix instead, as before, chose 8 rows on a Zen 5
-where the tiles, then dequantized by torch ops, were 4-7x slower than the kernel at 8-16 rows; with
+most rows up to which the 4-bit codes (torch's kernel, or the fused one where timed) beat, at every
+measured size (DECODE_ROWS), what the engine runs above the threshold: dequantized tiles and the dense
+GEMM on each (models/linear.py keeps no dense copy). The fused kernels' ranges (`fused_rows`) = the run
+of measured sizes, ending at the largest where it wins, at which each beats what would run instead
+(torch's kernel up to the threshold, tiles above); the 8-bit codes get their own threshold from their
+own timings (torch's int8 kernel, int8 tiles, the fused int8 kernel). Comparing with a dense GEMM on a
+ready matrix instead, as before, chose 8 rows on a Zen 5 where the tiles, then dequantized by torch
+ops, were 4-7x slower than the kernel at 8-16 rows; with
 duoserve's C++ dequantization (int4pack.py) the kernel wins up to 16 rows and ties at 32
 (`benchmarks/int4_tiles.py --threads 1`, p10 ms per 2048 x 16384 matrix, a busy 2-core Zen 5):
 
@@ -77,6 +84,20 @@ duoserve's C++ dequantization (int4pack.py) the kernel wins up to 16 rows and ti
 | tiles, C++ dequantization          | 13.44 | 10.15 | 11.52 | 13.33 | 17.75 |
 | tiles, torch ops (before)          | 77.07 | 48.89 | 52.44 | 51.50 | 62.76 |
 | dense GEMM on a ready matrix       | 4.02  | 4.23  | 6.98  | 11.02 | 12.20 |
+
+The fused 4-bit kernel (models/csrc/int4pack_mm_cpu.cpp) then beat both from 4 rows on: the same
+benchmark, on a machine with another job at times (p10 ms, one thread), and the first-start measurement
+on a quiet one (2 threads; it chose codes up to 64 rows, the fused 4-bit kernel at 4-64, the 8-bit one
+at 16-64: at 32 rows 4.2 ms against 7.0 for int8 tiles and 8.3 for torch's int8 kernel):
+
+| rows                               | 1     | 8     | 16    | 32    | 64    |
+|------------------------------------|-------|-------|-------|-------|-------|
+| q4, one thread                     | 0.95  | 3.18  | 6.37  | 12.65 | 25.25 |
+| fused, one thread                  | 0.89  | 1.95  | 3.74  | 6.65  | 11.35 |
+| tiles, one thread                  | 8.64  | 9.38  | 10.38 | 12.74 | 16.63 |
+| q4, 2 threads (measure_formats)    | 0.47  | 1.65  | 3.46  | 6.74  | 13.64 |
+| fused, 2 threads                   | 0.49  | 0.86  | 1.53  | 3.05  | 5.94  |
+| tiles, 2 threads                   | 6.21  | 6.06  | 6.64  | 8.30  | 10.67 |
 
 `DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
 """
@@ -217,6 +238,9 @@ class HostDefaults:
     # never), before the threshold above is consulted.
     int4_fused_rows: tuple[int, int] = (0, 0)
     int8_fused_rows: tuple[int, int] = (0, 0)  # and the 8-bit ones
+    # bfloat16 models' 8-bit linears read their codes (fused kernel or torch's) up to this many rows,
+    # and at most quantized_max_rows: their own measurement, where it ran (None: quantized_max_rows).
+    int8_max_rows: int | None = None
 
     def quantized_max_rows_for(self, dtype: torch.dtype) -> int:
         """Rows up to which a model of `dtype` reads its 4/8-bit codes (0: never)."""
@@ -236,6 +260,8 @@ class HostDefaults:
             codes = "no 4/8-bit decode kernels"
         elif self.quantized_max_rows:
             codes = f"4/8-bit decode kernels up to {self.quantized_max_rows} rows"
+            if self.int8_max_rows is not None and self.int8_max_rows < self.quantized_max_rows:
+                codes += f" (8-bit: {self.int8_max_rows})"
         else:
             codes = "no 4/8-bit decode kernels (slower than dense here)"
         for bits, (low, high) in ((4, self.int4_fused_rows), (8, self.int8_fused_rows)):
@@ -262,13 +288,21 @@ def decide(rule: Rule, timings: Timings | None) -> tuple[torch.dtype, int, str]:
         dtype = _BF16 if bf16 < fp32 else _FP32
         faster = "bf16" if dtype == _BF16 else "fp32"
         reason = f"{faster} {math.sqrt(max(fp32, bf16) / min(fp32, bf16)):.1f}x faster (decode x prefill)"
+    speedup = timings["bfloat16", 1] / timings["q4", 1]
+    return dtype, codes_threshold(timings), f"{reason}; 4-bit {speedup:.1f}x bf16 dense at 1 row"
+
+
+def codes_threshold(timings: Timings, bits: int = 4) -> int:
+    """The most rows up to which the 4-bit (8-bit) codes, torch's kernel or the fused one where it was
+    timed, beat the tiles at every measured size (DECODE_ROWS). The fused kernel counts: an engine
+    whose threshold is 0 loads dense weights, and the fused kernel never runs."""
+    kernels, tiles = (("q4", "fused"), "tiles") if bits == 4 else (("q8", "fused8"), "tiles8")
     rows = 0
     for r in DECODE_ROWS:
-        if timings["q4", r] >= timings["tiles", r]:
+        if min(timings.get((kernel, r), math.inf) for kernel in kernels) >= timings[tiles, r]:
             break
         rows = r
-    speedup = timings["bfloat16", 1] / timings["q4", 1]
-    return dtype, rows, f"{reason}; 4-bit {speedup:.1f}x bf16 dense at 1 row"
+    return rows
 
 
 def fused_rows(timings: Timings, max_rows: int, bits: int = 4) -> tuple[int, int]:
@@ -308,8 +342,10 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
     open_choice = rule.measure or rule.dtype == _BF16
     timings = measure(cpu) if measure is not None and open_choice else None
     dtype, rows, reason = decide(rule, timings)
+    rows8 = None
     if timings is not None:
-        fused, fused8 = fused_rows(timings, rows), fused_rows(timings, rows, bits=8)
+        rows8 = codes_threshold(timings, bits=8) if ("q8", 1) in timings else None
+        fused, fused8 = fused_rows(timings, rows), fused_rows(timings, rows8, bits=8)
     else:
         fused = PRIOR_INT4_FUSED_ROWS if fused_capable(cpu) else (0, 0)
         fused8 = PRIOR_INT8_FUSED_ROWS if fused_capable(cpu, bits=8) else (0, 0)
@@ -325,6 +361,7 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         quantized_activations="int8" if cpu.level in INT8_ACTIVATIONS else "int16",
         int4_fused_rows=fused,
         int8_fused_rows=fused8,
+        int8_max_rows=rows8,
     )
 
 

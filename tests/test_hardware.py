@@ -315,23 +315,33 @@ def with_fused(measured: dict, fused: tuple) -> dict:
     return out
 
 
-# (fused timings at 1, 4, 8, 16, 32, 64 rows against ZEN5_LIKE, whose threshold is 16) -> range
+# (fused timings at 1, 4, 8, 16, 32, 64 rows against ZEN5_LIKE, where torch's kernel beats the tiles up
+# to 16 rows) -> (fused range, threshold of the codes, either kernel)
 FUSED = [
-    ((2, 2, 2, 3, 5, 9), (8, 64)),  # beats torch's kernel from 8 rows, the tiles from 32: 8-64
-    ((0.5, 1, 2, 3, 5, 9), (1, 64)),  # wins everywhere
-    ((2, 2, 5, 8, 5, 9), (32, 64)),  # loses to torch's kernel at 8-16: only above the threshold
-    ((2, 1, 2, 8, 5, 9), (32, 64)),  # a loss at 16 ends the run that reaches 64
-    ((2, 2, 2, 3, 5, 20), (8, 32)),  # loses to the tiles at 64
-    ((9, 9, 9, 9, 20, 20), (0, 0)),  # never
+    ((2, 2, 2, 3, 5, 9), (8, 64), 64),  # beats torch's kernel from 8 rows, the tiles from 32: 8-64
+    ((0.5, 1, 2, 3, 5, 9), (1, 64), 64),  # wins everywhere
+    ((2, 2, 5, 8, 5, 9), (32, 64), 64),  # loses to torch's kernel at 8-16: 32-64 only
+    ((2, 1, 2, 8, 5, 9), (32, 64), 64),  # a loss at 16 ends the run that reaches 64
+    ((2, 2, 2, 3, 5, 20), (8, 32), 32),  # loses to the tiles at 64
+    ((9, 9, 9, 9, 20, 20), (0, 0), 16),  # never: the threshold is torch's kernel's
 ]
 
 
-@pytest.mark.parametrize(("fused", "expected"), FUSED)
-def test_fused_range_is_measured(fused, expected):
+@pytest.mark.parametrize(("fused", "expected", "threshold"), FUSED)
+def test_fused_range_is_measured(fused, expected, threshold):
     measured = with_fused(ZEN5_LIKE, fused)
-    assert fused_rows(measured, decide(RULES["avx512_bf16"], measured)[1]) == expected
+    assert decide(RULES["avx512_bf16"], measured)[1] == threshold
+    assert fused_rows(measured, threshold) == expected
     host = defaults_for(cpu(*ZEN5), lambda info: measured)
-    assert host.int4_fused_rows == expected and host.quantized_max_rows == 16
+    assert host.int4_fused_rows == expected and host.quantized_max_rows == threshold
+
+
+def test_a_fused_kernel_keeps_the_codes_where_torchs_never_wins():
+    """An engine whose threshold is 0 loads dense weights: where only the fused kernel beats the tiles,
+    the threshold must still let it run."""
+    measured = with_fused(timings((10, 100), (5, 50), (6,) * 6, (5,) * 6), (1, 1, 2, 3, 4, 9))
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert (host.quantized_max_rows, host.int4_fused_rows) == (32, (1, 32))
 
 
 def test_no_fused_timings_no_fused_range():
@@ -350,9 +360,13 @@ def test_8bit_range_compares_the_8bit_paths():
         measured["q8", rows], measured["tiles8", rows], measured["fused8", rows] = q8, tiles8, fused8
     host = defaults_for(cpu(*ZEN5), lambda info: measured)
     assert (host.quantized_max_rows, host.int8_fused_rows, host.int4_fused_rows) == (16, (4, 32), (0, 0))
+    assert host.int8_max_rows == 32  # its own threshold, capped by the 4-bit one where linears are built
     assert "fused 8-bit kernel at 4-32 rows" in host.describe()
+    measured["tiles8", 16] = 5  # the 8-bit codes lose to their tiles from 16 rows on
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert host.int8_max_rows == 8 and "up to 16 rows (8-bit: 8)" in host.describe()
 
 
 def test_describe_says_the_fused_range():
     host = defaults_for(cpu(*ZEN5), lambda info: with_fused(ZEN5_LIKE, FUSED[0][0]))
-    assert "4/8-bit decode kernels up to 16 rows, fused 4-bit kernel at 8-64 rows" in host.describe()
+    assert "4/8-bit decode kernels up to 64 rows, fused 4-bit kernel at 8-64 rows" in host.describe()
