@@ -3,7 +3,8 @@
     python benchmarks/int4_tiles.py [--out 16384] [--width 2048] [--rows 1 8 16 32 64] [--repeats 7]
 
 Times (p10 / median ms over --repeats calls, after a warm-up): torch's int4 kernel on the codes
-(`q4`); the many-rows path, dequantized tiles of --tile-values values + the dense GEMM on each, with
+(`q4`); duoserve's fused kernel on the same codes (`fused`, int4pack.fused_matmul, where it builds for
+this CPU); the many-rows path, dequantized tiles of --tile-values values + the dense GEMM on each, with
 the tiles from duoserve's C++ op (`tiles`) and from the torch ops (`tiles/torch`); the dequantization
 alone both ways; and the dense bfloat16 GEMM on a ready matrix (`dense`, what a
 dense copy would cost).
@@ -56,7 +57,11 @@ def main() -> None:
     pairs = (torch.randn(width // 32, out, 2, generator=generator) * 0.01).bfloat16()
     dense = torch.randn(out, width, generator=generator).bfloat16()
     fast = int4pack.fast_dequantize_available()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block {block}, C++ op {fast}")
+    fused = int4pack.fused_matmul_available()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, block {block}, C++ op {fast}, "
+        f"fused kernel {fused}"
+    )
 
     def dequantize(values: int, torch_ops: bool) -> Callable[[], object]:
         step = int4pack.tile_rows(width, block, values)
@@ -98,7 +103,8 @@ def main() -> None:
             if not args.skip_torch_tiles:
                 cell = timed(dequantize(values, True), args.repeats)
                 print(f"dequantize, torch ops, tiles of {rows_per_tile} rows: {cell[0]:.2f} / {cell[1]:.2f}")
-        header = ["q4", "dense"]
+        header = ["q4", "fused"] if fused else ["q4"]
+        header.append("dense")
         header += [f"tiles {int4pack.tile_rows(width, block, v)}" for v in args.tile_values]
         if not args.skip_torch_tiles:
             header.append("tiles/torch")
@@ -106,10 +112,10 @@ def main() -> None:
         print("|---" * (len(header) + 1) + "|")
         for rows in args.rows:
             x = torch.randn(rows, width, generator=generator).bfloat16()
-            runs = [
-                lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, pairs),
-                lambda x=x: F.linear(x, dense),
-            ]
+            runs = [lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, pairs)]
+            if fused:
+                runs.append(lambda x=x: int4pack.fused_matmul(x, packed, pairs))
+            runs.append(lambda x=x: F.linear(x, dense))
             runs += [tiles(x, v, False) for v in args.tile_values]
             if not args.skip_torch_tiles:
                 runs.append(tiles(x, int4pack.TILE_VALUES, True))

@@ -1,12 +1,14 @@
 """duoserve's C++ CPU kernels: one library, compiled for this host on first use and cached.
 
-Three sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
+Six sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
 (`attention/csrc/paged_attention_cpu.cpp`), the matmuls over 4/8-bit weight codes with float32
 activations (`models/csrc/quantized_matmul_cpu.cpp`), the dequantization of torch's int4 layout for
-bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`) and a decode layer's small
-ops (RMSNorm, RoPE, KV store: `models/csrc/decode_ops_cpu.cpp`). They are compiled with torch's C++
-extension builder for the host CPU (`-march=native`), once per machine, torch version and source, cached
-under ~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists, callers
+bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`), bfloat16 activations times
+that layout's codes and times int8 codes (`models/csrc/int4pack_mm_cpu.cpp`, `int8_mm_cpu.cpp`:
+AVX512-BF16 hosts only, elsewhere the ops are there but refuse) and a decode layer's small ops (RMSNorm,
+RoPE, KV store: `models/csrc/decode_ops_cpu.cpp`). They are compiled with torch's C++ extension builder
+for the host CPU (`-march=native`), once per machine, torch version and source, cached under
+~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists, callers
 fall back to torch's own ops.
 """
 
@@ -32,6 +34,8 @@ SOURCES = (
     _PACKAGE / "attention" / "csrc" / "paged_attention_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "quantized_matmul_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int4pack_dequantize_cpu.cpp",
+    _PACKAGE / "models" / "csrc" / "int4pack_mm_cpu.cpp",
+    _PACKAGE / "models" / "csrc" / "int8_mm_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
 )
 _OPS = (
@@ -39,6 +43,8 @@ _OPS = (
     "q4_matmul",
     "q8_matmul",
     "int4pack_dequantize",
+    "int4pack_mm",
+    "int8_mm",
     "norm_rows",
     "rope_qk",
     "store_kv",
@@ -105,6 +111,13 @@ def cpu_kernels_available() -> bool:
         logger.warning("duoserve's CPU kernels are unavailable (%s); using torch's ops", error)
         return False
     return True
+
+
+@functools.cache
+def int8_mm_available() -> bool:
+    """Whether the fused int8 kernel (bfloat16 x times int8 codes, models/csrc/int8_mm_cpu.cpp) was
+    built for this CPU (AVX512-BF16): a bfloat16 model's 8-bit linears and the host measurement use it."""
+    return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.int8_mm_available())
 
 
 @contextlib.contextmanager

@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 
-from duoserve import hardware
+from duoserve import hardware, int4pack
+from duoserve.cpu_kernels import int8_mm_available
 from duoserve.hardware import (
     DECODE_ROWS,
     INT8_ACTIVATIONS,
     PREFILL_ROWS,
+    PRIOR_INT4_FUSED_ROWS,
+    PRIOR_INT8_FUSED_ROWS,
     PRIOR_QUANTIZED_MAX_ROWS,
     RULES,
     CpuInfo,
@@ -21,6 +24,7 @@ from duoserve.hardware import (
     decide,
     defaults_for,
     detect_cpu,
+    fused_rows,
     measure_formats,
 )
 
@@ -29,7 +33,8 @@ BF16, FP32 = torch.bfloat16, torch.float32
 # Real CPUs' feature sets (of those the table reads), from their /proc/cpuinfo.
 THIS_ZEN1 = ("x86_64", {"avx2", "fma", "f16c"})  # the AMD EPYC (family 23 model 1) these tests ran on
 SAPPHIRE_RAPIDS = ("x86_64", {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "f16c"})
-ZEN5 = ("x86_64", {"avx512_bf16", "avx512f", "avx2", "fma", "f16c"})
+ZEN5 = ("x86_64", {"avx512_bf16", "avx512f", "avx512vbmi", "avx2", "fma", "f16c"})
+COOPER_LAKE = ("x86_64", {"avx512_bf16", "avx512f", "avx2", "fma", "f16c"})  # BF16 without VBMI
 SKYLAKE_X = ("x86_64", {"avx512f", "avx2", "fma", "f16c"})
 GRAVITON3 = ("aarch64", {"asimd", "bf16", "sve", "i8mm"})
 GRAVITON2 = ("aarch64", {"asimd"})
@@ -258,7 +263,9 @@ def test_measurement_times_every_format_and_size(single_torch_thread):
     """Runs the real measurement on a small matrix; only its shape is checked, never its outcome."""
     measured = measure_formats(cpu(*THIS_ZEN1))
     expected = {(fmt, rows) for fmt in ("float32", "bfloat16") for rows in (1, PREFILL_ROWS)}
-    expected |= {(fmt, rows) for fmt in ("q4", "tiles") for rows in DECODE_ROWS}
+    codes = ["q4", "tiles"] + (["fused"] if int4pack.fused_matmul_available() else [])
+    codes += ["q8", "tiles8", "fused8"] if int8_mm_available() else []
+    expected |= {(fmt, rows) for fmt in codes for rows in DECODE_ROWS}
     assert set(measured) == expected and all(t > 0 for t in measured.values())
     decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
 
@@ -280,3 +287,86 @@ def test_cgroup_memory(tmp_path, files, expected):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_memory_available(tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        (ZEN5, PRIOR_INT4_FUSED_ROWS),
+        (("x86_64", SAPPHIRE_RAPIDS[1] | {"avx512vbmi"}), PRIOR_INT4_FUSED_ROWS),
+        (SAPPHIRE_RAPIDS, (0, 0)),  # as listed above, without VBMI
+        (COOPER_LAKE, (0, 0)),
+        (SKYLAKE_X, (0, 0)),
+        (THIS_ZEN1, (0, 0)),
+        (GRAVITON3, (0, 0)),
+    ],
+)
+def test_fused_kernel_prior_needs_bf16_and_vbmi(caps, expected):
+    """The 4-bit kernel is compiled for AVX512-BF16 with VBMI's byte shuffles, the 8-bit one for
+    AVX512-BF16; elsewhere they never run."""
+    host = defaults_for(cpu(*caps), measure=None)
+    assert host.int4_fused_rows == expected
+    assert host.int8_fused_rows == (PRIOR_INT8_FUSED_ROWS if "avx512_bf16" in caps[1] else (0, 0))
+
+
+def with_fused(measured: dict, fused: tuple) -> dict:
+    out = dict(measured)
+    out.update({("fused", rows): t for rows, t in zip(DECODE_ROWS, fused, strict=True)})
+    return out
+
+
+# (fused timings at 1, 4, 8, 16, 32, 64 rows against ZEN5_LIKE, where torch's kernel beats the tiles up
+# to 16 rows) -> (fused range, threshold of the codes, either kernel)
+FUSED = [
+    ((2, 2, 2, 3, 5, 9), (8, 64), 64),  # beats torch's kernel from 8 rows, the tiles from 32: 8-64
+    ((0.5, 1, 2, 3, 5, 9), (1, 64), 64),  # wins everywhere
+    ((2, 2, 5, 8, 5, 9), (32, 64), 64),  # loses to torch's kernel at 8-16: 32-64 only
+    ((2, 1, 2, 8, 5, 9), (32, 64), 64),  # a loss at 16 ends the run that reaches 64
+    ((2, 2, 2, 3, 5, 20), (8, 32), 32),  # loses to the tiles at 64
+    ((9, 9, 9, 9, 20, 20), (0, 0), 16),  # never: the threshold is torch's kernel's
+]
+
+
+@pytest.mark.parametrize(("fused", "expected", "threshold"), FUSED)
+def test_fused_range_is_measured(fused, expected, threshold):
+    measured = with_fused(ZEN5_LIKE, fused)
+    assert decide(RULES["avx512_bf16"], measured)[1] == threshold
+    assert fused_rows(measured, threshold) == expected
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert host.int4_fused_rows == expected and host.quantized_max_rows == threshold
+
+
+def test_a_fused_kernel_keeps_the_codes_where_torchs_never_wins():
+    """An engine whose threshold is 0 loads dense weights: where only the fused kernel beats the tiles,
+    the threshold must still let it run."""
+    measured = with_fused(timings((10, 100), (5, 50), (6,) * 6, (5,) * 6), (1, 1, 2, 3, 4, 9))
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert (host.quantized_max_rows, host.int4_fused_rows) == (32, (1, 32))
+
+
+def test_no_fused_timings_no_fused_range():
+    """A host where the kernels did not build times no `fused`: never, whatever its capabilities."""
+    host = defaults_for(cpu(*ZEN5), lambda info: ZEN5_LIKE)
+    assert host.int4_fused_rows == host.int8_fused_rows == (0, 0)
+
+
+def test_8bit_range_compares_the_8bit_paths():
+    """The 8-bit kernel's range comes from the 8-bit timings: torch's int8 kernel up to the (4-bit)
+    threshold, the int8 tiles above."""
+    measured = dict(ZEN5_LIKE)
+    for rows, q8, tiles8, fused8 in zip(
+        DECODE_ROWS, (1, 2, 4, 8, 16, 32), (20,) * 6, (2, 1.5, 3, 6, 15, 25), strict=True
+    ):
+        measured["q8", rows], measured["tiles8", rows], measured["fused8", rows] = q8, tiles8, fused8
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert (host.quantized_max_rows, host.int8_fused_rows, host.int4_fused_rows) == (16, (4, 32), (0, 0))
+    assert host.int8_max_rows == 32  # its own threshold, capped by the 4-bit one where linears are built
+    assert "fused 8-bit kernel at 4-32 rows" in host.describe()
+    measured["tiles8", 16] = 5  # the 8-bit codes lose to their tiles from 16 rows on
+    host = defaults_for(cpu(*ZEN5), lambda info: measured)
+    assert host.int8_max_rows == 8 and "up to 16 rows (8-bit: 8)" in host.describe()
+
+
+def test_describe_says_the_fused_range():
+    host = defaults_for(cpu(*ZEN5), lambda info: with_fused(ZEN5_LIKE, FUSED[0][0]))
+    assert "4/8-bit decode kernels up to 64 rows, fused 4-bit kernel at 8-64 rows" in host.describe()

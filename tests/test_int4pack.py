@@ -96,3 +96,84 @@ def test_rejects_rows_that_are_not_whole_blocks():
     out = torch.empty(32, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="whole blocks"):
         torch.ops.duoserve_cpu.int4pack_dequantize(pack(codes, 64), pairs, 32, 64, 64, out)
+
+
+needs_fused = pytest.mark.skipif(
+    not int4pack.fused_matmul_available(), reason="the fused kernel is not built for this CPU"
+)
+
+
+def float32_weights(codes: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero in float64 then float32: the reference the kernels approximate."""
+    scale, zero = (pairs.double().repeat_interleave(GROUP_SIZE, dim=0)[..., i].T for i in (0, 1))
+    return ((codes - 8) * scale + zero).float()
+
+
+def fused_bound(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, reference: torch.Tensor):
+    """What the fused kernel may be off by: its bfloat16 output (2^-9 of the value, with room for one
+    more step), plus float32 sums whose terms are x times 128 + q codes and the group's offsets."""
+    scale, zero = (pairs.float().abs().repeat_interleave(GROUP_SIZE, dim=0)[..., i].T for i in (0, 1))
+    terms = x.float().abs() @ (144 * scale + zero).T
+    return 2**-8 * reference.abs() + 2**-15 * terms
+
+
+@needs_fused
+@pytest.mark.parametrize(("n", "k"), [(64, 32), (192, 96), (128, 544), (320, 1536)])
+def test_fused_matches_float32_math_on_torchs_layout(n, k):
+    """torch's own packing (whatever the host's), every row count 1..64 and a few more than one pass of
+    64, against float32 math on the exact weights."""
+    codes, pairs = random_matrix(n, k, seed=n + k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    weights = float32_weights(codes, pairs)
+    generator = torch.Generator().manual_seed(k)
+    for rows in [*range(1, 65), 65, 131]:
+        x = (torch.randn(rows, k, generator=generator) * torch.rand(k, generator=generator) * 4).bfloat16()
+        out = int4pack.fused_matmul(x, packed, pairs)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        reference = x.float() @ weights.T
+        error = (out.float() - reference).abs()
+        assert (error <= fused_bound(x, codes, pairs, reference)).all(), (rows, error.max())
+
+
+@needs_fused
+def test_fused_agrees_with_the_tiles_within_bfloat16_rounding():
+    """The tiles path rounds each weight to bfloat16 before the GEMM; the fused kernel rounds none: both
+    stay within the weights' bfloat16 rounding of the float32 product."""
+    n, k = 256, 576
+    codes, pairs = random_matrix(n, k, seed=5)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    tile = torch.empty(n, k, dtype=torch.bfloat16)
+    dequantize_rows(packed, pairs, 0, n, tile, int4pack.BLOCK)
+    x = torch.randn(32, k, generator=torch.Generator().manual_seed(6)).bfloat16()
+    fused = int4pack.fused_matmul(x, packed, pairs).float()
+    tiles = torch.nn.functional.linear(x, tile).float()
+    terms = x.float().abs() @ float32_weights(codes, pairs).abs().T
+    assert ((fused - tiles).abs() <= 2**-8 * (terms + fused.abs())).all()
+    assert not torch.equal(fused, tiles)  # not the tiles' rounding: a different computation
+
+
+@needs_fused
+def test_fused_exact_on_representable_sums():
+    """Codes and scales whose products and sums are exact in float32: the kernel's result is the exact
+    value rounded once (catches a wrong column pairing or a nibble swap that random data might hide in
+    its tolerance)."""
+    n, k = 128, 64
+    generator = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
+    pairs = torch.zeros(k // GROUP_SIZE, n, 2, dtype=torch.bfloat16)
+    pairs[..., 0] = 2.0 ** torch.randint(-3, 3, (k // GROUP_SIZE, n), generator=generator).float()
+    pairs[..., 1] = torch.randint(-8, 8, (k // GROUP_SIZE, n), generator=generator).float()
+    x = torch.randint(-4, 5, (5, k), generator=generator).bfloat16()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    expected = (x.double() @ float32_weights(codes, pairs).double().T).bfloat16()
+    assert torch.equal(int4pack.fused_matmul(x, packed, pairs), expected)
+
+
+@needs_fused
+def test_fused_rejects_what_it_cannot_read():
+    codes, pairs = random_matrix(96, 64)  # 96 rows: not whole blocks of 64
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        int4pack.fused_matmul(torch.zeros(2, 64, dtype=torch.bfloat16), pack(codes, 32), pairs)
+    codes, pairs = random_matrix(64, 64)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        int4pack.fused_matmul(torch.zeros(2, 64), pack(codes, 64), pairs)

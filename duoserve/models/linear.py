@@ -2,11 +2,19 @@
 
 A decode step multiplies a handful of rows by every weight matrix, so its time is the time to read the
 weights; a large step (prefill) is bound by arithmetic, which the dense GEMM does several times faster
-than the 4/8-bit kernels (BENCHMARKS.md). A quantized linear keeps only low-bit codes and serves both:
-steps of up to QUANTIZED_MAX_ROWS rows run torch's 4/8-bit kernels on the codes, larger ones dequantize
-a tile of output rows at a time into one reused scratch buffer and run the dense GEMM on it, so memory
-stays proportional to the file (int4 tiles: one pass of a C++ op, int4pack.py; the torch ops it
-replaced were 4-7x slower than torch's 4-bit kernel at 8-16 rows, and set the row threshold at 8).
+than torch's 4/8-bit kernels (BENCHMARKS.md). A quantized linear keeps only low-bit codes and serves
+both: steps of up to QUANTIZED_MAX_ROWS rows run torch's 4/8-bit kernels on the codes, larger ones
+dequantize a tile of output rows at a time into one reused scratch buffer and run the dense GEMM on it,
+so memory stays proportional to the file (int4 tiles: one pass of a C++ op, int4pack.py; the torch ops
+it replaced were 4-7x slower than torch's 4-bit kernel at 8-16 rows, and set the row threshold at 8).
+
+On AVX512-BF16 hosts, duoserve's fused kernels (csrc/int4pack_mm_cpu.cpp, csrc/int8_mm_cpu.cpp) take
+the steps of the rows the host measured them fastest at (`fused_rows`, hardware.py): they multiply
+bfloat16 x by the codes in place with AVX512-BF16 dot products, each code converted in registers and
+read once per step. torch's 4-bit kernel grows with the rows (its time doubles from 8 to 16 to 32) and
+the tiles write and read back a bfloat16 copy of every weight; on a 2-core Zen 5 (quiet, 2 threads,
+2048 x 16384 matrix) the fused 4-bit kernel took 3.1 ms at 32 rows against 6.7 (torch's kernel) and 8.3
+(tiles), 5.9 at 64 against 10.7 (tiles), and a 32-row SmolLM2 decode step went from 52 to 25 ms.
 
 What a decode step reads per weight, against the file (bits per weight, bfloat16 activations):
 
@@ -44,7 +52,8 @@ from duoserve.models.gguf_quants import INT4_TYPES, GGUFTensor
 
 # Steps of up to this many rows read the quantized codes; larger ones run the dense GEMM on dequantized
 # tiles. Measured on a 2-core Xeon (AMX): the 4-bit kernel is 2-3x faster at 1-4 rows, and 1.7x slower
-# at 16. The default only: engines pass the host's own (duoserve/hardware.py measures it).
+# at 16. The default only: engines pass the host's own (duoserve/hardware.py measures it, the fused
+# kernels included).
 QUANTIZED_MAX_ROWS = 8
 
 # TILE_VALUES (int4pack.py): values per dequantized tile.
@@ -127,6 +136,10 @@ class _QuantizedLinear:
     bias: torch.Tensor | None
     tile_align: int = 64
     max_rows: int = QUANTIZED_MAX_ROWS  # steps of up to this many rows run the kernel on the codes
+    # Steps of fused_rows[0] to fused_rows[1] rows run duoserve's fused kernel on the codes (bfloat16
+    # models, where it builds: `fused`), whatever max_rows says; (0, 0): never.
+    fused_rows: tuple[int, int] = (0, 0)
+    _fused: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -138,8 +151,22 @@ class _QuantizedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        y = self._few_rows(x) if x.shape[0] <= self.max_rows else self._many_rows(x)
+        y = self._product(x)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def fused(self) -> bool:
+        """Whether duoserve's fused kernel can run this matrix on this host (its range aside)."""
+        return self._fused
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.fused_rows
+        if self._fused and low <= x.shape[0] <= high and x.dtype == torch.bfloat16:
+            return self._fused_rows(x)
+        return self._few_rows(x) if x.shape[0] <= self.max_rows else self._many_rows(x)
+
+    def _fused_rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
@@ -171,7 +198,10 @@ _INT4_BLOCK = int4pack.BLOCK  # rows per block of torch's CPU int4 layout (None:
 
 
 class Int4Linear(_QuantizedLinear):
-    """GGUF Q4_0 / Q4_1 / Q4_K in torch's int4 layout: groups of 32 with a scale and a zero each."""
+    """GGUF Q4_0 / Q4_1 / Q4_K in torch's int4 layout: groups of 32 with a scale and a zero each.
+
+    The fused kernel (int4pack.fused_matmul) multiplies bfloat16 x by the codes in place, dequantizing
+    them in registers."""
 
     def __init__(self, parts: Sequence[GGUFTensor], dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         self.in_features = parts[0].cols
@@ -199,9 +229,17 @@ class Int4Linear(_QuantizedLinear):
         # Tiles unpack torch's layout, which needs whole blocks of it (model widths are multiples of 64).
         self._tiles = _INT4_BLOCK is not None and self.out_features % _INT4_BLOCK == 0
         self.tile_align = _INT4_BLOCK or 64
+        self._fused = (
+            dtype == torch.bfloat16
+            and self.out_features % int4pack.FUSED_BLOCK == 0
+            and int4pack.fused_matmul_available()
+        )
 
     def _held(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_and_zeros]
+
+    def _fused_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return int4pack.fused_matmul(x, self.packed, self.scales_and_zeros)
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
@@ -225,6 +263,16 @@ class Int4Linear(_QuantizedLinear):
             _INT4_BLOCK,
             lambda shape: _scratch.get(shape, torch.float32, out.device, "float32 tile"),
         )
+
+
+# What the fused int8 kernel (csrc/int8_mm_cpu.cpp) takes: output rows by 16, columns by 32.
+_INT8_FUSED_ROWS, _INT8_FUSED_COLUMNS = 16, 32
+
+
+def _int8_mm_available() -> bool:
+    from duoserve.cpu_kernels import int8_mm_available
+
+    return int8_mm_available()
 
 
 class Int8Linear(_QuantizedLinear):
@@ -251,9 +299,18 @@ class Int8Linear(_QuantizedLinear):
             scales[row : row + end - start] = chunk
             row += end - start
         self.scales = scales.to(dtype)
+        self._fused = (
+            dtype == torch.bfloat16
+            and self.out_features % _INT8_FUSED_ROWS == 0
+            and self.in_features % _INT8_FUSED_COLUMNS == 0
+            and _int8_mm_available()
+        )
 
     def _held(self) -> list[torch.Tensor]:
         return [self.codes, self.scales]
+
+    def _fused_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.duoserve_cpu.int8_mm(x, self.codes, self.scales)
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
@@ -318,13 +375,15 @@ def make_linear(
     quantized: bool,
     max_rows: int = QUANTIZED_MAX_ROWS,
     activations: str = "int16",
+    fused_rows: tuple[int, int] | None = None,
 ):
     """One matmul over `weights` stacked along their outputs (fused Q/K/V, gate/up).
 
     `quantized`: GGUF-quantized weights stay quantized (Int4Linear / Int8Linear), whose kernels serve
     steps of up to `max_rows` rows (the host's threshold); otherwise they are dequantized into a dense
     weight of `dtype`. `activations`: how float32 models' kernels round x (int16 or int8, see
-    cpu_quant_linear); bfloat16 models' kernels take x as it is.
+    cpu_quant_linear); bfloat16 models' kernels take x as it is. `fused_rows`: the range of rows
+    bfloat16 models' 4/8-bit linears run duoserve's fused kernels on (None: the host's, hardware.py).
     """
     if not quantized:
         dense = [dense_weight(w, dtype, device) for w in weights]
@@ -335,7 +394,7 @@ def make_linear(
             runs[-1].append(weight)
         else:
             runs.append([weight])
-    linears = [_make_run(run, dtype, device, max_rows, activations) for run in runs]
+    linears = [_make_run(run, dtype, device, max_rows, activations, fused_rows) for run in runs]
     if len(linears) == 1:
         linears[0].bias = bias
         return linears[0]
@@ -343,7 +402,12 @@ def make_linear(
 
 
 def _make_run(
-    weights: list[Weight], dtype: torch.dtype, device: torch.device, max_rows: int, activations: str = "int16"
+    weights: list[Weight],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_rows: int,
+    activations: str = "int16",
+    fused_rows: tuple[int, int] | None = None,
 ):
     family = _family(weights[0])
     if family == "dense":
@@ -356,8 +420,30 @@ def _make_run(
         linear.activations = activations
     else:
         linear = (Int4Linear if family == "int4" else Int8Linear)(weights, dtype, None)
+        if linear.fused:
+            linear.fused_rows = host_fused_rows(family) if fused_rows is None else fused_rows
     linear.max_rows = max_rows
+    if family == "int8" and dtype == torch.bfloat16 and fused_rows is None:
+        linear.max_rows = min(max_rows, _host_int8_max_rows(max_rows))
     return linear
+
+
+def _host_int8_max_rows(default: int) -> int:
+    """Where the host measured its 8-bit paths on their own (hardware.py), their threshold: torch's int8
+    kernel may lose to the tiles at fewer rows than the 4-bit codes do."""
+    from duoserve.hardware import host_defaults
+
+    own = host_defaults().int8_max_rows
+    return default if own is None else own
+
+
+def host_fused_rows(family: str) -> tuple[int, int]:
+    """The rows this host runs the fused kernel of `family` (int4, int8) on (hardware.py: measured where
+    it measures)."""
+    from duoserve.hardware import host_defaults
+
+    defaults = host_defaults()
+    return defaults.int4_fused_rows if family == "int4" else defaults.int8_fused_rows
 
 
 class DenseEmbedding:

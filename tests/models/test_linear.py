@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from duoserve import int4pack
+from duoserve.cpu_kernels import int8_mm_available
 from duoserve.models import linear as linear_module
 from duoserve.models.gguf_quants import INT4_TYPES, QUANTIZED_TYPES, GGUFTensor, random_blocks
 from duoserve.models.linear import (
@@ -78,7 +79,8 @@ def test_int4_tiles_are_the_torch_ops_values_bit_for_bit(type_name):
 
 def test_no_dense_copy_is_kept():
     weight = _tensor("Q4_K", 256, 1024)
-    linear = make_linear([weight], None, torch.bfloat16, CPU, quantized=True)
+    # Tiles for a large step (the fused kernel, where it runs, keeps no scratch at all).
+    linear = make_linear([weight], None, torch.bfloat16, CPU, quantized=True, fused_rows=(0, 0))
     held = sum(t.numel() * t.element_size() for t in (linear.packed, linear.scales_and_zeros))
     assert held <= 1.12 * weight.nbytes  # 5 bits per weight against the file's 4.5
     linear(torch.randn(64, 1024).bfloat16())  # a large step: tiles, not a matrix-sized buffer
@@ -124,7 +126,8 @@ def test_quantized_embedding_gathers_exact_rows(dtype):
 @pytest.mark.parametrize("max_rows", [0, 2, 16])
 def test_row_threshold_is_the_linears_own(max_rows):
     """Each host passes its own threshold (duoserve/hardware.py): codes up to it, dequantized tiles above."""
-    linear = make_linear([_tensor("Q4_1", 96, 128)], None, torch.bfloat16, CPU, True, max_rows)
+    weight = _tensor("Q4_1", 96, 128)
+    linear = make_linear([weight], None, torch.bfloat16, CPU, True, max_rows, fused_rows=(0, 0))
     for rows in (1, 2, 3, 16, 17):
         x = torch.randn(rows, 128).bfloat16()
         expected = linear._many_rows(x) if rows > max_rows else linear._few_rows(x)
@@ -140,3 +143,70 @@ def test_tiles_first_made_under_inference_mode_serve_calls_outside_it():
     with torch.inference_mode():
         inside = linear(x)
     assert torch.equal(linear(x), inside)
+
+
+@pytest.mark.parametrize("max_rows", [0, 8])
+def test_fused_range_comes_before_the_threshold(max_rows):
+    """Steps inside the linear's fused range run the fused kernel (where it builds), the others as
+    before: torch's kernel up to the threshold, tiles above."""
+    weight = _tensor("Q4_1", 192, 256)
+    linear = make_linear([weight], None, torch.bfloat16, CPU, True, max_rows, fused_rows=(4, 16))
+    if not int4pack.fused_matmul_available():
+        assert not linear.fused and linear.fused_rows == (0, 0)
+        return
+    assert linear.fused and linear.fused_rows == (4, 16)
+    for rows in (1, 3, 4, 9, 16, 17):
+        x = torch.randn(rows, 256).bfloat16()
+        if 4 <= rows <= 16:
+            expected = int4pack.fused_matmul(x, linear.packed, linear.scales_and_zeros)
+        else:
+            expected = linear._many_rows(x) if rows > max_rows else linear._few_rows(x)
+        assert torch.equal(linear(x), expected), rows
+
+
+def test_fused_rows_default_to_the_hosts():
+    """Without a range given, a bfloat16 model's 4-bit linears take the host's (hardware.py), and
+    float32 models' never run the bfloat16 kernel."""
+    linear = make_linear([_tensor("Q4_K", 64, 256)], None, torch.bfloat16, CPU, True)
+    assert linear.fused_rows == (linear_module.host_fused_rows("int4") if linear.fused else (0, 0))
+    q8 = make_linear([_tensor("Q8_0", 64, 256)], None, torch.bfloat16, CPU, True)
+    assert q8.fused_rows == (linear_module.host_fused_rows("int8") if q8.fused else (0, 0))
+
+
+needs_int8_mm = pytest.mark.skipif(not int8_mm_available(), reason="no int8 kernel built for this CPU")
+
+
+@needs_int8_mm
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (208, 576), (64, 1536)])
+def test_fused_int8_kernel_matches_float32_math(n, k):
+    """x times int8 codes and row scales, every row count 1..64 and a few more: float32 sums of exact
+    products, scaled, rounded once."""
+    generator = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(n, generator=generator) * 0.02 + 1e-3).bfloat16()
+    weights = codes.double() * scales.double()[:, None]
+    for rows in [*range(1, 65), 67, 130]:
+        x = torch.randn(rows, k, generator=generator).bfloat16()
+        out = torch.ops.duoserve_cpu.int8_mm(x, codes, scales)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        reference = x.double() @ weights.T
+        terms = x.double().abs() @ weights.abs().T
+        assert ((out.double() - reference).abs() <= 2**-8 * reference.abs() + 2**-16 * terms).all(), rows
+
+
+@needs_int8_mm
+def test_int8_linear_runs_its_fused_range():
+    """Int8Linear's fused range (a bfloat16 model's, where the kernel builds) comes before its threshold,
+    and its values stay within bfloat16 rounding of the tiles'."""
+    weight = _tensor("Q8_0", 64, 256)
+    linear = make_linear([weight], None, torch.bfloat16, CPU, True, 2, fused_rows=(3, 40))
+    assert type(linear) is Int8Linear and linear.fused and linear.fused_rows == (3, 40)
+    for rows in (1, 2, 3, 40, 41):
+        x = torch.randn(rows, 256).bfloat16()
+        if 3 <= rows <= 40:
+            expected = torch.ops.duoserve_cpu.int8_mm(x, linear.codes, linear.scales)
+            assert rel_err(linear(x), linear._many_rows(x)) < 1e-2
+        else:
+            expected = linear._many_rows(x) if rows > 2 else linear._few_rows(x)
+        assert torch.equal(linear(x), expected), rows
+    assert not make_linear([weight], None, torch.float32, CPU, True).fused  # float32 models: never

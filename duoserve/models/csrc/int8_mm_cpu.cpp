@@ -1,0 +1,165 @@
+// bfloat16 activations times int8 codes with one scale per output row (Int8Linear's layout: codes
+// [N, K] row-major, as torch's `_weight_int8pack_mm` reads them), the codes converted in registers: a
+// bfloat16 model's 8-bit linears at 8-64 rows (SmolLM2's Q8_0 lm_head: 28 M weights, a fifth of a
+// decode step's), where torch's int8 kernel grows with the rows and tiles write and read back a
+// bfloat16 copy of every weight.
+//
+// y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: an int8 code is an exact bfloat16 (8 significant bits),
+// so the sum runs on AVX512-BF16 dot products (exact products, float32 sums), and the scale is applied
+// once to the float32 sum before the one rounding to bfloat16.
+//
+// Blocking: each thread takes 16 output rows at a time, converts their codes to bfloat16 once into a
+// scratch row block (L1/L2) and runs every row of x over it, tiles of 4 rows of x by 4 output rows (16
+// float32 accumulators whose lanes run along K, summed at the end by one transposing reduction), so
+// each code byte is read from memory once per call.
+//
+// Compiled only where the compiler targets AVX512-BF16 (-march=native on such a host); elsewhere
+// `int8_mm_available()` is false and the op refuses.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define DUOSERVE_INT8MM 1
+#include <immintrin.h>
+#else
+#define DUOSERVE_INT8MM 0
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 16;   // output rows converted at a time
+constexpr int64_t kChunk = 32;  // columns per dot product step (one vector of bfloat16)
+
+#if DUOSERVE_INT8MM
+
+inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// Codes [rows, K] (int8, row stride k) -> bfloat16 [rows, K], exactly.
+void convert_rows(const int8_t* codes, int64_t rows, int64_t k, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < k; c += kChunk) {
+      const int8_t* p = codes + r * k + c;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+      // words 0-15 from the second argument, 16-31 from the first: columns in order.
+      const __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(out + r * k + c, reinterpret_cast<const __m512i&>(both));
+    }
+  }
+}
+
+// Lane i of the result: the sum of a[i]'s 16 lanes (i = 4 * row of x + output row).
+inline __m512 transpose_sums(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // c[i]'s 128-bit lane L: sources 4i..4i+3 summed over lane L; sum over the four lanes.
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+struct Problem {
+  const uint16_t* x;  // [M, K] bfloat16 bits
+  const int8_t* codes;  // [N, K]
+  const float* scales;  // [N]
+  uint16_t* y;        // [M, N] bfloat16 bits
+  int64_t m, n, k;
+};
+
+// ROWS (1-4) rows of x from `first` against 4 converted output rows w (bfloat16 [4, K]) -> y[:, n..n+3].
+template <int ROWS>
+__attribute__((noinline)) void tile(const Problem& t, int64_t first, const uint16_t* w, int64_t n) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < t.k; c += kChunk) {
+    __m512i xs[ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) xs[r] = _mm512_loadu_si512(t.x + (first + r) * t.k + c);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512bh codes = as_bf16(_mm512_loadu_si512(w + j * t.k + c));
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) acc[r * 4 + j] = _mm512_dpbf16_ps(acc[r * 4 + j], as_bf16(xs[r]), codes);
+    }
+  }
+  const __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(t.scales + n));
+  const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(transpose_sums(acc), scale));
+  alignas(32) uint16_t out[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<const __m256i&>(rounded));
+  for (int r = 0; r < ROWS; ++r) std::copy(out + 4 * r, out + 4 * r + 4, t.y + (first + r) * t.n + n);
+}
+
+void block_product(const Problem& t, int64_t block, std::vector<uint16_t>& scratch) {
+  const int64_t n0 = block * kRows;
+  convert_rows(t.codes + n0 * t.k, kRows, t.k, scratch.data());
+  for (int64_t first = 0; first < t.m;) {
+    const int64_t rows = std::min<int64_t>(4, t.m - first);
+    for (int64_t q = 0; q < kRows; q += 4) {
+      const uint16_t* w = scratch.data() + q * t.k;
+      switch (rows) {
+        case 4: tile<4>(t, first, w, n0 + q); break;
+        case 3: tile<3>(t, first, w, n0 + q); break;
+        case 2: tile<2>(t, first, w, n0 + q); break;
+        default: tile<1>(t, first, w, n0 + q); break;
+      }
+    }
+    first += rows;
+  }
+}
+
+#endif  // DUOSERVE_INT8MM
+
+bool int8_mm_available() { return DUOSERVE_INT8MM != 0; }
+
+// x [M, K] bfloat16 @ (codes [N, K] int8 * scales [N]).T -> y [M, N] bfloat16.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(int8_mm_available(), "int8_mm was not compiled for this CPU (needs AVX512-BF16)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2,
+              "x must be contiguous bfloat16 [M, K]");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous int8 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
+  TORCH_CHECK(codes.size(1) == k && k % kChunk == 0, "K must match the codes and be a multiple of 32");
+  TORCH_CHECK(n % kRows == 0, "N must be a multiple of 16");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales must be [N]");
+  const at::Tensor scales32 = scales.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, x.options());
+#if DUOSERVE_INT8MM
+  if (m == 0) return y;
+  const Problem problem{reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                        codes.data_ptr<int8_t>(),
+                        scales32.data_ptr<float>(),
+                        reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()),
+                        m,
+                        n,
+                        k};
+  at::parallel_for(0, n / kRows, 1, [&](int64_t first, int64_t last) {
+    std::vector<uint16_t> scratch(static_cast<size_t>(kRows * k));
+    for (int64_t b = first; b < last; ++b) block_product(problem, b, scratch);
+  });
+#endif
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
+  m.def("int8_mm_available() -> bool", &int8_mm_available);
+  m.def("int8_mm(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_mm);
+}
