@@ -37,6 +37,7 @@ SOURCES = (
     _PACKAGE / "models" / "csrc" / "int4pack_mm_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int8_mm_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
+    _PACKAGE / "engine" / "csrc" / "token_bitmask_cpu.cpp",
 )
 _OPS = (
     "paged_decode",
@@ -49,6 +50,7 @@ _OPS = (
     "rope_qk",
     "store_kv",
     "store_kv_quantized",
+    "apply_token_bitmask",
 )
 
 

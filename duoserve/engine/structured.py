@@ -154,12 +154,27 @@ class CapBuffer:
         return self._rows[:num_rows]
 
 
+@functools.cache
+def _bitmask_op() -> bool:
+    """The C++ op (engine/csrc/token_bitmask_cpu.cpp) where the CPU kernels build: it writes only the
+    forbidden logits. The apply of 32 rows of 49,152 tokens took 0.57 ms a step through the caps path
+    below (the fallback), 0.29 ms with it (Zen 5, 2 cores)."""
+    from duoserve.cpu_kernels import cpu_kernels_available
+
+    return cpu_kernels_available()
+
+
 def apply_bitmask(
     logits: torch.Tensor, bitmask: np.ndarray, runs: list[tuple[int, int, int]], caps: CapBuffer
 ) -> None:
     """-inf written in place where the bitmask forbids a token, for CPU logits [rows, V]: per run of rows,
     the packed rows expanded to +inf/-inf caps (one numpy table lookup) and the logits capped by them
     (one vectorised torch op, no branch per element)."""
+    if logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1 and _bitmask_op():
+        words = torch.from_numpy(bitmask)
+        for logits_row, mask_row, num_rows in runs:
+            torch.ops.duoserve_cpu.apply_token_bitmask(logits, words, logits_row, mask_row, num_rows)
+        return
     vocab = logits.shape[1]
     for logits_row, mask_row, num_rows in runs:
         for start in range(0, num_rows, caps.max_rows):

@@ -18,6 +18,7 @@ import zmq
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
 from duoserve.disagg.pd_connector import pd_connectors
+from duoserve.engine import structured
 from duoserve.engine.core import EngineCore
 from duoserve.engine.structured import CapBuffer, apply_bitmask, overlap_masks, unpack_forbidden
 from duoserve.kv.layout import KVLayout
@@ -142,16 +143,24 @@ def test_masks_reuse_one_buffer_and_count_their_steps(llm):
 
 
 @pytest.mark.parametrize("vocab", [150, 160])
-def test_masks_apply_the_same_on_the_host_and_for_an_accelerator(vocab):
+@pytest.mark.parametrize(
+    ("path", "dtype"), [("op", torch.float32), ("op", torch.bfloat16), ("caps", torch.float32)]
+)
+def test_masks_apply_the_same_on_the_host_and_for_an_accelerator(vocab, path, dtype, monkeypatch):
     """The host's caps (`apply_bitmask`: runs of rows, in chunks of the cap buffer's rows) and the torch
     unpacking (for logits on an accelerator) against bit arithmetic: -inf where token t's bit (t % 32 of
     word t // 32) is 0, the logit untouched elsewhere, +inf logits included; rows outside the runs
-    untouched. A vocabulary that is not a multiple of 32 leaves the last word's high bits unused."""
+    untouched. A vocabulary that is not a multiple of 32 leaves the last word's high bits unused. On
+    the host: the C++ op (float32 and bfloat16 logits) and the numpy/torch caps it falls back to."""
+    if path == "op" and not structured._bitmask_op():
+        pytest.skip("the CPU kernels did not build")
+    monkeypatch.setattr(structured, "_bitmask_op", lambda: path == "op")
     words = -(-vocab // 32)
     bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, (7, words), dtype=np.int32)
+    bitmask[1, 0], bitmask[2, -1] = -1, 0  # a word allowing all its tokens, one forbidding all
     forbidden = [[not (int(word) >> bit) & 1 for word in row for bit in range(32)][:vocab] for row in bitmask]
     assert unpack_forbidden(torch.from_numpy(bitmask))[:, :vocab].tolist() == forbidden
-    logits = torch.randn(9, vocab)
+    logits = torch.randn(9, vocab).to(dtype)
     logits[1, :5] = math.inf
     runs = [(0, 0, 2), (3, 2, 5)]  # logits rows 0-1 and 3-7 take mask rows 0-1 and 2-6
     caps = CapBuffer(words)
