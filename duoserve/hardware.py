@@ -575,23 +575,40 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
     return timings
 
 
-def _int8_many_rows(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x @ (codes * scales).T as a bfloat16 model's 8-bit linear runs steps above its threshold
-    (models/linear.py's Int8Linear): tiles of the codes as bfloat16, the dense GEMM, the row scales."""
-    out, width = codes.shape
-    step = int4pack.tile_rows(width, 64)
-    tile = torch.empty(step, width, dtype=_BF16)
+def _tiled(
+    out: int,
+    step: int,
+    tile: torch.Tensor,
+    fill: Callable[[int, int, torch.Tensor], None],
+    store: Callable[[torch.Tensor, int, int, torch.Tensor], None],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ W.T by tiles of `step` output rows, as models/linear.py's many-row steps run: each tile filled
+    by `fill(start, end, part)`, multiplied by the dense GEMM, its product stored by `store`."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], out, dtype=x.dtype)
         for start in range(0, out, step):
             end = min(start + step, out)
             part = tile[: end - start]
-            part.copy_(codes[start:end])
-            torch.mul(torch.nn.functional.linear(x, part), scales[start:end], out=y[:, start:end])
+            fill(start, end, part)
+            store(torch.nn.functional.linear(x, part), start, end, y)
         return y
 
     return run
+
+
+def _int8_many_rows(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ (codes * scales).T as a bfloat16 model's 8-bit linear runs steps above its threshold
+    (models/linear.py's Int8Linear): tiles of the codes as bfloat16, the dense GEMM, the row scales."""
+    out, width = codes.shape
+    step = int4pack.tile_rows(width, 64)
+    return _tiled(
+        out,
+        step,
+        torch.empty(step, width, dtype=_BF16),
+        lambda start, end, part: part.copy_(codes[start:end]),
+        lambda product, start, end, y: torch.mul(product, scales[start:end], out=y[:, start:end]),
+    )
 
 
 def _int4_many_rows(
@@ -604,18 +621,17 @@ def _int4_many_rows(
     if int4pack.BLOCK is None:
         return lambda x: torch.nn.functional.linear(x, dense)
     step = int4pack.tile_rows(width, int4pack.BLOCK)
-    tile = torch.empty(step, width, dtype=_BF16)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], out, dtype=x.dtype)
-        for start in range(0, out, step):
-            end = min(start + step, out)
-            part = tile[: end - start]
-            int4pack.dequantize_rows(packed, scales, start, end, part)
-            y[:, start:end] = torch.nn.functional.linear(x, part)
-        return y
+    def store(product: torch.Tensor, start: int, end: int, y: torch.Tensor) -> None:
+        y[:, start:end] = product
 
-    return run
+    return _tiled(
+        out,
+        step,
+        torch.empty(step, width, dtype=_BF16),
+        lambda start, end, part: int4pack.dequantize_rows(packed, scales, start, end, part),
+        store,
+    )
 
 
 def cached_measurement(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] = measure_formats) -> Timings:
