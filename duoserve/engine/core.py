@@ -361,6 +361,8 @@ class EngineCore:
                 plain_rows.append(offset)
             offset += num_rows
         sampled = self._sample_plain(plain, _rows_of(logits, plain_rows))
+        if masks is not None:
+            self._resample_refused(masks, logits, plain, plain_rows, sampled)
         if drafted:
             items = [
                 DraftVerification(
@@ -373,6 +375,23 @@ class EngineCore:
                 (s.request.request_id, (tokens, [])) for s, tokens in zip(drafted, emitted, strict=True)
             )
         return sampled
+
+    def _resample_refused(
+        self,
+        masks: GrammarMasks,
+        logits: torch.Tensor,
+        plain: list[ScheduledRequest],
+        rows: list[int],
+        sampled: dict[str, tuple[list[int], list]],
+    ) -> None:
+        """Rows sampled before their grammar's mask (structured.py) whose token the grammar refuses:
+        masked now and sampled again, into `sampled`."""
+        tokens = {row: sampled[s.request.request_id][0][0] for s, row in zip(plain, rows, strict=True)}
+        refused = set(masks.check(logits, tokens))
+        if refused:
+            again = [(s, row) for s, row in zip(plain, rows, strict=True) if row in refused]
+            resampled = [row for _, row in again]
+            sampled.update(self._sample_plain([s for s, _ in again], _rows_of(logits, resampled)))
 
     def _sample_plain(
         self, scheduled: list[ScheduledRequest], logits: torch.Tensor

@@ -6,6 +6,18 @@ only the tokenizer's eos, so the model ends the structure with whichever end-of-
 until then none is, so a request that stops for a stop token always completes its structure (max_tokens
 can still cut it: finish_reason `length`).
 
+Sampling first (`sample_first`, on by default), as llama.cpp's sampler does with its grammars: a row
+whose token the mask cannot change except by refusing it (greedy, or a plain temperature draw:
+`_sample_first_exact`) is sampled without its mask, and the token checked against the grammar; only a
+refused token (or a stop token, which the mask must decide) gets the row masked and sampled again. That
+gives the row exactly the masked row's token when greedy, and a draw from the masked distribution when
+not (rejection sampling). The check is llguidance's validation, which agrees with its mask token for
+token except where the grammar forces bytes (there the mask keeps only their canonical tokens): such
+rows are masked first (`_checks_sampled`). A mask costs ~50 µs of llguidance's time a row, a check
+~2 µs, and SmolLM2 writing a JSON schema picks an allowed token itself for most rows, so most masks are
+never computed (BENCHMARKS.md). Top-k/top-p/min-p rows, rows asking for logprobs and rows verifying
+drafts are masked first.
+
 Where the masks are computed depends on the host (`overlap_masks`):
 - a spare core (usable physical cores > the forward's torch threads), or an accelerator running the
   forward: on a worker thread started before the forward pass, the batch filled by llguidance's
@@ -40,6 +52,10 @@ the forward pass is using.
 A matcher follows its request's output rather than being told of each token: before computing a mask it
 consumes the tokens appended since the last one (sampled here, accepted drafts, or the first token a
 prefill worker sent with the KV), so it does not depend on where the engine appends them.
+
+Beside the forward, the sampled-first rows' masks are computed too (they cost no step time there) and
+their tokens checked against the bits; after it, only the refused rows' masks are computed. The two
+places make the same decisions, so outputs do not depend on the host.
 
 Speculative decoding: a request verifying k drafts gets the mask after each draft, for its 1 + k rows.
 The matcher consumes the drafts the grammar accepts to compute those masks, then rolls them back; rows
@@ -90,6 +106,18 @@ _CAP_OF_BYTE = np.where(
 _MAX_CAP_BYTES = 16 << 20
 
 
+def _sample_first_exact(params: SamplingParams) -> bool:
+    """Whether a row sampled without its mask, kept when the grammar takes its token and else masked
+    and sampled again, gets the masked row's token: greedy (the best token, if allowed, is the best
+    allowed one), or a plain temperature draw (rejection sampling: a token drawn from p, kept when
+    allowed, else drawn again from the masked p, is drawn from the masked p). Penalties and logit_bias
+    change each token's logit alone, so they keep this. Not with top-k, top-p or min-p (their cut-off
+    depends on which tokens are masked) nor with logprobs (those of the masked logits)."""
+    return params.logprobs is None and (
+        params.greedy or (params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0)
+    )
+
+
 def overlap_masks(cores: int, forward_threads: int) -> bool:
     """Whether a CPU forward leaves a core for computing masks beside it: more usable physical cores
     than the forward's torch threads. Else the masks are computed after the forward (module docstring)."""
@@ -115,6 +143,8 @@ class MaskStats:
     fill_wall_s: float = 0.0  # its wall time (includes masks computed on llguidance's executor threads)
     apply_cpu_s: float = 0.0  # the engine thread's CPU time applying masks (written by `apply`)
     wait_s: float = 0.0  # the engine thread's wait for masks filled on the mask thread (by `apply`)
+    sampled_first_rows: int = 0  # rows sampled unmasked, then checked (written by `check`)
+    refused_rows: int = 0  # of them, those whose token the grammar refused: masked and sampled again
 
 
 @dataclass
@@ -123,6 +153,7 @@ class _Job:
     row: int  # its first row among the step's sampled logits
     new_tokens: list[int]  # output tokens since the matcher's last step
     drafts: list[int]
+    sample_first: bool  # its row may be sampled unmasked, then checked (`_sample_first_exact`)
     index: int = 0  # its first row in the step's bitmask
 
     @property
@@ -136,6 +167,8 @@ class _Filled:
 
     bitmask: np.ndarray  # [rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first logits row, first mask row, rows)
+    unmasked: list[_Job] = field(default_factory=list)  # rows left unmasked, sampled first (`check`)
+    unmasked_filled: bool = False  # their masks are in `bitmask` too (at job.index), not in `runs`
 
 
 class CapBuffer:
@@ -187,22 +220,50 @@ def apply_bitmask(
 
 
 class GrammarMasks:
-    """The masks of one step (being computed on the mask thread, or to compute); `apply` applies them."""
+    """The masks of one step (being computed on the mask thread, or to compute): `apply` writes them into
+    the logits before sampling, and `check` masks the rows sampled first whose token the grammar refuses."""
 
     def __init__(
-        self, masks: Callable[[], _Filled], overlapped: bool, caps: CapBuffer | None, stats: MaskStats
+        self,
+        masks: Callable[[], _Filled],
+        refused: Callable[[_Filled, list[_Job], dict[int, int]], _Filled | None],
+        overlapped: bool,
+        caps: CapBuffer | None,
+        stats: MaskStats,
     ) -> None:
         self._masks = masks
+        self._refused = refused  # the masks of the sampled-first rows whose token is refused (None: none)
         self._overlapped = overlapped  # masks() waits for the mask thread (else it computes them)
         self._caps = caps  # None: the logits are on an accelerator
         self._stats = stats
+        self._filled: _Filled | None = None  # what `apply` applied (written by it)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits [rows, V], -inf written in place where the grammars forbid a token."""
+        """The logits [rows, V], -inf written in place where the grammars forbid a token (except in the
+        rows to sample first)."""
         start = time.perf_counter()
         filled = self._masks()
         if self._overlapped:
             self._stats.wait_s += time.perf_counter() - start
+        self._filled = filled
+        self._write(logits, filled)
+        return logits
+
+    def check(self, logits: torch.Tensor, sampled: dict[int, int]) -> list[int]:
+        """The rows sampled first (of `sampled`: logits row -> its token) whose token the grammar refuses:
+        their masks written into `logits`, to sample them again (the other rows keep their token)."""
+        jobs = [job for job in self._filled.unmasked if job.row in sampled] if self._filled else []
+        if not jobs:
+            return []
+        filled = self._refused(self._filled, jobs, sampled)
+        if filled is None:
+            return []
+        self._write(logits, filled)
+        return [row for first, _, count in filled.runs for row in range(first, first + count)]
+
+    def _write(self, logits: torch.Tensor, filled: _Filled) -> None:
+        if not filled.runs:
+            return
         cpu = time.thread_time()
         # Inference mode: the model's logits are inference tensors, written in place only there.
         with torch.inference_mode():
@@ -215,7 +276,6 @@ class GrammarMasks:
                         forbidden[mask_row : mask_row + num_rows, : logits.shape[1]], -float("inf")
                     )
         self._stats.apply_cpu_s += time.thread_time() - cpu
-        return logits
 
 
 def unpack_forbidden(bitmask: torch.Tensor) -> torch.Tensor:
@@ -243,6 +303,10 @@ class StructuredOutputs:
         # Where the masks are computed: None decides per step from the host (`overlap_masks`); True or
         # False forces it (an accelerator's forward leaves the CPU free: True; tests and benchmarks).
         self.overlap = overlap
+        # Rows that can be are sampled before their mask, which is computed only when the grammar refuses
+        # the token (`_sample_first_exact`, `_checks_sampled`); False masks every row first (tests,
+        # benchmarks).
+        self.sample_first = True
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_error: str | None = None  # why the tokenizer cannot drive a grammar
         self._eos_ids: list[int] = []  # what the tokenizer and the model call eos: llguidance's end tokens
@@ -289,41 +353,99 @@ class StructuredOutputs:
             request = s.request
             if request.params.structured_outputs is not None:
                 consumed = request.grammar.num_consumed if request.grammar is not None else 0
-                jobs.append(_Job(request, row, request.output_token_ids[consumed:], list(s.draft_token_ids)))
+                drafts = list(s.draft_token_ids)
+                first = self.sample_first and not drafts and _sample_first_exact(request.params)
+                jobs.append(_Job(request, row, request.output_token_ids[consumed:], drafts, first))
             row += 1 + len(s.draft_token_ids)
         if not jobs:
             return None
         if not self.overlaps():
-            return GrammarMasks(functools.partial(self._masks, jobs, None), False, self._caps, self.stats)
+            masks = functools.partial(self._masks, jobs, None)
+            return GrammarMasks(masks, self._refused, False, self._caps, self.stats)
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="duoserve-grammar")
             self._executor = llguidance.LLExecutor(_mask_threads())
         future = self._thread.submit(self._masks, jobs, self._executor)
-        return GrammarMasks(future.result, True, self._caps, self.stats)
+        return GrammarMasks(future.result, self._refused, True, self._caps, self.stats)
 
     # ---------------------------------------------------------------- filling (mask thread or engine thread)
 
     def _masks(self, jobs: list[_Job], executor: llguidance.LLExecutor | None) -> _Filled:
-        """The step's bitmask; `executor` batches the matchers' work on its pool (None: one by one here)."""
+        """The step's bitmask, but for the rows to sample first (a matcher that can tell a token's fate
+        without its mask); `executor` batches the matchers' work on its pool (None: one by one here)."""
         cpu, wall = time.thread_time(), time.perf_counter()
-        runs: list[tuple[int, int, int]] = []
-        index = 0
+        self._advance(jobs, executor)
+        unmasked, masked = [], []
         for job in jobs:
-            job.index = index
-            if runs and runs[-1][0] + runs[-1][2] == job.row:  # extends the previous run of rows
-                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + job.num_rows)
-            else:
-                runs.append((job.row, index, job.num_rows))
-            index += job.num_rows
-        bitmask = self._bitmask_rows(index)
-        ready = self._advance(jobs, bitmask, executor)
-        self._fill(ready, bitmask, executor)
-        self._allow_stop_tokens(bitmask, jobs)
+            (unmasked if job.sample_first and self._checks_sampled(job) else masked).append(job)
+        # Beside the forward, the sampled-first rows' masks cost no step time: computed too (after the
+        # others in the bitmask), so that `check` reads their bits instead of asking the matchers.
+        filled = self._fill_rows(masked + unmasked if executor is not None else masked, executor)
+        filled.runs = _runs(masked)
+        filled.unmasked, filled.unmasked_filled = unmasked, executor is not None
         self.stats.steps += 1
         self.stats.serial_steps += executor is None
         self.stats.fill_cpu_s += time.thread_time() - cpu
         self.stats.fill_wall_s += time.perf_counter() - wall
-        return _Filled(bitmask, runs)
+        return filled
+
+    def _checks_sampled(self, job: _Job) -> bool:
+        """Whether a token sampled without the mask can be checked against the grammar instead: the
+        matcher runs (not stopped, not failed) and no bytes are forced. Where bytes are forced (a JSON
+        key, a literal), llguidance's mask allows only their canonical tokens (`"city"`, not `"c"`)
+        while validation accepts any token spelling them; elsewhere the two agree token for token (the
+        test checks every token of a vocabulary at every state of real grammars). So checked rows get
+        exactly the token the mask would have given them."""
+        matcher = job.request.grammar.matcher
+        try:
+            return matcher is not None and not matcher.is_stopped() and not matcher.compute_ff_bytes()
+        except Exception:  # masked, where a failing grammar is dealt with
+            return False
+
+    def _refused(self, step: _Filled, jobs: list[_Job], sampled: dict[int, int]) -> _Filled | None:
+        """Of the rows sampled first, those whose token the grammar refuses, with their masks (None: it
+        takes every token): read from the step's bitmask where it has them, else the matchers validate
+        the tokens and the refused rows' masks are computed now. A stop token is refused whatever the
+        grammar says, to be sampled again under the mask, which decides when a request may stop
+        (`_allow_stop_tokens`)."""
+        cpu, wall = time.thread_time(), time.perf_counter()
+        refused = []
+        for job in jobs:
+            token = sampled[job.row]
+            if token in self._eos_ids or token in job.request.stop_token_ids:
+                allowed = False
+            elif step.unmasked_filled:
+                allowed = bool((int(step.bitmask[job.index, token >> 5]) >> (token & 31)) & 1)
+            else:
+                allowed = job.request.grammar.matcher.validate_tokens([token]) == 1
+            if not allowed:
+                refused.append(job)
+        self.stats.sampled_first_rows += len(jobs)
+        self.stats.refused_rows += len(refused)
+        if not refused:
+            filled = None
+        elif step.unmasked_filled:
+            filled = _Filled(step.bitmask, _runs(refused))
+        else:
+            filled = self._fill_rows(refused, None)
+        self.stats.fill_cpu_s += time.thread_time() - cpu
+        self.stats.fill_wall_s += time.perf_counter() - wall
+        return filled
+
+    def _fill_rows(self, jobs: list[_Job], executor: llguidance.LLExecutor | None) -> _Filled:
+        """The masks of the jobs' rows, one after another in the reused bitmask (job.index), with the runs
+        of logits rows they go to."""
+        index = 0
+        for job in jobs:
+            job.index = index
+            index += job.num_rows
+        bitmask = self._bitmask_rows(index)
+        self._fill([job for job in jobs if job.request.grammar.matcher is not None], bitmask, executor)
+        for job in jobs:
+            if job.request.grammar.matcher is None:
+                self._only_stop(bitmask, job)
+        self._allow_stop_tokens(bitmask, jobs)
+        return _Filled(bitmask, _runs(jobs))
 
     def _bitmask_rows(self, num_rows: int) -> np.ndarray:
         """The first num_rows rows of the reused bitmask (grown to the next power of two when short)."""
@@ -332,19 +454,16 @@ class StructuredOutputs:
             self._bitmask = np.zeros((capacity, self._words), dtype=np.int32)
         return self._bitmask[:num_rows]
 
-    def _advance(
-        self, jobs: list[_Job], bitmask: np.ndarray, executor: llguidance.LLExecutor | None
-    ) -> list[_Job]:
-        """Each job's matcher made (on its first step) and fed the tokens output since its last mask;
-        the jobs whose matchers compute masks (the others' rows allow only their stop tokens)."""
-        ready, single = [], []
+    def _advance(self, jobs: list[_Job], executor: llguidance.LLExecutor | None) -> None:
+        """Each job's matcher made (on its first step) and fed the tokens output since its last mask. A
+        failing grammar leaves its request with no matcher (its rows allow only its stop tokens)."""
+        single = []
         for job in jobs:
             try:
                 state = job.request.grammar
                 if state is None:
                     state = job.request.grammar = GrammarState(self._matcher(job.request))
                 if state.matcher is None:
-                    self._only_stop(bitmask, job)
                     continue
                 if state.matcher.is_stopped() or not job.new_tokens:
                     pass
@@ -353,9 +472,8 @@ class StructuredOutputs:
                 else:
                     state.matcher.consume_tokens(job.new_tokens)
                 state.num_consumed += len(job.new_tokens)
-                ready.append(job)
             except Exception:  # one request's grammar must never take the engine down
-                self._fail(job, bitmask)
+                self._fail(job)
         if single:
             # A refused token leaves its matcher in an error state: reported, and it may only end.
             try:
@@ -367,9 +485,7 @@ class StructuredOutputs:
                         matcher.consume_token(token)
             except Exception:
                 for job in single:
-                    self._fail(job, bitmask)
-                return [job for job in ready if job.request.grammar.matcher is not None]
-        return ready
+                    self._fail(job)
 
     def _fill(self, jobs: list[_Job], bitmask: np.ndarray, executor: llguidance.LLExecutor | None) -> None:
         """The masks of the jobs' rows: stopped matchers' copied, the other plain ones computed in one
@@ -413,7 +529,8 @@ class StructuredOutputs:
         try:
             self._fill_drafts(job, bitmask)
         except Exception:
-            self._fail(job, bitmask)
+            self._fail(job)
+            self._only_stop(bitmask, job)
 
     def _fill_drafts(self, job: _Job, bitmask: np.ndarray) -> None:
         """The masks of a job's 1 + k rows: after its output, then after each draft the grammar accepts."""
@@ -428,10 +545,9 @@ class StructuredOutputs:
         if valid < len(job.drafts):  # rows after a refused draft are never reached
             bitmask[index + 1 + valid : index + job.num_rows] = bitmask[index + valid]
 
-    def _fail(self, job: _Job, bitmask: np.ndarray) -> None:
+    def _fail(self, job: _Job) -> None:
         logger.exception("request %s: its grammar failed; it may only end now", job.request.request_id)
         job.request.grammar = GrammarState(None, reported=True)
-        self._only_stop(bitmask, job)
 
     def _matcher(self, request: Request) -> llguidance.LLMatcher:
         grammar = build_grammar(request.params.structured_outputs)
@@ -476,6 +592,18 @@ class StructuredOutputs:
             stops = [t for t in request.stop_token_ids if t < self.vocab_size] or self._eos_ids[:1] or [0]
             for token in stops:
                 words[row, token >> 5] |= np.uint32(1 << (token & 31))
+
+
+def _runs(jobs: list[_Job]) -> list[tuple[int, int, int]]:
+    """The jobs' (first logits row, first bitmask row, rows): one run while both are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for job in jobs:
+        last = runs[-1] if runs else None
+        if last and last[0] + last[2] == job.row and last[1] + last[2] == job.index:
+            runs[-1] = (last[0], last[1], last[2] + job.num_rows)
+        else:
+            runs.append((job.row, job.index, job.num_rows))
+    return runs
 
 
 def _fill_in_turn(pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: np.ndarray) -> None:

@@ -8,8 +8,11 @@ import json
 import math
 import re
 import time
+from types import SimpleNamespace
 
 import jsonschema
+import llguidance
+import llguidance.numpy
 import numpy as np
 import pytest
 import torch
@@ -20,7 +23,14 @@ from duoserve.disagg.kv_transfer import KVReceiver, KVSender, KVTransferParams
 from duoserve.disagg.pd_connector import pd_connectors
 from duoserve.engine import structured
 from duoserve.engine.core import EngineCore
-from duoserve.engine.structured import CapBuffer, apply_bitmask, overlap_masks, unpack_forbidden
+from duoserve.engine.structured import (
+    CapBuffer,
+    GrammarState,
+    apply_bitmask,
+    overlap_masks,
+    unpack_forbidden,
+)
+from duoserve.grammar import build_grammar
 from duoserve.kv.layout import KVLayout
 from duoserve.llm import LLM
 from duoserve.models.loader import load_model
@@ -43,6 +53,9 @@ SCHEMA = {
     "required": ["name", "n", "ok"],
     "additionalProperties": False,
 }
+# [0-9], not \d: llguidance's \d is Unicode 16's (U+16D77, a Kirat Rai digit, is one), which Python 3.11's
+# re does not know, so a sampled digit there would fail the check, not the constraint.
+REGEX = r"[a-c]{2,5}-[0-9][0-9]"
 # Compact JSON: a random model would otherwise pad with whitespace until max_tokens.
 JSON = {"json": SCHEMA, "disable_any_whitespace": True}
 
@@ -72,7 +85,7 @@ def test_json_schema_outputs_validate_over_many_seeds(llm):
 @pytest.mark.parametrize(
     ("constraint", "check"),
     [
-        ({"regex": r"[a-c]{2,5}-\d\d"}, lambda t: re.fullmatch(r"[a-c]{2,5}-\d\d", t)),
+        ({"regex": REGEX}, lambda t: re.fullmatch(REGEX, t)),
         ({"choice": ["alpha", "beta", 'ga"mma']}, lambda t: t in ("alpha", "beta", 'ga"mma')),
         (
             {"grammar": 'start: "(" item ("," item)* ")"\nitem: /[0-9]/'},
@@ -122,14 +135,14 @@ def test_constrained_rows_apart_in_the_batch_are_each_masked(llm):
     """Two constrained requests around an unconstrained one (the masks go to two runs of rows): each
     output is the same as alone, and the unconstrained one runs free to max_tokens."""
     choice = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": ["abc", "xyz"]})
-    regex = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"regex": r"[a-c]{2,5}-\d\d"})
+    regex = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"regex": REGEX})
     free = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     prompts = [byte_prompt(12), byte_prompt(13), byte_prompt(14)]
     each = [choice, free, regex]
     alone = [texts(llm, [prompt], params)[0] for prompt, params in zip(prompts, each, strict=True)]
     mixed = llm.generate(prompts, each, use_tqdm=False)
     assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in mixed] == alone
-    assert alone[0][0] in ("abc", "xyz") and re.fullmatch(r"[a-c]{2,5}-\d\d", alone[2][0])
+    assert alone[0][0] in ("abc", "xyz") and re.fullmatch(REGEX, alone[2][0])
 
 
 def test_masks_reuse_one_buffer_and_count_their_steps(llm):
@@ -189,7 +202,7 @@ def test_serial_and_overlapped_masks_give_the_same_outputs(llm):
     each = [
         SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=50, structured_outputs=JSON),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": r"[a-c]{2,5}-\d\d"}),
+        SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": REGEX}),
     ]
 
     def run(overlap: bool) -> tuple[list[tuple[str, str]], int]:
@@ -207,7 +220,80 @@ def test_serial_and_overlapped_masks_give_the_same_outputs(llm):
     serial, serial_steps = run(False)
     assert serial == overlapped
     assert overlapped_serial_steps == 0 and serial_steps > 0
-    assert re.fullmatch(r"[a-c]{2,5}-\d\d", serial[3][0]) and len(serial[2][0]) > 0
+    assert re.fullmatch(REGEX, serial[3][0]) and len(serial[2][0]) > 0
+
+
+CONSTRAINTS = [
+    JSON,
+    {"regex": REGEX},
+    {"choice": ["alpha", "beta", 'ga"mma']},
+    {"grammar": 'start: "(" item ("," item)* ")"\nitem: /[0-9]/'},
+    {"json_object": True},
+]
+
+
+@pytest.mark.parametrize("constraint", CONSTRAINTS, ids=["json", "regex", "choice", "lark", "json_object"])
+def test_a_checked_token_is_allowed_exactly_when_the_mask_allows_it(llm, constraint):
+    """What sampling before the mask rests on, against llguidance itself: at every state of random
+    paths through real grammars, where `_checks_sampled` says a matcher can check a token, validating
+    each token of the vocabulary agrees with the mask bit for bit (stop tokens aside: those are always
+    masked). Where it cannot (forced bytes), validation would accept more than the mask."""
+    structured = llm.engine.core.structured
+    texts(llm, [byte_prompt(1)], SamplingParams(max_tokens=1, structured_outputs=JSON))  # the tables
+    grammar = build_grammar(SamplingParams(structured_outputs=constraint).structured_outputs)
+    vocab, rng = structured.vocab_size, np.random.default_rng(0)
+    checked = forced = 0
+    for _ in range(3):
+        matcher = llguidance.LLMatcher(structured._tokenizer, grammar, log_level=0)
+        job = SimpleNamespace(request=SimpleNamespace(grammar=GrammarState(matcher)))
+        for _ in range(40):
+            if matcher.is_stopped():
+                break
+            mask = np.zeros((1, -(-vocab // 32)), dtype=np.int32)
+            llguidance.numpy.fill_next_token_bitmask(matcher, mask, 0)
+            allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+            valid = np.array([matcher.validate_tokens([t]) == 1 for t in range(vocab)])
+            allowed[EOS] = valid[EOS] = False
+            if structured._checks_sampled(job):
+                checked += 1
+                assert np.array_equal(valid, allowed), np.flatnonzero(valid != allowed)
+            else:
+                forced += 1
+                assert not (allowed & ~valid).any()
+            if not allowed.any():
+                break
+            assert matcher.consume_token(int(rng.choice(np.flatnonzero(allowed))))
+    assert checked >= 3  # a choice among words is checked once a path, then its bytes are forced
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_sampling_first_gives_the_masked_rows_tokens(llm, overlap):
+    """Greedy outputs are the same whether rows are sampled first or every row is masked first, for every
+    kind of constraint, beside an unconstrained request and a top-p row (which is always masked first);
+    and sampling first did run, and did refuse some tokens. Serial: the matchers validate the sampled
+    tokens, and masks are computed for the refused ones; overlapped: every mask is computed beside the
+    forward, and the sampled tokens are checked against their bits."""
+    structured = llm.engine.core.structured
+    prompts = [byte_prompt(seed) for seed in range(30, 30 + len(CONSTRAINTS) + 2)]
+    each = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=c) for c in CONSTRAINTS]
+    each.append(SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    each.append(SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=40, structured_outputs=JSON))
+
+    def run(sample_first: bool) -> list[tuple[str, str]]:
+        structured.sample_first, structured.overlap = sample_first, overlap
+        try:
+            outputs = llm.generate(prompts, each, use_tqdm=False)
+        finally:
+            structured.sample_first, structured.overlap = True, None
+        return [(c.text, c.finish_reason) for o in outputs for c in o.outputs]
+
+    before = (structured.stats.sampled_first_rows, structured.stats.refused_rows)
+    first = run(True)
+    sampled_first = structured.stats.sampled_first_rows - before[0]
+    refused = structured.stats.refused_rows - before[1]
+    assert run(False) == first
+    assert 0 < refused < sampled_first
+    assert re.fullmatch(REGEX, first[1][0]) and first[2][0] in ("alpha", "beta", 'ga"mma')
 
 
 def test_no_masks_for_unconstrained_steps(llm):
