@@ -409,17 +409,7 @@ class StructuredOutputs:
         grammar says, to be sampled again under the mask, which decides when a request may stop
         (`_allow_stop_tokens`)."""
         cpu, wall = time.thread_time(), time.perf_counter()
-        refused = []
-        for job in jobs:
-            token = sampled[job.row]
-            if token in self._eos_ids or token in job.request.stop_token_ids:
-                allowed = False
-            elif step.unmasked_filled:
-                allowed = bool((int(step.bitmask[job.index, token >> 5]) >> (token & 31)) & 1)
-            else:
-                allowed = job.request.grammar.matcher.validate_tokens([token]) == 1
-            if not allowed:
-                refused.append(job)
+        refused = [job for job in jobs if not self._takes(step, job, sampled[job.row])]
         self.stats.sampled_first_rows += len(jobs)
         self.stats.refused_rows += len(refused)
         if not refused:
@@ -431,6 +421,16 @@ class StructuredOutputs:
         self.stats.fill_cpu_s += time.thread_time() - cpu
         self.stats.fill_wall_s += time.perf_counter() - wall
         return filled
+
+    def _takes(self, step: _Filled, job: _Job, token: int) -> bool:
+        if token in self._eos_ids or token in job.request.stop_token_ids:
+            return False
+        if step.unmasked_filled:
+            return bool((int(step.bitmask[job.index, token >> 5]) >> (token & 31)) & 1)
+        try:
+            return job.request.grammar.matcher.validate_tokens([token]) == 1
+        except Exception:  # refused: its mask is computed where a failing grammar is dealt with
+            return False
 
     def _fill_rows(self, jobs: list[_Job], executor: llguidance.LLExecutor | None) -> _Filled:
         """The masks of the jobs' rows, one after another in the reused bitmask (job.index), with the runs
