@@ -7,9 +7,9 @@ The model computes in float32 (so the reference is exact); quantized dtypes keep
 (token, KV head) row (duoserve/kv/quant.py). Teacher-forced over benchmarks/kv_accuracy.txt
 (a text of our own): mean and p99 KL divergence of next-token distributions
 and top-1 agreement; then 256 greedy tokens from the text's first 32 tokens, agreement = the fraction equal
-to the reference's before the first that differs (duoserve/kv/accuracy.py). The tiny model is the tests'
-(tests/helpers.py, llama_gqa: 2 layers, 3 KV heads of 8), on pseudo-random token ids; its thresholds are
-tests/kv/test_accuracy.py's.
+to the reference's before the first that differs (duoserve/engine/kv_accuracy.py). The tiny model is the
+tests' (tests/helpers.py, llama_gqa: 2 layers, 3 KV heads of 8), on pseudo-random token ids; its thresholds
+are tests/engine/test_kv_accuracy.py's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.helpers
 
 from duoserve.attention.selector import make_attention_backend  # noqa: E402
-from duoserve.kv.accuracy import measure  # noqa: E402
+from duoserve.engine.kv_accuracy import measure  # noqa: E402
 from duoserve.models.llama import LlamaModel  # noqa: E402
 from duoserve.models.loader import default_model_path, load_model  # noqa: E402
 from duoserve.tokenizer import load_tokenizer  # noqa: E402

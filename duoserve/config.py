@@ -138,7 +138,7 @@ class EngineConfig:
         default=None,
         metadata=_arg("CPU threads for torch (default: the physical cores this process may use)"),
     )
-    # Speculative decoding (duoserve/spec): proposals verified by the target in one forward pass.
+    # Speculative decoding (duoserve/engine/spec): proposals verified by the target in one forward pass.
     speculative: str | None = field(
         default=None, metadata=_arg("speculative decoding: ngram (prompt lookup) or draft (a draft model)")
     )

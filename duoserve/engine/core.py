@@ -19,6 +19,10 @@ from duoserve.engine.model_runner import StepBatch, make_decode_graphs, prepare_
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
+from duoserve.engine.spec.ngram import NgramProposer
+from duoserve.engine.spec.proposer import Proposer
+from duoserve.engine.spec.speculator import Speculator
+from duoserve.engine.spec.verify import DraftVerification, position_rows, verify
 from duoserve.engine.step_observer import MakeStepObserver
 from duoserve.engine.structured import GrammarMasks, StructuredOutputs
 from duoserve.hardware import cgroup_memory_available, host_defaults
@@ -34,10 +38,6 @@ from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel
 from duoserve.platform import keep_freed_memory, release_freed_memory
 from duoserve.sampling_params import SamplingParams
-from duoserve.spec.ngram import NgramProposer
-from duoserve.spec.proposer import Proposer
-from duoserve.spec.speculator import Speculator
-from duoserve.spec.verify import DraftVerification, position_rows, verify
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class EngineCore:
     def _proposer(self, loaded: LoadedModel, num_blocks: int) -> Proposer:
         if self.config.speculative == "ngram":
             return NgramProposer(self.config.ngram_min, self.config.ngram_max)
-        from duoserve.spec.draft import DraftProposer
+        from duoserve.engine.spec.draft import DraftProposer
 
         return DraftProposer.build(self.config, loaded, num_blocks, self.max_model_len, self.device)
 

@@ -16,12 +16,21 @@ The same memory holds 2 x head_dim / (head_dim + 2) times the blocks of a bfloat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from duoserve.kv.layer import LayerKV
 from duoserve.kv.quant import SCALE_BYTES, SCALE_DTYPE, as_bytes, is_quantized
-from duoserve.models.config import ModelConfig
+
+
+class ModelShape(Protocol):
+    """What a cache's shape reads from a model's config (duoserve/models/config.py's ModelConfig has it):
+    the KV cache sits below the models, which write into it, so it names no model class."""
+
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class KVCacheSpec:
     dtype: torch.dtype  # the storage dtype: the model's, or a quantized one (torch.float8_*, torch.int8)
 
     @classmethod
-    def for_model(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    def for_model(cls, config: ModelShape, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
         return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, dtype)
 
     @property

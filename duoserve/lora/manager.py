@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from duoserve.lora.adapter import TARGET_SITES, LoRAAdapter, load_adapter
-from duoserve.lora.layers import LoRASlots
 from duoserve.lora.request import LoRARequest
 from duoserve.models.config import ModelConfig
+from duoserve.models.lora_layers import LoRASlots
 
 # The projections of each LoRA-capable linear, in the order llama.py fuses their outputs.
 SITE_TARGETS = {

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
-from duoserve.lora.layers import LoRALinear, LoRAMapping, LoRASlots, LoRAState
 from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
@@ -35,6 +34,7 @@ from duoserve.models.linear import (
     make_linear,
     quantized_kernels_available,
 )
+from duoserve.models.lora_layers import LoRALinear, LoRAMapping, LoRASlots, LoRAState
 from duoserve.models.moe import MoE
 
 

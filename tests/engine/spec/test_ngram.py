@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from duoserve.spec.ngram import NgramProposer
+from duoserve.engine.spec.ngram import NgramProposer
 
 
 def test_proposes_what_followed_the_latest_earlier_occurrence():

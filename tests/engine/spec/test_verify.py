@@ -8,8 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from duoserve.engine.sampler import Sampler, SamplingRow
-from duoserve.sampling_params import SamplingParams
-from duoserve.spec.verify import (
+from duoserve.engine.spec.verify import (
     DraftVerification,
     accept_greedy,
     position_rows,
@@ -17,6 +16,7 @@ from duoserve.spec.verify import (
     target_probs,
     verify,
 )
+from duoserve.sampling_params import SamplingParams
 
 VOCAB = 8
 NUM_SAMPLES = 20_000

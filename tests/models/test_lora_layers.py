@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duoserve.lora.layers import LoRALinear, LoRAMapping, LoRASlots, LoRAState
 from duoserve.models.gguf_quants import GGUFTensor, random_blocks
 from duoserve.models.linear import DenseLinear, make_linear, quantized_kernels_available
+from duoserve.models.lora_layers import LoRALinear, LoRAMapping, LoRASlots, LoRAState
 from tests.helpers import rel_err
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from duoserve.attention.torch_backend import TorchAttentionBackend
-from duoserve.kv.accuracy import kl_divergence, measure
+from duoserve.engine.kv_accuracy import kl_divergence, measure
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import load_model
 from tests.helpers import random_prompt

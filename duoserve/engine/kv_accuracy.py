@@ -8,7 +8,7 @@ first. Greedy: tokens generated from a prompt one decode step at a time with eac
 the fraction of them equal to the reference's before the first one that differs (llama.cpp reports KLD and
 top-token agreement the same way for its KV types: q8_0 KV costs about 0.001 KLD).
 
-benchmarks/kv_accuracy.py prints these for SmolLM2 and a tiny random model; tests/kv/test_accuracy.py
+benchmarks/kv_accuracy.py prints these for SmolLM2 and a tiny random model; tests/engine/test_kv_accuracy.py
 holds the documented thresholds (`THRESHOLDS`).
 """
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from duoserve.config import EngineConfig
 from duoserve.engine.request import Request
-from duoserve.spec.proposer import Proposer
+from duoserve.engine.spec.proposer import Proposer
 
 _MIN_PAUSE = 2
 _MAX_PAUSE = 64

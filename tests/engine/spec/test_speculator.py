@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from duoserve.spec.speculator import _RECHECK_EVERY, _BatchRate
+from duoserve.engine.spec.speculator import _RECHECK_EVERY, _BatchRate
 
 
 def test_unmeasured_batch_size_tries_drafting_then_measures_plain():
