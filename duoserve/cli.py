@@ -9,8 +9,8 @@ import sys
 from duoserve.bench import add_bench_parser, run_bench
 from duoserve.config import add_engine_args, engine_config_from_args
 from duoserve.disagg.endpoints import add_kv_endpoint_args, kv_endpoints_from_args
-from duoserve.disagg.launcher import add_router_parsers
 from duoserve.plan.cli import add_plan_parser
+from duoserve.router.launcher import add_router_parsers
 from duoserve.server.settings import add_server_args
 
 

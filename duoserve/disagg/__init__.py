@@ -1,1 +1,2 @@
-"""Disaggregated serving: KV transfer between workers, KV events, the router and `duoserve up`."""
+"""Disaggregated prefill/decode between workers: KV transfer and its KV connectors, KV events, the
+sockets' endpoints and their cluster-secret authentication."""

@@ -39,7 +39,6 @@ from duoserve.bench.metrics import summarize
 from duoserve.bench.records import RequestRecord
 from duoserve.bench.report import result_document
 from duoserve.disagg.kv_events import KVEvents, KVIndex
-from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput
 from duoserve.kv.connector import ConnectorEvents, EvictedBlock, KVConnector
@@ -49,6 +48,7 @@ from duoserve.plan.objectives import Objectives
 from duoserve.plan.profile import Profile
 from duoserve.plan.step_model import StepShape, step_shape
 from duoserve.plan.workload import SimConversation, Workload
+from duoserve.router.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

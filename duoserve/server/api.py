@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from duoserve.disagg.worker_api import WorkerRoutes
 from duoserve.lora.request import LoRARequest
 from duoserve.outputs import RequestOutput
 from duoserve.sampling_params import SamplingParams
@@ -63,6 +62,7 @@ from duoserve.server.serving import (
 )
 from duoserve.server.settings import ServerSettings, runtime_lora_from_env
 from duoserve.server.tool_calls import ToolCalling
+from duoserve.server.worker_api import WorkerRoutes
 
 logger = logging.getLogger("duoserve.server")
 

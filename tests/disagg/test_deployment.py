@@ -242,7 +242,7 @@ def test_lost_prefill_worker_falls_back_to_local_prefill(deployment, offline):
     assert complete(deployment, prompt, 6) == expected
     # The decode worker computed the prompt itself: 40 prompt tokens and 5 decode steps. Whether the
     # router had noticed the loss (local prefill from the start) or not (it tried the prefill worker,
-    # then fell back), the outcome is the same; tests/disagg/test_router.py pins the second case down.
+    # then fell back), the outcome is the same; tests/router/test_router.py pins the second case down.
     assert worker_metrics(decode["url"])[computed] - before == 40 + 5
     wait_for(
         lambda: workers(deployment)[0]["healthy"],

@@ -24,8 +24,8 @@ from duoserve.disagg.kv_events import AUTH_PURPOSE as EVENTS_PURPOSE
 from duoserve.disagg.kv_events import KVEventPublisher, KVEvents, KVEventSubscriber, KVIndex
 from duoserve.disagg.kv_transfer import AUTH_PURPOSE as KV_PURPOSE
 from duoserve.disagg.kv_transfer import KVBlocks, KVDone, KVTicket, KVTransferParams
-from duoserve.disagg.protocol import FrameReader, encode
 from duoserve.server.engine_messages import AddRequest
+from duoserve.server.worker_protocol import FrameReader, encode
 from tests.disagg.test_kv_transfer import Pair, greedy, run_colocated
 from tests.helpers import random_prompt, wait_for
 from tests.server.harness import ServerProcess, engine_flags

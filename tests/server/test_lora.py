@@ -12,10 +12,10 @@ import pytest
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.kv_events import prompt_block_hashes
-from duoserve.disagg.router import RouterClient
-from duoserve.disagg.routing import RouterConfig
 from duoserve.kv.block_pool import ROOT_HASH
 from duoserve.lora.request import prefix_root_hash
+from duoserve.router.router import RouterClient
+from duoserve.router.routing import RouterConfig
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient

@@ -12,8 +12,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from duoserve.config import EngineConfig
-from duoserve.disagg.router import RouterClient
-from duoserve.disagg.routing import RouterConfig
+from duoserve.router.router import RouterClient
+from duoserve.router.routing import RouterConfig
 from duoserve.server.api import build_app
 from duoserve.server.engine_client import EngineClient
 from duoserve.server.settings import ServerSettings

@@ -12,9 +12,9 @@ import msgspec
 import openai
 import pytest
 
-from duoserve.disagg.protocol import add_request_decoder, encode
 from duoserve.sampling_params import SamplingParams, StructuredOutputsParams
 from duoserve.server.engine_messages import AddRequest
+from duoserve.server.worker_protocol import add_request_decoder, encode
 from duoserve.tokenizer import load_tokenizer
 from tests.byte_model import byte_prompt
 from tests.server.harness import ServerProcess, engine_flags

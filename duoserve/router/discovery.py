@@ -3,12 +3,12 @@
 A source is an async iterator of snapshots: every time what it knows changes, it yields the complete
 list of `Endpoint`s (URL, role when it knows it, and whether it is ready). The router keeps the last
 snapshot of each source, adds the workers that appear, and removes those that are gone; it health-checks
-every worker itself and routes to one only when both agree it is ready (duoserve.disagg.router).
+every worker itself and routes to one only when both agree it is ready (duoserve.router.router).
 
 - `StaticSource`: fixed URLs (`--prefill URL --decode URL`, what `duoserve up` and tests use);
-- `DnsSource` (`--discover dns:NAME[:PORT]`, duoserve.disagg.dns_discovery): a headless Service's
+- `DnsSource` (`--discover dns:NAME[:PORT]`, duoserve.router.dns_discovery): a headless Service's
   records, re-resolved every `--discover-interval` seconds;
-- `K8sSource` (`--discover k8s`, duoserve.disagg.k8s_discovery): a watch of the EndpointSlices of the
+- `K8sSource` (`--discover k8s`, duoserve.router.k8s_discovery): a watch of the EndpointSlices of the
   Services labelled `duoserve.io/role`, through the Kubernetes API with the pod's service account.
 """
 

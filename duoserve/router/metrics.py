@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from duoserve.disagg.discovery import ROLES
-from duoserve.disagg.routing import RoutingPolicy
+from duoserve.router.discovery import ROLES
+from duoserve.router.routing import RoutingPolicy
 from duoserve.server.metrics import PREFIX
 
 

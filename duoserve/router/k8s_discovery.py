@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from duoserve.disagg.discovery import K8S_API_URL_ENV, ROLES, Endpoint, http_url
+from duoserve.router.discovery import K8S_API_URL_ENV, ROLES, Endpoint, http_url
 
 logger = logging.getLogger("duoserve.router")
 

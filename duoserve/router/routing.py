@@ -1,6 +1,6 @@
 """Which worker gets a request: the workers a router knows, and the policies that pick among them.
 
-The pool changes while requests flow (discovery adds and removes workers: duoserve.disagg.discovery);
+The pool changes while requests flow (discovery adds and removes workers: duoserve.router.discovery);
 a worker is picked only when it is `ready`: its discovery source lists it as ready and its last health
 check passed.
 
@@ -20,9 +20,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from duoserve.disagg.discovery import parse_discover
 from duoserve.disagg.kv_events import KVEvents, KVIndex, prompt_block_hashes
 from duoserve.kv.block_pool import ROOT_HASH
+from duoserve.router.discovery import parse_discover
 
 POLICIES = ("kv", "round_robin", "least_loaded")
 

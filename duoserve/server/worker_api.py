@@ -17,15 +17,15 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from duoserve.disagg.auth import AUTH_HEADER, HTTP_PURPOSE, Verifier, verify_http
-from duoserve.disagg.protocol import (
+from duoserve.server.engine_client import EngineClient, EngineUnavailable
+from duoserve.server.protocol import APIError
+from duoserve.server.worker_protocol import (
     FRAME_MEDIA_TYPE,
     WorkerError,
     abort_decoder,
     add_request_decoder,
     encode_frame,
 )
-from duoserve.server.engine_client import EngineClient, EngineUnavailable
-from duoserve.server.protocol import APIError
 
 
 class WorkerRoutes:

@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
-from duoserve.disagg.discovery import Endpoint
-from duoserve.disagg.k8s_discovery import K8sConfig, K8sSource, k8s_config, slice_endpoints
-from tests.disagg.fake_k8s import FakeKubernetes, endpoint_slice
+from duoserve.router.discovery import Endpoint
+from duoserve.router.k8s_discovery import K8sConfig, K8sSource, k8s_config, slice_endpoints
+from tests.router.fake_k8s import FakeKubernetes, endpoint_slice
 
 DEADLINE = 30.0  # a deadline, not a measure: each wait returns as soon as the snapshot comes
 

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from duoserve.disagg.discovery import Endpoint, StaticSource, http_url, parse_discover
-from duoserve.disagg.routing import RouterConfig
+from duoserve.router.discovery import Endpoint, StaticSource, http_url, parse_discover
+from duoserve.router.routing import RouterConfig
 
 
 def test_parse_discover():

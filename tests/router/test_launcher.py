@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from duoserve.disagg.launcher import step_trace_paths
+from duoserve.router.launcher import step_trace_paths
 
 
 def test_each_worker_gets_its_own_step_trace_named_by_its_role():

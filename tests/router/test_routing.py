@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from duoserve.disagg.kv_events import KVEvents, KVIndex, prompt_block_hashes
-from duoserve.disagg.routing import RouterConfig, RoutingPolicy
 from duoserve.kv.kv_cache_manager import KVCacheManager
+from duoserve.router.routing import RouterConfig, RoutingPolicy
 
 
 def test_prompt_hashes_are_the_worker_prefix_cache_hashes():

@@ -1,7 +1,7 @@
 """`duoserve router` and `duoserve up`: the router on its own, or a whole local deployment.
 
 `router` takes its workers as URLs (`--prefill URL --decode URL`) and/or finds them
-(`--discover k8s`, `--discover dns:NAME[:PORT]`: duoserve.disagg.discovery).
+(`--discover k8s`, `--discover dns:NAME[:PORT]`: duoserve.router.discovery).
 
 `up` starts N prefill, M decode and K colocated workers as `duoserve serve` processes on free ports
 (each with its share of the CPU cores, optionally pinned to them), restarts any that dies, and runs
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from duoserve.config import add_engine_args, engine_config_from_args, engine_flags
 from duoserve.disagg.auth import SECRET_ENV
-from duoserve.disagg.discovery import DEFAULT_PORT, K8S_API_URL_ENV
-from duoserve.disagg.routing import POLICIES, RouterConfig
+from duoserve.router.discovery import DEFAULT_PORT, K8S_API_URL_ENV
+from duoserve.router.routing import POLICIES, RouterConfig
 from duoserve.server.settings import add_server_args, settings_from_args
 
 logger = logging.getLogger("duoserve.up")
@@ -140,7 +140,7 @@ def add_router_parsers(commands) -> None:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from duoserve.disagg.router import RouterClient
+    from duoserve.router.router import RouterClient
     from duoserve.server.launcher import run_server
 
     settings = settings_from_args(args)

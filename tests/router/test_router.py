@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from duoserve.disagg.dns_discovery import DnsSource
-from duoserve.disagg.router import RouterClient
-from duoserve.disagg.routing import RouterConfig
+from duoserve.router.dns_discovery import DnsSource
+from duoserve.router.router import RouterClient
+from duoserve.router.routing import RouterConfig
 from duoserve.sampling_params import SamplingParams
 from duoserve.server.engine_client import EngineUnavailable
 from tests.helpers import random_prompt

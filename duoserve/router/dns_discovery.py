@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from duoserve.disagg.discovery import Endpoint, http_url
+from duoserve.router.discovery import Endpoint, http_url
 
 logger = logging.getLogger("duoserve.router")
 

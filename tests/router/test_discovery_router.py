@@ -1,5 +1,5 @@
 """`duoserve router --discover k8s` over real workers, with a local server speaking the Kubernetes API's
-EndpointSlice list/watch (tests/disagg/fake_k8s.py), while requests flow.
+EndpointSlice list/watch (tests/router/fake_k8s.py), while requests flow.
 
 The workers are pods of one headless Service: one port, their own addresses (127.0.0.1, .2, .3), the
 same fixed KV ports, each advertising its own address. Workers are listed not ready, made ready,
@@ -19,9 +19,9 @@ import threading
 import httpx
 import pytest
 
-from tests.disagg.fake_k8s import FakeKubernetes, endpoint_slice
 from tests.disagg.test_faults import Outcome, read_stream
 from tests.helpers import random_prompt, wait_for, word
+from tests.router.fake_k8s import FakeKubernetes, endpoint_slice
 from tests.server.harness import ServerProcess, engine_flags, free_port
 
 SLICE = "decode-h7x2k"  # the EndpointSlice of the Service labelled duoserve.io/role=both

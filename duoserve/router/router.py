@@ -12,7 +12,7 @@ engine had produced them. A disaggregated request runs in two legs:
    once;
 3. the decode worker, given the KV and the first token, decodes the rest, streamed from leg 1.
 
-Its workers come from discovery sources (duoserve.disagg.discovery: static URLs, DNS, the Kubernetes
+Its workers come from discovery sources (duoserve.router.discovery: static URLs, DNS, the Kubernetes
 API), composed in, each yielding the current set of workers; the router adds those that appear and
 forgets those that go (requests already on them run on). A worker gets new requests only while it is
 ready: its source lists it as ready and its last health check passed. The router is itself ready
@@ -47,17 +47,16 @@ import zmq.asyncio
 
 from duoserve.config import EngineConfig
 from duoserve.disagg.auth import DROPPED_STAT, HTTP_PURPOSE, DropCounts, Signer, http_auth_header
-from duoserve.disagg.discovery import DiscoverySource, Endpoint, StaticSource, parse_discover
-from duoserve.disagg.dns_discovery import DnsSource
-from duoserve.disagg.k8s_discovery import K8sSource, k8s_config
 from duoserve.disagg.kv_events import AUTH_PURPOSE as EVENTS_SOCKET
 from duoserve.disagg.kv_events import KVEventSubscriber, KVIndex
 from duoserve.disagg.kv_transfer import KVTransferParams
-from duoserve.disagg.protocol import AbortSequences, FrameReader, WorkerError, encode
-from duoserve.disagg.router_metrics import RouterCollector
-from duoserve.disagg.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.kv.block_pool import ROOT_HASH
 from duoserve.lora.request import LoRARequest, prefix_root_hash
+from duoserve.router.discovery import DiscoverySource, Endpoint, StaticSource, parse_discover
+from duoserve.router.dns_discovery import DnsSource
+from duoserve.router.k8s_discovery import K8sSource, k8s_config
+from duoserve.router.metrics import RouterCollector
+from duoserve.router.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.server.engine_client import EngineClient, EngineUnavailable, RequestRejected
 from duoserve.server.engine_messages import (
     Abort,
@@ -68,6 +67,7 @@ from duoserve.server.engine_messages import (
     RequestError,
     request_encoder,
 )
+from duoserve.server.worker_protocol import AbortSequences, FrameReader, WorkerError, encode
 from duoserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("duoserve.router")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from duoserve.disagg.discovery import Endpoint
-from duoserve.disagg.dns_discovery import DnsSource, resolve_addresses
+from duoserve.router.discovery import Endpoint
+from duoserve.router.dns_discovery import DnsSource, resolve_addresses
 
 DEADLINE = 30.0
 
