@@ -5,7 +5,7 @@ prefix cache, chunked prefill, preemption, sliding-window freeing: nothing re-im
 the engine loop drives them (duoserve/server/engine_process.py): each turn handles what arrived, then
 runs one step. Only the model is replaced: a step takes the profile's step-model time for its shape,
 and every sampling request gets one token (a fixed id; requests run to their output length, as
-`duoserve bench --ignore-eos` asks). The router's own `RoutingPolicy` (duoserve/disagg/routing.py)
+`duoserve bench --ignore-eos` asks). The router's own `RoutingPolicy` (duoserve/router/routing.py)
 picks workers from a `KVIndex` fed by the simulated pools' KV events, with the router's load counters
 kept as the router keeps them. So the simulation cannot drift from the scheduler or the routing: it
 runs them.
