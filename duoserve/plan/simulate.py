@@ -20,9 +20,13 @@ prompt's blocks when its scheduler admits it (the ticket), the prefill worker co
 samples the first token (which goes to the client), the KV arrives at the decode worker the profile's
 transfer time after each chunk, and the decode worker starts decoding at its next turn after the last
 block.
-Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on loopback),
-the engine loop's own bookkeeping between steps (in the profiled step time only as far as
-`EngineCore.step` includes it), speculative decoding, and requests refused for a full queue.
+Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on an idle
+loopback, not on a busy 2-core machine: served 1P+1D at low load, a request reached an idle prefill
+worker 8-10 ms after it was sent (median), simulated 0-1 ms, and at load the KV of a prompt reached an
+idle decode worker 5-10 ms after its prefill step (median), simulated 2 ms: the hops wait for cores the
+workers are pinned to), the engine loop's own bookkeeping between steps (in the profiled step time only
+as far as `EngineCore.step` includes it; a step model fitted from a served trace's periods has it),
+speculative decoding, and requests refused for a full queue.
 """
 
 from __future__ import annotations
