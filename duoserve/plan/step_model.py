@@ -10,9 +10,10 @@ once (a fixed cost whatever its rows) and runs a GEMM (~0.37 ms a row there). On
 (decodes, and chunks that end their prompt) go through the LM head (an int8 49152 x 576 matrix for
 SmolLM2, a fifth of its weights): a 128-token prompt chunk pays it once, a 32-row decode step 32 times.
 And a served engine shares its cores with the API process (and, when measured, the client), which
-streams the tokens the previous step emitted while this step runs: on 2 cores its CPU time lands on
+stream the tokens the previous step emitted while this step runs: on 2 cores their CPU time lands on
 one of the step's threads (measured: 0.2 ms of API process and 0.25 ms of `duoserve bench` CPU per
-token; 32-row decode steps ran 31-38 ms served against 22-25 ms in-process). So
+token; decode steps of 30-34 rows ran 33-41 ms served, median of two runs, and 24-27 ms in-process).
+So
 
     seconds = intercept + kernel_rows * a + tiled_rows * b + decode_context * c + prefill_attention * d
               + tiled * e + sampled_rows * f + streamed * g
