@@ -18,8 +18,8 @@ bytes), so no glue between the scheduler and the model is re-implemented here; t
 Disaggregated requests go as in the router: the decode worker takes the request and allocates its
 prompt's blocks when its scheduler admits it (the ticket), the prefill worker computes the prompt and
 samples the first token (which goes to the client), the KV arrives at the decode worker the profile's
-transfer time after each chunk, and the decode worker starts decoding at its next turn after the last
-block.
+transfer time after each chunk, and once the last block is there the decode worker's next step takes it
+in and the step after decodes (SimPDConnector).
 Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on an idle
 loopback, not on a busy 2-core machine: served 1P+1D at low load, a request reached an idle prefill
 worker 8-10 ms after it was sent (median), simulated 0-1 ms, and at load the KV of a prompt reached an
