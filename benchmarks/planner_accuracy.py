@@ -23,9 +23,12 @@ and over rows are held out of the fit. With --resimulate it refits from the trac
 it checks that the script works, and measures nothing worth reporting.
 
 Every result file (bench's JSON, measured and predicted) is kept in --out, so `duoserve bench plot
-DIR/*.json` draws predicted against measured. A full run takes about 10-12 minutes on 2 cores (SmolLM2
-prefills ~400 tokens/s there, in float32): hence short prompts and few requests per point; the profile
-grid (--profile-args) covers the shapes this workload makes rather than the default's long contexts.
+DIR/*.json` draws predicted against measured. A full run takes about 10-12 minutes on 2 Zen 1 cores
+(SmolLM2 prefills ~400 tokens/s there, in float32), 5-6 minutes on 2 Zen 5 cores (bfloat16, ~1700
+tokens/s): hence short prompts and few requests per point; the profile grid (--profile-args) covers the
+shapes this workload makes rather than the default's long contexts. With 40 requests a point, p99 is
+about the slowest request: one step slowed by another process on the machine moves it (a 264 ms prefill
+step among 130 ms ones put a low-load p99 TTFT at 463 ms against 283 in the next run).
 """
 
 from __future__ import annotations

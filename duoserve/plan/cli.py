@@ -39,7 +39,8 @@ def _add_profile_parser(sub: Any) -> None:
         help="measure a worker's step time by step shape, and the KV transfer time",
         description="Run the engine (with these engine arguments) on synthetic steps of chosen shapes, "
         "fit step time = a + b*kernel_rows + c*tiled_rows + d*decode_context + e*prefill_attention + "
-        "f*tiled (duoserve/plan/step_model.py), "
+        "f*tiled + g*sampled_rows + h*streamed (duoserve/plan/step_model.py; streamed: the tokens a "
+        "served front end streams during the step, learnt from --from-trace only), "
         "and time the KV transfer of disaggregation. Takes about a minute with the default model.",
     )
     add_engine_args(p, positional_model=True)

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 PROFILE_KIND = "duoserve-plan-profile"
 # 2: the step model's features became kernel_rows/tiled_rows (step_model.py). A version-1 profile's
-# measured steps are the same (the StepShape fields), so it is refitted from them when read.
+# measured steps are the same (the StepShape fields), so it is refitted from them when read. Later
+# version-2 profiles add sampled_rows and streamed (a step's sampling rows, the tokens streamed during
+# it): earlier ones lack them and read as 0, which computes what they computed.
 PROFILE_VERSION = 2
 
 

@@ -18,11 +18,15 @@ bytes), so no glue between the scheduler and the model is re-implemented here; t
 Disaggregated requests go as in the router: the decode worker takes the request and allocates its
 prompt's blocks when its scheduler admits it (the ticket), the prefill worker computes the prompt and
 samples the first token (which goes to the client), the KV arrives at the decode worker the profile's
-transfer time after each chunk, and the decode worker starts decoding at its next turn after the last
-block.
-Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on loopback),
-the engine loop's own bookkeeping between steps (in the profiled step time only as far as
-`EngineCore.step` includes it), speculative decoding, and requests refused for a full queue.
+transfer time after each chunk, and once the last block is there the decode worker's next step takes it
+in and the step after decodes (SimPDConnector).
+Not modelled: HTTP and ZeroMQ hops between router, workers and client (sub-millisecond on an idle
+loopback, not on a busy 2-core machine: served 1P+1D at low load, a request reached an idle prefill
+worker 8-10 ms after it was sent (median), simulated 0-1 ms, and at load the KV of a prompt reached an
+idle decode worker 5-10 ms after its prefill step (median), simulated 2 ms: the hops wait for cores the
+workers are pinned to), the engine loop's own bookkeeping between steps (in the profiled step time only
+as far as `EngineCore.step` includes it; a step model fitted from a served trace's periods has it),
+speculative decoding, and requests refused for a full queue.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.plan.deployment import Deployment
 from duoserve.plan.objectives import Objectives
 from duoserve.plan.profile import Profile
-from duoserve.plan.step_model import StepShape, step_shape
+from duoserve.plan.step_model import StepShape, step_shape, streamed_tokens
 from duoserve.plan.workload import SimConversation, Workload
 from duoserve.router.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.sampling_params import SamplingParams
@@ -106,9 +110,14 @@ class SimPDConnector(KVConnector):
     when KV would land instead of its bytes.
 
     Decode side: a receive's whole prompt comes asynchronously; its ticket goes to the router before
-    the step runs, and its KV and first token land when the prefill worker's last chunk has arrived
-    (`kv_arrived`, a message to this worker). Prefill side: a send stops at its first token; each
-    chunk's KV leaves when its step ends and lands a transfer time later.
+    the step runs. Its KV and first token land on the worker's socket when the prefill worker's last
+    chunk has arrived (`kv_arrived`, a message to this worker); as in the engine, the next step's
+    `start_load_kv` takes them in and the step applies them after its forward pass, so the request
+    decodes from the step after that one (EngineCore.step: schedule, load, forward, apply). Applied
+    before the schedule instead (the first simulator), a request decoded one step early: served 1P+1D,
+    the first decode step started 7-9 ms (median) after the prefill step ended, simulated 2-4 ms.
+    Prefill side: a send stops at its first token; each chunk's KV leaves when its step ends and lands
+    a transfer time later.
     """
 
     def __init__(self, worker: SimWorker) -> None:
@@ -116,6 +125,7 @@ class SimPDConnector(KVConnector):
         self._receiving: set[str] = set()  # requests holding a ticket, until they end
         self._tickets: list[SimTicket] = []  # made by this schedule, not sent yet
         self._kv_ready: dict[str, float] = {}  # a sending request's KV lands on its decode worker then
+        self._landed: list[str] = []  # receives whose KV is all on the socket, not taken in yet
         self._events = ConnectorEvents()
 
     def check_request(self, request: Request) -> int | None:
@@ -138,14 +148,25 @@ class SimPDConnector(KVConnector):
         pass
 
     def start_load_kv(self, kv_cache: KVCache | None) -> None:
+        """The schedule's tickets go out; the KV that landed is taken in (applied when the step ends)."""
         tickets, self._tickets = self._tickets, []
         for ticket in tickets:
             self.worker.on_ticket(ticket)
+        landed, self._landed = self._landed, []
+        for request_id in landed:
+            if request_id in self._receiving:  # unless the request ended meanwhile
+                self._events.finished_loading[request_id] = [SAMPLED_TOKEN]
 
     def kv_arrived(self, request_id: str) -> None:
-        """The prefill worker's KV and first token have landed (unless the request ended meanwhile)."""
+        """The prefill worker's KV and first token have landed on this worker's socket."""
         if request_id in self._receiving:
-            self._events.finished_loading[request_id] = [SAMPLED_TOKEN]
+            self._landed.append(request_id)
+
+    @property
+    def has_landed(self) -> bool:
+        """KV waits to be taken in: the engine loop, woken by its socket, steps even with nothing to
+        schedule."""
+        return bool(self._landed)
 
     def save_kv(self, kv_cache: KVCache | None, scheduled: list[ScheduledRequest]) -> None:
         """Called when the step ends: each sending chunk's KV lands a transfer time from now."""
@@ -218,6 +239,8 @@ class SimWorker:
         self.inbox: list[Callable[[], None]] = []
         self.kv_events: Callable[[KVEvents], None] = lambda events: None
         self._turn_queued = False
+        # The last step's sampled rows and requests: what the front end streams during the next one.
+        self._previous: tuple[int, frozenset[str]] | None = None
 
     # ---------------------------------------------------------------- messages (handled at the next turn)
 
@@ -242,24 +265,36 @@ class SimWorker:
     # ---------------------------------------------------------------- the engine loop's turn
 
     def turn(self) -> None:
+        """EngineLoop.turn: the messages that arrived, then EngineCore.step (schedule, the connector's
+        loads, the forward pass on the model's time, the connector's events, the scheduler's update)."""
         self._turn_queued = False
         if self.busy:
             return  # the step in flight runs the next turn when it ends
         inbox, self.inbox = self.inbox, []
         for message in inbox:
             message()
-        self._emit(self.scheduler.apply_connector_events(self.connector.get_finished()))
-        if self.scheduler.has_schedulable():
+        if self.scheduler.has_schedulable() or self.connector.has_landed:
             plan = self.scheduler.schedule()
             self.connector.start_load_kv(None)
             if plan.scheduled:
                 self._start_step(plan)
                 return
+            # A step with nothing scheduled (it takes no model time): what it took in applies at its end,
+            # and the loop steps again at once for the requests it made runnable.
+            self._previous = None
+            events = self.connector.get_finished()
+            self._emit(self.scheduler.apply_connector_events(events))
+            if events.finished_loading and self.scheduler.has_schedulable():
+                self._turn_queued = True
+                self.clock.at(self.clock.now, self.turn)
         self._publish()
 
     def _start_step(self, plan: SchedulerOutput) -> None:
         """The step takes the step model's time; every sampling request gets SAMPLED_TOKEN."""
-        shape = step_shape(plan.scheduled, self.limits.quantized_max_rows)
+        ids = frozenset(s.request.request_id for s in plan.scheduled)
+        streamed = streamed_tokens(self._previous, ids)
+        shape = step_shape(plan.scheduled, self.limits.quantized_max_rows, streamed)
+        self._previous = (shape.sampled, ids)
         seconds = self.step_model.seconds(shape)
         if self.record_steps:
             self.steps.append(
@@ -278,6 +313,7 @@ class SimWorker:
     def _step_done(self, plan: SchedulerOutput, sampled: dict[str, tuple[list[int], list]]) -> None:
         self.busy = False
         self.connector.save_kv(None, plan.scheduled)
+        self._emit(self.scheduler.apply_connector_events(self.connector.get_finished()))
         self._emit(self.scheduler.update(plan, sampled, {}))
         self._publish()
         self.turn()

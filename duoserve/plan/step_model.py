@@ -4,17 +4,28 @@ One engine step runs every scheduled row (a prompt token or a decoding request) 
 then attention: a decode reads its whole context from the paged cache, a prefill chunk attends over
 its own tokens and the context before them (quadratic in the chunk). How much a row costs depends on
 which kernel the step's row count picks: a step of up to the worker's quantized threshold reads the
-4/8-bit codes per row (compute-bound: ~6.5 ms per row for SmolLM2 on a float32 AVX2 worker), a larger
-step dequantizes every weight tile once (a fixed cost whatever its rows) and runs a GEMM (~4 ms per
-row there). So
+4/8-bit codes per row (on an AVX512-BF16 host, duoserve's fused kernels: compute-bound, ~0.48 ms a row
+for SmolLM2 on 2 Zen 5 threads, 6.4 ms for a 1-row step), a larger step dequantizes every weight tile
+once (a fixed cost whatever its rows) and runs a GEMM (~0.37 ms a row there). Only the rows that sample
+(decodes, and chunks that end their prompt) go through the LM head (an int8 49152 x 576 matrix for
+SmolLM2, a fifth of its weights): a 128-token prompt chunk pays it once, a 32-row decode step 32 times.
+And a served engine shares its cores with the API process (and, when measured, the client), which
+stream the tokens the previous step emitted while this step runs: on 2 cores their CPU time lands on
+one of the step's threads (measured: 0.2 ms of API process and 0.25 ms of `duoserve bench` CPU per
+token; decode steps of 30-34 rows ran 33-41 ms served, median of two runs, and 24-27 ms in-process).
+So
 
     seconds = intercept + kernel_rows * a + tiled_rows * b + decode_context * c + prefill_attention * d
-              + tiled * e
+              + tiled * e + sampled_rows * f + streamed * g
 
 where `tiled` is 1 for a step of more rows than the threshold, `tiled_rows` are its rows and
-`kernel_rows` those of any other step (all steps of a dense worker). Splitting prefill and decode rows
-instead (the first model) let the per-row cost of one regime leak into the other: 16-token chunks were
-predicted 25% fast, and a fit over a noisy profile put 137 ms into the intercept of a 34 ms decode step.
+`kernel_rows` those of any other step (all steps of a dense worker), `sampled_rows` the rows that
+sample, and `streamed` the tokens the previous step emitted when this one followed it at once (a request
+of the previous step runs on in this one: the engine never waited for work in between). An in-process
+profile has no front end (streamed is 0 there); a fit of a served engine's trace learns `g`. Splitting
+prefill and decode rows instead (the first model) let the per-row cost of one regime leak into the
+other: 16-token chunks were predicted 25% fast, and a fit over a noisy profile put 137 ms into the
+intercept of a 34 ms decode step.
 
 Every coefficient is >= 0. The fit minimises *relative* error, so 30 ms decode steps weigh as much as
 2 s prefill steps (ITL is made of the former, TTFT of the latter), and drops steps that ran far slower
@@ -40,6 +51,10 @@ class StepShape:
     decode_context: int = 0  # tokens of KV the decodes read (sum of their context lengths)
     prefill_attention: float = 0.0  # query x key pairs of the prefill chunks, in thousands
     tiled: int = 0  # 1: more rows than the quantized threshold (weights dequantized in tiles this step)
+    # Added later: traces and profiles written before have neither (read as 0: no LM head term, nothing
+    # streamed, which a refit then leaves at 0).
+    sampled: int = 0  # rows that sample a token (decodes, chunks that end their prompt): the LM head's rows
+    streamed: int = 0  # tokens the previous step emitted, streamed by the front end while this one runs
 
     def values(self) -> list[float]:
         """The shape's fields, in order (how a profile stores a measured step)."""
@@ -49,20 +64,43 @@ class StepShape:
         """The step model's features, in FEATURES order."""
         rows = float(self.prefill_tokens + self.decode_seqs)
         tiled = float(self.tiled)
-        return [rows * (1 - tiled), rows * tiled, float(self.decode_context), self.prefill_attention, tiled]
+        return [
+            rows * (1 - tiled),
+            rows * tiled,
+            float(self.decode_context),
+            self.prefill_attention,
+            tiled,
+            float(self.sampled),
+            float(self.streamed),
+        ]
 
 
-FEATURES = ("kernel_rows", "tiled_rows", "decode_context", "prefill_attention", "tiled")
+FEATURES = (
+    "kernel_rows",
+    "tiled_rows",
+    "decode_context",
+    "prefill_attention",
+    "tiled",
+    "sampled_rows",
+    "streamed",
+)
+# Coefficients a step model written before them may lack (read as 0).
+OPTIONAL_FEATURES = ("sampled_rows", "streamed")
 
 
-def step_shape(scheduled: Sequence[ScheduledRequest], quantized_max_rows: int = 0) -> StepShape:
+def step_shape(
+    scheduled: Sequence[ScheduledRequest], quantized_max_rows: int = 0, streamed: int = 0
+) -> StepShape:
     """The shape of a step, from the scheduler's output before the step updates any request;
-    `quantized_max_rows`: the worker's threshold (0: its weights are dense, no step is tiled)."""
-    prefill = decodes = context = 0
+    `quantized_max_rows`: the worker's threshold (0: its weights are dense, no step is tiled);
+    `streamed`: the tokens the previous step emitted, when this one follows it at once (`streamed_tokens`;
+    0 in-process, where no front end streams them)."""
+    prefill = decodes = context = sampled = 0
     attention = 0.0
     for s in scheduled:
         request = s.request
         start = request.num_computed_tokens
+        sampled += s.samples
         if s.num_new_tokens == 1 and request.is_decoding:
             decodes += 1
             context += start + 1
@@ -71,7 +109,16 @@ def step_shape(scheduled: Sequence[ScheduledRequest], quantized_max_rows: int = 
             prefill += n
             attention += n * (start + (n + 1) / 2) / 1000.0
     tiled = int(0 < quantized_max_rows < prefill + decodes)
-    return StepShape(prefill, decodes, context, attention, tiled)
+    return StepShape(prefill, decodes, context, attention, tiled, sampled, streamed)
+
+
+def streamed_tokens(previous: tuple[int, frozenset[str]] | None, request_ids: frozenset[str]) -> int:
+    """What the front end streams while a step runs: the tokens the previous step emitted (`previous`:
+    its sampled rows and request ids), when a request of that step runs on in this one (the engine went
+    on at once; after an idle turn the front end had the cores to itself)."""
+    if previous is None or not previous[1] & request_ids:
+        return 0
+    return previous[0]
 
 
 @dataclass(frozen=True)
@@ -84,6 +131,8 @@ class StepModel:
     decode_context: float = 0.0
     prefill_attention: float = 0.0
     tiled: float = 0.0
+    sampled_rows: float = 0.0
+    streamed: float = 0.0
 
     def seconds(self, shape: StepShape) -> float:
         return self.intercept + sum(
@@ -96,6 +145,7 @@ class StepModel:
     @classmethod
     def from_json(cls, data: dict) -> StepModel:
         names = ("intercept", *FEATURES)
+        data = {n: 0.0 for n in OPTIONAL_FEATURES} | dict(data)
         missing = [n for n in names if not isinstance(data.get(n), (int, float))]
         if missing:
             raise ValueError(f"the step model lacks numeric {', '.join(missing)}")

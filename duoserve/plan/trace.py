@@ -45,15 +45,17 @@ from duoserve.plan.profile import (
     quantized_rows,
     worker_limits,
 )
-from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape
+from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape, streamed_tokens
 
 if TYPE_CHECKING:
     from duoserve.engine.core import EngineCore
 
 TRACE_KIND = "duoserve-step-trace"
 TRACE_VERSION = 1
-# The step fields a trace line must carry (the shape; the rest is for reading the trace).
+# The step fields a trace line must carry (the shape; the rest is for reading the trace); traces written
+# before `sampled` and `streamed` lack them (read as 0).
 SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(StepShape))
+OPTIONAL_SHAPE_FIELDS = ("sampled", "streamed")
 
 
 @dataclass
@@ -112,10 +114,12 @@ class StepTraceWriter:
         """Called by `EngineCore.step` after `schedule()`: `start` is this step's perf_counter start,
         `previous_seconds` how long the previous step took (the pending line's duration)."""
         ids = frozenset(s.request.request_id for s in plan.scheduled)
+        pending = self._pending
+        previous = (pending.line["sampled"], pending.request_ids) if pending is not None else None
         self._flush(start, previous_seconds, ids)
         if not plan.scheduled:
             return  # an idle turn (connector events only): no step to model
-        shape = step_shape(plan.scheduled, self._quantized_max_rows)
+        shape = step_shape(plan.scheduled, self._quantized_max_rows, streamed_tokens(previous, ids))
         rows = shape.prefill_tokens + shape.decode_seqs
         line = dataclasses.asdict(shape) | {
             "kernel_rows": rows * (1 - shape.tiled),
@@ -252,6 +256,7 @@ def read_trace(path: str) -> Trace:
 
 
 def _step(path: str, number: int, record: dict[str, Any]) -> TracedStep:
+    record = {n: 0 for n in OPTIONAL_SHAPE_FIELDS} | record
     names = ("step", "start", "seconds", *SHAPE_FIELDS)
     missing = [n for n in names if not isinstance(record.get(n), (int, float)) or isinstance(record[n], bool)]
     gap = record.get("gap")

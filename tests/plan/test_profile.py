@@ -160,3 +160,29 @@ def test_plan_profile_runs_in_the_engine_processs_environment(tiny_models, tmp_p
     assert load_profile(str(out)).host["openmp_wait"] == {"GOMP_SPINCOUNT": "3000"}
     assert "wrote" in capsys.readouterr().out
     assert "GOMP_SPINCOUNT" not in os.environ  # set only while the profiling process started
+
+
+def test_the_fit_separates_the_lm_heads_rows_and_the_front_ends_streaming():
+    """Served steps stream the previous step's tokens (streamed), in-process ones none; only sampling
+    rows go through the LM head. A grid of both recovers every coefficient."""
+    model = StepModel(0.005, 5e-4, 3.7e-4, 2e-7, 6e-4, 0.02, sampled_rows=1e-4, streamed=3e-4)
+    shapes = [
+        StepShape(p, d, d * c, p * (c + p / 2) / 1000, int(p + d > 32), d + int(p > 0 and last), streamed)
+        for p in (0, 16, 256)
+        for d in (0, 1, 8, 32)
+        for c in (64, 1024)
+        for last in (False, True)
+        for streamed in {0, d}
+        if p or d
+    ]
+    fit = fit_step_model(shapes, [model.seconds(s) for s in shapes])
+    for name, value in model.to_json().items():
+        assert getattr(fit.model, name) == pytest.approx(value, rel=1e-6, abs=1e-12)
+
+
+def test_a_step_model_from_before_the_lm_head_and_streaming_terms_reads_as_zero_for_them():
+    old = {"intercept": 0.01, "kernel_rows": 1e-3, "tiled_rows": 1e-3, "decode_context": 0.0}
+    old |= {"prefill_attention": 0.0, "tiled": 0.0}
+    model = StepModel.from_json(old)
+    assert model.sampled_rows == model.streamed == 0.0
+    assert model.seconds(StepShape(decode_seqs=2, sampled=2, streamed=2)) == pytest.approx(0.012)

@@ -147,3 +147,35 @@ def test_the_routers_kv_aware_policy_keeps_shared_prefixes_together(fixed_profil
         return sum(w.kv.prefix_cache_hits for w in sim.workers.values())
 
     assert hits("kv") > hits("round_robin")
+
+
+def test_landed_kv_is_taken_in_by_the_next_step_and_decoded_from_the_one_after(fixed_profile):
+    """EngineCore.step schedules, then its connector takes in the KV that landed, and applies it after
+    the forward pass: a request whose KV lands while the decode worker is busy decodes from the second
+    step after (the first simulator put it in the first); landing on an idle worker, an empty step takes
+    it in and the request decodes at once."""
+    workload = Workload(
+        [
+            SimConversation(0, 0.0, [SimTurn(random_prompt(20, seed=2), 60)]),  # local: keeps decode busy
+            SimConversation(1, 0.0, [SimTurn(random_prompt(300, seed=1), 4)]),  # prefilled remotely
+            SimConversation(2, 5.0, [SimTurn(random_prompt(300, seed=3), 4)]),  # lands on an idle worker
+        ]
+    )
+    records, _, sim = simulate(fixed_profile, Deployment(1, 1), workload, record_steps=True)
+    prefill, decode = sim.workers["sim://prefill-0"], sim.workers["sim://decode-0"]
+    transfer = fixed_profile.kv_transfer
+
+    def landed(rid: str) -> float:
+        chunks = [(s, n) for s in prefill.steps for r, n in s.scheduled if r == rid]
+        return max(s.start + s.seconds + transfer.seconds(n) for s, n in chunks)
+
+    def first_decode(rid: str) -> int:
+        return next(i for i, s in enumerate(decode.steps) if any(r == rid for r, _ in s.scheduled))
+
+    ready = landed("1")
+    in_flight = next(i for i, s in enumerate(decode.steps) if s.start <= ready < s.start + s.seconds)
+    assert first_decode("1") == in_flight + 2
+    ready = landed("2")
+    assert all(s.start + s.seconds <= ready for s in decode.steps[: first_decode("2")])
+    assert decode.steps[first_decode("2")].start == pytest.approx(ready)
+    assert all(r.success and r.output_tokens == r.max_tokens for r in records)

@@ -12,7 +12,7 @@ from duoserve.config import EngineConfig
 from duoserve.engine.core import EngineCore
 from duoserve.models.loader import load_model
 from duoserve.plan.profile import load_profile, write_profile
-from duoserve.plan.step_model import StepModel, StepShape, step_shape
+from duoserve.plan.step_model import StepModel, StepShape, step_shape, streamed_tokens
 from duoserve.plan.trace import (
     TRACE_KIND,
     TRACE_VERSION,
@@ -63,11 +63,14 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
     def recording_schedule():
         plan = schedule()
         if plan.scheduled:
+            ids = frozenset(s.request.request_id for s in plan.scheduled)
+            previous = (planned[-1][0].sampled, planned[-1][3]) if planned else None
             planned.append(
                 (
-                    step_shape(plan.scheduled),
+                    step_shape(plan.scheduled, streamed=streamed_tokens(previous, ids)),
                     [[s.request.request_id, s.num_new_tokens] for s in plan.scheduled],
                     [r.request_id for r in plan.preempted],
+                    ids,
                 )
             )
         return plan
@@ -93,9 +96,13 @@ def test_the_trace_holds_the_steps_the_scheduler_planned(tiny_models, single_tor
     assert trace.header["max_num_batched_tokens"] == 24 and trace.header["quantized_max_rows"] == 0
     assert trace.header["role"] == "both" and trace.header["engine_args"]["block_size"] == 8
     lines = [json.loads(line) for line in written.read_text().splitlines()[1:]]
-    assert [s.shape for s in trace.steps] == [shape for shape, _, _ in planned]
-    assert [line["scheduled"] for line in lines] == [batch for _, batch, _ in planned]
-    assert [line["preempted"] for line in lines] == [preempted for _, _, preempted in planned]
+    assert [s.shape for s in trace.steps] == [shape for shape, *_ in planned]
+    # Back to back, a step streams what the one before sampled (the last chunk of a prompt, decodes).
+    assert any(s.shape.streamed for s in trace.steps) and not trace.steps[0].shape.streamed
+    # Every sampled row made one output token (a recomputation after a preemption samples only the next).
+    assert sum(s.shape.sampled for s in trace.steps) == sum(12 + i for i in range(len(prompts)))
+    assert [line["scheduled"] for line in lines] == [batch for _, batch, _, _ in planned]
+    assert [line["preempted"] for line in lines] == [preempted for _, _, preempted, _ in planned]
     assert [s.index for s in trace.steps] == list(range(len(planned)))
     starts = [s.start for s in trace.steps]
     assert starts == sorted(starts) and all(s.seconds > 0 for s in trace.steps)
