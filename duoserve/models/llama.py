@@ -164,8 +164,8 @@ class LlamaModel:
         dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
         to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py), float32 ones with
         activations rounded as `quantized_activations` says (int16 or int8: cpu_quant_linear). Norms,
-        routers and routed experts are always dense. `fused_ops`: the layers' norms and RoPE in Triton
-        kernels (see `fused_ops`); None: where the attention backend runs Triton's."""
+        routers and routed experts are always dense. `fused_ops`: the layers' norms, RoPE and MLP
+        activation in Triton kernels (see `fused_ops`); None: where the attention backend runs Triton's."""
         act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
@@ -209,8 +209,9 @@ class LlamaModel:
 
     @property
     def fused_ops(self) -> bool:
-        """Whether the layers' small ops (each RMSNorm with the residual add before it, RoPE of q and k)
-        run as Triton kernels (models/triton_ops.py): one launch each instead of ~10 torch ops. By default
+        """Whether the layers' small ops (each RMSNorm with the residual add before it, RoPE of q and k,
+        the MLP's act(gate) * up) run as Triton kernels (models/triton_ops.py): one launch each instead of
+        up to ~10 torch ops. By default
         where the attention backend runs Triton's kernels (CUDA; the CPU under TRITON_INTERPRET=1, for
         tests); off, the CPU runs its C++ ops and other devices torch's. Settable (an A/B of one model:
         benchmarks/gpu_suite.py); a captured CUDA graph keeps the kernels it was captured with."""
@@ -409,9 +410,14 @@ class _DenseMLP:
     gate_up: Linear  # gate rows, then up rows
     down_proj: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
+    activation: str = "silu"  # act's name (ModelConfig.hidden_act)
+    ops: SmallOps = field(default_factory=SmallOps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.ops.triton and _triton_ops().act_mul_applies(gate_up, self.activation):
+            return self.down_proj(_triton_ops().act_mul(gate_up, self.activation))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -539,7 +545,7 @@ class _Layer:
             mlp_norm=norm(
                 "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
             ),
-            mlp=_mlp(w, q, p + "mlp.", index, config, act),
+            mlp=_mlp(w, q, p + "mlp.", index, config, act, ops),
             mlp_out_norm=norm("post_feedforward_layernorm") if config.sandwich_norms else None,
             rope=ropes["local"] if sliding and "local" in ropes else ropes["full"],
             heads=(config.num_attention_heads, config.num_key_value_heads, config.head_dim),
@@ -557,6 +563,7 @@ def _mlp(
     index: int,
     config: ModelConfig,
     act: Callable[[torch.Tensor], torch.Tensor],
+    ops: SmallOps,
 ) -> _DenseMLP | MoE:
     if config.is_moe_layer(index):
         return MoE(
@@ -575,7 +582,8 @@ def _mlp(
             prefix + "up_proj.weight",
         ]
     )
-    return _DenseMLP(_linear(w, q, gate_up), _linear(w, q, [prefix + "down_proj.weight"]), act)
+    down = _linear(w, q, [prefix + "down_proj.weight"])
+    return _DenseMLP(_linear(w, q, gate_up), down, act, config.hidden_act, ops)
 
 
 def _maybe(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """A decode layer's small ops as Triton kernels, for the GPU path: RMSNorm (with the residual add before
-it) and RoPE of q and k, one launch each.
+it), RoPE of q and k, and the MLP's act(gate) * up, one launch each.
 
 In torch a Llama layer's norms and RoPE are ~30 elementwise launches (each norm: the add, two casts, the
 square, mean, rsqrt and two multiplies; RoPE per tensor: negation, cat, two multiplies and an add), each
 reading and writing its whole tensor. At decode batch sizes every one of them is a launch of a few
 microseconds doing almost no work, which a CUDA graph replays back to back: ~0.5-1 ms of a step whose
 weights take 0.6 ms to read on an H200 (BENCHMARKS.md, issue 17). These kernels read their inputs once
-and write their outputs once, three launches a layer (add + norm before attention, RoPE, add + norm
-before the MLP; Gemma's sandwich norms one more each).
+and write their outputs once, four launches a layer (add + norm before attention, RoPE, add + norm
+before the MLP, the activation times up; Gemma's sandwich norms and Qwen3's q/k norms one more each).
 
 They compute what llama.py's torch ops compute, rounding where those round:
 
@@ -21,6 +21,9 @@ They compute what llama.py's torch ops compute, rounding where those round:
   table per step, shared by all layers; every rope type, default/linear/llama3/YaRN/LongRoPE, is only
   a different table). x*cos, rotated*sin and their sum are each rounded to the dtype, as torch's three
   ops round them, so bfloat16/float16 results equal torch's bit for bit.
+- `act_mul`: SwiGLU's silu(gate) * up and GeGLU's tanh-GELU(gate) * up of the fused gate/up output, the
+  activation rounded to the dtype before the product, as torch's two ops round (the activation itself
+  from exp, within float32 ulps of torch's).
 
 q and k are strided views of the fused QKV output (any stride between tokens and heads; dims contiguous):
 RoPE writes them in place, so nothing is copied. Launch shapes depend on tensor shapes only: the kernels
@@ -310,3 +313,67 @@ def rope_qk_(
         num_warps=_warps(_pow2(q.shape[1]) * _pow2(half)),
     )
     return q, k
+
+
+# ------------------------------------------------------------------ the MLP's activation
+
+
+@triton.jit
+def _act_mul_kernel(
+    gate_up_ptr,
+    out_ptr,
+    stride_t,
+    inter,
+    BLOCK: tl.constexpr,
+    GELU: tl.constexpr,  # GeGLU's tanh GELU (Gemma), else SwiGLU's SiLU
+    ROUND: tl.constexpr,
+):
+    """act(gate) * up for BLOCK columns of one token's [gate | up] row."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    row = gate_up_ptr + t * stride_t
+    g = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if GELU:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(y) = 2 sigmoid(2y) - 1
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    else:
+        a = g / (1.0 + tl.exp(-g))
+    y = _round(_round(a, ROUND) * u, ROUND)  # torch rounds the activation, then the product
+    tl.store(out_ptr + t * inter + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def act_mul_applies(gate_up: torch.Tensor, activation: str) -> bool:
+    """Whether `act_mul` computes llama.py's `act(gate) * up` of this [T, 2 * inter] output."""
+    return (
+        activation in ACTIVATIONS
+        and gate_up.dtype in DTYPES
+        and gate_up.dim() == 2
+        and gate_up.stride(-1) == 1
+        and gate_up.shape[-1] % 2 == 0
+    )
+
+
+def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of a fused [gate | up] output [T, 2 * inter], into a new [T, inter] tensor: one
+    launch and one pass over the intermediate activations instead of two (the activation, the product)."""
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if tokens == 0 or inter == 0:
+        return out
+    block = min(1024, _pow2(inter))
+    _act_mul_kernel[(tokens, triton.cdiv(inter, block))](
+        gate_up,
+        out,
+        gate_up.stride(0),
+        inter,
+        BLOCK=block,
+        GELU=activation == "gelu_pytorch_tanh",
+        ROUND=_KIND[gate_up.dtype],
+        num_warps=4,
+    )
+    return out

@@ -1,8 +1,9 @@
 """The model's Triton ops (duoserve/models/triton_ops.py) against the torch ops they replace: RMSNorm with
 and without the residual add (Llama's weights and Gemma's float32 1 + w, rows with outlier channels, sizes
 that pad the block), per-head norms of strided q views, RoPE in place on strided q/k views of a fused QKV
-output (GQA, head sizes 64/128, partial rotary); then whole tiny models (Llama 3 RoPE, Gemma's norms,
-Phi-3's partial LongRoPE) whose logits and greedy tokens with the ops on equal those with them off.
+output (GQA, head sizes 64/128, partial rotary), SwiGLU's and GeGLU's act(gate) * up; then whole tiny
+models (Llama 3 RoPE, Gemma's norms, Phi-3's partial LongRoPE) whose logits and greedy tokens with the ops
+on equal those with them off.
 
 Without a GPU these run in Triton's interpreter (tests/models/conftest.py sets TRITON_INTERPRET), slowly:
 the shapes stay tiny.
@@ -154,6 +155,22 @@ def test_rope_of_no_tokens_and_what_it_does_not_take():
     assert not ops.rope_applies(strided_dims, k, cos, cos)  # a head's dims not contiguous
 
 
+# ------------------------------------------------------------------ the MLP's activation
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("inter", [96, 1500])  # one block of columns, and two (the second one partial)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_mul_matches_torch(dtype, inter, activation):
+    gen = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(3, 2 * inter, generator=gen) * 4).to(dtype).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu if activation == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
+    assert ops.act_mul_applies(gate_up, activation)
+    assert_rounded_alike(ops.act_mul(gate_up, activation), act(gate) * up)
+    assert not ops.act_mul_applies(gate_up, "relu")
+
+
 # ------------------------------------------------------------------ whole models
 
 FAMILIES = {
@@ -285,7 +302,7 @@ def greedy(model: LlamaModel, config: ModelConfig, dtype: torch.dtype, steps: in
 
 
 def count_calls(monkeypatch) -> dict[str, int]:
-    calls = {name: 0 for name in ("rms_norm", "add_rms_norm", "rope_qk_")}
+    calls = {name: 0 for name in ("rms_norm", "add_rms_norm", "rope_qk_", "act_mul")}
     for name in calls:
         original = getattr(ops, name)
 
