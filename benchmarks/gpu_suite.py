@@ -12,8 +12,9 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
    --context-token contexts: the model forward replayed from its CUDA graph (and eager), plus the logits
    and argmax, timed with CUDA events (median). Roofline: (weight bytes + KV bytes read) / bandwidth.
    A/B of the layers' small ops, same model, same shapes, same run: fused into Triton kernels
-   (`LlamaModel.fused_ops`, duoserve/models/triton_ops.py: norms with their residual adds, RoPE) and
-   unfused (torch's ops), each with its own graphs; and the logits of one decode step both ways.
+   (`LlamaModel.fused_ops`, duoserve/models/triton_ops.py: norms with their residual adds, RoPE, the
+   MLP's act(gate) * up) and unfused (torch's ops), each with its own graphs (`*_unfused` columns); and
+   the logits of one decode step both ways.
 4. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
    each, through duoserve's engine and through transformers `generate` (one static batch, no padding
    needed: equal lengths), same weights, same GPU.
