@@ -335,7 +335,9 @@ def _act_mul_kernel(
     row = gate_up_ptr + t * stride_t
     g = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(y) = 2 sigmoid(2y) - 1
+    # torch's formulas, so that their roundings match too: tanh(y) = 2 sigmoid(2y) - 1 is (nearly always)
+    # float32's tanh, and 1 + tanh cancels where torch's does.
+    if GELU:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
     else:

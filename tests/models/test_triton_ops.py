@@ -167,7 +167,11 @@ def test_act_mul_matches_torch(dtype, inter, activation):
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu if activation == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
     assert ops.act_mul_applies(gate_up, activation)
-    assert_rounded_alike(ops.act_mul(gate_up, activation), act(gate) * up)
+    ours, want = ops.act_mul(gate_up, activation), act(gate) * up
+    if dtype == torch.float32:  # exp's and tanh's last bits differ from torch's (values up to ~50)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert_rounded_alike(ours, want)
     assert not ops.act_mul_applies(gate_up, "relu")
 
 
