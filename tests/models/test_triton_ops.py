@@ -170,8 +170,8 @@ def test_act_mul_matches_torch(dtype, inter, activation):
     ours, want = ops.act_mul(gate_up, activation), act(gate) * up
     if dtype == torch.float32:  # exp's and tanh's last bits differ from torch's (values up to a few hundred)
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
-    else:
-        assert_rounded_alike(ours, want)
+    else:  # where 1 + tanh cancels (gate below -4) torch's float16 GELU is itself ~1e-7 off: absolute
+        torch.testing.assert_close(ours.float(), want.float(), rtol=STEP[dtype], atol=1e-5)
     assert not ops.act_mul_applies(gate_up, "relu")
 
 
