@@ -11,6 +11,10 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
 3. Decode step of a 1B-class Llama (Llama 3.2 1B's shape, random bf16 weights) at each --batches size with
    --context-token contexts: the model forward replayed from its CUDA graph (and eager), plus the logits
    and argmax, timed with CUDA events (median). Roofline: (weight bytes + KV bytes read) / bandwidth.
+   A/B of the layers' small ops, same model, same shapes, same run: fused into Triton kernels
+   (`LlamaModel.fused_ops`, duoserve/models/triton_ops.py: norms with their residual adds, RoPE, the
+   MLP's act(gate) * up) and unfused (torch's ops), each with its own graphs (`*_unfused` columns); and
+   the logits of one decode step both ways.
 4. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
    each, through duoserve's engine and through transformers `generate` (one static batch, no padding
    needed: equal lengths), same weights, same GPU.
@@ -37,7 +41,7 @@ from duoserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from duoserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from duoserve.config import EngineConfig  # noqa: E402
 from duoserve.engine.core import EngineCore  # noqa: E402
-from duoserve.engine.model_runner import SeqChunk, layout_batch  # noqa: E402
+from duoserve.engine.model_runner import DecodeGraphs, SeqChunk, layout_batch  # noqa: E402
 from duoserve.models.config import ModelConfig  # noqa: E402
 from duoserve.models.loader import LoadedModel  # noqa: E402
 from duoserve.sampling_params import SamplingParams  # noqa: E402
@@ -197,10 +201,12 @@ def decode_layout(core: EngineCore, batch: int, context: int):
     return layout_batch(chunks, bs, core.device)
 
 
-def decode_step(core: EngineCore, layout, graphed: bool):
+def decode_step(core: EngineCore, layout, graphs: DecodeGraphs | None):
+    """One decode step (forward + logits + argmax): replayed from `graphs`, or eager where None."""
+
     def step():
-        if graphed:
-            hidden = core.decode_graphs.run(layout.input_ids, layout.positions, layout.meta)
+        if graphs is not None:
+            hidden = graphs.run(layout.input_ids, layout.positions, layout.meta)
         else:
             hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
         return core.model.compute_logits(hidden).argmax(-1)
@@ -276,24 +282,60 @@ def check_model(core_triton: EngineCore, core_torch: EngineCore, context: int) -
     return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
 
 
+def check_fused(core: EngineCore, context: int) -> dict:
+    """One decode step of the same model with its small ops fused (Triton) and unfused (torch)."""
+    layout = decode_layout(core, 4, context)
+    model, was = core.model, core.model.fused_ops
+    logits = []
+    try:
+        for fused in (False, True):
+            model.fused_ops = fused
+            hidden = model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
+            logits.append(model.compute_logits(hidden))
+    finally:
+        model.fused_ops = was
+    err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+    agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
+    return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
+
+
 def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
+    """Per batch size: graph and eager step times with the small ops fused (the engine's default on CUDA)
+    and unfused (`*_unfused`: torch's ops; graphs of their own, as a captured graph keeps its kernels)."""
     spec = core.kv_cache.spec
     kv_per_token = spec.bytes_per_block // spec.block_size
     weights = weight_bytes(core)
+    model, was = core.model, core.model.fused_ops
+    unfused_graphs = None
+    if core.decode_graphs is not None:
+        unfused_graphs = DecodeGraphs(model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
     rows = []
-    for batch in args.batches:
-        layout = decode_layout(core, batch, args.context)
-        row = {"batch": batch, "context": args.context}
-        if core.decode_graphs is not None:
-            row["graph_ms"] = median_seconds(decode_step(core, layout, True), core.device, args.iters) * 1e3
-        row["eager_ms"] = median_seconds(decode_step(core, layout, False), core.device, args.iters) * 1e3
-        kv_bytes = batch * args.context * kv_per_token
-        row["weight_MB"], row["kv_MB"] = weights / 1e6, kv_bytes / 1e6
-        row["roofline_ms"] = (weights + kv_bytes) / bandwidth * 1e3
-        best = row.get("graph_ms", row["eager_ms"])
-        row["ratio"] = best / row["roofline_ms"]
-        row["tok_s"] = batch / best * 1e3
-        rows.append(row)
+    try:
+        for batch in args.batches:
+            layout = decode_layout(core, batch, args.context)
+            row = {"batch": batch, "context": args.context}
+            for fused, graphs, suffix in (
+                (True, core.decode_graphs, ""),
+                (False, unfused_graphs, "_unfused"),
+            ):
+                model.fused_ops = fused  # graphs are captured on a size's first run, with these ops
+                if graphs is not None:
+                    step = decode_step(core, layout, graphs)
+                    row["graph_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
+                step = decode_step(core, layout, None)
+                row["eager_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
+            kv_bytes = batch * args.context * kv_per_token
+            row["weight_MB"], row["kv_MB"] = weights / 1e6, kv_bytes / 1e6
+            row["roofline_ms"] = (weights + kv_bytes) / bandwidth * 1e3
+            best = row.get("graph_ms", row["eager_ms"])
+            best_unfused = row.get("graph_ms_unfused", row["eager_ms_unfused"])
+            row["ratio"] = best / row["roofline_ms"]
+            row["ratio_unfused"] = best_unfused / row["roofline_ms"]
+            row["fused_speedup"] = best_unfused / best
+            row["tok_s"] = batch / best * 1e3
+            rows.append(row)
+    finally:
+        model.fused_ops = was
     return rows
 
 
@@ -408,17 +450,28 @@ def main() -> None:
         flush=True,
     )
 
+    report["fused_check"] = check_fused(core, args.context)
+    print(
+        "\n### One decode step, small ops fused (Triton) vs unfused (torch)\n"
+        + table([report["fused_check"]]),
+        flush=True,
+    )
+
     report["decode"] = time_decode(core, args, bandwidth)
     print(
-        "\n### Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth\n"
-        + table(report["decode"]),
+        "\n### Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
+        "small ops fused (default) and `_unfused`\n" + table(report["decode"]),
         flush=True,
     )
 
     report["throughput"] = throughput(core, hf_model, args)
     print("\n### Offline throughput vs transformers generate\n" + table([report["throughput"]]), flush=True)
     report["seconds"] = time.perf_counter() - t0
-    ok = all(r["ok"] for r in report["kernels"]) and report["model_check"]["ok"]
+    ok = (
+        all(r["ok"] for r in report["kernels"])
+        and report["model_check"]["ok"]
+        and report["fused_check"]["ok"]
+    )
     report["correct"] = ok
     print(f"\ncorrect: {ok}; {report['seconds']:.0f} s")
     if args.out:

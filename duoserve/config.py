@@ -87,7 +87,8 @@ class EngineConfig:
         metadata=_arg(
             "auto (triton on CUDA; on CPU: cpu where its kernel builds, else torch), torch (SDPA over "
             "gathered blocks), cpu (paged C++ decode kernel, built on first use), or triton (paged Triton "
-            "kernels: CUDA, or the CPU under TRITON_INTERPRET=1 for tests)"
+            "kernels, and the layers' norms, RoPE and MLP activation fused in Triton too: CUDA, or the CPU "
+            "under TRITON_INTERPRET=1 for tests)"
         ),
     )
     enforce_eager: bool = field(

@@ -35,6 +35,9 @@ from duoserve.kv.quant import as_bytes, quantize
 class TritonAttentionBackend:
     # Decode steps may be captured in CUDA graphs: no host sync, launch shapes from tensor shapes only.
     supports_cuda_graphs = True
+    # Where attention runs Triton's kernels the model runs its norms and RoPE in Triton too
+    # (LlamaModel.fused_ops, duoserve/models/triton_ops.py).
+    runs_triton = True
 
     def __init__(self, device: torch.device) -> None:
         if device.type == "cpu" and not INTERPRETED:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -157,13 +157,15 @@ class LlamaModel:
         quantized: dict[str, GGUFTensor] | None = None,
         quantized_max_rows: int = QUANTIZED_MAX_ROWS,
         quantized_activations: str = "int16",
+        fused_ops: bool | None = None,
     ) -> None:
         """`weights`: dense tensors, and GGUF-quantized ones as the file stores them (`quantized`, a
         subset). Where fast kernels exist and `quantized` is given, those stay quantized; otherwise each is
         dequantized into `dtype` as its layer is built. Quantized linears run their kernels on steps of up
         to `quantized_max_rows` rows (the host's own threshold: duoserve/hardware.py), float32 ones with
         activations rounded as `quantized_activations` says (int16 or int8: cpu_quant_linear). Norms,
-        routers and routed experts are always dense."""
+        routers and routed experts are always dense. `fused_ops`: the layers' norms, RoPE and MLP
+        activation in Triton kernels (see `fused_ops`); None: where the attention backend runs Triton's."""
         act = _activation(config.hidden_act)
         self.config = config
         self.attention = attention
@@ -190,18 +192,36 @@ class LlamaModel:
         if config.tie_word_embeddings and hasattr(self.lm_head, "rows"):
             # One copy of a tied table: lookups decode the lm_head's codes (SmolLM2: 30 MB less).
             self.embed = RowsOf(self.lm_head)
-        self.norm = RMSNorm.of(_dense(w, q, "model.norm.weight"), config)
+        self.ops = SmallOps()  # shared by every norm and layer: `fused_ops` switches them all
+        self.norm = RMSNorm.of(_dense(w, q, "model.norm.weight"), config, self.ops)
         ropes = {
             "full": _Rope.build(config, config.rope_theta, config.rope_scaling, max_positions, device, dtype)
         }
         if config.rope_local_theta is not None:
             ropes["local"] = _Rope.build(config, config.rope_local_theta, None, max_positions, device, dtype)
         self.layers = [
-            _Layer.from_weights(w, q, i, config, act, ropes, max_positions)
+            _Layer.from_weights(w, q, i, config, act, ropes, max_positions, self.ops)
             for i in range(config.num_hidden_layers)
         ]
         self.device = device
         self.lora_state: LoRAState | None = None  # set by add_lora_slots
+        self.fused_ops = getattr(attention, "runs_triton", False) if fused_ops is None else fused_ops
+
+    @property
+    def fused_ops(self) -> bool:
+        """Whether the layers' small ops (each RMSNorm with the residual add before it, RoPE of q and k,
+        the MLP's act(gate) * up) run as Triton kernels (models/triton_ops.py): one launch each instead of
+        up to ~10 torch ops. By default
+        where the attention backend runs Triton's kernels (CUDA; the CPU under TRITON_INTERPRET=1, for
+        tests); off, the CPU runs its C++ ops and other devices torch's. Settable (an A/B of one model:
+        benchmarks/gpu_suite.py); a captured CUDA graph keeps the kernels it was captured with."""
+        return self.ops.triton
+
+    @fused_ops.setter
+    def fused_ops(self, on: bool) -> None:
+        if on:
+            _triton_ops().check_device(self.device)
+        self.ops.triton = bool(on)
 
     def add_lora_slots(self, max_loras: int, max_rank: int) -> list[dict[str, LoRASlots]]:
         """Give every layer's projections `max_loras` LoRA slots of rank `max_rank` (duoserve/lora);
@@ -285,6 +305,26 @@ _CPU_OP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
+class SmallOps:
+    """Where a model's small per-layer ops run: one object per model, shared by its norms and layers.
+    triton: duoserve/models/triton_ops.py's kernels (the GPU path: `LlamaModel.fused_ops`); otherwise
+    the CPU's C++ ops where they apply (`_cpu_ops`), torch's elsewhere."""
+
+    triton: bool = False
+
+
+@functools.cache
+def _triton_ops():
+    """duoserve/models/triton_ops.py, imported on first use: triton is optional, and CPU models never
+    need it."""
+    try:
+        from duoserve.models import triton_ops
+    except ImportError as error:
+        raise ValueError("fused ops need the triton package (pip install 'duoserve[gpu]')") from error
+    return triton_ops
+
+
+@dataclass
 class RMSNorm:
     """transformers' RMSNorm: normalise in float32; Llama scales in the model's dtype, Gemma scales by
     (1 + w) in float32 (`weight` then holds 1 + w, in float32).
@@ -297,14 +337,18 @@ class RMSNorm:
     weight: torch.Tensor
     eps: float
     plus_one: bool
+    ops: SmallOps = field(default_factory=SmallOps)
 
     @classmethod
-    def of(cls, weight: torch.Tensor, config: ModelConfig) -> RMSNorm:
+    def of(cls, weight: torch.Tensor, config: ModelConfig, ops: SmallOps | None = None) -> RMSNorm:
+        ops = SmallOps() if ops is None else ops
         if config.norm_plus_one:
-            return cls(1.0 + weight.float(), config.rms_norm_eps, True)
-        return cls(weight, config.rms_norm_eps, False)
+            return cls(1.0 + weight.float(), config.rms_norm_eps, True, ops)
+        return cls(weight, config.rms_norm_eps, False, ops)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.triton and _triton_ops().norm_applies(x, self.weight, self.plus_one):
+            return _triton_ops().rms_norm(x, self.weight, self.eps)
         if self._in_kernel(x):
             return torch.ops.duoserve_cpu.norm_rows(
                 x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps
@@ -315,7 +359,10 @@ class RMSNorm:
         return normed.to(x.dtype) * self.weight
 
     def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, its norm): a residual add and the norm after it, one op in the CPU kernel."""
+        """(x + delta, its norm): a residual add and the norm after it, one op in the CPU and Triton
+        kernels."""
+        if self.ops.triton and _triton_ops().add_norm_applies(x, delta, self.weight, self.plus_one):
+            return _triton_ops().add_rms_norm(x, delta, self.weight, self.eps)
         if x.dim() == 2 and delta.dtype == x.dtype and self._in_kernel(x):
             total, normed = torch.ops.duoserve_cpu.add_norm_rows(
                 x.contiguous(), delta.contiguous(), self.weight, self.eps
@@ -334,9 +381,11 @@ class RMSNorm:
 
 
 def _rope_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, triton: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE of q and k (_rope's math), one op in the CPU kernel."""
+    """RoPE of q and k (_rope's math), one op in the CPU kernel; with `triton` one in-place launch."""
+    if triton and _triton_ops().rope_applies(q, k, cos, sin):
+        return _triton_ops().rope_qk_(q, k, cos, sin)
     if q.is_cpu and q.dtype in _CPU_OP_DTYPES and cos.dtype == q.dtype and _cpu_ops():
         q, k = torch.ops.duoserve_cpu.rope_qk(q, k, cos, sin)
         return q, k
@@ -361,9 +410,14 @@ class _DenseMLP:
     gate_up: Linear  # gate rows, then up rows
     down_proj: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
+    activation: str = "silu"  # act's name (ModelConfig.hidden_act)
+    ops: SmallOps = field(default_factory=SmallOps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.ops.triton and _triton_ops().act_mul_applies(gate_up, self.activation):
+            return self.down_proj(_triton_ops().act_mul(gate_up, self.activation))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -385,6 +439,7 @@ class _Layer:
     heads: tuple[int, int, int]  # (query heads, kv heads, head_dim)
     sliding_window: int | None  # None: full attention
     logits_soft_cap: float | None
+    ops: SmallOps  # the model's: where the norms and RoPE run
 
     def __call__(
         self, x, delta, cos, sin, attention: AttentionBackend, kv_cache, meta, scale: float
@@ -397,7 +452,7 @@ class _Layer:
         q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope_qk(q, k, cos, sin)
+        q, k = _rope_qk(q, k, cos, sin, self.ops.triton)
         attn = attention.forward(
             q,
             k,
@@ -459,6 +514,7 @@ class _Layer:
         act: Callable[[torch.Tensor], torch.Tensor],
         ropes: dict[str, _Rope],
         max_positions: int,
+        ops: SmallOps,
     ) -> _Layer:
         p = f"model.layers.{index}."
         attn = p + "self_attn."
@@ -476,7 +532,7 @@ class _Layer:
         sliding = config.is_sliding_layer(index)
 
         def norm(name: str) -> RMSNorm:
-            return RMSNorm.of(_dense(w, q, p + name + ".weight"), config)
+            return RMSNorm.of(_dense(w, q, p + name + ".weight"), config, ops)
 
         return cls(
             input_norm=norm("input_layernorm"),
@@ -489,13 +545,14 @@ class _Layer:
             mlp_norm=norm(
                 "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
             ),
-            mlp=_mlp(w, q, p + "mlp.", index, config, act),
+            mlp=_mlp(w, q, p + "mlp.", index, config, act, ops),
             mlp_out_norm=norm("post_feedforward_layernorm") if config.sandwich_norms else None,
             rope=ropes["local"] if sliding and "local" in ropes else ropes["full"],
             heads=(config.num_attention_heads, config.num_key_value_heads, config.head_dim),
             # A window as long as the model's context never hides a key: run those layers as full ones.
             sliding_window=window if window is not None and window < max_positions else None,
             logits_soft_cap=config.attn_logit_softcapping,
+            ops=ops,
         )
 
 
@@ -506,6 +563,7 @@ def _mlp(
     index: int,
     config: ModelConfig,
     act: Callable[[torch.Tensor], torch.Tensor],
+    ops: SmallOps,
 ) -> _DenseMLP | MoE:
     if config.is_moe_layer(index):
         return MoE(
@@ -524,7 +582,8 @@ def _mlp(
             prefix + "up_proj.weight",
         ]
     )
-    return _DenseMLP(_linear(w, q, gate_up), _linear(w, q, [prefix + "down_proj.weight"]), act)
+    down = _linear(w, q, [prefix + "down_proj.weight"])
+    return _DenseMLP(_linear(w, q, gate_up), down, act, config.hidden_act, ops)
 
 
 def _maybe(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:

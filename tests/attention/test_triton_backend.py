@@ -207,7 +207,8 @@ def test_bad_variants_raise():
 
 
 def test_engine_greedy_outputs_equal_torch_backend(tiny_models):
-    """LLM(attention_backend="triton") on a tiny GQA Llama: chunked prefills next to decodes, odd blocks."""
+    """LLM(attention_backend="triton") on a tiny GQA Llama: chunked prefills next to decodes, odd blocks;
+    its layers' norms and RoPE in Triton kernels too."""
     pytest.importorskip("transformers")
     from duoserve.llm import LLM
     from duoserve.sampling_params import SamplingParams
@@ -230,6 +231,8 @@ def test_engine_greedy_outputs_equal_torch_backend(tiny_models):
         assert type(llm.engine.core.model.attention).__name__ == (
             "TritonAttentionBackend" if backend == "triton" else "TorchAttentionBackend"
         )
+        # With Triton's attention the norms and RoPE run in Triton too (duoserve/models/triton_ops.py).
+        assert llm.engine.core.model.fused_ops == (backend == "triton")
         outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs["triton"] == outputs["torch"]
     assert all(len(tokens) == 5 for tokens in outputs["triton"])
