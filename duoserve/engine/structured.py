@@ -381,7 +381,8 @@ class StructuredOutputs:
         # Beside the forward, the sampled-first rows' masks cost no step time: computed too (after the
         # others in the bitmask), so that `check` reads their bits instead of asking the matchers.
         filled = self._fill_rows(masked + unmasked if executor is not None else masked, executor)
-        filled.runs = _runs(masked)
+        if executor is not None:  # the sampled-first rows' masks are kept for `check`, not applied
+            filled.runs = _runs(masked)
         filled.unmasked, filled.unmasked_filled = unmasked, executor is not None
         self.stats.steps += 1
         self.stats.serial_steps += executor is None
