@@ -12,12 +12,16 @@ with the same flags, and prints a markdown table of p50/p99 TTFT and ITL, predic
 with their ratio. The goal (issue 13): p50 within 20%, p99 within 35%.
 
 --fit-from-trace: every deployment runs with `--step-trace` (duoserve/plan/trace.py; `up` gives its
-prefill and decode workers a trace each, DIR/up-1p1d-trace-<role>.jsonl), each point's steps are cut
-out of the traces (DIR/<point>-trace[-<role>].jsonl), a second profile is fitted to the *low-load*
-points' steps only (`duoserve plan profile --from-trace`: what the served engines really ran, in their
-own processes beside the API servers, the router and the client; for `up` a step model per role), and
-every point is simulated again with it (DIR/<point>-predicted-trace.json): a second table, whose near
-and over rows are held out of the fit. With --resimulate it refits from the traces already in DIR.
+prefill and decode workers a trace each, DIR/up-1p1d-trace-<role>.jsonl), and a second profile is
+fitted to served steps (`duoserve plan profile --from-trace`: what the served engines really ran, in
+their own processes beside the API servers, the router and the client; for `up` a step model per role,
+and how the steps spread around it), and every point is simulated again with it
+(DIR/<point>-predicted-trace.json): a second table. What the fit learns from (--train): `sweep`
+(default), a closed-loop calibration sweep run on the live deployment before the points (`duoserve
+bench --concurrency C` at C = 4, 16, 40 and --num-prompts, this workload's lengths, other seeds, no
+arrival process: every point is held out), as an operator would profile a served worker before
+planning; `low`, the low-load points (near and over held out). Each window's steps are cut out of the
+traces (DIR/<label>-trace[-<role>].jsonl). With --resimulate it refits from the traces already in DIR.
 
 --quick: a smoke run of the whole pipeline (a few short requests, a tiny profile grid, fixed rates):
 it checks that the script works, and measures nothing worth reporting.
@@ -198,8 +202,16 @@ def main() -> int:
     parser.add_argument(
         "--fit-from-trace",
         action="store_true",
-        help="serve with --step-trace, fit a second profile from the low-load points' steps and "
-        "predict every point again with it (a second table; near and over are held out)",
+        help="serve with --step-trace, fit a second profile from served steps (--train) and predict "
+        "every point again with it (a second table)",
+    )
+    parser.add_argument(
+        "--train",
+        choices=("sweep", "low"),
+        default="sweep",
+        help="what the trace fit learns from: sweep (default), a closed-loop sweep at concurrency "
+        + ",".join(map(str, SWEEP_CONCURRENCIES))
+        + " run before the points (all points held out); low: the low-load points (near and over held out)",
     )
     parser.add_argument(
         "--resimulate",
@@ -214,6 +226,10 @@ def main() -> int:
         args.num_prompts, args.input_len, args.output_len = 4, 80, 4
         args.rates = args.rates or "0.5,1,2"
         args.profile_args = QUICK_PROFILE_ARGS
+        args.sweep = QUICK_SWEEP
+    else:
+        # Up to every request of a point in flight at once (as over capacity).
+        args.sweep = tuple(sorted({*SWEEP_CONCURRENCIES, args.num_prompts}))
     PORT = args.port
     os.makedirs(args.out, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -230,17 +246,25 @@ def main() -> int:
             trace_rows += trace_fit_deployment(args, name, deployment, points)
     print(report(rows, args, started))
     if trace_rows:
-        trained = ", ".join(
-            f"{name} {level} {burst}"
-            for name, level, _, burst, _ in trace_rows
-            if level.startswith(TRAIN_LEVEL)
-        )
+        if args.train == "sweep":
+            trained = "a closed-loop sweep at concurrency " + ", ".join(map(str, args.sweep))
+        else:
+            trained = ", ".join(
+                f"{name} {level} {burst}"
+                for name, level, _, burst, _ in trace_rows
+                if level.startswith(TRAIN_LEVEL)
+            )
         title = f"Fitted from the served engine's step trace (trained on: {trained}; the rest held out)"
         print("\n" + report(trace_rows, args, started, title))
     return 0
 
 
-TRAIN_LEVEL = "low"  # the points whose steps a trace-fitted profile learns from
+TRAIN_LEVEL = "low"  # --train low: the points whose steps a trace-fitted profile learns from
+# --train sweep: a closed-loop calibration sweep run before the points (none of them trained on).
+SWEEP_LEVEL = "sweep"
+SWEEP_CONCURRENCIES = (4, 16, 40)
+SWEEP_SEED = 1000
+QUICK_SWEEP = (2,)
 # 80-token prompts: over `up`'s --remote-prefill-min-tokens (64), so its prefill worker runs them.
 QUICK_NOTE = "4 prompts of 80 tokens, 4 output tokens, rates 0.5,1,2 req/s, a tiny profile grid"
 QUICK_PROFILE_ARGS = (
@@ -278,10 +302,11 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
                 f"{label}: {num_steps} traced steps{' of the ' + role + ' worker' if role else ''}",
                 file=sys.stderr,
             )
-            if label.startswith(f"{name}-{TRAIN_LEVEL}-") and num_steps:
+            train_level = SWEEP_LEVEL if args.train == "sweep" else TRAIN_LEVEL
+            if label.startswith(f"{name}-{train_level}-") and num_steps:
                 train.append(path)
     if not train:
-        raise RuntimeError("no traced steps in the low-load points: nothing to fit")
+        raise RuntimeError(f"no traced steps to train on (--train {args.train}): nothing to fit")
     profile = os.path.join(args.out, f"profile-{name}-trace.json")
     synthetic = os.path.join(args.out, f"profile-{name}.json")
     prior = ["--prior", synthetic] if os.path.exists(synthetic) else []  # and its KV transfer model
@@ -306,7 +331,7 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
         rows.append(
             (
                 f"{name} (trace fit)",
-                level + (" (train)" if level == TRAIN_LEVEL else ""),
+                level + (" (train)" if args.train == "low" and level == TRAIN_LEVEL else ""),
                 rate,
                 burst_name,
                 point,
@@ -354,6 +379,8 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
             warm = workload_flags(args, float("inf"), 1.0, seed=99)
             warm[warm.index("--num-prompts") + 1] = "4"
             run(duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm", *warm))
+            if args.fit_from_trace and args.train == "sweep":
+                windows |= calibration_sweep(args, name)
             for level, rate in zip(("low", "near", "over"), rates, strict=True):
                 for burst_name, burstiness in BURSTS:
                     label = f"{name}-{level}-{burst_name}"
@@ -367,6 +394,27 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
     with open(os.path.join(args.out, f"{name}-windows.json"), "w") as f:
         json.dump(windows, f, indent=1)  # each point's wall-clock span, to cut its steps out of a trace
     return rows
+
+
+def calibration_sweep(args: argparse.Namespace, name: str) -> dict[str, tuple[float, float]]:
+    """Closed-loop load at a few concurrencies (`duoserve bench --concurrency C`, all requests sent at
+    once, each next one when one ends): the served steps a trace fit learns from, apart from the points
+    (other seeds, no arrival process), from a few rows a step to more than the over-capacity point holds
+    in flight. Returns each sweep's wall-clock span, to cut its steps out of the trace."""
+    windows = {}
+    for concurrency in args.sweep:
+        label = f"{name}-{SWEEP_LEVEL}-c{concurrency}"
+        flags = workload_flags(args, float("inf"), 1.0, seed=SWEEP_SEED + concurrency)
+        flags[flags.index("--num-prompts") + 1] = str(max(3 * concurrency, args.num_prompts // 4))
+        start = time.time()
+        run(
+            duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm",
+                     "--concurrency", str(concurrency), *flags, "--output",
+                     os.path.join(args.out, f"{label}-measured.json")),
+            os.path.join(args.out, f"{label}-bench.txt"),
+        )  # fmt: skip
+        windows[label] = (start, time.time())
+    return windows
 
 
 def print_step_mix(label: str, served: list[str], simulated: str) -> None:
