@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from duoserve.plan.step_model import FEATURES, Fit, StepModel, StepShape, fit_step_model, step_shape
+from duoserve.plan.step_model import (
+    FEATURES,
+    SPREAD_QUANTILES,
+    Fit,
+    StepModel,
+    StepShape,
+    fit_step_model,
+    step_shape,
+)
 
 if TYPE_CHECKING:
     from duoserve.engine.step_observer import MakeStepObserver
@@ -91,6 +99,7 @@ class RoleProfile:
     step_model: StepModel
     limits: WorkerLimits
     fit: dict[str, float] = field(default_factory=dict)
+    spread: list[float] = field(default_factory=list)  # step_spread of its traced steps ([]: none)
 
 
 @dataclass
@@ -104,6 +113,9 @@ class Profile:
     grid: dict[str, Any] = field(default_factory=dict)
     samples: list[list[float]] = field(default_factory=list)  # [*StepShape fields, seconds] per measured step
     roles: dict[str, RoleProfile] = field(default_factory=dict)  # ROLES fitted apart (from served traces)
+    # How served steps spread around the step model (step_model.step_spread; from traces only: an
+    # in-process profile's steps are the quiet case the model is). []: the simulator takes the model's time.
+    spread: list[float] = field(default_factory=list)
 
     def for_role(self, role: str) -> tuple[StepModel, WorkerLimits]:
         """The step model and limits of a worker of `role` (prefill or decode in a disaggregated
@@ -111,8 +123,13 @@ class Profile:
         own = self.roles.get(role)
         return (own.step_model, own.limits) if own is not None else (self.step_model, self.limits)
 
+    def spread_for(self, role: str) -> list[float]:
+        """The step spread of a worker of `role` (as for_role)."""
+        own = self.roles.get(role)
+        return own.spread if own is not None else self.spread
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "kind": PROFILE_KIND,
             "version": PROFILE_VERSION,
             "step_model": self.step_model.to_json(),
@@ -125,20 +142,12 @@ class Profile:
             "features": list(FEATURES),
             "sample_fields": [f.name for f in dataclasses.fields(StepShape)] + ["seconds"],
             "samples": self.samples,
-        } | (
-            {
-                "roles": {
-                    name: {
-                        "step_model": role.step_model.to_json(),
-                        "limits": dataclasses.asdict(role.limits),
-                        "fit": role.fit,
-                    }
-                    for name, role in self.roles.items()
-                }
-            }
-            if self.roles
-            else {}
-        )
+        }
+        if self.spread:
+            data["step_spread"] = self.spread
+        if self.roles:
+            data["roles"] = {name: _role_json(role) for name, role in self.roles.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Profile:
@@ -166,7 +175,17 @@ class Profile:
             grid=data.get("grid", {}),
             samples=data.get("samples", []),
             roles=_roles(data.get("roles") or {}, limits),
+            spread=_spread(data.get("step_spread"), "the profile's"),
         )
+
+
+def _role_json(role: RoleProfile) -> dict[str, Any]:
+    data = {
+        "step_model": role.step_model.to_json(),
+        "limits": dataclasses.asdict(role.limits),
+        "fit": role.fit,
+    }
+    return data | ({"step_spread": role.spread} if role.spread else {})
 
 
 def _limits(data: Any, whose: str) -> WorkerLimits:
@@ -197,8 +216,25 @@ def _roles(data: Any, limits: WorkerLimits) -> dict[str, RoleProfile]:
             step_model = StepModel.from_json(role.get("step_model") or {})
         except ValueError as err:
             raise ValueError(f"the {name} role's {err.args[0].removeprefix('the ')}") from err
-        roles[name] = RoleProfile(step_model, role_limits, role.get("fit") or {})
+        spread = _spread(role.get("step_spread"), f"the {name} role's")
+        roles[name] = RoleProfile(step_model, role_limits, role.get("fit") or {}, spread)
     return roles
+
+
+def _spread(data: Any, whose: str) -> list[float]:
+    """A step spread as stored (None: none): ratios at SPREAD_QUANTILES, positive and non-decreasing."""
+    if data is None:
+        return []
+    if (
+        not isinstance(data, list)
+        or len(data) != len(SPREAD_QUANTILES)
+        or not all(isinstance(r, (int, float)) and r > 0 for r in data)
+        or any(b < a for a, b in zip(data[:-1], data[1:], strict=True))
+    ):
+        raise ValueError(
+            f"{whose} step_spread must be {len(SPREAD_QUANTILES)} positive, non-decreasing ratios"
+        )
+    return [float(r) for r in data]
 
 
 def fit_summary(fit: Fit) -> dict[str, float]:

@@ -3,8 +3,10 @@
 Each simulated worker is the engine's own `Scheduler` over its own `KVCacheManager` (block pool,
 prefix cache, chunked prefill, preemption, sliding-window freeing: nothing re-implemented), driven as
 the engine loop drives them (duoserve/server/engine_process.py): each turn handles what arrived, then
-runs one step. Only the model is replaced: a step takes the profile's step-model time for its shape,
-and every sampling request gets one token (a fixed id; requests run to their output length, as
+runs one step. Only the model is replaced: a step takes the profile's step-model time for its shape
+(times a draw from the profile's step spread where it has one: a profile fitted from served traces, whose
+steps of one shape took longer now and then; seeded by the workload's seed, so a command predicts the same
+every time), and every sampling request gets one token (a fixed id; requests run to their output length, as
 `duoserve bench --ignore-eos` asks). The router's own `RoutingPolicy` (duoserve/router/routing.py)
 picks workers from a `KVIndex` fed by the simulated pools' KV events, with the router's load counters
 kept as the router keeps them. So the simulation cannot drift from the scheduler or the routing: it
@@ -35,6 +37,7 @@ import dataclasses
 import heapq
 import itertools
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,7 +53,7 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.plan.deployment import Deployment
 from duoserve.plan.objectives import Objectives
 from duoserve.plan.profile import Profile
-from duoserve.plan.step_model import StepShape, step_shape, streamed_tokens
+from duoserve.plan.step_model import StepShape, spread_ratio, step_shape, streamed_tokens
 from duoserve.plan.workload import SimConversation, Workload
 from duoserve.router.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.sampling_params import SamplingParams
@@ -217,11 +220,14 @@ class SimWorker:
     on_kv_done: Callable[[SimTicket, float], None] = lambda ticket, ready: None
     record_steps: bool = False
     role: str = "both"  # prefill | decode (disaggregated) | both: whose step model and limits it has
+    seed: int = 0  # of its draws from the profile's step spread (the workload's: runs repeat exactly)
     steps: list[StepRecord] = field(default_factory=list)
     busy: bool = False
 
     def __post_init__(self) -> None:
         self.step_model, self.limits = self.profile.for_role(self.role)
+        self.spread = self.profile.spread_for(self.role)
+        self._rng = random.Random(f"{self.seed}/{self.name}")
         limits = self.limits
         self.kv = KVCacheManager(
             limits.num_kv_blocks, limits.block_size, limits.enable_prefix_caching, limits.sliding_window
@@ -296,6 +302,8 @@ class SimWorker:
         shape = step_shape(plan.scheduled, self.limits.quantized_max_rows, streamed)
         self._previous = (shape.sampled, ids)
         seconds = self.step_model.seconds(shape)
+        if self.spread:  # a served step of this shape: the model's time times a draw from the spread
+            seconds *= spread_ratio(self.spread, self._rng.random())
         if self.record_steps:
             self.steps.append(
                 StepRecord(
@@ -354,6 +362,7 @@ class Simulation:
         deployment: Deployment,
         router: dict[str, Any] | None = None,
         record_steps: bool = False,
+        seed: int = 0,
     ) -> None:
         self.profile = profile
         self.deployment = deployment
@@ -377,6 +386,7 @@ class Simulation:
                 self._on_kv_done,
                 record_steps,
                 role=worker.kind if deployment.disaggregated else "both",
+                seed=seed,
             )
             sim.kv_events = lambda events, url=worker.url: self.index.apply(url, events)
             self.workers[worker.url] = sim
@@ -522,8 +532,10 @@ def simulate(
     router: dict[str, Any] | None = None,
     record_steps: bool = False,
 ) -> tuple[list[RequestRecord], float, Simulation]:
-    """Run the workload on the deployment: bench's request records, the run's duration, the simulation."""
-    sim = Simulation(profile, deployment, router, record_steps)
+    """Run the workload on the deployment: bench's request records, the run's duration, the simulation
+    (its draws from the profile's step spread seeded by the workload's seed)."""
+    seed = workload.config.get("seed", 0) if workload.config else 0
+    sim = Simulation(profile, deployment, router, record_steps, seed=int(seed or 0))
     records = sim.run(workload)
     return records, sim.end, sim
 

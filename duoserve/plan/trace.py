@@ -45,7 +45,14 @@ from duoserve.plan.profile import (
     quantized_rows,
     worker_limits,
 )
-from duoserve.plan.step_model import Fit, StepShape, fit_step_model, step_shape, streamed_tokens
+from duoserve.plan.step_model import (
+    Fit,
+    StepShape,
+    fit_step_model,
+    step_shape,
+    step_spread,
+    streamed_tokens,
+)
 
 if TYPE_CHECKING:
     from duoserve.engine.core import EngineCore
@@ -317,6 +324,7 @@ class TraceFit:
     shapes: list[StepShape]
     seconds: list[float]  # what was fitted (periods or step times)
     median_gap: float  # the engine loop's time between back-to-back steps
+    spread: list[float] = field(default_factory=list)  # the traced steps' step_spread
 
 
 # With a prior (a synthetic profile's measured steps), its steps together weigh this fraction of the
@@ -344,7 +352,8 @@ def fit_traces(traces: Sequence[Trace], periods: bool = True, prior: Sequence[li
         )
     else:
         fit = fit_step_model(shapes, seconds, weights)
-    return TraceFit(fit, shapes, seconds, float(np.median(gaps)) if gaps else 0.0)
+    spread = step_spread(fit.model, shapes, seconds)
+    return TraceFit(fit, shapes, seconds, float(np.median(gaps)) if gaps else 0.0, spread)
 
 
 def regime(shape: StepShape, max_num_batched_tokens: int) -> str:
@@ -462,7 +471,11 @@ def profile_from_traces(
             "fitted": "step periods (step + engine loop to the next step)" if periods else "step times",
         },
         samples=[[*s.values(), t] for s, t in zip(traced.shapes, traced.seconds, strict=True)],
-        roles={role: RoleProfile(fit.fit.model, lim, summary(fit)) for role, (lim, fit) in roles.items()},
+        roles={
+            role: RoleProfile(fit.fit.model, lim, summary(fit), fit.spread)
+            for role, (lim, fit) in roles.items()
+        },
+        spread=traced.spread,
     )
     return profile, traced, {role: fit for role, (_, fit) in roles.items()}
 
