@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from duoserve.plan.step_model import (
     FEATURES,
-    SPREAD_QUANTILES,
     Fit,
     StepModel,
     StepShape,
+    StepSpread,
     fit_step_model,
     step_shape,
 )
@@ -99,7 +99,7 @@ class RoleProfile:
     step_model: StepModel
     limits: WorkerLimits
     fit: dict[str, float] = field(default_factory=dict)
-    spread: list[float] = field(default_factory=list)  # step_spread of its traced steps ([]: none)
+    spread: StepSpread | None = None  # how its traced steps spread around step_model (None: none)
 
 
 @dataclass
@@ -114,8 +114,8 @@ class Profile:
     samples: list[list[float]] = field(default_factory=list)  # [*StepShape fields, seconds] per measured step
     roles: dict[str, RoleProfile] = field(default_factory=dict)  # ROLES fitted apart (from served traces)
     # How served steps spread around the step model (step_model.step_spread; from traces only: an
-    # in-process profile's steps are the quiet case the model is). []: the simulator takes the model's time.
-    spread: list[float] = field(default_factory=list)
+    # in-process profile's steps are the quiet case the model is). None: the simulator takes the model's time.
+    spread: StepSpread | None = None
 
     def for_role(self, role: str) -> tuple[StepModel, WorkerLimits]:
         """The step model and limits of a worker of `role` (prefill or decode in a disaggregated
@@ -123,7 +123,7 @@ class Profile:
         own = self.roles.get(role)
         return (own.step_model, own.limits) if own is not None else (self.step_model, self.limits)
 
-    def spread_for(self, role: str) -> list[float]:
+    def spread_for(self, role: str) -> StepSpread | None:
         """The step spread of a worker of `role` (as for_role)."""
         own = self.roles.get(role)
         return own.spread if own is not None else self.spread
@@ -143,8 +143,8 @@ class Profile:
             "sample_fields": [f.name for f in dataclasses.fields(StepShape)] + ["seconds"],
             "samples": self.samples,
         }
-        if self.spread:
-            data["step_spread"] = self.spread
+        if self.spread is not None:
+            data["step_spread"] = self.spread.to_json()
         if self.roles:
             data["roles"] = {name: _role_json(role) for name, role in self.roles.items()}
         return data
@@ -185,7 +185,7 @@ def _role_json(role: RoleProfile) -> dict[str, Any]:
         "limits": dataclasses.asdict(role.limits),
         "fit": role.fit,
     }
-    return data | ({"step_spread": role.spread} if role.spread else {})
+    return data | ({"step_spread": role.spread.to_json()} if role.spread is not None else {})
 
 
 def _limits(data: Any, whose: str) -> WorkerLimits:
@@ -221,20 +221,14 @@ def _roles(data: Any, limits: WorkerLimits) -> dict[str, RoleProfile]:
     return roles
 
 
-def _spread(data: Any, whose: str) -> list[float]:
-    """A step spread as stored (None: none): ratios at SPREAD_QUANTILES, positive and non-decreasing."""
+def _spread(data: Any, whose: str) -> StepSpread | None:
+    """A step spread as stored (None: none)."""
     if data is None:
-        return []
-    if (
-        not isinstance(data, list)
-        or len(data) != len(SPREAD_QUANTILES)
-        or not all(isinstance(r, (int, float)) and r > 0 for r in data)
-        or any(b < a for a, b in zip(data[:-1], data[1:], strict=True))
-    ):
-        raise ValueError(
-            f"{whose} step_spread must be {len(SPREAD_QUANTILES)} positive, non-decreasing ratios"
-        )
-    return [float(r) for r in data]
+        return None
+    try:
+        return StepSpread.from_json(data)
+    except ValueError as err:
+        raise ValueError(f"{whose} {err}") from err
 
 
 def fit_summary(fit: Fit) -> dict[str, float]:

@@ -53,7 +53,7 @@ from duoserve.kv.kv_cache_manager import KVCacheManager
 from duoserve.plan.deployment import Deployment
 from duoserve.plan.objectives import Objectives
 from duoserve.plan.profile import Profile
-from duoserve.plan.step_model import StepShape, spread_ratio, step_shape, streamed_tokens
+from duoserve.plan.step_model import StepShape, step_shape, streamed_tokens
 from duoserve.plan.workload import SimConversation, Workload
 from duoserve.router.routing import RouterConfig, RoutingPolicy, Worker
 from duoserve.sampling_params import SamplingParams
@@ -302,8 +302,8 @@ class SimWorker:
         shape = step_shape(plan.scheduled, self.limits.quantized_max_rows, streamed)
         self._previous = (shape.sampled, ids)
         seconds = self.step_model.seconds(shape)
-        if self.spread:  # a served step of this shape: the model's time times a draw from the spread
-            seconds *= spread_ratio(self.spread, self._rng.random())
+        if self.spread is not None:  # a served step of this shape: the model's time times a draw
+            seconds *= self.spread.ratio(shape, self._rng.random())
         if self.record_steps:
             self.steps.append(
                 StepRecord(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -229,20 +230,60 @@ def _nnls(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
 # point's p99 ITL is made of those. A simulator with the model's time alone predicted p99 ITL 0.3-0.6x.
 # The draws are not normalised to a mean of 1: the model is fitted to the typical step (relative error,
 # slow steps dropped), while a worker's capacity is set by its mean step, 2-9% above the model's in the
-# served sweeps' spreads (BENCHMARKS.md, planner). With a profile fitted to a closed-loop sweep of the
-# served deployment, the spread took the held-out points of two runs from 36 and 35 of 48 to 46 and 41
-# (planner_accuracy.py); fitted to low-load points only (without steps at load) it moved two older runs
-# 35 -> 39 and 40 -> 34.
+# served sweeps' spreads (BENCHMARKS.md, planner); normalised, four runs lost 1-7 cells of 48 each.
 SPREAD_QUANTILES = (*(i / 20 for i in range(20)), 0.99)
+# A regime's own spread needs this many steps; with fewer it takes the spread of all the steps.
+MIN_SPREAD_STEPS = 20
 
 
-def step_spread(model: StepModel, shapes: Sequence[StepShape], seconds: Sequence[float]) -> list[float]:
-    """The ratios measured / predicted of these steps at SPREAD_QUANTILES (what the simulator draws from)."""
+@dataclass(frozen=True)
+class StepSpread:
+    """The ratios measured / predicted at SPREAD_QUANTILES, apart for steps through the row kernels and
+    tiled steps: an interruption adds time rather than a fraction of it, so the short steps spread more.
+    In the served sweeps of four runs (2 Zen 5 cores) kernel steps (7-35 ms) had a 90th percentile of
+    1.15-1.52 and a 99th of 1.7-2.6, tiled ones (80-450 ms) 1.05-1.21 and 1.1-1.6; one pooled spread gave
+    the long steps, which make a worker's capacity, the short steps' tail."""
+
+    kernel: tuple[float, ...]
+    tiled: tuple[float, ...]
+
+    def ratio(self, shape: StepShape, u: float) -> float:
+        """The ratio at quantile u (in [0, 1]) for a step of this shape, interpolated."""
+        spread = self.tiled if shape.tiled else self.kernel
+        return float(np.interp(min(u, SPREAD_QUANTILES[-1]), SPREAD_QUANTILES, spread))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"kernel": list(self.kernel), "tiled": list(self.tiled)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> StepSpread:
+        """A stored spread, checked: per regime, len(SPREAD_QUANTILES) positive non-decreasing ratios."""
+        if not isinstance(data, dict) or set(data) != {"kernel", "tiled"}:
+            raise ValueError("step_spread must map 'kernel' and 'tiled' to ratios")
+        for ratios in data.values():
+            if (
+                not isinstance(ratios, list)
+                or len(ratios) != len(SPREAD_QUANTILES)
+                or not all(isinstance(r, (int, float)) and r > 0 for r in ratios)
+                or any(b < a for a, b in zip(ratios[:-1], ratios[1:], strict=True))
+            ):
+                raise ValueError(
+                    f"step_spread must have {len(SPREAD_QUANTILES)} positive, non-decreasing ratios a regime"
+                )
+        return cls(tuple(map(float, data["kernel"])), tuple(map(float, data["tiled"])))
+
+
+def step_spread(model: StepModel, shapes: Sequence[StepShape], seconds: Sequence[float]) -> StepSpread:
+    """How these steps' measured times spread around the model's, by regime (what the simulator draws
+    from); a regime of under MIN_SPREAD_STEPS steps takes the spread of all of them."""
     predicted = np.array([model.seconds(s) for s in shapes])
     ratios = np.asarray(seconds, dtype=float) / np.maximum(predicted, 1e-9)
-    return [float(r) for r in np.quantile(ratios, SPREAD_QUANTILES)]
+    tiled = np.array([bool(s.tiled) for s in shapes], dtype=bool)
+    pooled = tuple(float(r) for r in np.quantile(ratios, SPREAD_QUANTILES))
 
+    def of(mask: np.ndarray) -> tuple[float, ...]:
+        if mask.sum() < MIN_SPREAD_STEPS:
+            return pooled
+        return tuple(float(r) for r in np.quantile(ratios[mask], SPREAD_QUANTILES))
 
-def spread_ratio(spread: Sequence[float], u: float) -> float:
-    """The ratio at quantile u (in [0, 1]) of a step_spread, interpolated."""
-    return float(np.interp(min(u, SPREAD_QUANTILES[-1]), SPREAD_QUANTILES, spread))
+    return StepSpread(of(~tiled), of(tiled))

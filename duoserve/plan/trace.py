@@ -48,6 +48,7 @@ from duoserve.plan.profile import (
 from duoserve.plan.step_model import (
     Fit,
     StepShape,
+    StepSpread,
     fit_step_model,
     step_shape,
     step_spread,
@@ -324,7 +325,7 @@ class TraceFit:
     shapes: list[StepShape]
     seconds: list[float]  # what was fitted (periods or step times)
     median_gap: float  # the engine loop's time between back-to-back steps
-    spread: list[float] = field(default_factory=list)  # the traced steps' step_spread
+    spread: StepSpread | None = None  # how the traced steps spread around the fitted model
 
 
 # With a prior (a synthetic profile's measured steps), its steps together weigh this fraction of the

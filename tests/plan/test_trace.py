@@ -338,9 +338,10 @@ def test_a_disaggregated_deployments_traces_fit_a_step_model_per_role(fixed_prof
     from duoserve.plan.simulate import simulate
 
     for role in ("prefill", "decode"):
-        assert profile.roles[role].spread == pytest.approx([1.0] * 21)
-    assert profile.spread[-1] > 1.01
-    profile.spread = []
+        spread = profile.roles[role].spread
+        assert spread.kernel == pytest.approx([1.0] * 21) and spread.tiled == pytest.approx([1.0] * 21)
+    assert max(profile.spread.kernel[-1], profile.spread.tiled[-1]) > 1.01
+    profile.spread = None
 
     workload = _workload(["--num-prompts", "4", "--random-input-len", "200", "--random-output-len", "4"])
     for deployment, expected in (
@@ -387,9 +388,10 @@ def test_a_profile_with_bad_roles_is_a_clear_error(fixed_profile, tmp_path, role
 
 
 def test_a_trace_fits_how_its_steps_spread_and_the_simulator_draws_from_it(tmp_path, fixed_profile):
-    """Served steps of one shape take longer now and then: a fitted profile keeps the ratios measured /
-    predicted of its traced steps at 21 quantiles, and the simulator multiplies each step's model time
-    by a draw from them, seeded by the workload's seed (the same command predicts the same)."""
+    """Served steps of one shape take longer now and then, short ones more: a fitted profile keeps the
+    ratios measured / predicted of its traced steps at 21 quantiles, for kernel and tiled steps apart, and
+    the simulator multiplies each step's model time by a draw from its regime's, seeded by the workload's
+    seed (the same command predicts the same)."""
     from duoserve.plan.deployment import Deployment
     from duoserve.plan.simulate import simulate
 
@@ -397,15 +399,19 @@ def test_a_trace_fits_how_its_steps_spread_and_the_simulator_draws_from_it(tmp_p
     _synthetic_trace(trace)
     lines = trace.read_text().splitlines()
     steps = [json.loads(line) for line in lines[1:]]
-    for i, step in enumerate(steps):  # one step in four ran 1.5x the model: noise to the fit, not the spread
+    kernel = [step for step in steps if not step["tiled"]]
+    for i, step in enumerate(kernel):  # one kernel step in four ran 1.5x: noise to the fit, not the spread
         step["seconds"] *= 1.5 if i % 4 == 3 else 1.0
     trace.write_text("\n".join([lines[0], *(json.dumps(step) for step in steps)]) + "\n")
-    profile, traced, _ = profile_from_traces([str(trace)], periods=False)
-    assert len(profile.spread) == 21 and profile.spread[0] == pytest.approx(1.0, rel=0.1)
-    assert profile.spread[-1] == pytest.approx(1.5, rel=0.1) and profile.spread[10] < 1.2
+    profile, _, _ = profile_from_traces([str(trace)], periods=False)
+    spread = profile.spread
+    assert len(spread.kernel) == len(spread.tiled) == 21
+    assert spread.kernel[0] == pytest.approx(1.0, rel=0.1) and spread.kernel[10] < 1.2
+    assert spread.kernel[-1] == pytest.approx(1.5, rel=0.1)
+    assert spread.tiled == pytest.approx([1.0] * 21, rel=0.05)  # the tiled steps ran as the model says
     path = tmp_path / "profile.json"
     write_profile(str(path), profile)
-    assert load_profile(str(path)).spread == profile.spread
+    assert load_profile(str(path)).spread == spread
 
     flags = ["--num-prompts", "6", "--random-input-len", "40", "--random-output-len", "8"]
 
@@ -413,12 +419,16 @@ def test_a_trace_fits_how_its_steps_spread_and_the_simulator_draws_from_it(tmp_p
         workload = _workload([*flags, "--seed", seed])
         _, _, sim = simulate(profile, Deployment.parse("colocated:1"), workload, record_steps=True)
         (worker,) = sim.workers.values()
-        return [step.seconds / profile.step_model.seconds(step.shape) for step in worker.steps]
+        return [
+            (step.shape.tiled, step.seconds / profile.step_model.seconds(step.shape)) for step in worker.steps
+        ]
 
     ratios = run("1")
-    assert min(ratios) >= profile.spread[0] - 1e-9 and max(ratios) <= profile.spread[-1] + 1e-9
-    assert len(set(ratios)) > 1 and run("1") == ratios and run("2") != ratios
-    bad = json.loads(path.read_text()) | {"step_spread": [1.0, 0.5]}
-    path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="step_spread"):
-        load_profile(str(path))
+    for tiled, ratio in ratios:
+        own = spread.tiled if tiled else spread.kernel
+        assert own[0] - 1e-9 <= ratio <= own[-1] + 1e-9
+    assert len({r for _, r in ratios}) > 1 and run("1") == ratios and run("2") != ratios
+    for bad in ([1.0, 0.5], {"kernel": [1.0] * 21}, {"kernel": [1.0] * 21, "tiled": [2.0] + [1.0] * 20}):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"step_spread": bad}))
+        with pytest.raises(ValueError, match="step_spread"):
+            load_profile(str(path))
