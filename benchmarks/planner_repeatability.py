@@ -19,15 +19,9 @@ import json
 import os
 import sys
 
-METRICS = (
-    ("p50 TTFT", "median_ttft_ms", 0.20),
-    ("p99 TTFT", "p99_ttft_ms", 0.35),
-    ("p50 ITL", "median_itl_ms", 0.20),
-    ("p99 ITL", "p99_itl_ms", 0.35),
-)
-DEPLOYMENTS = ("serve", "up-1p1d")
+from planner_accuracy import BURSTS, METRICS, TRACE_ROLES  # the goal, and the points' names
+
 LEVELS = ("low", "near", "over")
-BURSTS = ("poisson", "gamma-cv3")
 
 
 def load(run: str, label: str) -> dict | None:
@@ -41,7 +35,7 @@ def load(run: str, label: str) -> dict | None:
 def compare(first: str, second: str) -> tuple[list[str], int, int]:
     """The table rows of `second` against `first`, and (cells within the goal, cells)."""
     rows, hits, total = [], 0, 0
-    for name, level, burst in itertools.product(DEPLOYMENTS, LEVELS, BURSTS):
+    for name, level, burst in itertools.product(TRACE_ROLES, LEVELS, (b for b, _ in BURSTS)):
         label = f"{name}-{level}-{burst}"
         a, b = load(first, label), load(second, label)
         if a is None or b is None:

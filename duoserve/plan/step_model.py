@@ -230,7 +230,8 @@ def _nnls(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
 # point's p99 ITL is made of those. A simulator with the model's time alone predicted p99 ITL 0.3-0.6x.
 # The draws are not normalised to a mean of 1: the model is fitted to the typical step (relative error,
 # slow steps dropped), while a worker's capacity is set by its mean step, 2-9% above the model's in the
-# served sweeps' spreads (BENCHMARKS.md, planner); normalised, four runs lost 1-7 cells of 48 each.
+# served sweeps' spreads (BENCHMARKS.md, planner); normalised (one pooled spread then), four runs gave
+# 39, 37, 41 and 40 cells of 48 against 46, 41, 43 and 38.
 SPREAD_QUANTILES = (*(i / 20 for i in range(20)), 0.99)
 # A regime's own spread needs this many steps; with fewer it takes the spread of all the steps.
 MIN_SPREAD_STEPS = 20
@@ -240,9 +241,11 @@ MIN_SPREAD_STEPS = 20
 class StepSpread:
     """The ratios measured / predicted at SPREAD_QUANTILES, apart for steps through the row kernels and
     tiled steps: an interruption adds time rather than a fraction of it, so the short steps spread more.
-    In the served sweeps of four runs (2 Zen 5 cores) kernel steps (7-35 ms) had a 90th percentile of
-    1.15-1.52 and a 99th of 1.7-2.6, tiled ones (80-450 ms) 1.05-1.21 and 1.1-1.6; one pooled spread gave
-    the long steps, which make a worker's capacity, the short steps' tail."""
+    In a served sweep's closed-loop runs (2 Zen 5 cores) kernel steps (7-35 ms) had a 90th percentile of
+    1.15-1.52 and a 99th of 1.7-2.6, tiled ones (80-450 ms) 1.05-1.21 and 1.1-1.6 (one disturbed run of
+    another sweep: tiled steps to 2.4x); one pooled spread gave the long steps, which make a worker's
+    capacity, the short steps' tail. Over seven runs (BENCHMARKS.md, planner) the spread by regime scored
+    41.4 cells of 48 on average, one pooled spread 40.6, none 38.0."""
 
     kernel: tuple[float, ...]
     tiled: tuple[float, ...]
