@@ -58,7 +58,8 @@ def _add_profile_parser(sub: Any) -> None:
         nargs="+",
         metavar="TRACE",
         help="fit the step model to the steps of these step traces (`duoserve serve --step-trace "
-        "PATH`): what the engine really ran, in the process layout it runs in; no model is loaded",
+        "PATH`): what the engine really ran, in the process layout it runs in, and how its steps spread "
+        "around the model (which `plan simulate` draws from); no model is loaded",
     )
     t.add_argument(
         "--fit-time",
@@ -294,12 +295,29 @@ def _print_profile(profile, output: str) -> None:
         f"step seconds = {m.intercept:.4g} + {terms}  (R^2 {fit['r2']:.3f} over {fit['num_samples']} "
         f"steps, {fit['num_dropped']} dropped as noise; rmse {fit['rmse_seconds'] * 1e3:.2f} ms)"
     )
+    _print_spread("", profile.spread)
     for role, own in profile.roles.items():
         terms = " + ".join(f"{getattr(own.step_model, name):.3g}*{name}" for name in FEATURES)
         print(f"{role} worker: step seconds = {own.step_model.intercept:.4g} + {terms}")
+        _print_spread(f"{role} worker: ", own.spread)
     t = profile.kv_transfer
     print(f"KV transfer seconds = {t.fixed_seconds:.3g} + {t.seconds_per_token:.3g}*tokens")
     print(f"wrote {output}")
+
+
+def _print_spread(prefix: str, spread) -> None:
+    """A traced profile's step spread at its median, 90th and 99th percentiles, by regime."""
+    from duoserve.plan.step_model import SPREAD_QUANTILES
+
+    if spread is None:
+        return
+    at = [SPREAD_QUANTILES.index(q) for q in (0.5, 0.9, 0.99)]
+    # (A regime of under MIN_SPREAD_STEPS steps shows the spread of all of them: step_model.step_spread.)
+    regimes = ", ".join(
+        f"{name} p50/p90/p99 " + "/".join(f"{ratios[i]:.2f}" for i in at)
+        for name, ratios in (("kernel steps", spread.kernel), ("tiled steps", spread.tiled))
+    )
+    print(f"{prefix}served steps, measured / predicted: {regimes}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -163,6 +163,8 @@ def test_plan_profile_from_a_trace_writes_a_profile_and_its_residuals(tmp_path, 
     assert main(["plan", "profile", "--from-trace", str(trace), "--fit-time", "step", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "tiled mixed" in text and "kernel decode" in text and "R^2 1.000" in text
+    # Steps exactly on the model: every quantile of both regimes' spreads is 1.
+    assert "kernel steps p50/p90/p99 1.00/1.00/1.00, tiled steps p50/p90/p99 1.00/1.00/1.00" in text
     profile = load_profile(str(out))
     assert profile.step_model.kernel_rows == pytest.approx(TRUE_MODEL.kernel_rows, rel=1e-6)
     assert profile.grid["from_traces"] == [str(trace)] and profile.engine_args == {"model": "m"}
