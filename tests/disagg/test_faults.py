@@ -15,7 +15,10 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -51,6 +54,32 @@ def _workers(router: ServerProcess) -> list[dict]:
 
 def _worker(router: ServerProcess, url: str) -> dict:
     return next(w for w in _workers(router) if w["url"] == url)
+
+
+@contextmanager
+def _watch_taken_out(router: ServerProcess, url: str) -> Iterator[threading.Event]:
+    """An event set once the router's pool shows the worker unhealthy, watched from before the kill: `up`
+    restarts a killed worker and the router takes it back within seconds, so a check made only after the
+    streams ended (which can take longer, on a slow machine) may never see it out."""
+    wait_for(lambda: _worker(router, url)["healthy"], timeout=60, what=f"{url} in the router's pool")
+    taken_out, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and not taken_out.is_set():
+            try:
+                if not _worker(router, url)["healthy"]:
+                    taken_out.set()
+            except httpx.HTTPError:
+                pass
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch, name="watch-taken-out", daemon=True)
+    watcher.start()
+    try:
+        yield taken_out
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _pid(url: str) -> int:
@@ -173,14 +202,15 @@ def test_killed_decode_worker(deployment, record_property):
     # worker is taken out first, they are prefilled on their decode workers and end as the streams break.)
     prefill_pid = _pid(prefill)
     os.kill(prefill_pid, signal.SIGSTOP)
-    try:
-        prompts = [random_prompt(30, seed=10 + i) for i in range(4)]
-        killed_at, outcomes = asyncio.run(_kill_under_load(deployment, prompts, lost))
-    finally:
-        os.kill(prefill_pid, signal.SIGCONT)
-    latencies = _check_outcomes(outcomes, killed_at, lost, record_property)
-    assert len(latencies) == 2, "the killed decode worker had two of the four requests"
-    wait_for(lambda: not _worker(deployment, lost)["healthy"], timeout=30, what="the router to take it out")
+    with _watch_taken_out(deployment, lost) as taken_out:
+        try:
+            prompts = [random_prompt(30, seed=10 + i) for i in range(4)]
+            killed_at, outcomes = asyncio.run(_kill_under_load(deployment, prompts, lost))
+        finally:
+            os.kill(prefill_pid, signal.SIGCONT)
+        latencies = _check_outcomes(outcomes, killed_at, lost, record_property)
+        assert len(latencies) == 2, "the killed decode worker had two of the four requests"
+        wait_for(taken_out.is_set, timeout=30, what="the router to take it out")
     for seed in range(3):  # new requests go to the survivors (prefilled there or on the prefill worker)
         assert len(complete(deployment, random_prompt(4 + 10 * seed, seed=100 + seed), 3)) == 3
     _wait_idle([prefill, survivor])
@@ -205,12 +235,11 @@ def _wait_routed_to(router: ServerProcess, url: str) -> None:
 def test_killed_prefill_worker(deployment, record_property):
     prefill, *decode = (w["url"] for w in _workers(deployment))
     prompts = [random_prompt(40, seed=300 + i) for i in range(4)]  # all prefilled remotely, 5 chunks each
-    killed_at, outcomes = asyncio.run(_kill_under_load(deployment, prompts, prefill))
-    # Those with no token yet are prefilled on their decode worker instead; the others fail.
-    _check_outcomes(outcomes, killed_at, prefill, record_property)
-    wait_for(
-        lambda: not _worker(deployment, prefill)["healthy"], timeout=30, what="the router to take it out"
-    )
+    with _watch_taken_out(deployment, prefill) as taken_out:
+        killed_at, outcomes = asyncio.run(_kill_under_load(deployment, prompts, prefill))
+        # Those with no token yet are prefilled on their decode worker instead; the others fail.
+        _check_outcomes(outcomes, killed_at, prefill, record_property)
+        wait_for(taken_out.is_set, timeout=30, what="the router to take it out")
     assert len(complete(deployment, random_prompt(40, seed=400), 3)) == 3  # prefilled on a decode worker
     _wait_idle(decode)
     wait_for(lambda: _worker(deployment, prefill)["healthy"], timeout=90, what="the prefill worker to rejoin")
