@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 
 PORT = 8310
 BURSTS = (("poisson", 1.0), ("gamma-cv3", 1 / 9))
+LEVELS = ("low", "near", "over")  # the three request rates of a deployment, in order
 METRICS = (("p50 TTFT", "p50_ttft_ms", 0.20), ("p99 TTFT", "p99_ttft_ms", 0.35))
 METRICS += (("p50 ITL", "p50_itl_ms", 0.20), ("p99 ITL", "p99_itl_ms", 0.35))
 
@@ -293,7 +294,7 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
             roles.append(role)
         except ValueError as err:  # e.g. a prefill worker that got no prompt (all shorter than the minimum)
             print(f"{name}: {err}", file=sys.stderr)
-    train = []
+    train, train_level = [], SWEEP_LEVEL if args.train == "sweep" else TRAIN_LEVEL
     for label, (start, end) in windows.items():
         for role in roles:
             path = trace_path(args.out, label, role)
@@ -302,7 +303,6 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
                 f"{label}: {num_steps} traced steps{' of the ' + role + ' worker' if role else ''}",
                 file=sys.stderr,
             )
-            train_level = SWEEP_LEVEL if args.train == "sweep" else TRAIN_LEVEL
             if label.startswith(f"{name}-{train_level}-") and num_steps:
                 train.append(path)
     if not train:
@@ -343,7 +343,7 @@ def trace_fit_deployment(args, name, deployment, points) -> list:
 def resimulate_deployment(args, name, deployment) -> list:
     profile = os.path.join(args.out, f"profile-{name}.json")
     rows = []
-    for level in ("low", "near", "over"):
+    for level in LEVELS:
         for burst_name, _ in BURSTS:
             label = f"{name}-{level}-{burst_name}"
             measured = os.path.join(args.out, f"{label}-measured.json")
@@ -381,7 +381,7 @@ def measure_deployment(args, name, deployment, server_cmd, profile_flags) -> lis
             run(duoserve("bench", "--base-url", f"http://127.0.0.1:{PORT}", "--disable-tqdm", *warm))
             if args.fit_from_trace and args.train == "sweep":
                 windows |= calibration_sweep(args, name)
-            for level, rate in zip(("low", "near", "over"), rates, strict=True):
+            for level, rate in zip(LEVELS, rates, strict=True):
                 for burst_name, burstiness in BURSTS:
                     label = f"{name}-{level}-{burst_name}"
                     seed = len(rows) + 1  # distinct per point (the warm-up uses 99)

@@ -19,9 +19,7 @@ import json
 import os
 import sys
 
-from planner_accuracy import BURSTS, METRICS, TRACE_ROLES  # the goal, and the points' names
-
-LEVELS = ("low", "near", "over")
+from planner_accuracy import BURSTS, LEVELS, METRICS, TRACE_ROLES  # the goal, and the points' names
 
 
 def load(run: str, label: str) -> dict | None:

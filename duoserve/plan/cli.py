@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duoserve.bench.metrics import PERCENTILES
+
+if TYPE_CHECKING:
+    from duoserve.plan.step_model import StepSpread
 
 DESCRIPTION = (
     "Size a deployment for an SLO: profile a worker, simulate a deployment under a workload (the "
@@ -305,7 +308,7 @@ def _print_profile(profile, output: str) -> None:
     print(f"wrote {output}")
 
 
-def _print_spread(prefix: str, spread) -> None:
+def _print_spread(prefix: str, spread: StepSpread | None) -> None:
     """A traced profile's step spread at its median, 90th and 99th percentiles, by regime."""
     from duoserve.plan.step_model import SPREAD_QUANTILES
 

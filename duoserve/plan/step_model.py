@@ -271,7 +271,7 @@ class StepSpread:
                 or any(b < a for a, b in zip(ratios[:-1], ratios[1:], strict=True))
             ):
                 raise ValueError(
-                    f"step_spread must have {len(SPREAD_QUANTILES)} positive, non-decreasing ratios a regime"
+                    f"step_spread must have {len(SPREAD_QUANTILES)} positive non-decreasing ratios per regime"
                 )
         return cls(tuple(map(float, data["kernel"])), tuple(map(float, data["tiled"])))
 

@@ -426,6 +426,7 @@ def test_a_trace_fits_how_its_steps_spread_and_the_simulator_draws_from_it(tmp_p
         ]
 
     ratios = run("1")
+    assert {tiled for tiled, _ in ratios} == {0, 1}  # both regimes drawn from
     for tiled, ratio in ratios:
         own = spread.tiled if tiled else spread.kernel
         assert own[0] - 1e-9 <= ratio <= own[-1] + 1e-9
