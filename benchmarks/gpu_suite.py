@@ -17,7 +17,9 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
    the logits of one decode step both ways.
 4. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
    each, through duoserve's engine and through transformers `generate` (one static batch, no padding
-   needed: equal lengths), same weights, same GPU.
+   needed: equal lengths), same weights, same GPU. duoserve runs twice: steps synchronous, then with async
+   scheduling (CUDA's default: the host schedules step n+1 while the GPU runs step n); the greedy tokens of
+   both runs must be equal.
 
 Prints a markdown table of each part; with $OUT set (or --out), writes everything to gpu_suite.json there.
 """
@@ -366,14 +368,20 @@ def throughput(core: EngineCore, hf_model, args) -> dict:
                 pad_token_id=0,
             )
 
+    def ours_timed(prefix: str, async_scheduling: bool) -> tuple[float, dict[str, list[int]]]:
+        core.async_scheduling = async_scheduling  # between runs: no step is in flight
+        _sync(core.device)
+        start = time.perf_counter()
+        tokens = ours_run(prefix, args.output_len)
+        _sync(core.device)
+        return time.perf_counter() - start, tokens
+
     # Warm-ups: compiles, the decode graph of this batch size, cuBLAS's choices; transformers' too.
     ours_run("w", 3)
     theirs_run(3)
-    _sync(core.device)
-    start = time.perf_counter()
-    tokens = ours_run("t", args.output_len)
-    _sync(core.device)
-    ours = time.perf_counter() - start
+    # A/B of async scheduling (the default on CUDA), same engine, same prompts.
+    ours_sync, sync_tokens = ours_timed("s", False)
+    ours, tokens = ours_timed("t", True)
     start = time.perf_counter()
     hf_out = theirs_run(args.output_len)
     _sync(core.device)
@@ -389,6 +397,9 @@ def throughput(core: EngineCore, hf_model, args) -> dict:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "duoserve_s": ours,
+        "duoserve_sync_s": ours_sync,
+        "async_speedup": ours_sync / ours,
+        "async_tokens_equal": all(tokens[f"t{i}"] == sync_tokens[f"s{i}"] for i in range(args.num_prompts)),
         "transformers_s": theirs,
         "duoserve_tok_s": generated / ours,
         "transformers_tok_s": generated / theirs,
@@ -471,6 +482,7 @@ def main() -> None:
         all(r["ok"] for r in report["kernels"])
         and report["model_check"]["ok"]
         and report["fused_check"]["ok"]
+        and report["throughput"]["async_tokens_equal"]
     )
     report["correct"] = ok
     print(f"\ncorrect: {ok}; {report['seconds']:.0f} s")

@@ -97,6 +97,16 @@ class EngineConfig:
             "CUDA: run decode steps eagerly too (no CUDA graphs, which are captured per batch size)"
         ),
     )
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata=_arg(
+            "schedule step n+1 while step n runs, feeding it step n's tokens from the device (vLLM's "
+            "--async-scheduling); steps with requests whose sampling needs their last token on the host "
+            "(logprobs, penalties, min_tokens, structured outputs, drafts) run synchronously. Default: on "
+            "for CUDA, where it hides the host's scheduling behind the GPU's step; off on a CPU, where the "
+            "forward itself runs on the host and it only delays each token by a step"
+        ),
+    )
     kv_cache_dtype: str = field(
         default="auto",
         metadata=_arg(
@@ -272,6 +282,11 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.resolved_device().type == "cuda"
+
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return parse_dtype(self.dtype)
@@ -315,7 +330,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool =
             group.add_argument("model", nargs="?", default=None, help=help_text)
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif str(f.type).startswith("list"):  # repeatable
             group.add_argument(flag, action="append", default=None, help=help_text)

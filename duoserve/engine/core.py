@@ -9,13 +9,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from duoserve.attention.selector import make_attention_backend
 from duoserve.config import EngineConfig
-from duoserve.engine.model_runner import StepBatch, make_decode_graphs, prepare_batch, run_model
+from duoserve.engine.device_tensors import HostCopy
+from duoserve.engine.model_runner import (
+    PendingTokens,
+    StepBatch,
+    make_decode_graphs,
+    prepare_batch,
+    run_model,
+)
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
@@ -48,6 +55,33 @@ class StepStats:
     num_preempted: int = 0
     forward_seconds: float = 0.0
     total_seconds: float = 0.0
+    overlapped: bool = False  # left in flight, its results applied by the next step (async scheduling)
+
+
+# Per sampling request: its new tokens and their logprobs (as `Scheduler.apply_sampled` takes them).
+Sampled = dict[str, tuple[list[int], list[TokenLogprobs]]]
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device: its results, or where they will be.
+
+    A synchronous step's sampled tokens are read at once (`sampled`); an overlapped one's stay on the
+    device (`pending`), fed from there to the next step, and come to the host when it is applied.
+    """
+
+    plan: SchedulerOutput
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    sampled: Sampled | None = None
+    pending: PendingTokens | None = None
+    copy: HostCopy | None = None
+
+    def results(self) -> Sampled:
+        if self.sampled is None:
+            token_ids = self.copy.tolist() if self.copy is not None else []
+            rows = self.pending.rows if self.pending is not None else {}
+            self.sampled = {request_id: ([token_ids[row]], []) for request_id, row in rows.items()}
+        return self.sampled
 
 
 __all__ = ["CoreOutput", "EngineCore", "StepStats"]  # CoreOutput: made by the scheduler, re-exported
@@ -128,6 +162,8 @@ class EngineCore:
             if config.speculative is None
             else Speculator(config, self._proposer(loaded, num_blocks), self.max_model_len)
         )
+        self.async_scheduling = self._async_scheduling()
+        self._in_flight: LaunchedStep | None = None  # the overlapped step whose results are not applied yet
         self.last_step = StepStats()
         self.step_observer = make_step_observer(self) if make_step_observer else None
         if config.step_trace and self.step_observer is None:
@@ -142,6 +178,17 @@ class EngineCore:
             kv_dtype_name(spec.dtype),
             self.max_model_len,
         )
+
+    def _async_scheduling(self) -> bool:
+        """Whether steps may overlap: as configured, except beside a speculator (its drafts are proposed
+        from the last token) or a KV connector (it moves a step's KV once that step is done)."""
+        if not self.config.resolved_async_scheduling():
+            return False
+        present = {"speculative decoding": self.speculator, "KV connectors": self.connector.connectors}
+        blockers = [name for name, there in present.items() if there]
+        if blockers and self.config.async_scheduling:
+            logger.warning("--async-scheduling: steps run synchronously beside %s", " and ".join(blockers))
+        return not blockers
 
     @staticmethod
     def _use_host_threads(num_threads: int | None) -> None:
@@ -264,6 +311,7 @@ class EngineCore:
             self.step_observer.close(self.last_step.total_seconds)
 
     def has_unfinished(self) -> bool:
+        """Requests not ended yet (one whose last token is in flight too: a step applies it)."""
         return self.scheduler.has_unfinished()
 
     def has_schedulable(self) -> bool:
@@ -274,7 +322,13 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Schedule; the connector loads; forward and sample; the connector saves; the scheduler applies
         what the connector reported (aborts first, so a failed send never hands out its token) and
-        what the step computed. Called with nothing to schedule too: connector events still apply."""
+        what the step computed. Called with nothing to schedule too: connector events still apply.
+
+        With async scheduling (vLLM v1's), a step whose requests all allow it is left in flight: the host
+        returns to schedule the next one while the device runs it, the next step feeds its tokens from
+        the device, and its results are applied (and returned) by the next call. Only the scheduler's
+        counts run ahead (`Scheduler.advance`); a token that ends a request is seen a step late, and the
+        step computed for it meanwhile is dropped."""
         start = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
@@ -284,15 +338,20 @@ class EngineCore:
         self.connector.start_load_kv(self.kv_cache)
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
-        batch = self._prepare(plan)
+        overlap = self.async_scheduling and bool(plan.scheduled) and all(map(_overlappable, plan.scheduled))
         forward_start = time.perf_counter()
-        sampled, prompt_logprobs = self._forward(batch)
+        launched = self._launch(plan, overlap)
         forward_seconds = time.perf_counter() - forward_start
         self.connector.save_kv(self.kv_cache, plan.scheduled)
         outputs = self.scheduler.apply_connector_events(self.connector.get_finished())
-        outputs += self.scheduler.update(plan, sampled, prompt_logprobs)
-        if self.speculator is not None and plan.scheduled:
-            self._observe_speculation(plan, sampled, outputs, forward_seconds, pure_decode)
+        self.scheduler.advance(plan)
+        previous, self._in_flight = self._in_flight, launched if overlap else None
+        if previous is not None:
+            outputs += self._apply(previous)
+        if not overlap:
+            outputs += self._apply(launched)
+            if self.speculator is not None and plan.scheduled:
+                self._observe_speculation(plan, launched.results(), outputs, forward_seconds, pure_decode)
         if any(out.finished for out in outputs):
             self._forget_finished()
         self.last_step = StepStats(
@@ -300,8 +359,12 @@ class EngineCore:
             num_preempted=len(plan.preempted),
             forward_seconds=forward_seconds,
             total_seconds=time.perf_counter() - start,
+            overlapped=overlap,
         )
         return outputs
+
+    def _apply(self, launched: LaunchedStep) -> list[CoreOutput]:
+        return self.scheduler.apply_sampled(launched.plan, launched.results(), launched.prompt_logprobs)
 
     def _prepare(self, plan: SchedulerOutput) -> StepBatch | None:
         """The step's tensors (None: nothing is scheduled), every token with its request's LoRA slot."""
@@ -310,18 +373,25 @@ class EngineCore:
         lora_slots = None
         if self.lora is not None:
             lora_slots = self.lora.assign([s.request.lora for s in plan.scheduled if s.request.lora])
-        return prepare_batch(plan.scheduled, self.kv, self.device, lora_slots)
+        pending = self._in_flight.pending if self._in_flight is not None else None
+        return prepare_batch(plan.scheduled, self.kv, self.device, lora_slots, pending)
 
-    def _forward(
-        self, batch: StepBatch | None
-    ) -> tuple[dict[str, tuple[list[int], list[TokenLogprobs]]], dict[str, list[TokenLogprobs]]]:
-        """The model on the step's batch: sampled tokens and this step's prompt logprobs, by request."""
+    def _launch(self, plan: SchedulerOutput, overlap: bool) -> LaunchedStep:
+        """The model on the step's batch, and its sampling: read at once, or (`overlap`) left on the
+        device."""
+        batch = self._prepare(plan)
         if batch is None:
-            return {}, {}
+            return LaunchedStep(plan, sampled={})
+        if overlap:  # no masks, drafts, logprobs or penalties: only the token ids, kept on the device
+            hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
+            logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+            token_ids = self.sampler.sample(logits, [_sampling_row(s.request) for s in batch.sampling])
+            rows = {s.request.request_id: row for row, s in enumerate(batch.sampling)}
+            return LaunchedStep(plan, pending=PendingTokens(token_ids, rows), copy=HostCopy(token_ids))
         # Computed while the forward runs, or after it (in masks.apply) on a host with no spare core.
         masks = self.structured.start(batch.sampling)
         hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
-        return self._sample(batch, hidden, masks), self._score_prompts(batch, hidden)
+        return LaunchedStep(plan, self._score_prompts(batch, hidden), self._sample(batch, hidden, masks))
 
     def _observe_speculation(
         self,
@@ -442,6 +512,22 @@ class EngineCore:
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         } | self.connector.stats()
+
+
+def _overlappable(s: ScheduledRequest) -> bool:
+    """Whether the request's step may stay in flight: its sampling needs none of its output on the host
+    (penalties, min_tokens still masking, a grammar, drafts) and it asks for no logprobs."""
+    request, params = s.request, s.request.params
+    return (
+        not s.draft_token_ids
+        and params.structured_outputs is None
+        and params.logprobs is None
+        and params.prompt_logprobs is None
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+        and len(request.output_token_ids) >= params.min_tokens
+    )
 
 
 def _sampling_row(request: Request) -> SamplingRow:

@@ -9,6 +9,7 @@ import torch
 
 from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.config import EngineConfig
+from duoserve.engine.device_tensors import to_device
 from duoserve.engine.scheduler import ScheduledRequest
 from duoserve.kv.cache import KVCache
 from duoserve.kv.kv_cache_manager import KVCacheManager
@@ -32,6 +33,15 @@ class StepBatch:
     sample_rows: torch.Tensor
     prompt_logprobs: list[PromptLogprobRows]
     lora_slots: list[int] | None = None  # per token, its adapter's LoRA slot (-1: none); None: no adapter
+
+
+@dataclass
+class PendingTokens:
+    """The tokens a step in flight samples, still on the device (async scheduling): the next step feeds
+    them as its inputs without the host ever waiting for them."""
+
+    token_ids: torch.Tensor  # [n] on the device
+    rows: dict[str, int]  # request id -> its entry in token_ids
 
 
 @dataclass
@@ -78,16 +88,16 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
             prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
     decodes = [chunks[i] for i in order[:num_decodes]]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=to_device(slots, torch.long, device),
         num_decode_tokens=num_decodes,
         decode_block_tables=_padded_tables([c.block_ids for c in decodes], device),
-        decode_context_lens=torch.tensor([c.start + 1 for c in decodes], dtype=torch.long, device=device),
+        decode_context_lens=to_device([c.start + 1 for c in decodes], torch.long, device),
         prefills=prefills,
         block_size=bs,
     )
     return BatchLayout(
-        input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=to_device(token_ids, torch.long, device),
+        positions=to_device(positions, torch.long, device),
         meta=meta,
         query_starts=query_starts,
         lora_slots=lora_slots if any(c.lora_slot >= 0 for c in chunks) else None,
@@ -99,23 +109,32 @@ def prepare_batch(
     kv: KVCacheManager,
     device: torch.device,
     lora_slots: dict[int, int] | None = None,
+    pending: PendingTokens | None = None,
 ) -> StepBatch:
     """The step's model inputs, and which rows sample and score prompt tokens.
 
     `lora_slots`: the LoRA slot of each adapter of the step, by id(adapter) (LoRAManager.assign); each
     token of a request with an adapter gets its slot, the others -1.
+    `pending`: the tokens of the step in flight (async scheduling); a request whose next token is one of
+    them feeds it from there, copied on the device.
 
     A request verifying k draft tokens is a chunk of 1 + k tokens (its last token, then the drafts)
     that samples at all 1 + k rows.
     """
     chunks = []
-    for s in scheduled:
+    fed_pending: list[tuple[int, int, str]] = []  # (chunk, offset in it, request id)
+    for i, s in enumerate(scheduled):
         request, start = s.request, s.request.num_computed_tokens
         end = start + s.num_new_tokens - len(s.draft_token_ids)
-        token_ids = request.all_token_ids[start:end] + s.draft_token_ids
+        known = request.all_token_ids[start:end]
+        if len(known) < end - start:  # its newest token is still on the device: a placeholder here
+            fed_pending.append((i, len(known), request.request_id))
+        token_ids = known + [0] * (end - start - len(known)) + s.draft_token_ids
         slot = -1 if request.lora is None else lora_slots[id(request.lora)]
         chunks.append(SeqChunk(token_ids, start, kv.block_ids(request.request_id), slot))
     layout = layout_batch(chunks, kv.block_size, device)
+    if fed_pending:
+        _feed_pending(layout, fed_pending, pending)
     sampling: list[ScheduledRequest] = []
     sample_rows: list[int] = []
     prompt_logprobs: list[PromptLogprobRows] = []
@@ -134,21 +153,33 @@ def prepare_batch(
         positions=layout.positions,
         meta=layout.meta,
         sampling=sampling,
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        sample_rows=to_device(sample_rows, torch.long, device),
         prompt_logprobs=prompt_logprobs,
         lora_slots=layout.lora_slots,
     )
 
 
+def _feed_pending(
+    layout: BatchLayout, fed: list[tuple[int, int, str]], pending: PendingTokens | None
+) -> None:
+    """Copy each placeholder's token from the step in flight into the inputs, on the device."""
+    if pending is None or any(request_id not in pending.rows for _, _, request_id in fed):
+        raise RuntimeError("a scheduled token is in flight but not from the step before: steps out of order")
+    device = layout.input_ids.device
+    rows = to_device([layout.query_starts[i] + offset for i, offset, _ in fed], torch.long, device)
+    sources = to_device([pending.rows[request_id] for _, _, request_id in fed], torch.long, device)
+    layout.input_ids.index_copy_(0, rows, pending.token_ids.index_select(0, sources))
+
+
 def _table_tensor(block_ids: list[int], device: torch.device) -> torch.Tensor:
     """A block table as a tensor; entries freed out of a sliding window (NULL_BLOCK) become block 0, which
     attention never reads there (no query sees those positions), like the padding past a context."""
-    return torch.tensor(block_ids, dtype=torch.long, device=device).clamp_(min=0)
+    return to_device(block_ids, torch.long, device).clamp_(min=0)
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max((len(t) for t in tables), default=0)
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    padded = to_device([t + [0] * (width - len(t)) for t in tables], torch.long, device)
     return padded.clamp_(min=0)  # NULL_BLOCK entries, as in _table_tensor
 
 
@@ -165,7 +196,7 @@ def _prompt_logprob_rows(
     return PromptLogprobRows(
         scheduled=s,
         rows=torch.arange(start + offset, end + offset, device=device),
-        targets=torch.tensor(request.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=device),
+        targets=to_device(request.prompt_token_ids[start + 1 : end + 1], torch.long, device),
     )
 
 

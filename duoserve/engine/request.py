@@ -48,6 +48,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # KV computed so far, over prompt + output. Less than num_tokens while (re)prefilling.
     num_computed_tokens: int = 0
+    # Async scheduling: tokens sampled by steps whose results the host has not applied yet (on the device,
+    # not in output_token_ids). At most 2: the step being resolved and the one just launched.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -91,7 +94,14 @@ class Request:
     @property
     def is_decoding(self) -> bool:
         """Running with every token but the last computed: the next step decodes (or verifies drafts)."""
-        return self.status == RequestStatus.RUNNING and self.num_computed_tokens == self.num_tokens - 1
+        last = self.num_tokens + self.num_pending_tokens - 1
+        return self.status == RequestStatus.RUNNING and self.num_computed_tokens == last
+
+    def ends_by_length_with_pending(self, max_model_len: int) -> bool:
+        """Whether the tokens still in flight reach max_tokens or the context: the last of them ends the
+        request, so scheduling it again would compute a token nobody gets."""
+        num_out = len(self.output_token_ids) + self.num_pending_tokens
+        return num_out >= self.max_tokens or self.num_tokens + self.num_pending_tokens >= max_model_len
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from duoserve.engine.device_tensors import to_device
 from duoserve.sampling_params import SamplingParams
 
 # Top-p without top-k looks for the nucleus among this many best tokens, then the next count, and
@@ -111,16 +112,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """Pick one token per row of logits [B, V] (any float dtype; computed in float32)."""
+        token_ids = self.sample(logits, rows)
+        logprobs, ranks = _sampled_logprobs(logits.float(), token_ids, rows)
+        return SampleResult(token_ids.tolist(), logprobs, ranks)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The token ids [B] alone, left on the logits' device. Greedy and temperature rows without top-p
+        never wait for the device (async scheduling feeds them to the next step from there); top-p
+        rows without top-k read how many candidates held their nucleus."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()  # a no-op for float32: never written in place below
         if all(_is_plain_greedy(row) for row in rows):
-            token_ids = argmax(logits)
-            return SampleResult(token_ids.tolist(), [None] * len(rows), [None] * len(rows))
-        processed = apply_penalties(logits, rows)
-        token_ids = self._sample(processed, rows)
-        logprobs, ranks = _sampled_logprobs(logits, token_ids, rows)
-        return SampleResult(token_ids.tolist(), logprobs, ranks)
+            return argmax(logits)
+        return self._sample(apply_penalties(logits, rows), rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
@@ -141,17 +146,21 @@ class Sampler:
         """Temperature, top-k, top-p, min-p, then one draw for each of row_ids, into token_ids."""
         params = [row.params for row in rows]
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
-        min_p = torch.tensor([p.min_p for p in params], device=device)
-        u = self._uniforms(rows, row_ids).to(device)
+        temperature = to_device([p.temperature for p in params], torch.float32, device)[:, None]
+        # None: no row has min-p, nothing to mask (known here, not by asking the device).
+        min_p = None
+        if any(p.min_p for p in params):
+            min_p = to_device([p.min_p for p in params], torch.float32, device)
+        u = to_device(self._uniforms(rows, row_ids).tolist(), torch.float32, device)
         for group, values, ids in _truncated_candidates(logits, temperature, params, row_ids):
             idx = _index(group, device)
-            chosen = _sample_sorted(values, min_p[idx], u[idx])
+            chosen = _sample_sorted(values, None if min_p is None else min_p[idx], u[idx])
             token_ids[idx] = ids.gather(1, chosen[:, None]).squeeze(1)
         whole = [i for i in row_ids if not _truncates(params[i], logits.shape[1])]
         if whole:
             idx = _index(whole, device)
-            token_ids[idx] = _sample_whole(_scaled_rows(logits, whole, temperature), min_p[idx], u[idx])
+            row_min_p = None if min_p is None else min_p[idx]
+            token_ids[idx] = _sample_whole(_scaled_rows(logits, whole, temperature), row_min_p, u[idx])
 
     def _uniforms(self, rows: list[SamplingRow], row_ids: list[int]) -> torch.Tensor:
         """A U[0, 1) for each of row_ids: seeded rows from their own generator, the rest in one draw."""
@@ -205,7 +214,7 @@ def _masks_stop_tokens(row: SamplingRow) -> bool:
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return to_device(rows, torch.long, device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -343,12 +352,12 @@ def _truncated_candidates(
     for i in row_ids:
         if 0 < params[i].top_k < vocab:
             by_top_k.setdefault(params[i].top_k, []).append(i)
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    top_p = to_device([p.top_p for p in params], torch.float32, logits.device)
     for k, group in by_top_k.items():
         idx = _index(group, logits.device)
         values, ids = _rows(logits, group).topk(k, dim=-1)
         values /= temperature[idx]
-        if (top_p[idx] < 1.0).any():
+        if any(params[i].top_p < 1.0 for i in group):
             # The nucleus is taken from the renormalised k best, all at hand.
             _cut_nucleus(values, torch.logsumexp(values, dim=-1, keepdim=True), top_p[idx])
         yield group, values, ids
@@ -394,24 +403,25 @@ def _cut_nucleus(values: torch.Tensor, log_total: torch.Tensor, top_p: torch.Ten
     return cumulative[:, -1] >= top_p
 
 
-def _sample_sorted(values: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _sample_sorted(values: torch.Tensor, min_p: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
     """Positions drawn from scaled logits sorted descending [m, k], after min-p."""
     return _sample_shifted(values - values[:, :1], min_p, u)
 
 
-def _sample_whole(x: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _sample_whole(x: torch.Tensor, min_p: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
     """Token ids drawn over the whole vocabulary from scaled logits [n, V] (consumed), after min-p."""
     return _sample_shifted(x.sub_(x.amax(dim=-1, keepdim=True)), min_p, u)
 
 
-def _sample_shifted(x: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Positions drawn from scaled logits whose row maximum is 0 (consumed), after min-p.
+def _sample_shifted(x: torch.Tensor, min_p: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """Positions drawn from scaled logits whose row maximum is 0 (consumed), after min-p (None: no row
+    has it).
 
     With the best logit at 0, exp cannot overflow, and min-p (probability under min_p times the
     best one's) is a logit under log(min_p); log 0 = -inf masks nothing. Sampling is inverse-CDF:
     where u [n] falls in the unnormalised cumulative distribution.
     """
-    if (min_p > 0).any():
+    if min_p is not None:
         x.masked_fill_(x < min_p.log()[:, None], -math.inf)
     cdf = x.exp_().cumsum_(dim=-1)
     total = cdf[:, -1:]

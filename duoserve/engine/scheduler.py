@@ -69,7 +69,7 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the request's tokens, so the step samples one more."""
-        end = self.request.num_tokens + len(self.draft_token_ids)
+        end = self.request.num_tokens + self.request.num_pending_tokens + len(self.draft_token_ids)
         return self.request.num_computed_tokens + self.num_new_tokens == end
 
 
@@ -145,7 +145,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and request.ends_by_length_with_pending(self.max_model_len):
+                index += 1  # its token in flight ends it (async scheduling)
+                continue
+            num_ahead = request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
+            num_new = min(num_ahead, budget)
             drafts = self._take_drafts(request, budget - num_new)
             if not drafts and not self._allocate_or_preempt(request, num_new, out):
                 break  # the request preempted itself: everything after it is gone too
@@ -219,6 +223,8 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted with a token in flight: its prompt + output is known once that lands
             if request.lora is not None and id(request.lora) not in loras and len(loras) >= self.max_loras:
                 skipped.append(self.waiting.popleft())
                 continue
@@ -309,15 +315,38 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the forward
 
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Once the step is launched: each scheduled request's computed tokens, and a pending token for
+        each that samples (its value comes with `apply_sampled`). With async scheduling this runs before an
+        earlier step's `apply_sampled`, so that the next schedule sees what the step in flight will have done."""
+        for s in plan.scheduled:
+            request = s.request
+            if request.status.finished:
+                continue  # a connector ended it this step (a failed send)
+            if s.samples:
+                request.num_pending_tokens += 1
+            request.num_computed_tokens += s.num_new_tokens
+
     def update(
         self,
         plan: SchedulerOutput,
         sampled: dict[str, tuple[list[int], list[TokenLogprobs]]],
         prompt_logprobs: dict[str, list[TokenLogprobs]],
     ) -> list[CoreOutput]:
-        """Apply what the step computed: each scheduled request's computed tokens, its sampled tokens
-        (`sampled`: with drafts, the accepted ones then the target's), their logprobs, this step's
-        prompt logprobs, and its end when a token ends it. Returns what each request produced."""
+        """A synchronous step's whole update: `advance`, then `apply_sampled`."""
+        self.advance(plan)
+        return self.apply_sampled(plan, sampled, prompt_logprobs)
+
+    def apply_sampled(
+        self,
+        plan: SchedulerOutput,
+        sampled: dict[str, tuple[list[int], list[TokenLogprobs]]],
+        prompt_logprobs: dict[str, list[TokenLogprobs]],
+    ) -> list[CoreOutput]:
+        """Apply what an advanced step sampled: each scheduled request's sampled tokens (`sampled`: with
+        drafts, the accepted ones then the target's), their logprobs, this step's prompt logprobs, and
+        its end when a token ends it. Returns what each request produced. A request that ended meanwhile
+        (a token of the step before, an abort) gets nothing: what this step computed for it is dropped."""
         now = self.clock()
         outputs = []
         for s in plan.scheduled:
@@ -337,10 +366,10 @@ class Scheduler:
         now: float,
     ) -> CoreOutput | None:
         request = s.request
-        request.num_computed_tokens += s.num_new_tokens
         new_prompt_logprobs = self._add_prompt_logprobs(request, scored)
         if sampled is None:
             return None if new_prompt_logprobs is None else core_output(request, [], [], new_prompt_logprobs)
+        request.num_pending_tokens -= 1
         tokens, logprobs = sampled
         tokens = self._accept_drafts(s, tokens) if s.draft_token_ids else self._append_tokens(request, tokens)
         request.logprobs.extend(logprobs)
@@ -350,6 +379,10 @@ class Scheduler:
             if request.wants_prompt_logprobs and new_prompt_logprobs is None:
                 new_prompt_logprobs = request.prompt_logprobs  # 1-token prompts score nothing
         if request.status.finished:
+            # Blocks filled before its last token stay findable, as when every step is synchronous (with
+            # one in flight, the allocation that would have registered them has not happened).
+            end = min(request.num_computed_tokens, request.num_tokens - 1)
+            self.kv.cache_blocks(request.request_id, request.all_token_ids, end)
             self.finish(request, request.status)
         output = core_output(request, tokens, logprobs, new_prompt_logprobs)
         if first_token:

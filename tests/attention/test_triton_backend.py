@@ -208,7 +208,8 @@ def test_bad_variants_raise():
 
 def test_engine_greedy_outputs_equal_torch_backend(tiny_models):
     """LLM(attention_backend="triton") on a tiny GQA Llama: chunked prefills next to decodes, odd blocks;
-    its layers' norms and RoPE in Triton kernels too."""
+    its layers' norms and RoPE in Triton kernels too; and with async scheduling, CUDA's default (each step's
+    tokens fed to the next from the device)."""
     pytest.importorskip("transformers")
     from duoserve.llm import LLM
     from duoserve.sampling_params import SamplingParams
@@ -218,21 +219,24 @@ def test_engine_greedy_outputs_equal_torch_backend(tiny_models):
     prompts = [random_prompt(n, seed=n) for n in (4, 13)]
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     outputs = {}
-    for backend in ("torch", "triton"):
+    for backend, async_scheduling in (("torch", False), ("triton", False), ("triton-async", True)):
         llm = LLM(
             model=path,
-            attention_backend=backend,
+            attention_backend=backend.removesuffix("-async"),
+            async_scheduling=async_scheduling,
             device=DEVICE.type,
             dtype="float32",
             block_size=5,
             num_kv_blocks=32,
             max_num_batched_tokens=9,
         )
+        triton = backend != "torch"
         assert type(llm.engine.core.model.attention).__name__ == (
-            "TritonAttentionBackend" if backend == "triton" else "TorchAttentionBackend"
+            "TritonAttentionBackend" if triton else "TorchAttentionBackend"
         )
         # With Triton's attention the norms and RoPE run in Triton too (duoserve/models/triton_ops.py).
-        assert llm.engine.core.model.fused_ops == (backend == "triton")
+        assert llm.engine.core.model.fused_ops == triton
+        assert llm.engine.core.async_scheduling == async_scheduling
         outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outputs["triton"] == outputs["torch"]
+    assert outputs["triton"] == outputs["torch"] == outputs["triton-async"]
     assert all(len(tokens) == 5 for tokens in outputs["triton"])
