@@ -14,12 +14,17 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor of `values` on `device`, queued behind the device's work instead of waiting for it.
+def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `values` (a sequence, or a host tensor) on `device`, queued behind the device's work
+    instead of waiting for it.
 
     The pinned buffer comes from torch's caching host allocator, which reuses it only once the copy
     that reads it has run.
     """
+    if isinstance(values, torch.Tensor):
+        if device.type != "cuda":
+            return values.to(device=device, dtype=dtype)
+        return values.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

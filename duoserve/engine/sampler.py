@@ -117,9 +117,9 @@ class Sampler:
         return SampleResult(token_ids.tolist(), logprobs, ranks)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """The token ids [B] alone, left on the logits' device. Greedy and temperature rows without top-p
-        never wait for the device (async scheduling feeds them to the next step from there); top-p
-        rows without top-k read how many candidates held their nucleus."""
+        """The token ids [B] alone, left on the logits' device, which no row waits for: async scheduling
+        feeds them to the next step from there. (Penalties and min_tokens do wait; their rows never
+        overlap steps.)"""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()  # a no-op for float32: never written in place below
@@ -271,7 +271,7 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow], row_ids: li
     token_lists = [list(rows[i].params.logit_bias) for i in row_ids]
     keys = _flat_keys(logits, row_ids, token_lists)
     bias = [b for i in row_ids for b in rows[i].params.logit_bias.values()]
-    logits.view(-1)[keys] += torch.tensor(bias, device=logits.device)
+    logits.view(-1)[keys] += to_device(bias, torch.float32, logits.device)
 
 
 def _flat_keys(logits: torch.Tensor, row_ids: list[int], token_lists: list[list[int]]) -> torch.Tensor:
@@ -283,12 +283,12 @@ def _flat_keys(logits: torch.Tensor, row_ids: list[int], token_lists: list[list[
         raise ValueError(f"token ids must be in [0, {vocab}) for penalties")
     lengths = torch.tensor([len(t) for t in token_lists])
     offsets = torch.repeat_interleave(torch.tensor(row_ids) * vocab, lengths)
-    return (offsets + tokens).to(logits.device)
+    return to_device(offsets + tokens, torch.long, logits.device)
 
 
 def _per_key(values: list[float], token_lists: list[list[int]], keys: torch.Tensor) -> torch.Tensor:
     lengths = torch.tensor([len(t) for t in token_lists])
-    return torch.repeat_interleave(torch.tensor(values), lengths).to(keys.device)
+    return to_device(torch.repeat_interleave(torch.tensor(values), lengths), torch.float32, keys.device)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:
@@ -378,6 +378,13 @@ def _nucleus_candidates(
     """
     vocab = x.shape[1]
     log_total = torch.logsumexp(x, dim=-1, keepdim=True)
+    if x.device.type != "cpu":
+        # An accelerator sorts the vocabulary faster than the host can ask which rows settled (each ask
+        # waits for the device, and async scheduling would wait with it).
+        values, ids = x.sort(dim=-1, descending=True)
+        _cut_nucleus(values, log_total, top_p)
+        yield list(range(x.shape[0])), values, ids
+        return
     pending = torch.arange(x.shape[0], device=x.device)
     for k in (*(k for k in _TOP_P_CANDIDATES if k < vocab), vocab):
         rows = _rows(x, pending.tolist())

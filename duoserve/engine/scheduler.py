@@ -317,8 +317,8 @@ class Scheduler:
 
     def advance(self, plan: SchedulerOutput) -> None:
         """Once the step is launched: each scheduled request's computed tokens, and a pending token for
-        each that samples (its value comes with `apply_sampled`). With async scheduling this runs before an
-        earlier step's `apply_sampled`, so that the next schedule sees what the step in flight will have done."""
+        each that samples (its value comes with `apply_sampled`). With async scheduling this runs before
+        an earlier step's `apply_sampled`, so the next schedule sees what the step in flight will do."""
         for s in plan.scheduled:
             request = s.request
             if request.status.finished:

@@ -165,8 +165,8 @@ def test_an_abort_while_the_step_is_in_flight(tiny_models, single_torch_thread):
 
 
 def test_the_scheduler_counts_tokens_in_flight():
-    """`advance` before `apply_sampled`: the next schedule feeds the pending token, skips a request whose token
-    in flight reaches max_tokens, and admits no preempted request before its token lands."""
+    """`advance` before `apply_sampled`: the next schedule feeds the pending token, skips a request whose
+    token in flight reaches max_tokens, and admits no preempted request before its token lands."""
     kv = KVCacheManager(64, 4, True)
     scheduler = Scheduler(kv, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
@@ -186,6 +186,16 @@ def test_the_scheduler_counts_tokens_in_flight():
     assert output.finished and request.output_token_ids == [7, 8]
     assert request.status is RequestStatus.FINISHED_LENGTH and not kv.tables
 
+    other = Request("o", [4, 5, 6], params, max_tokens=2, stop_token_ids=frozenset())
+    scheduler.add(other)
+    prefill = scheduler.schedule()
+    scheduler.advance(prefill)
+    scheduler._preempt(scheduler.running.pop())  # as a schedule that needs its blocks would
+    assert other.num_pending_tokens == 1 and not scheduler.schedule().scheduled
+    scheduler.apply_sampled(prefill, {"o": ([9], [])}, {})
+    (again,) = scheduler.schedule().scheduled
+    assert again.request is other and again.num_new_tokens == 4  # prompt + the landed token, recomputed
+
 
 def test_config_and_flags():
     assert EngineConfig(device="cpu").resolved_async_scheduling() is False
@@ -203,7 +213,8 @@ def test_speculative_decoding_keeps_steps_synchronous(tiny_models, single_torch_
     caplog.set_level(logging.WARNING, logger="duoserve.engine.core")
     llm = _engine(tiny_models("llama_gqa")[1], True, speculative="ngram")
     assert llm.engine.core.async_scheduling is False
-    assert any("steps run synchronously beside speculative decoding" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("steps run synchronously beside speculative decoding" in m for m in messages)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
