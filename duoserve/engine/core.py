@@ -339,8 +339,9 @@ class EngineCore:
         # Only the speculator's rate back-off needs it: whether every request decodes (no prefill).
         pure_decode = self.speculator is not None and all(s.request.is_decoding for s in plan.scheduled)
         overlap = self.async_scheduling and bool(plan.scheduled) and all(map(_overlappable, plan.scheduled))
+        batch = self._prepare(plan)
         forward_start = time.perf_counter()
-        launched = self._launch(plan, overlap)
+        launched = self._launch(plan, batch, overlap)
         forward_seconds = time.perf_counter() - forward_start
         self.connector.save_kv(self.kv_cache, plan.scheduled)
         outputs = self.scheduler.apply_connector_events(self.connector.get_finished())
@@ -376,10 +377,9 @@ class EngineCore:
         pending = self._in_flight.pending if self._in_flight is not None else None
         return prepare_batch(plan.scheduled, self.kv, self.device, lora_slots, pending)
 
-    def _launch(self, plan: SchedulerOutput, overlap: bool) -> LaunchedStep:
+    def _launch(self, plan: SchedulerOutput, batch: StepBatch | None, overlap: bool) -> LaunchedStep:
         """The model on the step's batch, and its sampling: read at once, or (`overlap`) left on the
         device."""
-        batch = self._prepare(plan)
         if batch is None:
             return LaunchedStep(plan, sampled={})
         if overlap:  # no masks, drafts, logprobs or penalties: only the token ids, kept on the device

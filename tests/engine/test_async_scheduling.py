@@ -232,7 +232,7 @@ def test_overlapped_decode_steps_never_wait_for_the_gpu(tiny_models):
     plan = core.scheduler.schedule()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        launched = core._launch(plan, overlap=True)
+        launched = core._launch(plan, core._prepare(plan), overlap=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert launched.pending is not None
