@@ -15,8 +15,8 @@ import torch
 
 from duoserve.attention.selector import make_attention_backend
 from duoserve.config import EngineConfig
-from duoserve.engine.device_tensors import HostCopy
 from duoserve.engine.model_runner import (
+    HostCopy,
     PendingTokens,
     StepBatch,
     make_decode_graphs,

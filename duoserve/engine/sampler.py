@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duoserve.engine.device_tensors import to_device
+from duoserve.engine.model_runner import to_device
 from duoserve.sampling_params import SamplingParams
 
 # Top-p without top-k looks for the nucleus among this many best tokens, then the next count, and
