@@ -346,13 +346,9 @@ class EngineCore:
         self.connector.save_kv(self.kv_cache, plan.scheduled)
         outputs = self.scheduler.apply_connector_events(self.connector.get_finished())
         self.scheduler.advance(plan)
-        previous, self._in_flight = self._in_flight, launched if overlap else None
-        if previous is not None:
-            outputs += self._apply(previous)
-        if not overlap:
-            outputs += self._apply(launched)
-            if self.speculator is not None and plan.scheduled:
-                self._observe_speculation(plan, launched.results(), outputs, forward_seconds, pure_decode)
+        outputs += self._collect(launched, overlap)
+        if self.speculator is not None and plan.scheduled:  # never overlapped: these are its outputs
+            self._observe_speculation(plan, launched.results(), outputs, forward_seconds, pure_decode)
         if any(out.finished for out in outputs):
             self._forget_finished()
         self.last_step = StepStats(
@@ -363,6 +359,13 @@ class EngineCore:
             overlapped=overlap,
         )
         return outputs
+
+    def _collect(self, launched: LaunchedStep, overlap: bool) -> list[CoreOutput]:
+        """What the step left in flight before produced (if one was), then this one's, unless it stays in
+        flight (`overlap`) until the next call."""
+        previous, self._in_flight = self._in_flight, launched if overlap else None
+        outputs = self._apply(previous) if previous is not None else []
+        return outputs if overlap else outputs + self._apply(launched)
 
     def _apply(self, launched: LaunchedStep) -> list[CoreOutput]:
         return self.scheduler.apply_sampled(launched.plan, launched.results(), launched.prompt_logprobs)
