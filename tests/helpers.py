@@ -146,6 +146,9 @@ class EngineRecorder:
     logits: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
     requests: dict[str, object] = field(default_factory=dict)  # core request id -> Request
     steps: list[StepRecord] = field(default_factory=list)
+    # Inputs the host did not know yet when recorded (async scheduling feeds a step's token from the
+    # device): (request, position, token id fed), checked once the request has that token.
+    unchecked: list[tuple[object, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         core = self.core
@@ -193,13 +196,18 @@ class EngineRecorder:
             start = request.num_computed_tokens
             for p in range(start, start + s.num_new_tokens):
                 row = row_of_slot[table[p // bs] * bs + p % bs]
-                assert int(input_ids[row]) == request.all_token_ids[p]
+                if p < request.num_tokens:
+                    assert int(input_ids[row]) == request.all_token_ids[p]
+                else:
+                    self.unchecked.append((request, p, int(input_ids[row])))
                 assert int(positions[row]) == p
                 self.logits.setdefault((request.request_id, p), []).append(logits[row].clone())
 
     def max_rel_err_vs(self, hf_model) -> float:
         """Compare every recorded position with transformers on the request's final token sequence."""
         assert self.logits, "nothing was computed"
+        for request, p, token_id in self.unchecked:
+            assert request.all_token_ids[p] == token_id, f"position {p} was fed {token_id}"
         worst = 0.0
         for request_id, request in self.requests.items():
             ref = hf_logits(hf_model, request.all_token_ids)
