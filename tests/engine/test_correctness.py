@@ -69,11 +69,13 @@ def test_mixed_batch_of_different_lengths(kind, tiny_models):
     assert_matches_hf(hf, recorder, prompts, outputs, max_tokens)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("chunk", [3, 7, 16, 64])
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
-def test_chunked_prefill(kind, chunk, tiny_models):
+def test_chunked_prefill(kind, chunk, async_scheduling, tiny_models):
+    """With async scheduling too (CUDA's default): each step's tokens fed to the next from the device."""
     hf, path = tiny_models(kind)
-    llm, recorder = make_llm(path, max_num_batched_tokens=chunk)
+    llm, recorder = make_llm(path, max_num_batched_tokens=chunk, async_scheduling=async_scheduling)
     prompts = [random_prompt(n, seed=100 + n) for n in (41, 9, 23)]
     outputs = generate_ids(llm, prompts, greedy(10))
     assert all(sum(n for _, _, n in step.chunks) <= chunk for step in recorder.steps)
@@ -193,11 +195,14 @@ def test_n_greedy_sequences_share_the_prompt_blocks(kind, tiny_models):
     assert recorder.max_rel_err_vs(hf) < TOLERANCE
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
-def test_preemption_recomputes_and_matches(kind, tiny_models):
+def test_preemption_recomputes_and_matches(kind, async_scheduling, tiny_models):
     hf, path = tiny_models(kind)
     # 12 blocks of 4 = 48 tokens; three requests of 10 + 20 tokens need 24 blocks together.
-    llm, recorder = make_llm(path, num_kv_blocks=12, max_num_batched_tokens=16)
+    llm, recorder = make_llm(
+        path, num_kv_blocks=12, max_num_batched_tokens=16, async_scheduling=async_scheduling
+    )
     prompts = [random_prompt(10, seed=40 + i) for i in range(3)]
     outputs = generate_ids(llm, prompts, greedy(20))
     core = llm.engine.core
