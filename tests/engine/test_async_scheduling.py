@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from duoserve import LLM
-from duoserve.config import EngineConfig, add_engine_args, engine_config_from_args
+from duoserve.config import EngineConfig, add_engine_args, engine_config_from_args, engine_flags
 from duoserve.engine.request import Request, RequestStatus
 from duoserve.engine.scheduler import Scheduler
 from duoserve.kv.kv_cache_manager import KVCacheManager
@@ -207,6 +207,9 @@ def test_config_and_flags():
     assert engine_config_from_args(parser.parse_args([])).async_scheduling is None
     assert engine_config_from_args(parser.parse_args(["--async-scheduling"])).async_scheduling is True
     assert engine_config_from_args(parser.parse_args(["--no-async-scheduling"])).async_scheduling is False
+    # What `duoserve up` passes its workers: only a choice that differs from the default.
+    assert engine_flags(EngineConfig(async_scheduling=False)) == ["--no-async-scheduling"]
+    assert engine_flags(EngineConfig()) == []
 
 
 def test_speculative_decoding_keeps_steps_synchronous(tiny_models, single_torch_thread, caplog):
