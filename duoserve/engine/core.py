@@ -387,6 +387,8 @@ class EngineCore:
             return LaunchedStep(plan, sampled={})
         if overlap:  # no masks, drafts, logprobs or penalties: only the token ids, kept on the device
             hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
+            if not batch.sampling:  # prompt chunks alone: nothing to sample
+                return LaunchedStep(plan, sampled={})
             logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
             token_ids = self.sampler.sample(logits, [_sampling_row(s.request) for s in batch.sampling])
             rows = {s.request.request_id: row for row, s in enumerate(batch.sampling)}
