@@ -18,6 +18,12 @@ lands on a CPU kind the tables lack runs this once, with nothing else running, a
 
 Prints the CPU (lscpu's model name, family and model, the flags the host table reads) and `duoserve env`'s
 host line, then a markdown table with each goal's status; DIR keeps every run's output and cpu_table.json.
+
+`--as-isa avx2` (or avx512, generic) runs everything as a lesser x86 level: duoserve's table row and C++
+kernels (DUOSERVE_CPU_ISA, duoserve/cpu_kernels.py), torch's own kernels (ATEN_CPU_CAPABILITY), oneDNN and
+MKL, for duoserve and transformers alike; give it a llama-server built for the same level (GGML_NATIVE=OFF,
+GGML_AVX2=ON, GGML_AVX512=OFF). It shows the code paths of that CPU kind on this one's cores: an estimate
+of its row, not a measurement of it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,20 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512vbmi", "amx_bf16", "amx_tile")
+# --as-isa LEVEL: what each library reads to stay at that level.
+AS_ISA = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "generic": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    },
+}
 
 
 def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> str:
@@ -152,12 +172,18 @@ def main() -> None:
     )
     parser.add_argument("--llama-server", required=True, help="the llama-server binary (../shared/peers)")
     parser.add_argument("--out", default="bench_results/cpu_table", help="folder for every run's output")
+    parser.add_argument("--as-isa", choices=sorted(AS_ISA), help="run as this lesser x86 level (see above)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    host = cpu()
+    if args.as_isa:  # every step below is a subprocess: they all inherit it
+        os.environ.update({"DUOSERVE_CPU_ISA": args.as_isa, **AS_ISA[args.as_isa]})
+    host = cpu() | ({"as_isa": args.as_isa} if args.as_isa else {})
     env_line = run([sys.executable, "-m", "duoserve.cli", "env"], out / "env.log").splitlines()[0]
     print(f"CPU: {host['model']} (family/model {host['family/model']}, {host['cpus']} CPUs; {host['flags']})")
+    if args.as_isa:
+        levels = ", ".join(f"{name}={value}" for name, value in sorted(AS_ISA[args.as_isa].items()))
+        print(f"run as {args.as_isa}: {levels}")
     print(env_line, flush=True)
     figures = serve(out, args.llama_server) | offline(out) | memory(out)
     (out / "cpu_table.json").write_text(json.dumps({"cpu": host, "env": env_line, **figures}, indent=1))

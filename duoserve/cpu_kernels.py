@@ -39,6 +39,36 @@ SOURCES = (
     _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
     _PACKAGE / "engine" / "csrc" / "token_bitmask_cpu.cpp",
 )
+# DUOSERVE_CPU_ISA runs this x86 host as a lesser one: the kernels are built for that level instead of
+# -march=native, and duoserve.hardware sees only that level's features (so its table's row, the dtype and
+# thresholds follow). A session on a Zen 5 or an AMX Xeon can then run, test and time the paths an
+# AVX2-only CPU (a Zen 3) or a plain AVX-512 one takes. Torch's own kernels follow ATEN_CPU_CAPABILITY
+# and oneDNN's ONEDNN_MAX_CPU_ISA: set them too (`benchmarks/cpu_table.py --as-isa` does).
+# Level -> (its -march, the features of hardware.X86_FEATURES it has).
+EMULATED_ISAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "avx512": ("x86-64-v4", ("avx512f", "avx2", "fma", "f16c")),
+    "avx2": ("x86-64-v3", ("avx2", "fma", "f16c")),
+    "generic": ("x86-64", ()),
+}
+
+
+def emulated_isa() -> str | None:
+    """The level DUOSERVE_CPU_ISA asks this host to run as (None: the host's own)."""
+    name = os.environ.get("DUOSERVE_CPU_ISA", "")
+    if not name:
+        return None
+    if name not in EMULATED_ISAS:
+        raise ValueError(f"DUOSERVE_CPU_ISA must be one of {', '.join(EMULATED_ISAS)}, got {name!r}")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise ValueError(f"DUOSERVE_CPU_ISA={name} emulates an x86 level; this host is {platform.machine()}")
+    return name
+
+
+def _march() -> list[str]:
+    isa = emulated_isa()
+    return ["-march=native"] if isa is None else [f"-march={EMULATED_ISAS[isa][0]}", "-mtune=native"]
+
+
 _OPS = (
     "paged_decode",
     "q4_matmul",
@@ -55,7 +85,8 @@ _OPS = (
 
 
 def _build_tag() -> str:
-    """What the built library depends on: -march=native code runs only on CPUs with the same features,
+    """What the built library depends on: -march=native code runs only on CPUs with the same features
+    (and an emulated level's build is another library),
     the extension links against this torch, and its sources. The sources are in the name so that two
     versions of the kernels (two checkouts, an upgrade) never load each other's build from the shared
     cache: torch's builder only notices a changed source within one process. So is the package's
@@ -69,7 +100,8 @@ def _build_tag() -> str:
     except OSError:
         flags = platform.processor()
     sources = hashlib.sha1(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()
-    return hashlib.sha1(f"{flags}|{torch.__version__}|{sources}|{_PACKAGE}".encode()).hexdigest()[:10]
+    key = f"{flags}|{_march()}|{torch.__version__}|{sources}|{_PACKAGE}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
@@ -105,7 +137,7 @@ def cpu_kernels_available() -> bool:
                 sources=[str(path) for path in SOURCES],
                 # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The library
                 # links libgomp.so.1 by soname, so it shares the runtime torch has already loaded.
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=["-O3", *_march(), "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
             )

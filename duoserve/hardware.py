@@ -120,7 +120,7 @@ from pathlib import Path
 import torch
 
 from duoserve import int4pack
-from duoserve.cpu_kernels import int8_mm_available
+from duoserve.cpu_kernels import EMULATED_ISAS, emulated_isa, int8_mm_available
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +396,9 @@ def _features(arch: str, cpuinfo: Mapping[str, str], amx_permitted: bool) -> fro
             found |= {"amx_bf16", "amx_tile"}
     if not amx_permitted:
         found -= {"amx_bf16", "amx_tile"}
+    isa = emulated_isa() if arch == "x86_64" else None
+    if isa is not None:  # DUOSERVE_CPU_ISA: run as that level (cpu_kernels.py)
+        found &= set(EMULATED_ISAS[isa][1])
     return frozenset(found)
 
 
@@ -467,6 +470,8 @@ def detect_cpu() -> CpuInfo:
     arch = platform.machine()
     info = _cpuinfo_fields()
     model = info.get("model name") or info.get("CPU part") or platform.processor() or arch
+    if arch == "x86_64" and emulated_isa() is not None:
+        model += f" as {emulated_isa()} (DUOSERVE_CPU_ISA)"
     return CpuInfo(
         arch=arch,
         model=model,

@@ -183,8 +183,38 @@ CPUINFO = [
 
 
 @pytest.mark.parametrize(("fields", "arch", "amx_permitted", "expected"), CPUINFO)
-def test_features_from_proc_cpuinfo(fields, arch, amx_permitted, expected):
+def test_features_from_proc_cpuinfo(fields, arch, amx_permitted, expected, monkeypatch):
+    monkeypatch.delenv("DUOSERVE_CPU_ISA", raising=False)  # the host's own features
     assert hardware._features(arch, fields, amx_permitted) == frozenset(expected)
+
+
+ZEN5_FLAGS = {"flags": "fpu sse2 avx2 fma f16c avx512f avx512bw avx512vbmi avx512_bf16"}
+
+
+@pytest.mark.parametrize(
+    ("isa", "level", "march"),
+    [("avx2", "avx2", "x86-64-v3"), ("avx512", "avx512", "x86-64-v4"), ("generic", "generic", "x86-64")],
+)
+def test_a_host_runs_as_a_lesser_x86_level(isa, level, march, monkeypatch):
+    """DUOSERVE_CPU_ISA: the table sees that level's features only, and the C++ kernels are another
+    build, for that level (so a Zen 5 runs the paths of a Zen 3)."""
+    from duoserve import cpu_kernels
+
+    native_tag = cpu_kernels._build_tag()
+    monkeypatch.setenv("DUOSERVE_CPU_ISA", isa)
+    features = hardware._features("x86_64", ZEN5_FLAGS, amx_permitted=False)
+    cpu = CpuInfo("x86_64", "AMD EPYC", features, "AVX2", 2)
+    assert cpu.level == level
+    assert cpu_kernels._march()[0] == f"-march={march}"
+    assert cpu_kernels._build_tag() != native_tag
+
+
+def test_an_unknown_emulated_level_is_refused(monkeypatch):
+    from duoserve import cpu_kernels
+
+    monkeypatch.setenv("DUOSERVE_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="DUOSERVE_CPU_ISA must be one of avx512, avx2, generic"):
+        cpu_kernels.emulated_isa()
 
 
 @pytest.mark.parametrize(
