@@ -113,7 +113,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """Pick one token per row of logits [B, V] (any float dtype; computed in float32)."""
         token_ids = self.sample(logits, rows)
-        logprobs, ranks = _sampled_logprobs(logits.float(), token_ids, rows)
+        logprobs, ranks = _sampled_logprobs(logits, token_ids, rows)
         return SampleResult(token_ids.tolist(), logprobs, ranks)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -151,7 +151,7 @@ class Sampler:
         min_p = None
         if any(p.min_p for p in params):
             min_p = to_device([p.min_p for p in params], torch.float32, device)
-        u = to_device(self._uniforms(rows, row_ids).tolist(), torch.float32, device)
+        u = to_device(self._uniforms(rows, row_ids), torch.float32, device)
         for group, values, ids in _truncated_candidates(logits, temperature, params, row_ids):
             idx = _index(group, device)
             chosen = _sample_sorted(values, None if min_p is None else min_p[idx], u[idx])
