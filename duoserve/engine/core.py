@@ -24,7 +24,7 @@ from duoserve.engine.model_runner import (
     run_model,
 )
 from duoserve.engine.request import Request, RequestStatus
-from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
+from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs, reads_output
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
 from duoserve.engine.spec.ngram import NgramProposer
 from duoserve.engine.spec.proposer import Proposer
@@ -72,14 +72,13 @@ class LaunchedStep:
 
     plan: SchedulerOutput
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-    sampled: Sampled | None = None
+    sampled: Sampled | None = None  # None until an overlapped step's tokens are read (`results`)
     pending: PendingTokens | None = None
-    copy: HostCopy | None = None
 
     def results(self) -> Sampled:
         if self.sampled is None:
-            token_ids = self.copy.tolist() if self.copy is not None else []
-            rows = self.pending.rows if self.pending is not None else {}
+            token_ids = self.pending.host.tolist()
+            rows = self.pending.rows
             self.sampled = {request_id: ([token_ids[row]], []) for request_id, row in rows.items()}
         return self.sampled
 
@@ -385,18 +384,18 @@ class EngineCore:
         device."""
         if batch is None:
             return LaunchedStep(plan, sampled={})
-        if overlap:  # no masks, drafts, logprobs or penalties: only the token ids, kept on the device
-            hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
-            if not batch.sampling:  # prompt chunks alone: nothing to sample
-                return LaunchedStep(plan, sampled={})
-            logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
-            token_ids = self.sampler.sample(logits, [_sampling_row(s.request) for s in batch.sampling])
-            rows = {s.request.request_id: row for row, s in enumerate(batch.sampling)}
-            return LaunchedStep(plan, pending=PendingTokens(token_ids, rows), copy=HostCopy(token_ids))
-        # Computed while the forward runs, or after it (in masks.apply) on a host with no spare core.
-        masks = self.structured.start(batch.sampling)
+        # Computed while the forward runs, or after it (in masks.apply) on a host with no spare core. An
+        # overlapped step has no grammar, drafts, logprobs or penalties: only token ids, kept on the device.
+        masks = None if overlap else self.structured.start(batch.sampling)
         hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
-        return LaunchedStep(plan, self._score_prompts(batch, hidden), self._sample(batch, hidden, masks))
+        if not overlap:
+            return LaunchedStep(plan, self._score_prompts(batch, hidden), self._sample(batch, hidden, masks))
+        if not batch.sampling:  # prompt chunks alone: nothing to sample
+            return LaunchedStep(plan, sampled={})
+        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+        token_ids = self.sampler.sample(logits, [_sampling_row(s.request) for s in batch.sampling])
+        rows = {s.request.request_id: row for row, s in enumerate(batch.sampling)}
+        return LaunchedStep(plan, pending=PendingTokens(token_ids, rows, HostCopy(token_ids)))
 
     def _observe_speculation(
         self,
@@ -520,18 +519,15 @@ class EngineCore:
 
 
 def _overlappable(s: ScheduledRequest) -> bool:
-    """Whether the request's step may stay in flight: its sampling needs none of its output on the host
-    (penalties, min_tokens still masking, a grammar, drafts) and it asks for no logprobs."""
-    request, params = s.request, s.request.params
+    """Whether the request's step may stay in flight: nothing in it needs its output on the host (a
+    grammar, drafts, the sampler's `reads_output`) and it asks for no logprobs."""
+    params = s.request.params
     return (
         not s.draft_token_ids
         and params.structured_outputs is None
         and params.logprobs is None
         and params.prompt_logprobs is None
-        and params.repetition_penalty == 1.0
-        and not params.presence_penalty
-        and not params.frequency_penalty
-        and len(request.output_token_ids) >= params.min_tokens
+        and not reads_output(_sampling_row(s.request))
     )
 
 

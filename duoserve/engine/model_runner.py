@@ -42,6 +42,7 @@ class PendingTokens:
 
     token_ids: torch.Tensor  # [n] on the device
     rows: dict[str, int]  # request id -> its entry in token_ids
+    host: HostCopy  # the same ids on their way to the host, read when the step is applied
 
 
 @dataclass

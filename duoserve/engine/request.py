@@ -97,11 +97,10 @@ class Request:
         last = self.num_tokens + self.num_pending_tokens - 1
         return self.status == RequestStatus.RUNNING and self.num_computed_tokens == last
 
-    def ends_by_length_with_pending(self, max_model_len: int) -> bool:
-        """Whether the tokens still in flight reach max_tokens or the context: the last of them ends the
-        request, so scheduling it again would compute a token nobody gets."""
-        num_out = len(self.output_token_ids) + self.num_pending_tokens
-        return num_out >= self.max_tokens or self.num_tokens + self.num_pending_tokens >= max_model_len
+    def reaches_length(self, max_model_len: int, num_ahead: int = 0) -> bool:
+        """Whether its tokens, and `num_ahead` more (those in flight), reach max_tokens or the context."""
+        num_out = len(self.output_token_ids) + num_ahead
+        return num_out >= self.max_tokens or self.num_tokens + num_ahead >= max_model_len
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
@@ -115,5 +114,5 @@ class Request:
             self.status = RequestStatus.FINISHED_STOPPED
             # vLLM's convention: stop_reason names a user stop token, None for eos.
             self.stop_reason = last if last in self.params.stop_token_ids else None
-        elif num_out >= self.max_tokens or self.num_tokens >= max_model_len:
+        elif self.reaches_length(max_model_len):
             self.status = RequestStatus.FINISHED_LENGTH

@@ -196,17 +196,21 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return best
 
 
-def _is_plain_greedy(row: SamplingRow) -> bool:
+def reads_output(row: SamplingRow) -> bool:
+    """Whether sampling the row reads its output tokens: a penalty, or min_tokens still masking its stop
+    tokens (async scheduling cannot leave such a row's step in flight: its last token is not on the host)."""
     p = row.params
     return (
-        p.greedy
-        and p.logprobs is None
-        and not _masks_stop_tokens(row)
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and not p.logit_bias
-        and p.frequency_penalty == 0.0
+        p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or _masks_stop_tokens(row)
     )
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return p.greedy and p.logprobs is None and not p.logit_bias and not reads_output(row)
 
 
 def _masks_stop_tokens(row: SamplingRow) -> bool:

@@ -145,11 +145,13 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.num_pending_tokens and request.ends_by_length_with_pending(self.max_model_len):
-                index += 1  # its token in flight ends it (async scheduling)
+            if request.num_pending_tokens and request.reaches_length(
+                self.max_model_len, request.num_pending_tokens
+            ):
+                index += 1  # its token in flight ends it (async scheduling): computing more is for nobody
                 continue
-            num_ahead = request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
-            num_new = min(num_ahead, budget)
+            num_uncomputed = request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
+            num_new = min(num_uncomputed, budget)
             drafts = self._take_drafts(request, budget - num_new)
             if not drafts and not self._allocate_or_preempt(request, num_new, out):
                 break  # the request preempted itself: everything after it is gone too
