@@ -27,6 +27,7 @@ Prints a markdown table of each part; with $OUT set (or --out), writes everythin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from duoserve.attention import triton_kernels  # noqa: E402
 from duoserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from duoserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from duoserve.config import EngineConfig  # noqa: E402
@@ -75,6 +77,9 @@ TINY = dict(
 )
 
 
+PARTS = ("kernels", "model_check", "fused_check", "decode", "profile", "throughput")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,6 +91,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=None)
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None, help="timed repetitions (median)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run")
+    parser.add_argument(
+        "--tiles",
+        help="a JSON of the Triton kernels' Tiles to use instead of the default (triton_decode_sweep.py's "
+        "best_tiles.json): to measure a candidate whole before it becomes the default",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_suite.json")
     args = parser.parse_args()
     full = dict(batches=[1, 64, 256], context=1024, num_prompts=128, input_len=128, output_len=128, iters=20)
@@ -135,12 +146,15 @@ def copy_bandwidth(device: torch.device, num_bytes: int, iters: int) -> float:
 # ------------------------------------------------------------------ the model
 
 
-def build_engine(args, device: torch.device, hf_model, backend: str, max_len: int) -> EngineCore:
-    """An engine over the transformers model's own tensors (no copy of the weights, but fused qkv/gate_up)."""
+def build_engine(
+    args, device: torch.device, hf_model, backend: str, max_len: int, dtype: str | None = None
+) -> EngineCore:
+    """An engine over the transformers model's own tensors (no copy of the weights, but fused qkv/gate_up;
+    a copy where `dtype` differs from the model's)."""
     shape = TINY if args.smoke else LLAMA_1B
     config = ModelConfig(architecture="llama", max_position_embeddings=max_len, **shape)
-    weights = {name: t for name, t in hf_model.state_dict().items()}
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    weights = {name: t.to(getattr(torch, dtype)) for name, t in hf_model.state_dict().items()}
     block_size = 16
     blocks_needed = max(
         max(args.batches) * -(-(args.context + 1) // block_size),
@@ -271,17 +285,31 @@ def check_kernels(device: torch.device, shape: dict, dtype: torch.dtype, smoke: 
     return results
 
 
-def check_model(core_triton: EngineCore, core_torch: EngineCore, context: int) -> dict:
-    """One decode step of the whole model on both backends over the same (random) KV cache."""
-    core_torch.kv_cache.data.copy_(core_triton.kv_cache.data)
+def check_model(core_triton: EngineCore, core_torch: EngineCore, reference: EngineCore, context: int) -> dict:
+    """One decode step of the whole model on both backends over the same (random) KV cache, each against
+    a float32 engine's (torch backend) on the same weights and cache: in bfloat16 the two backends round
+    differently, and over 16 layers of a random model that difference alone is a few percent, so the
+    test is that Triton's error is no larger than torch's (within 1.5x), not that they agree."""
+    for core in (core_torch, reference):
+        core.kv_cache.data.copy_(core_triton.kv_cache.data)
     layout = decode_layout(core_triton, 4, context)
     logits = []
-    for core in (core_torch, core_triton):
+    for core in (reference, core_torch, core_triton):
         hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
-        logits.append(core.model.compute_logits(hidden))
-    err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
-    agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
-    return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
+        logits.append(core.model.compute_logits(hidden).float())
+    want, torch_logits, triton_logits = logits
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    err_triton, err_torch = rel(triton_logits, want), rel(torch_logits, want)
+    return {
+        "triton_vs_torch": rel(triton_logits, torch_logits),
+        "triton_vs_fp32": err_triton,
+        "torch_vs_fp32": err_torch,
+        "argmax_agreement": (triton_logits.argmax(-1) == torch_logits.argmax(-1)).float().mean().item(),
+        "ok": err_triton <= 1.5 * err_torch + 1e-3,
+    }
 
 
 def check_fused(core: EngineCore, context: int) -> dict:
@@ -422,75 +450,165 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_step(core: EngineCore, batch: int, context: int, top: int = 12) -> dict:
+    """Kernel times of one decode step replayed from its graph (torch.profiler, CUDA activity): where a
+    step's time goes, kernel by kernel; the top `top` kernels by total time. (On a CPU, --smoke: the
+    eager step's ops by self time, to exercise this.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = core.device.type == "cuda"
+    layout = decode_layout(core, batch, context)
+    step = decode_step(core, layout, core.decode_graphs)
+    for _ in range(3):
+        step()
+    _sync(core.device)
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+        _sync(core.device)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == kind:
+            us = event.device_time if cuda else event.self_cpu_time_total
+            kernels.setdefault(event.name, []).append(us / 1e3)
+    rows = sorted(
+        ({"kernel": name[:60], "calls": len(t) // reps, "ms": sum(t) / reps} for name, t in kernels.items()),
+        key=lambda row: -row["ms"],
+    )
+    return {
+        "batch": batch,
+        "kernel_ms": sum(row["ms"] for row in rows),
+        "kernels": len(rows),
+        "top": rows[:top],
+    }
+
+
+def use_tiles(path: str) -> triton_kernels.Tiles:
+    """Every Triton attention backend made from now on takes these tiles (where it reads them)."""
+    from duoserve.attention import triton_backend
+
+    with open(path) as f:
+        tiles = triton_kernels.Tiles(**json.load(f))
+    triton_backend.tiles_for = lambda device: tiles
+    print(f"tiles: {tiles}")
+    return tiles
+
+
+class Report:
+    """The suite's results, written to gpu_suite.json after each part: a part that fails records its
+    error and the next one runs (one device run has to bring back all it can)."""
+
+    def __init__(self, out: str | None, parts: list[str], **fields) -> None:
+        self.out, self.parts, self.data, self.failed = out, parts, dict(fields), []
+
+    def part(self, name: str, fn, title: str, rows=lambda r: r if isinstance(r, list) else [r]):
+        if name.split("_b")[0] not in self.parts:  # (profile_b1 -> profile)
+            return None
+        print(f"\n### {title}", flush=True)
+        try:
+            result = fn()
+        except Exception:  # noqa: BLE001 - recorded, and the suite goes on
+            import traceback
+
+            self.failed.append(name)
+            self.data[name] = {"error": traceback.format_exc()}
+            print(self.data[name]["error"], flush=True)
+            result = None
+        else:
+            self.data[name] = result
+            print(table(rows(result)), flush=True)
+        self.save()
+        return result
+
+    def save(self) -> None:
+        if self.out:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "gpu_suite.json"), "w") as f:
+                json.dump(self.data, f, indent=1, default=str)
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         sys.exit("no GPU: run with --smoke for the tiny CPU version")
-    report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "args": vars(args),
-    }
     import triton
 
-    report["triton"] = triton.__version__
+    tiles = use_tiles(args.tiles) if args.tiles else None
+    report = Report(
+        args.out,
+        args.parts,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        args=vars(args),
+        tiles=None if tiles is None else dataclasses.asdict(tiles),
+    )
+    data = report.data
     t0 = time.perf_counter()
     bandwidth = copy_bandwidth(device, (1 << 31) if device.type == "cuda" else (1 << 24), max(args.iters, 5))
-    report["copy_bandwidth_GBs"] = bandwidth / 1e9
-    print(f"## {report['device']}: torch {torch.__version__}, triton {triton.__version__}")
+    data["copy_bandwidth_GBs"] = bandwidth / 1e9
+    print(f"## {data['device']}: torch {torch.__version__}, triton {triton.__version__}")
     print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
 
     shape = TINY if args.smoke else LLAMA_1B
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    report["kernels"] = check_kernels(device, shape, dtype, args.smoke)
-    print(
-        "\n### Triton vs torch backend (paged decode + mixed step)\n" + table(report["kernels"]), flush=True
+    report.part(
+        "kernels",
+        lambda: check_kernels(device, shape, dtype, args.smoke),
+        "Triton vs torch backend (paged decode + mixed step)",
     )
-
     max_len = max(args.context, args.input_len + args.output_len) + 16
     hf_model = build_hf_model(args, device, max_len)
     core = build_engine(args, device, hf_model, "triton", max_len)
     with torch.no_grad():
         core.kv_cache.data.normal_()  # never time on zeros
-    reference = build_engine(args, device, hf_model, "torch", max_len)
-    report["model_check"] = check_model(core, reference, args.context)
-    del reference
-    print(
-        "\n### One decode step of the model, Triton vs torch backend\n" + table([report["model_check"]]),
-        flush=True,
-    )
 
-    report["fused_check"] = check_fused(core, args.context)
-    print(
-        "\n### One decode step, small ops fused (Triton) vs unfused (torch)\n"
-        + table([report["fused_check"]]),
-        flush=True,
-    )
+    def model_check() -> dict:
+        torch_core = build_engine(args, device, hf_model, "torch", max_len)
+        reference = build_engine(args, device, hf_model, "torch", max_len, dtype="float32")
+        try:
+            return check_model(core, torch_core, reference, args.context)
+        finally:
+            del torch_core, reference
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    report["decode"] = time_decode(core, args, bandwidth)
-    print(
-        "\n### Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
-        "small ops fused (default) and `_unfused`\n" + table(report["decode"]),
-        flush=True,
+    report.part("model_check", model_check, "One decode step of the model, Triton vs torch backend")
+    report.part(
+        "fused_check",
+        lambda: check_fused(core, args.context),
+        "One decode step, small ops fused (Triton) vs unfused (torch)",
     )
-
-    report["throughput"] = throughput(core, hf_model, args)
-    print("\n### Offline throughput vs transformers generate\n" + table([report["throughput"]]), flush=True)
-    report["seconds"] = time.perf_counter() - t0
-    ok = (
-        all(r["ok"] for r in report["kernels"])
-        and report["model_check"]["ok"]
-        and report["fused_check"]["ok"]
-        and report["throughput"]["async_tokens_equal"]
+    report.part(
+        "decode",
+        lambda: time_decode(core, args, bandwidth),
+        "Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
+        "small ops fused (default) and `_unfused`",
     )
-    report["correct"] = ok
-    print(f"\ncorrect: {ok}; {report['seconds']:.0f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
-            json.dump(report, f, indent=1)
-    if not ok:
+    for batch in sorted({min(args.batches), 64 if not args.smoke else max(args.batches)}):
+        report.part(
+            f"profile_b{batch}",
+            lambda b=batch: profile_step(core, b, args.context),
+            f"Kernels of one graph-replayed decode step, batch {batch} (ms per step)",
+            rows=lambda r: r["top"] + [{"kernel": "all kernels", "ms": r["kernel_ms"]}],
+        )
+    report.part(
+        "throughput",
+        lambda: throughput(core, hf_model, args),
+        "Offline throughput vs transformers generate",
+    )
+    data["seconds"] = time.perf_counter() - t0
+    checks = [c for c in ("kernels", "model_check", "fused_check") if c in data]
+    ok = not report.failed and all(
+        all(r["ok"] for r in (data[c] if isinstance(data[c], list) else [data[c]])) for c in checks
+    )
+    data["correct"] = ok and data.get("throughput", {}).get("async_tokens_equal", True)
+    report.save()
+    print(f"\ncorrect: {data['correct']}; failed parts: {report.failed or 'none'}; {data['seconds']:.0f} s")
+    if not data["correct"]:
         sys.exit(1)
 
 

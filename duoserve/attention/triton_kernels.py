@@ -55,17 +55,34 @@ class Tiles:
     target_programs: int  # decodes split their keys until about this many programs run
     store_tokens: int = 1  # new tokens per program of the KV store
     num_warps: int = 4
+    decode_num_warps: int = 4
+    decode_num_stages: int = 3  # Triton's default on NVIDIA (software pipelining of the key loop)
 
 
 def tiles_for(device: torch.device) -> Tiles:
     """GPU: about 4 programs per multiprocessor. The interpreter runs programs one after another and each
     operation costs the same at any tile size, so there few, large tiles are fastest."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return Tiles(
-            decode_block_n=32, prefill_rows=64, prefill_block_n=64, target_programs=4 * sms, store_tokens=4
-        )
+        return gpu_tiles(torch.cuda.get_device_properties(device).multi_processor_count)
     return Tiles(decode_block_n=64, prefill_rows=64, prefill_block_n=64, target_programs=4, store_tokens=64)
+
+
+def gpu_tiles(multiprocessors: int) -> Tiles:
+    """A GPU's tiles. The decode kernel's were swept on an H200 (benchmarks/triton_decode_sweep.py, Llama
+    3.2 1B's heads over 1024-token contexts, each launch timed in a CUDA graph, 2026-12-04): 32 keys an
+    iteration, 2 warps and 2 pipeline stages read the cache in 6.3 / 46.5 / 155 us at batch 1 / 64 / 256,
+    against 6.5 / 66.6 / 197 us with 4 warps and Triton's 3 stages (the geometric mean of time over each
+    batch's best: 1.05 against 1.30); a whole decode step took 15% less at batch 64 and 256
+    (BENCHMARKS.md). (benchmarks/triton_aot_check.py compiles the tests' launches with these tiles.)"""
+    return Tiles(
+        decode_block_n=32,
+        prefill_rows=64,
+        prefill_block_n=64,
+        target_programs=4 * multiprocessors,
+        store_tokens=4,
+        decode_num_warps=2,
+        decode_num_stages=2,
+    )
 
 
 def _pow2(n: int) -> int:
@@ -446,7 +463,8 @@ def paged_decode(
         block_n=tiles.decode_block_n,
         num_splits=num_splits,
         decode=True,
-        num_warps=tiles.num_warps,
+        num_warps=tiles.decode_num_warps,
+        num_stages=tiles.decode_num_stages,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
@@ -543,6 +561,7 @@ def paged_prefill(
         num_splits=1,
         decode=False,
         num_warps=tiles.num_warps,
+        num_stages=None,
     )
 
 
@@ -573,6 +592,7 @@ def _attention(
     num_splits,
     decode,
     num_warps,
+    num_stages,
 ) -> None:
     dim = q.shape[2]
     kv_format = _KV_FORMATS.get(k_pool.dtype, 0)
@@ -626,6 +646,7 @@ def _attention(
         KV_FORMAT=kv_format,
         KV_UNIT=256.0 if kv_format == 2 else 1.0,
         num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
 
 
@@ -645,6 +666,7 @@ __all__ = [
     "PrefillTiles",
     "Tiles",
     "decode_splits",
+    "gpu_tiles",
     "paged_decode",
     "paged_prefill",
     "prefill_tiles",

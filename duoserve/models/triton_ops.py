@@ -69,15 +69,20 @@ def _warps(block: int) -> int:
 @triton.jit
 def _round(x, ROUND: tl.constexpr):
     """float32 x rounded to the model's dtype (ROUND: 0 float32, 1 bfloat16, 2 float16), to nearest with
-    ties to even as torch rounds, and kept in float32. bfloat16 is rounded by its bits: Triton's
-    interpreter truncates a float32 -> bfloat16 cast where GPUs round, and the tests compare with torch
-    bit for bit on the CPU. (Exact for finite values and infinities, which is all a model makes.)"""
+    ties to even as torch rounds, and kept in float32. Rounded by its bits, not by a cast there and back:
+    Triton's interpreter truncates a float32 -> bfloat16 cast where GPUs round, and the compiler drops a
+    float32 -> float16 -> float32 round trip and fuses the product into an FMA (seen on an H200, Triton
+    3.6: RoPE's float16 products one ulp off torch's); the tests compare with torch bit for bit.
+    float16: by its bits inside its normal range (all a model makes but subnormals), by the cast outside."""
     if ROUND == 1:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         y = bits.to(tl.float32, bitcast=True)
     elif ROUND == 2:
-        y = x.to(tl.float16).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -8192
+        normal = (tl.abs(x) >= 6.103515625e-05) & (tl.abs(x) < 65520.0)
+        y = tl.where(normal, bits.to(tl.float32, bitcast=True), x.to(tl.float16).to(tl.float32))
     else:
         y = x
     return y
