@@ -54,7 +54,7 @@ class Tiles:
     prefill_block_n: int  # keys per iteration of a prefill program
     target_programs: int  # decodes split their keys until about this many programs run
     store_tokens: int = 1  # new tokens per program of the KV store
-    num_warps: int = 4
+    prefill_num_warps: int = 4
     decode_num_warps: int = 4
     decode_num_stages: int = 3  # Triton's default on NVIDIA (software pipelining of the key loop)
 
@@ -560,7 +560,7 @@ def paged_prefill(
         block_n=tiles.prefill_block_n,
         num_splits=1,
         decode=False,
-        num_warps=tiles.num_warps,
+        num_warps=tiles.prefill_num_warps,
         num_stages=None,
     )
 

@@ -1,0 +1,61 @@
+"""What the GPU compiler makes of the fused ops' rounding, checked on a CPU (no GPU needed).
+
+RoPE rounds each product to the model's dtype before the sum, as torch's mul, mul and add do. Rounded by a
+float32 -> float16 -> float32 cast, Triton's compiler (3.6, sm_90) dropped the round trip and fused each
+product into an FMA: on an H200 float16 RoPE came out one ulp off torch's, while the interpreter, which the
+rest of these tests use, rounds the casts as written. So the kernel is compiled for sm_90 here (Triton's
+wheel carries ptxas) and its PTX must hold no FMA, in each dtype that rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+# In a process of its own: the package's conftest makes this one's kernels interpreted ones.
+COMPILE = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from duoserve.models import triton_ops
+
+dtype, rounding = sys.argv[1], int(sys.argv[2])
+pointers = {name: "*" + dtype for name in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr")}
+strides = {"stride_" + name: "i32" for name in ("qt", "qh", "kt", "kh", "ct", "st")}
+sizes = {"NUM_Q_HEADS": 8, "Q_HEADS_PAD": 8, "NUM_K_HEADS": 2, "K_HEADS_PAD": 2, "HALF": 32, "HALF_PAD": 32}
+constants = {**sizes, "ROUND": rounding}
+signature = {**pointers, **strides, **{name: "constexpr" for name in constants}}
+source = ASTSource(triton_ops._rope_qk_kernel, signature, constants)
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+print(json.dumps({"fma": len(re.findall(r"\\bfma\\.", ptx)), "mul": len(re.findall(r"\\bmul\\.f32", ptx))}))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no NVIDIA backend to compile with")
+@pytest.mark.parametrize(("dtype", "rounding"), [("fp16", 2), ("bf16", 1)])
+def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE, dtype, str(rounding)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["mul"] > 0  # the products are there, as multiplies
+    assert counts["fma"] == 0, counts
