@@ -77,7 +77,7 @@ TINY = dict(
 )
 
 
-PARTS = ("kernels", "model_check", "fused_check", "decode", "profile", "throughput")
+PARTS = ("kernels", "model_check", "fused_check", "gemv_check", "decode", "profile", "throughput")
 
 
 def parse_args() -> argparse.Namespace:
@@ -331,26 +331,35 @@ def check_fused(core: EngineCore, context: int) -> dict:
 
 def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
     """Per batch size: graph and eager step times with the small ops fused (the engine's default on CUDA)
-    and unfused (`*_unfused`: torch's ops; graphs of their own, as a captured graph keeps its kernels)."""
+    and unfused (`*_unfused`: torch's ops; graphs of their own, as a captured graph keeps its kernels);
+    and at batches the Triton matrix-vector kernel takes (models/triton_gemv.py, off by default), fused
+    with the layers' projections through it (`*_gemv`: `LlamaModel.triton_gemv`, graphs of their own)."""
+    from duoserve.models import triton_gemv
+
     spec = core.kv_cache.spec
     kv_per_token = spec.bytes_per_block // spec.block_size
     weights = weight_bytes(core)
     model, was = core.model, core.model.fused_ops
-    unfused_graphs = None
-    if core.decode_graphs is not None:
-        unfused_graphs = DecodeGraphs(model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
+
+    def graphs() -> DecodeGraphs | None:
+        if core.decode_graphs is None:
+            return None
+        return DecodeGraphs(model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
+
+    variants = [(True, False, core.decode_graphs, ""), (False, False, graphs(), "_unfused")]
+    gemv_variant = (True, True, graphs(), "_gemv")
     rows = []
     try:
         for batch in args.batches:
             layout = decode_layout(core, batch, args.context)
             row = {"batch": batch, "context": args.context}
-            for fused, graphs, suffix in (
-                (True, core.decode_graphs, ""),
-                (False, unfused_graphs, "_unfused"),
+            for fused, gemv, step_graphs, suffix in variants + [gemv_variant] * (
+                batch <= triton_gemv.MAX_ROWS
             ):
-                model.fused_ops = fused  # graphs are captured on a size's first run, with these ops
-                if graphs is not None:
-                    step = decode_step(core, layout, graphs)
+                # graphs are captured on a size's first run, with the kernels switched on then
+                model.fused_ops, model.triton_gemv = fused, gemv
+                if step_graphs is not None:
+                    step = decode_step(core, layout, step_graphs)
                     row["graph_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
                 step = decode_step(core, layout, None)
                 row["eager_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
@@ -362,11 +371,30 @@ def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
             row["ratio"] = best / row["roofline_ms"]
             row["ratio_unfused"] = best_unfused / row["roofline_ms"]
             row["fused_speedup"] = best_unfused / best
+            if "eager_ms_gemv" in row:
+                row["ratio_gemv"] = row.get("graph_ms_gemv", row["eager_ms_gemv"]) / row["roofline_ms"]
             row["tok_s"] = batch / best * 1e3
             rows.append(row)
     finally:
-        model.fused_ops = was
+        model.fused_ops, model.triton_gemv = was, False
     return rows
+
+
+def check_gemv(core: EngineCore, context: int) -> dict:
+    """One decode step of 4 rows with the layers' projections through the Triton matrix-vector kernel and
+    through cuBLAS (logits' relative error; bf16 rounds the two sums differently)."""
+    layout = decode_layout(core, 4, context)
+    logits = []
+    try:
+        for on in (False, True):
+            core.model.triton_gemv = on
+            hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
+            logits.append(core.model.compute_logits(hidden).float())
+    finally:
+        core.model.triton_gemv = False
+    err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+    agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
+    return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
 
 
 def throughput(core: EngineCore, hf_model, args) -> dict:
@@ -583,6 +611,11 @@ def main() -> None:
         "One decode step, small ops fused (Triton) vs unfused (torch)",
     )
     report.part(
+        "gemv_check",
+        lambda: check_gemv(core, args.context),
+        "One decode step, projections through the Triton matrix-vector kernel vs cuBLAS",
+    )
+    report.part(
         "decode",
         lambda: time_decode(core, args, bandwidth),
         "Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
@@ -601,7 +634,7 @@ def main() -> None:
         "Offline throughput vs transformers generate",
     )
     data["seconds"] = time.perf_counter() - t0
-    checks = [c for c in ("kernels", "model_check", "fused_check") if c in data]
+    checks = [c for c in ("kernels", "model_check", "fused_check", "gemv_check") if c in data]
     ok = not report.failed and all(
         all(r["ok"] for r in (data[c] if isinstance(data[c], list) else [data[c]])) for c in checks
     )

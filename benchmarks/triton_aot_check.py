@@ -30,6 +30,7 @@ DEFAULT_TESTS = [
     "tests/attention/test_triton_backend.py",
     "tests/attention/test_triton_kernels_quantized.py",
     "tests/models/test_triton_ops.py",
+    "tests/models/test_triton_gemv.py",
 ]
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 

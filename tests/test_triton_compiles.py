@@ -4,7 +4,7 @@ The suite runs the kernels in Triton's interpreter, which accepts programs the c
 rarely lent here. benchmarks/triton_aot_check.py records the launches a selection of the kernel tests
 makes (with the GPU's tiles and dtypes) and compiles each for sm_90 down to the cubin with the ptxas
 that Triton's wheel carries: attention (decode split and not, prefill, the KV store, int8/FP8 pools) and
-the fused norm, RoPE and activation, in each dtype (~15 s on 2 cores).
+the fused norm, RoPE and activation, and the matrix-vector kernel, in each dtype (~20 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ SELECTION = " or ".join(
         "(rope_in_place and 8-2-64-64)",
         "(act_mul and 1500 and silu)",
         "(norm_and_add and 576)",
+        "(gemv_matches_torch and 1-64-512) or model_with_triton_gemv",  # the matrix-vector kernel
     ]
 )
 
@@ -56,4 +57,5 @@ def test_kernels_compile_for_hopper() -> None:
         "_rope_qk_kernel",
         "_act_mul_kernel",
         "_rms_norm_kernel",
+        "_gemv_kernel",
     }

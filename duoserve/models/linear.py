@@ -114,6 +114,9 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
+        # A kernel module for steps of few rows, with gemv_applies(x, w) and gemv(x, w, bias): the GPU's
+        # models/triton_gemv, where LlamaModel.triton_gemv puts it; None: torch's matmul for every step.
+        self.few_rows = None
 
     @property
     def in_features(self) -> int:
@@ -125,6 +128,8 @@ class DenseLinear:
         return _nbytes(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is not None and self.few_rows.gemv_applies(x, self.weight):
+            return self.few_rows.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

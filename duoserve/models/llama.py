@@ -223,6 +223,30 @@ class LlamaModel:
             _triton_ops().check_device(self.device)
         self.ops.triton = bool(on)
 
+    @property
+    def triton_gemv(self) -> bool:
+        """Whether the layers' dense projections run steps of up to 8 rows through duoserve's Triton
+        matrix-vector kernel (models/triton_gemv.py) instead of torch's matmul. Off by default: prepared
+        for cuBLAS's weak small projections at batch 1 (~42% of the copy bandwidth on an H200), not yet
+        measured against them (benchmarks/gpu_suite.py's `graph_ms_gemv`). A captured CUDA graph keeps
+        the kernels it was captured with."""
+        return any(getattr(linear, "few_rows", None) is not None for linear in self._dense_projections())
+
+    @triton_gemv.setter
+    def triton_gemv(self, on: bool) -> None:
+        module = None
+        if on:
+            _triton_ops().check_device(self.device)
+            from duoserve.models import triton_gemv
+
+            module = triton_gemv
+        for linear in self._dense_projections():
+            linear.few_rows = module
+
+    def _dense_projections(self) -> list[DenseLinear]:
+        """The layers' dense matmuls (lm_head left out: cuBLAS reads it at the copy bandwidth)."""
+        return [m for layer in self.layers for m in layer.linears() if isinstance(m, DenseLinear)]
+
     def add_lora_slots(self, max_loras: int, max_rank: int) -> list[dict[str, LoRASlots]]:
         """Give every layer's projections `max_loras` LoRA slots of rank `max_rank` (duoserve/lora);
         returns them per layer, by fused linear (qkv, o, gate_up, down; no MLP ones in MoE layers)."""
