@@ -230,7 +230,7 @@ class LlamaModel:
         for cuBLAS's weak small projections at batch 1 (~42% of the copy bandwidth on an H200), not yet
         measured against them (benchmarks/gpu_suite.py's `graph_ms_gemv`). A captured CUDA graph keeps
         the kernels it was captured with."""
-        return any(getattr(linear, "few_rows", None) is not None for linear in self._dense_projections())
+        return any(linear.few_rows is not None for linear in self._dense_projections())
 
     @triton_gemv.setter
     def triton_gemv(self, on: bool) -> None:
