@@ -40,6 +40,7 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from benchmarks.engine_phases import engine_phases  # noqa: E402
 from duoserve.attention import triton_kernels  # noqa: E402
 from duoserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from duoserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -77,7 +78,16 @@ TINY = dict(
 )
 
 
-PARTS = ("kernels", "model_check", "fused_check", "gemv_check", "decode", "profile", "throughput")
+PARTS = (
+    "kernels",
+    "model_check",
+    "fused_check",
+    "gemv_check",
+    "decode",
+    "profile",
+    "engine_phases",
+    "throughput",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -628,6 +638,11 @@ def main() -> None:
             f"Kernels of one graph-replayed decode step, batch {batch} (ms per step)",
             rows=lambda r: r["top"] + [{"kernel": "all kernels", "ms": r["kernel_ms"]}],
         )
+    report.part(
+        "engine_phases",
+        lambda: engine_phases(core, args.num_prompts, args.input_len, args.output_len),
+        "Host time per engine decode step, by phase (ms; the throughput run's shape)",
+    )
     report.part(
         "throughput",
         lambda: throughput(core, hf_model, args),
