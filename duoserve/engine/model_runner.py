@@ -3,6 +3,7 @@ model on them: eagerly, or on CUDA by replaying a captured graph for pure decode
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,14 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
     lora_slots: list[int] = []
     query_starts = [0] * len(chunks)
     prefills: list[PrefillChunk] = []
-    for i in order:
+    for i in order[:num_decodes]:  # one token each: appended, not extended (a third of the loop's time)
+        chunk = chunks[i]
+        query_starts[i] = len(token_ids)
+        token_ids.append(chunk.token_ids[0])
+        positions.append(chunk.start)
+        slots.append(chunk.block_ids[chunk.start // bs] * bs + chunk.start % bs)
+        lora_slots.append(chunk.lora_slot)
+    for i in order[num_decodes:]:
         chunk = chunks[i]
         end = chunk.start + len(chunk.token_ids)
         query_starts[i] = len(token_ids)
@@ -84,9 +92,8 @@ def layout_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) 
         positions.extend(range(chunk.start, end))
         slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(chunk.start, end))
         lora_slots.extend([chunk.lora_slot] * len(chunk.token_ids))
-        if len(chunk.token_ids) > 1:
-            table = _table_tensor(chunk.block_ids, device)
-            prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
+        table = _table_tensor(chunk.block_ids, device)
+        prefills.append(PrefillChunk(query_starts[i], len(chunk.token_ids), end, table))
     decodes = [chunks[i] for i in order[:num_decodes]]
     meta = AttentionMetadata(
         slot_mapping=to_device(slots, torch.long, device),
@@ -179,8 +186,14 @@ def _table_tensor(block_ids: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[len(tables), longest] block tables, zero-padded. Built flat, then viewed: a nested list costs
+    torch.tensor twice the time per element (128 rows of 4: 45 us against 23, before host_tensor)."""
     width = max((len(t) for t in tables), default=0)
-    padded = to_device([t + [0] * (width - len(t)) for t in tables], torch.long, device)
+    flat: list[int] = []
+    for t in tables:
+        flat += t
+        flat += [0] * (width - len(t))
+    padded = to_device(flat, torch.long, device).view(len(tables), width)
     return padded.clamp_(min=0)  # NULL_BLOCK entries, as in _table_tensor
 
 
@@ -212,19 +225,35 @@ def _prompt_logprob_rows(
 
 
 def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor of `values` (a sequence, or a host tensor) on `device`, queued behind the device's work
-    instead of waiting for it.
+    """A tensor of `values` (a flat sequence of numbers, or a host tensor) on `device`, queued behind the
+    device's work instead of waiting for it.
 
     The pinned buffer comes from torch's caching host allocator, which reuses it only once the copy
     that reads it has run.
     """
-    if isinstance(values, torch.Tensor):
-        if device.type != "cuda":
-            return values.to(device=device, dtype=dtype)
-        return values.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
+    if not isinstance(values, torch.Tensor):
+        values = host_tensor(values, dtype)
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return values.to(device=device, dtype=dtype)
+    return values.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+# Typecodes of Python's array module for the dtypes the engine sends (8-byte 'q' and 4-byte 'i' on Linux).
+_ARRAY_CODES = {torch.long: "q", torch.int32: "i", torch.float32: "f", torch.float64: "d"}
+
+
+def host_tensor(values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of a flat sequence of numbers, made through an array's buffer: a step lays out a
+    dozen of them, and torch.tensor(list) parses each element (128 ints: 2.2 against 7.4 us; 512: 6.2
+    against 22 us; Zen 5). What an array will not take (floats for an int dtype, nested lists, a dtype
+    it has no code for) goes through torch.tensor, with its conversions."""
+    code = _ARRAY_CODES.get(dtype)
+    if code is not None and len(values):
+        try:
+            return torch.frombuffer(array.array(code, values), dtype=dtype)
+        except (TypeError, OverflowError):
+            pass
+    return torch.tensor(values, dtype=dtype)
 
 
 class HostCopy:

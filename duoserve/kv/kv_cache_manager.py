@@ -148,6 +148,14 @@ class KVCacheManager:
         `root_hash` roots the chain of a request new to the cache (Request.block_root).
         """
         table = self.tables.get(request_id)
+        end = num_computed + num_new
+        if (
+            table is not None
+            and not cached_blocks
+            and end <= len(table.block_ids) * self.block_size
+            and (not register or min(end, len(token_ids)) // self.block_size <= len(table.block_hashes))
+        ):
+            return True  # its blocks hold the tokens and none fills up: a decode's usual step
         held = len(table.block_ids) if table else 0
         num_cached_tokens = len(cached_blocks) * self.block_size
         needed = (
