@@ -97,21 +97,6 @@ def _compile(job: tuple[list[int], int, list[dict]]) -> int:
     return compiled
 
 
-def median_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def graph_us(fn, launches: int = 20, replays: int = 10) -> float:
     """Device time of one fn() in microseconds: `launches` calls captured in a CUDA graph, replayed. (Timed
     launch by launch, a decode of a small batch measures the host's launch cost, not the kernel.)"""
@@ -153,7 +138,7 @@ def main() -> None:
 
     src = torch.randn(1 << 29, device=device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 20) / 1e3)
+    bandwidth = 2 * src.numel() * 4 / (graph_us(lambda: dst.copy_(src), launches=5) / 1e6)
     kv_per_token = 2 * KV_HEADS * DIM * 2
     default = tk.gpu_tiles(sms)
     rows = []
