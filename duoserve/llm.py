@@ -111,7 +111,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2) as bar:
             while len(finished) < len(ids):
-                for output in self.engine.step():
+                for output in self.engine.step(final_only=True):
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)

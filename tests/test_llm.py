@@ -329,3 +329,37 @@ def test_the_offline_engine_imports_no_transport():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_final_only_steps_return_each_request_once_finished(tiny):
+    """LLM.generate's steps (`final_only`, vLLM's FINAL_ONLY): no output until a request ends, then the
+    same one that stepping with every update gives last, stop strings included."""
+    _, _, llm = tiny
+    prompts = [random_prompt(6, seed=s) for s in (1, 2, 3)]
+    _, text = greedy_run(llm, prompts[2])
+    stop = text.split(" ")[3]  # ends the third request early, through the text
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=[stop] if i == 2 else None)
+        for i, n in enumerate((3, 9, 12))
+    ]
+
+    def run(final_only: bool) -> tuple[dict, int]:
+        engine, last, count = llm.engine, {}, 0
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(f"final-{final_only}-{i}", prompt, p)
+        while engine.has_unfinished():
+            for out in engine.step(final_only=final_only):
+                assert out.finished or not final_only
+                count += out.finished
+                last[out.request_id.rsplit("-", 1)[1]] = out
+        return last, count
+
+    every, _ = run(False)
+    final, count = run(True)
+    assert count == 3 and final.keys() == every.keys()
+    for key, out in final.items():
+        assert out.outputs[0].token_ids == every[key].outputs[0].token_ids
+        assert out.outputs[0].text == every[key].outputs[0].text
+        assert out.outputs[0].finish_reason == every[key].outputs[0].finish_reason
+    assert final["2"].outputs[0].stop_reason == stop
+    assert_engine_idle(llm)

@@ -76,8 +76,9 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.processor.process(self.core.step())
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One engine step; the requests it updated (`final_only`: those it finished)."""
+        outputs, stopped = self.processor.process(self.core.step(), final_only)
         for seq_id in stopped:
             self.core.abort(seq_id)
         return outputs

@@ -56,14 +56,14 @@ class RequestState:
     def finished(self) -> bool:
         return all(seq.finish_reason is not None for seq in self.sequences.values())
 
-    def output(self) -> RequestOutput:
+    def output(self, finished: bool) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=self.prompt_logprobs,
             outputs=[seq.completion() for seq in self.sequences.values()],
-            finished=self.finished,
+            finished=finished,
             num_cached_tokens=self.num_cached_tokens,
             metrics=self.metrics,
         )
@@ -115,9 +115,13 @@ class OutputProcessor:
             self._owner.pop(seq_id, None)
         return [seq_id for seq_id, seq in state.sequences.items() if seq.finish_reason is None]
 
-    def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's core outputs. Returns the updated requests and the sequences that a
-        stop string ended (still running in the core: the caller aborts them)."""
+    def process(
+        self, outputs: list[CoreOutput], final_only: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's core outputs. Returns the updated requests (`final_only`: the finished ones
+        alone, as vLLM's FINAL_ONLY output kind: an offline caller reads nothing else, and a request's
+        output copies its tokens, O(length) each step) and the sequences that a stop string ended (still
+        running in the core: the caller aborts them)."""
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
         now = time.monotonic()
@@ -137,10 +141,12 @@ class OutputProcessor:
             touched[state.request_id] = state
         results = []
         for state in touched.values():
-            if state.finished:
+            finished = state.finished
+            if finished:
                 state.metrics.finished_time = now
                 self.remove(state.request_id)
-            results.append(state.output())
+            if finished or not final_only:
+                results.append(state.output(finished))
         return results, to_abort
 
     def _append(self, seq: SequenceState, out: CoreOutput) -> bool:
