@@ -7,21 +7,27 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
 1. Device copy bandwidth: a large device-to-device copy, bytes read + written over the median time.
 2. Correctness: the Triton backend against the torch backend on paged inputs of the model's shapes
    (decodes over long contexts, split over programs, and a mixed decode + prefill step), then one decode
-   step of the whole model on both backends (relative error of the logits).
+   step of the whole model on both backends, each against a float32 engine on the same weights and cache.
 3. Decode step of a 1B-class Llama (Llama 3.2 1B's shape, random bf16 weights) at each --batches size with
    --context-token contexts: the model forward replayed from its CUDA graph (and eager), plus the logits
    and argmax, timed with CUDA events (median). Roofline: (weight bytes + KV bytes read) / bandwidth.
    A/B of the layers' small ops, same model, same shapes, same run: fused into Triton kernels
    (`LlamaModel.fused_ops`, duoserve/models/triton_ops.py: norms with their residual adds, RoPE, the
    MLP's act(gate) * up) and unfused (torch's ops), each with its own graphs (`*_unfused` columns); and
-   the logits of one decode step both ways.
-4. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
+   the logits of one decode step both ways. At batches up to 8, also with the layers' projections through
+   the Triton GEMV (`*_gemv`: `LlamaModel.triton_gemv`, off by default).
+4. Where a graph-replayed decode step's time goes, kernel by kernel (torch.profiler), at batch 1 and 64.
+5. Prefill steps (eager) of 1 x 1024, 8 x 1024 and 64 x 128 new tokens against transformers' forward on
+   the same tokens and against the measured bf16 matmul rate (FLOPs of the step / that rate).
+6. Host time per engine decode step, by phase (benchmarks/engine_phases.py), synchronous and async.
+7. Offline throughput: --num-prompts random prompts of --input-len tokens, --output-len greedy tokens
    each, through duoserve's engine and through transformers `generate` (one static batch, no padding
    needed: equal lengths), same weights, same GPU. duoserve runs twice: steps synchronous, then with async
    scheduling (CUDA's default: the host schedules step n+1 while the GPU runs step n); the greedy tokens of
    both runs must be equal.
 
-Prints a markdown table of each part; with $OUT set (or --out), writes everything to gpu_suite.json there.
+Prints a markdown table of each part; with $OUT set (or --out), writes everything to gpu_suite.json there,
+after each part. A part that fails records its error and the next one runs; `--parts` picks some.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ PARTS = (
     "gemv_check",
     "decode",
     "profile",
+    "prefill",
     "engine_phases",
     "throughput",
 )
@@ -390,6 +397,69 @@ def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
     return rows
 
 
+def matmul_rate(device: torch.device, size: int, iters: int) -> float:
+    """FLOP/s of a square matmul in the model's dtype (the compute ceiling a prefill is held to)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / median_seconds(lambda: a @ a, device, iters)
+
+
+def time_prefill(core: EngineCore, hf_model, args, rate: float) -> list[dict]:
+    """Prefill steps (eager: they are never graphed) of `batch` new sequences of `length` tokens each: the
+    forward and the logits of each sequence's last token, against the same through transformers' model
+    (its decoder, then lm_head on the last positions: no logits for every position), and against the
+    compute ceiling: FLOPs (2 x matmul weights x tokens, causal attention, lm_head per sequence) / the
+    measured matmul rate."""
+    config = core.model_config
+    shapes = [(1, 16), (2, 8)] if args.smoke else [(1, 1024), (8, 1024), (64, 128)]
+    layer_weights = sum(m.weight.numel() for layer in core.model.layers for m in layer.linears())
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    bs = core.config.block_size
+    rows = []
+    for batch, length in shapes:
+        gen = torch.Generator().manual_seed(length)
+        per_seq = -(-length // bs)
+        chunks = [
+            SeqChunk(
+                torch.randint(3, config.vocab_size, (length,), generator=gen).tolist(),
+                0,
+                list(range(i * per_seq, (i + 1) * per_seq)),
+            )
+            for i in range(batch)
+        ]
+        layout = layout_batch(chunks, bs, core.device)
+        last = torch.tensor([start + length - 1 for start in layout.query_starts], device=core.device)
+        ids = torch.tensor([c.token_ids for c in chunks], device=core.device)
+
+        def ours(layout=layout, last=last):
+            hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
+            return core.model.compute_logits(hidden.index_select(0, last))
+
+        def theirs(ids=ids):
+            with torch.inference_mode():
+                hidden = hf_model.model(input_ids=ids).last_hidden_state
+                return hf_model.lm_head(hidden[:, -1])
+
+        ms = median_seconds(ours, core.device, args.iters) * 1e3
+        hf_ms = median_seconds(theirs, core.device, args.iters) * 1e3
+        tokens = batch * length
+        attention = config.num_hidden_layers * batch * 4 * heads * head_dim * length * (length + 1) / 2
+        flops = 2 * layer_weights * tokens + attention + 2 * config.hidden_size * config.vocab_size * batch
+        rows.append(
+            {
+                "batch": batch,
+                "length": length,
+                "ms": ms,
+                "tok_s": tokens / ms * 1e3,
+                "TFLOP_s": flops / ms / 1e9,
+                "of_matmul_rate": flops / (ms / 1e3) / rate,
+                "transformers_ms": hf_ms,
+                "speedup": hf_ms / ms,
+            }
+        )
+    return rows
+
+
 def check_gemv(core: EngineCore, context: int) -> dict:
     """One decode step of 4 rows with the layers' projections through the Triton matrix-vector kernel and
     through cuBLAS (logits' relative error; bf16 rounds the two sums differently)."""
@@ -638,6 +708,17 @@ def main() -> None:
             f"Kernels of one graph-replayed decode step, batch {batch} (ms per step)",
             rows=lambda r: r["top"] + [{"kernel": "all kernels", "ms": r["kernel_ms"]}],
         )
+
+    def prefill() -> list[dict]:
+        rate = matmul_rate(device, 256 if args.smoke else 8192, max(args.iters // 2, 2))
+        data["matmul_TFLOP_s"] = rate / 1e12
+        return time_prefill(core, hf_model, args, rate)
+
+    report.part(
+        "prefill",
+        prefill,
+        "Prefill steps (eager), against transformers' forward and the measured matmul rate",
+    )
     report.part(
         "engine_phases",
         lambda: engine_phases(core, args.num_prompts, args.input_len, args.output_len),
