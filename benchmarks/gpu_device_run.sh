@@ -5,7 +5,7 @@
 #   kernels compiled for the GPU). 2026-12-04 on an H200: the suite ~60 s, the tests ~2 min.
 # Everything lands in $OUT (gpu_suite.json, gpu_suite.log, pytest.log). Wheels in .whl/ (the packages the
 # machine's image lacks) are installed first. Each stage has its own time limit, so one that hangs still
-# leaves the others' results: SUITE_S + TESTS_S (+ 270 s with SWEEP=1) + ~20 s of set-up stays inside one
+# leaves the others' results: SUITE_S + TESTS_S (+ 390 s with SWEEP=1) + ~20 s of set-up stays inside one
 # 10-minute call.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -24,9 +24,11 @@ python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0
 nproc
 timeout "$SUITE_S" python3 benchmarks/gpu_suite.py "$@" 2>&1 | tee "$OUT/gpu_suite.log"
 echo "gpu_suite exit: ${PIPESTATUS[0]}"
-if [ "${SWEEP:-0}" = 1 ]; then  # the tile sweeps (~1 min each): decode attention, and the Triton GEMV
-    timeout 120 python3 benchmarks/triton_decode_sweep.py --out "$OUT" >"$OUT/sweep.log" 2>&1
-    echo "sweep exit: $?"; grep -A3 "^### batch\|^chosen" "$OUT/sweep.log"
+if [ "${SWEEP:-0}" = 1 ]; then  # the tile sweeps (~1 min each): decode and prefill attention, the Triton GEMV
+    for kind in decode prefill; do
+        timeout 120 python3 benchmarks/triton_attention_sweep.py --kind $kind --out "$OUT" >"$OUT/$kind-sweep.log" 2>&1
+        echo "$kind sweep exit: $?"; grep -A3 "^### \|^chosen" "$OUT/$kind-sweep.log"
+    done
     timeout 150 python3 benchmarks/triton_gemv_sweep.py --out "$OUT" >"$OUT/gemv_sweep.log" 2>&1
     echo "gemv sweep exit: $?"; grep -v "^{" "$OUT/gemv_sweep.log" | tail -32
 fi

@@ -111,8 +111,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run")
     parser.add_argument(
         "--tiles",
-        help="a JSON of the Triton kernels' Tiles to use instead of the default (triton_decode_sweep.py's "
-        "best_tiles.json): to measure a candidate whole before it becomes the default",
+        help="a JSON of the Triton kernels' Tiles to use instead of the default (triton_attention_sweep.py's "
+        "best_<kind>_tiles.json): to measure a candidate whole before it becomes the default",
     )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_suite.json")
     args = parser.parse_args()

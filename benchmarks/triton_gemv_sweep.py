@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from benchmarks.triton_decode_sweep import graph_us
+from benchmarks.triton_attention_sweep import graph_us
 from duoserve.models import triton_gemv as tg
 
 # Llama 3.2 1B: (name, outputs, inputs); lm_head for reference (cuBLAS reads it at the copy bandwidth).

@@ -55,6 +55,7 @@ class Tiles:
     target_programs: int  # decodes split their keys until about this many programs run
     store_tokens: int = 1  # new tokens per program of the KV store
     prefill_num_warps: int = 4
+    prefill_num_stages: int = 3  # Triton's default on NVIDIA (software pipelining of the key loop)
     decode_num_warps: int = 4
     decode_num_stages: int = 3  # Triton's default on NVIDIA (software pipelining of the key loop)
 
@@ -68,7 +69,7 @@ def tiles_for(device: torch.device) -> Tiles:
 
 
 def gpu_tiles(multiprocessors: int) -> Tiles:
-    """A GPU's tiles. The decode kernel's were swept on an H200 (benchmarks/triton_decode_sweep.py, Llama
+    """A GPU's tiles. The decode kernel's were swept on an H200 (benchmarks/triton_attention_sweep.py, Llama
     3.2 1B's heads over 1024-token contexts, each launch timed in a CUDA graph, 2026-12-04): 32 keys an
     iteration, 2 warps and 2 pipeline stages read the cache in 6.3 / 46.5 / 155 us at batch 1 / 64 / 256,
     against 6.5 / 66.6 / 197 us with 4 warps and Triton's 3 stages (the geometric mean of time over each
@@ -561,7 +562,7 @@ def paged_prefill(
         num_splits=1,
         decode=False,
         num_warps=tiles.prefill_num_warps,
-        num_stages=None,
+        num_stages=tiles.prefill_num_stages,
     )
 
 
@@ -646,7 +647,7 @@ def _attention(
         KV_FORMAT=kv_format,
         KV_UNIT=256.0 if kv_format == 2 else 1.0,
         num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        num_stages=num_stages,
     )
 
 
