@@ -329,18 +329,20 @@ def check_model(core_triton: EngineCore, core_torch: EngineCore, reference: Engi
     }
 
 
-def check_fused(core: EngineCore, context: int) -> dict:
-    """One decode step of the same model with its small ops fused (Triton) and unfused (torch)."""
+def check_switch(core: EngineCore, context: int, switch: str) -> dict:
+    """One decode step of 4 rows of the same model with one of its kernel switches off, then on:
+    `fused_ops` (small ops in Triton, or torch's) or `triton_gemv` (projections through the Triton GEMV,
+    or cuBLAS). The logits' relative error: bf16 rounds the two ways' sums differently."""
     layout = decode_layout(core, 4, context)
-    model, was = core.model, core.model.fused_ops
+    model, was = core.model, getattr(core.model, switch)
     logits = []
     try:
-        for fused in (False, True):
-            model.fused_ops = fused
+        for on in (False, True):
+            setattr(model, switch, on)
             hidden = model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
-            logits.append(model.compute_logits(hidden))
+            logits.append(model.compute_logits(hidden).float())
     finally:
-        model.fused_ops = was
+        setattr(model, switch, was)
     err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
     agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
     return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
@@ -458,23 +460,6 @@ def time_prefill(core: EngineCore, hf_model, args, rate: float) -> list[dict]:
             }
         )
     return rows
-
-
-def check_gemv(core: EngineCore, context: int) -> dict:
-    """One decode step of 4 rows with the layers' projections through the Triton matrix-vector kernel and
-    through cuBLAS (logits' relative error; bf16 rounds the two sums differently)."""
-    layout = decode_layout(core, 4, context)
-    logits = []
-    try:
-        for on in (False, True):
-            core.model.triton_gemv = on
-            hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
-            logits.append(core.model.compute_logits(hidden).float())
-    finally:
-        core.model.triton_gemv = False
-    err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
-    agree = (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean().item()
-    return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 2e-2}
 
 
 def throughput(core: EngineCore, hf_model, args) -> dict:
@@ -687,12 +672,12 @@ def main() -> None:
     report.part("model_check", model_check, "One decode step of the model, Triton vs torch backend")
     report.part(
         "fused_check",
-        lambda: check_fused(core, args.context),
+        lambda: check_switch(core, args.context, "fused_ops"),
         "One decode step, small ops fused (Triton) vs unfused (torch)",
     )
     report.part(
         "gemv_check",
-        lambda: check_gemv(core, args.context),
+        lambda: check_switch(core, args.context, "triton_gemv"),
         "One decode step, projections through the Triton matrix-vector kernel vs cuBLAS",
     )
     report.part(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +236,20 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition", interval
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def run_compiled_triton(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a Python process at the repository root with Triton compiling, not interpreting (the kernels
+    are defined that way at import, so it takes a process of its own), for a GPU target with the ptxas
+    Triton's wheel carries: skips the test where this Triton has none."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )

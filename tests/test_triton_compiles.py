@@ -9,17 +9,12 @@ the fused norm, RoPE and activation, and the matrix-vector kernel, in each dtype
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-triton = pytest.importorskip("triton")
+from tests.helpers import run_compiled_triton
 
-ROOT = Path(__file__).resolve().parents[1]
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+pytest.importorskip("triton")
+
 SELECTION = " or ".join(
     [
         "mixed_step",  # decode + prefill, float32/bfloat16/float16, windows and soft caps
@@ -33,18 +28,9 @@ SELECTION = " or ".join(
 )
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no NVIDIA backend to compile with")
 def test_kernels_compile_for_hopper() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)  # the script sets it where it records, and clears it to compile
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "triton_aot_check.py"), "--jobs", "2", "-k", SELECTION],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # (the script sets TRITON_INTERPRET where it records, and compiles without it)
+    result = run_compiled_triton(["benchmarks/triton_aot_check.py", "--jobs", "2", "-k", SELECTION])
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     compiled, _, total = summary.partition(" specializations")[0].partition(" of ")

@@ -34,6 +34,7 @@ class RequestStatus(enum.Enum):
 
 for _status in RequestStatus:
     _status.finished = _status.name.startswith("FINISHED_")
+del _status
 
 
 @dataclass

@@ -10,17 +10,12 @@ wheel carries ptxas) and its PTX must hold no FMA, in each dtype that rounds.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+from tests.helpers import run_compiled_triton
 
-ROOT = Path(__file__).resolve().parents[2]
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+pytest.importorskip("triton")
 
 # In a process of its own: the package's conftest makes this one's kernels interpreted ones.
 COMPILE = """
@@ -42,19 +37,9 @@ print(json.dumps({"fma": len(re.findall(r"\\bfma\\.", ptx)), "mul": len(re.finda
 """
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no NVIDIA backend to compile with")
 @pytest.mark.parametrize(("dtype", "rounding"), [("fp16", 2), ("bf16", 1)])
 def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE, dtype, str(rounding)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_compiled_triton(["-c", COMPILE, dtype, str(rounding)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts["mul"] > 0  # the products are there, as multiplies
