@@ -6,7 +6,8 @@
 # Everything lands in $OUT (gpu_suite.json, gpu_suite.log, pytest.log). Wheels in .whl/ (the packages the
 # machine's image lacks) are installed first. Each stage has its own time limit, so one that hangs still
 # leaves the others' results: SUITE_S + TESTS_S + ~20 s of set-up stays inside one 10-minute call. SWEEP=1
-# adds the tile sweeps (up to 390 s): with them, `SWEEP=1 SUITE_S=150 TESTS_S=0` (no tests) fits one call.
+# adds the tile sweeps (up to 390 s; SWEEPS="gemv prefill" picks some): with them, `SWEEP=1 SUITE_S=150
+# TESTS_S=0` (no tests) fits one call.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 SUITE_S=${SUITE_S:-150}
@@ -24,15 +25,18 @@ python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0
 nproc
 timeout "$SUITE_S" python3 benchmarks/gpu_suite.py "$@" 2>&1 | tee "$OUT/gpu_suite.log"
 echo "gpu_suite exit: ${PIPESTATUS[0]}"
-if [ "${SWEEP:-0}" = 1 ]; then  # the tile sweeps (~1 min each): decode and prefill attention, the Triton GEMV
+# The tile sweeps (~1-2 min each): SWEEP=1 runs all three, SWEEPS="gemv" (say) some.
+[ "${SWEEP:-0}" = 1 ] && SWEEPS=${SWEEPS:-decode prefill gemv}
+for kind in ${SWEEPS:-}; do
     # Their logs stay here (the JSONs under $OUT hold everything): the device tool brings back 8 files.
-    for kind in decode prefill; do
+    if [ "$kind" = gemv ]; then
+        timeout 150 python3 benchmarks/triton_gemv_sweep.py --out "$OUT" >/tmp/gemv-sweep.log 2>&1
+        echo "gemv sweep exit: $?"; grep -v "^{" /tmp/gemv-sweep.log | tail -32
+    else
         timeout 120 python3 benchmarks/triton_attention_sweep.py --kind $kind --out "$OUT" >"/tmp/$kind-sweep.log" 2>&1
         echo "$kind sweep exit: $?"; grep -A3 "^### \|^chosen" "/tmp/$kind-sweep.log"
-    done
-    timeout 150 python3 benchmarks/triton_gemv_sweep.py --out "$OUT" >/tmp/gemv-sweep.log 2>&1
-    echo "gemv sweep exit: $?"; grep -v "^{" /tmp/gemv-sweep.log | tail -32
-fi
+    fi
+done
 # The GPU's tests only: tests/attention/test_cpu_backend*.py would build the C++ CPU kernels (a minute of
 # device time; on the device's image, 2026-12-04, their argument checks crashed the process instead of
 # raising: not seen on any CPU host here, cause not established).

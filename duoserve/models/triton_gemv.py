@@ -25,6 +25,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 MAX_ROWS = 8  # the largest step it serves; more rows reuse each weight enough for cuBLAS's tiles
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ACC_PER_THREAD = 64  # float32 accumulators a thread holds at most before REDUCE_EACH (255 registers)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,12 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    REDUCE_EACH: tl.constexpr,
 ):
-    """Outputs [pid * BLOCK_N, +BLOCK_N) of every row: x [rows, k] times w [n, k] (row-major)."""
+    """Outputs [pid * BLOCK_N, +BLOCK_N) of every row: x [rows, k] times w [n, k] (row-major).
+
+    REDUCE_EACH: sum each slice's products at once (an [rows, BLOCK_N] accumulator) instead of once at
+    the end (an [rows, BLOCK_N, BLOCK_K] one): chosen where the latter would not fit in registers."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, ROWS_PAD)
     kk = tl.arange(0, BLOCK_K)
@@ -59,13 +64,20 @@ def _gemv_kernel(
     row_ok = r < rows
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + r.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([ROWS_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if REDUCE_EACH:
+        y = tl.zeros([ROWS_PAD, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         k_ok = (k0 + kk) < k
         w = tl.load(w_rows + (k0 + kk)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    y = tl.sum(acc, axis=2)
+        if REDUCE_EACH:
+            y += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        else:
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not REDUCE_EACH:
+        y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + r.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -96,6 +108,7 @@ def gemv(
         raise ValueError(f"gemv takes 1..{MAX_ROWS} rows of a matching float dtype (see gemv_applies)")
     rows, k = x.shape
     n = weight.shape[0]
+    rows_pad = 1 << (rows - 1).bit_length()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         x,
@@ -108,10 +121,11 @@ def gemv(
         x.stride(0),
         weight.stride(0),
         out.stride(0),
-        ROWS_PAD=1 << (rows - 1).bit_length(),
+        ROWS_PAD=rows_pad,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         HAS_BIAS=bias is not None,
+        REDUCE_EACH=rows_pad * tiles.block_n * tiles.block_k > _ACC_PER_THREAD * 32 * tiles.num_warps,
         num_warps=tiles.num_warps,
     )
     return out
