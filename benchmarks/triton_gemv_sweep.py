@@ -58,7 +58,7 @@ def grid(args) -> list[tg.GemvTiles]:
         tg.GemvTiles(block_n=n, block_k=k, num_warps=w)
         for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)
     ]
-    return list(dict.fromkeys([tg.GemvTiles(), *tiles]))
+    return list(dict.fromkeys([*(tg.tiles_for(n, k) for _, n, k in SHAPES), *tiles]))
 
 
 def _compile(job: tuple[list[int], list[dict]]) -> int:
@@ -119,7 +119,7 @@ def main() -> None:
                         "us": us,
                         "of_copy_bw": w.nbytes / (us / 1e6) / bandwidth,
                         "rel_err": err,
-                        "default": tiles == tg.GemvTiles(),
+                        "default": tiles == tg.tiles_for(n, k),
                     }
                 )
         del w

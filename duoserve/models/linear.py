@@ -114,7 +114,7 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
-        # A kernel module for steps of few rows, with gemv_applies(x, w) and gemv(x, w, bias): the GPU's
+        # A kernel module for steps of few rows, with gemv_chosen(x, w) and gemv(x, w, bias): the GPU's
         # models/triton_gemv, where LlamaModel.triton_gemv puts it; None: torch's matmul for every step.
         self.few_rows = None
 
@@ -128,7 +128,7 @@ class DenseLinear:
         return _nbytes(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is not None and self.few_rows.gemv_applies(x, self.weight):
+        if self.few_rows is not None and self.few_rows.gemv_chosen(x, self.weight):
             return self.few_rows.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

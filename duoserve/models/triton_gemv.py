@@ -2,15 +2,17 @@
 
 Why (measured on an H200, 2026-12-04, BENCHMARKS.md): at batch 1 a Llama 3.2 1B-shaped decode step spent
 0.81 ms in cuBLAS's matmuls against 0.59 ms for its 2.47 GB of weights at the copy bandwidth. lm_head and
-gate_up ran at 86-100% of it, but the 8-13 MB q/k/v and o projections at ~42% and down at 61%: too few
+gate_up ran near it, but the 8-13 MB q/k/v and o projections and the down projection well below: too few
 thread blocks to keep the memory busy. Here each program reads BLOCK_N whole weight rows (contiguous along
-K) once for all of the step's rows, in BLOCK_K slices, accumulating in float32 and reducing once at the
-end, so a 2048-wide o projection is 256 programs of 8 rows, about two per multiprocessor.
+K) once for all of the step's rows, in BLOCK_K slices, accumulating in float32.
 
-Not measured yet: no GPU was lent after it was written. `LlamaModel.triton_gemv` switches it on (off by
-default); benchmarks/gpu_suite.py times decode steps with and without it (`graph_ms_gemv`) and
-benchmarks/triton_gemv_sweep.py its tiles against cuBLAS, shape by shape. Under TRITON_INTERPRET=1 it runs
-on CPU tensors, for tests (tests/models/test_triton_gemv.py).
+Where it wins (benchmarks/triton_gemv_sweep.py on the H200, each launch in a CUDA graph, 2026-12-04): at
+one row q/k/v 4.36 us against cuBLAS's 5.41, o 3.94 against 5.41, down 8.92 against 11.23; at two rows
+5.20 / 4.52 / 10.48 against 5.54 / 5.47 / 11.24. gate_up (16384 outputs) and lm_head stay faster in cuBLAS
+(18.75 against 20.79 us at one row), and from 4 rows on cuBLAS wins every shape (its tiles reuse each
+weight across rows; ours multiply on the CUDA cores). So `gemv_chosen` takes 1-2 rows of weights of at
+most 8192 outputs, with the per-shape tiles of `tiles_for`. `LlamaModel.triton_gemv` switches it on.
+Under TRITON_INTERPRET=1 it runs on CPU tensors, for tests (tests/models/test_triton_gemv.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-MAX_ROWS = 8  # the largest step it serves; more rows reuse each weight enough for cuBLAS's tiles
+MAX_ROWS = 8  # the largest step it computes; more rows reuse each weight enough for cuBLAS's tiles
+CHOSEN_ROWS = 2  # the largest step where it beat cuBLAS (H200, module docstring)
+CHOSEN_OUTPUTS = 8192  # and the widest weight (gate_up's 16384 outputs and lm_head's ran faster in cuBLAS)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ACC_PER_THREAD = 64  # float32 accumulators a thread holds at most before REDUCE_EACH (255 registers)
 
@@ -100,14 +104,29 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def gemv_chosen(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a model's projection should run here rather than in torch's matmul: where it applies and
+    beat cuBLAS (the module docstring's measurements)."""
+    return x.shape[0] <= CHOSEN_ROWS and weight.shape[0] <= CHOSEN_OUTPUTS and gemv_applies(x, weight)
+
+
+def tiles_for(n: int, k: int) -> GemvTiles:
+    """Each Llama 1B projection's fastest tiles at one row in the sweep (module docstring): 4 weight rows a
+    program for 2048 outputs (o, down: 512 programs), 8 for more (q/k/v); 512 inputs a slice; 8 warps for
+    8192 inputs (down). The same tiles were fastest or within 3% at two rows."""
+    return GemvTiles(block_n=4 if n <= 2048 else 8, block_k=512, num_warps=8 if k >= 8192 else 4)
+
+
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: GemvTiles = GemvTiles()
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: GemvTiles | None = None
 ) -> torch.Tensor:
-    """x [rows, k] @ weight [n, k]^T (+ bias [n]) in x's dtype, accumulated in float32 (see gemv_applies)."""
+    """x [rows, k] @ weight [n, k]^T (+ bias [n]) in x's dtype, accumulated in float32 (see gemv_applies);
+    tiles: `tiles_for` the shape where None."""
     if not gemv_applies(x, weight):
         raise ValueError(f"gemv takes 1..{MAX_ROWS} rows of a matching float dtype (see gemv_applies)")
     rows, k = x.shape
     n = weight.shape[0]
+    tiles = tiles_for(n, k) if tiles is None else tiles
     rows_pad = 1 << (rows - 1).bit_length()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
@@ -131,4 +150,13 @@ def gemv(
     return out
 
 
-__all__ = ["INTERPRETED", "MAX_ROWS", "GemvTiles", "gemv", "gemv_applies"]
+__all__ = [
+    "CHOSEN_ROWS",
+    "INTERPRETED",
+    "MAX_ROWS",
+    "GemvTiles",
+    "gemv",
+    "gemv_applies",
+    "gemv_chosen",
+    "tiles_for",
+]

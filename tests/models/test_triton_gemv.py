@@ -62,6 +62,20 @@ def test_what_gemv_does_not_take() -> None:
         tg.gemv(torch.zeros(tg.MAX_ROWS + 1, 32, device=DEVICE), w)
 
 
+def test_gemv_chosen_where_it_beat_cublas() -> None:
+    """A model's projections take the kernel at 1-2 rows of weights up to 8192 outputs (q/k/v, o, down at
+    Llama 1B's shapes), cuBLAS otherwise (gate_up, lm_head; 3+ rows), as measured (module docstring)."""
+    x = torch.zeros(tg.CHOSEN_ROWS, 64, device=DEVICE)
+    assert tg.gemv_chosen(x, torch.zeros(tg.CHOSEN_OUTPUTS, 64, device=DEVICE))
+    assert not tg.gemv_chosen(x, torch.zeros(tg.CHOSEN_OUTPUTS + 1, 64, device=DEVICE))
+    assert not tg.gemv_chosen(
+        torch.zeros(tg.CHOSEN_ROWS + 1, 64, device=DEVICE), torch.zeros(8, 64, device=DEVICE)
+    )
+    assert not tg.gemv_chosen(x, torch.zeros(8, 32, device=DEVICE))  # and only where it applies
+    assert tg.tiles_for(2048, 8192) == tg.GemvTiles(block_n=4, block_k=512, num_warps=8)  # down
+    assert tg.tiles_for(3072, 2048) == tg.GemvTiles(block_n=8, block_k=512, num_warps=4)  # q/k/v
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_model_with_triton_gemv_equals_without(monkeypatch, dtype, tolerance) -> None:
     """One model, its projections switched: decode steps (2 rows) through the kernel, the prompt's step
