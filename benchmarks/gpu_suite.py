@@ -53,6 +53,7 @@ from duoserve.attention.triton_backend import TritonAttentionBackend  # noqa: E4
 from duoserve.config import EngineConfig  # noqa: E402
 from duoserve.engine.core import EngineCore  # noqa: E402
 from duoserve.engine.model_runner import DecodeGraphs, SeqChunk, layout_batch  # noqa: E402
+from duoserve.engine.sampler import argmax  # noqa: E402
 from duoserve.models.config import ModelConfig  # noqa: E402
 from duoserve.models.loader import LoadedModel  # noqa: E402
 from duoserve.sampling_params import SamplingParams  # noqa: E402
@@ -242,7 +243,7 @@ def decode_step(core: EngineCore, layout, graphs: DecodeGraphs | None):
             hidden = graphs.run(layout.input_ids, layout.positions, layout.meta)
         else:
             hidden = core.model.forward(layout.input_ids, layout.positions, core.kv_cache, layout.meta)
-        return core.model.compute_logits(hidden).argmax(-1)
+        return argmax(core.model.compute_logits(hidden))  # the engine's greedy sampling
 
     return step
 

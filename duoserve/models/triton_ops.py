@@ -1,5 +1,6 @@
 """A decode layer's small ops as Triton kernels, for the GPU path: RMSNorm (with the residual add before
-it), RoPE of q and k, and the MLP's act(gate) * up, one launch each.
+it), RoPE of q and k, and the MLP's act(gate) * up, one launch each; and greedy sampling's argmax over the
+logits (`argmax_rows`).
 
 In torch a Llama layer's norms and RoPE are ~30 elementwise launches (each norm: the add, two casts, the
 square, mean, rsqrt and two multiplies; RoPE per tensor: negation, cat, two multiplies and an add), each
@@ -381,6 +382,105 @@ def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         BLOCK=block,
         GELU=activation == "gelu_pytorch_tanh",
         ROUND=_KIND[gate_up.dtype],
+        num_warps=4,
+    )
+    return out
+
+
+# ------------------------------------------------------------------ greedy sampling's argmax
+
+ARGMAX_CHUNK = 4096  # logits a program reads: a 128k vocabulary is 32 programs a row
+_ARGMAX_BLOCK = 1024
+_argmax_counters: dict[torch.device, torch.Tensor] = {}  # per device, zero between launches
+
+
+@triton.jit
+def _argmax_kernel(
+    x_ptr,
+    stride_row,
+    vocab,
+    part_val,
+    part_idx,
+    counters,
+    out_ptr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr,
+):
+    """Program (row, c): the first index of the largest logit in chunk c of the row, then the row's last
+    program to finish (a counter per row, taken with acquire-release ordering) reduces the chunks' and sets
+    the counter back to 0 for the next launch. One launch, as many programs as a step's logits need."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    best_v = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_i = tl.zeros([BLOCK], dtype=tl.int32)
+    for k in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
+        idx = k + offs
+        v = tl.load(x_ptr + row * stride_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        better = v > best_v  # strictly: each lane keeps its earliest index of a tie
+        best_v = tl.where(better, v, best_v)
+        best_i = tl.where(better, idx, best_i)
+    m = tl.max(best_v, 0)
+    i = tl.min(tl.where(best_v == m, best_i, 2147483647), 0)  # the earliest index among the lanes' ties
+    tl.store(part_val + row * NUM_CHUNKS + c, m)
+    tl.store(part_idx + row * NUM_CHUNKS + c, i)
+    if tl.atomic_add(counters + row, 1, sem="acq_rel") == NUM_CHUNKS - 1:
+        cs = tl.arange(0, CHUNKS_PAD)
+        ok = cs < NUM_CHUNKS
+        # .cg: from L2, where the other programs' stores are, never a stale L1 line
+        vals = tl.load(part_val + row * NUM_CHUNKS + cs, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        idxs = tl.load(part_idx + row * NUM_CHUNKS + cs, mask=ok, other=2147483647, cache_modifier=".cg")
+        m = tl.max(vals, 0)
+        tl.store(out_ptr + row, tl.min(tl.where(vals == m, idxs, 2147483647), 0).to(tl.int64))
+        tl.atomic_xchg(counters + row, 0)
+
+
+def argmax_applies(x: torch.Tensor) -> bool:
+    """Whether `argmax_rows` takes these logits: a 2-D float tensor of contiguous rows, on CUDA (or the CPU
+    under the interpreter)."""
+    return (
+        (x.is_cuda or (x.is_cpu and INTERPRETED))
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and 0 < x.shape[1] < 2**31
+        and x.stride(1) == 1
+        and x.dtype in DTYPES
+    )
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of logits [rows, vocab] (int64, first index on ties) in one launch.
+
+    Why: torch's argmax over a 128k vocabulary took 27 us of a batch-1 decode step on an H200 (38 us at
+    batch 64; a whole step is 1.3 ms), one program walking each row; the CPU path's block trick
+    (sampler.argmax) is 4-5 launches. Here each row is read by ~32 programs of 4096 logits and the last to
+    finish reduces. NaN logits are passed over (torch's argmax would pick them): such a step is broken
+    either way. The counters are shared by the device's launches: one stream at a time (the engine's)."""
+    if not argmax_applies(x):
+        raise ValueError("argmax_rows takes 2-D float logits of contiguous rows (see argmax_applies)")
+    rows, vocab = x.shape
+    num_chunks = triton.cdiv(vocab, ARGMAX_CHUNK)
+    counters = _argmax_counters.get(x.device)
+    if counters is None or counters.numel() < rows:
+        counters = torch.zeros(max(rows, 256), dtype=torch.int32, device=x.device)
+        _argmax_counters[x.device] = counters
+    part_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
+    part_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    _argmax_kernel[(rows, num_chunks)](
+        x,
+        x.stride(0),
+        vocab,
+        part_val,
+        part_idx,
+        counters,
+        out,
+        CHUNK=ARGMAX_CHUNK,
+        BLOCK=_ARGMAX_BLOCK,
+        NUM_CHUNKS=num_chunks,
+        CHUNKS_PAD=_pow2(num_chunks),
         num_warps=4,
     )
     return out

@@ -175,6 +175,37 @@ def test_act_mul_matches_torch(dtype, inter, activation):
     assert not ops.act_mul_applies(gate_up, "relu")
 
 
+@pytest.mark.parametrize(
+    ("rows", "vocab"),
+    [(1, 128256), (5, 4096), (3, 9000), (2, 7)],  # 32 chunks; exactly one; a partial last one; tiny
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch_first_index_on_ties(rows, vocab, dtype):
+    """torch's argmax, ties to the earliest index: within a chunk's lane, across lanes, across chunks."""
+    gen = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=gen).to(dtype)
+    x[0, vocab // 3] = x[0, vocab - 1] = 50.0  # a tie across chunks (and lanes), the earlier must win
+    if rows > 1:
+        x[1] = 0.0  # all equal: index 0
+    if rows > 2:
+        x[2, :] = float("-inf")  # nothing above -inf: index 0, as torch
+    x = x.to(DEVICE)
+    assert ops.argmax_applies(x)
+    for _ in range(2):  # the counters are back at 0 after a launch
+        torch.testing.assert_close(ops.argmax_rows(x), x.argmax(-1), rtol=0, atol=0)
+    assert ops.argmax_rows(x[:, :-1]).tolist() == x[:, :-1].argmax(-1).tolist()  # strided rows
+
+
+def test_argmax_rows_what_it_does_not_take():
+    x = torch.zeros(2, 8, device=DEVICE)
+    assert not ops.argmax_applies(x.T)  # rows not contiguous
+    assert not ops.argmax_applies(x[0])  # 1-D
+    assert not ops.argmax_applies(x[:0])  # no rows
+    assert not ops.argmax_applies(x.long())
+    with pytest.raises(ValueError, match="argmax_rows"):
+        ops.argmax_rows(x.T)
+
+
 # ------------------------------------------------------------------ whole models
 
 FAMILIES = {
