@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 SELECTION = " or ".join(
     [
         "mixed_step",  # decode + prefill, float32/bfloat16/float16, windows and soft caps
+        "decode_matches_per_sequence",  # split decodes: reduced in the attention launch, or a second kernel
         "dequantized_pool",  # int8 and FP8 pools
         "prefill_over_cached_context",
         "(rope_in_place and 8-2-64-64)",

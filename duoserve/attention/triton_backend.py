@@ -1,7 +1,8 @@
 """The GPU backend: paged attention in Triton kernels that read K/V from the pool in place.
 
-Per layer: one kernel stores the step's new K/V at their slots, one attends every decode row (with a
-reduction kernel when a long context is split over several programs), one attends every prefill chunk
+Per layer: one kernel stores the step's new K/V at their slots, one attends every decode row (a long
+context split over several programs is combined by the last of them: this backend keeps their counters),
+one attends every prefill chunk
 (`triton_kernels.py` has the tiling). Nothing is gathered into a copy, and nothing waits on the GPU:
 decode launches depend only on tensor shapes, so a decode step can be captured in a CUDA graph
 (`engine/model_runner.py`) and replayed with new inputs.
@@ -31,6 +32,8 @@ from duoserve.attention.triton_kernels import (
 from duoserve.kv.layer import LayerKV, layer_kv
 from duoserve.kv.quant import as_bytes, quantize
 
+SPLIT_COUNTERS = 1 << 16  # 256 KiB: e.g. 8192 decode rows of 8 KV heads
+
 
 class TritonAttentionBackend:
     # Decode steps may be captured in CUDA graphs: no host sync, launch shapes from tensor shapes only.
@@ -49,6 +52,10 @@ class TritonAttentionBackend:
         self._tiles = None  # per device, read on first use (a CUDA query)
         self._meta: AttentionMetadata | None = None
         self._prefill: PrefillTiles | None = None
+        # Split decodes' counters (one per row and KV head; the kernels leave them at 0), allocated here
+        # so that no captured graph allocates them. Batches beyond this many (row, KV head) pairs reduce in
+        # a second kernel.
+        self._split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The prefill chunks' tile map is built by the first layer that needs it, shared by the rest."""
@@ -100,6 +107,7 @@ class TritonAttentionBackend:
                 meta.decode_context_lens,
                 scale,
                 self._tiles,
+                split_counters=self._split_counters,
                 **variant,
             )
         if meta.prefills:

@@ -14,8 +14,10 @@ before it. Scores go through an online softmax in float32 (base-2 exponentials, 
 
 Long contexts with few sequences would leave most of a GPU idle at one program per (sequence, KV head):
 decodes then split their keys over `num_splits` programs, each writing a partial output and its log-sum-exp,
-and a reduction kernel combines them. The split count depends only on shapes (batch size, heads, the
-table's width), never on the context lengths' values, so a captured CUDA graph stays valid across steps.
+and the last of them to finish combines them (a counter per row and KV head the caller keeps zeroed:
+`split_counters`), or, without counters, a reduction kernel after it. The split count depends only on
+shapes (batch size, heads, the table's width), never on the context lengths' values, so a captured CUDA
+graph stays valid across steps.
 
 The pools' dtype is taken from the tensors: float32/float16/bfloat16 caches under any model dtype, and
 1-byte caches (int8, FP8 E4M3/E5M2) with their per-row float16 scales (`kv_scales.py`): the attention
@@ -192,6 +194,7 @@ def _paged_attention_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    split_counters,
     q_ptr,
     k_pool,
     v_pool,
@@ -227,6 +230,8 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,  # split decodes: the last split of a (row, KV head) reduces (split_counters)
     DECODE: tl.constexpr,  # program (tile) i is decode row i; else tile_seqs/tile_tokens say which
     USE_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -360,6 +365,47 @@ def _paged_attention_kernel(
         # An empty split (past a short context) has lse -inf: it weighs nothing in the reduction.
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_valid)
+        if FUSED_REDUCE:
+            # The last of the row's splits to finish (its counter, taken with acquire-release ordering,
+            # so the others' partials are visible) combines them as _reduce_splits_kernel does, for the
+            # group's heads, and sets the counter back to 0 for the next launch: one launch a layer.
+            ticket = split_counters + seq * num_kv_heads + kv_head
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                first = (seq * num_heads + head) * NUM_SPLITS  # each row's split 0
+                sp = tl.arange(0, SPLITS_PAD)
+                all_lse = tl.load(  # .cg: from L2, where the other programs' stores are
+                    part_lse_ptr + first[:, None] + sp[None, :],
+                    mask=row_valid[:, None] & (sp < NUM_SPLITS)[None, :],
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                top = tl.max(all_lse, 1)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                mass = tl.sum(tl.exp2(all_lse - top[:, None]), 1)
+                combined = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+                for t in range(NUM_SPLITS):
+                    w = tl.exp2(
+                        tl.load(
+                            part_lse_ptr + first + t,
+                            mask=row_valid,
+                            other=float("-inf"),
+                            cache_modifier=".cg",
+                        )
+                        - top
+                    )
+                    piece = tl.load(
+                        part_out_ptr + (first + t)[:, None] * BLOCK_D + d[None, :],
+                        mask=q_mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    combined += piece * w[:, None]
+                combined = combined / tl.where(mass == 0.0, 1.0, mass)[:, None]
+                o_ptrs = (
+                    out_ptr + (row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+                )
+                tl.store(o_ptrs, combined.to(out_ptr.dtype.element_ty), mask=q_mask)
+                tl.atomic_xchg(ticket, 0)
 
 
 @triton.jit
@@ -420,11 +466,16 @@ def paged_decode(
     logits_soft_cap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    split_counters: torch.Tensor | None = None,
 ) -> None:
     """out[i] = attention of q[i] [heads, dim] (position context_lens[i] - 1) over that sequence's first
     context_lens[i] pooled tokens (their last `sliding_window` only; the entries before are never read).
     A row with context 0 (padding of a captured batch) gets zeros. 1-byte pools need k_scale and v_scale
-    (float16 [num_blocks, block_size, kv_heads]: each row's scale)."""
+    (float16 [num_blocks, block_size, kv_heads]: each row's scale).
+
+    split_counters: zeroed int32, at least one per (row, KV head), which the kernels leave zeroed (the
+    caller's to keep, not to share between streams): split decodes then reduce inside the attention launch
+    (its last split per row and head) instead of in a second kernel. None, or too few: the second kernel."""
     num_seqs, num_heads, dim = q.shape
     check_kv_scales(k_pool, k_scale, v_scale)
     if num_seqs == 0:
@@ -439,11 +490,13 @@ def paged_decode(
         parts = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
         lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     group = num_heads // kv_heads
+    fused = num_splits > 1 and split_counters is not None and split_counters.numel() >= num_seqs * kv_heads
     _attention(
         (num_seqs, kv_heads, num_splits),
         out,
         parts,
         lse,
+        split_counters if fused else lse,  # (not read unless fused)
         q,
         k_pool,
         v_pool,
@@ -463,11 +516,12 @@ def paged_decode(
         tokens=1,
         block_n=tiles.decode_block_n,
         num_splits=num_splits,
+        fused_reduce=fused,
         decode=True,
         num_warps=tiles.decode_num_warps,
         num_stages=tiles.decode_num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             out,
             parts,
@@ -541,6 +595,7 @@ def paged_prefill(
         out,
         out,
         out,
+        out,
         q,
         k_pool,
         v_pool,
@@ -571,6 +626,7 @@ def _attention(
     out,
     parts,
     lse,
+    split_counters,
     q,
     k_pool,
     v_pool,
@@ -594,6 +650,7 @@ def _attention(
     decode,
     num_warps,
     num_stages,
+    fused_reduce=False,
 ) -> None:
     dim = q.shape[2]
     kv_format = _KV_FORMATS.get(k_pool.dtype, 0)
@@ -603,6 +660,7 @@ def _attention(
         out,
         parts,
         lse,
+        split_counters,
         q,
         k_pool,
         v_pool,
@@ -638,6 +696,8 @@ def _attention(
         BLOCK_D=max(16, _pow2(dim)),
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        SPLITS_PAD=_pow2(num_splits),
+        FUSED_REDUCE=fused_reduce,
         DECODE=decode,
         USE_CAP=logits_soft_cap is not None,
         USE_WINDOW=sliding_window is not None,

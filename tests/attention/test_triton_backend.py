@@ -39,12 +39,25 @@ def _on(device, *tensors):
     return [t.to(device) for t in tensors]
 
 
-def _decode(q, k_pool, v_pool, tables, lens, *, num_splits=None, **variant):
+def _decode(q, k_pool, v_pool, tables, lens, *, num_splits=None, fused=True, **variant):
+    """fused: split decodes reduced by their last split (counters given), else by the reduction kernel."""
     q, k_pool, v_pool, tables, lens = _on(DEVICE, q, k_pool, v_pool, tables, lens)
     out = torch.full_like(q, float("nan"))  # every row must be written
+    counters = torch.zeros(q.shape[0] * k_pool.shape[2], dtype=torch.int32, device=DEVICE) if fused else None
     kernels.paged_decode(
-        out, q, k_pool, v_pool, tables, lens, q.shape[-1] ** -0.5, SMALL, num_splits=num_splits, **variant
+        out,
+        q,
+        k_pool,
+        v_pool,
+        tables,
+        lens,
+        q.shape[-1] ** -0.5,
+        SMALL,
+        num_splits=num_splits,
+        split_counters=counters,
+        **variant,
     )
+    assert counters is None or not counters.any()  # left at 0 for the next launch
     return out.cpu()
 
 
@@ -64,11 +77,12 @@ def test_decode_matches_per_sequence_attention(
     q, k_pool, v_pool, tables, lens_t = poisoned_case(heads, kv_heads, dim, block_size, lens, None)
     k_pool, v_pool, q = k_pool.to(kv_dtype), v_pool.to(kv_dtype), q.to(q_dtype)
     ref = _reference(q.float(), k_pool.float(), v_pool.float(), tables, lens_t, dim**-0.5)
-    # One program per (sequence, KV head); keys split over 3 (a reduction, some splits empty).
-    for num_splits in (1, 3):
-        out = _decode(q, k_pool, v_pool, tables, lens_t, num_splits=num_splits)
+    # One program per (sequence, KV head); keys split over 3 (some splits empty), reduced by the last
+    # split or by the reduction kernel.
+    for num_splits, fused in ((1, True), (3, True), (3, False)):
+        out = _decode(q, k_pool, v_pool, tables, lens_t, num_splits=num_splits, fused=fused)
         assert out.dtype == q_dtype and torch.isfinite(out).all()
-        assert rel_err(out, ref) < tolerance, num_splits
+        assert rel_err(out, ref) < tolerance, (num_splits, fused)
 
 
 @pytest.mark.parametrize("soft_cap", [None, 2.5])
@@ -95,8 +109,9 @@ def test_large_scores_do_not_overflow():
     q, k_pool, v_pool, tables, lens = poisoned_case(4, 2, 64, 16, [200, 37], None)
     q = q * 30
     ref = _reference(q, k_pool, v_pool, tables, lens, 0.125)
-    out = _decode(q, k_pool, v_pool, tables, lens, num_splits=4)
-    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
+    for fused in (True, False):
+        out = _decode(q, k_pool, v_pool, tables, lens, num_splits=4, fused=fused)
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
 
 
 def test_splits_depend_on_shapes_only():
