@@ -371,40 +371,35 @@ def _paged_attention_kernel(
             # group's heads, and sets the counter back to 0 for the next launch: one launch a layer.
             ticket = split_counters + seq * num_kv_heads + kv_head
             if tl.atomic_add(ticket, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                first = (seq * num_heads + head) * NUM_SPLITS  # each row's split 0
+                # Head by head (unrolled: the group's loads are all in flight at once; a loop over the
+                # splits instead, one dependent load after another, made the batch-1 attention launch
+                # 4 us longer on an H200), each head's [splits, dim] partials in one load. .cg: from L2,
+                # where the other programs' stores are.
                 sp = tl.arange(0, SPLITS_PAD)
-                all_lse = tl.load(  # .cg: from L2, where the other programs' stores are
-                    part_lse_ptr + first[:, None] + sp[None, :],
-                    mask=row_valid[:, None] & (sp < NUM_SPLITS)[None, :],
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                top = tl.max(all_lse, 1)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                mass = tl.sum(tl.exp2(all_lse - top[:, None]), 1)
-                combined = tl.zeros([TOKENS * GROUP_PAD, BLOCK_D], dtype=tl.float32)
-                for t in range(NUM_SPLITS):
-                    w = tl.exp2(
-                        tl.load(
-                            part_lse_ptr + first + t,
-                            mask=row_valid,
-                            other=float("-inf"),
-                            cache_modifier=".cg",
-                        )
-                        - top
+                for g1 in tl.static_range(GROUP):
+                    h1 = kv_head * GROUP + g1
+                    first = (seq * num_heads + h1) * NUM_SPLITS
+                    head_lse = tl.load(
+                        part_lse_ptr + first + sp,
+                        mask=sp < NUM_SPLITS,
+                        other=float("-inf"),
+                        cache_modifier=".cg",
                     )
-                    piece = tl.load(
-                        part_out_ptr + (first + t)[:, None] * BLOCK_D + d[None, :],
-                        mask=q_mask,
+                    pieces = tl.load(
+                        part_out_ptr + (first + sp)[:, None] * BLOCK_D + d[None, :],
+                        mask=(sp < NUM_SPLITS)[:, None],
                         other=0.0,
                         cache_modifier=".cg",
                     )
-                    combined += piece * w[:, None]
-                combined = combined / tl.where(mass == 0.0, 1.0, mass)[:, None]
-                o_ptrs = (
-                    out_ptr + (row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-                )
-                tl.store(o_ptrs, combined.to(out_ptr.dtype.element_ty), mask=q_mask)
+                    top = tl.max(head_lse, 0)
+                    w = tl.exp2(head_lse - tl.where(top == float("-inf"), 0.0, top))
+                    mass = tl.sum(w, 0)
+                    combined = tl.sum(pieces * w[:, None], 0) / tl.where(mass == 0.0, 1.0, mass)
+                    tl.store(
+                        out_ptr + row0 * stride_ot + h1 * stride_oh + d,
+                        combined.to(out_ptr.dtype.element_ty),
+                        mask=d_valid,
+                    )
                 tl.atomic_xchg(ticket, 0)
 
 
