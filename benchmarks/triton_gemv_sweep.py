@@ -1,11 +1,14 @@
 """Tile sweep of the Triton matrix-vector kernel (duoserve/models/triton_gemv.py) against cuBLAS (torch's
-F.linear) on a GPU: Llama 3.2 1B's projections at 1, 2, 4 and 8 rows, bf16.
+F.linear) on a GPU: Llama 3.2 1B's projections at 1 and 2 rows (--rows), bf16.
 
     PYTHONPATH=. python benchmarks/triton_gemv_sweep.py --out DIR     # DIR/gemv_sweep.json
 
 Each product is checked against F.linear (relative error), then timed inside a CUDA graph (20 launches a
 graph, median of 10 replays; launched one by one, a microsecond kernel's time is the host's launch cost)
-and given as the weight bandwidth it reaches against the device copy bandwidth. The kernels compile first
+and given as the weight bandwidth it reaches against the device copy bandwidth. The launches cycle through
+copies of the weight filling 4x the L2 cache, so that each reads its weight from HBM as a model's step does:
+the first sweep (2026-12-04) re-read one 8-33 MB weight, which the H200's 60 MB L2 held, and its winners
+lost to cuBLAS in the whole step. The kernels compile first
 in --jobs processes (Triton's disk cache). Prints, per shape and row count, cuBLAS, the default tiles and
 the best ones; and which tiles are best over all shapes at each row count (the geometric mean of time over
 each shape's best), with the whole layer's time (q/k/v, o, gate_up, down) both ways.
@@ -29,13 +32,12 @@ import torch.nn.functional as F
 from benchmarks.triton_attention_sweep import graph_us
 from duoserve.models import triton_gemv as tg
 
-# Llama 3.2 1B: (name, outputs, inputs); lm_head for reference (cuBLAS reads it at the copy bandwidth).
+# Llama 3.2 1B's layer: (name, outputs, inputs). (lm_head: cuBLAS read it at the copy bandwidth.)
 SHAPES = [
     ("qkv", 3072, 2048),
     ("o", 2048, 2048),
     ("gate_up", 16384, 2048),
     ("down", 2048, 8192),
-    ("lm_head", 128256, 2048),
 ]
 LAYER = ("qkv", "o", "gate_up", "down")
 
@@ -44,10 +46,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--block-n", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--block-k", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--split-k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     return parser.parse_args()
@@ -55,25 +58,25 @@ def parse_args() -> argparse.Namespace:
 
 def grid(args) -> list[tg.GemvTiles]:
     tiles = [
-        tg.GemvTiles(block_n=n, block_k=k, num_warps=w)
-        for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)
+        tg.GemvTiles(block_n=n, block_k=k, num_warps=w, split_k=sk)
+        for n, k, w, sk in itertools.product(args.block_n, args.block_k, args.warps, args.split_k)
     ]
     return list(dict.fromkeys([*(tg.tiles_for(n, k) for _, n, k in SHAPES), *tiles]))
 
 
 def _compile(job: tuple[list[int], list[dict]]) -> int:
-    """A worker: one launch per row count and tiles (the kernel specialises on both, not on the shape)."""
+    """A worker: one launch per row count, tiles and input width of SHAPES (the kernel specialises on the
+    row count, the tiles and the splits a width leaves, not on the outputs)."""
     rows_list, tile_dicts = job
-    w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    widths = sorted({k for _, _, k in SHAPES})
     done = 0
-    for rows, tiles in itertools.product(rows_list, tile_dicts):
+    for rows, tiles, k in itertools.product(rows_list, tile_dicts, widths):
+        w = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
         try:
-            tg.gemv(
-                torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16), w, None, tg.GemvTiles(**tiles)
-            )
+            tg.gemv(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), w, None, tg.GemvTiles(**tiles))
             done += 1
         except Exception as error:  # noqa: BLE001 - reported; the timing skips it too
-            print(f"{tiles} at {rows} rows: {str(error).splitlines()[0][:200]}", flush=True)
+            print(f"{tiles} at {rows} rows, {k} inputs: {str(error).splitlines()[0][:200]}", flush=True)
     torch.cuda.synchronize()
     return done
 
@@ -88,19 +91,19 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_compile, [(args.rows, chunk) for chunk in chunks]))
 
-    src = torch.randn(1 << 29, device=device)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / (graph_us(lambda s=src, d=dst: d.copy_(s), launches=5) / 1e6)
-    del src, dst
+    bandwidth = copy_bandwidth(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     for name, n, k in SHAPES:
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) / k**0.5
+        copies = [w] + [w.clone() for _ in range(-(-4 * l2 // w.nbytes) - 1)]  # 4x L2 of weights
+        cold = itertools.cycle(copies).__next__  # each launch the next copy: read from HBM
         for rows in args.rows:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen)
             want = F.linear(x, w).float()
-            base = {"shape": name, "rows": rows, "n": n, "k": k}
-            us = graph_us(lambda x=x, w=w: F.linear(x, w))
+            base = {"shape": name, "rows": rows, "n": n, "k": k, "copies": len(copies)}
+            us = graph_us(lambda x=x, c=cold: F.linear(x, c()))
             rows_out.append(
                 {**base, "kernel": "cublas", "us": us, "of_copy_bw": w.nbytes / (us / 1e6) / bandwidth}
             )
@@ -110,7 +113,7 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - reported by the compile step
                     continue
                 err = ((got - want).norm() / want.norm()).item()
-                us = graph_us(lambda x=x, w=w, t=tiles: tg.gemv(x, w, None, t))
+                us = graph_us(lambda x=x, t=tiles, c=cold: tg.gemv(x, c(), None, t))
                 rows_out.append(
                     {
                         **base,
@@ -122,7 +125,7 @@ def main() -> None:
                         "default": tiles == tg.tiles_for(n, k),
                     }
                 )
-        del w
+        del w, copies
     report = {
         "device": torch.cuda.get_device_name(device),
         "copy_bandwidth_GBs": bandwidth / 1e9,
@@ -138,9 +141,24 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write), median of 10 (CUDA events)."""
+    src = torch.randn(1 << 29, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.nbytes / statistics.median(times[2:])
+
+
 def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None:
     def key(r: dict) -> tuple:
-        return (r["block_n"], r["block_k"], r["num_warps"])
+        return (r["block_n"], r["block_k"], r["num_warps"], r["split_k"])
 
     triton_rows = [r for r in rows_out if r["kernel"] == "triton" and r["rel_err"] < 1e-2]
     report["chosen"] = {}
@@ -154,7 +172,9 @@ def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None
             if len(times) == len(SHAPES):
                 scores[tiles] = math.exp(statistics.fmean(math.log(t) for t in times))
         chosen = min(scores, key=scores.get)
-        report["chosen"][rows] = {"block_n": chosen[0], "block_k": chosen[1], "num_warps": chosen[2]}
+        report["chosen"][rows] = dict(
+            zip(("block_n", "block_k", "num_warps", "split_k"), chosen, strict=True)
+        )
         layer = {"cublas": 0.0, "chosen": 0.0}
         for shape, _, _ in SHAPES:
             cublas = next(
