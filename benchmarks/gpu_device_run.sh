@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's device check in one command, for a lent H100/H200 (BENCHMARKS.md, GPU section):
-#   the machine's versions and clocks, benchmarks/gpu_suite.py (figures and correctness; arguments are
-#   passed on to it), then the CUDA tests (graphs, async scheduling without a host sync, the Triton
+#   the machine's versions and clocks, the tile sweeps asked for (below), benchmarks/gpu_suite.py (figures
+#   and correctness; arguments are passed on to it), then the CUDA tests (graphs, async scheduling without a host sync, the Triton
 #   kernels compiled for the GPU). 2026-12-04 on an H200: the suite ~60 s, the tests ~2 min.
 # Everything lands in $OUT (gpu_suite.json, gpu_suite.log, pytest.log). Wheels in .whl/ (the packages the
 # machine's image lacks) are installed first. Each stage has its own time limit, so one that hangs still
@@ -23,8 +23,6 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__)"
 nproc
-timeout "$SUITE_S" python3 benchmarks/gpu_suite.py "$@" 2>&1 | tee "$OUT/gpu_suite.log"
-echo "gpu_suite exit: ${PIPESTATUS[0]}"
 # The tile sweeps (~1-2 min each): SWEEP=1 runs all three, SWEEPS="gemv" (say) some.
 [ "${SWEEP:-0}" = 1 ] && SWEEPS=${SWEEPS:-decode prefill gemv}
 for kind in ${SWEEPS:-}; do
@@ -37,13 +35,20 @@ for kind in ${SWEEPS:-}; do
         echo "$kind sweep exit: $?"; grep -A3 "^### \|^chosen" "/tmp/$kind-sweep.log"
     fi
 done
+# The suite's GEMV variants take the GEMV sweep's fastest tiles where it ran (before the suite, above).
+GEMV_TILES=()
+[ -f "$OUT/gemv_sweep.json" ] && GEMV_TILES=(--gemv-tiles "$OUT/gemv_sweep.json")
+timeout "$SUITE_S" python3 benchmarks/gpu_suite.py "${GEMV_TILES[@]}" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
+echo "gpu_suite exit: ${PIPESTATUS[0]}"
 # The GPU's tests only: tests/attention/test_cpu_backend*.py would build the C++ CPU kernels (a minute of
 # device time; on the device's image, 2026-12-04, their argument checks crashed the process instead of
 # raising: not seen on any CPU host here, cause not established).
-[ "$TESTS_S" -gt 0 ] && timeout "$TESTS_S" python3 -m pytest -q -n 8 -p no:cacheprovider \
+# -v and SIGINT at the limit: the log names each test as it ends and, where one hangs, where (2026-12-04's
+# second run: nothing at all came back in 200 s).
+[ "$TESTS_S" -gt 0 ] && timeout -k 15 -s INT "$TESTS_S" python3 -m pytest -v -n 8 -p no:cacheprovider --durations=10 \
     tests/engine/test_model_runner.py tests/engine/test_async_scheduling.py \
     tests/attention/test_triton_backend.py tests/attention/test_triton_kernels_quantized.py \
     tests/attention/test_torch_backend.py tests/models/test_triton_ops.py tests/models/test_triton_gemv.py \
     >"$OUT/pytest.log" 2>&1
 echo "pytest exit: $?"
-[ -f "$OUT/pytest.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -30
+[ -f "$OUT/pytest.log" ] && grep -E "FAILED|ERROR|passed|failed|KeyboardInterrupt|Timeout" "$OUT/pytest.log" | tail -30

@@ -115,6 +115,11 @@ def parse_args() -> argparse.Namespace:
         help="a JSON of the Triton kernels' Tiles to use instead of the default (triton_attention_sweep.py's "
         "best_<kind>_tiles.json): to measure a candidate whole before it becomes the default",
     )
+    parser.add_argument(
+        "--gemv-tiles",
+        help="a GEMV sweep's JSON (triton_gemv_sweep.py's gemv_sweep.json): the Triton GEMV variants take "
+        "each shape's fastest tiles there",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_suite.json")
     args = parser.parse_args()
     full = dict(batches=[1, 64, 256], context=1024, num_prompts=128, input_len=128, output_len=128, iters=20)
@@ -352,54 +357,65 @@ def check_switch(core: EngineCore, context: int, switch: str) -> dict:
     return {"logits_rel_err": err, "argmax_agreement": agree, "ok": err < 4e-2}
 
 
-def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
-    """Per batch size: graph and eager step times with the small ops fused (the engine's default on CUDA)
-    and unfused (`*_unfused`: torch's ops; graphs of their own, as a captured graph keeps its kernels);
-    and at batches the Triton matrix-vector kernel takes (models/triton_gemv.py, off by default), fused
-    with the layers' projections through it (`*_gemv`: `LlamaModel.triton_gemv`, graphs of their own)."""
-    from duoserve.models import triton_gemv
+# Switches a decode step can be timed with, each way its own graphs (a captured graph keeps its kernels):
+# name suffix -> (settings, the largest batch it applies to). Settings: LlamaModel.fused_ops (small ops in
+# Triton or torch), LlamaModel.triton_gemv (projections through models/triton_gemv.py at 1-2 rows, off by
+# default), the Triton backend's fused_split_reduce (split decodes reduced in the attention launch).
+DEFAULTS = {"fused_ops": True, "triton_gemv": False, "fused_split_reduce": True}
+VARIANTS = {
+    "": ({}, None),
+    "_unfused": ({"fused_ops": False}, None),
+    "_gemv": ({"triton_gemv": True}, 2),
+    "_split_kernel": ({"fused_split_reduce": False}, 64),
+}
 
+
+def switch(core: EngineCore, settings: dict) -> None:
+    """The model's and its attention backend's switches to DEFAULTS updated by `settings`."""
+    for name, on in {**DEFAULTS, **settings}.items():
+        owner = core.model.attention if name == "fused_split_reduce" else core.model
+        if hasattr(owner, name):
+            setattr(owner, name, on)
+
+
+def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
+    """Per batch size: graph and eager step times with the engine's defaults on CUDA, and with each of
+    VARIANTS' switches (`graph_ms_unfused`, `graph_ms_gemv`, ...; graphs of their own) where it applies."""
     spec = core.kv_cache.spec
     kv_per_token = spec.bytes_per_block // spec.block_size
     weights = weight_bytes(core)
-    model, was = core.model, core.model.fused_ops
 
     def graphs() -> DecodeGraphs | None:
         if core.decode_graphs is None:
             return None
-        return DecodeGraphs(model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
+        return DecodeGraphs(core.model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
 
-    variants = [(True, False, core.decode_graphs, ""), (False, False, graphs(), "_unfused")]
-    gemv_variant = (True, True, graphs(), "_gemv")
+    step_graphs = {suffix: core.decode_graphs if not suffix else graphs() for suffix in VARIANTS}
     rows = []
     try:
         for batch in args.batches:
             layout = decode_layout(core, batch, args.context)
             row = {"batch": batch, "context": args.context}
-            for fused, gemv, step_graphs, suffix in variants + [gemv_variant] * (
-                batch <= triton_gemv.MAX_ROWS
-            ):
-                # graphs are captured on a size's first run, with the kernels switched on then
-                model.fused_ops, model.triton_gemv = fused, gemv
-                if step_graphs is not None:
-                    step = decode_step(core, layout, step_graphs)
+            for suffix, (settings, most) in VARIANTS.items():
+                if most is not None and batch > most:
+                    continue
+                switch(core, settings)  # graphs are captured on a size's first run, with these switches
+                if step_graphs[suffix] is not None:
+                    step = decode_step(core, layout, step_graphs[suffix])
                     row["graph_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
                 step = decode_step(core, layout, None)
                 row["eager_ms" + suffix] = median_seconds(step, core.device, args.iters) * 1e3
             kv_bytes = batch * args.context * kv_per_token
             row["weight_MB"], row["kv_MB"] = weights / 1e6, kv_bytes / 1e6
             row["roofline_ms"] = (weights + kv_bytes) / bandwidth * 1e3
-            best = row.get("graph_ms", row["eager_ms"])
-            best_unfused = row.get("graph_ms_unfused", row["eager_ms_unfused"])
-            row["ratio"] = best / row["roofline_ms"]
-            row["ratio_unfused"] = best_unfused / row["roofline_ms"]
-            row["fused_speedup"] = best_unfused / best
-            if "eager_ms_gemv" in row:
-                row["ratio_gemv"] = row.get("graph_ms_gemv", row["eager_ms_gemv"]) / row["roofline_ms"]
-            row["tok_s"] = batch / best * 1e3
+            for suffix in VARIANTS:
+                if "eager_ms" + suffix in row:
+                    best = row.get("graph_ms" + suffix, row["eager_ms" + suffix])
+                    row["ratio" + suffix] = best / row["roofline_ms"]
+            row["tok_s"] = batch / row.get("graph_ms", row["eager_ms"]) * 1e3
             rows.append(row)
     finally:
-        model.fused_ops, model.triton_gemv = was, False
+        switch(core, {})
     return rows
 
 
@@ -547,15 +563,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def profile_step(core: EngineCore, batch: int, context: int, top: int = 12) -> dict:
+def profile_step(
+    core: EngineCore, batch: int, context: int, top: int = 12, settings: dict | None = None
+) -> dict:
     """Kernel times of one decode step replayed from its graph (torch.profiler, CUDA activity): where a
     step's time goes, kernel by kernel; the top `top` kernels by total time. (On a CPU, --smoke: the
-    eager step's ops by self time, to exercise this.)"""
-    from torch.profiler import ProfilerActivity, profile
-
+    eager step's ops by self time, to exercise this.) settings: switches (VARIANTS), graphs of their own."""
     cuda = core.device.type == "cuda"
     layout = decode_layout(core, batch, context)
-    step = decode_step(core, layout, core.decode_graphs)
+    graphs = core.decode_graphs
+    if settings and graphs is not None:
+        graphs = DecodeGraphs(core.model, core.kv_cache, core.config.max_num_seqs, core.max_model_len)
+    switch(core, settings or {})
+    try:
+        return _profile(core, decode_step(core, layout, graphs), batch, top, cuda)
+    finally:
+        switch(core, {})
+
+
+def _profile(core: EngineCore, step, batch: int, top: int, cuda: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(3):
         step()
     _sync(core.device)
@@ -591,6 +619,26 @@ def use_tiles(path: str) -> triton_kernels.Tiles:
     triton_backend.tiles_for = lambda device: tiles
     print(f"tiles: {tiles}")
     return tiles
+
+
+def use_gemv_tiles(path: str) -> dict:
+    """The Triton GEMV takes, at 1-2 rows, exactly the shapes where a sweep's fastest tiles at one row beat
+    cuBLAS (benchmarks/triton_gemv_sweep.py's gemv_sweep.json, "fastest"), with those tiles: the
+    module's `gemv_chosen` and `tiles_for` replaced, for this process."""
+    from duoserve.models import triton_gemv
+
+    with open(path) as f:
+        fastest = json.load(f)["fastest"]["1"]
+    table = {
+        (t["n"], t["k"]): triton_gemv.GemvTiles(**t["tiles"])
+        for t in fastest.values()
+        if t["us"] < t["cublas_us"]
+    }
+    default, applies = triton_gemv.tiles_for, triton_gemv.gemv_applies
+    triton_gemv.tiles_for = lambda n, k: table.get((n, k)) or default(n, k)
+    triton_gemv.gemv_chosen = lambda x, w: x.shape[0] <= 2 and tuple(w.shape) in table and applies(x, w)
+    print(f"GEMV tiles: {table}")
+    return {f"{n}x{k}": dataclasses.asdict(t) for (n, k), t in table.items()}
 
 
 class Report:
@@ -634,6 +682,7 @@ def main() -> None:
     import triton
 
     tiles = use_tiles(args.tiles) if args.tiles else None
+    gemv_tiles = use_gemv_tiles(args.gemv_tiles) if args.gemv_tiles else None
     report = Report(
         args.out,
         args.parts,
@@ -642,6 +691,7 @@ def main() -> None:
         triton=triton.__version__,
         args=vars(args),
         tiles=None if tiles is None else dataclasses.asdict(tiles),
+        gemv_tiles=gemv_tiles,
     )
     data = report.data
     t0 = time.perf_counter()
@@ -688,13 +738,19 @@ def main() -> None:
         "decode",
         lambda: time_decode(core, args, bandwidth),
         "Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
-        "small ops fused (default) and `_unfused`",
+        "the engine's defaults, and each VARIANTS switch (`_unfused`, `_gemv`, `_split_kernel`)",
     )
-    for batch in sorted({min(args.batches), 64 if not args.smoke else max(args.batches)}):
+    smallest = min(args.batches)
+    for batch, settings in (
+        (smallest, {}),
+        (64 if not args.smoke else max(args.batches), {}),
+        (smallest, {"triton_gemv": True}),
+    ):
+        label = "".join(f"_{k}" for k in settings)
         report.part(
-            f"profile_b{batch}",
-            lambda b=batch: profile_step(core, b, args.context),
-            f"Kernels of one graph-replayed decode step, batch {batch} (ms per step)",
+            f"profile_b{batch}{label}",
+            lambda b=batch, s=settings: profile_step(core, b, args.context, settings=s),
+            f"Kernels of one graph-replayed decode step, batch {batch} {settings or ''} (ms per step)",
             rows=lambda r: r["top"] + [{"kernel": "all kernels", "ms": r["kernel_ms"]}],
         )
 

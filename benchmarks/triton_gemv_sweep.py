@@ -176,12 +176,13 @@ def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None
             zip(("block_n", "block_k", "num_warps", "split_k"), chosen, strict=True)
         )
         layer = {"cublas": 0.0, "chosen": 0.0}
+        fastest_of = {}
         for shape, _, _ in SHAPES:
             cublas = next(
                 r for r in rows_out if r["kernel"] == "cublas" and r["rows"] == rows and r["shape"] == shape
             )
             pick = next(r for r in mine if r["shape"] == shape and key(r) == chosen)
-            fastest = min((r for r in mine if r["shape"] == shape), key=lambda r: r["us"])
+            fastest = fastest_of[shape] = min((r for r in mine if r["shape"] == shape), key=lambda r: r["us"])
             default = next((r for r in mine if r["shape"] == shape and r["default"]), None)
             print(
                 f"{shape:8s} cublas {cublas['us']:7.2f} ({cublas['of_copy_bw']:.0%})  "
@@ -197,6 +198,22 @@ def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None
             f"{layer['cublas']:.1f} us, Triton {layer['chosen']:.1f} us"
         )
         report["chosen"][rows]["layer_us"] = layer
+        report.setdefault("fastest", {})[rows] = {
+            shape: {
+                "n": n,
+                "k": k,
+                "tiles": dict(
+                    zip(("block_n", "block_k", "num_warps", "split_k"), key(fastest_of[shape]), strict=True)
+                ),
+                "us": fastest_of[shape]["us"],
+                "cublas_us": next(
+                    r["us"]
+                    for r in rows_out
+                    if r["kernel"] == "cublas" and r["rows"] == rows and r["shape"] == shape
+                ),
+            }
+            for shape, n, k in SHAPES
+        }
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ class TritonAttentionBackend:
         # so that no captured graph allocates them. Batches beyond this many (row, KV head) pairs reduce in
         # a second kernel.
         self._split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        # False: split decodes reduce in a second kernel (benchmarks/gpu_suite.py times both ways). A
+        # captured graph keeps the way it was captured with.
+        self.fused_split_reduce = True
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The prefill chunks' tile map is built by the first layer that needs it, shared by the rest."""
@@ -107,7 +110,7 @@ class TritonAttentionBackend:
                 meta.decode_context_lens,
                 scale,
                 self._tiles,
-                split_counters=self._split_counters,
+                split_counters=self._split_counters if self.fused_split_reduce else None,
                 **variant,
             )
         if meta.prefills:
