@@ -360,13 +360,15 @@ def check_switch(core: EngineCore, context: int, switch: str) -> dict:
 # Switches a decode step can be timed with, each way its own graphs (a captured graph keeps its kernels):
 # name suffix -> (settings, the largest batch it applies to). Settings: LlamaModel.fused_ops (small ops in
 # Triton or torch), LlamaModel.triton_gemv (projections through models/triton_gemv.py at 1-2 rows, off by
-# default), the Triton backend's fused_split_reduce (split decodes reduced in the attention launch).
-DEFAULTS = {"fused_ops": True, "triton_gemv": False, "fused_split_reduce": True}
+# default), the Triton backend's fused_split_reduce (split decodes reduced in the attention launch),
+# LlamaModel.fused_rope_store (the KV store in RoPE's launch).
+DEFAULTS = {"fused_ops": True, "triton_gemv": False, "fused_split_reduce": True, "fused_rope_store": True}
 VARIANTS = {
     "": ({}, None),
     "_unfused": ({"fused_ops": False}, None),
     "_gemv": ({"triton_gemv": True}, 2),
     "_split_kernel": ({"fused_split_reduce": False}, 64),
+    "_store_kernel": ({"fused_rope_store": False}, 64),
 }
 
 
@@ -738,7 +740,7 @@ def main() -> None:
         "decode",
         lambda: time_decode(core, args, bandwidth),
         "Decode step (forward + logits + argmax), roofline = (weights + KV read) / copy bandwidth; "
-        "the engine's defaults, and each VARIANTS switch (`_unfused`, `_gemv`, `_split_kernel`)",
+        "the engine's defaults, and each of VARIANTS' switches (suffixes)",
     )
     smallest = min(args.batches)
     for batch, settings in (

@@ -52,13 +52,23 @@ class TritonAttentionBackend:
         self._tiles = None  # per device, read on first use (a CUDA query)
         self._meta: AttentionMetadata | None = None
         self._prefill: PrefillTiles | None = None
-        # Split decodes' counters (one per row and KV head; the kernels leave them at 0), allocated here
-        # so that no captured graph allocates them. Batches beyond this many (row, KV head) pairs reduce in
-        # a second kernel.
-        self._split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        # Split decodes' counters (one per row and KV head; the kernels leave them at 0), allocated on
+        # the first forward: an eager one (a decode graph is captured after an eager warm-up
+        # run), so no captured graph allocates them. Batches beyond SPLIT_COUNTERS (row, KV head) pairs
+        # reduce in a second kernel.
+        self._split_counters: torch.Tensor | None = None
         # False: split decodes reduce in a second kernel (benchmarks/gpu_suite.py times both ways). A
         # captured graph keeps the way it was captured with.
         self.fused_split_reduce = True
+
+    def model_store_pools(
+        self, kv_cache: LayerKV | tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's K and V pools where the caller may write a step's K/V itself (then `forward` with
+        kv_stored=True): float pools, [num_blocks, block_size, kv_heads, head_dim], a token's slot block *
+        block_size + row. None for 1-byte pools (quantized and stored with their scales here)."""
+        kv = layer_kv(kv_cache)
+        return None if kv.quantized else (kv.k, kv.v)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The prefill chunks' tile map is built by the first layer that needs it, shared by the rest."""
@@ -76,14 +86,24 @@ class TritonAttentionBackend:
         *,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
+        """kv_stored: the caller already wrote k and v into the pools `model_store_pools` gave it (the
+        model's fused RoPE + store, models/triton_ops.rope_qk_store_)."""
         check_variant(sliding_window, logits_soft_cap)
         if self._tiles is None:
             self._tiles = tiles_for(q.device)
+        if self._split_counters is None:
+            self._split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=q.device)
         kv = layer_kv(kv_cache)
         k_pool, v_pool = kv.k, kv.v
         scales = {}
-        if kv.quantized:
+        if kv_stored:
+            if kv.quantized:
+                raise ValueError(
+                    "kv_stored: a 1-byte pool's K/V are quantized and stored here, not by the caller"
+                )
+        elif kv.quantized:
             scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
             (k, k_rows), (v, v_rows) = quantize(k, k_pool.dtype), quantize(v, v_pool.dtype)
             store_kv(

@@ -224,6 +224,17 @@ class LlamaModel:
         self.ops.triton = bool(on)
 
     @property
+    def fused_rope_store(self) -> bool:
+        """With `fused_ops`: whether RoPE's launch also writes the step's K/V into the cache, where the
+        attention backend lets the model store (the Triton backend's float pools), instead of the
+        backend's own store launch. On by default; settable (benchmarks/gpu_suite.py times both)."""
+        return self.ops.rope_store
+
+    @fused_rope_store.setter
+    def fused_rope_store(self, on: bool) -> None:
+        self.ops.rope_store = bool(on)
+
+    @property
     def triton_gemv(self) -> bool:
         """Whether the layers' dense projections run steps of up to 8 rows through duoserve's Triton
         matrix-vector kernel (models/triton_gemv.py) instead of torch's matmul. Off by default: prepared
@@ -336,6 +347,9 @@ class SmallOps:
     the CPU's C++ ops where they apply (`_cpu_ops`), torch's elsewhere."""
 
     triton: bool = False
+    # With triton: RoPE writes the step's K/V into the cache too where the attention backend lets it
+    # (`model_store_pools`): one launch instead of two a layer (LlamaModel.fused_rope_store).
+    rope_store: bool = True
 
 
 @functools.cache
@@ -417,6 +431,17 @@ def _rope_qk(
     return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
+def _rope_store(q, k, v, cos, sin, attention: AttentionBackend, kv_cache, meta: AttentionMetadata) -> bool:
+    """RoPE of q and k and the store of k and v into the layer's cache in one Triton launch, where the
+    backend gives the pools (`model_store_pools`) and the kernel takes the step; whether it ran."""
+    pools_of = getattr(attention, "model_store_pools", None)
+    pools = None if pools_of is None else pools_of(kv_cache)
+    if pools is None or not _triton_ops().rope_store_applies(q, k, v, cos, sin, *pools, meta.slot_mapping):
+        return False
+    _triton_ops().rope_qk_store_(q, k, v, cos, sin, *pools, meta.slot_mapping)
+    return True
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' rotate_half RoPE on the first r dims: x [T, heads, dim], cos/sin [T, 1, r]."""
     rotary = cos.shape[-1]
@@ -475,18 +500,26 @@ class _Layer:
         x, h = (x, self.input_norm(x)) if delta is None else self.input_norm.add(x, delta)
         q, k, v = self.qkv(h).split(self.qkv_sizes, dim=-1)
         q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+        v = v.view(-1, num_kv_heads, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope_qk(q, k, cos, sin, self.ops.triton)
+        stored = (
+            self.ops.triton
+            and self.ops.rope_store
+            and _rope_store(q, k, v, cos, sin, attention, kv_cache, meta)
+        )
+        if not stored:
+            q, k = _rope_qk(q, k, cos, sin, self.ops.triton)
         attn = attention.forward(
             q,
             k,
-            v.view(-1, num_kv_heads, head_dim),
+            v,
             kv_cache,
             meta,
             scale,
             sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap,
+            **({"kv_stored": True} if stored else {}),  # (only backends with model_store_pools take it)
         )
         x, h = self.mlp_norm.add(x, _maybe(self.attn_out_norm, self.o_proj(attn.flatten(1))))
         return x, _maybe(self.mlp_out_norm, self.mlp(h))

@@ -22,6 +22,8 @@ They compute what llama.py's torch ops compute, rounding where those round:
   table per step, shared by all layers; every rope type, default/linear/llama3/YaRN/LongRoPE, is only
   a different table). x*cos, rotated*sin and their sum are each rounded to the dtype, as torch's three
   ops round them, so bfloat16/float16 results equal torch's bit for bit.
+  `rope_qk_store_` also writes the rotated K and V into a float KV pool (the attention backend's store,
+  in the same launch: the Triton backend then skips its own, `kv_stored`).
 - `act_mul`: SwiGLU's silu(gate) * up and GeGLU's tanh-GELU(gate) * up of the fused gate/up output, the
   activation rounded to the dtype before the product, as torch's two ops round (the activation itself
   from exp, within float32 ulps of torch's).
@@ -217,7 +219,8 @@ def _rope_heads(
     HALF_PAD: tl.constexpr,
     ROUND: tl.constexpr,
 ):
-    """One token's heads in place: x[:half] * c1 - x[half:] * s1, x[half:] * c2 + x[:half] * s2."""
+    """One token's heads in place: x[:half] * c1 - x[half:] * s1, x[half:] * c2 + x[:half] * s2 (also
+    returned, in float32: [heads, half] each)."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < NUM_HEADS) & (i < HALF)
@@ -230,6 +233,7 @@ def _rope_heads(
     new_hi = _round(_round(hi * c2, ROUND) + _round(lo * s2, ROUND), ROUND)
     tl.store(lo_ptrs, new_lo.to(dtype), mask=mask)
     tl.store(lo_ptrs + HALF, new_hi.to(dtype), mask=mask)
+    return new_lo, new_hi
 
 
 @triton.jit
@@ -244,6 +248,16 @@ def _rope_qk_kernel(
     stride_kh,
     stride_ct,
     stride_st,
+    v_ptr,
+    k_pool,
+    v_pool,
+    slots,
+    stride_vt,
+    stride_vh,
+    stride_pb,
+    stride_pt,
+    stride_ph,
+    block_size,
     NUM_Q_HEADS: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
@@ -251,8 +265,11 @@ def _rope_qk_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     ROUND: tl.constexpr,
+    STORE: tl.constexpr,  # also the token's rotated K and its V into the pools at its slot
 ):
-    """One token per program: its cos/sin row loaded once for every head of q and of k."""
+    """One token per program: its cos/sin row loaded once for every head of q and of k. With STORE, the
+    KV store's work too (attention/triton_kernels.store_kv's, for a float pool of [blocks, block_size,
+    kv_heads, dim]; a negative slot, a padded row, writes nothing): one launch instead of two."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF_PAD)[None, :]
     mask = i < HALF
@@ -262,7 +279,23 @@ def _rope_qk_kernel(
     s2 = tl.load(sin_ptr + t * stride_st + HALF + i, mask=mask, other=0.0).to(tl.float32)
     q_row, k_row = q_ptr + t * stride_qt, k_ptr + t * stride_kt
     _rope_heads(q_row, stride_qh, c1, s1, c2, s2, NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD, ROUND)
-    _rope_heads(k_row, stride_kh, c1, s1, c2, s2, NUM_K_HEADS, K_HEADS_PAD, HALF, HALF_PAD, ROUND)
+    k_lo, k_hi = _rope_heads(
+        k_row, stride_kh, c1, s1, c2, s2, NUM_K_HEADS, K_HEADS_PAD, HALF, HALF_PAD, ROUND
+    )
+    if STORE:
+        slot = tl.load(slots + t)
+        if slot >= 0:  # (a padded row: nothing)
+            h = tl.arange(0, K_HEADS_PAD)[:, None]
+            dest = (slot // block_size) * stride_pb + (slot % block_size) * stride_pt + h * stride_ph
+            kv_mask = (h < NUM_K_HEADS) & (i < HALF)
+            tl.store(k_pool + dest + i, k_lo.to(k_pool.dtype.element_ty), mask=kv_mask)
+            tl.store(k_pool + dest + HALF + i, k_hi.to(k_pool.dtype.element_ty), mask=kv_mask)
+            # V's row in its two halves, as K's (full rotary: the head size is 2 * HALF)
+            v_row = v_ptr + t * stride_vt + h * stride_vh + i
+            v_lo = tl.load(v_row, mask=kv_mask, other=0.0)
+            v_hi = tl.load(v_row + HALF, mask=kv_mask, other=0.0)
+            tl.store(v_pool + dest + i, v_lo.to(v_pool.dtype.element_ty), mask=kv_mask)
+            tl.store(v_pool + dest + HALF + i, v_hi.to(v_pool.dtype.element_ty), mask=kv_mask)
 
 
 def rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -290,14 +323,66 @@ def rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     )
 
 
+def rope_store_applies(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> bool:
+    """Whether `rope_qk_store_` takes this step: `rope_applies`, full rotary (the pool rows are the
+    rotated halves), v shaped as k with contiguous dims, float pools [blocks, block_size, kv_heads, dim]
+    of equal strides with contiguous dims, a slot per token."""
+    return (
+        rope_applies(q, k, cos, sin)
+        and cos.shape[-1] == q.shape[-1]
+        and v.shape == k.shape
+        and v.stride(-1) == 1
+        and k_pool.dim() == 4
+        and k_pool.shape == v_pool.shape
+        and k_pool.stride() == v_pool.stride()
+        and k_pool.stride(-1) == 1
+        and k_pool.shape[2:] == k.shape[1:]
+        and k_pool.dtype in DTYPES
+        and v_pool.dtype in DTYPES
+        and slot_mapping.shape == (q.shape[0],)
+        and not slot_mapping.is_floating_point()
+    )
+
+
+def rope_qk_store_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """RoPE of q and k in place and the rotated K with V into the pools at slot_mapping [T] (block *
+    block_size + row; negative: not stored), one launch (see rope_store_applies). Measured reason: the RoPE
+    and KV store launches were ~2 us each of a layer's ~80 on an H200 at batch 1 (BENCHMARKS.md)."""
+    _rope_launch(q, k, cos, sin, (v, k_pool, v_pool, slot_mapping))
+
+
 def rope_qk_(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q [T, heads, dim] and k [T, kv_heads, dim] in place (one launch); returns them."""
+    _rope_launch(q, k, cos, sin, None)
+    return q, k
+
+
+def _rope_launch(q, k, cos, sin, store) -> None:
     tokens = q.shape[0]
     if tokens == 0:
-        return q, k
+        return
     half = cos.shape[-1] // 2
+    v, k_pool, v_pool, slots = store if store is not None else (q, q, q, q)  # (not read without STORE)
     _rope_qk_kernel[(tokens,)](
         q,
         k,
@@ -309,6 +394,16 @@ def rope_qk_(
         k.stride(1),
         cos.stride(0),
         sin.stride(0),
+        v,
+        k_pool,
+        v_pool,
+        slots,
+        v.stride(0),
+        v.stride(1),
+        k_pool.stride(0) if store is not None else 0,
+        k_pool.stride(1) if store is not None else 0,
+        k_pool.stride(2) if store is not None else 0,
+        k_pool.shape[1] if store is not None else 1,
         NUM_Q_HEADS=q.shape[1],
         Q_HEADS_PAD=_pow2(q.shape[1]),
         NUM_K_HEADS=k.shape[1],
@@ -316,9 +411,9 @@ def rope_qk_(
         HALF=half,
         HALF_PAD=_pow2(half),
         ROUND=_KIND[q.dtype],
+        STORE=store is not None,
         num_warps=_warps(_pow2(q.shape[1]) * _pow2(half)),
     )
-    return q, k
 
 
 # ------------------------------------------------------------------ the MLP's activation

@@ -155,6 +155,75 @@ def test_rope_of_no_tokens_and_what_it_does_not_take():
     assert not ops.rope_applies(strided_dims, k, cos, cos)  # a head's dims not contiguous
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"), [(8, 2, 64, 5), (6, 3, 128, 16)])
+@pytest.mark.parametrize(("dtype", "pool_dtype"), [*((d, d) for d in DTYPES), (torch.float32, torch.float16)])
+def test_rope_store_equals_rope_then_the_backends_store(dtype, pool_dtype, heads, kv_heads, dim, block_size):
+    """One launch: q and k rotated in place exactly as rope_qk_ rotates them, and the pools exactly as the
+    Triton backend's store_kv leaves them (rotated K, V, cast to the pool's dtype; a padded row, slot -1,
+    writes nothing)."""
+    from duoserve.attention.triton_kernels import store_kv
+
+    gen = torch.Generator().manual_seed(dim + block_size)
+    tokens = 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype).to(DEVICE)
+    angles = torch.randn(tokens, 1, dim, generator=gen) * 3
+    cos, sin = angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+    slots = torch.tensor([3, 17, -1, 0, 9, 22], device=DEVICE)  # scattered over blocks; one padded row
+
+    def split(t):
+        q, k, v = t.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        return q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+
+    pools = [
+        torch.randn(6, block_size, kv_heads, dim, generator=gen).to(pool_dtype).to(DEVICE) for _ in (0, 1)
+    ]
+    want_pools = [p.clone() for p in pools]
+    want_q, want_k, want_v = split(qkv.clone())
+    ops.rope_qk_(want_q, want_k, cos, sin)
+    store_kv(want_k, want_v, *want_pools, slots)
+    q, k, v = split(qkv)
+    assert ops.rope_store_applies(q, k, v, cos, sin, *pools, slots)
+    ops.rope_qk_store_(q, k, v, cos, sin, *pools, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    for ours, want in zip(pools, want_pools, strict=True):
+        assert torch.equal(ours, want)
+
+
+def test_what_rope_store_does_not_take():
+    q, k, v = (torch.randn(2, h, 16, device=DEVICE) for h in (4, 2, 2))
+    cos = torch.randn(2, 1, 16, device=DEVICE)
+    pools = [torch.zeros(3, 4, 2, 16, device=DEVICE) for _ in (0, 1)]
+    slots = torch.tensor([0, 5], device=DEVICE)
+    assert ops.rope_store_applies(q, k, v, cos, cos, *pools, slots)
+    assert not ops.rope_store_applies(q, k, v, cos[..., :8], cos[..., :8], *pools, slots)  # partial rotary
+    int8 = [p.to(torch.int8) for p in pools]
+    assert not ops.rope_store_applies(q, k, v, cos, cos, *int8, slots)  # 1-byte pools: the backend's
+    assert not ops.rope_store_applies(q, k, v, cos, cos, pools[0], pools[1][:, :2], slots)  # pools differ
+    assert not ops.rope_store_applies(q, k, v, cos, cos, *pools, slots[:1])  # a slot per token
+
+
+def test_model_stores_kv_in_its_rope_launch_on_the_triton_backend(monkeypatch):
+    """A model on the Triton backend: RoPE's launch writes the cache (the backend's store launch never
+    runs), with the same greedy tokens and bit-identical logits as RoPE then the backend's store."""
+    from duoserve.attention import triton_backend
+    from duoserve.attention.triton_backend import TritonAttentionBackend
+
+    config = FAMILIES["llama3"]
+    model = LlamaModel(
+        config, random_weights(config), TritonAttentionBackend(DEVICE), DEVICE, torch.float32, 64
+    )
+    assert model.fused_ops and model.fused_rope_store
+    stores = []
+    original = triton_backend.store_kv
+    monkeypatch.setattr(triton_backend, "store_kv", lambda *a, **kw: stores.append(1) or original(*a, **kw))
+    fused_tokens, fused_logits = greedy(model, config, torch.float32, 3)
+    assert not stores
+    model.fused_rope_store = False
+    plain_tokens, plain_logits = greedy(model, config, torch.float32, 3)
+    assert len(stores) == 3 * config.num_hidden_layers
+    assert fused_tokens == plain_tokens and torch.equal(fused_logits, plain_logits)
+
+
 # ------------------------------------------------------------------ the MLP's activation
 
 

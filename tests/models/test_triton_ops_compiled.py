@@ -25,12 +25,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from duoserve.models import triton_ops
 
-dtype, rounding = sys.argv[1], int(sys.argv[2])
-pointers = {name: "*" + dtype for name in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr")}
-strides = {"stride_" + name: "i32" for name in ("qt", "qh", "kt", "kh", "ct", "st")}
+dtype, rounding, store = sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3]))
+names = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "v_ptr", "k_pool", "v_pool")
+pointers = {**{name: "*" + dtype for name in names}, "slots": "*i64"}
+strides = {"stride_" + s: "i32" for s in ("qt", "qh", "kt", "kh", "ct", "st", "vt", "vh", "pb", "pt", "ph")}
 sizes = {"NUM_Q_HEADS": 8, "Q_HEADS_PAD": 8, "NUM_K_HEADS": 2, "K_HEADS_PAD": 2, "HALF": 32, "HALF_PAD": 32}
-constants = {**sizes, "ROUND": rounding}
-signature = {**pointers, **strides, **{name: "constexpr" for name in constants}}
+constants = {**sizes, "ROUND": rounding, "STORE": store}
+signature = {**pointers, **strides, "block_size": "i32", **{name: "constexpr" for name in constants}}
 source = ASTSource(triton_ops._rope_qk_kernel, signature, constants)
 ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 print(json.dumps({"fma": len(re.findall(r"\\bfma\\.", ptx)), "mul": len(re.findall(r"\\bmul\\.f32", ptx))}))
@@ -38,8 +39,9 @@ print(json.dumps({"fma": len(re.findall(r"\\bfma\\.", ptx)), "mul": len(re.finda
 
 
 @pytest.mark.parametrize(("dtype", "rounding"), [("fp16", 2), ("bf16", 1)])
-def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int) -> None:
-    result = run_compiled_triton(["-c", COMPILE, dtype, str(rounding)], timeout=300)
+@pytest.mark.parametrize("store", [0, 1])  # RoPE alone, and with the KV store in its launch
+def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int, store: int) -> None:
+    result = run_compiled_triton(["-c", COMPILE, dtype, str(rounding), str(store)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts["mul"] > 0  # the products are there, as multiplies
