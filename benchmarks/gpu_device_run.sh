@@ -23,21 +23,21 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__)"
 nproc
-# The tile sweeps (~1-2 min each): SWEEP=1 runs all three, SWEEPS="gemv" (say) some.
+# The tile sweeps (~1-2 min each): SWEEP=1 runs all three, SWEEPS="gemv" (say) some; SWEEP_S limits each.
 [ "${SWEEP:-0}" = 1 ] && SWEEPS=${SWEEPS:-decode prefill gemv}
 for kind in ${SWEEPS:-}; do
     # Their logs stay here (the JSONs under $OUT hold everything): the device tool brings back 8 files.
     if [ "$kind" = gemv ]; then
-        timeout 150 python3 benchmarks/triton_gemv_sweep.py --out "$OUT" >/tmp/gemv-sweep.log 2>&1
+        timeout "${SWEEP_S:-150}" python3 benchmarks/triton_gemv_sweep.py --out "$OUT" >/tmp/gemv-sweep.log 2>&1
         echo "gemv sweep exit: $?"; grep -v "^{" /tmp/gemv-sweep.log | tail -32
     else
-        timeout 120 python3 benchmarks/triton_attention_sweep.py --kind $kind --out "$OUT" >"/tmp/$kind-sweep.log" 2>&1
+        timeout "${SWEEP_S:-120}" python3 benchmarks/triton_attention_sweep.py --kind $kind --out "$OUT" >"/tmp/$kind-sweep.log" 2>&1
         echo "$kind sweep exit: $?"; grep -A3 "^### \|^chosen" "/tmp/$kind-sweep.log"
     fi
 done
 # The suite's GEMV variants take the GEMV sweep's fastest tiles where it ran (before the suite, above).
 GEMV_TILES=()
-[ -f "$OUT/gemv_sweep.json" ] && GEMV_TILES=(--gemv-tiles "$OUT/gemv_sweep.json")
+grep -qs '"fastest"' "$OUT/gemv_sweep.json" && GEMV_TILES=(--gemv-tiles "$OUT/gemv_sweep.json")
 timeout "$SUITE_S" python3 benchmarks/gpu_suite.py "${GEMV_TILES[@]}" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
 echo "gpu_suite exit: ${PIPESTATUS[0]}"
 # The GPU's tests only: tests/attention/test_cpu_backend*.py would build the C++ CPU kernels (a minute of

@@ -361,21 +361,41 @@ def check_switch(core: EngineCore, context: int, switch: str) -> dict:
 # name suffix -> (settings, the largest batch it applies to). Settings: LlamaModel.fused_ops (small ops in
 # Triton or torch), LlamaModel.triton_gemv (projections through models/triton_gemv.py at 1-2 rows, off by
 # default), the Triton backend's fused_split_reduce (split decodes reduced in the attention launch),
-# LlamaModel.fused_rope_store (the KV store in RoPE's launch).
-DEFAULTS = {"fused_ops": True, "triton_gemv": False, "fused_split_reduce": True, "fused_rope_store": True}
+# LlamaModel.fused_rope_store (the KV store in RoPE's launch), and the decode split target (programs per
+# multiprocessor; None: the backend's tiles, 4 on the H200).
+DEFAULTS = {
+    "fused_ops": True,
+    "triton_gemv": False,
+    "fused_split_reduce": True,
+    "fused_rope_store": True,
+    "programs_per_sm": None,
+}
 VARIANTS = {
     "": ({}, None),
     "_unfused": ({"fused_ops": False}, None),
     "_gemv": ({"triton_gemv": True}, 2),
     "_split_kernel": ({"fused_split_reduce": False}, 64),
     "_store_kernel": ({"fused_rope_store": False}, 64),
+    "_splits16": ({"programs_per_sm": 16}, 64),  # batch 64 splits 4 ways instead of 2
 }
+
+
+_BACKEND_TILES: dict[int, triton_kernels.Tiles] = {}
 
 
 def switch(core: EngineCore, settings: dict) -> None:
     """The model's and its attention backend's switches to DEFAULTS updated by `settings`."""
+    attention = core.model.attention
     for name, on in {**DEFAULTS, **settings}.items():
-        owner = core.model.attention if name == "fused_split_reduce" else core.model
+        if name == "programs_per_sm":
+            if getattr(attention, "_tiles", None) is not None and core.device.type == "cuda":
+                sms = torch.cuda.get_device_properties(core.device).multi_processor_count
+                tiles = _BACKEND_TILES.setdefault(id(attention), attention._tiles)  # as first seen
+                attention._tiles = (
+                    tiles if on is None else dataclasses.replace(tiles, target_programs=on * sms)
+                )
+            continue
+        owner = attention if name == "fused_split_reduce" else core.model
         if hasattr(owner, name):
             setattr(owner, name, on)
 
