@@ -11,12 +11,14 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
 3. Decode step of a 1B-class Llama (Llama 3.2 1B's shape, random bf16 weights) at each --batches size with
    --context-token contexts: the model forward replayed from its CUDA graph (and eager), plus the logits
    and argmax, timed with CUDA events (median). Roofline: (weight bytes + KV bytes read) / bandwidth.
-   A/B of the layers' small ops, same model, same shapes, same run: fused into Triton kernels
-   (`LlamaModel.fused_ops`, duoserve/models/triton_ops.py: norms with their residual adds, RoPE, the
-   MLP's act(gate) * up) and unfused (torch's ops), each with its own graphs (`*_unfused` columns); and
-   the logits of one decode step both ways. At batches up to 8, also with the layers' projections through
-   the Triton GEMV (`*_gemv`: `LlamaModel.triton_gemv`, off by default).
-4. Where a graph-replayed decode step's time goes, kernel by kernel (torch.profiler), at batch 1 and 64.
+   A/B of each of the engine's GPU switches, same model, same shapes, same run, each way with its own
+   graphs (VARIANTS: `*_unfused` columns: torch's ops instead of the fused Triton norms, RoPE and
+   act(gate) * up of duoserve/models/triton_ops.py; `*_cublas`: 1-2 rows of every projection through
+   cuBLAS instead of the Triton GEMV; `*_split_kernel`, `*_store_kernel`: split decodes reduced, and the
+   KV stored, in launches of their own; `*_splits16`: 4x the decode split target); and the logits of one
+   decode step with the fused ops and with the GEMV switched off and on.
+4. Where a graph-replayed decode step's time goes, kernel by kernel (torch.profiler), at batch 1 and 64,
+   and at batch 1 with cuBLAS for every projection.
 5. Prefill steps (eager) of 1 x 1024, 8 x 1024 and 64 x 128 new tokens against transformers' forward on
    the same tokens and against the measured bf16 matmul rate (FLOPs of the step / that rate).
 6. Host time per engine decode step, by phase (benchmarks/engine_phases.py), synchronous and async.
@@ -359,50 +361,48 @@ def check_switch(core: EngineCore, context: int, switch: str) -> dict:
 
 # Switches a decode step can be timed with, each way its own graphs (a captured graph keeps its kernels):
 # name suffix -> (settings, the largest batch it applies to). Settings: LlamaModel.fused_ops (small ops in
-# Triton or torch), LlamaModel.triton_gemv (projections through models/triton_gemv.py at 1-2 rows, off by
-# default), the Triton backend's fused_split_reduce (split decodes reduced in the attention launch),
-# LlamaModel.fused_rope_store (the KV store in RoPE's launch), and the decode split target (programs per
-# multiprocessor; None: the backend's tiles, 4 on the H200).
-DEFAULTS = {
-    "fused_ops": True,
-    "triton_gemv": False,
-    "fused_split_reduce": True,
-    "fused_rope_store": True,
-    "programs_per_sm": None,
-}
+# Triton or torch), LlamaModel.triton_gemv (1-2 rows of the projections through models/triton_gemv.py),
+# LlamaModel.fused_rope_store (the KV store in RoPE's launch), the Triton backend's fused_split_reduce
+# (split decodes reduced in the attention launch), and programs_per_sm (the decode split target; the
+# backend's own tiles: 4 on the H200). Unset ones keep the engine's defaults.
 VARIANTS = {
     "": ({}, None),
     "_unfused": ({"fused_ops": False}, None),
-    "_gemv": ({"triton_gemv": True}, 2),
+    "_cublas": ({"triton_gemv": False}, 2),
     "_split_kernel": ({"fused_split_reduce": False}, 64),
     "_store_kernel": ({"fused_rope_store": False}, 64),
     "_splits16": ({"programs_per_sm": 16}, 64),  # batch 64 splits 4 ways instead of 2
 }
-
-
-_BACKEND_TILES: dict[int, triton_kernels.Tiles] = {}
+_MODEL_SWITCHES = ("fused_ops", "triton_gemv", "fused_rope_store")
+_ENGINE_DEFAULTS: dict[int, dict] = {}  # per engine: its switches as first seen
 
 
 def switch(core: EngineCore, settings: dict) -> None:
-    """The model's and its attention backend's switches to DEFAULTS updated by `settings`."""
+    """The model's and its attention backend's switches to the engine's defaults updated by `settings`."""
     attention = core.model.attention
-    for name, on in {**DEFAULTS, **settings}.items():
-        if name == "programs_per_sm":
-            if getattr(attention, "_tiles", None) is not None and core.device.type == "cuda":
-                sms = torch.cuda.get_device_properties(core.device).multi_processor_count
-                tiles = _BACKEND_TILES.setdefault(id(attention), attention._tiles)  # as first seen
-                attention._tiles = (
-                    tiles if on is None else dataclasses.replace(tiles, target_programs=on * sms)
-                )
-            continue
-        owner = attention if name == "fused_split_reduce" else core.model
-        if hasattr(owner, name):
-            setattr(owner, name, on)
+    defaults = _ENGINE_DEFAULTS.setdefault(
+        id(core),
+        {
+            **{name: getattr(core.model, name) for name in _MODEL_SWITCHES},
+            "fused_split_reduce": getattr(attention, "fused_split_reduce", None),
+            "tiles": getattr(attention, "_tiles", None),
+        },
+    )
+    for name in _MODEL_SWITCHES:
+        setattr(core.model, name, settings.get(name, defaults[name]))
+    if defaults["fused_split_reduce"] is not None:
+        attention.fused_split_reduce = settings.get("fused_split_reduce", defaults["fused_split_reduce"])
+    tiles, per_sm = defaults["tiles"], settings.get("programs_per_sm")
+    if tiles is not None:
+        attention._tiles = tiles
+        if per_sm is not None and core.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(core.device).multi_processor_count
+            attention._tiles = dataclasses.replace(tiles, target_programs=per_sm * sms)
 
 
 def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:
     """Per batch size: graph and eager step times with the engine's defaults on CUDA, and with each of
-    VARIANTS' switches (`graph_ms_unfused`, `graph_ms_gemv`, ...; graphs of their own) where it applies."""
+    VARIANTS' switches (`graph_ms_unfused`, `graph_ms_cublas`, ...; graphs of their own) where it applies."""
     spec = core.kv_cache.spec
     kv_per_token = spec.bytes_per_block // spec.block_size
     weights = weight_bytes(core)
@@ -766,7 +766,7 @@ def main() -> None:
     for batch, settings in (
         (smallest, {}),
         (64 if not args.smoke else max(args.batches), {}),
-        (smallest, {"triton_gemv": True}),
+        (smallest, {"triton_gemv": False}),
     ):
         label = "".join(f"_{k}" for k in settings)
         report.part(

@@ -206,6 +206,7 @@ class LlamaModel:
         self.device = device
         self.lora_state: LoRAState | None = None  # set by add_lora_slots
         self.fused_ops = getattr(attention, "runs_triton", False) if fused_ops is None else fused_ops
+        self.triton_gemv = self.fused_ops and device.type == "cuda"
 
     @property
     def fused_ops(self) -> bool:
@@ -236,11 +237,12 @@ class LlamaModel:
 
     @property
     def triton_gemv(self) -> bool:
-        """Whether the layers' dense projections run steps of up to 8 rows through duoserve's Triton
-        matrix-vector kernel (models/triton_gemv.py) instead of torch's matmul. Off by default: prepared
-        for cuBLAS's weak small projections at batch 1 (~42% of the copy bandwidth on an H200), not yet
-        measured against them (benchmarks/gpu_suite.py's `graph_ms_gemv`). A captured CUDA graph keeps
-        the kernels it was captured with."""
+        """Whether the layers' dense projections run the steps where it beat cuBLAS (1-2 rows, weights
+        of up to 8192 outputs: `triton_gemv.gemv_chosen`) through duoserve's Triton matrix-vector kernel
+        (models/triton_gemv.py) instead of torch's matmul. On by default on CUDA, with `fused_ops`: a
+        Llama 1B-shaped batch-1 decode step took 7% less on an H200 (benchmarks/gpu_suite.py's
+        `graph_ms_gemv`, BENCHMARKS.md); off elsewhere (under Triton's interpreter only when asked: tests).
+        Settable; a captured CUDA graph keeps the kernels it was captured with."""
         return any(linear.few_rows is not None for linear in self._dense_projections())
 
     @triton_gemv.setter

@@ -6,12 +6,17 @@ gate_up ran near it, but the 8-13 MB q/k/v and o projections and the down projec
 thread blocks to keep the memory busy. Here each program reads BLOCK_N whole weight rows (contiguous along
 K) once for all of the step's rows, in BLOCK_K slices, accumulating in float32.
 
-Where it wins (benchmarks/triton_gemv_sweep.py on the H200, each launch in a CUDA graph, 2026-12-04): at
-one row q/k/v 4.36 us against cuBLAS's 5.41, o 3.94 against 5.41, down 8.92 against 11.23; at two rows
-5.20 / 4.52 / 10.48 against 5.54 / 5.47 / 11.24. gate_up (16384 outputs) and lm_head stay faster in cuBLAS
-(18.75 against 20.79 us at one row), and from 4 rows on cuBLAS wins every shape (its tiles reuse each
-weight across rows; ours multiply on the CUDA cores). So `gemv_chosen` takes 1-2 rows of weights of at
-most 8192 outputs, with the per-shape tiles of `tiles_for`. `LlamaModel.triton_gemv` switches it on.
+Where it wins (benchmarks/triton_gemv_sweep.py on the H200, 2026-12-04, each launch in a CUDA graph and each
+reading its weight from HBM, as in a model's step): at one row q/k/v 5.63 us against cuBLAS's 6.24, o 4.91
+against 6.25, down 11.72 against 13.91 (cuBLAS's split-K and its reduction kernel); gate_up (16384 outputs)
+stays faster in cuBLAS (18.45 against 19.11), as does lm_head; at two rows o and down win, q/k/v is even
+(6.72 against 6.63); from 4 rows on cuBLAS wins every shape (its tiles reuse each weight across rows; ours
+multiply on the CUDA cores). Splitting the inputs over programs (split_k) lost at every shape: its partial
+store, ticket and sum cost ~1.5-2 us. So `gemv_chosen` takes 1-2 rows of weights of at most 8192 outputs,
+with `tiles_for`'s tiles (4 rows, 1024 inputs, 4 warps: the fastest at every shape). In a whole graph-
+replayed decode step of that model at batch 1 it took 7% off (1.264 -> 1.173 ms), so it is on by default
+on CUDA (`LlamaModel.triton_gemv`). (An earlier sweep re-read one weight, which the 60 MB L2 held: its
+winners lost 2% in the whole step.)
 Under TRITON_INTERPRET=1 it runs on CPU tensors, for tests (tests/models/test_triton_gemv.py).
 """
 
@@ -155,10 +160,10 @@ def gemv_chosen(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def tiles_for(n: int, k: int) -> GemvTiles:
-    """Each Llama 1B projection's fastest tiles at one row in the sweep (module docstring): 4 weight rows a
-    program for 2048 outputs (o, down: 512 programs), 8 for more (q/k/v); 512 inputs a slice; 8 warps for
-    8192 inputs (down). The same tiles were fastest or within 3% at two rows."""
-    return GemvTiles(block_n=4 if n <= 2048 else 8, block_k=512, num_warps=8 if k >= 8192 else 4)
+    """The sweep's fastest tiles at one row for every Llama 1B projection (module docstring): 4 weight rows
+    a program (512 programs for 2048 outputs), 1024 inputs a slice, 4 warps, no split. (n, k: the shape,
+    for a table per shape where one is measured to differ.)"""
+    return GemvTiles(block_n=4, block_k=1024, num_warps=4, split_k=1)
 
 
 def gemv(
