@@ -39,9 +39,10 @@ print(json.dumps({"fma": len(re.findall(r"\\bfma\\.", ptx)), "mul": len(re.finda
 
 
 @pytest.mark.parametrize(("dtype", "rounding"), [("fp16", 2), ("bf16", 1)])
-@pytest.mark.parametrize("store", [0, 1])  # RoPE alone, and with the KV store in its launch
-def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int, store: int) -> None:
-    result = run_compiled_triton(["-c", COMPILE, dtype, str(rounding), str(store)], timeout=300)
+def test_rope_products_are_rounded_not_fused_on_the_gpu(dtype: str, rounding: int) -> None:
+    # With the KV store in its launch (the decode path): the same rounding code as RoPE alone, plus the
+    # store's branch, which the interpreter cannot check for type errors and the compiler does.
+    result = run_compiled_triton(["-c", COMPILE, dtype, str(rounding), "1"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts["mul"] > 0  # the products are there, as multiplies
