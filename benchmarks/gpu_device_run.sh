@@ -43,12 +43,19 @@ echo "gpu_suite exit: ${PIPESTATUS[0]}"
 # The GPU's tests only: tests/attention/test_cpu_backend*.py would build the C++ CPU kernels (a minute of
 # device time; on the device's image, 2026-12-04, their argument checks crashed the process instead of
 # raising: not seen on any CPU host here, cause not established).
-# -v and SIGINT at the limit: the log names each test as it ends and, where one hangs, where (2026-12-04's
-# second run: nothing at all came back in 200 s).
-[ "$TESTS_S" -gt 0 ] && timeout -k 15 -s INT "$TESTS_S" python3 -m pytest -v -n 8 -p no:cacheprovider --durations=10 \
-    tests/engine/test_model_runner.py tests/engine/test_async_scheduling.py \
-    tests/attention/test_triton_backend.py tests/attention/test_triton_kernels_quantized.py \
-    tests/attention/test_torch_backend.py tests/models/test_triton_ops.py tests/models/test_triton_gemv.py \
-    >"$OUT/pytest.log" 2>&1
+GPU_TESTS=(tests/engine/test_model_runner.py tests/engine/test_async_scheduling.py
+    tests/attention/test_triton_backend.py tests/attention/test_triton_kernels_quantized.py
+    tests/attention/test_torch_backend.py tests/models/test_triton_ops.py tests/models/test_triton_gemv.py)
+# 2026-12-04, second session: on two fresh machines pytest's 8 workers had not finished collecting after 200
+# and 77 s (no test started; 1 s here, and the first session's runs ran them). So first a collection alone,
+# in one process, stopped with SIGABRT at 60 s: Python's faulthandler then prints where it was.
+if [ "$TESTS_S" -gt 0 ]; then
+    PYTHONFAULTHANDLER=1 timeout -s ABRT 60 python3 -m pytest --collect-only -q -p no:cacheprovider \
+        "${GPU_TESTS[@]}" >"$OUT/collect.log" 2>&1
+    echo "collection exit: $?"; tail -5 "$OUT/collect.log"
+fi
+# -v and SIGINT at the limit: the log names each test as it ends.
+[ "$TESTS_S" -gt 0 ] && timeout -k 15 -s INT "$TESTS_S" python3 -m pytest -v -n 8 -p no:cacheprovider \
+    --durations=10 "${GPU_TESTS[@]}" >"$OUT/pytest.log" 2>&1
 echo "pytest exit: $?"
 [ -f "$OUT/pytest.log" ] && grep -E "FAILED|ERROR|passed|failed|KeyboardInterrupt|Timeout" "$OUT/pytest.log" | tail -30
