@@ -438,9 +438,12 @@ def _rope_store(q, k, v, cos, sin, attention: AttentionBackend, kv_cache, meta: 
     backend gives the pools (`model_store_pools`) and the kernel takes the step; whether it ran."""
     pools_of = getattr(attention, "model_store_pools", None)
     pools = None if pools_of is None else pools_of(kv_cache)
-    if pools is None or not _triton_ops().rope_store_applies(q, k, v, cos, sin, *pools, meta.slot_mapping):
+    if pools is None:
         return False
-    _triton_ops().rope_qk_store_(q, k, v, cos, sin, *pools, meta.slot_mapping)
+    write = _triton_ops().KVWrite(v, *pools, meta.slot_mapping)
+    if not _triton_ops().rope_store_applies(q, k, cos, sin, write):
+        return False
+    _triton_ops().rope_qk_store_(q, k, cos, sin, write)
     return True
 
 

@@ -182,8 +182,9 @@ def test_rope_store_equals_rope_then_the_backends_store(dtype, pool_dtype, heads
     ops.rope_qk_(want_q, want_k, cos, sin)
     store_kv(want_k, want_v, *want_pools, slots)
     q, k, v = split(qkv)
-    assert ops.rope_store_applies(q, k, v, cos, sin, *pools, slots)
-    ops.rope_qk_store_(q, k, v, cos, sin, *pools, slots)
+    write = ops.KVWrite(v, *pools, slots)
+    assert ops.rope_store_applies(q, k, cos, sin, write)
+    ops.rope_qk_store_(q, k, cos, sin, write)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
     for ours, want in zip(pools, want_pools, strict=True):
         assert torch.equal(ours, want)
@@ -194,12 +195,14 @@ def test_what_rope_store_does_not_take():
     cos = torch.randn(2, 1, 16, device=DEVICE)
     pools = [torch.zeros(3, 4, 2, 16, device=DEVICE) for _ in (0, 1)]
     slots = torch.tensor([0, 5], device=DEVICE)
-    assert ops.rope_store_applies(q, k, v, cos, cos, *pools, slots)
-    assert not ops.rope_store_applies(q, k, v, cos[..., :8], cos[..., :8], *pools, slots)  # partial rotary
+    assert ops.rope_store_applies(q, k, cos, cos, ops.KVWrite(v, *pools, slots))
+    half = cos[..., :8]
+    assert not ops.rope_store_applies(q, k, half, half, ops.KVWrite(v, *pools, slots))  # partial rotary
     int8 = [p.to(torch.int8) for p in pools]
-    assert not ops.rope_store_applies(q, k, v, cos, cos, *int8, slots)  # 1-byte pools: the backend's
-    assert not ops.rope_store_applies(q, k, v, cos, cos, pools[0], pools[1][:, :2], slots)  # pools differ
-    assert not ops.rope_store_applies(q, k, v, cos, cos, *pools, slots[:1])  # a slot per token
+    assert not ops.rope_store_applies(q, k, cos, cos, ops.KVWrite(v, *int8, slots))  # 1-byte: the backend's
+    narrower = ops.KVWrite(v, pools[0], pools[1][:, :2], slots)
+    assert not ops.rope_store_applies(q, k, cos, cos, narrower)  # pools differ
+    assert not ops.rope_store_applies(q, k, cos, cos, ops.KVWrite(v, *pools, slots[:1]))  # a slot a token
 
 
 def test_model_stores_kv_in_its_rope_launch_on_the_triton_backend(monkeypatch):
