@@ -13,6 +13,7 @@ by a partial top-k, so only the other rows pay full-vocabulary passes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Collection, Iterator
@@ -175,6 +176,17 @@ class Sampler:
         return u
 
 
+@functools.cache
+def _cuda_argmax():
+    """models/triton_ops (its argmax_rows) where Triton is installed; None where not (the torch attention
+    backend on CUDA needs no Triton): then the block trick below runs on CUDA too."""
+    try:
+        from duoserve.models import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for [n, V], first index on ties, ~10x faster on CPU.
 
@@ -183,11 +195,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     On CUDA one Triton launch does it (models/triton_ops.argmax_rows: 27 us of torch's argmax at batch 1
     on an H200, a row walked by one program).
     """
-    if x.is_cuda:
-        from duoserve.models import triton_ops
-
-        if triton_ops.argmax_applies(x):
-            return triton_ops.argmax_rows(x)
+    ops = _cuda_argmax() if x.is_cuda else None
+    if ops is not None and ops.argmax_applies(x):
+        return ops.argmax_rows(x)
     n, vocab = x.shape
     num_blocks = vocab // _ARGMAX_BLOCK
     if num_blocks < 2:

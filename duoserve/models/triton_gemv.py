@@ -45,9 +45,8 @@ class GemvTiles:
     split_k: int = 1  # programs per block of outputs, each over 1/split_k of the inputs (more in flight)
 
 
-_counters: dict[
-    torch.device, torch.Tensor
-] = {}  # split-K tickets per block of outputs, zero between launches
+# Split-K tickets per block of outputs, per device, zero between launches.
+_counters: dict[torch.device, torch.Tensor] = {}
 _COUNTERS = 1 << 16  # blocks of outputs a launch may have (128256 outputs in blocks of 2+)
 
 
