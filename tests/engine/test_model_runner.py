@@ -54,3 +54,32 @@ def test_torch_backend_runs_eagerly_on_cuda(tiny_models) -> None:
     outputs, llm = _greedy(path, attention_backend="torch")
     assert llm.engine.core.decode_graphs is None
     assert outputs == _greedy(path, enforce_eager=True)[0]
+
+
+def test_a_steps_inputs_go_up_as_views_of_one_tensor() -> None:
+    """layout_batch sends a step's token ids, positions, slots and block tables in one copy: each input is
+    a view of it, with the values each chunk asks for (decodes first, NULL_BLOCK table entries as 0)."""
+    from duoserve.engine.model_runner import SeqChunk, layout_batch
+
+    chunks = [
+        SeqChunk([11, 12, 13], 0, [4, 5]),  # a prefill chunk of 3 tokens
+        SeqChunk([21], 5, [-1, 7]),  # a decode at position 5, its first block freed (a sliding window)
+        SeqChunk([31], 0, [9]),
+    ]
+    layout = layout_batch(chunks, 4, torch.device("cpu"))
+    meta = layout.meta
+    assert layout.input_ids.tolist() == [21, 31, 11, 12, 13] and layout.positions.tolist() == [5, 0, 0, 1, 2]
+    assert meta.slot_mapping.tolist() == [7 * 4 + 1, 9 * 4, 16, 17, 18]
+    assert meta.decode_block_tables.tolist() == [[0, 7], [9, 0]] and meta.decode_context_lens.tolist() == [
+        6,
+        1,
+    ]
+    assert meta.prefills[0].block_table.tolist() == [4, 5] and layout.query_starts == [2, 0, 1]
+    base = layout.input_ids.untyped_storage().data_ptr()
+    for tensor in (
+        layout.positions,
+        meta.slot_mapping,
+        meta.decode_block_tables,
+        meta.prefills[0].block_table,
+    ):
+        assert tensor.untyped_storage().data_ptr() == base
