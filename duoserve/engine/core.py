@@ -22,9 +22,17 @@ from duoserve.engine.model_runner import (
     make_decode_graphs,
     prepare_batch,
     run_model,
+    to_device,
 )
 from duoserve.engine.request import Request, RequestStatus
-from duoserve.engine.sampler import Sampler, SamplingRow, compute_logprobs, reads_output
+from duoserve.engine.sampler import (
+    InFlight,
+    Sampler,
+    SamplingRow,
+    compute_logprobs,
+    penalised,
+    waits_for_output,
+)
 from duoserve.engine.scheduler import CoreOutput, ScheduledRequest, Scheduler, SchedulerOutput, TokenLogprobs
 from duoserve.engine.spec.ngram import NgramProposer
 from duoserve.engine.spec.proposer import Proposer
@@ -385,7 +393,8 @@ class EngineCore:
         if batch is None:
             return LaunchedStep(plan, sampled={})
         # Computed while the forward runs, or after it (in masks.apply) on a host with no spare core. An
-        # overlapped step has no grammar, drafts, logprobs or penalties: only token ids, kept on the device.
+        # overlapped step has no grammar, drafts, logprobs or min_tokens masking: only token ids, kept on
+        # the device (penalties count the step before's tokens there: `_in_flight_tokens`).
         masks = None if overlap else self.structured.start(batch.sampling)
         hidden = run_model(self.model, self.decode_graphs, batch, self.kv_cache)
         if not overlap:
@@ -393,7 +402,9 @@ class EngineCore:
         if not batch.sampling:  # prompt chunks alone: nothing to sample
             return LaunchedStep(plan, sampled={})
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
-        token_ids = self.sampler.sample(logits, [_sampling_row(s.request) for s in batch.sampling])
+        token_ids = self.sampler.sample(
+            logits, [_sampling_row(s.request) for s in batch.sampling], self._in_flight_tokens(batch.sampling)
+        )
         rows = {s.request.request_id: row for row, s in enumerate(batch.sampling)}
         return LaunchedStep(plan, pending=PendingTokens(token_ids, rows, HostCopy(token_ids)))
 
@@ -472,13 +483,31 @@ class EngineCore:
     ) -> dict[str, tuple[list[int], list]]:
         if not scheduled:
             return {}
-        result = self.sampler(logits, [_sampling_row(s.request) for s in scheduled])
+        result = self.sampler(
+            logits, [_sampling_row(s.request) for s in scheduled], self._in_flight_tokens(scheduled)
+        )
         return {
             s.request.request_id: ([token], [] if logprobs is None else [(logprobs, rank)])
             for s, token, logprobs, rank in zip(
                 scheduled, result.token_ids, result.logprobs, result.ranks, strict=True
             )
         }
+
+    def _in_flight_tokens(self, scheduled: list[ScheduledRequest]) -> InFlight | None:
+        """The penalised rows' newest tokens where the step before is still in flight (async scheduling):
+        on the device, past their requests' output_token_ids, for the penalties to count."""
+        pending = self._in_flight.pending if self._in_flight is not None else None
+        if pending is None:
+            return None
+        rows = [
+            i
+            for i, s in enumerate(scheduled)
+            if s.request.request_id in pending.rows and penalised(s.request.params)
+        ]
+        if not rows:
+            return None
+        sources = [pending.rows[scheduled[i].request.request_id] for i in rows]
+        return InFlight(rows, pending.token_ids.index_select(0, to_device(sources, torch.long, self.device)))
 
     def _score_prompts(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
         """Prompt logprobs of this step's chunks, by request (the scheduler appends them)."""
@@ -520,14 +549,14 @@ class EngineCore:
 
 def _overlappable(s: ScheduledRequest) -> bool:
     """Whether the request's step may stay in flight: nothing in it needs its output on the host (a
-    grammar, drafts, the sampler's `reads_output`) and it asks for no logprobs."""
+    grammar, drafts, the sampler's `waits_for_output`) and it asks for no logprobs."""
     params = s.request.params
     return (
         not s.draft_token_ids
         and params.structured_outputs is None
         and params.logprobs is None
         and params.prompt_logprobs is None
-        and not reads_output(_sampling_row(s.request))
+        and not waits_for_output(_sampling_row(s.request))
     )
 
 

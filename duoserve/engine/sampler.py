@@ -40,6 +40,16 @@ _LOGPROB_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
+class InFlight:
+    """Tokens some rows' requests have sampled but the host does not hold yet (async scheduling: the step
+    before is still on the device): `tokens[j]` (a device tensor) is the newest output token of row
+    `rows[j]`, past its `output_token_ids`. The penalties count them there, without waiting for them."""
+
+    rows: list[int]
+    tokens: torch.Tensor
+
+
+@dataclass
 class SamplingRow:
     """What the engine passes for one row of logits."""
 
@@ -111,22 +121,26 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], in_flight: InFlight | None = None
+    ) -> SampleResult:
         """Pick one token per row of logits [B, V] (any float dtype; computed in float32)."""
-        token_ids = self.sample(logits, rows)
+        token_ids = self.sample(logits, rows, in_flight)
         logprobs, ranks = _sampled_logprobs(logits, token_ids, rows)
         return SampleResult(token_ids.tolist(), logprobs, ranks)
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], in_flight: InFlight | None = None
+    ) -> torch.Tensor:
         """The token ids [B] alone, left on the logits' device, which no row waits for: async scheduling
-        feeds them to the next step from there. (Penalties and min_tokens do wait; their rows never
-        overlap steps.)"""
+        feeds them to the next step from there. Penalties count the tokens still in flight on the device
+        (`in_flight`) without waiting for them; min_tokens does wait (its rows never overlap steps)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()  # a no-op for float32: never written in place below
         if all(_is_plain_greedy(row) for row in rows):
             return argmax(logits)
-        return self._sample(apply_penalties(logits, rows), rows)
+        return self._sample(apply_penalties(logits, rows, in_flight), rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
@@ -215,14 +229,20 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 def reads_output(row: SamplingRow) -> bool:
     """Whether sampling the row reads its output tokens: a penalty, or min_tokens still masking its stop
-    tokens (async scheduling cannot leave such a row's step in flight: its last token is not on the host)."""
-    p = row.params
-    return (
-        p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        or _masks_stop_tokens(row)
-    )
+    tokens."""
+    return penalised(row.params) or _masks_stop_tokens(row)
+
+
+def waits_for_output(row: SamplingRow) -> bool:
+    """Whether sampling the row needs its newest token on the host: min_tokens still masking its stop
+    tokens (async scheduling cannot leave such a row's step in flight). Penalties take a token still on
+    the device from `InFlight`."""
+    return _masks_stop_tokens(row)
+
+
+def penalised(p: SamplingParams) -> bool:
+    """Whether the request asks for any of the three penalties."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
@@ -238,9 +258,12 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return to_device(rows, torch.long, device)
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, rows: list[SamplingRow], in_flight: InFlight | None = None
+) -> torch.Tensor:
     """min_tokens masking, logit_bias and the three penalties; returns `logits` itself when no row needs
-    them."""
+    them. `in_flight`: output tokens still on the device, counted as if they ended output_token_ids, with
+    no host synchronisation (what an overlapped step may not do)."""
     masked = [i for i, row in enumerate(rows) if _masks_stop_tokens(row)]
     biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
     repetition = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
@@ -256,9 +279,11 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     if biased:
         _apply_logit_bias(out, rows, biased)
     if repetition:
-        _apply_repetition_penalty(out, rows, repetition)
-    if additive:
+        _apply_repetition_penalty(out, rows, repetition, in_flight)
+    if additive and in_flight is None:
         _apply_additive_penalties(out, rows, additive)
+    elif additive:
+        _apply_additive_penalties_dense(out, rows, additive, in_flight)
     _keep_samplable(out, logits)
     return out
 
@@ -274,7 +299,9 @@ def _keep_samplable(processed: torch.Tensor, raw: torch.Tensor) -> None:
     """
     processed.nan_to_num_(nan=-math.inf, posinf=_MAX_LOGIT, neginf=-math.inf).clamp_(max=_MAX_LOGIT)
     empty = torch.isneginf(processed).all(dim=-1)
-    if empty.any():
+    if processed.is_cuda:  # no host synchronisation (a boolean test or mask index would wait for the GPU)
+        torch.where(empty[:, None], raw, processed, out=processed)
+    elif empty.any():
         processed[empty] = raw[empty]
 
 
@@ -312,11 +339,20 @@ def _per_key(values: list[float], token_lists: list[list[int]], keys: torch.Tens
     return to_device(torch.repeat_interleave(torch.tensor(values), lengths), torch.float32, keys.device)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:
+def _apply_repetition_penalty(
+    logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int], in_flight: InFlight | None
+) -> None:
     """HF rule over the distinct tokens of prompt + output: logit > 0 ? logit / p : logit * p."""
     token_lists = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in row_ids]
     keys = _flat_keys(logits, row_ids, token_lists)
     penalty = _per_key([rows[i].params.repetition_penalty for i in row_ids], token_lists, keys)
+    if in_flight is not None:  # each in-flight token one key more, built on the device
+        extra, tokens = _in_flight_of(in_flight, row_ids)
+        if extra:
+            vocab = logits.shape[1]
+            keys = torch.cat([keys, _index(extra, logits.device) * vocab + tokens])
+            extra_penalty = [rows[i].params.repetition_penalty for i in extra]
+            penalty = torch.cat([penalty, to_device(extra_penalty, torch.float32, logits.device)])
     flat = logits.view(-1)
     # Gather then scatter: a repeated token reads the same original logit and writes the same
     # result, so it is penalised once, with no need to deduplicate a long prompt.
@@ -338,6 +374,46 @@ def _apply_additive_penalties(logits: torch.Tensor, rows: list[SamplingRow], row
     presence[idx] = torch.tensor([rows[i].params.presence_penalty for i in row_ids], device=logits.device)
     row_of_key = keys // vocab
     logits.view(-1)[keys] -= frequency[row_of_key] * counts + presence[row_of_key]
+
+
+def _apply_additive_penalties_dense(
+    logits: torch.Tensor, rows: list[SamplingRow], row_ids: list[int], in_flight: InFlight
+) -> None:
+    """_apply_additive_penalties' arithmetic, the counts gathered in a dense [rows, V] tensor instead of
+    by torch.unique, whose output size the host must wait for (on CUDA, for the step in flight): the
+    in-flight tokens count on the device. Every count c > 0 gives logit - (frequency * c + presence),
+    the same float32 operations as the sparse way, so the same logits."""
+    vocab = logits.shape[1]
+    token_lists = [rows[i].output_token_ids for i in row_ids]
+    local = list(range(len(row_ids)))
+    keys = _flat_keys(logits, local, token_lists)  # into a [len(row_ids), V] block
+    extra, tokens = _in_flight_of(in_flight, row_ids)
+    if extra:
+        position = {i: j for j, i in enumerate(row_ids)}
+        keys = torch.cat([keys, _index([position[i] for i in extra], logits.device) * vocab + tokens])
+    counts = torch.zeros(len(row_ids) * vocab, dtype=torch.long, device=logits.device)
+    counts.index_add_(0, keys, torch.ones_like(keys))
+    counts = counts.view(len(row_ids), vocab)
+    frequency = to_device([rows[i].params.frequency_penalty for i in row_ids], torch.float32, logits.device)
+    presence = to_device([rows[i].params.presence_penalty for i in row_ids], torch.float32, logits.device)
+    idx = _index(row_ids, logits.device)
+    block = logits.index_select(0, idx)
+    penalised = block - (frequency[:, None] * counts + presence[:, None])
+    logits.index_copy_(0, idx, torch.where(counts > 0, penalised, block))
+
+
+def _in_flight_of(in_flight: InFlight, row_ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Those of row_ids with a token in flight, and their tokens (device)."""
+    wanted = set(row_ids)
+    picks = [j for j, row in enumerate(in_flight.rows) if row in wanted]
+    if not picks:
+        return [], in_flight.tokens[:0]
+    tokens = (
+        in_flight.tokens
+        if len(picks) == len(in_flight.rows)
+        else in_flight.tokens[_index(picks, in_flight.tokens.device)]
+    )
+    return [in_flight.rows[j] for j in picks], tokens
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

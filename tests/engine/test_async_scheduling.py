@@ -77,6 +77,34 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_models, single_torc
     _assert_pool_is_whole(llm)
 
 
+PENALISED = [
+    SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, repetition_penalty=1.6),
+    SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, presence_penalty=1.2, frequency_penalty=0.7
+    ),
+    SamplingParams(temperature=0.9, max_tokens=16, ignore_eos=True, frequency_penalty=1.5, seed=5),
+    SamplingParams(temperature=1.0, top_k=8, max_tokens=10, ignore_eos=True, repetition_penalty=0.7, seed=9),
+    SamplingParams(temperature=0, max_tokens=15, ignore_eos=True),
+]
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_num_batched_tokens": 7}], ids=["fits", "chunked"])
+def test_penalised_requests_overlap_steps_with_the_synchronous_outputs(
+    tiny_models, single_torch_thread, limits
+):
+    """Repetition, presence and frequency penalties (greedy, and seeded sampling) with async scheduling:
+    steps are left in flight, the penalties count each request's newest token where it still is on the
+    device (sampler.InFlight), and the outputs equal the synchronous engine's."""
+    path = tiny_models("llama_gqa")[1]
+    prompts = PROMPTS[: len(PENALISED)]
+    expected = _run(_engine(path, False, **limits), prompts, PENALISED)
+    llm = _engine(path, True, **limits)
+    overlapped = _count_overlapped(llm)
+    assert _run(llm, prompts, PENALISED) == expected
+    assert sum(overlapped) > len(overlapped) // 2, "most steps should have been left in flight"
+    _assert_pool_is_whole(llm)
+
+
 def test_stop_tokens_seen_a_step_late_end_the_request_where_they_would(tiny_models, single_torch_thread):
     """A request whose token in flight ends it (a stop token, max_tokens, the context) was scheduled once
     more or skipped; its output stops at the same token either way."""
@@ -118,7 +146,8 @@ def test_prefix_cache_holds_the_same_blocks(tiny_models, single_torch_thread):
 
 def test_steps_with_requests_that_need_their_tokens_run_synchronously(tiny_models, single_torch_thread):
     """Logprobs, penalties, min_tokens and seeded sampling beside plain greedy requests: equal outputs
-    (logprobs too); steps are left in flight only when no scheduled request needs its last token."""
+    (logprobs too); steps are left in flight only when no scheduled request needs its last token on the
+    host (penalties do not: they count it on the device)."""
     path = tiny_models("llama_gqa")[1]
     params = [
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
@@ -222,13 +251,18 @@ def test_speculative_decoding_keeps_steps_synchronous(tiny_models, single_torch_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_overlapped_decode_steps_never_wait_for_the_gpu(tiny_models):
-    """On CUDA a greedy decode step left in flight launches without one host synchronisation (the
-    previous step's tokens come down through an event, outside the checked region)."""
+    """On CUDA a decode step left in flight launches without one host synchronisation (the previous step's
+    tokens come down through an event, outside the checked region): greedy, sampled, and penalised (the
+    penalties count the in-flight tokens on the device)."""
     pytest.importorskip("triton")
     llm = LLM(model=tiny_models("llama_gqa")[1], device="cuda", num_kv_blocks=64, async_scheduling=True)
     engine = llm.engine
     engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     engine.add_request("b", PROMPTS[1], SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True))
+    penalties = dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
+    engine.add_request(
+        "c", PROMPTS[2], SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True, **penalties)
+    )
     for _ in range(4):  # prefill, then decodes: graphs captured, Triton compiled
         engine.step()
     core = engine.core

@@ -394,3 +394,46 @@ def test_compute_logprobs_in_chunks_matches_one_pass(monkeypatch):
 def test_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="logits"):
         Sampler()(random_logits(3), [row(), row()])
+
+
+def test_penalties_count_tokens_still_in_flight_as_the_host_list_would():
+    """Async scheduling: a row's newest token may still be on the device (InFlight). The penalties must
+    give exactly the logits they give with that token at the end of output_token_ids: repetition over
+    prompt + output, presence and frequency over output (the dense, sync-free counting), a token seen
+    before or new, rows without one in flight, and a logit_bias row beside them."""
+    from duoserve.engine.sampler import InFlight, apply_penalties
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(5, V, generator=gen) * 3
+    full = [
+        row([1, 2, 3], [4, 5, 4, 9], repetition_penalty=1.3, temperature=1.0),  # 9 is new in flight
+        row([6], [7, 7, 8, 7], presence_penalty=0.5, frequency_penalty=0.25, temperature=1.0),  # 7 again
+        row(
+            [], [10, 11], frequency_penalty=-0.4, repetition_penalty=0.8, temperature=1.0
+        ),  # no token in flight
+        row([12], [13, 14], temperature=1.0, logit_bias={3: 2.0, 14: -1.0}),
+        row([], [20], presence_penalty=1.5, temperature=1.0),  # its first output token, in flight
+    ]
+    in_flight_rows = [0, 1, 4]
+    host = [
+        SamplingRow(
+            r.params,
+            r.prompt_token_ids,
+            r.output_token_ids[:-1] if i in in_flight_rows else r.output_token_ids,
+            None,
+            [],
+        )
+        for i, r in enumerate(full)
+    ]
+    tokens = torch.tensor([full[i].output_token_ids[-1] for i in in_flight_rows])
+    want = apply_penalties(logits, full)
+    got = apply_penalties(logits, host, InFlight(in_flight_rows, tokens))
+    assert torch.equal(got, want)
+    assert not torch.equal(apply_penalties(logits, host), want)  # the in-flight tokens mattered
+    # One in-flight row alone (a subset of the tokens picked), and one that is not penalised (ignored).
+    only = InFlight([4], tokens[2:])
+    host_4 = host[:4] + [full[4]]
+    assert torch.equal(apply_penalties(logits, [full[0], full[1], full[2], full[3], host[4]], only), want)
+    assert torch.equal(
+        apply_penalties(logits, host_4, InFlight([3], torch.tensor([5]))), apply_penalties(logits, host_4)
+    )
