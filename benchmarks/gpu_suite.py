@@ -27,6 +27,8 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
    needed: equal lengths), same weights, same GPU. duoserve runs twice: steps synchronous, then with async
    scheduling (CUDA's default: the host schedules step n+1 while the GPU runs step n); the greedy tokens of
    both runs must be equal.
+8. The same run with presence and frequency penalties (the engine alone, synchronous against async: such
+   requests overlap steps now, their penalties counting the tokens in flight on the device); equal tokens.
 
 Prints a markdown table of each part; with $OUT set (or --out), writes everything to gpu_suite.json there,
 after each part. A part that fails records its error and the next one runs; `--parts` picks some.
@@ -97,6 +99,7 @@ PARTS = (
     "prefill",
     "engine_phases",
     "throughput",
+    "throughput_penalised",
 )
 
 
@@ -504,14 +507,16 @@ def time_prefill(core: EngineCore, hf_model, args, rate: float) -> list[dict]:
     return rows
 
 
-def throughput(core: EngineCore, hf_model, args) -> dict:
+def throughput(core: EngineCore, hf_model, args, penalties: dict | None = None) -> dict:
+    """The offline run against transformers' `generate`; with `penalties` (SamplingParams fields), the
+    engine alone, synchronous against async (penalised requests overlap steps since 2026-12-04)."""
     gen = torch.Generator().manual_seed(1)
     vocab = core.model_config.vocab_size
     prompts = torch.randint(3, vocab, (args.num_prompts, args.input_len), generator=gen)
     ids = prompts.to(core.device)
 
     def ours_run(prefix: str, num_tokens: int) -> dict[str, list[int]]:
-        params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True, **(penalties or {}))
         for i, prompt in enumerate(prompts.tolist()):
             core.add_request(f"{prefix}{i}", prompt, params, [])
         tokens: dict[str, list[int]] = {}
@@ -541,10 +546,21 @@ def throughput(core: EngineCore, hf_model, args) -> dict:
 
     # Warm-ups: compiles, the decode graph of this batch size, cuBLAS's choices; transformers' too.
     ours_run("w", 3)
-    theirs_run(3)
     # A/B of async scheduling (the default on CUDA), same engine, same prompts.
     ours_sync, sync_tokens = ours_timed("s", False)
     ours, tokens = ours_timed("t", True)
+    same = all(tokens[f"t{i}"] == sync_tokens[f"s{i}"] for i in range(args.num_prompts))
+    if penalties:
+        return {
+            **penalties,
+            "prompts": args.num_prompts,
+            "duoserve_s": ours,
+            "duoserve_sync_s": ours_sync,
+            "async_speedup": ours_sync / ours,
+            "async_tokens_equal": same,
+            "duoserve_tok_s": args.num_prompts * args.output_len / ours,
+        }
+    theirs_run(3)
     start = time.perf_counter()
     hf_out = theirs_run(args.output_len)
     _sync(core.device)
@@ -562,7 +578,7 @@ def throughput(core: EngineCore, hf_model, args) -> dict:
         "duoserve_s": ours,
         "duoserve_sync_s": ours_sync,
         "async_speedup": ours_sync / ours,
-        "async_tokens_equal": all(tokens[f"t{i}"] == sync_tokens[f"s{i}"] for i in range(args.num_prompts)),
+        "async_tokens_equal": same,
         "transformers_s": theirs,
         "duoserve_tok_s": generated / ours,
         "transformers_tok_s": generated / theirs,
@@ -796,12 +812,19 @@ def main() -> None:
         lambda: throughput(core, hf_model, args),
         "Offline throughput vs transformers generate",
     )
+    report.part(
+        "throughput_penalised",
+        lambda: throughput(core, hf_model, args, {"presence_penalty": 0.5, "frequency_penalty": 0.3}),
+        "Offline throughput with presence and frequency penalties, synchronous vs async steps",
+    )
     data["seconds"] = time.perf_counter() - t0
     checks = [c for c in ("kernels", "model_check", "fused_check", "gemv_check") if c in data]
     ok = not report.failed and all(
         all(r["ok"] for r in (data[c] if isinstance(data[c], list) else [data[c]])) for c in checks
     )
-    data["correct"] = ok and data.get("throughput", {}).get("async_tokens_equal", True)
+    data["correct"] = ok and all(
+        data.get(part, {}).get("async_tokens_equal", True) for part in ("throughput", "throughput_penalised")
+    )
     report.save()
     print(f"\ncorrect: {data['correct']}; failed parts: {report.failed or 'none'}; {data['seconds']:.0f} s")
     if not data["correct"]:
