@@ -15,7 +15,7 @@ and the Triton backend's correctness against the torch backend, on the GPU it ru
    graphs (VARIANTS: `*_unfused` columns: torch's ops instead of the fused Triton norms, RoPE and
    act(gate) * up of duoserve/models/triton_ops.py; `*_cublas`: 1-2 rows of every projection through
    cuBLAS instead of the Triton GEMV; `*_split_kernel`, `*_store_kernel`: split decodes reduced, and the
-   KV stored, in launches of their own; `*_splits16`: 4x the decode split target); and the logits of one
+   KV stored, in launches of their own); and the logits of one
    decode step with the fused ops and with the GEMV switched off and on.
 4. Where a graph-replayed decode step's time goes, kernel by kernel (torch.profiler), at batch 1 and 64,
    and at batch 1 with cuBLAS for every projection.
@@ -366,15 +366,14 @@ def check_switch(core: EngineCore, context: int, switch: str) -> dict:
 # name suffix -> (settings, the largest batch it applies to). Settings: LlamaModel.fused_ops (small ops in
 # Triton or torch), LlamaModel.triton_gemv (1-2 rows of the projections through models/triton_gemv.py),
 # LlamaModel.fused_rope_store (the KV store in RoPE's launch), the Triton backend's fused_split_reduce
-# (split decodes reduced in the attention launch), and programs_per_sm (the decode split target; the
-# backend's own tiles: 4 on the H200). Unset ones keep the engine's defaults.
+# (split decodes reduced in the attention launch). Unset ones keep the engine's defaults. (A decode split
+# target of 16 programs an SM instead of 4 was timed too, 2026-12-04: +1.3% at batch 1, +6.7% at 64.)
 VARIANTS = {
     "": ({}, None),
     "_unfused": ({"fused_ops": False}, None),
     "_cublas": ({"triton_gemv": False}, 2),
     "_split_kernel": ({"fused_split_reduce": False}, 64),
     "_store_kernel": ({"fused_rope_store": False}, 64),
-    "_splits16": ({"programs_per_sm": 16}, 64),  # batch 64 splits 4 ways instead of 2
 }
 _MODEL_SWITCHES = ("fused_ops", "triton_gemv", "fused_rope_store")
 _ENGINE_DEFAULTS: dict[int, dict] = {}  # per engine: its switches as first seen
@@ -388,19 +387,12 @@ def switch(core: EngineCore, settings: dict) -> None:
         {
             **{name: getattr(core.model, name) for name in _MODEL_SWITCHES},
             "fused_split_reduce": getattr(attention, "fused_split_reduce", None),
-            "tiles": getattr(attention, "_tiles", None),
         },
     )
     for name in _MODEL_SWITCHES:
         setattr(core.model, name, settings.get(name, defaults[name]))
     if defaults["fused_split_reduce"] is not None:
         attention.fused_split_reduce = settings.get("fused_split_reduce", defaults["fused_split_reduce"])
-    tiles, per_sm = defaults["tiles"], settings.get("programs_per_sm")
-    if tiles is not None:
-        attention._tiles = tiles
-        if per_sm is not None and core.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(core.device).multi_processor_count
-            attention._tiles = dataclasses.replace(tiles, target_programs=per_sm * sms)
 
 
 def time_decode(core: EngineCore, args, bandwidth: float) -> list[dict]:

@@ -50,7 +50,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-n", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--split-k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     return parser.parse_args()
@@ -58,25 +57,25 @@ def parse_args() -> argparse.Namespace:
 
 def grid(args) -> list[tg.GemvTiles]:
     tiles = [
-        tg.GemvTiles(block_n=n, block_k=k, num_warps=w, split_k=sk)
-        for n, k, w, sk in itertools.product(args.block_n, args.block_k, args.warps, args.split_k)
+        tg.GemvTiles(block_n=n, block_k=k, num_warps=w)
+        for n, k, w in itertools.product(args.block_n, args.block_k, args.warps)
     ]
     return list(dict.fromkeys([*(tg.tiles_for(n, k) for _, n, k in SHAPES), *tiles]))
 
 
 def _compile(job: tuple[list[int], list[dict]]) -> int:
-    """A worker: one launch per row count, tiles and input width of SHAPES (the kernel specialises on the
-    row count, the tiles and the splits a width leaves, not on the outputs)."""
+    """A worker: one launch per row count and tiles (the kernel specialises on both, not on the shape)."""
     rows_list, tile_dicts = job
-    widths = sorted({k for _, _, k in SHAPES})
+    w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     done = 0
-    for rows, tiles, k in itertools.product(rows_list, tile_dicts, widths):
-        w = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
+    for rows, tiles in itertools.product(rows_list, tile_dicts):
         try:
-            tg.gemv(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), w, None, tg.GemvTiles(**tiles))
+            tg.gemv(
+                torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16), w, None, tg.GemvTiles(**tiles)
+            )
             done += 1
         except Exception as error:  # noqa: BLE001 - reported; the timing skips it too
-            print(f"{tiles} at {rows} rows, {k} inputs: {str(error).splitlines()[0][:200]}", flush=True)
+            print(f"{tiles} at {rows} rows: {str(error).splitlines()[0][:200]}", flush=True)
     torch.cuda.synchronize()
     return done
 
@@ -158,7 +157,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None:
     def key(r: dict) -> tuple:
-        return (r["block_n"], r["block_k"], r["num_warps"], r["split_k"])
+        return (r["block_n"], r["block_k"], r["num_warps"])
 
     triton_rows = [r for r in rows_out if r["kernel"] == "triton" and r["rel_err"] < 1e-2]
     report["chosen"] = {}
@@ -172,9 +171,7 @@ def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None
             if len(times) == len(SHAPES):
                 scores[tiles] = math.exp(statistics.fmean(math.log(t) for t in times))
         chosen = min(scores, key=scores.get)
-        report["chosen"][rows] = dict(
-            zip(("block_n", "block_k", "num_warps", "split_k"), chosen, strict=True)
-        )
+        report["chosen"][rows] = dict(zip(("block_n", "block_k", "num_warps"), chosen, strict=True))
         layer = {"cublas": 0.0, "chosen": 0.0}
         fastest_of = {}
         for shape, _, _ in SHAPES:
@@ -202,9 +199,7 @@ def summarize(rows_out: list[dict], row_counts: list[int], report: dict) -> None
             shape: {
                 "n": n,
                 "k": k,
-                "tiles": dict(
-                    zip(("block_n", "block_k", "num_warps", "split_k"), key(fastest_of[shape]), strict=True)
-                ),
+                "tiles": dict(zip(("block_n", "block_k", "num_warps"), key(fastest_of[shape]), strict=True)),
                 "us": fastest_of[shape]["us"],
                 "cublas_us": next(
                     r["us"]

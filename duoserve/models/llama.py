@@ -253,7 +253,6 @@ class LlamaModel:
             from duoserve.models import triton_gemv
 
             module = triton_gemv
-            triton_gemv.reserve(self.device)  # its split counters, before any graph is captured
         for linear in self._dense_projections():
             linear.few_rows = module
 

@@ -11,8 +11,9 @@ reading its weight from HBM, as in a model's step): at one row q/k/v 5.63 us aga
 against 6.25, down 11.72 against 13.91 (cuBLAS's split-K and its reduction kernel); gate_up (16384 outputs)
 stays faster in cuBLAS (18.45 against 19.11), as does lm_head; at two rows o and down win, q/k/v is even
 (6.72 against 6.63); from 4 rows on cuBLAS wins every shape (its tiles reuse each weight across rows; ours
-multiply on the CUDA cores). Splitting the inputs over programs (split_k) lost at every shape: its partial
-store, ticket and sum cost ~1.5-2 us. So `gemv_chosen` takes 1-2 rows of weights of at most 8192 outputs,
+multiply on the CUDA cores). Splitting the inputs over programs lost at every shape (a version with the
+last split of a block summing the partials, swept the same day: +1.5-2 us of partial store, ticket and sum;
+not kept). So `gemv_chosen` takes 1-2 rows of weights of at most 8192 outputs,
 with `tiles_for`'s tiles (4 rows, 1024 inputs, 4 warps: the fastest at every shape). In a whole graph-
 replayed decode step of that model at batch 1 it took 7% off (1.264 -> 1.173 ms), so it is on by default
 on CUDA (`LlamaModel.triton_gemv`). (An earlier sweep re-read one weight, which the 60 MB L2 held: its
@@ -42,21 +43,6 @@ class GemvTiles:
     block_n: int = 8  # weight rows (outputs) per program
     block_k: int = 256  # inputs per iteration
     num_warps: int = 4
-    split_k: int = 1  # programs per block of outputs, each over 1/split_k of the inputs (more in flight)
-
-
-# Split-K tickets per block of outputs, per device, zero between launches.
-_counters: dict[torch.device, torch.Tensor] = {}
-_COUNTERS = 1 << 16  # blocks of outputs a launch may have (128256 outputs in blocks of 2+)
-
-
-def reserve(device: torch.device) -> torch.Tensor:
-    """The device's split-K counters, allocated on first use: LlamaModel.triton_gemv's switch calls this,
-    so that no CUDA graph capture allocates them. One stream at a time (the engine's)."""
-    counters = _counters.get(device)
-    if counters is None:
-        counters = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 @triton.jit
@@ -65,33 +51,23 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
-    part_ptr,
-    counters,
     rows,
     n,
     k,
-    k_per_split,
     stride_xm,
     stride_wn,
     stride_om,
     ROWS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     REDUCE_EACH: tl.constexpr,
 ):
-    """Outputs [pid * BLOCK_N, +BLOCK_N) of every row: x [rows, k] times w [n, k] (row-major), over inputs
-    [split * k_per_split, +k_per_split) (program_id(1) = split).
+    """Outputs [pid * BLOCK_N, +BLOCK_N) of every row: x [rows, k] times w [n, k] (row-major).
 
     REDUCE_EACH: sum each slice's products at once (an [rows, BLOCK_N] accumulator) instead of once at
-    the end (an [rows, BLOCK_N, BLOCK_K] one): chosen where the latter would not fit in registers.
-    SPLIT_K > 1: each split stores its float32 sums in part_ptr [SPLIT_K, ROWS_PAD, n]; the last of a
-    block's splits to finish (its counter, acquire-release) adds them in split order (the same result
-    whichever finishes last), writes the outputs and sets the counter back to 0."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    the end (an [rows, BLOCK_N, BLOCK_K] one): chosen where the latter would not fit in registers."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, ROWS_PAD)
     kk = tl.arange(0, BLOCK_K)
     col_ok = cols < n
@@ -102,9 +78,8 @@ def _gemv_kernel(
         y = tl.zeros([ROWS_PAD, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_end = tl.minimum(k, (split + 1) * k_per_split)
-    for k0 in range(split * k_per_split, k_end, BLOCK_K):
-        k_ok = (k0 + kk) < k_end
+    for k0 in range(0, k, BLOCK_K):
+        k_ok = (k0 + kk) < k
         w = tl.load(w_rows + (k0 + kk)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if REDUCE_EACH:
@@ -113,23 +88,6 @@ def _gemv_kernel(
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not REDUCE_EACH:
         y = tl.sum(acc, axis=2)
-    if SPLIT_K > 1:
-        parts = part_ptr + r[:, None] * n + cols[None, :]  # split t's sums at parts + t * ROWS_PAD * n
-        tl.store(parts + split * ROWS_PAD * n, y, mask=col_ok[None, :])
-        if tl.atomic_add(counters + block, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros([ROWS_PAD, BLOCK_N], dtype=tl.float32)
-            for t in tl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' stores are
-                total += tl.load(
-                    parts + t * ROWS_PAD * n, mask=col_ok[None, :], other=0.0, cache_modifier=".cg"
-                )
-            tl.atomic_xchg(counters + block, 0)
-            _write(total, b_ptr, out_ptr, cols, col_ok, r, row_ok, stride_om, HAS_BIAS)
-    else:
-        _write(y, b_ptr, out_ptr, cols, col_ok, r, row_ok, stride_om, HAS_BIAS)
-
-
-@triton.jit
-def _write(y, b_ptr, out_ptr, cols, col_ok, r, row_ok, stride_om, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + r.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -160,9 +118,9 @@ def gemv_chosen(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def tiles_for(n: int, k: int) -> GemvTiles:
     """The sweep's fastest tiles at one row for every Llama 1B projection (module docstring): 4 weight rows
-    a program (512 programs for 2048 outputs), 1024 inputs a slice, 4 warps, no split. (n, k: the shape,
-    for a table per shape where one is measured to differ.)"""
-    return GemvTiles(block_n=4, block_k=1024, num_warps=4, split_k=1)
+    a program (512 programs for 2048 outputs), 1024 inputs a slice, 4 warps. (n, k: the shape, for a table
+    per shape where one is measured to differ.)"""
+    return GemvTiles(block_n=4, block_k=1024, num_warps=4)
 
 
 def gemv(
@@ -175,35 +133,22 @@ def gemv(
     rows, k = x.shape
     n = weight.shape[0]
     tiles = tiles_for(n, k) if tiles is None else tiles
-    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
-    split_k = triton.cdiv(k, k_per_split)  # (no split left without inputs)
-    blocks = triton.cdiv(n, tiles.block_n)
     rows_pad = 1 << (rows - 1).bit_length()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    parts = counters = out  # (not read unless split)
-    if split_k > 1:
-        counters = reserve(x.device)
-        if blocks > counters.numel():
-            raise ValueError(f"gemv splits at most {counters.numel()} blocks of outputs")
-        parts = torch.empty(split_k, rows_pad, n, dtype=torch.float32, device=x.device)
-    _gemv_kernel[(blocks, split_k)](
+    _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         x,
         weight,
         out if bias is None else bias,  # (not read without a bias)
         out,
-        parts,
-        counters,
         rows,
         n,
         k,
-        k_per_split,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
         ROWS_PAD=rows_pad,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
-        SPLIT_K=split_k,
         HAS_BIAS=bias is not None,
         REDUCE_EACH=rows_pad * tiles.block_n * tiles.block_k > _ACC_PER_THREAD * 32 * tiles.num_warps,
         num_warps=tiles.num_warps,

@@ -24,22 +24,19 @@ def _case(rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int =
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 512), (3, 100, 200), (8, 5, 16), (5, 37, 700)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize(("block_k", "split_k"), [(128, 1), (256, 1), (128, 3)])
-def test_gemv_matches_torch(rows, n, k, dtype, bias, block_k, split_k) -> None:
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_gemv_matches_torch(rows, n, k, dtype, bias, block_k) -> None:
     """float32 accumulation rounded once to the dtype: within one step of the dtype (its spacing) of the
     float64 product (the interpreter truncates the final float32 -> bfloat16 cast, GPUs round it). Several
     programs and K slices, the last ones partial; at 256 inputs a slice and 5-8 rows the slices' products
-    are summed as they come (REDUCE_EACH), otherwise once at the end. split_k 3: the inputs in up to 3
-    ranges (fewer where k is short), summed by the last program of each block of outputs."""
+    are summed as they come (REDUCE_EACH), otherwise once at the end."""
     x, w, b = _case(rows, n, k, dtype, bias, seed=rows * n + k)
-    tiles = tg.GemvTiles(block_n=16, block_k=block_k, num_warps=2, split_k=split_k)
+    tiles = tg.GemvTiles(block_n=16, block_k=block_k, num_warps=2)
     ours = tg.gemv(x, w, b, tiles)
     want = x.double() @ w.double().T + (0 if b is None else b.double())
     assert ours.dtype == dtype and ours.shape == (rows, n)
     step = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     assert ((ours.double() - want).abs() <= step * want.abs() + 1e-5).all()
-    assert not tg.reserve(DEVICE).any()  # the split counters are back at 0
-    torch.testing.assert_close(tg.gemv(x, w, b, tiles), ours, rtol=0, atol=0)  # and the same sums again
 
 
 def test_gemv_reads_strided_rows() -> None:
