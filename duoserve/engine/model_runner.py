@@ -183,9 +183,13 @@ def _feed_pending(
     """Copy each placeholder's token from the step in flight into the inputs, on the device."""
     if pending is None or any(request_id not in pending.rows for _, _, request_id in fed):
         raise RuntimeError("a scheduled token is in flight but not from the step before: steps out of order")
-    device = layout.input_ids.device
-    rows = to_device([layout.query_starts[i] + offset for i, offset, _ in fed], torch.long, device)
-    sources = to_device([pending.rows[request_id] for _, _, request_id in fed], torch.long, device)
+    rows, sources = to_device_longs(
+        [
+            [layout.query_starts[i] + offset for i, offset, _ in fed],
+            [pending.rows[request_id] for _, _, request_id in fed],
+        ],
+        layout.input_ids.device,
+    )
     layout.input_ids.index_copy_(0, rows, pending.token_ids.index_select(0, sources))
 
 
