@@ -1,5 +1,5 @@
 // bfloat16 activations times torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`), the
-// codes dequantized in registers: a bfloat16 model's 4-bit linears at 8-64 rows (duoserve/int4pack.py,
+// codes dequantized in registers: a bfloat16 model's 4-bit linears at 1-64 rows (duoserve/int4pack.py,
 // models/linear.py), where torch's int4 kernel grows with the rows and dequantized tiles + the dense
 // GEMM write and read back a bfloat16 copy of every weight.
 //
@@ -14,11 +14,17 @@
 // the scale and zero are applied once per group, in float32: no weight is rounded to bfloat16 (the tiles
 // path rounds each; this path is at least as close to the float32 reference).
 //
-// Blocking: each thread takes blocks of 64 output rows; per group it unpacks the block's 32 x 64 codes
-// once into 64 vectors (4 KiB, L1) and runs every row of x over them, 4 rows at a time against all 64
-// outputs (16 float32 accumulators), so each weight byte is read from memory once per call. Columns of a
-// vector pair up as the dot product needs: 32-bit lane i = (column k, column k + 1) of output row i.
-//
+// Blocking: each thread takes blocks of 64 output rows; for every 4 rows of x (a pass) it walks the
+// block's groups, unpacks each 64-byte load of codes in registers (2 byte shuffles, 4 logic ops: 4
+// vectors of 16 rows' column pairs) and feeds each vector to the pass's 1-4 dot products, into 16
+// float32 accumulators at most. Columns of a vector pair up as the dot product needs: 32-bit lane i =
+// (column k, column k + 1) of output row i. The first pass reads the block from memory (prefetched
+// ahead, kPrefetchBytes), later ones from L1/L2. Unpacking once per group into an L1 buffer and running
+// every row over it (this kernel until 2026-12-04) stored and reloaded each vector: at 1 row it ran
+// slower than the memory it reads, and at 1-64 rows it lost to this at every size (SmolLM2's 120
+// matmuls of a decode step: 0.73x the time at 1 row, 0.64x at 4, 0.73x at 16, 0.93x at 64; equal at
+// 128; BENCHMARKS.md, machine D).
+
 // Compiled only where the compiler targets AVX512-BF16 and AVX512-VBMI (byte shuffles), i.e. with
 // -march=native on such a host (Zen 4/5, Cooper Lake for BF16 only: no VBMI there, Sapphire Rapids and
 // later); elsewhere `int4pack_mm_available()` is false and the op refuses, and the engine keeps torch's
@@ -44,7 +50,6 @@ namespace {
 
 constexpr int64_t kBlock = 64;   // output rows per block of the layout (AVX-512 hosts)
 constexpr int64_t kGroup = 32;   // columns per (scale, zero)
-constexpr int64_t kPass = 64;    // rows of x accumulated at a time (64 x 64 float32: 16 KiB)
 
 #if DUOSERVE_INT4MM
 
@@ -73,25 +78,6 @@ struct Shuffles {
   }
 };
 
-// One group (32 columns, 1 KiB of codes) of a block into w[pair * 4 + v]: bfloat16 pairs 128 + q of
-// rows 16v..16v+15 (v = 0, 1: low nibbles; 2, 3: high nibbles, rows 32-63).
-__attribute__((noinline)) void unpack_group(const uint8_t* codes, const Shuffles& shuffles, __m512i* w) {
-  const __mmask64 words = 0x5555555555555555ULL;
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bfloat16 128.0 in both words
-#pragma GCC unroll 4
-  for (int p = 0; p < kPairs; ++p) {
-    const __m512i bytes = _mm512_loadu_si512(codes + p * 64);
-    const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
-    const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
-    // (a & b) | c: the low nibble with the magic exponent.
-    w[p * 4 + 0] = _mm512_ternarylogic_epi32(first, nibble, magic, 0xEA);
-    w[p * 4 + 1] = _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA);
-    w[p * 4 + 2] = _mm512_or_si512(_mm512_srli_epi16(first, 4), magic);
-    w[p * 4 + 3] = _mm512_or_si512(_mm512_srli_epi16(second, 4), magic);
-  }
-}
-
 // The group's scales and offsets (zero - 136 * scale) of a block's 64 rows, as float32 vectors.
 inline void group_scales(const uint16_t* pairs, __m512* scale, __m512* offset) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -106,50 +92,6 @@ inline void group_scales(const uint16_t* pairs, __m512* scale, __m512* offset) {
 
 inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
-// ROWS rows of x (bfloat16, row stride k) against one unpacked group: acc[r][64] += that group's part.
-// Not inlined: inlined into the block loop, GCC kept unpacked codes in registers across calls and
-// spilled the accumulators instead (the kernel ran at a third of the speed).
-template <int ROWS>
-__attribute__((noinline)) void group_rows(const uint16_t* x, int64_t k, const __m512i* w, const __m512* scale,
-                       const __m512* offset, const float* xsum, int64_t groups, float* acc) {
-  __m512 inner[ROWS][kVectors];
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kVectors; ++v) inner[r][v] = _mm512_setzero_ps();
-  }
-#pragma GCC unroll 16
-  for (int p = 0; p < kPairs; ++p) {
-    __m512i xs[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      int32_t both;
-      std::memcpy(&both, x + r * k + 2 * p, sizeof(both));
-      xs[r] = _mm512_set1_epi32(both);
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < kVectors; ++v) {
-      const __m512bh codes = as_bf16(_mm512_load_si512(w + p * kVectors + v));
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) inner[r][v] = _mm512_dpbf16_ps(inner[r][v], as_bf16(xs[r]), codes);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 sum = _mm512_set1_ps(xsum[r * groups]);
-#pragma GCC unroll 4
-    for (int v = 0; v < kVectors; ++v) {
-      float* out = acc + r * kBlock + 16 * v;
-      const __m512 partial = _mm512_fmadd_ps(offset[v], sum, _mm512_loadu_ps(out));
-      _mm512_storeu_ps(out, _mm512_fmadd_ps(scale[v], inner[r][v], partial));
-    }
-  }
-}
-
-// Rows of x per register tile: 16 accumulators, 4 broadcasts, 1 code vector (6 rows, 24 accumulators,
-// ran no faster on a Zen 5: ~1.7 dot products a cycle either way, near its 2).
-constexpr int kTileRows = 4;
-
 struct Problem {
   const uint16_t* x;       // [M, K] bfloat16 bits
   const uint8_t* packed;   // [N / 64 blocks][K][32]
@@ -159,48 +101,77 @@ struct Problem {
   int64_t m, n, k;
 };
 
-void rows_of_group(const Problem& t, int64_t first, int64_t rows, int64_t g, const __m512i* w,
-                   const __m512* scale, const __m512* offset, float* acc) {
-  const int64_t groups = t.k / kGroup;
-  for (int64_t r = 0; r < rows;) {
-    const uint16_t* x = t.x + (first + r) * t.k + g * kGroup;
-    const float* xsum = t.xsum + (first + r) * groups + g;
-    float* a = acc + r * kBlock;
-    switch (std::min<int64_t>(rows - r, kTileRows)) {
-      case 4: group_rows<4>(x, t.k, w, scale, offset, xsum, groups, a); r += 4; break;
-      case 3: group_rows<3>(x, t.k, w, scale, offset, xsum, groups, a); r += 3; break;
-      case 2: group_rows<2>(x, t.k, w, scale, offset, xsum, groups, a); r += 2; break;
-      default: group_rows<1>(x, t.k, w, scale, offset, xsum, groups, a); r += 1; break;
-    }
-  }
-}
+// Codes prefetched this far ahead of the loads (4 groups): a decode step's SmolLM2 layers, 120 matmuls
+// of 0.2-1.1 MB read once from memory, ran 7% faster at 1 row than with the hardware prefetcher alone,
+// 4 KiB and 8 KiB ahead alike (machine D).
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int kPassRows = 4;  // rows of x per pass over a block: 16 accumulators
 
-// Output rows 64b..64b+63 for every row of x.
-void block_product(const Problem& t, int64_t b, const Shuffles& shuffles) {
-  alignas(64) __m512i w[kPairs * kVectors];
-  alignas(64) float acc[kPass * kBlock];
+// Output rows 64b..64b+63 for rows row0..row0+ROWS-1 of x (ROWS 1-4).
+template <int ROWS>
+void block_pass(const Problem& t, int64_t b, int64_t row0, const Shuffles& shuffles) {
+  // At 1 row, two accumulator sets (alternate pairs): 8 dot product chains in flight, not 4 waiting on
+  // the dot product's latency.
+  constexpr int SETS = ROWS >= 2 ? 1 : 2;
+  const __mmask64 words = 0x5555555555555555ULL;
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const __m512i magic = _mm512_set1_epi32(0x43004300);
   const int64_t groups = t.k / kGroup;
   const uint8_t* codes = t.packed + b * kBlock * (t.k / 2);
-  for (int64_t first = 0; first < t.m; first += kPass) {
-    const int64_t rows = std::min(kPass, t.m - first);
-    std::fill(acc, acc + rows * kBlock, 0.0f);
-    for (int64_t g = 0; g < groups; ++g) {
-      if (g + 1 < groups) {  // the next group's (scale, zero) pairs: 256 bytes, N * 4 bytes further on
-        const char* next = reinterpret_cast<const char*>(t.pairs + ((g + 1) * t.n + b * kBlock) * 2);
-        for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
-      }
-      __m512 scale[kVectors], offset[kVectors];
-      unpack_group(codes + g * kGroup * (kBlock / 2), shuffles, w);
-      group_scales(t.pairs + (g * t.n + b * kBlock) * 2, scale, offset);
-      rows_of_group(t, first, rows, g, w, scale, offset, acc);
+  __m512 acc[ROWS][kVectors];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (g + 1 < groups) {
+      const char* next = reinterpret_cast<const char*>(t.pairs + ((g + 1) * t.n + b * kBlock) * 2);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* out = t.y + (first + r) * t.n + b * kBlock;
-      for (int v = 0; v < kVectors; ++v) {
-        // Round to nearest even, as torch's float -> bfloat16.
-        const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * kBlock + 16 * v));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * v), reinterpret_cast<const __m256i&>(half));
+    const uint8_t* group = codes + g * kGroup * (kBlock / 2);
+    __m512 inner[ROWS][SETS][kVectors];
+    for (int r = 0; r < ROWS; ++r) {
+      for (int s = 0; s < SETS; ++s) {
+        for (int v = 0; v < kVectors; ++v) inner[r][s][v] = _mm512_setzero_ps();
       }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < kPairs; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(group + p * 64 + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512(group + p * 64);
+      const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
+      const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
+      const __m512i w[kVectors] = {_mm512_ternarylogic_epi32(first, nibble, magic, 0xEA),
+                                   _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA),
+                                   _mm512_or_si512(_mm512_srli_epi16(first, 4), magic),
+                                   _mm512_or_si512(_mm512_srli_epi16(second, 4), magic)};
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t both;
+        std::memcpy(&both, t.x + (row0 + r) * t.k + g * kGroup + 2 * p, sizeof(both));
+        const __m512bh xs = as_bf16(_mm512_set1_epi32(both));
+#pragma GCC unroll 4
+        for (int v = 0; v < kVectors; ++v) {
+          __m512& sum = inner[r][p % SETS][v];
+          sum = _mm512_dpbf16_ps(sum, xs, as_bf16(w[v]));
+        }
+      }
+    }
+    __m512 scale[kVectors], offset[kVectors];
+    group_scales(t.pairs + (g * t.n + b * kBlock) * 2, scale, offset);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 sum = _mm512_set1_ps(t.xsum[(row0 + r) * groups + g]);
+      for (int v = 0; v < kVectors; ++v) {
+        __m512 dot = inner[r][0][v];
+        for (int s = 1; s < SETS; ++s) dot = _mm512_add_ps(dot, inner[r][s][v]);
+        acc[r][v] = _mm512_fmadd_ps(scale[v], dot, _mm512_fmadd_ps(offset[v], sum, acc[r][v]));
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    uint16_t* out = t.y + (row0 + r) * t.n + b * kBlock;
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256bh half = _mm512_cvtneps_pbh(acc[r][v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * v), reinterpret_cast<const __m256i&>(half));
     }
   }
 }
@@ -254,7 +225,16 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
                         k};
   const Shuffles shuffles;
   at::parallel_for(0, n / kBlock, 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) block_product(problem, b, shuffles);
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t row = 0; row < problem.m; row += kPassRows) {
+        switch (std::min<int64_t>(problem.m - row, kPassRows)) {
+          case 4: block_pass<4>(problem, b, row, shuffles); break;
+          case 3: block_pass<3>(problem, b, row, shuffles); break;
+          case 2: block_pass<2>(problem, b, row, shuffles); break;
+          default: block_pass<1>(problem, b, row, shuffles); break;
+        }
+      }
+    }
   });
 #endif
   return y;

@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t kRows = 16;   // output rows converted at a time
 constexpr int64_t kChunk = 32;  // columns per dot product step (one vector of bfloat16)
+constexpr int64_t kGemvRows = 24;  // rows of x up to which block_gemv runs instead of block_product
 
 #if DUOSERVE_INT8MM
 
@@ -123,6 +124,81 @@ void block_product(const Problem& t, int64_t block, std::vector<uint16_t>& scrat
   }
 }
 
+// ROWS (1, 2 or 4) rows of x from `first` against output rows n..n+16/ROWS-1, the codes converted in
+// registers: at up to four rows each converted code feeds at most four dot products, so the scratch
+// copy block_product makes costs more than it saves, and 16 accumulators keep the dot products'
+// latency hidden (tile<1> has 4).
+// Each step also prefetches `lines` cache lines from `ahead` (the next rows' codes): 16 rows read side
+// by side are 16 short streams, which the hardware prefetcher follows late.
+template <int ROWS>
+void gemv(const Problem& t, int64_t first, int64_t n, const char* ahead, int64_t lines) {
+  constexpr int kOut = 16 / ROWS;
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t steps = t.k / kChunk;
+  for (int64_t c = 0, step = 0; c < t.k; c += kChunk, ++step) {
+    for (int64_t line = step * lines / steps; line < (step + 1) * lines / steps; ++line) {
+      _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    }
+    __m512bh xs[ROWS];
+    for (int r = 0; r < ROWS; ++r) xs[r] = as_bf16(_mm512_loadu_si512(t.x + (first + r) * t.k + c));
+#pragma GCC unroll 16
+    for (int j = 0; j < kOut; ++j) {
+      const int8_t* p = t.codes + (n + j) * t.k + c;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+      const __m512bh codes = _mm512_cvtne2ps_pbh(hi, lo);  // exact: 8 significant bits
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) acc[r * kOut + j] = _mm512_dpbf16_ps(acc[r * kOut + j], xs[r], codes);
+    }
+  }
+  // Lane r * kOut + j: row r of x, output row n + j.
+  __m512 scale;
+  if (ROWS == 1) {
+    scale = _mm512_loadu_ps(t.scales + n);
+  } else if (ROWS == 2) {
+    scale = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(t.scales + n))));
+  } else {
+    scale = _mm512_broadcast_f32x4(_mm_loadu_ps(t.scales + n));
+  }
+  const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(transpose_sums(acc), scale));
+  alignas(32) uint16_t out[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<const __m256i&>(rounded));
+  for (int r = 0; r < ROWS; ++r) std::copy(out + kOut * r, out + kOut * (r + 1), t.y + (first + r) * t.n + n);
+}
+
+// Output rows 16b..16b+15 for up to 4 rows of x (kGemvRows), prefetching block b + 1's codes (up to
+// `last`) during the first pass over the block; later passes find the block in L1/L2.
+template <int ROWS>
+void pass_gemv(const Problem& t, int64_t first, int64_t n0, const char* next, int64_t lines) {
+  constexpr int64_t kOut = 16 / ROWS;  // outputs per gemv call
+  constexpr int64_t calls = kRows / kOut;
+  for (int64_t i = 0; i < calls; ++i) {
+    const int64_t part = lines / calls;
+    gemv<ROWS>(t, first, n0 + i * kOut, next + 64 * i * part, i + 1 < calls ? part : lines - i * part);
+  }
+}
+
+void block_gemv(const Problem& t, int64_t b, int64_t last) {
+  const int64_t n0 = b * kRows;
+  const char* next = reinterpret_cast<const char*>(t.codes + (n0 + kRows) * t.k);
+  int64_t lines = b + 1 < last ? kRows * t.k / 64 : 0;
+  for (int64_t first = 0; first < t.m; lines = 0) {
+    const int64_t rows = t.m - first;
+    if (rows >= 4) {
+      pass_gemv<4>(t, first, n0, next, lines);
+      first += 4;
+    } else if (rows >= 2) {
+      pass_gemv<2>(t, first, n0, next, lines);
+      first += 2;
+    } else {
+      pass_gemv<1>(t, first, n0, next, lines);
+      first += 1;
+    }
+  }
+}
+
 #endif  // DUOSERVE_INT8MM
 
 bool int8_mm_available() { return DUOSERVE_INT8MM != 0; }
@@ -149,6 +225,12 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
                         m,
                         n,
                         k};
+  if (m <= kGemvRows) {
+    at::parallel_for(0, n / kRows, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) block_gemv(problem, b, last);
+    });
+    return y;
+  }
   at::parallel_for(0, n / kRows, 1, [&](int64_t first, int64_t last) {
     std::vector<uint16_t> scratch(static_cast<size_t>(kRows * k));
     for (int64_t b = first; b < last; ++b) block_product(problem, b, scratch);

@@ -1,0 +1,124 @@
+"""A/B of one C++ matmul kernel against its source at another git revision, in one process, alternated.
+
+    PYTHONPATH=. python benchmarks/cpu_kernel_ab.py --kernel int4 --base HEAD --rows 1 2 4 16 64
+    PYTHONPATH=. python benchmarks/cpu_kernel_ab.py --kernel int8 --base HEAD~3 --rows 1 4 16
+
+The sessions' VMs change speed by up to 2x between minutes, so two runs of a benchmark, one per tree,
+compare the machine as much as the kernels. This builds the kernel's source twice as separate
+extensions (the revision's and the working tree's, each under its own op namespace, -march=native as
+cpu_kernels.py builds it) and times them in turns, in the same process, on the same weights.
+
+Workloads, as a decode step reads them (from memory, not cache):
+- int4 (models/csrc/int4pack_mm_cpu.cpp): SmolLM2-135M's 30 layers of 4-bit matrices (qkv 960x576,
+  o 576x576, gate_up 3072x576, down 576x1536: 120 matmuls, 66 MB) in order, random codes;
+- int8 (models/csrc/int8_mm_cpu.cpp): hardware.py's 8-bit measurement matrix (16384 x 2048, 32 MB, an L3
+  cache's worth), after reading 128 MB elsewhere to evict it; torch's `_weight_int8pack_mm` beside.
+Prints the median time of each, its rate in bytes of weights read per second, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = {
+    "int4": ("duoserve/models/csrc/int4pack_mm_cpu.cpp", "int4pack_mm"),
+    "int8": ("duoserve/models/csrc/int8_mm_cpu.cpp", "int8_mm"),
+}
+SMOLLM2_LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of a layer's matrices
+
+
+def build(name: str, source: str, op: str, build_root: Path) -> Callable:
+    """Compile `source` as extension `name` (its ops renamed into namespace `name`) and return the op."""
+    directory = build_root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "kernel.cpp"
+    text = source.replace("TORCH_LIBRARY_FRAGMENT(duoserve_cpu", f"TORCH_LIBRARY_FRAGMENT({name}")
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    load(
+        name=name,
+        sources=[str(path)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        build_directory=str(directory),
+    )
+    return getattr(getattr(torch.ops, name), op)
+
+
+def int4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
+    """SmolLM2's 120 layer matmuls (random codes); returns (calls, bytes, nothing to do between runs)."""
+    calls = []
+    for _ in range(30):
+        for out, width in SMOLLM2_LAYER:
+            packed = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8)
+            pairs = torch.randn(width // 32, out, 2).bfloat16()
+            calls.append((torch.randn(rows, width).bfloat16(), packed, pairs))
+    nbytes = sum(p.numel() + s.numel() * 2 for _, p, s in calls)
+    return calls, nbytes, lambda: None
+
+
+def int8_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
+    codes = torch.randint(-128, 128, (16384, 2048), dtype=torch.int8)
+    scales = torch.rand(16384).bfloat16()
+    other = torch.ones(32 << 20)
+    return [(torch.randn(rows, 2048).bfloat16(), codes, scales)], codes.numel(), lambda: other.sum()
+
+
+def time_variants(variants: dict[str, Callable], calls: list[tuple], evict: Callable[[], None], reps: int):
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            op = variants[name]
+            evict()
+            start = time.perf_counter()
+            for args in calls:
+                op(*args)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kernel", choices=sorted(SOURCES), default="int4")
+    parser.add_argument("--base", default="HEAD", help="git revision of the other source")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 16, 64])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--build-dir", type=Path, default=Path.home() / ".cache" / "duoserve" / "kernel_ab")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path, op = SOURCES[args.kernel]
+    base_source = subprocess.check_output(["git", "show", f"{args.base}:{path}"], cwd=ROOT, text=True)
+    variants = {
+        args.base: build(f"ab_{args.kernel}_base", base_source, op, args.build_dir),
+        "tree": build(f"ab_{args.kernel}_tree", (ROOT / path).read_text(), op, args.build_dir),
+    }
+    if args.kernel == "int8":
+        variants["torch"] = torch.ops.aten._weight_int8pack_mm
+    workload = int4_workload if args.kernel == "int4" else int8_workload
+    print(f"{args.kernel}: {path} at {args.base} vs the working tree, {torch.get_num_threads()} threads")
+    print("| rows | " + " | ".join(f"{name} ms" for name in variants) + f" | tree / {args.base} |")
+    print("|---|" + "---|" * (len(variants) + 1))
+    for rows in args.rows:
+        calls, nbytes, evict = workload(rows)
+        medians = time_variants(variants, calls, evict, args.reps)
+        cells = " | ".join(f"{t * 1e3:.3f} ({nbytes / t / 1e9:.0f} GB/s)" for t in medians.values())
+        print(f"| {rows} | {cells} | {medians['tree'] / medians[args.base]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
