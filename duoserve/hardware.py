@@ -99,6 +99,19 @@ at 16-64: at 32 rows 4.2 ms against 7.0 for int8 tiles and 8.3 for torch's int8 
 | fused, 2 threads                   | 0.49  | 0.86  | 1.53  | 3.05  | 5.94  |
 | tiles, 2 threads                   | 6.21  | 6.06  | 6.64  | 8.30  | 10.67 |
 
+Since 2026-12-04 both fused kernels unpack the codes in registers instead of into an L1 buffer (the
+4-bit one at every row count, the 8-bit one up to 24 rows), and at 1-4 rows they beat torch's kernels
+too: measure_formats on machine D (2 threads, MEASUREMENT_VERSION 4) chose the fused 4-bit kernel at
+1-64 rows and the 8-bit one at 1-32 (ms per matrix):
+
+| rows                               | 1     | 4     | 8     | 16    | 32    | 64    |
+|------------------------------------|-------|-------|-------|-------|-------|-------|
+| q4: torch's 4-bit kernel           | 0.63  | 0.93  | 2.15  | 4.24  | 9.25  | 16.77 |
+| fused 4-bit                        | 0.36  | 0.47  | 0.88  | 1.64  | 3.25  | 6.10  |
+| q8: torch's 8-bit kernel           | 1.30  | 1.45  | 2.13  | 4.57  | 8.74  | 20.99 |
+| fused 8-bit                        | 0.62  | 0.85  | 1.61  | 3.20  | 5.93  | 9.83  |
+| 8-bit tiles                        | 4.85  | 4.56  | 4.35  | 5.51  | 6.85  | 8.86  |
+
 `DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
 """
 
@@ -144,9 +157,9 @@ DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
 # Where no measurement ran, bfloat16 models' 4-bit and 8-bit linears run duoserve's fused kernels
 # (int4pack.fused_matmul; models/csrc/int8_mm_cpu.cpp) on steps of this many rows, on CPUs they are
-# built for (AVX512-BF16, and VBMI for the 4-bit one).
-PRIOR_INT4_FUSED_ROWS = (8, 64)
-PRIOR_INT8_FUSED_ROWS = (8, 64)
+# built for (AVX512-BF16, and VBMI for the 4-bit one): the ranges machine D measured (module docstring).
+PRIOR_INT4_FUSED_ROWS = (1, 64)
+PRIOR_INT8_FUSED_ROWS = (1, 32)
 # What the cached timings measured: a cache of another version is measured again. 2: the many-rows
 # path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix); 3: and
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels

@@ -1,6 +1,6 @@
 """torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): recognising it, dequantizing rows
 of it into the tiles that a bfloat16 model's 4-bit linears (models/linear.py) multiply by many rows, and
-multiplying bfloat16 rows by it in place (`fused_matmul`, AVX512-BF16 hosts: at 8-64 rows 1.8-2.7x faster
+multiplying bfloat16 rows by it in place (`fused_matmul`, AVX512-BF16 hosts: at 1-64 rows 1.75-2.7x faster
 than torch's int4 kernel or the tiles on a Zen 5, hardware.py).
 
 Its own module, not models/linear.py's, because the host measurement (hardware.py) times the tiles as

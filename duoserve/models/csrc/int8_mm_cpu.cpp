@@ -1,17 +1,23 @@
 // bfloat16 activations times int8 codes with one scale per output row (Int8Linear's layout: codes
 // [N, K] row-major, as torch's `_weight_int8pack_mm` reads them), the codes converted in registers: a
-// bfloat16 model's 8-bit linears at 8-64 rows (SmolLM2's Q8_0 lm_head: 28 M weights, a fifth of a
-// decode step's), where torch's int8 kernel grows with the rows and tiles write and read back a
-// bfloat16 copy of every weight.
+// bfloat16 model's 8-bit linears at 1-32 rows (SmolLM2's Q8_0 lm_head: 28 M weights, a fifth of a
+// decode step's), where torch's int8 kernel grows with the rows (and at 1-4 rows reads its codes at
+// ~30 GB/s where this reads ~40, machine D) and tiles write and read back a bfloat16 copy of every
+// weight.
 //
 // y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: an int8 code is an exact bfloat16 (8 significant bits),
 // so the sum runs on AVX512-BF16 dot products (exact products, float32 sums), and the scale is applied
 // once to the float32 sum before the one rounding to bfloat16.
 //
-// Blocking: each thread takes 16 output rows at a time, converts their codes to bfloat16 once into a
-// scratch row block (L1/L2) and runs every row of x over it, tiles of 4 rows of x by 4 output rows (16
-// float32 accumulators whose lanes run along K, summed at the end by one transposing reduction), so
-// each code byte is read from memory once per call.
+// Blocking: each thread takes 16 output rows at a time. Up to kGemvRows rows of x (block_gemv), passes
+// of 1, 2 or 4 rows convert the codes in registers against 16, 8 or 4 output rows (16 float32
+// accumulators whose lanes run along K, summed at the end by one transposing reduction); the first
+// pass reads the block from memory, prefetching the next one, later passes from L1/L2. Above that
+// (block_product), the block's codes are converted once into a scratch row block (L1/L2) and every row
+// of x runs over it, tiles of 4 rows of x by 4 output rows. Each code byte is read from memory once per
+// call either way; converting again per pass costs less than the scratch's store and reload up to ~24
+// rows (the 16384 x 2048 measurement matrix from memory: 0.43-0.49x the scratch's time at 1-4 rows,
+// 0.58x at 8, 0.80x at 16, 0.88x at 24, equal at 32, 1.13x at 64; benchmarks/cpu_kernel_ab.py).
 //
 // Compiled only where the compiler targets AVX512-BF16 (-march=native on such a host); elsewhere
 // `int8_mm_available()` is false and the op refuses.
@@ -35,7 +41,7 @@ namespace {
 
 constexpr int64_t kRows = 16;   // output rows converted at a time
 constexpr int64_t kChunk = 32;  // columns per dot product step (one vector of bfloat16)
-constexpr int64_t kGemvRows = 24;  // rows of x up to which block_gemv runs instead of block_product
+constexpr int64_t kGemvRows = 24;  // rows of x up to which block_gemv runs (see Blocking above)
 
 #if DUOSERVE_INT8MM
 
@@ -168,8 +174,8 @@ void gemv(const Problem& t, int64_t first, int64_t n, const char* ahead, int64_t
   for (int r = 0; r < ROWS; ++r) std::copy(out + kOut * r, out + kOut * (r + 1), t.y + (first + r) * t.n + n);
 }
 
-// Output rows 16b..16b+15 for up to 4 rows of x (kGemvRows), prefetching block b + 1's codes (up to
-// `last`) during the first pass over the block; later passes find the block in L1/L2.
+// One pass of ROWS rows of x from `first` over the 16 output rows from n0, in ROWS calls of 16 / ROWS
+// outputs, spreading the prefetch of `lines` lines from `next` over them.
 template <int ROWS>
 void pass_gemv(const Problem& t, int64_t first, int64_t n0, const char* next, int64_t lines) {
   constexpr int64_t kOut = 16 / ROWS;  // outputs per gemv call
@@ -180,6 +186,9 @@ void pass_gemv(const Problem& t, int64_t first, int64_t n0, const char* next, in
   }
 }
 
+// Output rows 16b..16b+15 for the (up to kGemvRows) rows of x, in passes of 4, 2 or 1 rows; the first
+// pass prefetches block b + 1's codes (when b + 1 < last, the thread's end), later passes find the
+// block in L1/L2.
 void block_gemv(const Problem& t, int64_t b, int64_t last) {
   const int64_t n0 = b * kRows;
   const char* next = reinterpret_cast<const char*>(t.codes + (n0 + kRows) * t.k);
