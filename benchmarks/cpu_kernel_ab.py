@@ -12,7 +12,9 @@ Workloads, as a decode step reads them (from memory, not cache):
 - int4 (models/csrc/int4pack_mm_cpu.cpp): SmolLM2-135M's 30 layers of 4-bit matrices (qkv 960x576,
   o 576x576, gate_up 3072x576, down 576x1536: 120 matmuls, 66 MB) in order, random codes;
 - int8 (models/csrc/int8_mm_cpu.cpp): hardware.py's 8-bit measurement matrix (16384 x 2048, 32 MB, an L3
-  cache's worth), after reading 128 MB elsewhere to evict it; torch's `_weight_int8pack_mm` beside.
+  cache's worth), after reading 128 MB elsewhere to evict it; torch's `_weight_int8pack_mm` beside;
+- q4 (models/csrc/quantized_matmul_cpu.cpp, float32 models' 4-bit kernel, int16 activations): the int4
+  workload's matrices in GGUF's layout. `--march x86-64-v3` builds both sides as an AVX2-only CPU's.
 Prints the median time of each, its rate in bytes of weights read per second, and the ratio.
 """
 
@@ -32,11 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {
     "int4": ("duoserve/models/csrc/int4pack_mm_cpu.cpp", "int4pack_mm"),
     "int8": ("duoserve/models/csrc/int8_mm_cpu.cpp", "int8_mm"),
+    "q4": ("duoserve/models/csrc/quantized_matmul_cpu.cpp", "q4_matmul"),
 }
 SMOLLM2_LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of a layer's matrices
 
 
-def build(name: str, source: str, op: str, build_root: Path) -> Callable:
+def build(name: str, source: str, op: str, build_root: Path, march: str) -> Callable:
     """Compile `source` as extension `name` (its ops renamed into namespace `name`) and return the op."""
     directory = build_root / name
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,7 @@ def build(name: str, source: str, op: str, build_root: Path) -> Callable:
     load(
         name=name,
         sources=[str(path)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         build_directory=str(directory),
@@ -64,6 +67,19 @@ def int4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
             pairs = torch.randn(width // 32, out, 2).bfloat16()
             calls.append((torch.randn(rows, width).bfloat16(), packed, pairs))
     nbytes = sum(p.numel() + s.numel() * 2 for _, p, s in calls)
+    return calls, nbytes, lambda: None
+
+
+def q4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
+    """The int4 workload's matrices as float32 models hold them (GGUF groups: codes [N, K/2], fp16 scales
+    then mins [N, 2, K/32])."""
+    calls = []
+    for _ in range(30):
+        for out, width in SMOLLM2_LAYER:
+            codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8)
+            scale_min = (torch.rand(out, 2, width // 32) * 0.01).half()
+            calls.append((torch.randn(rows, width), codes, scale_min))
+    nbytes = sum(c.numel() + s.numel() * 2 for _, c, s in calls)
     return calls, nbytes, lambda: None
 
 
@@ -98,18 +114,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-dir", type=Path, default=Path.home() / ".cache" / "duoserve" / "kernel_ab")
+    parser.add_argument("--march", default="native", help="gcc -march for both builds, e.g. x86-64-v3 (AVX2)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path, op = SOURCES[args.kernel]
+    tag = "".join(c if c.isalnum() else "_" for c in args.march)
     base_source = subprocess.check_output(["git", "show", f"{args.base}:{path}"], cwd=ROOT, text=True)
+    tree_source = (ROOT / path).read_text()
     variants = {
-        args.base: build(f"ab_{args.kernel}_base", base_source, op, args.build_dir),
-        "tree": build(f"ab_{args.kernel}_tree", (ROOT / path).read_text(), op, args.build_dir),
+        args.base: build(f"ab_{args.kernel}_{tag}_base", base_source, op, args.build_dir, args.march),
+        "tree": build(f"ab_{args.kernel}_{tag}_tree", tree_source, op, args.build_dir, args.march),
     }
     if args.kernel == "int8":
         variants["torch"] = torch.ops.aten._weight_int8pack_mm
-    workload = int4_workload if args.kernel == "int4" else int8_workload
+    workload = {"int4": int4_workload, "int8": int8_workload, "q4": q4_workload}[args.kernel]
     print(f"{args.kernel}: {path} at {args.base} vs the working tree, {torch.get_num_threads()} threads")
     print("| rows | " + " | ".join(f"{name} ms" for name in variants) + f" | tree / {args.base} |")
     print("|---|" + "---|" * (len(variants) + 1))

@@ -1,15 +1,17 @@
 """duoserve's C++ CPU kernels: one library, compiled for this host on first use and cached.
 
-Six sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
+Eight sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
 (`attention/csrc/paged_attention_cpu.cpp`), the matmuls over 4/8-bit weight codes with float32
 activations (`models/csrc/quantized_matmul_cpu.cpp`), the dequantization of torch's int4 layout for
 bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`), bfloat16 activations times
 that layout's codes and times int8 codes (`models/csrc/int4pack_mm_cpu.cpp`, `int8_mm_cpu.cpp`:
-AVX512-BF16 hosts only, elsewhere the ops are there but refuse) and a decode layer's small ops (RMSNorm,
-RoPE, KV store: `models/csrc/decode_ops_cpu.cpp`). They are compiled with torch's C++ extension builder
-for the host CPU (`-march=native`), once per machine, torch version and source, cached under
-~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists, callers
-fall back to torch's own ops.
+AVX512-BF16 hosts only, elsewhere the ops are there but refuse), a decode layer's small ops (RMSNorm,
+RoPE, KV store: `models/csrc/decode_ops_cpu.cpp`), a decode step's whole stack of layers in one call
+(`models/csrc/decode_layers_cpu.cpp`, which calls the others through `csrc/cpu_ops.h`) and the
+structured outputs' token masks (`engine/csrc/token_bitmask_cpu.cpp`). They are compiled with torch's
+C++ extension builder for the host CPU (`-march=native`), once per machine, torch version and source,
+cached under ~/.cache/torch_extensions (about 40 s on 2 cores the first time). Where no compiler exists,
+callers fall back to torch's own ops.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ SOURCES = (
     _PACKAGE / "models" / "csrc" / "int4pack_mm_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int8_mm_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "decode_ops_cpu.cpp",
+    _PACKAGE / "models" / "csrc" / "decode_layers_cpu.cpp",
     _PACKAGE / "engine" / "csrc" / "token_bitmask_cpu.cpp",
 )
+HEADERS = (_PACKAGE / "csrc" / "cpu_ops.h",)  # included by the sources: part of what a build depends on
 # DUOSERVE_CPU_ISA runs this x86 host as a lesser one: the kernels are built for that level instead of
 # -march=native, and duoserve.hardware sees only that level's features (so its table's row, the dtype and
 # thresholds follow). A session on a Zen 5 or an AMX Xeon can then run, test and time the paths an
@@ -80,6 +84,7 @@ _OPS = (
     "rope_qk",
     "store_kv",
     "store_kv_quantized",
+    "decode_layers",
     "apply_token_bitmask",
 )
 
@@ -99,7 +104,7 @@ def _build_tag() -> str:
         )
     except OSError:
         flags = platform.processor()
-    sources = hashlib.sha1(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()
+    sources = hashlib.sha1(b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))).hexdigest()
     key = f"{flags}|{_march()}|{torch.__version__}|{sources}|{_PACKAGE}"
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
+from duoserve.models.cpu_decode import CpuDecodeLayers, PlainLayer
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
     QUANTIZED_MAX_ROWS,
@@ -207,6 +208,7 @@ class LlamaModel:
         self.lora_state: LoRAState | None = None  # set by add_lora_slots
         self.fused_ops = getattr(attention, "runs_triton", False) if fused_ops is None else fused_ops
         self.triton_gemv = self.fused_ops and device.type == "cuda"
+        self.cpu_decode_layers = True
 
     @property
     def fused_ops(self) -> bool:
@@ -223,6 +225,7 @@ class LlamaModel:
         if on:
             _triton_ops().check_device(self.device)
         self.ops.triton = bool(on)
+        self._cpu_decode_checked = False
 
     @property
     def fused_rope_store(self) -> bool:
@@ -256,6 +259,36 @@ class LlamaModel:
         for linear in self._dense_projections():
             linear.few_rows = module
 
+    @property
+    def cpu_decode_layers(self) -> bool:
+        """Whether pure decode steps of a bfloat16 CPU model run all layers in one C++ call
+        (models/cpu_decode.py: the same ops, bit for bit, without ~1.5 ms of Python and dispatch a
+        SmolLM2 step) where the model and step qualify. On by default; settable (an A/B, tests)."""
+        return self._cpu_decode_on
+
+    @cpu_decode_layers.setter
+    def cpu_decode_layers(self, on: bool) -> None:
+        self._cpu_decode_on = bool(on)
+        self._cpu_decode: CpuDecodeLayers | None = None
+        self._cpu_decode_checked = False
+
+    def _cpu_decode_loop(self) -> CpuDecodeLayers | None:
+        """The one-call decode loop over this model's layers as they are now (built on first use: LoRA
+        slots and the fused-ops switch come after the constructor), or None."""
+        if not self._cpu_decode_checked:
+            eligible = (
+                self._cpu_decode_on
+                and self.device.type == "cpu"
+                and self.dtype == torch.bfloat16
+                and self.lora_state is None
+                and not self.ops.triton
+                and _cpu_ops()
+            )
+            parts = [layer.plain_parts() for layer in self.layers] if eligible else []
+            self._cpu_decode = CpuDecodeLayers.of(parts)
+            self._cpu_decode_checked = True
+        return self._cpu_decode
+
     def _dense_projections(self) -> list[DenseLinear]:
         """The layers' dense matmuls (lm_head left out: cuBLAS reads it at the copy bandwidth)."""
         return [m for layer in self.layers for m in layer.linears() if isinstance(m, DenseLinear)]
@@ -264,6 +297,7 @@ class LlamaModel:
         """Give every layer's projections `max_loras` LoRA slots of rank `max_rank` (duoserve/lora);
         returns them per layer, by fused linear (qkv, o, gate_up, down; no MLP ones in MoE layers)."""
         self.lora_state = LoRAState()
+        self._cpu_decode_checked = False
         return [
             layer.add_lora(max_loras, max_rank, self.lora_state, self.dtype, self.device)
             for layer in self.layers
@@ -296,6 +330,12 @@ class LlamaModel:
         if self.embedding_scale is not None:
             x = x * self.embedding_scale
         rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: cos/sin of `positions`
+        loop = self._cpu_decode_loop()
+        if loop is not None:
+            cos, sin = loop.rope.cos[positions][:, None, :], loop.rope.sin[positions][:, None, :]
+            if loop.applies(x.shape[0], cos, self.attention, kv_cache, meta):
+                return loop(x, cos, sin, kv_cache, meta, self.scale)
+            rotations[id(loop.rope)] = (cos, sin)
         delta = None  # the last layer's output, added to x by the next norm (fused with it)
         for index, layer in enumerate(self.layers):
             key = id(layer.rope)
@@ -527,6 +567,29 @@ class _Layer:
         )
         x, h = self.mlp_norm.add(x, _maybe(self.attn_out_norm, self.o_proj(attn.flatten(1))))
         return x, _maybe(self.mlp_out_norm, self.mlp(h))
+
+    def plain_parts(self) -> PlainLayer | None:
+        """The layer as models/cpu_decode.py's one-call decode loop runs it, or None where it has a part
+        that loop leaves out (q/k norms, sandwich norms, a sliding window, soft-capping, experts, a
+        non-SiLU MLP, Gemma's 1 + w norms); its linears are checked there."""
+        mlp = self.mlp
+        if (
+            self.q_norm is not None
+            or self.attn_out_norm is not None
+            or self.mlp_out_norm is not None
+            or self.sliding_window is not None
+            or self.logits_soft_cap is not None
+            or not isinstance(mlp, _DenseMLP)
+            or mlp.activation != "silu"
+            or self.input_norm.plus_one
+            or self.mlp_norm.plus_one
+            or self.input_norm.eps != self.mlp_norm.eps
+        ):
+            return None
+        linears = (self.qkv, self.o_proj, mlp.gate_up, mlp.down_proj)
+        return PlainLayer(
+            self.input_norm.weight, self.mlp_norm.weight, self.input_norm.eps, linears, self.heads, self.rope
+        )
 
     def linears(self) -> list[Linear]:
         """The dense or quantized matmuls of the layer (routed experts are plain tensors; LoRA slots

@@ -218,3 +218,53 @@ def write_family_gguf(path: Path, kind: str, model, qtype=None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny random Llama written straight as GGUF blocks of chosen types (no transformers model behind it)
+
+LLAMA_HIDDEN, LLAMA_FFN, LLAMA_HEADS, LLAMA_KV_HEADS, LLAMA_VOCAB, LLAMA_LAYERS = 256, 512, 4, 2, 320, 2
+
+
+def _llama_shape(name: str) -> tuple[int, int]:
+    head_dim = LLAMA_HIDDEN // LLAMA_HEADS
+    kv_rows = LLAMA_KV_HEADS * head_dim
+    rows = {"attn_k": kv_rows, "attn_v": kv_rows, "ffn_gate": LLAMA_FFN, "ffn_up": LLAMA_FFN}
+    part = name.split(".")[-2]
+    if name == "token_embd.weight" or name == "output.weight":
+        return LLAMA_VOCAB, LLAMA_HIDDEN
+    return rows.get(part, LLAMA_HIDDEN), LLAMA_FFN if part == "ffn_down" else LLAMA_HIDDEN
+
+
+def write_llama_gguf(path: Path, types: dict[str, str]) -> Path:
+    """A LLAMA_LAYERS-layer Llama whose matrices are random blocks of `types` (GGUF tensor name -> block
+    type, e.g. "blk.0.attn_q.weight": "Q4_K"), its norms random around 1."""
+    import gguf
+
+    from duoserve.models.gguf_quants import random_blocks
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(LLAMA_LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(LLAMA_HIDDEN)
+    writer.add_feed_forward_length(LLAMA_FFN)
+    writer.add_head_count(LLAMA_HEADS)
+    writer.add_head_count_kv(LLAMA_KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(LLAMA_VOCAB)
+    generator = torch.Generator().manual_seed(0)
+    for name, type_name in types.items():
+        qtype = gguf.GGMLQuantizationType[type_name]
+        raw = random_blocks(type_name, *_llama_shape(name), generator, scale=0.05)
+        writer.add_tensor(name, raw.numpy(), raw_dtype=qtype)
+    norms = ["output_norm.weight"] + [
+        f"blk.{i}.{n}.weight" for i in range(LLAMA_LAYERS) for n in ("attn_norm", "ffn_norm")
+    ]
+    for name in norms:
+        writer.add_tensor(name, (1 + 0.1 * torch.randn(LLAMA_HIDDEN, generator=generator)).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -4,9 +4,7 @@ logits match transformers on the same weights dequantized by gguf's rules."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import gguf
 import pytest
 import torch
 
@@ -14,15 +12,20 @@ from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
 from duoserve.kv.cache import KVCache, KVCacheSpec
-from duoserve.models.gguf_quants import random_blocks
 from duoserve.models.linear import Int4Linear, Int8Linear, QuantizedEmbedding, StackedLinear
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel, load_model
 from tests.helpers import rel_err
+from tests.models.families import LLAMA_FFN as FFN
+from tests.models.families import LLAMA_HEADS as HEADS
+from tests.models.families import LLAMA_HIDDEN as HIDDEN
+from tests.models.families import LLAMA_KV_HEADS as KV_HEADS
+from tests.models.families import LLAMA_LAYERS as LAYERS
+from tests.models.families import LLAMA_VOCAB as VOCAB
+from tests.models.families import write_llama_gguf
 
 transformers = pytest.importorskip("transformers")
 
-HIDDEN, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 256, 512, 4, 2, 320, 2
 # Every supported block type somewhere, and Q4_K_M's mix (Q4_K Q/K with a Q6_K V) in layer 0.
 TYPES = {
     "token_embd.weight": "Q4_K",
@@ -44,46 +47,9 @@ TYPES = {
 }
 
 
-def _shape(name: str) -> tuple[int, int]:
-    head_dim = HIDDEN // HEADS
-    rows = {"attn_k": KV_HEADS * head_dim, "attn_v": KV_HEADS * head_dim, "ffn_gate": FFN, "ffn_up": FFN}
-    part = name.split(".")[-2]
-    if name == "token_embd.weight" or name == "output.weight":
-        return VOCAB, HIDDEN
-    return rows.get(part, HIDDEN), FFN if part == "ffn_down" else HIDDEN
-
-
-def _write_gguf(path: Path) -> Path:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(VOCAB)
-    generator = torch.Generator().manual_seed(0)
-    for name, type_name in TYPES.items():
-        qtype = gguf.GGMLQuantizationType[type_name]
-        raw = random_blocks(type_name, *_shape(name), generator, scale=0.05)
-        writer.add_tensor(name, raw.numpy(), raw_dtype=qtype)
-    norms = ["output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(LAYERS) for n in ("attn_norm", "ffn_norm")
-    ]
-    for name in norms:
-        writer.add_tensor(name, (1 + 0.1 * torch.randn(HIDDEN, generator=generator)).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory) -> LoadedModel:
-    return load_model(str(_write_gguf(tmp_path_factory.mktemp("kquants") / "tiny.gguf")))
+    return load_model(str(write_llama_gguf(tmp_path_factory.mktemp("kquants") / "tiny.gguf", TYPES)))
 
 
 @pytest.fixture(scope="module")

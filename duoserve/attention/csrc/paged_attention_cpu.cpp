@@ -24,6 +24,7 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
+#include "../../csrc/cpu_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -1348,6 +1349,18 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
 }
 
 }  // namespace
+
+namespace duoserve {
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                        int64_t sliding_window, double logits_soft_cap, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale) {
+  return ::paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, sliding_window, logits_soft_cap,
+                        k_scale, v_scale);
+}
+
+}  // namespace duoserve
 
 TORCH_LIBRARY(duoserve_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, float scale, "

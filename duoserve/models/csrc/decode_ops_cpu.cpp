@@ -28,6 +28,7 @@
 #include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include "../../csrc/cpu_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -316,6 +317,27 @@ void store_kv_quantized(at::Tensor k_pool, at::Tensor v_pool, at::Tensor k_scale
 }
 
 }  // namespace
+
+namespace duoserve {
+
+at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) { return ::norm_rows(x, weight, eps); }
+
+std::tuple<at::Tensor, at::Tensor> add_norm_rows(const at::Tensor& x, const at::Tensor& delta,
+                                                 const at::Tensor& weight, double eps) {
+  return ::add_norm_rows(x, delta, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                           const at::Tensor& sin) {
+  return ::rope_qk(q, k, cos, sin);
+}
+
+void store_kv(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slots) {
+  ::store_kv(std::move(k_pool), std::move(v_pool), k, v, slots);
+}
+
+}  // namespace duoserve
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("norm_rows(Tensor x, Tensor weight, float eps) -> Tensor", &norm_rows);

@@ -33,6 +33,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include "../../csrc/cpu_ops.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -241,6 +242,14 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 
 }  // namespace
+
+namespace duoserve {
+
+at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros) {
+  return ::int4pack_mm(x, packed, scales_and_zeros);
+}
+
+}  // namespace duoserve
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("int4pack_mm_available() -> bool", &int4pack_mm_available);

@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include "../../csrc/cpu_ops.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -249,6 +250,14 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }
 
 }  // namespace
+
+namespace duoserve {
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  return ::int8_mm(x, codes, scales);
+}
+
+}  // namespace duoserve
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("int8_mm_available() -> bool", &int8_mm_available);
