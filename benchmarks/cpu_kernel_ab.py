@@ -7,12 +7,14 @@ The sessions' VMs change speed by up to 2x between minutes, so two runs of a ben
 compare the machine as much as the kernels. This builds the kernel's source twice as separate
 extensions (the revision's and the working tree's, each under its own op namespace, -march=native as
 cpu_kernels.py builds it) and times them in turns, in the same process, on the same weights.
+`--define NAME=VALUE ...` adds the tree's source built with each switch: the variants of a change.
 
 Workloads, as a decode step reads them (from memory, not cache):
 - int4 (models/csrc/int4pack_mm_cpu.cpp): SmolLM2-135M's 30 layers of 4-bit matrices (qkv 960x576,
   o 576x576, gate_up 3072x576, down 576x1536: 120 matmuls, 66 MB) in order, random codes;
 - int8 (models/csrc/int8_mm_cpu.cpp): hardware.py's 8-bit measurement matrix (16384 x 2048, 32 MB, an L3
-  cache's worth), after reading 128 MB elsewhere to evict it; torch's `_weight_int8pack_mm` beside;
+  cache's worth; `--int8-shape N K` another), after reading 128 MB elsewhere to evict it; torch's
+  `_weight_int8pack_mm` beside;
 - q4 (models/csrc/quantized_matmul_cpu.cpp, float32 models' 4-bit kernel, int16 activations): the int4
   workload's matrices in GGUF's layout. `--march x86-64-v3` builds both sides as an AVX2-only CPU's.
 Prints the median time of each, its rate in bytes of weights read per second, and the ratio.
@@ -21,6 +23,7 @@ Prints the median time of each, its rate in bytes of weights read per second, an
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import time
@@ -39,18 +42,44 @@ SOURCES = {
 SMOLLM2_LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of a layer's matrices
 
 
-def build(name: str, source: str, op: str, build_root: Path, march: str) -> Callable:
-    """Compile `source` as extension `name` (its ops renamed into namespace `name`) and return the op."""
+HEADER = "duoserve/csrc/cpu_ops.h"  # the sources include it by a relative path: copied beside them
+
+
+def sources_at(revision: str | None, path: str) -> dict[str, str]:
+    """The kernel's source and the header at a git revision (None: the working tree), by repo path."""
+
+    def read(name: str) -> str | None:
+        if revision is None:
+            file = ROOT / name
+            return file.read_text() if file.exists() else None
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, text=True
+        )
+        return shown.stdout if shown.returncode == 0 else None
+
+    files = {name: text for name in (path, HEADER) if (text := read(name)) is not None}
+    if path not in files:
+        raise SystemExit(f"{path} does not exist at {revision or 'the working tree'}")
+    return files
+
+
+def build(
+    name: str, files: dict[str, str], path: str, op: str, build_root: Path, march: str, defines: list[str]
+) -> Callable:
+    """Compile `files[path]` (its ops renamed into namespace `name`, the other files laid out beside it as
+    in the repository) as extension `name` with -D `defines`, and return the op."""
     directory = build_root / name
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "kernel.cpp"
-    text = source.replace("TORCH_LIBRARY_FRAGMENT(duoserve_cpu", f"TORCH_LIBRARY_FRAGMENT({name}")
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    for relative, text in files.items():
+        if relative == path:
+            text = text.replace("TORCH_LIBRARY_FRAGMENT(duoserve_cpu", f"TORCH_LIBRARY_FRAGMENT({name}")
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
     load(
         name=name,
-        sources=[str(path)],
-        extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+        sources=[str(directory / path)],
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp", *(f"-D{d}" for d in defines)],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         build_directory=str(directory),
@@ -83,11 +112,12 @@ def q4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
     return calls, nbytes, lambda: None
 
 
-def int8_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
-    codes = torch.randint(-128, 128, (16384, 2048), dtype=torch.int8)
-    scales = torch.rand(16384).bfloat16()
+def int8_workload(rows: int, shape: tuple[int, int]) -> tuple[list[tuple], int, Callable[[], None]]:
+    out, width = shape
+    codes = torch.randint(-128, 128, (out, width), dtype=torch.int8)
+    scales = torch.rand(out).bfloat16()
     other = torch.ones(32 << 20)
-    return [(torch.randn(rows, 2048).bfloat16(), codes, scales)], codes.numel(), lambda: other.sum()
+    return [(torch.randn(rows, width).bfloat16(), codes, scales)], codes.numel(), lambda: other.sum()
 
 
 def time_variants(variants: dict[str, Callable], calls: list[tuple], evict: Callable[[], None], reps: int):
@@ -115,20 +145,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--build-dir", type=Path, default=Path.home() / ".cache" / "duoserve" / "kernel_ab")
     parser.add_argument("--march", default="native", help="gcc -march for both builds, e.g. x86-64-v3 (AVX2)")
+    parser.add_argument("--define", nargs="*", default=[], help="more variants: the tree with -D NAME=VALUE")
+    parser.add_argument(
+        "--int8-shape", type=int, nargs=2, default=[16384, 2048], help="N K (SmolLM2's lm_head: 49152 576)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path, op = SOURCES[args.kernel]
     tag = "".join(c if c.isalnum() else "_" for c in args.march)
-    base_source = subprocess.check_output(["git", "show", f"{args.base}:{path}"], cwd=ROOT, text=True)
-    tree_source = (ROOT / path).read_text()
+    build_one = functools.partial(build, path=path, op=op, build_root=args.build_dir, march=args.march)
     variants = {
-        args.base: build(f"ab_{args.kernel}_{tag}_base", base_source, op, args.build_dir, args.march),
-        "tree": build(f"ab_{args.kernel}_{tag}_tree", tree_source, op, args.build_dir, args.march),
+        args.base: build_one(f"ab_{args.kernel}_{tag}_base", sources_at(args.base, path), defines=[]),
+        "tree": build_one(f"ab_{args.kernel}_{tag}_tree", sources_at(None, path), defines=[]),
     }
+    for define in args.define:  # the tree's source under a -D switch of its own: variants of one change
+        label = "".join(c if c.isalnum() else "_" for c in define)
+        variants[define] = build_one(
+            f"ab_{args.kernel}_{tag}_{label}", sources_at(None, path), defines=[define]
+        )
     if args.kernel == "int8":
         variants["torch"] = torch.ops.aten._weight_int8pack_mm
-    workload = {"int4": int4_workload, "int8": int8_workload, "q4": q4_workload}[args.kernel]
+    int8 = functools.partial(int8_workload, shape=tuple(args.int8_shape))
+    workload = {"int4": int4_workload, "int8": int8, "q4": q4_workload}[args.kernel]
     print(f"{args.kernel}: {path} at {args.base} vs the working tree, {torch.get_num_threads()} threads")
     print("| rows | " + " | ".join(f"{name} ms" for name in variants) + f" | tree / {args.base} |")
     print("|---|" + "---|" * (len(variants) + 1))

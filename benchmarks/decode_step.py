@@ -2,9 +2,13 @@
 
     python benchmarks/decode_step.py --batch-sizes 1 16 64 --context 256 --steps 20
     python benchmarks/decode_step.py --batch-sizes 32 --context 2048 --kv-cache-dtype int8  # long context
+    python benchmarks/decode_step.py --batch-sizes 1 4 16 --context 320 --steps 60 --cpu-decode-layers ab
 
 Each batch is prefilled once (prompts of --context tokens), then timed over --steps pure decode steps.
 Also prints the memory-bandwidth bound of batch-1 decode: weight bytes read per step / copy bandwidth.
+`--cpu-decode-layers ab` times each batch with a bfloat16 CPU model's one-call decode loop
+(models/cpu_decode.py) and without it, alternated --rounds times in the same process (the same engine and
+weights: this VM's speed drifts between runs, not within a round).
 """
 
 from __future__ import annotations
@@ -74,6 +78,29 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int) -> dict[s
     }
 
 
+def compare_loop(engine: LLMEngine, args: argparse.Namespace) -> None:
+    """Step ms per batch with the one-call CPU decode loop and with the Python layers, alternated."""
+    model = engine.core.model
+    model.cpu_decode_layers = True
+    if model._cpu_decode_loop() is None:
+        print("this model takes the Python layers on every step: nothing to compare")
+        return
+    times: dict[tuple[bool, int], list[float]] = {}
+    for round_ in range(args.rounds):
+        for on in (True, False) if round_ % 2 == 0 else (False, True):
+            model.cpu_decode_layers = on
+            for batch in args.batch_sizes:
+                step = run_batch(engine, batch, args.context, args.steps)["step_ms"]
+                times.setdefault((on, batch), []).append(step)
+    print("| batch | one call: step ms (rounds) | Python layers: step ms (rounds) | ratio of medians |")
+    print("|---|---|---|---|")
+    for batch in args.batch_sizes:
+        loop, layers = times[True, batch], times[False, batch]
+        cells = [" / ".join(f"{t:.2f}" for t in ts) for ts in (loop, layers)]
+        ratio = statistics.median(loop) / statistics.median(layers)
+        print(f"| {batch} | {cells[0]} | {cells[1]} | {ratio:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,6 +115,10 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--quantized-activations", default="auto", help="int16, int8 or auto")
     parser.add_argument("--kv-cache-dtype", default="auto", help="e.g. int8, fp8_e4m3 (issue 15)")
+    parser.add_argument(
+        "--cpu-decode-layers", choices=["on", "off", "ab"], default="on", help="ab: both, alternated"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --cpu-decode-layers ab")
     args = parser.parse_args()
     engine = LLMEngine(
         EngineConfig(
@@ -110,15 +141,20 @@ def main() -> None:
     bw = copy_bandwidth()
     wb = weight_bytes(engine)
     kv_per_token = engine.core.kv_cache.spec.bytes_per_block // engine.core.config.block_size
-    print("| batch | step ms | forward ms | overhead % | tok/s | bound ms (weights + KV read) |")
-    print("|---|---|---|---|---|---|")
-    for batch in args.batch_sizes:
-        r = run_batch(engine, batch, args.context, args.steps)
-        bound = (wb + batch * (args.context + 1) * kv_per_token) / bw
-        print(
-            f"| {r['batch']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['overhead_pct']:.1f} | "
-            f"{r['tok_s']:.1f} | {bound * 1e3:.1f} |"
-        )
+    model = engine.core.model
+    if args.cpu_decode_layers == "ab":
+        compare_loop(engine, args)
+    else:
+        model.cpu_decode_layers = args.cpu_decode_layers == "on"
+        print("| batch | step ms | forward ms | overhead % | tok/s | bound ms (weights + KV read) |")
+        print("|---|---|---|---|---|---|")
+        for batch in args.batch_sizes:
+            r = run_batch(engine, batch, args.context, args.steps)
+            bound = (wb + batch * (args.context + 1) * kv_per_token) / bw
+            print(
+                f"| {r['batch']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['overhead_pct']:.1f} | "
+                f"{r['tok_s']:.1f} | {bound * 1e3:.1f} |"
+            )
     print(
         f"weights read per decode step: {wb / 1e6:.0f} MB; KV {kv_per_token} B per token of context; copy "
         f"bandwidth {bw / 1e9:.1f} GB/s; bandwidth bound for batch-1 step: {wb / bw * 1e3:.1f} ms"
