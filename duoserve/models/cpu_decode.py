@@ -1,8 +1,9 @@
 """A pure decode step of a bfloat16 CPU model through all its decoder layers in one C++ call.
 
 At batch 1 a SmolLM2-135M decode step on a 2-core Zen 5 spent ~1.5 of its 4.5 ms in Python and torch's
-dispatch around its ~18 ops a layer (perf: the main thread 41% of its samples outside the kernels, and
-the OpenMP worker spinning idle half the step), against 2.0 ms for reading its weights. The op
+dispatch around its ~18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and
+libc, the OpenMP worker spinning idle half the step), against 2.0 ms for reading its weights; in one
+call the step takes 4.3 ms (0.72x; 0.84x at batch 4, 0.91x at 64; BENCHMARKS.md). The op
 `decode_layers` (models/csrc/decode_layers_cpu.cpp) runs the same ops in the same order on the same
 tensors from C++, so its results are the layers' own, bit for bit (tests/models/test_cpu_decode.py).
 

@@ -3,8 +3,9 @@
 // the same order on the same tensors, called from C++.
 //
 // Why: at batch 1 on a 2-core Zen 5 a SmolLM2-135M step spent ~1.5 of its 4.5 ms in Python and torch's
-// dispatch around 18 ops a layer (perf: the main thread 41% outside the kernels, the OpenMP worker
-// spinning idle half the step), against 2.0 ms for the bytes of its weights. Each op here is the very
+// dispatch around 18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and libc,
+// the OpenMP worker spinning idle half the step), against 2.0 ms for the bytes of its weights; in one
+// call 4.3 ms (BENCHMARKS.md). Each op here is the very
 // function registered under its name (csrc/cpu_ops.h) or the ATen op llama.py calls (silu, mul, linear,
 // add), so the results are the Python path's bit for bit.
 //
