@@ -208,6 +208,8 @@ class LlamaModel:
         self.lora_state: LoRAState | None = None  # set by add_lora_slots
         self.fused_ops = getattr(attention, "runs_triton", False) if fused_ops is None else fused_ops
         self.triton_gemv = self.fused_ops and device.type == "cuda"
+        self._cpu_decode: CpuDecodeLayers | None = None
+        self._cpu_decode_key: tuple[bool, bool, bool] | None = None  # what _cpu_decode was built for
         self.cpu_decode_layers = True
 
     @property
@@ -225,7 +227,6 @@ class LlamaModel:
         if on:
             _triton_ops().check_device(self.device)
         self.ops.triton = bool(on)
-        self._cpu_decode_checked = False
 
     @property
     def fused_rope_store(self) -> bool:
@@ -269,13 +270,13 @@ class LlamaModel:
     @cpu_decode_layers.setter
     def cpu_decode_layers(self, on: bool) -> None:
         self._cpu_decode_on = bool(on)
-        self._cpu_decode: CpuDecodeLayers | None = None
-        self._cpu_decode_checked = False
 
     def _cpu_decode_loop(self) -> CpuDecodeLayers | None:
-        """The one-call decode loop over this model's layers as they are now (built on first use: LoRA
-        slots and the fused-ops switch come after the constructor), or None."""
-        if not self._cpu_decode_checked:
+        """The one-call decode loop over this model's layers as they are now, or None: built on first
+        use and again after a switch it depends on (this one, `fused_ops`, LoRA slots) changed. (The
+        dense linears' Triton GEMV, `triton_gemv`, comes only with Triton devices, where it never runs.)"""
+        key = (self._cpu_decode_on, self.ops.triton, self.lora_state is None)
+        if self._cpu_decode_key != key:
             eligible = (
                 self._cpu_decode_on
                 and self.device.type == "cpu"
@@ -286,7 +287,7 @@ class LlamaModel:
             )
             parts = [layer.plain_parts() for layer in self.layers] if eligible else []
             self._cpu_decode = CpuDecodeLayers.of(parts)
-            self._cpu_decode_checked = True
+            self._cpu_decode_key = key
         return self._cpu_decode
 
     def _dense_projections(self) -> list[DenseLinear]:
@@ -297,7 +298,6 @@ class LlamaModel:
         """Give every layer's projections `max_loras` LoRA slots of rank `max_rank` (duoserve/lora);
         returns them per layer, by fused linear (qkv, o, gate_up, down; no MLP ones in MoE layers)."""
         self.lora_state = LoRAState()
-        self._cpu_decode_checked = False
         return [
             layer.add_lora(max_loras, max_rank, self.lora_state, self.dtype, self.device)
             for layer in self.layers

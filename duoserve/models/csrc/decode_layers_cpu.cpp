@@ -5,9 +5,9 @@
 // Why: at batch 1 on a 2-core Zen 5 a SmolLM2-135M step spent ~1.5 of its 4.5 ms in Python and torch's
 // dispatch around 18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and libc,
 // the OpenMP worker spinning idle half the step), against 2.0 ms for the bytes of its weights; in one
-// call 4.3 ms (BENCHMARKS.md). Each op here is the very
-// function registered under its name (csrc/cpu_ops.h) or the ATen op llama.py calls (silu, mul, linear,
-// add), so the results are the Python path's bit for bit.
+// call 4.3 ms (BENCHMARKS.md). Each op here is the very function registered under its name
+// (csrc/cpu_ops.h) or the ATen op llama.py calls (silu, mul, linear, add), so the results are the Python
+// path's bit for bit.
 //
 // weights: 10 per layer: input norm, post-attention norm, then (a, b) for qkv, o, gate_up and down;
 // kinds: 4 per layer, one per linear: 4 = int4pack_mm(x, a = packed codes, b = scales and zeros),
@@ -40,8 +40,9 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
 // blocks, block_size, kv_heads, head_dim] (duoserve/kv/cache.py), the step's K and V stored into it.
 at::Tensor decode_layers(const at::Tensor& embeddings, at::TensorList weights, at::IntArrayRef kinds,
                          const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv, const at::Tensor& slots,
-                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  TORCH_CHECK(kv.dim() == 6 && kv.size(1) == 2, "decode_layers: kv must be the cache's [layers, 2, blocks, ...]");
+                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, double eps,
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK(kv.dim() == 6 && kv.size(1) == 2, "decode_layers: kv must be the cache's [layers, 2, ...] tensor");
   const int64_t layers = kv.size(0);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * layers &&
                   static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * layers,
@@ -66,8 +67,8 @@ at::Tensor decode_layers(const at::Tensor& embeddings, at::TensorList weights, a
     std::tie(q, k) = duoserve::rope_qk(q, k, cos, sin);
     const at::Tensor k_pool = kv.select(0, layer).select(0, 0), v_pool = kv.select(0, layer).select(0, 1);
     duoserve::store_kv(k_pool, v_pool, k, v, slots);
-    const at::Tensor attention =
-        duoserve::paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, scale, 0, 0.0, std::nullopt, std::nullopt);
+    const at::Tensor attention = duoserve::paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, scale, 0, 0.0,
+                                                        std::nullopt, std::nullopt);
     const at::Tensor out = linear(attention.flatten(1).contiguous(), kind[1], w[4], w[5]);
     std::tie(x, h) = duoserve::add_norm_rows(x.contiguous(), out.contiguous(), w[1], eps);
     const std::vector<at::Tensor> gate_up = linear(h.contiguous(), kind[2], w[6], w[7]).chunk(2, -1);
