@@ -24,7 +24,7 @@
 // slower than the memory it reads, and at 1-64 rows it lost to this at every size (SmolLM2's 120
 // matmuls of a decode step: 0.73x the time at 1 row, 0.64x at 4, 0.73x at 16, 0.93x at 64; equal at
 // 128; BENCHMARKS.md, machine D).
-
+//
 // Compiled only where the compiler targets AVX512-BF16 and AVX512-VBMI (byte shuffles), i.e. with
 // -march=native on such a host (Zen 4/5, Cooper Lake for BF16 only: no VBMI there, Sapphire Rapids and
 // later); elsewhere `int4pack_mm_available()` is false and the op refuses, and the engine keeps torch's
@@ -116,7 +116,7 @@ void block_pass(const Problem& t, int64_t b, int64_t row0, const Shuffles& shuff
   constexpr int SETS = ROWS >= 2 ? 1 : 2;
   const __mmask64 words = 0x5555555555555555ULL;
   const __m512i nibble = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(0x43004300);
+  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bfloat16 128.0 in both words
   const int64_t groups = t.k / kGroup;
   const uint8_t* codes = t.packed + b * kBlock * (t.k / 2);
   __m512 acc[ROWS][kVectors];
@@ -141,6 +141,8 @@ void block_pass(const Problem& t, int64_t b, int64_t row0, const Shuffles& shuff
       const __m512i bytes = _mm512_loadu_si512(group + p * 64);
       const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
       const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
+      // Vectors 0, 1: low nibbles (rows 0-31), (a & b) | c: the nibble under the magic exponent; 2, 3:
+      // high nibbles (rows 32-63).
       const __m512i w[kVectors] = {_mm512_ternarylogic_epi32(first, nibble, magic, 0xEA),
                                    _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA),
                                    _mm512_or_si512(_mm512_srli_epi16(first, 4), magic),
