@@ -3,8 +3,6 @@ only where every part of the model and step is one it covers, and leaves the res
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from duoserve.models.cpu_decode import CpuDecodeLayers
 from duoserve.models.linear import DenseLinear, Int4Linear, Int8Linear
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel, load_model
-from tests.models.families import LLAMA_LAYERS, LLAMA_VOCAB, write_llama_gguf
+from tests.models.families import LLAMA_LAYERS, write_llama_gguf
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="duoserve's CPU kernels are not built")
 
@@ -166,9 +164,16 @@ def test_steps_and_models_it_leaves_to_the_layers(loaded):
     assert model._cpu_decode_loop() is None
 
 
-def test_loop_covers_every_layer(loaded):
-    """The loop holds 10 weights and 4 linear kinds per layer, and no more steps than its linears' rows."""
-    model = _model(loaded, quantized=False)
+def test_loop_holds_each_linear_as_its_kernel_and_range(loaded):
+    """10 weights and 4 linear kinds a layer, in the file's formats (Q4_* -> the 4-bit kernel, Q8_0, Q6_K
+    -> the 8-bit one; dense bfloat16 without codes), and the rows every one of them runs its kernel at."""
+    dense = _model(loaded, quantized=False)._cpu_decode_loop()
+    assert dense.kinds == [16] * 4 * LLAMA_LAYERS and len(dense.weights) == 10 * LLAMA_LAYERS
+    assert dense.rows[0] == 1 and dense.rows[1] >= 1 << 20
+    model = _model(loaded, quantized=True)
     loop = model._cpu_decode_loop()
-    assert len(loop.weights) == 10 * LLAMA_LAYERS and len(loop.kinds) == 4 * LLAMA_LAYERS
-    assert loop.rows[0] == 1 and math.isfinite(loop.rows[1]) and model.lm_head.weight.shape[0] == LLAMA_VOCAB
+    if loop is None:
+        pytest.skip("the fused 4/8-bit kernels are not built for this CPU")
+    assert loop.kinds == [4, 8, 4, 8, 8, 4, 4, 4]  # layer 0: qkv, o, gate_up, down; then layer 1
+    ranges = [linear.fused_rows for layer in model.layers for linear in layer.linears()]
+    assert loop.rows == (max(low for low, _ in ranges), min(high for _, high in ranges))
