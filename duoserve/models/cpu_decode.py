@@ -78,7 +78,8 @@ class CpuDecodeLayers:
         kinds: list[int] = []
         low, high = 1, 1 << 62
         for layer in layers:
-            if (layer.heads, layer.eps, layer.rope) != (first.heads, first.eps, first.rope):
+            # One RoPE table for all (compared by identity: its tensors have no single truth value).
+            if (layer.heads, layer.eps) != (first.heads, first.eps) or layer.rope is not first.rope:
                 return None
             if layer.input_norm.dtype != torch.bfloat16 or layer.mlp_norm.dtype != torch.bfloat16:
                 return None

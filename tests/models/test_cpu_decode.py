@@ -3,6 +3,8 @@ only where every part of the model and step is one it covers, and leaves the res
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -155,6 +157,13 @@ def test_steps_and_models_it_leaves_to_the_layers(loaded):
     assert not loop.applies(1, cos, TorchAttentionBackend(), cache, meta)
     int8_cache = KVCache(KVCacheSpec.for_model(model.config, BLOCK, torch.int8), 8, torch.device("cpu"))
     assert not loop.applies(1, cos, model.attention, int8_cache, meta)
+
+    parts = [layer.plain_parts() for layer in model.layers]
+    assert CpuDecodeLayers.of(parts) is not None
+    # Layers with RoPE tables of their own (Gemma 3's local and global): refused, not compared by value.
+    own_table = dataclasses.replace(parts[1], rope=dataclasses.replace(parts[1].rope))
+    assert CpuDecodeLayers.of([parts[0], own_table]) is None
+    assert CpuDecodeLayers.of([parts[0], None]) is None
 
     float32 = LlamaModel(
         loaded.config, loaded.weights, CpuAttentionBackend(), torch.device("cpu"), torch.float32, 256
