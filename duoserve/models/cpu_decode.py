@@ -17,6 +17,7 @@ the Python layers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,8 +28,11 @@ from duoserve.attention.cpu_backend import CpuAttentionBackend
 from duoserve.kv.cache import KVCache
 from duoserve.models.linear import DenseLinear, Int4Linear, Int8Linear
 
+logger = logging.getLogger(__name__)
+
 # The C++ loop's linear kinds (decode_layers_cpu.cpp).
 _INT4, _INT8, _DENSE = 4, 8, 16
+_ANY_ROWS = 1 << 62  # a dense bfloat16 linear's range: any step
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def _linear_args(linear: object) -> tuple[int, torch.Tensor, torch.Tensor, tuple
     if type(linear) is Int8Linear and linear.fused:
         return _INT8, linear.codes, linear.scales, linear.fused_rows
     if type(linear) is DenseLinear and linear.few_rows is None and linear.weight.dtype == torch.bfloat16:
-        return _DENSE, linear.weight, linear.weight, (1, 1 << 62)
+        return _DENSE, linear.weight, linear.weight, (1, _ANY_ROWS)
     return None
 
 
@@ -76,7 +80,7 @@ class CpuDecodeLayers:
         first = layers[0]
         weights: list[torch.Tensor] = []
         kinds: list[int] = []
-        low, high = 1, 1 << 62
+        low, high = 1, _ANY_ROWS
         for layer in layers:
             # One RoPE table for all (compared by identity: its tensors have no single truth value).
             if (layer.heads, layer.eps) != (first.heads, first.eps) or layer.rope is not first.rope:
@@ -94,6 +98,8 @@ class CpuDecodeLayers:
                 low, high = max(low, first_row), min(high, last_row)
         if low > high:
             return None
+        rows = f"{low}-{high}" if high < _ANY_ROWS else f"{low} or more"
+        logger.info("pure decode steps of %s rows run the %d layers in one C++ call", rows, len(layers))
         return cls(weights, kinds, (low, high), first.heads, first.eps, first.rope)
 
     def applies(
