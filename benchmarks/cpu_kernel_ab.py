@@ -87,29 +87,28 @@ def build(
     return getattr(getattr(torch.ops, name), op)
 
 
-def int4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
-    """SmolLM2's 120 layer matmuls (random codes); returns (calls, bytes, nothing to do between runs)."""
+def layers_workload(rows: int, matrix: Callable[[int, int], tuple], dtype: torch.dtype):
+    """SmolLM2's 120 layer matmuls in order, each `matrix(out, width)` (random codes and scales) with `rows`
+    rows of x in `dtype`; returns (calls, bytes of weights, nothing to do between runs)."""
     calls = []
     for _ in range(30):
         for out, width in SMOLLM2_LAYER:
-            packed = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8)
-            pairs = torch.randn(width // 32, out, 2).bfloat16()
-            calls.append((torch.randn(rows, width).bfloat16(), packed, pairs))
-    nbytes = sum(p.numel() + s.numel() * 2 for _, p, s in calls)
+            calls.append((torch.randn(rows, width).to(dtype), *matrix(out, width)))
+    nbytes = sum(sum(t.numel() * t.element_size() for t in call[1:]) for call in calls)
     return calls, nbytes, lambda: None
 
 
-def q4_workload(rows: int) -> tuple[list[tuple], int, Callable[[], None]]:
-    """The int4 workload's matrices as float32 models hold them (GGUF groups: codes [N, K/2], fp16 scales
-    then mins [N, 2, K/32])."""
-    calls = []
-    for _ in range(30):
-        for out, width in SMOLLM2_LAYER:
-            codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8)
-            scale_min = (torch.rand(out, 2, width // 32) * 0.01).half()
-            calls.append((torch.randn(rows, width), codes, scale_min))
-    nbytes = sum(c.numel() + s.numel() * 2 for _, c, s in calls)
-    return calls, nbytes, lambda: None
+def int4_matrix(out: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's int4 layout: codes [N, K/2], (scale, zero) pairs [K/32, N, 2] in bfloat16."""
+    return torch.randint(0, 256, (out, width // 2), dtype=torch.uint8), torch.randn(
+        width // 32, out, 2
+    ).bfloat16()
+
+
+def q4_matrix(out: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 models' GGUF groups: codes [N, K/2], fp16 scales then mins [N, 2, K/32]."""
+    codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8)
+    return codes, (torch.rand(out, 2, width // 32) * 0.01).half()
 
 
 def int8_workload(rows: int, shape: tuple[int, int]) -> tuple[list[tuple], int, Callable[[], None]]:
@@ -167,7 +166,11 @@ def main() -> None:
     if args.kernel == "int8":
         variants["torch"] = torch.ops.aten._weight_int8pack_mm
     int8 = functools.partial(int8_workload, shape=tuple(args.int8_shape))
-    workload = {"int4": int4_workload, "int8": int8, "q4": q4_workload}[args.kernel]
+    workload = {
+        "int4": functools.partial(layers_workload, matrix=int4_matrix, dtype=torch.bfloat16),
+        "int8": int8,
+        "q4": functools.partial(layers_workload, matrix=q4_matrix, dtype=torch.float32),
+    }[args.kernel]
     print(f"{args.kernel}: {path} at {args.base} vs the working tree, {torch.get_num_threads()} threads")
     print("| rows | " + " | ".join(f"{name} ms" for name in variants) + f" | tree / {args.base} |")
     print("|---|" + "---|" * (len(variants) + 1))

@@ -65,8 +65,7 @@ def _linear_args(linear: object) -> tuple[int, torch.Tensor, torch.Tensor, tuple
 class CpuDecodeLayers:
     """Every layer's weights as `decode_layers` takes them, and when a step may run it."""
 
-    weights: list[torch.Tensor]
-    kinds: list[int]
+    weights: object  # torch.classes.duoserve_cpu.DecodeWeights: every layer's tensors and linear kinds
     rows: tuple[int, int]  # the step sizes every linear runs as the C++ loop runs it
     heads: tuple[int, int, int]
     eps: float
@@ -100,7 +99,8 @@ class CpuDecodeLayers:
             return None
         rows = f"{low}-{high}" if high < _ANY_ROWS else f"{low} or more"
         logger.info("pure decode steps of %s rows run the %d layers in one C++ call", rows, len(layers))
-        return cls(weights, kinds, (low, high), first.heads, first.eps, first.rope)
+        held = torch.classes.duoserve_cpu.DecodeWeights(weights, kinds)
+        return cls(held, (low, high), first.heads, first.eps, first.rope)
 
     def applies(
         self,
@@ -139,7 +139,6 @@ class CpuDecodeLayers:
         return torch.ops.duoserve_cpu.decode_layers(
             x,
             self.weights,
-            self.kinds,
             cos,
             sin,
             kv_cache.data,

@@ -177,12 +177,14 @@ def test_loop_holds_each_linear_as_its_kernel_and_range(loaded):
     """10 weights and 4 linear kinds a layer, in the file's formats (Q4_* -> the 4-bit kernel, Q8_0, Q6_K
     -> the 8-bit one; dense bfloat16 without codes), and the rows every one of them runs its kernel at."""
     dense = _model(loaded, quantized=False)._cpu_decode_loop()
-    assert dense.kinds == [16] * 4 * LLAMA_LAYERS and len(dense.weights) == 10 * LLAMA_LAYERS
+    assert (
+        dense.weights.kinds() == [16] * 4 * LLAMA_LAYERS and dense.weights.num_weights() == 10 * LLAMA_LAYERS
+    )
     assert dense.rows[0] == 1 and dense.rows[1] >= 1 << 20
     model = _model(loaded, quantized=True)
     loop = model._cpu_decode_loop()
     if loop is None:
         pytest.skip("the fused 4/8-bit kernels are not built for this CPU")
-    assert loop.kinds == [4, 8, 4, 8, 8, 4, 4, 4]  # layer 0: qkv, o, gate_up, down; then layer 1
+    assert loop.weights.kinds() == [4, 8, 4, 8, 8, 4, 4, 4]  # layer 0: qkv, o, gate_up, down; then layer 1
     ranges = [linear.fused_rows for layer in model.layers for linear in layer.linears()]
     assert loop.rows == (max(low for low, _ in ranges), min(high for _, high in ranges))

@@ -9,15 +9,17 @@
 // (csrc/cpu_ops.h) or the ATen op llama.py calls (silu, mul, linear, add), so the results are the Python
 // path's bit for bit.
 //
-// weights: 10 per layer: input norm, post-attention norm, then (a, b) for qkv, o, gate_up and down;
-// kinds: 4 per layer, one per linear: 4 = int4pack_mm(x, a = packed codes, b = scales and zeros),
+// weights (DecodeWeights, built once): 10 tensors a layer: input norm, post-attention norm, then (a, b)
+// for qkv, o, gate_up and down; and 4 kinds a layer, one per linear: 4 = int4pack_mm(x, a = packed codes, b = scales and zeros),
 // 8 = int8_mm(x, a = codes, b = row scales), 16 = a dense bfloat16 weight (b unused).
 
 #include <ATen/ATen.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../../csrc/cpu_ops.h"
 
@@ -25,6 +27,17 @@ namespace {
 
 constexpr int64_t kWeightsPerLayer = 10;
 constexpr int64_t kLinearsPerLayer = 4;
+
+// Every layer's weights and linear kinds, handed over once when the loop is built: passed as a list on
+// every step, their 300 tensors (SmolLM2) cost ~28 us of argument conversion a step.
+struct DecodeWeights : torch::CustomClassHolder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> kinds;
+  DecodeWeights(std::vector<at::Tensor> w, std::vector<int64_t> k) : weights(std::move(w)), kinds(std::move(k)) {
+    TORCH_CHECK(kinds.size() * kWeightsPerLayer == weights.size() * kLinearsPerLayer,
+                "DecodeWeights: ", weights.size(), " weights for ", kinds.size(), " linear kinds");
+  }
+};
 
 at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b) {
   switch (kind) {
@@ -38,15 +51,16 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
 // x [T, hidden] (the embeddings) -> the last layer's residual stream plus its output, as llama.py's
 // LlamaModel._forward returns before the final norm. kv: the KV cache's tensor, [layers, 2 (K, V),
 // blocks, block_size, kv_heads, head_dim] (duoserve/kv/cache.py), the step's K and V stored into it.
-at::Tensor decode_layers(const at::Tensor& embeddings, at::TensorList weights, at::IntArrayRef kinds,
+at::Tensor decode_layers(const at::Tensor& embeddings, const c10::intrusive_ptr<DecodeWeights>& model,
                          const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv, const at::Tensor& slots,
                          const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, double eps,
                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
   TORCH_CHECK(kv.dim() == 6 && kv.size(1) == 2, "decode_layers: kv must be the cache's [layers, 2, ...] tensor");
   const int64_t layers = kv.size(0);
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * layers &&
-                  static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * layers,
-              "decode_layers: ", weights.size(), " weights and ", kinds.size(), " kinds for ", layers, " layers");
+  const std::vector<at::Tensor>& weights = model->weights;
+  const std::vector<int64_t>& kinds = model->kinds;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * layers,
+              "decode_layers: ", weights.size(), " weights for ", layers, " layers");
   TORCH_CHECK(embeddings.dim() == 2, "decode_layers: embeddings must be [tokens, hidden]");
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
@@ -80,7 +94,14 @@ at::Tensor decode_layers(const at::Tensor& embeddings, at::TensorList weights, a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
-  m.def("decode_layers(Tensor embeddings, Tensor[] weights, int[] kinds, Tensor cos, Tensor sin, "
+  m.class_<DecodeWeights>("DecodeWeights")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>>())
+      .def("kinds", [](const c10::intrusive_ptr<DecodeWeights>& self) { return self->kinds; })
+      .def("num_weights", [](const c10::intrusive_ptr<DecodeWeights>& self) {
+        return static_cast<int64_t>(self->weights.size());
+      });
+  m.def("decode_layers(Tensor embeddings, __torch__.torch.classes.duoserve_cpu.DecodeWeights weights, "
+        "Tensor cos, Tensor sin, "
         "Tensor(a!) kv, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "float scale, float eps, int num_heads, int num_kv_heads, int head_dim) -> Tensor",
         &decode_layers);
