@@ -1,7 +1,8 @@
 """duoserve's C++ CPU kernels: one library, compiled for this host on first use and cached.
 
-Eight sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
-(`attention/csrc/paged_attention_cpu.cpp`), the matmuls over 4/8-bit weight codes with float32
+Nine sources, one library (`torch.ops.duoserve_cpu`): the paged decode attention
+(`attention/csrc/paged_attention_cpu.cpp`), bfloat16 prefill chunks' causal attention on AVX512-BF16
+hosts (`attention/csrc/prefill_attention_cpu.cpp`), the matmuls over 4/8-bit weight codes with float32
 activations (`models/csrc/quantized_matmul_cpu.cpp`), the dequantization of torch's int4 layout for
 bfloat16 models' many-row steps (`models/csrc/int4pack_dequantize_cpu.cpp`), bfloat16 activations times
 that layout's codes and times int8 codes (`models/csrc/int4pack_mm_cpu.cpp`, `int8_mm_cpu.cpp`:
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 _PACKAGE = Path(__file__).parent
 SOURCES = (
     _PACKAGE / "attention" / "csrc" / "paged_attention_cpu.cpp",
+    _PACKAGE / "attention" / "csrc" / "prefill_attention_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "quantized_matmul_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int4pack_dequantize_cpu.cpp",
     _PACKAGE / "models" / "csrc" / "int4pack_mm_cpu.cpp",
@@ -42,7 +44,8 @@ SOURCES = (
     _PACKAGE / "models" / "csrc" / "decode_layers_cpu.cpp",
     _PACKAGE / "engine" / "csrc" / "token_bitmask_cpu.cpp",
 )
-HEADERS = (_PACKAGE / "csrc" / "cpu_ops.h",)  # included by the sources: part of what a build depends on
+# Included by the sources: part of what a build depends on.
+HEADERS = (_PACKAGE / "csrc" / "cpu_ops.h", _PACKAGE / "csrc" / "cpu_vec.h")
 # DUOSERVE_CPU_ISA runs this x86 host as a lesser one: the kernels are built for that level instead of
 # -march=native, and duoserve.hardware sees only that level's features (so its table's row, the dtype and
 # thresholds follow). A session on a Zen 5 or an AMX Xeon can then run, test and time the paths an
@@ -75,6 +78,7 @@ def _march() -> list[str]:
 
 _OPS = (
     "paged_decode",
+    "prefill_attention",
     "q4_matmul",
     "q8_matmul",
     "int4pack_dequantize",

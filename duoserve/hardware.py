@@ -7,7 +7,7 @@ table, first matching row wins:
 | best capability (level)           | dtype                    | 4/8-bit codes up to      | attention kernel |
 |-----------------------------------|--------------------------|--------------------------|------------------|
 | AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16      |
-| AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16      |
+| AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16 (7)  |
 | AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured; fp32: 32 (6)   | avx512           |
 | AVX2 + FMA (avx2)                 | float32 (4)              | fp32: 32 (6)             | avx2             |
 | aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured; fp32: 32 (6)   | neon             |
@@ -28,6 +28,12 @@ table, first matching row wins:
 (6) float32 models read the codes with duoserve's own kernels (models/cpu_quant_linear.py), AVX2 where
     the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
     rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C).
+(7) And bfloat16 prefill chunks run duoserve's flash kernel (attention/csrc/prefill_attention_cpu.cpp,
+    vdpbf16ps GEMM tiles): 4-6x faster than SDPA's CPU flash kernel on a Zen 5 (450-520 against
+    70-140 GFLOP/s; BENCHMARKS.md, machine D). Every other row keeps SDPA's for them: with AMX, SDPA's
+    kernel multiplies on AMX tiles (torch packs for oneDNN's brgemm only there), not measured against
+    ours yet (`benchmarks/prefill_attention.py` measures both); without AVX512-BF16 the kernel is not
+    built.
 
 Those kernels round activations to int16 or int8 for their integer products (`--quantized-activations`;
 cpu_quant_linear.py). `auto` takes int8 only on a table row where it was measured faster than int16 and
@@ -112,7 +118,8 @@ too: measure_formats on machine D (2 threads, MEASUREMENT_VERSION 4) chose the f
 | fused 8-bit                        | 0.62  | 0.85  | 1.61  | 3.20  | 5.93  | 9.83  |
 | 8-bit tiles                        | 4.85  | 4.56  | 4.35  | 5.51  | 6.85  | 8.86  |
 
-`DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache.
+`DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache;
+`DUOSERVE_PREFILL_ATTENTION=duoserve|sdpa` overrides the table's prefill attention (to measure both).
 """
 
 from __future__ import annotations
@@ -127,7 +134,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -211,12 +218,17 @@ class Rule:
     measure: bool  # capabilities leave the dtype open: time both at first start
     attention_isa: str
     reason: str
+    prefill_attention: str = "sdpa"  # bfloat16 prefill chunks: one of PREFILL_ATTENTION
 
 
 _BF16, _FP32 = torch.bfloat16, torch.float32
+# Who runs bfloat16 prefill chunks' attention: duoserve's flash kernel (where built) or torch's SDPA.
+PREFILL_ATTENTION = ("duoserve", "sdpa")
 RULES: dict[str, Rule] = {
     "amx": Rule(_BF16, False, "avx512_bf16", "AMX: bf16 GEMMs 4.7x fp32 (BENCHMARKS.md)"),
-    "avx512_bf16": Rule(_BF16, True, "avx512_bf16", "AVX512-BF16 without AMX: bf16 3-4x fp32 on Zen 5"),
+    "avx512_bf16": Rule(
+        _BF16, True, "avx512_bf16", "AVX512-BF16 without AMX: bf16 3-4x fp32 on Zen 5", "duoserve"
+    ),
     "avx512": Rule(_FP32, True, "avx512", "AVX-512 without BF16: bf16 converted in software"),
     "avx2": Rule(_FP32, False, "avx2", "AVX2 only: bf16 GEMMs 3-8x slower than fp32"),
     "neon_bf16": Rule(_FP32, True, "neon", "aarch64 BF16: not measured by us"),
@@ -243,6 +255,7 @@ class HostDefaults:
     num_threads: int
     attention_isa: str  # the fast path the paged attention kernel (-march=native) compiles in
     reason: str
+    prefill_attention: str = "sdpa"  # bfloat16 prefill chunks: duoserve's flash kernel or SDPA (Rule)
     measured_on: str | None = None  # the date of the measurement that decided, if one did
     timings: Mapping[str, float] = field(default_factory=dict)
     float32_quantized_max_rows: int = PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
@@ -284,7 +297,7 @@ class HostDefaults:
         why = self.reason if self.measured_on is None else f"measured {self.measured_on}: {self.reason}"
         return (
             f"host: {self.cpu.summary()}, {self.num_threads} threads -> dtype {dtype}, {codes}, "
-            f"attention kernel {self.attention_isa} ({why})"
+            f"attention kernel {self.attention_isa}, prefill attention {self.prefill_attention} ({why})"
         )
 
 
@@ -370,6 +383,7 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         num_threads=cpu.cores,
         attention_isa=rule.attention_isa,
         reason=reason,
+        prefill_attention=rule.prefill_attention,
         measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
         timings={f"{fmt}@{rows}": t for (fmt, rows), t in (timings or {}).items()},
         quantized_activations="int8" if cpu.level in INT8_ACTIVATIONS else "int16",
@@ -686,4 +700,11 @@ def cached_measurement(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] = mea
 def host_defaults() -> HostDefaults:
     """This host's defaults (measured once per CPU and torch version where the table says so)."""
     measure = None if os.environ.get("DUOSERVE_HOST_MEASURE") == "0" else cached_measurement
-    return defaults_for(detect_cpu(), measure)
+    defaults = defaults_for(detect_cpu(), measure)
+    prefill = os.environ.get("DUOSERVE_PREFILL_ATTENTION")
+    if prefill:
+        if prefill not in PREFILL_ATTENTION:
+            choices = ", ".join(PREFILL_ATTENTION)
+            raise ValueError(f"DUOSERVE_PREFILL_ATTENTION must be one of {choices}, got {prefill!r}")
+        defaults = replace(defaults, prefill_attention=prefill)
+    return defaults

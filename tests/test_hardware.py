@@ -78,6 +78,33 @@ def test_float32_activations_follow_the_table(caps, level, dtype, isa, monkeypat
     assert host.quantized_activations == ("int8" if level == "avx2" else "int16")
 
 
+@pytest.mark.parametrize(
+    ("caps", "level"), [(caps, level) for caps, level, *_ in TABLE] + [(COOPER_LAKE, "avx512_bf16")]
+)
+def test_prefill_attention_follows_the_table(caps, level):
+    """duoserve's prefill kernel where AVX512-BF16 exists without AMX (Zen 4/5, Cooper Lake), SDPA's
+    elsewhere (AMX: its kernel uses AMX tiles; without BF16 the kernel is not built)."""
+    assert cpu(*caps).level == level
+    expected = "duoserve" if level == "avx512_bf16" else "sdpa"
+    assert defaults_for(cpu(*caps), measure=None).prefill_attention == expected
+
+
+def test_prefill_attention_can_be_overridden(monkeypatch):
+    monkeypatch.setenv("DUOSERVE_HOST_MEASURE", "0")
+    try:
+        for choice in ("sdpa", "duoserve"):
+            monkeypatch.setenv("DUOSERVE_PREFILL_ATTENTION", choice)
+            hardware.host_defaults.cache_clear()
+            assert hardware.host_defaults().prefill_attention == choice
+            assert f"prefill attention {choice}" in hardware.host_defaults().describe()
+        monkeypatch.setenv("DUOSERVE_PREFILL_ATTENTION", "flash")
+        hardware.host_defaults.cache_clear()
+        with pytest.raises(ValueError, match="must be one of duoserve, sdpa"):
+            hardware.host_defaults()
+    finally:
+        hardware.host_defaults.cache_clear()
+
+
 def test_amx_needs_the_tile_flag_too():
     assert cpu("x86_64", SAPPHIRE_RAPIDS[1] - {"amx_tile"}).level == "avx512_bf16"
 
@@ -158,8 +185,8 @@ def test_this_machines_capabilities_describe_line():
     host = defaults_for(CpuInfo("x86_64", "AMD EPYC", frozenset(THIS_ZEN1[1]), "AVX2", 2), measure=None)
     assert host.describe() == (
         "host: AMD EPYC (x86_64: avx2,fma,f16c; no avx512/amx), 2 threads -> dtype float32, "
-        "4/8-bit codes up to 32 rows (duoserve's float32 kernels, int16 activations), attention kernel avx2 "
-        f"({RULES['avx2'].reason})"
+        "4/8-bit codes up to 32 rows (duoserve's float32 kernels, int16 activations), attention kernel avx2, "
+        f"prefill attention sdpa ({RULES['avx2'].reason})"
     )
 
 

@@ -4,8 +4,14 @@ At 256 decoding sequences the torch backend spends most of a step gathering ever
 into a padded buffer, layer after layer, before SDPA reads them a second time (BENCHMARKS.md). The
 kernel (`csrc/paged_attention_cpu.cpp`) walks each sequence's block table instead and reads every K/V
 row once. It is part of duoserve's CPU kernel library (`duoserve/cpu_kernels.py`: compiled for the host
-on first use, cached). Prefill chunks stay on the torch path: they are compute-bound, and SDPA's flash
-kernel does them well.
+on first use, cached).
+
+Prefill chunks are compute-bound. SDPA's CPU flash kernel ran them at 70-77 GFLOP/s on a Zen 5 (no AMX),
+a tenth of what the same host's bf16 GEMMs do, so with `prefill_kernel` a bfloat16 model's causal chunks
+(no window cutting in, no soft cap, head sizes 64 and 128) run duoserve's flash kernel instead
+(`csrc/prefill_attention_cpu.cpp`, AVX512-BF16 builds: 4-6x SDPA's speed there, BENCHMARKS.md). The
+host table (duoserve/hardware.py) turns it on where it builds and the CPU has no AMX: with AMX, SDPA's
+kernel multiplies on AMX tiles, not measured against ours yet. Everything else takes SDPA.
 
 Quantized pools (fp8, int8: duoserve/kv/quant.py) go to the kernel with their per-row scales: it reads
 them in place, widening each row in registers and multiplying its dot product (K) or probability (V) by
@@ -14,15 +20,63 @@ the row's scale.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from duoserve.attention.backend import AttentionMetadata, check_variant
 from duoserve.attention.kv_scales import check_kv_scales
-from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.attention.torch_backend import PrefillPlan, TorchAttentionBackend, attend_chunk
 from duoserve.cpu_kernels import cpu_kernels_available
 from duoserve.kv.layer import LayerKV, layer_kv
 
-__all__ = ["CpuAttentionBackend", "cpu_kernels_available", "paged_decode"]
+__all__ = [
+    "CpuAttentionBackend",
+    "cpu_kernels_available",
+    "paged_decode",
+    "prefill_attention",
+    "prefill_kernel_available",
+]
+
+# What the prefill kernel takes: head sizes, and query heads per KV head at most.
+_PREFILL_HEAD_SIZES = (64, 128)
+_PREFILL_MAX_GROUP = 16
+
+
+@functools.cache
+def prefill_kernel_available() -> bool:
+    """Whether the prefill attention kernel was built for this CPU (AVX512-BF16)."""
+    return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.prefill_attention_available())
+
+
+def prefill_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of q [T, heads, dim] (bfloat16), the last T of keys/values [S, kv_heads, dim]:
+    query i sits at position S - T + i and sees keys 0 ..= S - T + i."""
+    return torch.ops.duoserve_cpu.prefill_attention(q, keys, values, scale)
+
+
+def _kernel_chunk(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: PrefillPlan,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """A prefill chunk through the kernel where it applies, SDPA otherwise (a ChunkAttention)."""
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    if (
+        plan.causal
+        and logits_soft_cap is None
+        and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+        and q.shape[2] in _PREFILL_HEAD_SIZES
+        and heads % kv_heads == 0
+        and heads // kv_heads <= _PREFILL_MAX_GROUP
+    ):
+        return prefill_attention(q, keys, values, scale)
+    return attend_chunk(q, keys, values, plan, scale, logits_soft_cap)
 
 
 def paged_decode(
@@ -65,7 +119,11 @@ def paged_decode(
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch backend with its decodes in the kernel (which needs no padded groups)."""
+    """The torch backend with its decodes in the kernel (which needs no padded groups), and with
+    `prefill_kernel` (where it was built) its bfloat16 prefill chunks in the prefill kernel."""
+
+    def __init__(self, prefill_kernel: bool = True) -> None:
+        super().__init__(_kernel_chunk if prefill_kernel and prefill_kernel_available() else None)
 
     def forward(
         self,

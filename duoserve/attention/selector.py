@@ -11,6 +11,7 @@ import torch
 from duoserve.attention.backend import AttentionBackend
 from duoserve.attention.cpu_backend import CpuAttentionBackend, cpu_kernels_available
 from duoserve.attention.torch_backend import TorchAttentionBackend
+from duoserve.hardware import host_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if device.type != "cpu":
         raise ValueError(f"attention_backend cpu runs on the CPU, not on {device}")
     if cpu_kernels_available():
-        return CpuAttentionBackend()
+        return CpuAttentionBackend(prefill_kernel=host_defaults().prefill_attention == "duoserve")
     if name == "cpu":
         raise ValueError("attention_backend cpu: its kernel could not be built here (see the warning)")
     return TorchAttentionBackend()

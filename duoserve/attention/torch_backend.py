@@ -23,6 +23,7 @@ chunk, in several, after a prefix-cache hit or again after a preemption sees the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class _DecodeGroup:
 
 
 @dataclass
-class _PrefillPlan:
+class PrefillPlan:
     """How one prefill chunk reads its keys under one layer kind (window or not)."""
 
     # Keys from the chunk's own new K/V (it starts the sequence), else from the pool's blocks
@@ -53,13 +54,25 @@ class _PrefillPlan:
     own_kv: bool
     first_block: int
     mask: torch.Tensor | None  # additive [query_len, keys]; None: plain causal over its own K/V
+    # The mask only hides keys after each query's position (no window cuts in): the chunk's queries are
+    # the last of keys [0, context_len).
+    causal: bool
+
+
+# How a backend runs one prefill chunk's attention: (q, keys, values, plan, scale, logits_soft_cap) ->
+# out, q [T, heads, dim] over keys/values [C, kv_heads, dim] as the plan says (`attend_chunk` below).
+ChunkAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, PrefillPlan, float, float | None], torch.Tensor
+]
 
 
 class TorchAttentionBackend:
-    def __init__(self) -> None:
+    def __init__(self, chunk_attention: ChunkAttention | None = None) -> None:
+        # Prefill chunks' attention: SDPA (attend_chunk), unless a backend brings its own kernel.
+        self._chunk_attention = chunk_attention or attend_chunk
         # Per step and per sliding window (a model has one or two layer kinds): derived on first use.
         self._decode_groups: dict[int | None, list[_DecodeGroup]] = {}
-        self._prefill_plans: dict[int | None, list[_PrefillPlan]] = {}
+        self._prefill_plans: dict[int | None, list[PrefillPlan]] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step: drop the last step's groups and masks (each layer kind derives its own
@@ -99,7 +112,7 @@ class TorchAttentionBackend:
                 num_keys = chunk.context_len - plan.first_block * block_size
                 keys = _gather(kv.k, table, kv.k_scale, q.dtype)[:num_keys]
                 values = _gather(kv.v, table, kv.v_scale, q.dtype)[:num_keys]
-            out[rows] = _attend(q[rows], keys, values, plan.mask, scale, logits_soft_cap)
+            out[rows] = self._chunk_attention(q[rows], keys, values, plan, scale, logits_soft_cap)
         return out
 
     def _decode_into(
@@ -199,7 +212,7 @@ def _gather(
     return dequantize(stored, pool_scale.index_select(0, block_ids).flatten(0, 1), dtype)
 
 
-def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _PrefillPlan:
+def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> PrefillPlan:
     """Which keys a chunk reads and its additive (0 / -inf) mask, like the decode bias.
 
     Queries sit at positions [context_len - query_len, context_len); a query at p sees keys
@@ -209,7 +222,7 @@ def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _
     windowed = window is not None and ctx > window  # some query has keys outside its window
     own_kv = first_query == 0
     if own_kv and not windowed:
-        return _PrefillPlan(own_kv=True, first_block=0, mask=None)
+        return PrefillPlan(own_kv=True, first_block=0, mask=None, causal=True)
     first_block = 0 if own_kv or not windowed else max(0, first_query - window + 1) // block_size
     device = chunk.block_table.device
     keys = torch.arange(first_block * block_size, ctx, device=device)
@@ -218,7 +231,19 @@ def _prefill_plan(chunk: PrefillChunk, block_size: int, window: int | None) -> _
     if windowed:
         hidden |= keys[None, :] <= queries[:, None] - window
     mask = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, -math.inf)
-    return _PrefillPlan(own_kv=own_kv, first_block=first_block, mask=mask)
+    return PrefillPlan(own_kv=own_kv, first_block=first_block, mask=mask, causal=not windowed)
+
+
+def attend_chunk(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: PrefillPlan,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """A prefill chunk's attention through SDPA (ChunkAttention's default)."""
+    return _attend(q, keys, values, plan.mask, scale, logits_soft_cap)
 
 
 def _attend(

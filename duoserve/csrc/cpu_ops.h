@@ -29,4 +29,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
                         int64_t sliding_window, double logits_soft_cap, const std::optional<at::Tensor>& k_scale,
                         const std::optional<at::Tensor>& v_scale);
 
+// attention/csrc/prefill_attention_cpu.cpp
+bool prefill_attention_available();
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+
 }  // namespace duoserve

@@ -25,6 +25,7 @@
 #include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 #include "../../csrc/cpu_ops.h"
+#include "../../csrc/cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -342,22 +343,7 @@ inline __m512 load16(const at::Float8_e4m3fn* p) {  // the stored value / 2^8 (k
   return _mm512_cvtph_ps(bits);
 }
 
-// The scalar exp_nonpositive, 16 lanes at a time; _mm512_scalef_ps multiplies by 2^n.
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(y, n), _mm512_set1_ps(0.6931471805599453f));
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+using duoserve::exp_nonpositive16;  // csrc/cpu_vec.h
 
 // cap * tanh(x / cap), 16 lanes: tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|), except where |y| < 0.25,
 // where 1 - e would lose digits: there tanh's Taylor series to degree 9 (relative error < 1e-8); the sign

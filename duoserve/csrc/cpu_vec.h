@@ -1,0 +1,30 @@
+// Vector helpers the CPU kernels share (AVX-512 only; each kernel has its own fallbacks).
+#pragma once
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace duoserve {
+
+// exp(x) for x <= 0 (scores minus their running max), 16 lanes, relative error ~1e-7: 2^n * 2^f with
+// n = round(x * log2 e), f in [-0.5, 0.5], 2^f by its Taylor series to degree 7; _mm512_scalef_ps
+// multiplies by 2^n. (libm's scalar expf would dominate an attention kernel.)
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(y, n), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace duoserve
+
+#endif
