@@ -124,8 +124,8 @@ def table(figures: dict[str, float]) -> str:
     rows = [
         (
             "c=1 TPOT p50",
-            f"{f['c1_tpot_ms']:.0f} ms",
-            f"llama-server {f['c1_tpot_ms_llama']:.0f} ms",
+            f"{f['c1_tpot_ms']:.2f} ms",
+            f"llama-server {f['c1_tpot_ms_llama']:.2f} ms",
             f["c1_tpot_ms_llama"] / f["c1_tpot_ms"],
             "≥ 1x (TPOT ≤ llama-server's)",
             1.0,

@@ -38,6 +38,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // Rows of this many values or fewer in all run on the calling thread: a decode's rows are done in less
@@ -66,6 +70,49 @@ void norm_row(const float* x, const W* w, int64_t h, float eps, T* y) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 rows 16 values at a time: the same arithmetic as norm_row's scalar loops (the residual sum
+// rounded to bfloat16, squares summed in double, the normalised row rounded before a bfloat16 weight),
+// with round-to-nearest-even conversions in one instruction each instead of c10::BFloat16's scalar ones
+// (64 rows of 576: 65 -> ~6 us on a Zen 5; a 4096-token prefill's 59 norms 140 -> 40 ms).
+inline __m512 load_bf16(const void* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load_weight(const at::BFloat16* p) { return load_bf16(p); }
+inline __m512 load_weight(const float* p) { return _mm512_loadu_ps(p); }
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+inline __m512 widen_bf16(__m256i b) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+template <typename W>
+void norm_row_bf16(const at::BFloat16* x, const at::BFloat16* delta, const W* w, int64_t h, float eps,
+                   at::BFloat16* sum_out, at::BFloat16* y, float* row) {
+  __m512d squares[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  for (int64_t i = 0; i < h; i += 16) {
+    __m512 v = load_bf16(x + i);
+    if (delta) {
+      const __m256i rounded = to_bf16(_mm512_add_ps(v, load_bf16(delta + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sum_out + i), rounded);
+      v = widen_bf16(rounded);
+    }
+    _mm512_storeu_ps(row + i, v);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    squares[0] = _mm512_fmadd_pd(lo, lo, squares[0]);  // exact: a float's square fits a double
+    squares[1] = _mm512_fmadd_pd(hi, hi, squares[1]);
+  }
+  const double sum = _mm512_reduce_add_pd(_mm512_add_pd(squares[0], squares[1]));
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(sum / h) + eps));
+  for (int64_t i = 0; i < h; i += 16) {
+    __m512 normed = _mm512_mul_ps(_mm512_loadu_ps(row + i), inv);
+    if constexpr (std::is_same_v<W, at::BFloat16>) normed = widen_bf16(to_bf16(normed));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), to_bf16(_mm512_mul_ps(normed, load_weight(w + i))));
+  }
+}
+#endif
+
 template <typename T, typename W>
 void norm_rows_impl(const at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight, double eps,
                     at::Tensor& sum_out, at::Tensor& y) {
@@ -77,6 +124,16 @@ void norm_rows_impl(const at::Tensor& x, const at::Tensor* delta, const at::Tens
   T* yp = y.data_ptr<T>();
   auto body = [&](int64_t begin, int64_t end) {
     std::vector<float> row(h);
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (h % 16 == 0) {
+        for (int64_t r = begin; r < end; ++r)
+          norm_row_bf16<W>(xp + r * h, dp ? dp + r * h : nullptr, wp, h, static_cast<float>(eps),
+                           sp ? sp + r * h : nullptr, yp + r * h, row.data());
+        return;
+      }
+    }
+#endif
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < h; ++i) {
         float v = static_cast<float>(xp[r * h + i]);
