@@ -86,6 +86,7 @@ _OPS = (
     "int8_mm",
     "norm_rows",
     "rope_qk",
+    "silu_mul",
     "store_kv",
     "store_kv_quantized",
     "decode_layers",

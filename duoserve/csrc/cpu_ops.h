@@ -18,6 +18,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> add_norm_rows(const at::Tensor& x, const at::Tensor& delta,
                                                  const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                            const at::Tensor& sin);
 void store_kv(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& k, const at::Tensor& v,

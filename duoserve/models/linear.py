@@ -174,17 +174,20 @@ class _QuantizedLinear:
         raise NotImplementedError
 
     def _many_rows(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         step = _tile_rows(self.in_features, self.tile_align)
+        if step >= self.out_features:  # one tile: its product is the output, not copied into another
+            return self._tile_product(x, 0, self.out_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for start in range(0, self.out_features, step):
             end = min(start + step, self.out_features)
-            tile = _scratch.get((end - start, self.in_features), x.dtype, x.device)
-            self._dequantize_rows(start, end, tile)
-            self._store(F.linear(x, tile), start, end, y)
+            y[:, start:end] = self._tile_product(x, start, end)
         return y
 
-    def _store(self, part: torch.Tensor, start: int, end: int, y: torch.Tensor) -> None:
-        y[:, start:end] = part
+    def _tile_product(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """x times output rows start:end, dequantized into the scratch tile."""
+        tile = _scratch.get((end - start, self.in_features), x.dtype, x.device)
+        self._dequantize_rows(start, end, tile)
+        return F.linear(x, tile)
 
     def dequantize(self) -> torch.Tensor:
         """The whole matrix as the kernels see it (tests, debugging)."""
@@ -321,10 +324,10 @@ class Int8Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
     def _dequantize_rows(self, start: int, end: int, out: torch.Tensor) -> None:
-        out.copy_(self.codes[start:end])  # the row scales are applied to the GEMM's output (_store)
+        out.copy_(self.codes[start:end])  # the row scales are applied to the GEMM's output (_tile_product)
 
-    def _store(self, part: torch.Tensor, start: int, end: int, y: torch.Tensor) -> None:
-        torch.mul(part, self.scales[start:end], out=y[:, start:end])
+    def _tile_product(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return super()._tile_product(x, start, end).mul_(self.scales[start:end])
 
     def dequantize(self) -> torch.Tensor:
         return self.codes.to(self._dtype) * self.scales[:, None]

@@ -511,8 +511,21 @@ class _DenseMLP:
         gate_up = self.gate_up(x)
         if self.ops.triton and _triton_ops().act_mul_applies(gate_up, self.activation):
             return self.down_proj(_triton_ops().act_mul(gate_up, self.activation))
+        if self._act_mul_in_kernel(gate_up):
+            return self.down_proj(torch.ops.duoserve_cpu.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
+
+    def _act_mul_in_kernel(self, gate_up: torch.Tensor) -> bool:
+        """silu(gate) * up in one CPU op (models/csrc/decode_ops_cpu.cpp: torch's two ops' rounding)."""
+        return (
+            self.activation == "silu"
+            and gate_up.is_cpu
+            and gate_up.dtype in _CPU_OP_DTYPES
+            and gate_up.dim() == 2
+            and gate_up.is_contiguous()
+            and _cpu_ops()
+        )
 
 
 @dataclass

@@ -85,6 +85,28 @@ def test_rope_matches_rotate_half(dtype, rotary) -> None:
         torch.testing.assert_close(ours_k, _rope(k, cos, sin), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (3, 40), (200, 1536)])  # tails; the parallel path
+def test_silu_mul_is_torchs_act_times_up(dtype, rows, inter) -> None:
+    torch.manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * inter) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0]).to(dtype)  # exp's under- and overflow
+    gate, up = gate_up.chunk(2, dim=-1)
+    ours, theirs = ops.silu_mul(gate_up), F.silu(gate) * up
+    assert ours.shape == (rows, inter) and ours.dtype == dtype
+    if dtype == torch.float32:  # exp (a polynomial here, Sleef's there) differs in its last bits
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    else:  # silu rounded to bfloat16 where torch rounds it: equal but where exp's last bits cross a tie
+        diff = (ours.float() - theirs.float()).abs() / theirs.float().abs().clamp(min=1e-30)
+        assert diff.max() <= 2**-7 and (diff > 0).float().mean() < 1e-2
+    assert torch.isfinite(ours).all()
+
+
+def test_silu_mul_refuses_a_strided_input() -> None:
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.silu_mul(torch.randn(4, 64)[:, :32])
+
+
 def test_rope_of_no_tokens() -> None:
     q, k = torch.empty(0, 4, 16), torch.empty(0, 2, 16)
     ours_q, ours_k = _rope_qk(q, k, torch.empty(0, 1, 16), torch.empty(0, 1, 16))

@@ -6,8 +6,8 @@
 // dispatch around 18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and libc,
 // the OpenMP worker spinning idle half the step), against 2.0 ms for the bytes of its weights; in one
 // call 4.3 ms (BENCHMARKS.md). Each op here is the very function registered under its name
-// (csrc/cpu_ops.h) or the ATen op llama.py calls (silu, mul, linear, add), so the results are the Python
-// path's bit for bit.
+// (csrc/cpu_ops.h) or the ATen op llama.py calls (linear, add), so the results are the Python path's bit
+// for bit.
 //
 // weights (DecodeWeights, built once): 10 tensors a layer: input norm, post-attention norm, then (a, b)
 // for qkv, o, gate_up and down; and 4 kinds a layer, one per linear: 4 = int4pack_mm(x, a = packed codes, b = scales and zeros),
@@ -85,8 +85,7 @@ at::Tensor decode_layers(const at::Tensor& embeddings, const c10::intrusive_ptr<
                                                         std::nullopt, std::nullopt);
     const at::Tensor out = linear(attention.flatten(1).contiguous(), kind[1], w[4], w[5]);
     std::tie(x, h) = duoserve::add_norm_rows(x.contiguous(), out.contiguous(), w[1], eps);
-    const std::vector<at::Tensor> gate_up = linear(h.contiguous(), kind[2], w[6], w[7]).chunk(2, -1);
-    delta = linear((at::silu(gate_up[0]) * gate_up[1]).contiguous(), kind[3], w[8], w[9]);
+    delta = linear(duoserve::silu_mul(linear(h.contiguous(), kind[2], w[6], w[7])), kind[3], w[8], w[9]);
   }
   return delta.defined() ? x + delta : x;
 }

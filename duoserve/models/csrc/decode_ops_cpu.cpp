@@ -14,6 +14,9 @@
 //   rope_qk: rotate_half RoPE of q and k on the first `rotary` dims of each head (the rest pass
 //       through), into new contiguous tensors; bfloat16 rounds x*cos, rotated*sin and their sum as
 //       torch's three ops do.
+//   silu_mul: the MLP's act(gate) * up of a fused [gate | up] row, torch's silu (x / (1 + exp(-x)), its
+//       result rounded to bfloat16 in a bfloat16 model) times up, rounded: two torch ops and an
+//       intermediate tensor in one pass (a 4096-token prefill's 30 of them: ~96 -> ~25 ms on a Zen 5).
 //   store_kv: each new token's K and V rows copied to its pool slot (negative slots skipped).
 //   store_kv_quantized: the same into a 1-byte pool (int8, E4M3, E5M2) with its float16 per-row scales,
 //       quantizing each (token, head) row as duoserve/kv/quant.py's `quantize` does, bit for bit (float32
@@ -29,6 +32,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 #include "../../csrc/cpu_ops.h"
+#include "../../csrc/cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -190,6 +194,60 @@ std::tuple<at::Tensor, at::Tensor> add_norm_rows(const at::Tensor& x, const at::
   at::Tensor y = at::empty_like(x);
   dispatch_norm(x, &delta, weight, eps, sum, y);
   return {sum, y};
+}
+
+// ---- act(gate) * up -----------------------------------------------------------------------------------
+
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, int64_t n, T* out) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 g = load_bf16(gate + i);
+      const __m512 act = widen_bf16(to_bf16(_mm512_div_ps(g, _mm512_add_ps(one, duoserve::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), to_bf16(_mm512_mul_ps(act, load_bf16(up + i))));
+    }
+  }
+#endif
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 g = _mm512_loadu_ps(gate + i);
+      const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, duoserve::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(act, _mm512_loadu_ps(up + i)));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float g = static_cast<float>(gate[i]);
+    const float act = rnd<T>(g / (1.0f + std::exp(-g)));
+    out[i] = static_cast<T>(act * static_cast<float>(up[i]));
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be contiguous [T, 2 * intermediate]");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "gate_up must be float32 or bfloat16");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, n}, gate_up.options());
+  auto run = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const T* in = gate_up.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    auto body = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) silu_mul_row<T>(in + r * 2 * n, in + r * 2 * n + n, n, o + r * n);
+    };
+    if (rows * n <= kSerialValues) body(0, rows);
+    else at::parallel_for(0, rows, std::max<int64_t>(1, kSerialValues / 8 / n), body);
+  };
+  if (gate_up.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<at::BFloat16*>(nullptr));
+  return out;
 }
 
 // ---- RoPE ----------------------------------------------------------------------------------------------
@@ -389,6 +447,8 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor
   return ::rope_qk(q, k, cos, sin);
 }
 
+at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+
 void store_kv(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& slots) {
   ::store_kv(std::move(k_pool), std::move(v_pool), k, v, slots);
@@ -400,6 +460,7 @@ TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("norm_rows(Tensor x, Tensor weight, float eps) -> Tensor", &norm_rows);
   m.def("add_norm_rows(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_norm_rows);
   m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", &rope_qk);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("store_kv(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor k, Tensor v, Tensor slots) -> ()", &store_kv);
   m.def("store_kv_quantized(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) k_scale, Tensor(d!) v_scale, "
         "Tensor k, Tensor v, Tensor slots) -> ()", &store_kv_quantized);
