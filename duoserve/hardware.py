@@ -170,8 +170,9 @@ PRIOR_INT8_FUSED_ROWS = (1, 32)
 # What the cached timings measured: a cache of another version is measured again. 2: the many-rows
 # path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix); 3: and
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels
-# unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves).
-MEASUREMENT_VERSION = 4
+# unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves);
+# 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES).
+MEASUREMENT_VERSION = 5
 
 
 @dataclass(frozen=True)
