@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from duoserve.attention.cpu_backend import prefill_attention, prefill_kernel_available
+from duoserve.attention.cpu_backend import prefill_attention, prefill_attention_available
 
 # (queries, keys, heads, kv heads, head size): SmolLM2-135M's prompts, a chunk after context, Llama 3's
 # 1B/8B-like head layouts.
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--offline", type=int, default=0, help="offline throughput rounds, each way")
     args = parser.parse_args()
-    if not prefill_kernel_available():
+    if not prefill_attention_available():
         sys.exit("the prefill kernel is not built on this CPU (it needs AVX512-BF16)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     kernels(args.rounds)

@@ -164,6 +164,13 @@ def int8_mm_available() -> bool:
     return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.int8_mm_available())
 
 
+@functools.cache
+def prefill_attention_available() -> bool:
+    """Whether the prefill attention kernel (bfloat16 q/k/v, attention/csrc/prefill_attention_cpu.cpp) was
+    built for this CPU (AVX512-BF16)."""
+    return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.prefill_attention_available())
+
+
 @contextlib.contextmanager
 def exclusive_build(directory: Path) -> Iterator[None]:
     """Hold the build directory for this process, clearing a lock file that a killed build left.

@@ -6,7 +6,7 @@ table, first matching row wins:
 
 | best capability (level)           | dtype                    | 4/8-bit codes up to      | attention kernel |
 |-----------------------------------|--------------------------|--------------------------|------------------|
-| AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16      |
+| AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16 (7)  |
 | AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16 (7)  |
 | AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured; fp32: 32 (6)   | avx512           |
 | AVX2 + FMA (avx2)                 | float32 (4)              | fp32: 32 (6)             | avx2             |
@@ -29,11 +29,11 @@ table, first matching row wins:
     the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
     rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C).
 (7) And bfloat16 prefill chunks run duoserve's flash kernel (attention/csrc/prefill_attention_cpu.cpp,
-    vdpbf16ps GEMM tiles): 4-6x faster than SDPA's CPU flash kernel on a Zen 5 (450-520 against
-    70-140 GFLOP/s; BENCHMARKS.md, machine D). Every other row keeps SDPA's for them: with AMX, SDPA's
-    kernel multiplies on AMX tiles (torch packs for oneDNN's brgemm only there), not measured against
-    ours yet (`benchmarks/prefill_attention.py` measures both); without AVX512-BF16 the kernel is not
-    built.
+    vdpbf16ps GEMM tiles): 4-6x faster than SDPA's CPU flash kernel on a Zen 5 (350-520 against
+    40-134 GFLOP/s; BENCHMARKS.md, machine D). Where the kernel builds (AVX512-BF16, so the amx row too)
+    the measurement times both on a 256-token prompt and the faster runs them; the priors (no
+    measurement): ours on this row, SDPA's with AMX, whose kernel multiplies on AMX tiles there (torch
+    packs for oneDNN's brgemm only with AMX). Without AVX512-BF16 the kernel is not built: SDPA.
 
 Those kernels round activations to int16 or int8 for their integer products (`--quantized-activations`;
 cpu_quant_linear.py). `auto` takes int8 only on a table row where it was measured faster than int16 and
@@ -140,7 +140,12 @@ from pathlib import Path
 import torch
 
 from duoserve import int4pack
-from duoserve.cpu_kernels import EMULATED_ISAS, emulated_isa, int8_mm_available
+from duoserve.cpu_kernels import (
+    EMULATED_ISAS,
+    emulated_isa,
+    int8_mm_available,
+    prefill_attention_available,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,8 @@ INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against 
 # (dequantized tiles and the dense GEMM).
 DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
+# The prompt length the two prefill attentions are timed at (footnote 7 above).
+PREFILL_QUERIES = 256
 # Where no measurement ran, bfloat16 models' 4-bit and 8-bit linears run duoserve's fused kernels
 # (int4pack.fused_matmul; models/csrc/int8_mm_cpu.cpp) on steps of this many rows, on CPUs they are
 # built for (AVX512-BF16, and VBMI for the 4-bit one): the ranges machine D measured (module docstring).
@@ -171,7 +178,7 @@ PRIOR_INT8_FUSED_ROWS = (1, 32)
 # path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix); 3: and
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels
 # unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves);
-# 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES).
+# 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES), and the prefill attentions are timed.
 MEASUREMENT_VERSION = 5
 
 
@@ -384,7 +391,7 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         num_threads=cpu.cores,
         attention_isa=rule.attention_isa,
         reason=reason,
-        prefill_attention=rule.prefill_attention,
+        prefill_attention=prefill_attention(rule, timings),
         measured_on=None if timings is None else _cached_date(cpu) or datetime.date.today().isoformat(),
         timings={f"{fmt}@{rows}": t for (fmt, rows), t in (timings or {}).items()},
         quantized_activations="int8" if cpu.level in INT8_ACTIVATIONS else "int16",
@@ -606,7 +613,36 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
                 x = torch.randn(PREFILL_ROWS, width, generator=generator).to(dtype)
                 # Per row of the full matrix, so that it compares with the decode timings' matrix.
                 timings[fmt, PREFILL_ROWS] = _best_seconds(matmul(fmt, x, 512)) * out / 512
+        if prefill_attention_available():
+            timings |= _time_prefill_attention(generator)
     return timings
+
+
+def _time_prefill_attention(generator: torch.Generator) -> dict[tuple[str, int], float]:
+    """Causal attention of a PREFILL_QUERIES-token bfloat16 prompt (32 query heads over 8 KV heads of 64,
+    Llama 3's layout), by duoserve's kernel and by SDPA: who runs prefill chunks (prefill_attention)."""
+    q = torch.randn(PREFILL_QUERIES, 32, 64, generator=generator).to(_BF16)
+    k, v = (torch.randn(PREFILL_QUERIES, 8, 64, generator=generator).to(_BF16) for _ in range(2))
+    views = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    return {
+        ("prefill_duoserve", PREFILL_QUERIES): _best_seconds(
+            lambda: torch.ops.duoserve_cpu.prefill_attention(q, k, v, 0.125)
+        ),
+        ("prefill_sdpa", PREFILL_QUERIES): _best_seconds(
+            lambda: torch.nn.functional.scaled_dot_product_attention(
+                *views, is_causal=True, scale=0.125, enable_gqa=True
+            )
+        ),
+    }
+
+
+def prefill_attention(rule: Rule, timings: Timings | None) -> str:
+    """Who runs bfloat16 prefill chunks' attention: the faster where both were timed, the rule's prior
+    otherwise."""
+    key = ("prefill_duoserve", PREFILL_QUERIES)
+    if timings is None or key not in timings:
+        return rule.prefill_attention
+    return "duoserve" if timings[key] < timings["prefill_sdpa", PREFILL_QUERIES] else "sdpa"
 
 
 def _tiled(

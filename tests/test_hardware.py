@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from duoserve import hardware, int4pack
-from duoserve.cpu_kernels import int8_mm_available
+from duoserve.cpu_kernels import int8_mm_available, prefill_attention_available
 from duoserve.hardware import (
     DECODE_ROWS,
     INT8_ACTIVATIONS,
+    PREFILL_QUERIES,
     PREFILL_ROWS,
     PRIOR_INT4_FUSED_ROWS,
     PRIOR_INT8_FUSED_ROWS,
@@ -87,6 +88,22 @@ def test_prefill_attention_follows_the_table(caps, level):
     assert cpu(*caps).level == level
     expected = "duoserve" if level == "avx512_bf16" else "sdpa"
     assert defaults_for(cpu(*caps), measure=None).prefill_attention == expected
+
+
+@pytest.mark.parametrize(
+    ("level", "ours", "sdpa", "expected"),
+    [
+        ("amx", 1.0, 2.0, "duoserve"),
+        ("amx", 2.0, 1.0, "sdpa"),
+        ("avx512_bf16", 2.0, 1.0, "sdpa"),
+        ("avx512_bf16", 1.0, 2.0, "duoserve"),
+    ],
+)
+def test_prefill_attention_is_measured_where_the_kernel_builds(level, ours, sdpa, expected):
+    """Timed both ways, the faster runs prefill chunks, whatever the row's prior (AMX's is SDPA's)."""
+    timings = {("prefill_duoserve", PREFILL_QUERIES): ours, ("prefill_sdpa", PREFILL_QUERIES): sdpa}
+    assert hardware.prefill_attention(RULES[level], timings) == expected
+    assert hardware.prefill_attention(RULES[level], {}) == RULES[level].prefill_attention
 
 
 def test_prefill_attention_can_be_overridden(monkeypatch):
@@ -323,6 +340,8 @@ def test_measurement_times_every_format_and_size(single_torch_thread):
     codes = ["q4", "tiles"] + (["fused"] if int4pack.fused_matmul_available() else [])
     codes += ["q8", "tiles8", "fused8"] if int8_mm_available() else []
     expected |= {(fmt, rows) for fmt in codes for rows in DECODE_ROWS}
+    if prefill_attention_available():
+        expected |= {("prefill_duoserve", PREFILL_QUERIES), ("prefill_sdpa", PREFILL_QUERIES)}
     assert set(measured) == expected and all(t > 0 for t in measured.values())
     decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
 

@@ -10,8 +10,8 @@ Prefill chunks are compute-bound. SDPA's CPU flash kernel ran them at 70-77 GFLO
 a tenth of what the same host's bf16 GEMMs do, so with `prefill_kernel` a bfloat16 model's causal chunks
 (no window cutting in, no soft cap, head sizes 64 and 128) run duoserve's flash kernel instead
 (`csrc/prefill_attention_cpu.cpp`, AVX512-BF16 builds: 4-6x SDPA's speed there, BENCHMARKS.md). The
-host table (duoserve/hardware.py) turns it on where it builds and the CPU has no AMX: with AMX, SDPA's
-kernel multiplies on AMX tiles, not measured against ours yet. Everything else takes SDPA.
+host measurement (duoserve/hardware.py) times both where the kernel builds and picks the faster: with
+AMX, SDPA's kernel multiplies on AMX tiles and may win. Everything else takes SDPA.
 
 Quantized pools (fp8, int8: duoserve/kv/quant.py) go to the kernel with their per-row scales: it reads
 them in place, widening each row in registers and multiplying its dot product (K) or probability (V) by
@@ -20,14 +20,12 @@ the row's scale.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from duoserve.attention.backend import AttentionMetadata, check_variant
 from duoserve.attention.kv_scales import check_kv_scales
 from duoserve.attention.torch_backend import PrefillPlan, TorchAttentionBackend, attend_chunk
-from duoserve.cpu_kernels import cpu_kernels_available
+from duoserve.cpu_kernels import cpu_kernels_available, prefill_attention_available
 from duoserve.kv.layer import LayerKV, layer_kv
 
 __all__ = [
@@ -35,18 +33,12 @@ __all__ = [
     "cpu_kernels_available",
     "paged_decode",
     "prefill_attention",
-    "prefill_kernel_available",
+    "prefill_attention_available",
 ]
 
 # What the prefill kernel takes: head sizes, and query heads per KV head at most.
 _PREFILL_HEAD_SIZES = (64, 128)
 _PREFILL_MAX_GROUP = 16
-
-
-@functools.cache
-def prefill_kernel_available() -> bool:
-    """Whether the prefill attention kernel was built for this CPU (AVX512-BF16)."""
-    return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.prefill_attention_available())
 
 
 def prefill_attention(
@@ -123,7 +115,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     `prefill_kernel` (where it was built) its bfloat16 prefill chunks in the prefill kernel."""
 
     def __init__(self, prefill_kernel: bool = True) -> None:
-        super().__init__(_kernel_chunk if prefill_kernel and prefill_kernel_available() else None)
+        super().__init__(_kernel_chunk if prefill_kernel and prefill_attention_available() else None)
 
     def forward(
         self,

@@ -14,12 +14,12 @@ from duoserve.attention.backend import AttentionMetadata, PrefillChunk
 from duoserve.attention.cpu_backend import (
     CpuAttentionBackend,
     prefill_attention,
-    prefill_kernel_available,
+    prefill_attention_available,
 )
 from duoserve.attention.torch_backend import TorchAttentionBackend
 
 pytestmark = pytest.mark.skipif(
-    not prefill_kernel_available(), reason="the prefill kernel is built on AVX512-BF16 hosts only"
+    not prefill_attention_available(), reason="the prefill kernel is built on AVX512-BF16 hosts only"
 )
 
 
