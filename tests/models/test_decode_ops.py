@@ -67,10 +67,12 @@ def test_norm_of_heads_keeps_shape() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rotary", [64, 32])  # full, and partial (Phi-3: the rest passes through)
-def test_rope_matches_rotate_half(dtype, rotary) -> None:
+# full, partial (Phi-3: the rest passes through), and halves of 16 vector lanes plus a scalar tail
+@pytest.mark.parametrize("rotary", [64, 32, 40])
+@pytest.mark.parametrize("tokens", [5, 300])  # 300: the parallel path
+def test_rope_matches_rotate_half(dtype, rotary, tokens) -> None:
     torch.manual_seed(rotary)
-    tokens, heads, kv_heads, dim = 5, 6, 2, 64
+    heads, kv_heads, dim = 6, 2, 64
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
     q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)  # strided views
     q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
