@@ -743,5 +743,8 @@ def host_defaults() -> HostDefaults:
         if prefill not in PREFILL_ATTENTION:
             choices = ", ".join(PREFILL_ATTENTION)
             raise ValueError(f"DUOSERVE_PREFILL_ATTENTION must be one of {choices}, got {prefill!r}")
+        if prefill == "duoserve" and not prefill_attention_available():
+            logger.warning("DUOSERVE_PREFILL_ATTENTION=duoserve: no kernel built on this CPU; using sdpa")
+            prefill = "sdpa"
         defaults = replace(defaults, prefill_attention=prefill)
     return defaults

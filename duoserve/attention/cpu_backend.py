@@ -6,7 +6,7 @@ kernel (`csrc/paged_attention_cpu.cpp`) walks each sequence's block table instea
 row once. It is part of duoserve's CPU kernel library (`duoserve/cpu_kernels.py`: compiled for the host
 on first use, cached).
 
-Prefill chunks are compute-bound. SDPA's CPU flash kernel ran them at 70-77 GFLOP/s on a Zen 5 (no AMX),
+Prefill chunks are compute-bound. SDPA's CPU flash kernel ran them at 40-134 GFLOP/s on a Zen 5 (no AMX),
 a tenth of what the same host's bf16 GEMMs do, so with `prefill_kernel` a bfloat16 model's causal chunks
 (no window cutting in, no soft cap, head sizes 64 and 128) run duoserve's flash kernel instead
 (`csrc/prefill_attention_cpu.cpp`, AVX512-BF16 builds: 4-6x SDPA's speed there, BENCHMARKS.md). The
