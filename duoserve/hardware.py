@@ -118,8 +118,13 @@ too: measure_formats on machine D (2 threads, MEASUREMENT_VERSION 4) chose the f
 | fused 8-bit                        | 0.62  | 0.85  | 1.61  | 3.20  | 5.93  | 9.83  |
 | 8-bit tiles                        | 4.85  | 4.56  | 4.35  | 5.51  | 6.85  | 8.86  |
 
+MEASUREMENT_VERSION 5 (tiles of 2 M values; the prefill attentions timed) on the same machine, a faster
+minute: fused 8-bit 6.89 ms against 7.22 for the tiles at 64 rows, so the 8-bit range became 1-64 (the
+64-row decision is within this VM's noise on this matrix); prefill attention, 256 tokens of 32 query heads
+over 8 KV heads: duoserve's kernel 0.85 ms, SDPA 3.87.
+
 `DUOSERVE_HOST_MEASURE=0` skips the measurement (priors only); `DUOSERVE_CACHE_DIR` moves the cache;
-`DUOSERVE_PREFILL_ATTENTION=duoserve|sdpa` overrides the table's prefill attention (to measure both).
+`DUOSERVE_PREFILL_ATTENTION=duoserve|sdpa` overrides the measured prefill attention (to compare both).
 """
 
 from __future__ import annotations
