@@ -242,19 +242,8 @@ def attend_chunk(
     scale: float,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    """A prefill chunk's attention through SDPA (ChunkAttention's default)."""
-    return _attend(q, keys, values, plan.mask, scale, logits_soft_cap)
-
-
-def _attend(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    logits_soft_cap: float | None = None,
-) -> torch.Tensor:
-    """Causal attention of one sequence: q [T, heads, dim] over keys/values [C, kv_heads, dim].
+    """Causal attention of one prefill chunk through SDPA (ChunkAttention's default): q [T, heads, dim]
+    over keys/values [C, kv_heads, dim], masked as the plan says.
 
     Inputs get a batch dimension: with 3-d inputs torch's CPU SDPA takes its unfused math path,
     ~20x slower than the flash kernel it uses for 4-d ones (measured in BENCHMARKS.md).
@@ -263,7 +252,7 @@ def _attend(
         q.transpose(0, 1)[None],
         keys.transpose(0, 1).to(q.dtype)[None],
         values.transpose(0, 1).to(q.dtype)[None],
-        None if mask is None else mask.to(q.dtype),
+        None if plan.mask is None else plan.mask.to(q.dtype),
         scale,
         logits_soft_cap,
     )

@@ -6,6 +6,18 @@
 
 namespace duoserve {
 
+// 16 bfloat16 values (their 16-bit words) widened to float32: exact.
+inline __m512 widen_bf16(__m256i words) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+}
+inline __m512 load_bf16(const void* p) { return widen_bf16(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }
+
+#if defined(__AVX512BF16__)
+// 16 floats rounded to bfloat16, nearest even: c10::BFloat16's rounding in one instruction (NaNs keep
+// their sign and payload's top bits instead of becoming c10's one NaN).
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+#endif
+
 // exp(x) for x in the range the callers clamp it to, 16 lanes, relative error ~1e-7: 2^n * 2^f with
 // n = round(x * log2 e), f in [-0.5, 0.5], 2^f by its Taylor series to degree 7; _mm512_scalef_ps
 // multiplies by 2^n (inf past 2^127, 0 below the denormals). libm's scalar expf would dominate an

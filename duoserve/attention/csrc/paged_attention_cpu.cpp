@@ -318,10 +318,7 @@ inline void prefetch_part(const kv_t* pool, const int64_t* table, int64_t start,
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return duoserve::load_bf16(p); }
 
 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -150,7 +150,7 @@ void softmax_block(Tile& t, int64_t rows, const int64_t* visible, float scale) {
     for (int j = 0; j < 4; ++j) {
       const __m512 e = _mm512_maskz_mov_ps(live[j], duoserve::exp_nonpositive16(_mm512_sub_ps(x[j], m)));
       total = _mm512_add_ps(total, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * j), duoserve::to_bf16(e));
     }
     t.sum[r] = t.sum[r] * correction + _mm512_reduce_add_ps(total);
     t.max[r] = new_max;
@@ -212,8 +212,7 @@ void attend_item(const at::Tensor& q, const uint32_t* keys, const uint16_t* valu
     const __m512 inv = _mm512_set1_ps(1.0f / t.sum[r]);
     for (int m = 0; m < kVecs; ++m) {
       const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(t.out.data() + r * dim + 16 * m), inv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i * d.heads + h) * dim + 16 * m),
-                          (__m256i)_mm512_cvtneps_pbh(o));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i * d.heads + h) * dim + 16 * m), duoserve::to_bf16(o));
     }
   }
 }

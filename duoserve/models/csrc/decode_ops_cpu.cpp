@@ -80,16 +80,11 @@ void norm_row(const float* x, const W* w, int64_t h, float eps, T* y) {
 // rounded to bfloat16, squares summed in double, the normalised row rounded before a bfloat16 weight),
 // with round-to-nearest-even conversions in one instruction each instead of c10::BFloat16's scalar ones
 // (64 rows of 576: 65 -> ~6 us on a Zen 5; a 4096-token prefill's 59 norms 140 -> 40 ms).
-inline __m512 load_bf16(const void* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using duoserve::load_bf16;  // csrc/cpu_vec.h
+using duoserve::to_bf16;
+using duoserve::widen_bf16;
 inline __m512 load_weight(const at::BFloat16* p) { return load_bf16(p); }
 inline __m512 load_weight(const float* p) { return _mm512_loadu_ps(p); }
-inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-inline __m512 widen_bf16(__m256i b) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
 
 template <typename W>
 void norm_row_bf16(const at::BFloat16* x, const at::BFloat16* delta, const W* w, int64_t h, float eps,
