@@ -42,7 +42,8 @@ SOURCES = {
 SMOLLM2_LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of a layer's matrices
 
 
-HEADER = "duoserve/csrc/cpu_ops.h"  # the sources include it by a relative path: copied beside them
+# The headers the sources include by a relative path: copied beside them (those a revision has).
+HEADERS = ("duoserve/csrc/cpu_ops.h", "duoserve/csrc/cpu_vec.h", "duoserve/csrc/cpu_amx.h")
 
 
 def sources_at(revision: str | None, path: str) -> dict[str, str]:
@@ -57,7 +58,7 @@ def sources_at(revision: str | None, path: str) -> dict[str, str]:
         )
         return shown.stdout if shown.returncode == 0 else None
 
-    files = {name: text for name in (path, HEADER) if (text := read(name)) is not None}
+    files = {name: text for name in (path, *HEADERS) if (text := read(name)) is not None}
     if path not in files:
         raise SystemExit(f"{path} does not exist at {revision or 'the working tree'}")
     return files

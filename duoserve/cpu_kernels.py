@@ -45,7 +45,7 @@ SOURCES = (
     _PACKAGE / "engine" / "csrc" / "token_bitmask_cpu.cpp",
 )
 # Included by the sources: part of what a build depends on.
-HEADERS = (_PACKAGE / "csrc" / "cpu_ops.h", _PACKAGE / "csrc" / "cpu_vec.h")
+HEADERS = (_PACKAGE / "csrc" / "cpu_ops.h", _PACKAGE / "csrc" / "cpu_vec.h", _PACKAGE / "csrc" / "cpu_amx.h")
 # DUOSERVE_CPU_ISA runs this x86 host as a lesser one: the kernels are built for that level instead of
 # -march=native, and duoserve.hardware sees only that level's features (so its table's row, the dtype and
 # thresholds follow). A session on a Zen 5 or an AMX Xeon can then run, test and time the paths an
@@ -83,7 +83,9 @@ _OPS = (
     "q8_matmul",
     "int4pack_dequantize",
     "int4pack_mm",
+    "int4pack_mm_amx_rows",
     "int8_mm",
+    "int8_mm_amx_rows",
     "norm_rows",
     "rope_qk",
     "silu_mul",
@@ -162,6 +164,15 @@ def int8_mm_available() -> bool:
     """Whether the fused int8 kernel (bfloat16 x times int8 codes, models/csrc/int8_mm_cpu.cpp) was
     built for this CPU (AVX512-BF16): a bfloat16 model's 8-bit linears and the host measurement use it."""
     return cpu_kernels_available() and bool(torch.ops.duoserve_cpu.int8_mm_available())
+
+
+@functools.cache
+def fused_amx_rows() -> int:
+    """Rows from which the fused 4-bit and 8-bit kernels multiply on AMX tiles (0: never): built for an
+    AMX CPU (Sapphire Rapids and later) and granted the tiles by Linux."""
+    if not (cpu_kernels_available() and torch.ops.duoserve_cpu.int4pack_mm_available()):
+        return 0
+    return int(torch.ops.duoserve_cpu.int4pack_mm_amx_rows())
 
 
 @functools.cache

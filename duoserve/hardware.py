@@ -16,7 +16,9 @@ table, first matching row wins:
 | a CUDA device                     | bfloat16                 | never (CPU only)         | torch            |
 
 (1) Sapphire Rapids and later: oneDNN's AMX bf16 GEMMs ran 4.7x fp32 at prefill sizes, and the 4-bit
-    kernel 3x dense at 1 row (BENCHMARKS.md, machine A).
+    kernel 3x dense at 1 row (BENCHMARKS.md, machine A). duoserve's fused 4/8-bit kernels multiply on
+    AMX tiles there from 3 rows (`fused_amx_rows`): 4-5x their AVX512-BF16 path at 16-64 rows, whose
+    dot product runs at a quarter of the float32 FMA's rate on that core (BENCHMARKS.md, machine E).
 (2) Zen 4/5, Cooper Lake: on a Zen 5, bf16 ran 3-4x faster than fp32 and the 4-bit codes 3x faster
     again at 1 row (issue 10); measured per host all the same.
 (3) Skylake-X, Ice Lake: bf16 is converted in software, so neither dtype wins everywhere.
@@ -148,6 +150,7 @@ from duoserve import int4pack
 from duoserve.cpu_kernels import (
     EMULATED_ISAS,
     emulated_isa,
+    fused_amx_rows,
     int8_mm_available,
     prefill_attention_available,
 )
@@ -183,8 +186,9 @@ PRIOR_INT8_FUSED_ROWS = (1, 32)
 # path is timed as the engine runs it (tiles), at up to 64 rows (1 compared with a dense matrix); 3: and
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels
 # unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves);
-# 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES), and the prefill attentions are timed.
-MEASUREMENT_VERSION = 5
+# 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES), and the prefill attentions are timed;
+# 6: the fused 4-bit kernel multiplies on AMX tiles from 4 rows where it can (3-5x faster at 8-64 rows).
+MEASUREMENT_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,8 @@ class HostDefaults:
     # bfloat16 models' 8-bit linears read their codes (fused kernel or torch's) up to this many rows,
     # and at most quantized_max_rows: their own measurement, where it ran (None: quantized_max_rows).
     int8_max_rows: int | None = None
+    # The fused kernels multiply on AMX tiles from this many rows (0: never; cpu_kernels.fused_amx_rows).
+    fused_amx_rows: int = 0
 
     def quantized_max_rows_for(self, dtype: torch.dtype) -> int:
         """Rows up to which a model of `dtype` reads its 4/8-bit codes (0: never)."""
@@ -307,6 +313,8 @@ class HostDefaults:
         for bits, (low, high) in ((4, self.int4_fused_rows), (8, self.int8_fused_rows)):
             if self.dtype == _BF16 and high:
                 codes += f", fused {bits}-bit kernel at {low}-{high} rows"
+        if self.dtype == _BF16 and self.fused_amx_rows and max(self.int4_fused_rows + self.int8_fused_rows):
+            codes += f" (on AMX tiles from {self.fused_amx_rows} rows)"
         why = self.reason if self.measured_on is None else f"measured {self.measured_on}: {self.reason}"
         return (
             f"host: {self.cpu.summary()}, {self.num_threads} threads -> dtype {dtype}, {codes}, "
@@ -743,6 +751,8 @@ def host_defaults() -> HostDefaults:
     """This host's defaults (measured once per CPU and torch version where the table says so)."""
     measure = None if os.environ.get("DUOSERVE_HOST_MEASURE") == "0" else cached_measurement
     defaults = defaults_for(detect_cpu(), measure)
+    if "amx_tile" in defaults.cpu.features and fused_capable(defaults.cpu):
+        defaults = replace(defaults, fused_amx_rows=fused_amx_rows())
     prefill = os.environ.get("DUOSERVE_PREFILL_ATTENTION")
     if prefill:
         if prefill not in PREFILL_ATTENTION:

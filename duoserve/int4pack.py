@@ -86,13 +86,16 @@ def fused_matmul_available() -> bool:
 FUSED_BLOCK = 64  # the layout the fused op reads: torch's on AVX-512 hosts
 
 
-def fused_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def fused_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, amx_min_rows: int | None = None
+) -> torch.Tensor:
     """x [M, K] (bfloat16, contiguous) @ W.T for the [N, K] int4-packed W, read in place: y [M, N].
 
     Per group of 32 columns, scale * sum(x * (q - 8)) + zero * sum(x) in float32, rounded once to
     bfloat16: no weight is rounded (the tiles round each to bfloat16 before the GEMM). Needs
-    fused_matmul_available() and N a multiple of 64."""
-    return torch.ops.duoserve_cpu.int4pack_mm(x, packed, scales_and_zeros)
+    fused_matmul_available() and N a multiple of 64. On AMX hosts steps of `amx_min_rows` rows or more
+    (None: the kernel's own threshold, cpu_kernels.fused_amx_rows) sum on AMX tiles: tests pin a path."""
+    return torch.ops.duoserve_cpu.int4pack_mm(x, packed, scales_and_zeros, amx_min_rows)
 
 
 def dequantize_rows(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -448,3 +449,14 @@ def test_8bit_range_compares_the_8bit_paths():
 def test_describe_says_the_fused_range():
     host = defaults_for(cpu(*ZEN5), lambda info: with_fused(ZEN5_LIKE, FUSED[0][0]))
     assert "4/8-bit decode kernels up to 64 rows, fused 4-bit kernel at 8-64 rows" in host.describe()
+    assert "AMX" not in host.describe()
+    amx = replace(host, fused_amx_rows=3)
+    assert "fused 4-bit kernel at 8-64 rows (on AMX tiles from 3 rows)" in amx.describe()
+    assert "AMX" not in replace(amx, int4_fused_rows=(0, 0)).describe()  # no fused kernel runs
+
+
+def test_this_hosts_fused_kernels_use_amx_where_it_has_it():
+    """The kernels multiply on AMX tiles exactly where the CPU (and Linux) offer them, and say so."""
+    host = hardware.host_defaults()
+    has_amx = "amx_tile" in host.cpu.features and hardware.fused_capable(host.cpu)
+    assert (host.fused_amx_rows > 0) == (has_amx and int4pack.fused_matmul_available())

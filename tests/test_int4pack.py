@@ -101,6 +101,9 @@ def test_rejects_rows_that_are_not_whole_blocks():
 needs_fused = pytest.mark.skipif(
     not int4pack.fused_matmul_available(), reason="the fused kernel is not built for this CPU"
 )
+# The fused kernel's paths, by the rows from which it runs on AMX tiles: the host's threshold, AMX at
+# every row count, never (the AVX-512 path). The same path thrice where the host has no AMX.
+KERNEL_PATHS = pytest.mark.parametrize("amx_min_rows", [None, 1, 1 << 40], ids=["host", "amx", "avx512"])
 
 
 def float32_weights(codes: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -118,8 +121,9 @@ def fused_bound(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, refer
 
 
 @needs_fused
+@KERNEL_PATHS
 @pytest.mark.parametrize(("n", "k"), [(64, 32), (192, 96), (128, 544), (320, 1536)])
-def test_fused_matches_float32_math_on_torchs_layout(n, k):
+def test_fused_matches_float32_math_on_torchs_layout(n, k, amx_min_rows):
     """torch's own packing (whatever the host's), every row count 1..64 and a few more than one pass of
     64, against float32 math on the exact weights."""
     codes, pairs = random_matrix(n, k, seed=n + k)
@@ -128,7 +132,7 @@ def test_fused_matches_float32_math_on_torchs_layout(n, k):
     generator = torch.Generator().manual_seed(k)
     for rows in [*range(1, 65), 65, 131]:
         x = (torch.randn(rows, k, generator=generator) * torch.rand(k, generator=generator) * 4).bfloat16()
-        out = int4pack.fused_matmul(x, packed, pairs)
+        out = int4pack.fused_matmul(x, packed, pairs, amx_min_rows)
         assert out.shape == (rows, n) and out.dtype == torch.bfloat16
         reference = x.float() @ weights.T
         error = (out.float() - reference).abs()
@@ -153,7 +157,8 @@ def test_fused_agrees_with_the_tiles_within_bfloat16_rounding():
 
 
 @needs_fused
-def test_fused_exact_on_representable_sums():
+@KERNEL_PATHS
+def test_fused_exact_on_representable_sums(amx_min_rows):
     """Codes and scales whose products and sums are exact in float32: the kernel's result is the exact
     value rounded once (catches a wrong column pairing or a nibble swap that random data might hide in
     its tolerance)."""
@@ -163,10 +168,11 @@ def test_fused_exact_on_representable_sums():
     pairs = torch.zeros(k // GROUP_SIZE, n, 2, dtype=torch.bfloat16)
     pairs[..., 0] = 2.0 ** torch.randint(-3, 3, (k // GROUP_SIZE, n), generator=generator).float()
     pairs[..., 1] = torch.randint(-8, 8, (k // GROUP_SIZE, n), generator=generator).float()
-    x = torch.randint(-4, 5, (5, k), generator=generator).bfloat16()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    expected = (x.double() @ float32_weights(codes, pairs).double().T).bfloat16()
-    assert torch.equal(int4pack.fused_matmul(x, packed, pairs), expected)
+    for rows in (1, 5, 16, 21):  # one partial tile, a whole one, a whole one and a padded one
+        x = torch.randint(-4, 5, (rows, k), generator=generator).bfloat16()
+        expected = (x.double() @ float32_weights(codes, pairs).double().T).bfloat16()
+        assert torch.equal(int4pack.fused_matmul(x, packed, pairs, amx_min_rows), expected), rows
 
 
 @needs_fused

@@ -177,17 +177,19 @@ needs_int8_mm = pytest.mark.skipif(not int8_mm_available(), reason="no int8 kern
 
 
 @needs_int8_mm
+@pytest.mark.parametrize("amx_min_rows", [None, 1, 1 << 40], ids=["host", "amx", "avx512"])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (208, 576), (64, 1536)])
-def test_fused_int8_kernel_matches_float32_math(n, k):
+def test_fused_int8_kernel_matches_float32_math(n, k, amx_min_rows):
     """x times int8 codes and row scales, every row count 1..64 and a few more: float32 sums of exact
-    products, scaled, rounded once."""
+    products, scaled, rounded once; on each of the kernel's paths (AMX tiles from the host's threshold,
+    at every row count, never: the same path thrice where the host has no AMX)."""
     generator = torch.Generator().manual_seed(n + k)
     codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
     scales = (torch.rand(n, generator=generator) * 0.02 + 1e-3).bfloat16()
     weights = codes.double() * scales.double()[:, None]
     for rows in [*range(1, 65), 67, 130]:
         x = torch.randn(rows, k, generator=generator).bfloat16()
-        out = torch.ops.duoserve_cpu.int8_mm(x, codes, scales)
+        out = torch.ops.duoserve_cpu.int8_mm(x, codes, scales, amx_min_rows)
         assert out.shape == (rows, n) and out.dtype == torch.bfloat16
         reference = x.double() @ weights.T
         terms = x.double().abs() @ weights.abs().T
