@@ -171,6 +171,11 @@ PRIOR_FLOAT32_QUANTIZED_MAX_ROWS = 32
 # Table rows whose float32 models round activations to int8 by default, and the measurement that says so.
 INT8_ACTIVATIONS: dict[str, str] = {}
 INT8_GATE = {"mean_kld": 1e-3, "p99_kld": 1e-2}  # what int8 must pass, against dense float32 (see above)
+# Below the largest size it wins at, a fused kernel within this fraction of the other path's time keeps its
+# run going: a tie inside a run is noise, not a reason to switch kernels twice. On machine E (an AMX Xeon)
+# the fused 8-bit kernel took 8.40 ms at 8 rows against torch's 8.33, while winning at 1, 4 and 16 (2.57
+# vs 4.07, 4.32 vs 4.46, 16.13 vs 19.61): a strict comparison gave it 16-16 rows.
+FUSED_TIE = 0.05
 # Candidate row thresholds, timed for the 4-bit kernel and for what the engine runs above the threshold
 # (dequantized tiles and the dense GEMM).
 DECODE_ROWS = (1, 4, 8, 16, 32, 64)
@@ -356,21 +361,22 @@ def codes_threshold(timings: Timings, bits: int = 4) -> int:
 def fused_rows(timings: Timings, max_rows: int, bits: int = 4) -> tuple[int, int]:
     """The rows bfloat16 models' 4-bit (8-bit) linears run a fused kernel on, from the timings: the run
     of consecutive measured sizes, ending at the largest where it wins, at which it beats what would run
-    instead (torch's kernel up to `max_rows`, tiles above). (0, 0) where it never wins or was not timed.
-    Sizes between two measured ones take the fused kernel only inside the run."""
+    instead (torch's kernel up to `max_rows`, tiles above) or ties with it (FUSED_TIE). (0, 0) where it
+    never wins or was not timed. Sizes between two measured ones take the fused kernel only inside the
+    run."""
     fused, codes, tiles = ("fused", "q4", "tiles") if bits == 4 else ("fused8", "q8", "tiles8")
 
-    def wins(rows: int) -> bool:
+    def wins(rows: int, margin: float = 1.0) -> bool:
         if (fused, rows) not in timings:
             return False
-        return timings[fused, rows] < timings[codes if rows <= max_rows else tiles, rows]
+        return timings[fused, rows] < margin * timings[codes if rows <= max_rows else tiles, rows]
 
     won = [rows for rows in DECODE_ROWS if wins(rows)]
     if not won:
         return 0, 0
     high = low = won[-1]
     for rows in reversed(DECODE_ROWS[: DECODE_ROWS.index(high)]):
-        if not wins(rows):
+        if not wins(rows, 1 + FUSED_TIE):
             break
         low = rows
     return low, high

@@ -401,6 +401,8 @@ FUSED = [
     ((0.5, 1, 2, 3, 5, 9), (1, 64), 64),  # wins everywhere
     ((2, 2, 5, 8, 5, 9), (32, 64), 64),  # loses to torch's kernel at 8-16: 32-64 only
     ((2, 1, 2, 8, 5, 9), (32, 64), 64),  # a loss at 16 ends the run that reaches 64
+    ((2, 1, 3.7, 3, 5, 9), (4, 64), 64),  # 3.7 against 3.6 at 8: a tie inside the run keeps it going
+    ((2, 1, 3.9, 3, 5, 9), (16, 64), 64),  # 3.9 against 3.6: beyond FUSED_TIE, a loss
     ((2, 2, 2, 3, 5, 20), (8, 32), 32),  # loses to the tiles at 64
     ((9, 9, 9, 9, 20, 20), (0, 0), 16),  # never: the threshold is torch's kernel's
 ]
