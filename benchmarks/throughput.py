@@ -8,6 +8,8 @@ transformers runs each of --hf-dtypes, in static batches of --hf-batch-size with
 a user of `generate` batches. Prints output tokens/s of each and the ratio to the fastest transformers.
 --hf-sample N times transformers on the first N batches only and extrapolates (its cost per batch is
 steady), to keep the run short; 0 runs all of them.
+--step-trace PATH writes duoserve's steps (`LLM(step_trace=...)`, duoserve/plan/trace.py) and prints where
+the timed run's time went: the steps with prompt tokens, and the pure decode steps by batch size.
 """
 
 from __future__ import annotations
@@ -39,14 +41,40 @@ def run_duoserve(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_fraction=0.5,  # room for every request's KV: no preemption in the measurement
+        step_trace=args.step_trace,
     )
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
+    start, since = time.perf_counter(), time.time()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    if args.step_trace:
+        llm.close()  # writes the trace's last step
+        print_step_split(args.step_trace, since)
     return elapsed
+
+
+def print_step_split(path: str, since: float) -> None:
+    """The steps that started after `since` (Unix time) in a step trace: with prompt tokens, and pure
+    decode by batch size."""
+    from duoserve.plan.trace import read_trace
+
+    trace = read_trace(path)
+    steps = [s for s in trace.steps if trace.header["origin_unix"] + s.start >= since]
+    prefill = [s for s in steps if s.shape.prefill_tokens]
+    decode: dict[int, list[float]] = {}
+    for s in steps:
+        if not s.shape.prefill_tokens:
+            decode.setdefault(s.shape.decode_seqs, []).append(s.seconds)
+    tokens = sum(s.shape.prefill_tokens for s in prefill)
+    print(
+        f"steps with prompt tokens: {len(prefill)}, {sum(s.seconds for s in prefill):.2f} s "
+        f"({tokens} prompt tokens); pure decode: {sum(map(len, decode.values()))}, "
+        f"{sum(map(sum, decode.values())):.2f} s"
+    )
+    medians = ", ".join(f"{rows}: {1e3 * sorted(t)[len(t) // 2]:.1f}" for rows, t in sorted(decode.items()))
+    print(f"pure decode steps, median ms by batch size: {medians}")
 
 
 def run_transformers(
@@ -100,6 +128,7 @@ def main() -> None:
         "--attention-backends", nargs="+", default=["auto"], help="duoserve runs, one per backend"
     )
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--step-trace", help="write duoserve's steps here and print where the time went")
     args = parser.parse_args()
     prompts = make_prompts(args.num_requests, args.min_input, args.max_input, 49152, args.seed)
     total_out = args.num_requests * args.output_len
