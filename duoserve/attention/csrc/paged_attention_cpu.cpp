@@ -474,6 +474,12 @@ class ChunkScales {
 // less than their halved bytes: each block costs a scattered DRAM access (and a TLB miss) whatever its
 // size. benchmarks/decode_attention.py, 256 x 2,048 tokens, 2 threads (busy), before -> after: bf16 48-52
 // -> 34-36 ms, E4M3/E5M2 48-53 -> 24.0-24.4 (1.49-1.51x the new bf16), int8 43-48 -> 25.4 (1.43x).
+// On a Sapphire Rapids-class Xeon (machine E, 2026-12-04) half the kernel's samples (perf) still sat on
+// those prefetches: a KV head's share of a bf16 chunk is 32 lines, twice the core's line fill buffers.
+// The K pass now issues it per two tokens (an eighth of the chunk per KV head), and so does the bf16 V
+// pass: 64 sequences of 256-384 tokens, 30 layers from DRAM, 1.17-1.20 -> 1.05-1.08 ms per layer;
+// 256 x 2,048 tokens, 4 layers: bf16 32.8-33.5 -> 29.4-30.0 ms, the 1-byte caches unchanged (alternated
+// twice against the tree before, benchmarks/decode_attention.py).
 template <typename q_t, typename kv_t>
 constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
@@ -609,7 +615,6 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
     for (int64_t kv = 0; kv < num_heads; ++kv) {
       // The chunk kPrefetchTokens ahead, a KV head's share of its lines at a time: issued at once (48 lines
       // of a 1-byte cache, 96 of bf16), the prefetches stalled on the core's outstanding misses.
-      prefetch_part(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
       const kv_t* k = chunk + kv * dim;
       const __m512* qk = qv + kv * kGroup * kQVecs;
       // Quads of tokens up to the chunk's n, 4 tokens each, so that the loops unroll and the dot products
@@ -626,6 +631,8 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         __m512 dots[kGroup][4];
 #pragma GCC unroll 2
         for (int i = 0; i < 4; i += 2) {
+          prefetch_part(k_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s,
+                        kv * 8 + quad * 2 + i / 2, num_heads * 8);
           __m512 kr[2][kQVecs];
 #pragma GCC unroll 2
           for (int u = 0; u < 2; ++u) {
@@ -715,7 +722,9 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
       v_scales.load(row, n, num_heads);
     }
     for (int64_t kv = 0; kv < num_heads; ++kv) {
-      prefetch_part(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
+      if constexpr (!bf16) {
+        prefetch_part(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s, kv, num_heads);
+      }
       const kv_t* v = chunk + kv * dim;
       __m512 a[kGroup][kVecs];
       for (int g = 0; g < kGroup; ++g)
@@ -740,6 +749,8 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         };
         int64_t t = 0;
         for (; t + 1 < n; t += 2) {
+          prefetch_part(v_pool, table, start + kPrefetchTokens, context_len, head_begin, head_end, dim, s,
+                        kv * 8 + t / 2, num_heads * 8);
           __m512i r0[kQVecs], r1[kQVecs];
           int32_t pairs[kGroup];
           for (int m = 0; m < kQVecs; ++m) {
