@@ -29,6 +29,7 @@
 #include <torch/library.h>
 #include "../../csrc/cpu_amx.h"
 #include "../../csrc/cpu_ops.h"
+#include "../../csrc/cpu_vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -43,6 +44,14 @@
 #define DUOSERVE_INT8MM 0
 #endif
 #define DUOSERVE_INT8MM_AMX (DUOSERVE_INT8MM && DUOSERVE_AMX)
+// Intel cores with AMX run vdpbf16ps at a quarter of the float32 FMA's rate (benchmarks/isa_rates.cpp:
+// 115 against 233 GFLOP/s on machine E), so there the few-row path (gemv) widens x and the codes to
+// float32 and multiplies with the FMA: SmolLM2's lm_head (49152 x 576) at 1 row 1.18-1.55 against
+// 1.30-1.80 ms, at 2 rows 1.22-1.51 against 1.42-1.72 (benchmarks/cpu_kernel_ab.py, three runs). AMD's
+// Zen 4/5 run the dot product at full rate: they keep it.
+#if DUOSERVE_INT8MM && defined(__AMX_BF16__) && !defined(DUOSERVE_INT8MM_GEMV_FMA)
+#define DUOSERVE_INT8MM_GEMV_FMA 1
+#endif
 
 namespace {
 
@@ -153,6 +162,26 @@ void gemv(const Problem& t, int64_t first, int64_t n, const char* ahead, int64_t
     for (int64_t line = step * lines / steps; line < (step + 1) * lines / steps; ++line) {
       _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     }
+#ifdef DUOSERVE_INT8MM_GEMV_FMA
+    // x widened to float32 (16 columns c..c+15, then c+16..c+31), each code widened and multiplied by
+    // the float32 FMA: exact products, float32 sums, lanes along K as the dot products' are.
+    __m512 xlo[ROWS], xhi[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      xlo[r] = duoserve::load_bf16(t.x + (first + r) * t.k + c);
+      xhi[r] = duoserve::load_bf16(t.x + (first + r) * t.k + c + 16);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < kOut; ++j) {
+      const int8_t* p = t.codes + (n + j) * t.k + c;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r * kOut + j] = _mm512_fmadd_ps(xhi[r], hi, _mm512_fmadd_ps(xlo[r], lo, acc[r * kOut + j]));
+      }
+    }
+#else
     __m512bh xs[ROWS];
     for (int r = 0; r < ROWS; ++r) xs[r] = as_bf16(_mm512_loadu_si512(t.x + (first + r) * t.k + c));
 #pragma GCC unroll 16
@@ -165,6 +194,7 @@ void gemv(const Problem& t, int64_t first, int64_t n, const char* ahead, int64_t
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) acc[r * kOut + j] = _mm512_dpbf16_ps(acc[r * kOut + j], xs[r], codes);
     }
+#endif
   }
   // Lane r * kOut + j: row r of x, output row n + j.
   __m512 scale;
