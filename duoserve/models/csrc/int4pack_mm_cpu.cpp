@@ -117,15 +117,29 @@ struct Problem {
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int kPassRows = 4;  // rows of x per pass over a block: 16 accumulators
 
+// One 64-byte load of a block's codes (columns k, k + 1) as four vectors of 16 output rows' (column k,
+// column k + 1) bfloat16 128 + q pairs, prefetching kPrefetchBytes ahead: vectors 0, 1 the low nibbles
+// (rows 0-31), (a & b) | c putting the nibble under the magic exponent; 2, 3 the high nibbles (rows 32-63).
+inline void unpack_pair(const uint8_t* pair, const Shuffles& shuffles, __m512i* w) {
+  const __mmask64 words = 0x5555555555555555ULL;
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bfloat16 128.0 in both words
+  _mm_prefetch(reinterpret_cast<const char*>(pair + kPrefetchBytes), _MM_HINT_T0);
+  const __m512i bytes = _mm512_loadu_si512(pair);
+  const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
+  const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
+  w[0] = _mm512_ternarylogic_epi32(first, nibble, magic, 0xEA);
+  w[1] = _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA);
+  w[2] = _mm512_or_si512(_mm512_srli_epi16(first, 4), magic);
+  w[3] = _mm512_or_si512(_mm512_srli_epi16(second, 4), magic);
+}
+
 // Output rows 64b..64b+63 for rows row0..row0+ROWS-1 of x (ROWS 1-4).
 template <int ROWS>
 void block_pass(const Problem& t, int64_t b, int64_t row0, const Shuffles& shuffles) {
   // At 1 row, two accumulator sets (alternate pairs): 8 dot product chains in flight, not 4 waiting on
   // the dot product's latency.
   constexpr int SETS = ROWS >= 2 ? 1 : 2;
-  const __mmask64 words = 0x5555555555555555ULL;
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bfloat16 128.0 in both words
   const int64_t groups = t.k / kGroup;
   const uint8_t* codes = t.packed + b * kBlock * (t.k / 2);
   __m512 acc[ROWS][kVectors];
@@ -146,16 +160,8 @@ void block_pass(const Problem& t, int64_t b, int64_t row0, const Shuffles& shuff
     }
 #pragma GCC unroll 16
     for (int p = 0; p < kPairs; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(group + p * 64 + kPrefetchBytes), _MM_HINT_T0);
-      const __m512i bytes = _mm512_loadu_si512(group + p * 64);
-      const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
-      const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
-      // Vectors 0, 1: low nibbles (rows 0-31), (a & b) | c: the nibble under the magic exponent; 2, 3:
-      // high nibbles (rows 32-63).
-      const __m512i w[kVectors] = {_mm512_ternarylogic_epi32(first, nibble, magic, 0xEA),
-                                   _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA),
-                                   _mm512_or_si512(_mm512_srli_epi16(first, 4), magic),
-                                   _mm512_or_si512(_mm512_srli_epi16(second, 4), magic)};
+      __m512i w[kVectors];
+      unpack_pair(group + p * 64, shuffles, w);
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
         int32_t both;
@@ -228,19 +234,11 @@ struct AmxProblem {
 
 // Group g's codes of one block as four B tiles (16-row vectors v of the block), bfloat16 128 + q.
 inline void unpack_group(const uint8_t* group, const Shuffles& shuffles, uint16_t* tiles) {
-  const __mmask64 words = 0x5555555555555555ULL;
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
-  const __m512i magic = _mm512_set1_epi32(0x43004300);
 #pragma GCC unroll 16
   for (int p = 0; p < kPairs; ++p) {
-    _mm_prefetch(reinterpret_cast<const char*>(group + p * 64 + kPrefetchBytes), _MM_HINT_T0);
-    const __m512i bytes = _mm512_loadu_si512(group + p * 64);
-    const __m512i first = _mm512_maskz_permutexvar_epi8(words, shuffles.first, bytes);
-    const __m512i second = _mm512_maskz_permutexvar_epi8(words, shuffles.second, bytes);
-    _mm512_store_si512(tiles + 0 * kTileWords + 32 * p, _mm512_ternarylogic_epi32(first, nibble, magic, 0xEA));
-    _mm512_store_si512(tiles + 1 * kTileWords + 32 * p, _mm512_ternarylogic_epi32(second, nibble, magic, 0xEA));
-    _mm512_store_si512(tiles + 2 * kTileWords + 32 * p, _mm512_or_si512(_mm512_srli_epi16(first, 4), magic));
-    _mm512_store_si512(tiles + 3 * kTileWords + 32 * p, _mm512_or_si512(_mm512_srli_epi16(second, 4), magic));
+    __m512i w[kVectors];
+    unpack_pair(group + p * 64, shuffles, w);
+    for (int v = 0; v < kVectors; ++v) _mm512_store_si512(tiles + v * kTileWords + 32 * p, w[v]);
   }
 }
 

@@ -163,38 +163,34 @@ void gemv(const Problem& t, int64_t first, int64_t n, const char* ahead, int64_t
       _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     }
 #ifdef DUOSERVE_INT8MM_GEMV_FMA
-    // x widened to float32 (16 columns c..c+15, then c+16..c+31), each code widened and multiplied by
-    // the float32 FMA: exact products, float32 sums, lanes along K as the dot products' are.
+    // x widened to float32 (16 columns c..c+15, then c+16..c+31), each code too, multiplied by the float32
+    // FMA: exact products, float32 sums, lanes along K as the dot products' are.
     __m512 xlo[ROWS], xhi[ROWS];
     for (int r = 0; r < ROWS; ++r) {
       xlo[r] = duoserve::load_bf16(t.x + (first + r) * t.k + c);
       xhi[r] = duoserve::load_bf16(t.x + (first + r) * t.k + c + 16);
     }
+#else
+    __m512bh xs[ROWS];
+    for (int r = 0; r < ROWS; ++r) xs[r] = as_bf16(_mm512_loadu_si512(t.x + (first + r) * t.k + c));
+#endif
 #pragma GCC unroll 16
     for (int j = 0; j < kOut; ++j) {
       const int8_t* p = t.codes + (n + j) * t.k + c;
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
       const __m512 hi =
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+#ifdef DUOSERVE_INT8MM_GEMV_FMA
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
         acc[r * kOut + j] = _mm512_fmadd_ps(xhi[r], hi, _mm512_fmadd_ps(xlo[r], lo, acc[r * kOut + j]));
       }
-    }
 #else
-    __m512bh xs[ROWS];
-    for (int r = 0; r < ROWS; ++r) xs[r] = as_bf16(_mm512_loadu_si512(t.x + (first + r) * t.k + c));
-#pragma GCC unroll 16
-    for (int j = 0; j < kOut; ++j) {
-      const int8_t* p = t.codes + (n + j) * t.k + c;
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-      const __m512 hi =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
       const __m512bh codes = _mm512_cvtne2ps_pbh(hi, lo);  // exact: 8 significant bits
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) acc[r * kOut + j] = _mm512_dpbf16_ps(acc[r * kOut + j], xs[r], codes);
-    }
 #endif
+    }
   }
   // Lane r * kOut + j: row r of x, output row n + j.
   __m512 scale;
