@@ -193,7 +193,7 @@ PRIOR_INT8_FUSED_ROWS = (1, 32)
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels
 # unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves);
 # 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES), and the prefill attentions are timed;
-# 6: the fused 4-bit kernel multiplies on AMX tiles from 4 rows where it can (3-5x faster at 8-64 rows).
+# 6: the fused 4-bit and 8-bit kernels multiply on AMX tiles from 3 rows where they can (4-5x at 16-64 rows).
 MEASUREMENT_VERSION = 6
 
 
