@@ -85,7 +85,6 @@ _OPS = (
     "int4pack_mm",
     "int4pack_mm_amx_rows",
     "int8_mm",
-    "int8_mm_amx_rows",
     "norm_rows",
     "rope_qk",
     "silu_mul",
@@ -169,7 +168,8 @@ def int8_mm_available() -> bool:
 @functools.cache
 def fused_amx_rows() -> int:
     """Rows from which the fused 4-bit and 8-bit kernels multiply on AMX tiles (0: never): built for an
-    AMX CPU (Sapphire Rapids and later) and granted the tiles by Linux."""
+    AMX CPU (Sapphire Rapids and later) and granted the tiles by Linux. One threshold for both
+    (csrc/cpu_amx.h); the 4-bit op reports it."""
     if not (cpu_kernels_available() and torch.ops.duoserve_cpu.int4pack_mm_available()):
         return 0
     return int(torch.ops.duoserve_cpu.int4pack_mm_amx_rows())

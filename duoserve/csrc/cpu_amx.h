@@ -7,6 +7,13 @@
 // tiles calls amx_permitted() first and keeps its AVX-512 path where the answer is no.
 #pragma once
 
+// Rows of x from which the fused 4-bit and 8-bit kernels multiply on tiles, where they can: one threshold
+// for both (the crossovers each measured are in models/csrc/int4pack_mm_cpu.cpp and int8_mm_cpu.cpp),
+// which cpu_kernels.fused_amx_rows reports. -D overrides it (benchmarks/cpu_kernel_ab.py --define).
+#ifndef DUOSERVE_FUSED_AMX_MIN_ROWS
+#define DUOSERVE_FUSED_AMX_MIN_ROWS 3
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define DUOSERVE_AMX 1
 #include <immintrin.h>

@@ -331,16 +331,13 @@ void run_amx(const Problem& problem, const Shuffles& shuffles) {
 
 bool int4pack_mm_available() { return DUOSERVE_INT4MM != 0; }
 
-// Rows of x from which the AMX path runs, where it can. SmolLM2's 120 layer matmuls of a decode step
+// Rows of x from which the AMX path runs, where it can (cpu_amx.h). SmolLM2's 120 layer matmuls of a decode step
 // (benchmarks/cpu_kernel_ab.py, 2 vCPUs of a Sapphire Rapids-class Xeon, 2026-12-04), AMX against the
 // AVX-512 path: 1 row 3.88 vs 2.63 ms, 2 rows 3.98 vs 3.62, 3 rows 4.28 vs 4.74, 4 rows 3.48 vs 5.68,
 // 16 rows 6.14 vs 21.55, 64 rows 20.08 vs 88.34 (0.23x). At 128 rows it ties the tiles' dequantize +
 // oneDNN GEMM, and loses above (the per-group scaling grows with the rows): the host measurement keeps
 // the fused kernel to the decode sizes it times (hardware.DECODE_ROWS).
-#ifndef DUOSERVE_INT4MM_AMX_MIN_ROWS
-#define DUOSERVE_INT4MM_AMX_MIN_ROWS 3
-#endif
-constexpr int64_t kAmxMinRows = DUOSERVE_INT4MM_AMX_MIN_ROWS;
+constexpr int64_t kAmxMinRows = DUOSERVE_FUSED_AMX_MIN_ROWS;
 
 // Rows from which steps run on AMX tiles here (0: never; built with AMX and permitted).
 int64_t int4pack_mm_amx_rows() { return DUOSERVE_INT4MM_AMX && duoserve::amx::amx_permitted() ? kAmxMinRows : 0; }

@@ -348,16 +348,10 @@ void run_amx(const Problem& t) {
 
 bool int8_mm_available() { return DUOSERVE_INT8MM != 0; }
 
-// Rows of x from which the AMX path runs, where it can. SmolLM2's lm_head (49152 x 576, 2 vCPUs of a
+// Rows of x from which the AMX path runs, where it can (cpu_amx.h). SmolLM2's lm_head (49152 x 576, 2 vCPUs of a
 // Sapphire Rapids-class Xeon, 2026-12-04), AMX against the AVX-512 paths: 1 row 1.28 vs 1.17 ms, 2 rows
 // 1.41 vs 1.43, 3 rows 1.36 vs 2.28, 16 rows 1.57 vs 7.65, 32 rows 2.13 vs 11.47, 64 rows 4.17 vs 21.51.
-#ifndef DUOSERVE_INT8MM_AMX_MIN_ROWS
-#define DUOSERVE_INT8MM_AMX_MIN_ROWS 3
-#endif
-constexpr int64_t kAmxMinRows = DUOSERVE_INT8MM_AMX_MIN_ROWS;
-
-// Rows from which steps run on AMX tiles here (0: never; built with AMX and permitted).
-int64_t int8_mm_amx_rows() { return DUOSERVE_INT8MM_AMX && duoserve::amx::amx_permitted() ? kAmxMinRows : 0; }
+constexpr int64_t kAmxMinRows = DUOSERVE_FUSED_AMX_MIN_ROWS;
 
 // x [M, K] bfloat16 @ (codes [N, K] int8 * scales [N]).T -> y [M, N] bfloat16.
 // amx_min_rows: from how many rows the AMX path runs (tests and benchmarks; default kAmxMinRows).
@@ -384,7 +378,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
                         n,
                         k};
 #if DUOSERVE_INT8MM_AMX
-  if (int8_mm_amx_rows() && m >= amx_min_rows.value_or(kAmxMinRows)) {
+  if (duoserve::amx::amx_permitted() && m >= amx_min_rows.value_or(kAmxMinRows)) {
     run_amx(problem);
     return y;
   }
@@ -415,6 +409,5 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("int8_mm_available() -> bool", &int8_mm_available);
-  m.def("int8_mm_amx_rows() -> int", &int8_mm_amx_rows);
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scales, int? amx_min_rows=None) -> Tensor", &int8_mm);
 }
