@@ -8,11 +8,11 @@ table, first matching row wins:
 |-----------------------------------|--------------------------|--------------------------|------------------|
 | AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16 (7)  |
 | AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16 (7)  |
-| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured; fp32: 32 (6)   | avx512           |
-| AVX2 + FMA (avx2)                 | float32 (4)              | fp32: 32 (6)             | avx2             |
-| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured; fp32: 32 (6)   | neon             |
-| aarch64 NEON (neon)               | float32                  | fp32: 32 (6)             | neon             |
-| anything else (generic)           | float32                  | fp32: 32 (6)             | generic          |
+| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured, fp32 too (6)  | avx512           |
+| AVX2 + FMA (avx2)                 | float32 (4)              | fp32: measured (6)       | avx2             |
+| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured, fp32 too (6)  | neon             |
+| aarch64 NEON (neon)               | float32                  | fp32: measured (6)       | neon             |
+| anything else (generic)           | float32                  | fp32: measured (6)       | generic          |
 | a CUDA device                     | bfloat16                 | never (CPU only)         | torch            |
 
 (1) Sapphire Rapids and later: oneDNN's AMX bf16 GEMMs ran 4.7x fp32 at prefill sizes, and the 4-bit
@@ -29,7 +29,10 @@ table, first matching row wins:
 (5) Neoverse V1/N2, Graviton 3: not measured by us yet.
 (6) float32 models read the codes with duoserve's own kernels (models/cpu_quant_linear.py), AVX2 where
     the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
-    rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C).
+    rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C). Since their
+    several-row path became an int16 GEMM, the measurement times them against float32 tiles + GEMM up
+    to a prefill chunk's 256 rows (FLOAT32_ROWS) and gives them every step where they win at each size;
+    without a measurement, 32 rows.
 (7) And bfloat16 prefill chunks run duoserve's flash kernel (attention/csrc/prefill_attention_cpu.cpp,
     vdpbf16ps GEMM tiles): 4-6x faster than SDPA's CPU flash kernel on a Zen 5 (350-520 against
     40-134 GFLOP/s; BENCHMARKS.md, machine D). Where the kernel builds (AVX512-BF16, so the amx row too)
@@ -150,6 +153,7 @@ import torch
 from duoserve import int4pack
 from duoserve.cpu_kernels import (
     EMULATED_ISAS,
+    cpu_kernels_available,
     emulated_isa,
     fused_amx_rows,
     int8_mm_available,
@@ -181,6 +185,12 @@ FUSED_TIE = 0.05
 # (dequantized tiles and the dense GEMM).
 DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
+# float32 models' 4/8-bit kernels (duoserve's, int16 activations) against float32 tiles + the float32
+# GEMM: decode sizes and a prefill chunk's. Where the kernels win at every one they run every step, at
+# most ALL_ROWS rows (more than any step has): their int16 GEMM took 0.52-0.91x the tiles' time at
+# 16-512 rows on an AVX2 build (BENCHMARKS.md).
+FLOAT32_ROWS = (*DECODE_ROWS, 256)
+ALL_ROWS = 1 << 30
 # The prompt length the two prefill attentions are timed at (footnote 7 above).
 PREFILL_QUERIES = 256
 # Where no measurement ran, bfloat16 models' 4-bit and 8-bit linears run duoserve's fused kernels
@@ -193,8 +203,9 @@ PRIOR_INT8_FUSED_ROWS = (1, 32)
 # the fused kernels where they build, with the 8-bit codes' other two paths; 4: the fused kernels
 # unpack in registers at every row count (2026-12-04: 1.35-2x faster at 1-16 rows, so their range moves);
 # 5: the tiles hold 2 M values, not 1 M (int4pack.TILE_VALUES), and the prefill attentions are timed;
-# 6: the fused 4-bit and 8-bit kernels multiply on AMX tiles from 3 rows where they can (4-5x at 16-64 rows).
-MEASUREMENT_VERSION = 6
+# 6: the fused 4-bit and 8-bit kernels multiply on AMX tiles from 3 rows where they can (4-5x at 16-64 rows);
+# 7: float32 models' kernels (an int16 GEMM at several rows) against float32 tiles, on every host.
+MEASUREMENT_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -304,10 +315,10 @@ class HostDefaults:
         """The startup log line (and `duoserve env`'s first line)."""
         dtype = str(self.dtype).removeprefix("torch.")
         if self.dtype == _FP32:
-            codes = (
-                f"4/8-bit codes up to {self.float32_quantized_max_rows} rows (duoserve's float32 kernels, "
-                f"{self.quantized_activations} activations)"
-            )
+            rows = self.float32_quantized_max_rows
+            upto = "at every row count" if rows >= ALL_ROWS else f"up to {rows} rows"
+            activations = self.quantized_activations
+            codes = f"4/8-bit codes {upto} (duoserve's float32 kernels, {activations} activations)"
         elif self.dtype != _BF16:
             codes = "no 4/8-bit decode kernels"
         elif self.quantized_max_rows:
@@ -391,11 +402,11 @@ def fused_capable(cpu: CpuInfo, bits: int = 4) -> bool:
 
 
 def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> HostDefaults:
-    """The defaults for a CPU; `measure` (None: priors only) is called where the table leaves a choice."""
+    """The defaults for a CPU; `measure` (None: priors only) decides what the table leaves open."""
     rule = RULES[cpu.level]
-    # The row threshold is left open wherever bfloat16 may run; the dtype only where `rule.measure`.
-    open_choice = rule.measure or rule.dtype == _BF16
-    timings = measure(cpu) if measure is not None and open_choice else None
+    # Every row leaves thresholds open: bfloat16's (a `--dtype bfloat16` model on any row) and float32's
+    # (where the float32 kernels build); the dtype only where `rule.measure`.
+    timings = measure(cpu) if measure is not None else None
     dtype, rows, reason = decide(rule, timings)
     rows8 = None
     if timings is not None:
@@ -418,6 +429,11 @@ def defaults_for(cpu: CpuInfo, measure: Callable[[CpuInfo], Timings] | None) -> 
         int4_fused_rows=fused,
         int8_fused_rows=fused8,
         int8_max_rows=rows8,
+        float32_quantized_max_rows=(
+            float32_codes_threshold(timings)
+            if timings is not None and ("f32codes", 1) in timings
+            else PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
+        ),
     )
 
 
@@ -635,7 +651,47 @@ def measure_formats(cpu: CpuInfo) -> dict[tuple[str, int], float]:
                 timings[fmt, PREFILL_ROWS] = _best_seconds(matmul(fmt, x, 512)) * out / 512
         if prefill_attention_available():
             timings |= _time_prefill_attention(generator)
+        if cpu_kernels_available():
+            timings |= _time_float32_codes(generator)
     return timings
+
+
+def _time_float32_codes(generator: torch.Generator) -> dict[tuple[str, int], float]:
+    """float32 models' 4-bit linears both ways at FLOAT32_ROWS: duoserve's kernel on GGUF-layout codes
+    ("f32codes", models/cpu_quant_linear.py) and float32 tiles + the float32 GEMM ("f32tiles", the path
+    above its threshold). A 4096 x 2048 matrix (5 MB of codes): the two read the same codes, so which
+    cache holds them matters less than the arithmetic, and 256 rows stay a few tens of ms."""
+    out, width = 4096, 2048
+    codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8, generator=generator)
+    scale_min = (torch.rand(out, 2, width // 32, generator=generator) * 0.02).half()
+    tile = torch.empty(min(out, int4pack.tile_rows(width, 64)), width)
+    ops = torch.ops.duoserve_cpu
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], out)
+        for start in range(0, out, tile.shape[0]):
+            end = min(start + tile.shape[0], out)
+            ops.q4_dequantize(codes, scale_min, start, end, tile[: end - start])
+            y[:, start:end] = torch.nn.functional.linear(x, tile[: end - start])
+        return y
+
+    timings = {}
+    for rows in FLOAT32_ROWS:
+        x = torch.randn(rows, width, generator=generator)
+        timings["f32codes", rows] = _best_seconds(lambda x=x: ops.q4_matmul(x, codes, scale_min, 16))
+        timings["f32tiles", rows] = _best_seconds(lambda x=x: tiles(x))
+    return timings
+
+
+def float32_codes_threshold(timings: Timings) -> int:
+    """The most rows up to which float32 models' kernels beat float32 tiles + GEMM at every measured size
+    (FLOAT32_ROWS); ALL_ROWS where they win at every one."""
+    rows = 0
+    for r in FLOAT32_ROWS:
+        if timings["f32codes", r] >= timings["f32tiles", r]:
+            return rows
+        rows = r
+    return ALL_ROWS
 
 
 def _time_prefill_attention(generator: torch.Generator) -> dict[tuple[str, int], float]:

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from duoserve import hardware, int4pack
-from duoserve.cpu_kernels import int8_mm_available, prefill_attention_available
+from duoserve.cpu_kernels import cpu_kernels_available, int8_mm_available, prefill_attention_available
 from duoserve.hardware import (
+    ALL_ROWS,
     DECODE_ROWS,
+    FLOAT32_ROWS,
     INT8_ACTIVATIONS,
     PREFILL_QUERIES,
     PREFILL_ROWS,
+    PRIOR_FLOAT32_QUANTIZED_MAX_ROWS,
     PRIOR_INT4_FUSED_ROWS,
     PRIOR_INT8_FUSED_ROWS,
     PRIOR_QUANTIZED_MAX_ROWS,
@@ -26,6 +29,7 @@ from duoserve.hardware import (
     decide,
     defaults_for,
     detect_cpu,
+    float32_codes_threshold,
     fused_rows,
     measure_formats,
 )
@@ -185,10 +189,9 @@ def test_the_threshold_compares_the_codes_with_the_tiles_not_a_dense_matrix():
     assert decide(RULES["avx512_bf16"], measured)[1] == 16
 
 
-@pytest.mark.parametrize(
-    ("caps", "measured"), [(SAPPHIRE_RAPIDS, 1), (ZEN5, 1), (SKYLAKE_X, 1), (THIS_ZEN1, 0)]
-)
-def test_measures_only_where_the_table_leaves_a_choice(caps, measured):
+@pytest.mark.parametrize("caps", [SAPPHIRE_RAPIDS, ZEN5, SKYLAKE_X, THIS_ZEN1])
+def test_every_cpu_kind_is_measured_where_measuring_is_allowed(caps):
+    """Each row leaves a threshold open: bfloat16's (for `--dtype bfloat16`) and the float32 kernels'."""
     calls = []
 
     def measure(info):
@@ -196,9 +199,37 @@ def test_measures_only_where_the_table_leaves_a_choice(caps, measured):
         return ZEN5_LIKE
 
     host = defaults_for(cpu(*caps), measure)
-    assert len(calls) == measured
-    assert (host.measured_on is not None) == bool(measured)
-    assert bool(host.timings) == bool(measured)
+    assert len(calls) == 1 and host.measured_on is not None and host.timings
+    assert defaults_for(cpu(*caps), None).measured_on is None and len(calls) == 1
+
+
+def f32_timings(codes: tuple[float, ...], tiles: tuple[float, ...]) -> dict[tuple[str, int], float]:
+    return {("f32codes", r): c for r, c in zip(FLOAT32_ROWS, codes, strict=True)} | {
+        ("f32tiles", r): t for r, t in zip(FLOAT32_ROWS, tiles, strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ((1, 2, 3, 4, 6, 10, 30), ALL_ROWS),  # wins at every size: every step, however many rows
+        ((1, 2, 3, 4, 6, 20, 30), 32),  # loses at 64 rows: tiles from there, even where it wins again
+        ((1, 2, 3, 4, 6, 10, 50), 64),
+        ((9, 2, 3, 4, 6, 10, 30), 0),  # loses at 1 row: never
+    ],
+)
+def test_float32_threshold_is_the_kernels_winning_run(codes, expected):
+    tiles = (2, 3, 4, 5, 7, 12, 40)
+    measured = ZEN5_LIKE | f32_timings(codes, tiles)
+    host = defaults_for(cpu(*THIS_ZEN1), lambda info: measured)
+    assert host.float32_quantized_max_rows == expected == float32_codes_threshold(measured)
+    upto = "at every row count" if expected == ALL_ROWS else f"up to {expected} rows"
+    assert f"4/8-bit codes {upto} (duoserve's float32 kernels" in host.describe()
+
+
+def test_float32_threshold_keeps_its_prior_where_the_kernels_were_not_timed():
+    host = defaults_for(cpu(*THIS_ZEN1), lambda info: ZEN5_LIKE)
+    assert host.float32_quantized_max_rows == PRIOR_FLOAT32_QUANTIZED_MAX_ROWS
 
 
 def test_this_machines_capabilities_describe_line():
@@ -346,6 +377,8 @@ def test_measurement_times_every_format_and_size(single_torch_thread):
     expected |= {(fmt, rows) for fmt in codes for rows in DECODE_ROWS}
     if prefill_attention_available():
         expected |= {("prefill_duoserve", PREFILL_QUERIES), ("prefill_sdpa", PREFILL_QUERIES)}
+    if cpu_kernels_available():
+        expected |= {(fmt, rows) for fmt in ("f32codes", "f32tiles") for rows in FLOAT32_ROWS}
     assert set(measured) == expected and all(t > 0 for t in measured.values())
     decide(RULES["avx512_bf16"], measured)  # whatever it says, the decision accepts it
 

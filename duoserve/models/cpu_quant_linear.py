@@ -17,18 +17,21 @@ Q4_0, Q4_1, Q8_0, Q5_0 and IQ4_NL are held exactly (their scales are the file's 
 scales and mins (an fp16 times a 6-bit integer) are rounded to fp16, a relative error of at most 2^-11
 on a group's scale; the others' exact values are re-quantized to int8 per group of 32 (at most half a
 step of the group's largest value, 0.4%). Steps of more than `max_rows` rows dequantize tiles of the
-weight into one reused float32 buffer and run torch's dense GEMM on them (prefill is arithmetic-bound:
-the GEMM is the fastest there is).
+weight into one reused float32 buffer and run torch's dense GEMM on them, where the host measurement
+found that faster than the kernels (prefill is arithmetic-bound).
 
 Steps of up to `max_rows` rows round their activations for the kernels' integer products
 (`activations`, the engine's `--quantized-activations`):
 
 | activations | rows of x                                  | error per value (of its group's max) |
 |-------------|--------------------------------------------|--------------------------------------|
-| int16       | 1 row in int16 per 32; 2+ rows in float32  | 1.5e-5 (1 row); 0                    |
+| int16       | every row in int16 per 32                  | 1 / 65534 = 1.5e-5                   |
 | int8        | every row in int8 per 32 (llama.cpp's q8)  | 1 / 254 = 3.9e-3                     |
 
-int16 keeps float32 models within 1e-4 of transformers. int8 halves the 1-row kernel's integer work
+int16 keeps float32 models within 1e-4 of transformers; several rows run as an int16 GEMM (pmaddwd) that
+beat float32 tiles + the float32 GEMM at 16-512 rows on an AVX2 build (BENCHMARKS.md), so the host
+measurement (duoserve/hardware.py, FLOAT32_ROWS) may give the kernels every step. int8 halves the 1-row
+kernel's integer work
 (pmaddubsw: 32 products per instruction, against pmaddwd's 16), which bounds a decode step on CPUs whose
 256-bit integer multiplies are split in two (Zen 1); its cost in accuracy on the default model (KL
 divergence of next-token distributions, greedy agreement) is measured by

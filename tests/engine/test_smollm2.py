@@ -1,5 +1,6 @@
 """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) in fp32 against transformers loaded from the
-same GGUF: per-position logits and greedy continuations of a batch of two prompts.
+same GGUF: per-position logits and greedy continuations of a batch of two prompts, on the dequantized
+weights and on the file's codes (int16 activations).
 
 transformers' GGUF loading dominates the time; its fixture is shared with tests/models/test_loader.py.
 """
@@ -30,16 +31,32 @@ ANSWER_TOKENS = 12
 ANSWER_PREFIX = 5  # tokens every bfloat16 answer must share with the fp32 one
 
 
-@pytest.fixture(scope="module")
-def engine_run(smollm2_gguf_path):
-    # int16 activations: float32 within 1e-4 of transformers (int8 is measured in BENCHMARKS.md).
-    llm = LLM(dtype="float32", device="cpu", num_kv_blocks=16, block_size=16, quantized_activations="int16")
+# Largest relative error of a position's logits against transformers in float32: the engine on the
+# file's weights dequantized ("none": float32 sums, so only summation order differs), and on its codes
+# with activations rounded to int16 per group of 32 ("auto": every row count, the kernels' integer
+# products). A group holding one of SmolLM2's outlier activations leaves the others ~9 bits: 1.5e-3 here,
+# 2.7e-3 at most over 256 decode steps, at a mean KL divergence of 6e-7 from float32
+# (benchmarks/quantized_activations.py, BENCHMARKS.md; int8 is measured there too).
+LOGITS_BOUND = {"none": 1e-4, "auto": 4e-3}
+
+
+@pytest.fixture(scope="module", params=list(LOGITS_BOUND))
+def engine_run(request, smollm2_gguf_path):
+    quantization = request.param
+    llm = LLM(
+        dtype="float32",
+        device="cpu",
+        num_kv_blocks=16,
+        block_size=16,
+        quantization=quantization,
+        quantized_activations="int16",
+    )
     assert llm.engine.model_name == smollm2_gguf_path
     recorder = EngineRecorder(llm.engine.core)
     prompts = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return prompts, outputs, recorder
+    return prompts, outputs, recorder, LOGITS_BOUND[quantization]
 
 
 def _answers(llm: LLM) -> list[list[int]]:
@@ -56,7 +73,7 @@ def float32_answers(smollm2_gguf_path):
 
 
 def test_prompt_logits_match_transformers(engine_run, smollm2_hf):
-    prompts, _, recorder = engine_run
+    prompts, _, recorder, bound = engine_run
     assert len(prompts[0]) >= 18 and len(prompts[1]) < len(prompts[0])
     # Both prompts were prefilled together in the first step.
     assert sorted(n for _, _, n in recorder.steps[0].chunks) == sorted(len(p) for p in prompts)
@@ -64,17 +81,17 @@ def test_prompt_logits_match_transformers(engine_run, smollm2_hf):
         ref = hf_logits(smollm2_hf, prompt)
         for p in range(len(prompt)):
             (ours,) = recorder.logits[(request_id, p)]
-            assert rel_err(ours, ref[p]) < 1e-4, (request_id, p)
+            assert rel_err(ours, ref[p]) < bound, (request_id, p)
 
 
 def test_batched_greedy_matches_transformers(engine_run, smollm2_hf):
-    prompts, outputs, recorder = engine_run
+    prompts, outputs, recorder, bound = engine_run
     for prompt, output in zip(prompts, outputs, strict=True):
         (completion,) = output.outputs
         assert completion.finish_reason == "length"
         assert completion.token_ids == hf_greedy(smollm2_hf, prompt, MAX_TOKENS)
     # The decoded positions' logits too (the last sampled token is never fed back).
-    assert recorder.max_rel_err_vs(smollm2_hf) < 1e-4
+    assert recorder.max_rel_err_vs(smollm2_hf) < bound
 
 
 @pytest.mark.parametrize("quantization", ["auto", "none"])

@@ -37,9 +37,9 @@ def test_codes_hold_the_files_values(type_name):
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_matches_float32_on_the_held_weights(type_name, with_bias, monkeypatch):
-    """Every row count: 1 (int16 activations), 2-7 (the float32 blocks of 4, 3, 2 and 1 rows), the
-    threshold, and past it (dequantized tiles + GEMM); an odd number of output rows leaves a partial
-    block of output rows to every path."""
+    """Every row count: 1 (the int16 GEMV), 2-7 (the int16 GEMM's tiles of 4, 3, 2 and 1 rows), the
+    threshold, and past it (dequantized tiles + the float32 GEMM); 75 output rows leave a partial block
+    of 4 and a partial panel of 16 to the kernels."""
     monkeypatch.setattr(linear_module, "TILE_VALUES", 32 * 256)
     weight = _tensor(type_name, 75, 256, seed=1)
     bias = torch.randn(75) if with_bias else None
@@ -50,9 +50,46 @@ def test_matmul_matches_float32_on_the_held_weights(type_name, with_bias, monkey
         out = linear(x)
         assert out.shape == (rows, 75) and out.dtype == torch.float32
         reference = F.linear(x, reference_weight, bias)
-        # One row: activations rounded to int16 per group (1.5e-5 of the largest); else float32 sums.
-        assert rel_err(out, reference) < (1e-4 if rows == 1 else 1e-5), rows
+        # Up to the threshold, activations rounded to int16 per group (1.5e-5 of the largest); past it,
+        # float32 sums.
+        assert rel_err(out, reference) < (1e-4 if rows <= 8 else 1e-5), rows
         assert rel_err(out, _expected(x, [weight], bias)) < 2e-2, rows
+
+
+def _int16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int16 kernels round it, in float32 as they do: per group of 32, x * (32767 / max
+    |x|) to the nearest integer, times max |x| / 32767."""
+    groups = x.float().view(x.shape[0], -1, GROUP)
+    peak = groups.abs().amax(dim=-1, keepdim=True)
+    # A tensor by a tensor: torch's scalar / tensor multiplies by a reciprocal, an ulp off a division.
+    inverse = torch.where(peak > 0, torch.full_like(peak, 32767) / peak, 0)
+    codes = torch.round(groups * inverse)
+    return (codes.double() * (peak / 32767).double()).view_as(x)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("out_features", [75, 16, 160])
+def test_int16_rows_are_the_rounded_activations_times_the_codes(type_name, out_features):
+    """Every row count runs int16 activations (the GEMV at 1 row, the panel GEMM from 2): the result is
+    (x rounded to int16 per group) times scale * code, plus Q4's min times the exact sum of x, to float32
+    summation error; a row's result does not depend on the rows beside it, to the bit from 2 rows."""
+    weight = _tensor(type_name, out_features, 256, seed=4)
+    linear = make_linear([weight], None, torch.float32, CPU, quantized=True, max_rows=1 << 30)
+    held = linear.dequantize().double()
+    mins = torch.zeros_like(held)
+    if type_name == "Q4_1":
+        mins = linear.scale_min[:, 1].double().repeat_interleave(GROUP, dim=1)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 256, generator=gen) * torch.linspace(0.1, 3, 256)
+    out = linear(x)
+    for rows in (1, 2, 3, 4, 5, 7, 9, 40):
+        part = linear(x[:rows])
+        expected = _int16_rounded(x[:rows]) @ (held - mins).T + x[:rows].double() @ mins.T
+        assert rel_err(part, expected.float()) < 1e-6, rows
+        if rows > 1:  # the GEMM: each row's sums in the same order, whichever rows share its step
+            assert torch.equal(part, out[:rows]), rows
+        else:  # the GEMV sums a group's products in another order
+            assert rel_err(part, out[:1]) < 1e-6
 
 
 def test_fused_parts_and_memory():
@@ -99,7 +136,7 @@ def _int8_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nearest even), as float64; and each value's rounding bound, half a step of its group (max / 254)."""
     groups = x.view(x.shape[0], -1, GROUP)
     peak = groups.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(peak > 0, 127.0 / peak, torch.zeros_like(peak))
+    inverse = torch.where(peak > 0, torch.full_like(peak, 127) / peak, 0)  # a division, as the kernels
     rounded = torch.round(groups * inverse).double() * (peak / 127).double()
     return rounded.view_as(x), (peak / 254).double().expand_as(groups).reshape_as(x)
 

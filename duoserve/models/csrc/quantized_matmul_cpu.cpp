@@ -13,9 +13,9 @@
 //   Q8: codes int8 [N, K]; scales fp16 [N, K/32]: w = scale * q.
 //
 // How x is multiplied (`activation_bits`, chosen by the caller: cpu_quant_linear.py):
-//   16 (default): one row of x is rounded to int16 per group of 32 and multiplied with integer
-//       products, 4 output rows at a time; several rows read each output row's codes expanded once to
-//       float32 into an L1 buffer (2 output rows at a time, sharing every load of x).
+//   16 (default): every row of x is rounded to int16 per group of 32 and multiplied with integer
+//       products (pmaddwd): one row 4 output rows at a time, several rows as a GEMM over panels of 16
+//       output rows whose codes are widened to int16 once for all rows of x.
 //   8: every row of x is rounded to int8 per group of 32 (llama.cpp's q8 blocks) and multiplied with
 //       pmaddubsw, 4 output rows times 2 rows of x at a time.
 // The fast paths need AVX2 + FMA + F16C; other CPUs take plain loops (16: float32, exact; 8: the same
@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -465,56 +466,256 @@ void int8_matmul(const float* xp, int64_t rows, int64_t k, int64_t n_out, float*
   });
 }
 
-// ---- Several rows of x: each output row expanded once into a buffer --------------------------------
+// ---- Several rows of x in int16: a GEMM over panels of 16 output rows ---------------------------------
 
 #if defined(DUOSERVE_AVX2)
-// J rows of x (J <= 4) against one or two expanded weight rows: up to 8 accumulators.
-template <int J>
-void dot_block(const float* wa, const float* wb, const float* x, int64_t k, int64_t n_out, float* ya,
-               float* yb) {
-  __m256 acc[2 * J];
-  for (auto& a : acc) a = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k; i += 8) {
-    const __m256 a = _mm256_loadu_ps(wa + i);
-    const __m256 b = wb != nullptr ? _mm256_loadu_ps(wb + i) : a;
-    for (int j = 0; j < J; ++j) {
-      const __m256 xv = _mm256_loadu_ps(x + j * k + i);
-      acc[2 * j] = _mm256_fmadd_ps(a, xv, acc[2 * j]);
-      if (wb != nullptr) acc[2 * j + 1] = _mm256_fmadd_ps(b, xv, acc[2 * j + 1]);
-    }
-  }
-  for (int j = 0; j < J; ++j) {
-    ya[j * n_out] = hsum(acc[2 * j]);
-    if (wb != nullptr) yb[j * n_out] = hsum(acc[2 * j + 1]);
+// A step of several rows multiplies int16 codes of x with the weight codes widened to int16, 16 output
+// rows at a time: one pmaddwd takes 8 output rows' pairs of values (value i and value i + 16 of a group)
+// against one pair of x broadcast, into int32 sums that are scaled once per group. That is half the
+// uops of float32 FMAs per product, and on Zen 3 pmaddwd issues on two pipes (FP0, FP3) while the int32
+// adds take the two others: up to 2x the float32 FMA rate there (the FMA's FP0/FP1), 1.1-1.3x on an
+// Intel core whose adds share the multiplies' ports (BENCHMARKS.md). The rounding is the 1-row path's
+// (int16 per group of 32): a row's result does not depend on which other rows share its step.
+constexpr int kPanel = 16;  // output rows per panel: two vectors of 8 int32 lanes
+constexpr int kPairs = kGroup / 2;  // a group's 32 values as 16 pairs (value i, value i + 16)
+constexpr int kTileRows = 4;  // rows of x per tile: 8 accumulators, 2 weight vectors, 1 broadcast x
+
+// One output row's group as 16 int32 pairs (value i in the low half, value i + 16 in the high half).
+inline void group_pairs(const Q4Row& row, int64_t g, __m256i out[2]) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + g * kGroup / 2));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(h == 0 ? raw : _mm_srli_si128(raw, 8));
+    const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi32(0x0F));
+    const __m256i hi = _mm256_slli_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0xF0)), 12);
+    out[h] = _mm256_or_si256(lo, hi);
   }
 }
-#endif
 
-// y[r, n] = w . x[r] for every row r of x, for one or two expanded weight rows (wb may be null).
-void dot_rows(const float* wa, const float* wb, const float* x, int64_t rows, int64_t k, int64_t n_out,
-              float* ya, float* yb) {
-#if defined(DUOSERVE_AVX2)
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) dot_block<4>(wa, wb, x + r * k, k, n_out, ya + r * n_out, yb + r * n_out);
-  const int64_t left = rows - r;
-  float* yb_r = wb != nullptr ? yb + r * n_out : nullptr;
-  if (left == 3) dot_block<3>(wa, wb, x + r * k, k, n_out, ya + r * n_out, yb_r);
-  if (left == 2) dot_block<2>(wa, wb, x + r * k, k, n_out, ya + r * n_out, yb_r);
-  if (left == 1) dot_block<1>(wa, wb, x + r * k, k, n_out, ya + r * n_out, yb_r);
+inline void group_pairs(const Q8Row& row, int64_t g, __m256i out[2]) {
+  const int8_t* p = row.codes + g * kGroup;
+  for (int h = 0; h < 2; ++h) {
+    const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+    const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16 + 8 * h)));
+    out[h] = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(hi, 16));
+  }
+}
+
+// An 8 x 8 matrix of int32 in 8 vectors, transposed in place.
+inline void transpose8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The panel's 16 output rows' fp16 factors per group (`of(row)`: a row's scales or mins, [groups]) as
+// float32 [groups][16]: 8 groups of 8 rows converted and transposed at a time (one at a time, the
+// conversion was a third of the packing).
+template <typename Row, typename Of>
+void pack_factors(const Row* rows, int64_t groups, float* out, Of of) {
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    for (int c0 = 0; c0 < kPanel; c0 += 8) {
+      __m256i block[8];
+      for (int j = 0; j < 8; ++j) {
+        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(of(rows[c0 + j]) + g));
+        block[j] = _mm256_castps_si256(_mm256_cvtph_ps(half));
+      }
+      transpose8(block);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g + i) * kPanel + c0), block[i]);
+    }
+  }
+  for (; g < groups; ++g) {
+    for (int c = 0; c < kPanel; ++c) out[g * kPanel + c] = half_to_float(of(rows[c])[g]);
+  }
+}
+
+// A panel's codes as the tiles read them: pairs [groups][16 pairs][16 output rows], scales and mins
+// [groups][16 output rows] in float32. Packed once per panel, read by every row of x.
+struct Panel {
+  std::vector<int32_t> pairs;
+  std::vector<float> scales, mins;
+  explicit Panel(int64_t groups)
+      : pairs(groups * kPairs * kPanel), scales(groups * kPanel), mins(groups * kPanel) {}
+};
+
+// Output rows n, n + 1, ... (count of them; a short last panel repeats its last row) into `panel`.
+template <typename Row, typename RowAt>
+void pack_panel(RowAt row_at, int64_t n, int count, int64_t groups, Panel& panel) {
+  Row rows[kPanel];
+  for (int c = 0; c < kPanel; ++c) rows[c] = row_at(n + std::min(c, count - 1));
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int c0 = 0; c0 < kPanel; c0 += 8) {
+      __m256i halves[2][8];  // [pairs 0-7 or 8-15][output row]: transposed to [pair][output row]
+      for (int j = 0; j < 8; ++j) {
+        __m256i both[2];
+        group_pairs(rows[c0 + j], g, both);
+        halves[0][j] = both[0];
+        halves[1][j] = both[1];
+      }
+      for (int h = 0; h < 2; ++h) {
+        transpose8(halves[h]);
+        for (int i = 0; i < 8; ++i) {
+          int32_t* out = panel.pairs.data() + (g * kPairs + 8 * h + i) * kPanel + c0;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), halves[h][i]);
+        }
+      }
+    }
+  }
+  pack_factors(rows, groups, panel.scales.data(), [](const Row& row) { return row_scales(row); });
+  if constexpr (std::is_same_v<Row, Q4Row>) {
+    pack_factors(rows, groups, panel.mins.data(), [=](const Row& row) { return row.scale_min + groups; });
+  }
+}
+
+// x rounded as the 1-row path rounds it, its codes paired as the panels' ([rows][groups][16] int32).
+struct PairedX {
+  std::vector<int32_t> pairs;
+  std::vector<float> scales, sums;  // [rows][groups]: the rounding's scale, the exact sum of x
+};
+
+PairedX pair_x(const float* x, int64_t rows, int64_t k) {
+  QuantizedX<int16_t> q = quantize_x<int16_t>(x, rows, k);
+  const int64_t groups = rows * (k / kGroup);
+  PairedX paired{std::vector<int32_t>(groups * kPairs), std::move(q.scales), std::move(q.sums)};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int16_t* c = q.codes.data() + g * kGroup;
+    for (int i = 0; i < kPairs; ++i) {
+      paired.pairs[g * kPairs + i] =
+          static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(c[i])) |
+                               (static_cast<uint32_t>(static_cast<uint16_t>(c[i + kPairs])) << 16));
+    }
+  }
+  return paired;
+}
+
+// sums + the pairs' products: one vpdpwssd with AVX512-VNNI or AVX-VNNI (-march=native where the CPU
+// has them), else pmaddwd and an add.
+inline __m256i madd_add(__m256i sums, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(sums, w, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(sums, w, x);
 #else
+  return _mm256_add_epi32(sums, _mm256_madd_epi16(w, x));
+#endif
+}
+
+// y[M rows of x, 16 output rows] (row stride ldy) from a packed panel; x: that many rows' pairs, scales
+// and sums. Each group's int32 sums are scaled into float32 accumulators: scale * x_scale * sum (+ Q4's
+// min * sum of x).
+template <int M, bool kHasMin>
+void int16_tile(const Panel& panel, const int32_t* x_pairs, const float* x_scales, const float* x_sums,
+                int64_t groups, float* y, int64_t ldy) {
+  __m256 acc[M][2];
+  for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i sums[M][2];
+    for (int r = 0; r < M; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    const int32_t* w = panel.pairs.data() + g * kPairs * kPanel;
+#pragma GCC unroll 16
+    for (int p = 0; p < kPairs; ++p) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * kPanel));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * kPanel + 8));
+#pragma GCC unroll 4
+      for (int r = 0; r < M; ++r) {
+        const __m256i xb = _mm256_set1_epi32(x_pairs[(r * groups + g) * kPairs + p]);
+        sums[r][0] = madd_add(sums[r][0], w0, xb);
+        sums[r][1] = madd_add(sums[r][1], w1, xb);
+        // Each sum a chain of its own: unrolled, gcc otherwise reassociates the adds into a tree of all
+        // 16 products, which spills them to the stack (0.6x the speed).
+        asm("" : "+x"(sums[r][0]), "+x"(sums[r][1]));
+      }
+    }
+    const __m256 s0 = _mm256_loadu_ps(panel.scales.data() + g * kPanel);
+    const __m256 s1 = _mm256_loadu_ps(panel.scales.data() + g * kPanel + 8);
+    for (int r = 0; r < M; ++r) {
+      const __m256 x_scale = _mm256_broadcast_ss(x_scales + r * groups + g);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][0]), _mm256_mul_ps(s0, x_scale), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][1]), _mm256_mul_ps(s1, x_scale), acc[r][1]);
+      if constexpr (kHasMin) {
+        const __m256 x_sum = _mm256_broadcast_ss(x_sums + r * groups + g);
+        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(panel.mins.data() + g * kPanel), x_sum, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(panel.mins.data() + g * kPanel + 8), x_sum, acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+    _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+  }
+}
+
+template <bool kHasMin>
+void int16_tiles(const Panel& panel, const PairedX& x, int64_t rows, int64_t groups, float* y, int64_t ldy) {
+  int64_t r = 0;
+  const auto at = [&](int64_t row) {
+    return std::make_tuple(x.pairs.data() + row * groups * kPairs, x.scales.data() + row * groups,
+                           x.sums.data() + row * groups, y + row * ldy);
+  };
+  for (; r + kTileRows <= rows; r += kTileRows) {
+    const auto [p, s, m, out] = at(r);
+    int16_tile<kTileRows, kHasMin>(panel, p, s, m, groups, out, ldy);
+  }
+  const auto [p, s, m, out] = at(r);
+  switch (rows - r) {
+    case 3: int16_tile<3, kHasMin>(panel, p, s, m, groups, out, ldy); break;
+    case 2: int16_tile<2, kHasMin>(panel, p, s, m, groups, out, ldy); break;
+    case 1: int16_tile<1, kHasMin>(panel, p, s, m, groups, out, ldy); break;
+    default: break;
+  }
+}
+
+// y[R, N] for R >= 2 rows of x in int16: panels of 16 output rows over the threads, each packed once and
+// multiplied with every row of x. A short last panel computes into a buffer and keeps its own columns.
+template <typename Row, typename RowAt>
+void int16_matmul(const float* xp, int64_t rows, int64_t k, int64_t n_out, float* yp, RowAt row_at) {
+  const PairedX x = pair_x(xp, rows, k);
+  const int64_t groups = k / kGroup;
+  const int64_t panels = (n_out + kPanel - 1) / kPanel;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (k * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    Panel panel(groups);
+    std::vector<float> partial;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task * kPanel;
+      const int count = static_cast<int>(std::min<int64_t>(kPanel, n_out - n));
+      pack_panel<Row>(row_at, n, count, groups, panel);
+      const bool whole = count == kPanel;
+      if (!whole) partial.resize(rows * kPanel);
+      float* out = whole ? yp + n : partial.data();
+      int16_tiles<std::is_same_v<Row, Q4Row>>(panel, x, rows, groups, out, whole ? n_out : kPanel);
+      for (int64_t r = 0; !whole && r < rows; ++r) {
+        std::copy(partial.data() + r * kPanel, partial.data() + r * kPanel + count, yp + r * n_out + n);
+      }
+    }
+  });
+}
+#else
+// Without AVX2, several rows of x: each output row expanded once to float32, then plain dot products.
+void dot_rows(const float* w, const float* x, int64_t rows, int64_t k, int64_t n_out, float* y) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
-    for (int w = 0; w < (wb != nullptr ? 2 : 1); ++w) {
-      const float* wr = w == 0 ? wa : wb;
-      float sum = 0.0f;
-      for (int64_t i = 0; i < k; ++i) sum += wr[i] * xr[i];
-      (w == 0 ? ya : yb)[r * n_out] = sum;
-    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < k; ++i) sum += w[i] * xr[i];
+    y[r * n_out] = sum;
   }
-#endif
 }
+#endif
 
-// activation_bits 16: one row of x in int16, several in float32; 8: every row of x in int8.
+// activation_bits 16: every row of x in int16 (one row: a GEMV, several: the panel GEMM); without AVX2,
+// float32 plain loops. 8: every row of x in int8.
 template <typename Row, typename RowAt>
 at::Tensor quantized_matmul(const at::Tensor& x, int64_t n_out, int64_t activation_bits, RowAt row_at) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -529,37 +730,37 @@ at::Tensor quantized_matmul(const at::Tensor& x, int64_t n_out, int64_t activati
     int8_matmul<Row>(xp, rows, k, n_out, yp, row_at);
     return y;
   }
-#if defined(DUOSERVE_AVX2)
-  const QuantizedX<int16_t> x_one = rows == 1 ? quantize_x<int16_t>(xp, 1, k) : QuantizedX<int16_t>{};
-#endif
-  // One row of x: output rows 4 at a time in registers. Several: 2 at a time, expanded into a buffer.
-  const int64_t per_task = rows == 1 ? 4 : 2;
-  const int64_t tasks = (n_out + per_task - 1) / per_task;
   // Enough output rows per task that a task reads a few hundred KB: thread start-up stays small.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / k);
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(rows > 1 ? 2 * k : 4 * (k / kGroup));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = per_task * task;
-      const int count = static_cast<int>(std::min<int64_t>(per_task, n_out - n));
 #if defined(DUOSERVE_AVX2)
-      if (rows == 1) {
-        // A last task of fewer than 4 rows repeats its last row and keeps only its own results.
-        Row four[4];
-        float out[4];
-        for (int r = 0; r < 4; ++r) four[r] = row_at(n + std::min(r, count - 1));
-        dot_one_x(four, x_one, k, buffer.data(), out);
-        std::copy(out, out + count, yp + n);
-        continue;
-      }
-#endif
-      const bool two = count == 2;
-      expand(row_at(n), k, buffer.data());
-      if (two) expand(row_at(n + 1), k, buffer.data() + k);
-      dot_rows(buffer.data(), two ? buffer.data() + k : nullptr, xp, rows, k, n_out, yp + n,
-               two ? yp + n + 1 : nullptr);
+  if (rows > 1) {
+    int16_matmul<Row>(xp, rows, k, n_out, yp, row_at);
+    return y;
+  }
+  // One row of x: output rows 4 at a time in registers; a last task of fewer than 4 repeats its last
+  // row and keeps only its own results.
+  const QuantizedX<int16_t> x_one = quantize_x<int16_t>(xp, 1, k);
+  at::parallel_for(0, (n_out + 3) / 4, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> factors(4 * (k / kGroup));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = 4 * task;
+      const int count = static_cast<int>(std::min<int64_t>(4, n_out - n));
+      Row four[4];
+      float out[4];
+      for (int r = 0; r < 4; ++r) four[r] = row_at(n + std::min(r, count - 1));
+      dot_one_x(four, x_one, k, factors.data(), out);
+      std::copy(out, out + count, yp + n);
     }
   });
+#else
+  at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(k);
+    for (int64_t n = begin; n < end; ++n) {
+      expand(row_at(n), k, weights.data());
+      dot_rows(weights.data(), xp, rows, k, n_out, yp + n);
+    }
+  });
+#endif
   return y;
 }
 
