@@ -31,8 +31,8 @@ table, first matching row wins:
     the CPU has it, plain loops elsewhere: on a Zen 1 they beat the float32 GEMM at every size up to 32
     rows, and a SmolLM2 decode step went from 84 to 37 ms (BENCHMARKS.md, machine C). Since their
     several-row path became an int16 GEMM, the measurement times them against float32 tiles + GEMM up
-    to a prefill chunk's 256 rows (FLOAT32_ROWS) and gives them every step where they win at each size;
-    without a measurement, 32 rows.
+    to prefill chunks of 1,024 rows (FLOAT32_ROWS) and gives them every step where they win at each
+    size; without a measurement, 32 rows.
 (7) And bfloat16 prefill chunks run duoserve's flash kernel (attention/csrc/prefill_attention_cpu.cpp,
     vdpbf16ps GEMM tiles): 4-6x faster than SDPA's CPU flash kernel on a Zen 5 (350-520 against
     40-134 GFLOP/s; BENCHMARKS.md, machine D). Where the kernel builds (AVX512-BF16, so the amx row too)
@@ -186,10 +186,10 @@ FUSED_TIE = 0.05
 DECODE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight bytes sets the time
 # float32 models' 4/8-bit kernels (duoserve's, int16 activations) against float32 tiles + the float32
-# GEMM: decode sizes and a prefill chunk's. Where the kernels win at every one they run every step, at
-# most ALL_ROWS rows (more than any step has): their int16 GEMM took 0.52-0.91x the tiles' time at
-# 16-512 rows on an AVX2 build (BENCHMARKS.md).
-FLOAT32_ROWS = (*DECODE_ROWS, 256)
+# GEMM: decode sizes and prefill chunks'. Where the kernels win at every one they run every step, at
+# most ALL_ROWS rows (more than any step has): on an Intel core built for AVX2 their int16 GEMM took
+# 0.51-0.82x the tiles' time at 16-256 rows and tied them at 1,024-3,800 (BENCHMARKS.md).
+FLOAT32_ROWS = (*DECODE_ROWS, 256, 1024)
 ALL_ROWS = 1 << 30
 # The prompt length the two prefill attentions are timed at (footnote 7 above).
 PREFILL_QUERIES = 256
@@ -660,7 +660,7 @@ def _time_float32_codes(generator: torch.Generator) -> dict[tuple[str, int], flo
     """float32 models' 4-bit linears both ways at FLOAT32_ROWS: duoserve's kernel on GGUF-layout codes
     ("f32codes", models/cpu_quant_linear.py) and float32 tiles + the float32 GEMM ("f32tiles", the path
     above its threshold). A 4096 x 2048 matrix (5 MB of codes): the two read the same codes, so which
-    cache holds them matters less than the arithmetic, and 256 rows stay a few tens of ms."""
+    cache holds them matters less than the arithmetic, and 1,024 rows stay near 0.1 s a call."""
     out, width = 4096, 2048
     codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8, generator=generator)
     scale_min = (torch.rand(out, 2, width // 32, generator=generator) * 0.02).half()

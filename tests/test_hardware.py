@@ -212,14 +212,14 @@ def f32_timings(codes: tuple[float, ...], tiles: tuple[float, ...]) -> dict[tupl
 @pytest.mark.parametrize(
     ("codes", "expected"),
     [
-        ((1, 2, 3, 4, 6, 10, 30), ALL_ROWS),  # wins at every size: every step, however many rows
-        ((1, 2, 3, 4, 6, 20, 30), 32),  # loses at 64 rows: tiles from there, even where it wins again
-        ((1, 2, 3, 4, 6, 10, 50), 64),
-        ((9, 2, 3, 4, 6, 10, 30), 0),  # loses at 1 row: never
+        ((1, 2, 3, 4, 6, 10, 30, 90), ALL_ROWS),  # wins at every size: every step, however many rows
+        ((1, 2, 3, 4, 6, 20, 30, 90), 32),  # loses at 64 rows: tiles from there, even where it wins again
+        ((1, 2, 3, 4, 6, 10, 30, 100), 256),  # a tie at 1,024 is not a win
+        ((9, 2, 3, 4, 6, 10, 30, 90), 0),  # loses at 1 row: never
     ],
 )
 def test_float32_threshold_is_the_kernels_winning_run(codes, expected):
-    tiles = (2, 3, 4, 5, 7, 12, 40)
+    tiles = (2, 3, 4, 5, 7, 12, 40, 100)
     measured = ZEN5_LIKE | f32_timings(codes, tiles)
     host = defaults_for(cpu(*THIS_ZEN1), lambda info: measured)
     assert host.float32_quantized_max_rows == expected == float32_codes_threshold(measured)
