@@ -28,10 +28,12 @@ Steps of up to `max_rows` rows round their activations for the kernels' integer 
 | int16       | every row in int16 per 32                  | 1 / 65534 = 1.5e-5                   |
 | int8        | every row in int8 per 32 (llama.cpp's q8)  | 1 / 254 = 3.9e-3                     |
 
-int16 keeps float32 models within 1e-4 of transformers; several rows run as an int16 GEMM (pmaddwd) that
-beat float32 tiles + the float32 GEMM at 16-512 rows on an AVX2 build (BENCHMARKS.md), so the host
-measurement (duoserve/hardware.py, FLOAT32_ROWS) may give the kernels every step. int8 halves the 1-row
-kernel's integer work
+int16 costs SmolLM2's float32 logits 1.5e-3 relative error against transformers (a group holding one of
+its outlier activations leaves the others ~9 bits; mean KL divergence 6e-7, tests/engine/test_smollm2.py)
+and keeps tiny random models within 1e-4. Several rows run as an int16 GEMM (pmaddwd) that took
+0.51-0.82x the time of float32 tiles + the float32 GEMM at 16-256 rows on an Intel core built for AVX2
+and tied them at 1,024-3,800 (BENCHMARKS.md), so the host measurement (duoserve/hardware.py,
+FLOAT32_ROWS) decides how many rows the kernels take. int8 halves the 1-row kernel's integer work
 (pmaddubsw: 32 products per instruction, against pmaddwd's 16), which bounds a decode step on CPUs whose
 256-bit integer multiplies are split in two (Zen 1); its cost in accuracy on the default model (KL
 divergence of next-token distributions, greedy agreement) is measured by
