@@ -14,6 +14,12 @@ namespace duoserve {
 at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros);
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
 
+// models/csrc/quantized_matmul_cpu.cpp (float32 models' GGUF codes)
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_min,
+                     int64_t activation_bits);
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     int64_t activation_bits);
+
 // models/csrc/decode_ops_cpu.cpp
 at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> add_norm_rows(const at::Tensor& x, const at::Tensor& delta,

@@ -87,7 +87,7 @@ class _CpuQuantizedLinear(_QuantizedLinear):
         raise NotImplementedError
 
     @property
-    def _activation_bits(self) -> int:
+    def activation_bits(self) -> int:
         return ACTIVATION_BITS[self.activations]
 
 
@@ -114,7 +114,7 @@ class CpuQ4Linear(_CpuQuantizedLinear):
         return [self.codes, self.scale_min]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.duoserve_cpu.q4_matmul(x, self.codes, self.scale_min, self._activation_bits)
+        return torch.ops.duoserve_cpu.q4_matmul(x, self.codes, self.scale_min, self.activation_bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""
@@ -142,7 +142,7 @@ class CpuQ8Linear(_CpuQuantizedLinear):
         return [self.codes, self.scales]
 
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.duoserve_cpu.q8_matmul(x, self.codes, self.scales, self._activation_bits)
+        return torch.ops.duoserve_cpu.q8_matmul(x, self.codes, self.scales, self.activation_bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 weight rows `ids` (a tied embedding's lookups), as the kernels see them."""

@@ -262,7 +262,7 @@ class LlamaModel:
 
     @property
     def cpu_decode_layers(self) -> bool:
-        """Whether pure decode steps of a bfloat16 CPU model run all layers in one C++ call
+        """Whether pure decode steps of a CPU model (bfloat16, or float32) run all layers in one C++ call
         (models/cpu_decode.py: the same ops, bit for bit, without ~1.5 ms of Python and dispatch a
         SmolLM2 step) where the model and step qualify. On by default; settable (an A/B, tests)."""
         return self._cpu_decode_on
@@ -280,7 +280,7 @@ class LlamaModel:
             eligible = (
                 self._cpu_decode_on
                 and self.device.type == "cpu"
-                and self.dtype == torch.bfloat16
+                and self.dtype in (torch.bfloat16, torch.float32)
                 and self.lora_state is None
                 and not self.ops.triton
                 and _cpu_ops()

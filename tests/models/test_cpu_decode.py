@@ -14,6 +14,7 @@ from duoserve.attention.torch_backend import TorchAttentionBackend
 from duoserve.cpu_kernels import cpu_kernels_available
 from duoserve.kv.cache import KVCache, KVCacheSpec
 from duoserve.models.cpu_decode import CpuDecodeLayers
+from duoserve.models.cpu_quant_linear import CpuQ4Linear, CpuQ8Linear
 from duoserve.models.linear import DenseLinear, Int4Linear, Int8Linear
 from duoserve.models.llama import LlamaModel
 from duoserve.models.loader import LoadedModel, load_model
@@ -45,13 +46,13 @@ def loaded(tmp_path_factory) -> LoadedModel:
     return load_model(str(write_llama_gguf(tmp_path_factory.mktemp("cpu_decode") / "tiny.gguf", TYPES)))
 
 
-def _model(loaded: LoadedModel, quantized: bool, attention=None) -> LlamaModel:
+def _model(loaded: LoadedModel, quantized: bool, attention=None, dtype=torch.bfloat16) -> LlamaModel:
     return LlamaModel(
         loaded.config,
         loaded.weights,
         attention or CpuAttentionBackend(),
         torch.device("cpu"),
-        torch.bfloat16,
+        dtype,
         max_positions=256,
         quantized=loaded.quantized if quantized else None,
     )
@@ -117,18 +118,23 @@ def _run(model: LlamaModel, loop: bool, prompts: list[list[int]], steps: int):
 PROMPTS = [[5, 17, 300, 2, 99], list(range(3, 300, 13)), [7] * 17]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("quantized", [True, False], ids=["codes", "dense"])
-def test_loop_matches_the_layers_bit_for_bit(loaded, quantized, monkeypatch):
+def test_loop_matches_the_layers_bit_for_bit(loaded, quantized, dtype, monkeypatch):
     """Batches of 3 (and 1) decodes across block boundaries: every step's hidden states and the KV cache
-    equal the Python layers' exactly, and every decode step ran in the loop."""
+    equal the Python layers' exactly, and every decode step ran in the loop. float32 models' codes run
+    duoserve's float32 kernels (int16 activations), bfloat16 ones the fused kernels."""
     calls = []
     run_loop = CpuDecodeLayers.__call__
     monkeypatch.setattr(CpuDecodeLayers, "__call__", lambda self, *a: calls.append(1) or run_loop(self, *a))
-    model = _model(loaded, quantized)
+    model = _model(loaded, quantized, dtype=dtype)
     kinds = {type(linear) for layer in model.layers for linear in layer.linears()}
-    if quantized and not (all(linear.fused for layer in model.layers for linear in layer.linears())):
+    if dtype == torch.float32:
+        assert kinds == ({CpuQ4Linear, CpuQ8Linear} if quantized else {DenseLinear})
+    elif quantized and not (all(linear.fused for layer in model.layers for linear in layer.linears())):
         pytest.skip("the fused 4/8-bit kernels are not built for this CPU")
-    assert kinds == ({Int4Linear, Int8Linear} if quantized else {DenseLinear})
+    else:
+        assert kinds == ({Int4Linear, Int8Linear} if quantized else {DenseLinear})
     for prompts in (PROMPTS, PROMPTS[:1]):
         calls.clear()
         looped, looped_cache = _run(model, True, prompts, steps=12)
@@ -141,8 +147,8 @@ def test_loop_matches_the_layers_bit_for_bit(loaded, quantized, monkeypatch):
 
 
 def test_steps_and_models_it_leaves_to_the_layers(loaded):
-    """Prefills, and models with a part the loop leaves out (float32, LoRA slots, the torch backend's
-    decodes), run the layers: the loop is never built or never applies."""
+    """Prefills, and models with a part the loop leaves out (LoRA slots, the torch backend's decodes, a
+    cache of another dtype), run the layers: the loop is never built or never applies."""
     model = _model(loaded, quantized=False)
     loop = model._cpu_decode_loop()
     assert loop is not None
@@ -165,10 +171,12 @@ def test_steps_and_models_it_leaves_to_the_layers(loaded):
     assert CpuDecodeLayers.of([parts[0], own_table]) is None
     assert CpuDecodeLayers.of([parts[0], None]) is None
 
-    float32 = LlamaModel(
-        loaded.config, loaded.weights, CpuAttentionBackend(), torch.device("cpu"), torch.float32, 256
-    )
-    assert float32._cpu_decode_loop() is None
+    float32_cache = KVCache(KVCacheSpec.for_model(model.config, BLOCK, torch.float32), 8, torch.device("cpu"))
+    assert not loop.applies(1, cos, model.attention, float32_cache, meta)  # a bfloat16 model's loop
+    float32 = _model(loaded, quantized=False, dtype=torch.float32)._cpu_decode_loop()
+    assert float32 is not None and float32.dtype == torch.float32
+    assert not float32.applies(1, cos, model.attention, cache, meta)  # bfloat16 pools and table
+    assert float32.applies(1, cos.float(), model.attention, float32_cache, meta)
     model.add_lora_slots(max_loras=1, max_rank=4)
     assert model._cpu_decode_loop() is None
 
@@ -188,3 +196,17 @@ def test_loop_holds_each_linear_as_its_kernel_and_range(loaded):
     assert loop.weights.kinds() == [4, 8, 4, 8, 8, 4, 4, 4]  # layer 0: qkv, o, gate_up, down; then layer 1
     ranges = [linear.fused_rows for layer in model.layers for linear in layer.linears()]
     assert loop.rows == (max(low for low, _ in ranges), min(high for _, high in ranges))
+
+
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+def test_float32_codes_are_held_as_their_kernel_and_activation_bits(loaded, activations):
+    """A float32 model's GGUF codes: Q4_* -> q4_matmul (4xx), Q8_0, Q6_K -> q8_matmul (8xx), xx the
+    activation bits; the loop runs the steps up to the linears' threshold (tiles above)."""
+    model = _model(loaded, quantized=True, dtype=torch.float32)
+    for layer in model.layers:
+        for linear in layer.linears():
+            linear.activations = activations
+    loop = model._cpu_decode_loop()
+    bits = {"int16": 16, "int8": 8}[activations]
+    assert loop.weights.kinds() == [k + bits for k in (400, 800, 400, 800, 800, 400, 400, 400)]
+    assert loop.rows == (1, min(linear.max_rows for layer in model.layers for linear in layer.linears()))

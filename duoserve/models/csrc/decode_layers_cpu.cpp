@@ -1,4 +1,5 @@
-// A pure decode step through every decoder layer of a bfloat16 Llama-family model in one call: the ops
+// A pure decode step through every decoder layer of a Llama-family model (bfloat16, or float32 on GGUF
+// codes) in one call: the ops
 // models/llama.py's layers run (duoserve/models/cpu_decode.py says which models and steps qualify), in
 // the same order on the same tensors, called from C++.
 //
@@ -10,8 +11,10 @@
 // for bit.
 //
 // weights (DecodeWeights, built once): 10 tensors a layer: input norm, post-attention norm, then (a, b)
-// for qkv, o, gate_up and down; and 4 kinds a layer, one per linear: 4 = int4pack_mm(x, a = packed codes, b = scales and zeros),
-// 8 = int8_mm(x, a = codes, b = row scales), 16 = a dense bfloat16 weight (b unused).
+// for qkv, o, gate_up and down; and 4 kinds a layer, one per linear: 4 = int4pack_mm(x, a = packed codes,
+// b = scales and zeros), 8 = int8_mm(x, a = codes, b = row scales), 16 = a dense weight (b unused); float32
+// models' GGUF codes: 4xx = q4_matmul(x, a = codes, b = scale_min, xx activation bits), 8xx = q8_matmul(x,
+// a = codes, b = scales, xx bits).
 
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
@@ -44,7 +47,11 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
     case 4: return duoserve::int4pack_mm(x, a, b);
     case 8: return duoserve::int8_mm(x, a, b);
     case 16: return at::linear(x, a);
-    default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", kind, " (4, 8 or 16)");
+    case 416: return duoserve::q4_matmul(x, a, b, 16);
+    case 408: return duoserve::q4_matmul(x, a, b, 8);
+    case 816: return duoserve::q8_matmul(x, a, b, 16);
+    case 808: return duoserve::q8_matmul(x, a, b, 8);
+    default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", kind, " (4, 8, 16, 4xx or 8xx)");
   }
 }
 

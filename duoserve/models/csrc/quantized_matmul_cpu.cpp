@@ -869,6 +869,20 @@ void q8_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t st
 
 }  // namespace
 
+namespace duoserve {
+
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_min,
+                     int64_t activation_bits) {
+  return ::q4_matmul(x, codes, scale_min, activation_bits);
+}
+
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     int64_t activation_bits) {
+  return ::q8_matmul(x, codes, scales, activation_bits);
+}
+
+}  // namespace duoserve
+
 TORCH_LIBRARY_FRAGMENT(duoserve_cpu, m) {
   m.def("q4_matmul(Tensor x, Tensor codes, Tensor scale_min, int activation_bits=16) -> Tensor", &q4_matmul);
   m.def("q8_matmul(Tensor x, Tensor codes, Tensor scales, int activation_bits=16) -> Tensor", &q8_matmul);
