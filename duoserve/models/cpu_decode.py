@@ -1,5 +1,4 @@
-"""A pure decode step of a bfloat16 CPU model, or a float32 one on GGUF codes, through all its decoder
-layers in one C++ call.
+"""A pure decode step of a bfloat16 or float32 CPU model through all its decoder layers in one C++ call.
 
 At batch 1 a SmolLM2-135M decode step on a 2-core Zen 5 spent ~1.5 of its 4.5 ms in Python and torch's
 dispatch around its ~18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and
@@ -11,7 +10,7 @@ tensors from C++, so its results are the layers' own, bit for bit (tests/models/
 It covers the layers llama.py runs for Llama, Mistral, Qwen2 and SmolLM2-style models in bfloat16: the
 norms, fused QKV, full RoPE, the CPU backend's KV store and paged decode kernel, o_proj, SiLU-gated MLP,
 each linear a fused 4-bit or 8-bit kernel (int4pack_mm, int8_mm) or a dense matrix; and the same layers
-in float32 with each linear on the file's codes (q4_matmul, q8_matmul: the AVX2-only CPUs' default,
+in float32, each linear dense or on the file's codes (q4_matmul, q8_matmul: the AVX2-only CPUs' default,
 where a SmolLM2 batch-1 step spent ~7 of its 11.5 ms outside the matmuls; BENCHMARKS.md). Anything else
 (q/k norms, sandwich norms, sliding windows, soft-capping, experts, LoRA, biases, quantized KV, Triton's
 ops) and every step that is not a pure decode within the kernels' rows take the Python layers.
@@ -27,6 +26,7 @@ import torch
 
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.attention.cpu_backend import CpuAttentionBackend
+from duoserve.hardware import ALL_ROWS  # a dense linear's range (and a measured one's): any step
 from duoserve.kv.cache import KVCache
 from duoserve.models.cpu_quant_linear import CpuQ4Linear, CpuQ8Linear
 from duoserve.models.linear import DenseLinear, Int4Linear, Int8Linear
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 # The C++ loop's linear kinds (decode_layers_cpu.cpp); float32 models' GGUF codes add their activation
 # bits (16 or 8) to theirs.
 _INT4, _INT8, _DENSE, _Q4_CODES, _Q8_CODES = 4, 8, 16, 400, 800
-_ANY_ROWS = 1 << 62  # a dense linear's range: any step
 _DTYPES = (torch.bfloat16, torch.float32)  # the models the loop runs
 
 
@@ -62,7 +61,7 @@ def _linear_args(linear: object) -> tuple[int, torch.Tensor, torch.Tensor, tuple
     if type(linear) is Int8Linear and linear.fused:
         return _INT8, linear.codes, linear.scales, linear.fused_rows
     if type(linear) is DenseLinear and linear.few_rows is None and linear.weight.dtype in _DTYPES:
-        return _DENSE, linear.weight, linear.weight, (1, _ANY_ROWS)
+        return _DENSE, linear.weight, linear.weight, (1, ALL_ROWS)
     if type(linear) is CpuQ4Linear:
         return _Q4_CODES + linear.activation_bits, linear.codes, linear.scale_min, (1, linear.max_rows)
     if type(linear) is CpuQ8Linear:
@@ -87,16 +86,15 @@ class CpuDecodeLayers:
         if not layers or any(layer is None for layer in layers):
             return None
         first = layers[0]
+        dtype = first.input_norm.dtype
         weights: list[torch.Tensor] = []
         kinds: list[int] = []
-        low, high = 1, _ANY_ROWS
+        low, high = 1, ALL_ROWS
         for layer in layers:
             # One RoPE table for all (compared by identity: its tensors have no single truth value).
             if (layer.heads, layer.eps) != (first.heads, first.eps) or layer.rope is not first.rope:
                 return None
-            if first.input_norm.dtype not in _DTYPES or {layer.input_norm.dtype, layer.mlp_norm.dtype} != {
-                first.input_norm.dtype
-            }:
+            if dtype not in _DTYPES or layer.input_norm.dtype != dtype or layer.mlp_norm.dtype != dtype:
                 return None
             weights += [layer.input_norm, layer.mlp_norm]
             for linear in layer.linears:
@@ -109,10 +107,10 @@ class CpuDecodeLayers:
                 low, high = max(low, first_row), min(high, last_row)
         if low > high:
             return None
-        rows = f"{low}-{high}" if high < _ANY_ROWS else f"{low} or more"
+        rows = f"{low}-{high}" if high < ALL_ROWS else f"{low} or more"
         logger.info("pure decode steps of %s rows run the %d layers in one C++ call", rows, len(layers))
         held = torch.classes.duoserve_cpu.DecodeWeights(weights, kinds)
-        return cls(held, (low, high), first.heads, first.eps, first.rope, first.input_norm.dtype)
+        return cls(held, (low, high), first.heads, first.eps, first.rope, dtype)
 
     def applies(
         self,
