@@ -188,7 +188,7 @@ PREFILL_ROWS = 64  # a many-row step, where GEMM arithmetic rather than weight b
 # float32 models' 4/8-bit kernels (duoserve's, int16 activations) against float32 tiles + the float32
 # GEMM: decode sizes and prefill chunks'. Where the kernels win at every one they run every step, at
 # most ALL_ROWS rows (more than any step has): on an Intel core built for AVX2 their int16 GEMM took
-# 0.51-0.82x the tiles' time at 16-256 rows and tied them at 1,024-3,800 (BENCHMARKS.md).
+# 0.50-0.84x the tiles' time at 16-256 rows and 0.89-1.01x at 1,024-3,800 (two runs; BENCHMARKS.md).
 FLOAT32_ROWS = (*DECODE_ROWS, 256, 1024)
 ALL_ROWS = 1 << 30
 # The prompt length the two prefill attentions are timed at (footnote 7 above).

@@ -29,11 +29,12 @@ Steps of up to `max_rows` rows round their activations for the kernels' integer 
 | int8        | every row in int8 per 32 (llama.cpp's q8)  | 1 / 254 = 3.9e-3                     |
 
 int16 costs SmolLM2's float32 logits 1.5e-3 relative error against transformers (a group holding one of
-its outlier activations leaves the others ~9 bits; mean KL divergence 6e-7, tests/engine/test_smollm2.py)
-and keeps tiny random models within 1e-4. Several rows run as an int16 GEMM (pmaddwd) that took
-0.51-0.82x the time of float32 tiles + the float32 GEMM at 16-256 rows on an Intel core built for AVX2
-and tied them at 1,024-3,800 (BENCHMARKS.md), so the host measurement (duoserve/hardware.py,
-FLOAT32_ROWS) decides how many rows the kernels take. int8 halves the 1-row kernel's integer work
+its outlier activations leaves the others ~9 bits; tests/engine/test_smollm2.py) at a mean KL divergence
+of 6e-7 (benchmarks/quantized_activations.py), and keeps tiny random models within 1e-4. Several rows run
+as an int16 GEMM (pmaddwd) that took 0.50-0.84x the time of float32 tiles + the float32 GEMM at 16-256
+rows on an Intel core built for AVX2 and 0.89-1.01x at 1,024-3,800 (two runs; BENCHMARKS.md), so the
+host measurement (duoserve/hardware.py, FLOAT32_ROWS) decides how many rows the kernels take. int8 halves
+the 1-row kernel's integer work
 (pmaddubsw: 32 products per instruction, against pmaddwd's 16), which bounds a decode step on CPUs whose
 256-bit integer multiplies are split in two (Zen 1); its cost in accuracy on the default model (KL
 divergence of next-token distributions, greedy agreement) is measured by

@@ -474,8 +474,8 @@ void int8_matmul(const float* xp, int64_t rows, int64_t k, int64_t n_out, float*
 // uops of float32 FMAs per product, and on Zen 3 pmaddwd issues on two pipes (FP0, FP3) while the int32
 // adds take the two others: up to 2x the float32 FMA rate there (the FMA's FP0/FP1). On an Intel core
 // built for AVX2, whose adds share the multiplies' ports, the main loop ran 1.14x MKL's float32 GEMM on a
-// ready matrix (138 vs 121 GFLOP/s, one thread) and 0.51-0.82x float32 tiles + GEMM at 16-256 rows,
-// tying them at 1,024-3,800 (BENCHMARKS.md). The rounding is the 1-row path's (int16 per group of 32):
+// ready matrix (138 vs 121 GFLOP/s, one thread), and took 0.50-0.84x the time of float32 tiles + GEMM
+// at 16-256 rows, 0.89-1.01x at 1,024-3,800 (two runs; BENCHMARKS.md). The rounding is the 1-row path's (int16 per group of 32):
 // a row's result does not depend on which other rows share its step.
 constexpr int kPanel = 16;  // output rows per panel: two vectors of 8 int32 lanes
 constexpr int kPairs = kGroup / 2;  // a group's 32 values as 16 pairs (value i, value i + 16)
