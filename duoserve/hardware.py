@@ -665,16 +665,15 @@ def _time_float32_codes(generator: torch.Generator) -> dict[tuple[str, int], flo
     out, width = 4096, 2048
     codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8, generator=generator)
     scale_min = (torch.rand(out, 2, width // 32, generator=generator) * 0.02).half()
-    tile = torch.empty(min(out, int4pack.tile_rows(width, 64)), width)
     ops = torch.ops.duoserve_cpu
-
-    def tiles(x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], out)
-        for start in range(0, out, tile.shape[0]):
-            end = min(start + tile.shape[0], out)
-            ops.q4_dequantize(codes, scale_min, start, end, tile[: end - start])
-            y[:, start:end] = torch.nn.functional.linear(x, tile[: end - start])
-        return y
+    step = int4pack.tile_rows(width, 64)  # models/linear.py's tiles of a float32 model's codes
+    tiles = _tiled(
+        out,
+        step,
+        torch.empty(step, width),
+        lambda start, end, part: ops.q4_dequantize(codes, scale_min, start, end, part),
+        _store_columns,
+    )
 
     timings = {}
     for rows in FLOAT32_ROWS:  # up to the first size the kernels lose at: the threshold stops there
@@ -746,6 +745,11 @@ def _tiled(
     return run
 
 
+def _store_columns(product: torch.Tensor, start: int, end: int, y: torch.Tensor) -> None:
+    """A tile's product as output columns start:end (what models/linear.py's tiles store)."""
+    y[:, start:end] = product
+
+
 def _int8_many_rows(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """x @ (codes * scales).T as a bfloat16 model's 8-bit linear runs steps above its threshold
     (models/linear.py's Int8Linear): tiles of the codes as bfloat16, the dense GEMM, the row scales."""
@@ -770,16 +774,12 @@ def _int4_many_rows(
     if int4pack.BLOCK is None:
         return lambda x: torch.nn.functional.linear(x, dense)
     step = int4pack.tile_rows(width, int4pack.BLOCK)
-
-    def store(product: torch.Tensor, start: int, end: int, y: torch.Tensor) -> None:
-        y[:, start:end] = product
-
     return _tiled(
         out,
         step,
         torch.empty(step, width, dtype=_BF16),
         lambda start, end, part: int4pack.dequantize_rows(packed, scales, start, end, part),
-        store,
+        _store_columns,
     )
 
 
