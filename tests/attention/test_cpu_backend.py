@@ -112,6 +112,47 @@ def test_paged_decode_window_and_soft_cap(
             assert rel_err(out, ref[:num]) < tolerance, (window, num)
 
 
+@pytest.fixture(params=[2, 4], ids=lambda n: f"{n}threads")
+def torch_threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [
+        (9, 3, 64, 16),  # SmolLM2: 3 items a sequence, the grouped kernels
+        (8, 1, 128, 5),  # one item a sequence, head size 128
+        (16, 1, 64, 16),  # group 16: attend_avx2 (AVX2) / the generic loops (AVX-512)
+        (6, 2, 13, 5),  # the generic loops
+    ],
+)
+@pytest.mark.parametrize(
+    ("kv_dtype", "q_dtype", "tolerance"),
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.bfloat16, 1e-2),  # the ranges' outputs and the output rounded to bfloat16
+        (torch.float16, torch.float32, 1e-5),
+    ],
+)
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (300, 2.5)])
+def test_few_sequences_split_their_contexts_over_the_threads(
+    heads, kv_heads, dim, block_size, kv_dtype, q_dtype, tolerance, window, soft_cap, torch_threads
+) -> None:
+    """Few sequences with contexts of hundreds of tokens: (sequence, KV head) items that do not share evenly
+    over the threads (all but 2 KV heads on 2 threads) are cut into context ranges of 128+ tokens, merged by
+    their log-sum-exp (run_split); the 129-token context stays whole. Table entries before a window name a
+    NaN block: a range must start inside its window."""
+    lens = [1000] if torch_threads == 2 else [1000, 700, 129]
+    q, k_pool, v_pool, tables, lens_t = poisoned_case(heads, kv_heads, dim, block_size, lens, window)
+    k_pool, v_pool, q = k_pool.to(kv_dtype), v_pool.to(kv_dtype), q.to(q_dtype)
+    out = paged_decode(q, k_pool, v_pool, tables, lens_t, dim**-0.5, window, soft_cap)
+    ref = _reference(q.float(), k_pool.float(), v_pool.float(), tables, lens_t, dim**-0.5, window, soft_cap)
+    assert out.dtype == q.dtype and rel_err(out, ref) < tolerance
+
+
 def test_soft_cap_squashes_large_scores() -> None:
     """Scores far past the cap: capped, the softmax is much flatter than without."""
     q, k_pool, v_pool, tables, lens = poisoned_case(9, 3, 64, 16, [200, 37], 50)

@@ -187,3 +187,20 @@ def test_bad_scales_raise():
         op(q, k_pool, v_pool, tables, lens, 0.125, 0, 0.0, k_scale, torch.ones(2))
     with pytest.raises(RuntimeError, match="dtypes differ"):
         op(q, k_pool, v_pool.view(torch.float8_e4m3fn), tables, lens, 0.125, 0, 0.0, k_scale, v_scale)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (8, 1, 128, 5), (16, 1, 64, 16)]
+)
+@pytest.mark.parametrize("dtype", ONE_BYTE, ids=str)
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_contexts_match_one_thread(heads, kv_heads, dim, block_size, dtype, q_dtype):
+    """One sequence of 900 tokens on 2 threads: its KV heads' contexts are cut into ranges merged by their
+    log-sum-exp (the kernels' scores carry the 1-byte load scale: the merge must see true logits); against
+    the float32 path over the dequantized pools on one thread, which attends each context whole."""
+    q, k_pool, v_pool, tables, lens, k_scale, v_scale = _case(heads, kv_heads, dim, block_size, [900], dtype)
+    q = q.to(q_dtype)
+    ref = paged_decode(q, dequantize(k_pool, k_scale), dequantize(v_pool, v_scale), tables, lens, dim**-0.5)
+    torch.set_num_threads(2)  # the module's single_torch_thread fixture restores it
+    out = paged_decode(q, k_pool, v_pool, tables, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    assert rel_err(out, ref.double()) < (1e-5 if q_dtype == torch.float32 else 1e-2)

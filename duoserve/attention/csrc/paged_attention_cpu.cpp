@@ -2,7 +2,8 @@
 // read from the KV pool in place, block by block through its block table (no gathered copy).
 //
 // The query heads of a GQA group share every K/V row loaded. A work item is a sequence with all its KV
-// heads, or one (sequence, KV head) when there are too few sequences to share out (see run). The
+// heads, or one (sequence, KV head) when there are too few sequences to share out, cut into context ranges
+// merged by their log-sum-exp when even those do not share evenly over the threads (see run). The
 // AVX-512 kernels (head sizes 64 and 128, GQA groups up to 8: most models) and the AVX2 ones (head sizes
 // 64 and 128, any group; for 1-byte caches, groups up to 8, a kernel of their own) are described where
 // they are defined; other shapes take a generic path of plain loops for gcc's auto-vectoriser with an
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -136,6 +138,7 @@ class AlignedFloats {
 // rounded up to 32], a few tens of KB in L1/L2.
 struct Scratch {
   std::vector<float> q, acc, kt, v, scores, running_max, running_sum;
+  std::vector<float> lse;  // per query head (absolute index): log of its softmax's sum, max included
   std::vector<float> k_rows, v_rows;  // the generic path's row scales of one block (1-byte caches)
   std::vector<uint16_t> probs_bf16;
   // Per query head, as 64-byte aligned zmm: its row, its output accumulator, its running max.
@@ -144,7 +147,8 @@ struct Scratch {
       : q(s.num_heads / s.num_kv_heads * s.head_dim), acc(q.size()), kt(s.head_dim * s.block_size),
         v(kt.size()),
         scores(s.num_heads * std::max((s.max_blocks * s.block_size + 31) / 32 * 32, s.block_size)),
-        running_max(s.num_heads), running_sum(s.num_heads), k_rows(s.block_size), v_rows(s.block_size),
+        running_max(s.num_heads), running_sum(s.num_heads), lse(s.num_heads), k_rows(s.block_size),
+        v_rows(s.block_size),
         probs_bf16(scores.size()) {
     const int64_t vecs = (s.head_dim + 15) / 16;
     qv.resize(s.num_heads * vecs * 16);
@@ -245,6 +249,7 @@ void attend_one(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const int6
   }
   for (int64_t g = 0; g < group; ++g) {
     const float inv = 1.0f / w.running_sum[g];
+    w.lse[kv_head * group + g] = w.running_max[g] + std::log(w.running_sum[g]);
     q_t* row = out + (kv_head * group + g) * dim;
     for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<q_t>(acc[g * dim + d] * inv);
   }
@@ -694,7 +699,8 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
   float* inv_sum = w.running_sum.data();
   for (int64_t h = 0; h < num_heads * kGroup; ++h) {
     float* sc = scores + h * padded;
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(running_max[h]));
+    const float peak = _mm512_reduce_max_ps(running_max[h]);
+    const __m512 max = _mm512_set1_ps(peak);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < padded; i += 16) {
       const int64_t left = span - i;
@@ -709,7 +715,9 @@ void attend_avx512(const q_t* q, const kv_t* k_pool, const kv_t* v_pool, const i
         _mm512_storeu_ps(sc + i, p);
       }
     }
-    inv_sum[h] = 1.0f / _mm512_reduce_add_ps(sum);
+    const float total = _mm512_reduce_add_ps(sum);
+    inv_sum[h] = 1.0f / total;
+    w.lse[head_begin * kGroup + h] = peak + std::log(total);
   }
   // 3. Weighted V rows; a KV head's group accumulates in registers over a chunk.
   ChunkScales v_scales(kv_scales.v, s.num_kv_heads);
@@ -1012,6 +1020,7 @@ void attend_avx2(const void* q_any, const void* k_any, const void* v_any, const 
         const __m256 p = _mm256_set1_ps(weight);
         for (int j = 0; j < kVecs; ++j) acc[j] = _mm256_fmadd_ps(p, load8(v + 8 * j), acc[j]);
       }
+      w.lse[kv * group + g] = peak + std::log(sum);
       const __m256 inv = _mm256_set1_ps(kLoadScale<kv_t> / sum);
       q_t* row = out + (kv * group + g) * dim;
       for (int j = 0; j < kVecs; ++j) {
@@ -1145,6 +1154,7 @@ void attend_avx2_grouped(const void* q_any, const void* k_any, const void* v_any
       sum += sc[i];
     }
     inv_sum[h] = 1.0f / sum;
+    w.lse[head_begin * kGroup + h] = peak + std::log(sum);
   }
   // 3. Weighted V rows.
   for (int64_t start = first; start < context_len;) {
@@ -1222,17 +1232,93 @@ AttendFn pick_avx2(const Shape& s) {
 }
 #endif
 
+// One work item's attention: KV heads [head, head + heads) of the sequence whose query row is q_row, over
+// its context up to context_len as `var` sees it.
+template <typename q_t, typename kv_t>
+struct Attend {
+  AttendFn fast;  // null: the generic loops, one KV head at a time
+  const kv_t *k, *v;
+  float scale;
+  const KvScales& kv_scales;
+  const Shape& s;
+
+  void operator()(const q_t* q_row, const int64_t* table, int64_t context_len, int64_t head, int64_t heads,
+                  const Variant& var, Scratch& scratch, q_t* out_row) const {
+    if (fast != nullptr) {
+      fast(q_row, k, v, table, context_len, head, head + heads, scale, var, kv_scales, s, scratch, out_row);
+      return;
+    }
+    for (int64_t h = head; h < head + heads; ++h)
+      attend_one<q_t, kv_t>(q_row, k, v, table, context_len, h, scale, var, kv_scales, s, scratch, out_row);
+  }
+};
+
+// Flash-decoding on the CPU. With few sequences a work item is one (sequence, KV head), and when their
+// count does not share evenly over the threads (SmolLM2's 3 KV heads at batch 1 on 2 threads: one thread
+// attended two heads, the other one and then waited) each item's context is cut into up to `splits`
+// ranges, at least kMinSplitTokens each, attended apart: a range [start, end) is the kernels' own sliding
+// window (context_len end, window end - start), so the kernels are unchanged but for reporting each query
+// head's log-sum-exp, by which the ranges' outputs are merged.
+constexpr int64_t kMinSplitTokens = 128;
+
+int64_t context_splits(int64_t items, int64_t threads) {
+  return threads <= 1 || items % threads == 0 ? 1 : threads / std::gcd(items, threads);
+}
+
+struct Range {
+  int64_t seq, head, start, end;
+};
+
+template <typename q_t, typename kv_t>
+void run_split(const Attend<q_t, kv_t>& attend, const q_t* q_ptr, const int64_t* table_ptr,
+               const std::vector<Range>& ranges, const std::vector<int64_t>& item_ranges, const Variant& var,
+               const Shape& s, q_t* out_ptr) {
+  const int64_t group = s.num_heads / s.num_kv_heads, row = s.num_heads * s.head_dim;
+  const int64_t count = static_cast<int64_t>(ranges.size());
+  // Each range's output in its own row (at its KV head's place) and its query heads' log-sum-exps.
+  std::vector<q_t> partial(count * row);
+  std::vector<float> lse(count * group);
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    Scratch& scratch = thread_scratch(s);
+    for (int64_t i = begin; i < end; ++i) {
+      const Range& r = ranges[i];
+      const Variant range{r.end - r.start, var.soft_cap};
+      attend(q_ptr + r.seq * row, table_ptr + r.seq * s.max_blocks, r.end, r.head, 1, range, scratch,
+             partial.data() + i * row);
+      std::copy_n(scratch.lse.data() + r.head * group, group, lse.data() + i * group);
+    }
+  });
+  std::vector<float> merged(s.head_dim);
+  for (size_t item = 0; item + 1 < item_ranges.size(); ++item) {
+    const int64_t first = item_ranges[item], last = item_ranges[item + 1];
+    const Range& r = ranges[first];
+    for (int64_t g = 0; g < group; ++g) {
+      float peak = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first; i < last; ++i) peak = std::max(peak, lse[i * group + g]);
+      std::fill(merged.begin(), merged.end(), 0.0f);
+      float total = 0.0f;
+      const int64_t at = (r.head * group + g) * s.head_dim;
+      for (int64_t i = first; i < last; ++i) {
+        const float weight = std::exp(lse[i * group + g] - peak);
+        total += weight;
+        const q_t* part = partial.data() + i * row + at;
+        for (int64_t d = 0; d < s.head_dim; ++d) merged[d] += weight * static_cast<float>(part[d]);
+      }
+      q_t* dst = out_ptr + r.seq * row + at;
+      for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = static_cast<q_t>(merged[d] / total);
+    }
+  }
+}
+
 template <typename q_t, typename kv_t>
 void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
          const at::Tensor& lens, double scale, const Variant& var, const KvScales& kv_scales, const Shape& s,
          at::Tensor& out) {
   const q_t* q_ptr = q.data_ptr<q_t>();
-  const kv_t* k_ptr = k_pool.data_ptr<kv_t>();
-  const kv_t* v_ptr = v_pool.data_ptr<kv_t>();
   const int64_t* table_ptr = tables.data_ptr<int64_t>();
   const int64_t* len_ptr = lens.data_ptr<int64_t>();
   q_t* out_ptr = out.data_ptr<q_t>();
-  const int64_t num_seqs = q.size(0), row = s.num_heads * s.head_dim;
+  const int64_t num_seqs = q.size(0), row = s.num_heads * s.head_dim, threads = at::get_num_threads();
 #if defined(__AVX512F__)
   const AttendFn fast = pick_avx512<q_t, kv_t>(s);
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -1240,27 +1326,36 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 #else
   const AttendFn fast = nullptr;  // the generic loops only
 #endif
+  const Attend<q_t, kv_t> attend{fast, k_pool.data_ptr<kv_t>(), v_pool.data_ptr<kv_t>(), static_cast<float>(scale),
+                                 kv_scales, s};
   // A work item is a sequence with all its KV heads (a chunk of tokens is then one contiguous span of
   // the pool, which the prefetchers stream best), or, with too few sequences to keep every thread busy,
   // one KV head of a sequence.
-  const int64_t heads_per_item =
-      fast != nullptr && num_seqs >= 4 * at::get_num_threads() ? s.num_kv_heads : 1;
-  const int64_t items_per_seq = s.num_kv_heads / heads_per_item;
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, num_seqs * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads_per_item = fast != nullptr && num_seqs >= 4 * threads ? s.num_kv_heads : 1;
+  const int64_t items_per_seq = s.num_kv_heads / heads_per_item, items = num_seqs * items_per_seq;
+  const int64_t splits = heads_per_item == 1 ? context_splits(items, threads) : 1;
+  if (splits > 1) {
+    std::vector<Range> ranges;
+    std::vector<int64_t> item_ranges{0};
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t seq = item / items_per_seq, head = item % items_per_seq, len = len_ptr[seq];
+      const int64_t first = var.first(len), span = len - first;
+      const int64_t parts = std::clamp<int64_t>(span / kMinSplitTokens, 1, splits);
+      for (int64_t p = 0; p < parts; ++p)
+        ranges.push_back({seq, head, first + span * p / parts, first + span * (p + 1) / parts});
+      item_ranges.push_back(static_cast<int64_t>(ranges.size()));
+    }
+    if (static_cast<int64_t>(ranges.size()) > items) {
+      run_split(attend, q_ptr, table_ptr, ranges, item_ranges, var, s, out_ptr);
+      return;
+    }
+  }
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     Scratch& scratch = thread_scratch(s);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / items_per_seq, head = item % items_per_seq * heads_per_item;
-      const q_t* q_row = q_ptr + seq * row;
-      const int64_t* table = table_ptr + seq * s.max_blocks;
-      q_t* out_row = out_ptr + seq * row;
-      if (fast != nullptr) {
-        fast(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, head + heads_per_item, sc, var, kv_scales, s, scratch,
-             out_row);
-      } else {
-        attend_one<q_t, kv_t>(q_row, k_ptr, v_ptr, table, len_ptr[seq], head, sc, var, kv_scales, s, scratch,
-                              out_row);
-      }
+      attend(q_ptr + seq * row, table_ptr + seq * s.max_blocks, len_ptr[seq], head, heads_per_item, var, scratch,
+             out_ptr + seq * row);
     }
   });
 }
