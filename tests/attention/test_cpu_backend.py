@@ -141,10 +141,10 @@ def torch_threads(request):
 def test_few_sequences_split_their_contexts_over_the_threads(
     heads, kv_heads, dim, block_size, kv_dtype, q_dtype, tolerance, window, soft_cap, torch_threads
 ) -> None:
-    """Few sequences with contexts of hundreds of tokens: (sequence, KV head) items that do not share evenly
-    over the threads (all but 2 KV heads on 2 threads) are cut into context ranges of 128+ tokens, merged by
-    their log-sum-exp (run_split); the 129-token context stays whole. Table entries before a window name a
-    NaN block: a range must start inside its window."""
+    """Fewer sequences than share evenly over the threads, cut into context ranges of 128+ tokens merged by
+    their log-sum-exp (run_split): one sequence on 2 threads in 2 ranges of all its KV heads; three on 4,
+    one of them too short for 4 ranges, as (sequence, KV head) items in up to 4 ranges each, the 129-token
+    context whole. Table entries before a window name a NaN block: a range must start inside its window."""
     lens = [1000] if torch_threads == 2 else [1000, 700, 129]
     q, k_pool, v_pool, tables, lens_t = poisoned_case(heads, kv_heads, dim, block_size, lens, window)
     k_pool, v_pool, q = k_pool.to(kv_dtype), v_pool.to(kv_dtype), q.to(q_dtype)

@@ -1253,59 +1253,79 @@ struct Attend {
   }
 };
 
-// Flash-decoding on the CPU. With few sequences a work item is one (sequence, KV head), and when their
-// count does not share evenly over the threads (SmolLM2's 3 KV heads at batch 1 on 2 threads: one thread
-// attended two heads, the other one and then waited) each item's context is cut into up to `splits`
-// ranges, at least kMinSplitTokens each, attended apart: a range [start, end) is the kernels' own sliding
-// window (context_len end, window end - start), so the kernels are unchanged but for reporting each query
-// head's log-sum-exp, by which the ranges' outputs are merged.
+// Flash-decoding on the CPU. With fewer sequences than the threads can share evenly, each sequence's
+// context is cut into ranges of at least kMinSplitTokens, attended apart and merged by their log-sum-exp.
+// A range [start, end) is the kernels' own sliding window (context_len end, window end - start), so the
+// kernels are unchanged but for reporting each query head's log-sum-exp. Before, a batch-1 step's work
+// items were its KV heads: SmolLM2's 3 on 2 threads left one thread a head's time idle, and a head's rows,
+// a third of each block's, streamed worse than whole blocks.
 constexpr int64_t kMinSplitTokens = 128;
 
+// The fewest ranges per work item that give every thread as many.
 int64_t context_splits(int64_t items, int64_t threads) {
   return threads <= 1 || items % threads == 0 ? 1 : threads / std::gcd(items, threads);
 }
 
+// KV heads [head, head + heads) of a sequence over its context positions [start, end).
 struct Range {
-  int64_t seq, head, start, end;
+  int64_t seq, head, heads, start, end;
 };
+
+// Items of heads_per_item KV heads (all of a sequence's, or one), each one's context cut into `splits`
+// ranges, fewer where it is short; item_ranges[i]: the first range of item i (and, last, the count).
+std::vector<Range> split_ranges(const int64_t* lens, int64_t num_seqs, int64_t heads_per_item, const Shape& s,
+                                int64_t splits, const Variant& var, std::vector<int64_t>& item_ranges) {
+  const int64_t items_per_seq = s.num_kv_heads / heads_per_item;
+  std::vector<Range> ranges;
+  item_ranges.assign(1, 0);
+  for (int64_t item = 0; item < num_seqs * items_per_seq; ++item) {
+    const int64_t seq = item / items_per_seq, head = item % items_per_seq * heads_per_item, len = lens[seq];
+    const int64_t first = var.first(len), span = len - first;
+    const int64_t parts = std::clamp<int64_t>(span / kMinSplitTokens, 1, splits);
+    for (int64_t p = 0; p < parts; ++p)
+      ranges.push_back({seq, head, heads_per_item, first + span * p / parts, first + span * (p + 1) / parts});
+    item_ranges.push_back(static_cast<int64_t>(ranges.size()));
+  }
+  return ranges;
+}
 
 template <typename q_t, typename kv_t>
 void run_split(const Attend<q_t, kv_t>& attend, const q_t* q_ptr, const int64_t* table_ptr,
                const std::vector<Range>& ranges, const std::vector<int64_t>& item_ranges, const Variant& var,
                const Shape& s, q_t* out_ptr) {
-  const int64_t group = s.num_heads / s.num_kv_heads, row = s.num_heads * s.head_dim;
+  const int64_t row = s.num_heads * s.head_dim, dim = s.head_dim;
   const int64_t count = static_cast<int64_t>(ranges.size());
-  // Each range's output in its own row (at its KV head's place) and its query heads' log-sum-exps.
+  // Each range's output in its own row (at its KV heads' place) and every query head's log-sum-exp.
   std::vector<q_t> partial(count * row);
-  std::vector<float> lse(count * group);
+  std::vector<float> lse(count * s.num_heads);
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     Scratch& scratch = thread_scratch(s);
     for (int64_t i = begin; i < end; ++i) {
       const Range& r = ranges[i];
       const Variant range{r.end - r.start, var.soft_cap};
-      attend(q_ptr + r.seq * row, table_ptr + r.seq * s.max_blocks, r.end, r.head, 1, range, scratch,
+      attend(q_ptr + r.seq * row, table_ptr + r.seq * s.max_blocks, r.end, r.head, r.heads, range, scratch,
              partial.data() + i * row);
-      std::copy_n(scratch.lse.data() + r.head * group, group, lse.data() + i * group);
+      std::copy_n(scratch.lse.data(), s.num_heads, lse.data() + i * s.num_heads);
     }
   });
-  std::vector<float> merged(s.head_dim);
+  const int64_t group = s.num_heads / s.num_kv_heads;
+  std::vector<float> merged(dim);
   for (size_t item = 0; item + 1 < item_ranges.size(); ++item) {
     const int64_t first = item_ranges[item], last = item_ranges[item + 1];
     const Range& r = ranges[first];
-    for (int64_t g = 0; g < group; ++g) {
+    for (int64_t h = r.head * group; h < (r.head + r.heads) * group; ++h) {  // the item's query heads
       float peak = -std::numeric_limits<float>::infinity();
-      for (int64_t i = first; i < last; ++i) peak = std::max(peak, lse[i * group + g]);
+      for (int64_t i = first; i < last; ++i) peak = std::max(peak, lse[i * s.num_heads + h]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       float total = 0.0f;
-      const int64_t at = (r.head * group + g) * s.head_dim;
       for (int64_t i = first; i < last; ++i) {
-        const float weight = std::exp(lse[i * group + g] - peak);
+        const float weight = std::exp(lse[i * s.num_heads + h] - peak);
         total += weight;
-        const q_t* part = partial.data() + i * row + at;
-        for (int64_t d = 0; d < s.head_dim; ++d) merged[d] += weight * static_cast<float>(part[d]);
+        const q_t* part = partial.data() + i * row + h * dim;
+        for (int64_t d = 0; d < dim; ++d) merged[d] += weight * static_cast<float>(part[d]);
       }
-      q_t* dst = out_ptr + r.seq * row + at;
-      for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = static_cast<q_t>(merged[d] / total);
+      q_t* dst = out_ptr + r.seq * row + h * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<q_t>(merged[d] / total);
     }
   }
 }
@@ -1328,29 +1348,28 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
 #endif
   const Attend<q_t, kv_t> attend{fast, k_pool.data_ptr<kv_t>(), v_pool.data_ptr<kv_t>(), static_cast<float>(scale),
                                  kv_scales, s};
-  // A work item is a sequence with all its KV heads (a chunk of tokens is then one contiguous span of
-  // the pool, which the prefetchers stream best), or, with too few sequences to keep every thread busy,
-  // one KV head of a sequence.
-  const int64_t heads_per_item = fast != nullptr && num_seqs >= 4 * threads ? s.num_kv_heads : 1;
-  const int64_t items_per_seq = s.num_kv_heads / heads_per_item, items = num_seqs * items_per_seq;
-  const int64_t splits = heads_per_item == 1 ? context_splits(items, threads) : 1;
-  if (splits > 1) {
-    std::vector<Range> ranges;
-    std::vector<int64_t> item_ranges{0};
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t seq = item / items_per_seq, head = item % items_per_seq, len = len_ptr[seq];
-      const int64_t first = var.first(len), span = len - first;
-      const int64_t parts = std::clamp<int64_t>(span / kMinSplitTokens, 1, splits);
-      for (int64_t p = 0; p < parts; ++p)
-        ranges.push_back({seq, head, first + span * p / parts, first + span * (p + 1) / parts});
-      item_ranges.push_back(static_cast<int64_t>(ranges.size()));
+  // Few sequences: each one's context cut into as many ranges as share evenly over the threads, a range
+  // with all its KV heads (a chunk of tokens is then one contiguous span of the pool, which the
+  // prefetchers stream best); where a context is too short for that, a (sequence, KV head) per item,
+  // cut the same way where they are long enough.
+  if (num_seqs < 4 * threads) {
+    std::vector<int64_t> item_ranges;
+    const int64_t splits = context_splits(num_seqs, threads);
+    std::vector<Range> ranges = split_ranges(len_ptr, num_seqs, s.num_kv_heads, s, splits, var, item_ranges);
+    if (static_cast<int64_t>(ranges.size()) != num_seqs * splits) {  // a context too short: KV heads apart
+      const int64_t head_splits = context_splits(num_seqs * s.num_kv_heads, threads);
+      ranges = split_ranges(len_ptr, num_seqs, 1, s, head_splits, var, item_ranges);
     }
-    if (static_cast<int64_t>(ranges.size()) > items) {
+    if (ranges.size() + 1 > item_ranges.size()) {  // some item is cut
       run_split(attend, q_ptr, table_ptr, ranges, item_ranges, var, s, out_ptr);
       return;
     }
   }
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // A work item is a sequence with all its KV heads, or, with too few sequences to keep every thread
+  // busy, one KV head of a sequence.
+  const int64_t heads_per_item = fast != nullptr && num_seqs >= 4 * threads ? s.num_kv_heads : 1;
+  const int64_t items_per_seq = s.num_kv_heads / heads_per_item;
+  at::parallel_for(0, num_seqs * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     Scratch& scratch = thread_scratch(s);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / items_per_seq, head = item % items_per_seq * heads_per_item;
