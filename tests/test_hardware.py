@@ -32,6 +32,7 @@ from duoserve.hardware import (
     float32_codes_threshold,
     fused_rows,
     measure_formats,
+    passes_int8_gate,
 )
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -82,6 +83,21 @@ def test_float32_activations_follow_the_table(caps, level, dtype, isa, monkeypat
     monkeypatch.setitem(INT8_ACTIVATIONS, "avx2", "measured")
     host = defaults_for(cpu(*caps), measure=None)
     assert host.quantized_activations == ("int8" if level == "avx2" else "int16")
+
+
+@pytest.mark.parametrize(
+    ("figures", "passes"),
+    [
+        ((6.4e-8, 3.0e-7, 1.0, True), True),  # int16 on SmolLM2 (benchmarks/activation_rounding.py)
+        ((3.0e-3, 1.1e-2, 0.980, False), False),  # int8 per group of 32: every criterion fails
+        ((6.4e-4, 2.4e-3, 0.988, True), False),  # int8 on the lm_head only: argmaxes moved
+        ((2.4e-4, 2.0e-3, 1.0, False), False),  # the same argmaxes but another greedy text
+        ((1.1e-3, 2.0e-3, 1.0, True), False),  # mean divergence past 1e-3
+        ((5e-4, 1.1e-2, 1.0, True), False),  # p99 divergence past 1e-2
+    ],
+)
+def test_int8_gate_asks_for_the_same_argmaxes_and_greedy_tokens(figures, passes):
+    assert passes_int8_gate(*figures) is passes
 
 
 @pytest.mark.parametrize(
