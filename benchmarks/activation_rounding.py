@@ -89,15 +89,15 @@ def outliers_float(t: float) -> Callable:
 
 
 def schemes() -> list[tuple[Scheme, tuple[str, ...]]]:
-    every = [
-        Scheme("int16", plain(16)),
-        Scheme("int8", plain(8)),
-        Scheme("int8, groups of 16", plain(8, 16)),
-        *(Scheme(f"int8 + residual pass where max > {t} x mean", residual(t)) for t in (4, 6, 10)),
-        Scheme("int8, values > 4 x RMS kept float", outliers_float(4)),
+    """Each scheme with the kinds of matmul whose x it rounds, in the table's order."""
+    return [
+        (Scheme("int16", plain(16)), KINDS),
+        (Scheme("int8", plain(8)), KINDS),
+        *((Scheme(f"int8 on {kind} only", plain(8)), (kind,)) for kind in KINDS),
+        (Scheme("int8, groups of 16", plain(8, 16)), KINDS),
+        *((Scheme(f"int8 + residual pass where max > {t} x mean", residual(t)), KINDS) for t in (4, 6, 10)),
+        (Scheme("int8, values > 4 x RMS kept float", outliers_float(4)), KINDS),
     ]
-    one_kind = [(Scheme(f"int8 on {kind} only", plain(8)), (kind,)) for kind in KINDS]
-    return [(s, KINDS) for s in every[:2]] + one_kind + [(s, KINDS) for s in every[2:]]
 
 
 def run(loaded, tokens: list[int], greedy_tokens: int, scheme: Scheme | None, kinds: tuple[str, ...]):

@@ -2,12 +2,13 @@
 // read from the KV pool in place, block by block through its block table (no gathered copy).
 //
 // The query heads of a GQA group share every K/V row loaded. A work item is a sequence with all its KV
-// heads, or one (sequence, KV head) when there are too few sequences to share out, cut into context ranges
-// merged by their log-sum-exp when even those do not share evenly over the threads (see run). The
-// AVX-512 kernels (head sizes 64 and 128, GQA groups up to 8: most models) and the AVX2 ones (head sizes
-// 64 and 128, any group; for 1-byte caches, groups up to 8, a kernel of their own) are described where
-// they are defined; other shapes take a generic path of plain loops for gcc's auto-vectoriser with an
-// online softmax. exp is a polynomial everywhere: libm's scalar expf would dominate the kernel.
+// heads; with fewer sequences than share evenly over the threads, a range of a sequence's context (the
+// ranges merged by their log-sum-exp), or, where a context is too short for that, one (sequence, KV head)
+// (see run). The AVX-512 kernels (head sizes 64 and 128, GQA groups up to 8: most models) and the AVX2
+// ones (head sizes 64 and 128, any group; for 1-byte caches, groups up to 8, a kernel of their own) are
+// described where they are defined; other shapes take a generic path of plain loops for gcc's
+// auto-vectoriser with an online softmax. exp is a polynomial everywhere: libm's scalar expf would
+// dominate the kernel.
 //
 // Two variants, both off by default and costing nothing when off: a sliding window (a query at position p
 // sees keys at positions > p - window, as transformers' sliding-window mask: each walk starts at the
@@ -1258,7 +1259,8 @@ struct Attend {
 // A range [start, end) is the kernels' own sliding window (context_len end, window end - start), so the
 // kernels are unchanged but for reporting each query head's log-sum-exp. Before, a batch-1 step's work
 // items were its KV heads: SmolLM2's 3 on 2 threads left one thread a head's time idle, and a head's rows,
-// a third of each block's, streamed worse than whole blocks.
+// a third of each block's, streamed worse than whole blocks (4,096 tokens as avx2: 0.55-0.59 -> 0.34-0.41
+// ms a layer; cutting only the KV-head items: 0.57-0.60; BENCHMARKS.md, 2026-12-05).
 constexpr int64_t kMinSplitTokens = 128;
 
 // The fewest ranges per work item that give every thread as many.
