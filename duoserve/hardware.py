@@ -8,9 +8,9 @@ table, first matching row wins:
 |-----------------------------------|--------------------------|--------------------------|------------------|
 | AMX-BF16 (amx)                    | bfloat16 (1)             | measured (prior 8)       | avx512_bf16 (7)  |
 | AVX512-BF16, no AMX (avx512_bf16) | measured, prior bf16 (2) | measured                 | avx512_bf16 (7)  |
-| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured, fp32 too (6)  | avx512           |
+| AVX-512F, no BF16 (avx512)        | measured, prior fp32 (3) | measured, fp32 too (6)   | avx512           |
 | AVX2 + FMA (avx2)                 | float32 (4)              | fp32: measured (6)       | avx2             |
-| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured, fp32 too (6)  | neon             |
+| aarch64 with BF16 (neon_bf16)     | measured, prior fp32 (5) | measured, fp32 too (6)   | neon             |
 | aarch64 NEON (neon)               | float32                  | fp32: measured (6)       | neon             |
 | anything else (generic)           | float32                  | fp32: measured (6)       | generic          |
 | a CUDA device                     | bfloat16                 | never (CPU only)         | torch            |

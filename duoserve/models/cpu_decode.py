@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # The C++ loop's linear kinds (decode_layers_cpu.cpp); float32 models' GGUF codes add their activation
 # bits (16 or 8) to theirs.
 _INT4, _INT8, _DENSE, _Q4_CODES, _Q8_CODES = 4, 8, 16, 400, 800
-_DTYPES = (torch.bfloat16, torch.float32)  # the models the loop runs
+DTYPES = (torch.bfloat16, torch.float32)  # the models the loop runs
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _linear_args(linear: object) -> tuple[int, torch.Tensor, torch.Tensor, tuple
         return _INT4, linear.packed, linear.scales_and_zeros, linear.fused_rows
     if type(linear) is Int8Linear and linear.fused:
         return _INT8, linear.codes, linear.scales, linear.fused_rows
-    if type(linear) is DenseLinear and linear.few_rows is None and linear.weight.dtype in _DTYPES:
+    if type(linear) is DenseLinear and linear.few_rows is None and linear.weight.dtype in DTYPES:
         return _DENSE, linear.weight, linear.weight, (1, ALL_ROWS)
     if type(linear) is CpuQ4Linear:
         return _Q4_CODES + linear.activation_bits, linear.codes, linear.scale_min, (1, linear.max_rows)
@@ -94,7 +94,7 @@ class CpuDecodeLayers:
             # One RoPE table for all (compared by identity: its tensors have no single truth value).
             if (layer.heads, layer.eps) != (first.heads, first.eps) or layer.rope is not first.rope:
                 return None
-            if dtype not in _DTYPES or layer.input_norm.dtype != dtype or layer.mlp_norm.dtype != dtype:
+            if dtype not in DTYPES or layer.input_norm.dtype != dtype or layer.mlp_norm.dtype != dtype:
                 return None
             weights += [layer.input_norm, layer.mlp_norm]
             for linear in layer.linears:

@@ -34,13 +34,13 @@ of 6e-7 (benchmarks/quantized_activations.py), and keeps tiny random models with
 as an int16 GEMM (pmaddwd) that took 0.50-0.84x the time of float32 tiles + the float32 GEMM at 16-256
 rows on an Intel core built for AVX2 and 0.89-1.01x at 1,024-3,800 (two runs; BENCHMARKS.md), so the
 host measurement (duoserve/hardware.py, FLOAT32_ROWS) decides how many rows the kernels take. int8 halves
-the 1-row kernel's integer work
-(pmaddubsw: 32 products per instruction, against pmaddwd's 16), which bounds a decode step on CPUs whose
-256-bit integer multiplies are split in two (Zen 1); its cost in accuracy on the default model (KL
-divergence of next-token distributions, greedy agreement) is measured by
-`benchmarks/quantized_activations.py`, and the host table (duoserve/hardware.py) picks it only where it
-is faster and that measurement passes the gate written there. int8's result is exactly the held
-weights times the rounded x (Q4's min term multiplies the rounded sum, as llama.cpp's q8_1 does).
+the 1-row kernel's integer work (pmaddubsw: 32 products per instruction, against pmaddwd's 16), which
+bounds a decode step on CPUs whose 256-bit integer multiplies are split in two (Zen 1); its cost in
+accuracy on the default model (KL divergence of next-token distributions, argmaxes, greedy agreement) is
+measured by `benchmarks/quantized_activations.py`, and the host table (duoserve/hardware.py) picks it only
+where it is faster and that measurement passes the gate written there (it fails it on SmolLM2). int8's
+result is exactly the held weights times the rounded x (Q4's min term multiplies the rounded sum, as
+llama.cpp's q8_1 does).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from duoserve.attention.backend import AttentionBackend, AttentionMetadata
 from duoserve.kv.cache import KVCache
 from duoserve.models.config import SUPPORTED_ACTIVATIONS, ModelConfig, check_rope_scaling, rope_type
+from duoserve.models.cpu_decode import DTYPES as CPU_DECODE_DTYPES
 from duoserve.models.cpu_decode import CpuDecodeLayers, PlainLayer
 from duoserve.models.gguf_quants import GGUFTensor
 from duoserve.models.linear import (
@@ -280,7 +281,7 @@ class LlamaModel:
             eligible = (
                 self._cpu_decode_on
                 and self.device.type == "cpu"
-                and self.dtype in (torch.bfloat16, torch.float32)
+                and self.dtype in CPU_DECODE_DTYPES
                 and self.lora_state is None
                 and not self.ops.triton
                 and _cpu_ops()

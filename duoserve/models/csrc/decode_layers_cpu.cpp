@@ -1,7 +1,6 @@
 // A pure decode step through every decoder layer of a Llama-family model (bfloat16, or float32 on GGUF
-// codes) in one call: the ops
-// models/llama.py's layers run (duoserve/models/cpu_decode.py says which models and steps qualify), in
-// the same order on the same tensors, called from C++.
+// codes) in one call: the ops models/llama.py's layers run (duoserve/models/cpu_decode.py says which
+// models and steps qualify), in the same order on the same tensors, called from C++.
 //
 // Why: at batch 1 on a 2-core Zen 5 a SmolLM2-135M step spent ~1.5 of its 4.5 ms in Python and torch's
 // dispatch around 18 ops a layer (perf: 41% of the main thread's samples in Python, dispatch and libc,
